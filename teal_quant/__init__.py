@@ -1,0 +1,34 @@
+"""teal-quant: int4/int8 weight quantization + TEAL activation sparsity in one Hugging Face artifact."""
+
+__version__ = "0.1.0"
+
+from .errors import ArtifactError, DataError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
+from .recipe import Recipe  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Heavy entry points (transformers, the pipeline) are imported on first use, so `import teal_quant`
+    # and the CLI's argument errors stay fast.
+    if name == "compress":
+        from .pipeline import compress
+
+        return compress
+    if name in ("load", "set_sparsity", "realized_sparsity"):
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'teal_quant' has no attribute {name!r}")
+
+
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "TealQuantError",
+    "ModelSourceError",
+    "DataError",
+    "ArtifactError",
+    "compress",
+    "load",
+    "set_sparsity",
+    "realized_sparsity",
+]

@@ -1,0 +1,134 @@
+"""Calibration and evaluation text sources -> token batches.
+
+Every source yields one long token stream (text files, a dataset column) or whole sampled sequences
+(generated); calibration takes seeded random windows of it, evaluation takes its first N tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import DataError, first_line
+from .recipe import GeneratedSource, HFDatasetSource, TextFilesSource
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    """Paths and globs -> existing files, in a stable order; a pattern matching nothing is an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise DataError(f"text file '{pattern}': no such file")
+        files.extend(Path(m) for m in matches)
+    return files
+
+
+def read_text(source: TextFilesSource | HFDatasetSource) -> str:
+    """The whole text of a file or dataset source, documents separated by blank lines."""
+    if isinstance(source, TextFilesSource):
+        parts = []
+        for path in expand_paths(source.paths):
+            try:
+                parts.append(path.read_text(encoding="utf-8", errors="replace"))
+            except OSError as e:
+                raise DataError(f"text file '{path}': cannot read ({e.strerror})") from None
+        return "\n\n".join(parts)
+    return "\n\n".join(t for t in _dataset_column(source) if t and t.strip())
+
+
+def _dataset_column(source: HFDatasetSource) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("calibration source hf_dataset needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(source.name, source.config, split=source.split)
+    except Exception as e:
+        raise DataError(f"dataset '{source.name}': cannot load split '{source.split}' ({first_line(e)})") from None
+    if source.column not in ds.column_names:
+        raise DataError(f"dataset '{source.name}': no column '{source.column}' (columns: {', '.join(ds.column_names)})")
+    return list(ds[source.column])
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a long text, without special tokens (windows add their own BOS)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def bos_id(tokenizer) -> int | None:
+    return tokenizer.bos_token_id
+
+
+def random_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None) -> torch.Tensor:
+    """`samples` windows of seq_len tokens at seeded random offsets (BOS first when the model has one)."""
+    body = seq_len - (1 if bos is not None else 0)
+    if stream.numel() < body + 1:
+        raise DataError(f"calibration text has {stream.numel()} tokens, fewer than one window of {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - body, (samples,), generator=gen)
+    windows = torch.stack([stream[s : s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+@torch.no_grad()
+def generate_samples(
+    model,
+    tokenizer,
+    source: GeneratedSource,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Sequences sampled from the model itself (seeded): calibration data without any dataset."""
+    prompt = tokenizer(source.prompt, add_special_tokens=False)["input_ids"] if source.prompt else []
+    bos = bos_id(tokenizer)
+    prefix = ([bos] if bos is not None else []) + prompt
+    if not prefix:
+        raise DataError("generated calibration needs a prompt for a model without a BOS token")
+    if len(prefix) >= seq_len:
+        raise DataError(f"generated calibration prompt is {len(prefix)} tokens, not shorter than seq_len {seq_len}")
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        ids = torch.tensor([prefix] * n, device=device)
+        seqs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=source.temperature,
+            top_k=source.top_k or None,
+            max_new_tokens=seq_len - len(prefix),
+            min_new_tokens=seq_len - len(prefix),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        )
+        out.append(seqs[:, :seq_len].cpu())
+        if progress:
+            progress(n)
+    return torch.cat(out)
+
+
+def evaluation_windows(tokenizer, text: str, tokens: int, window: int) -> torch.Tensor:
+    """The first `tokens` tokens of the text cut into non-overlapping windows of `window` (BOS first)."""
+    bos = bos_id(tokenizer)
+    body = window - (1 if bos is not None else 0)
+    stream = tokenize_stream(tokenizer, text)[:tokens]
+    n = stream.numel() // body
+    if n == 0:
+        raise DataError(f"evaluation text has {stream.numel()} tokens, fewer than one window of {window}")
+    windows = stream[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+

@@ -1,0 +1,279 @@
+"""The recipe schema: every option of a run, its default and its validation, in one place.
+
+A recipe is data (YAML); the pipeline is code. Unknown keys are errors so that a typo never silently
+falls back to a default. Every validation error is reported as one line naming the YAML path of the
+field, e.g. ``sparsity.levels[2]: must be in [0, 1)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+RECIPE_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """The base model: a Hub repo id or a local directory (optionally a GGUF file inside it)."""
+
+    source: str = Field(min_length=1)
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
+class TextFilesSource(_Section):
+    """Plain-text files (paths or globs, relative to the working directory)."""
+
+    kind: Literal["text_files"]
+    paths: list[str] = Field(min_length=1)
+
+
+class HFDatasetSource(_Section):
+    """A text column of a Hugging Face dataset (needs the `datasets` package and Hub access)."""
+
+    kind: Literal["hf_dataset"]
+    name: str = Field(min_length=1)
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+
+
+class GeneratedSource(_Section):
+    """Text sampled from the model itself (seeded): calibration without any dataset."""
+
+    kind: Literal["generated"]
+    temperature: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=50, ge=0)
+    prompt: str = ""
+
+
+TextSource = Annotated[Union[TextFilesSource, HFDatasetSource, GeneratedSource], Field(discriminator="kind")]
+
+
+class CalibrationSpec(_Section):
+    source: TextSource
+    samples: int = Field(default=32, ge=1, le=100_000)
+    seq_len: int = Field(default=512, ge=8, le=131_072)
+    seed: int = 0
+
+
+class QuantizationSpec(_Section):
+    method: Literal["rtn", "gptq"] = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    modules_to_not_convert: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("method")
+    @classmethod
+    def _gptq_not_yet(cls, v: str) -> str:
+        if v == "gptq":
+            raise ValueError("gptq is not available in this version of teal-quant; use rtn")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (4, 8):
+            raise ValueError(f"must be 4 or 8, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and (v < 8 or v & (v - 1)):
+            raise ValueError(f"must be a power of two >= 8, or -1 for per-channel, got {v}")
+        return v
+
+
+class GreedySpec(_Section):
+    """TEAL's block-wise greedy search: step size, and how many calibration tokens each block error uses."""
+
+    step: float = Field(default=0.05, gt=0, le=0.5)
+    tokens: int = Field(default=2048, ge=16)
+    last_fraction: float = Field(default=0.25, gt=0, le=1)
+
+
+class SparsitySpec(_Section):
+    method: Literal["teal"] = "teal"
+    levels: list[float] = Field(default_factory=lambda: [0.25, 0.4, 0.5], min_length=1)
+    default: float = 0.4
+    allocation: Literal["greedy", "uniform"] = "greedy"
+    greedy: GreedySpec = GreedySpec()
+    prefill: Literal["dense", "sparse"] = "dense"
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        for i, level in enumerate(v):
+            if not 0 <= level < 1:
+                raise _ItemError(i, "must be in [0, 1)")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be strictly increasing")
+        return v
+
+    @model_validator(mode="after")
+    def _default_in_levels(self) -> "SparsitySpec":
+        if self.default != 0 and not any(abs(self.default - lv) < 1e-9 for lv in self.levels):
+            raise _FieldError("default", f"{self.default} is not one of levels {self.levels}")
+        return self
+
+    @property
+    def all_levels(self) -> list[float]:
+        """The artifact's level table: 0 (quantized, dense activations) first, then the recipe's levels."""
+        return [0.0] + [lv for lv in self.levels if lv > 0]
+
+
+class OutputSpec(_Section):
+    dir: str = "outputs/artifact"
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class EvalSpec(_Section):
+    """Optional perplexity evaluation at the end of a run (each level), on text never used to calibrate."""
+
+    source: TextSource
+    tokens: int = Field(default=16_384, ge=16)
+    window: int = Field(default=1024, ge=8)
+
+
+class RuntimeSpec(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
+class Recipe(_Section):
+    """A whole run: model -> calibration -> quantization + sparsity -> artifact (-> eval)."""
+
+    version: Literal[1] = RECIPE_VERSION
+    name: str | None = None
+    model: ModelSpec
+    calibration: CalibrationSpec
+    quantization: QuantizationSpec = QuantizationSpec()
+    sparsity: SparsitySpec = SparsitySpec()
+    output: OutputSpec = OutputSpec()
+    eval: EvalSpec | None = None
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        """Read and validate a recipe file; any problem raises RecipeError with one clear line."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: recipe file not found") from None
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+        return cls.from_yaml_text(text, origin=str(path))
+
+    @classmethod
+    def from_yaml_text(cls, text: str, origin: str = "<recipe>") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise RecipeError(f"{origin}: malformed YAML{where}: {problem}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+        return cls.from_dict(data, origin=origin)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "<recipe>") -> "Recipe":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{origin}: {format_validation_error(e)}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _ItemError(ValueError):
+    """A validation error about one item of a list field: reported as field[index]."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+class _FieldError(ValueError):
+    """A model-level validation error about one named field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as `yaml.path: message` (one line)."""
+    first = error.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    # Drop the discriminator tag pydantic inserts for tagged unions (e.g. `source.text_files.paths`).
+    loc = tuple(p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "source" and p in _SOURCE_KINDS))
+    ctx_error = (first.get("ctx") or {}).get("error")
+    msg = first["msg"]
+    if isinstance(ctx_error, _ItemError):
+        loc, msg = loc + (ctx_error.index,), ctx_error.message
+    elif isinstance(ctx_error, _FieldError):
+        loc, msg = loc + (ctx_error.field,), ctx_error.message
+    elif first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "is required"
+    elif first["type"] == "union_tag_invalid":
+        msg = f"kind must be one of {', '.join(_SOURCE_KINDS)}"
+    elif first["type"] == "union_tag_not_found":
+        msg = f"needs a 'kind' ({', '.join(_SOURCE_KINDS)})"
+    msg = re.sub(r"^Value error, ", "", msg)
+    return f"{_yaml_path(loc)}: {msg}"
+
+
+_SOURCE_KINDS = ("text_files", "hf_dataset", "generated")
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MiB' / 1000000 -> bytes (the units huggingface_hub's max_shard_size accepts)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"'{text}' is not a size like 2GB or 500MiB")
+    value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]
+    if value < 1:
+        raise ValueError(f"'{text}' must be positive")
+    return int(value)

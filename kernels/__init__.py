@@ -1,0 +1,102 @@
+"""teal_quant.kernels: TEAL sparse decode GEMV and dense prefill GEMM over int4/int8 group-quantized weights.
+
+Imports only torch at import time (triton is imported lazily, on first use of a Triton path), does no device work
+at import, and never imports teal_quant.*.
+
+Dispatch (one function, :func:`_use_triton`): CUDA tensors -> Triton kernels; CPU tensors -> the Triton kernels
+under the interpreter when ``TRITON_INTERPRET=1`` is set and triton imports, else the pure-torch reference
+(:mod:`.reference`), which on the CPU is the product's decode path.
+
+Layouts and semantics: see :mod:`.reference` and docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from .reference import (
+    dense_gemm_ref,
+    dequantize,
+    pack,
+    pack_int4,
+    sparse_gemv_ref,
+    unpack,
+    unpack_int4,
+)
+
+__all__ = [
+    "sparse_gemv",
+    "sparse_gemv_fused",
+    "dense_gemm",
+    "sparse_gemv_ref",
+    "dense_gemm_ref",
+    "dequantize",
+    "pack",
+    "unpack",
+    "pack_int4",
+    "unpack_int4",
+    "triton_available",
+]
+
+
+def triton_available() -> bool:
+    """True when triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: Tensor) -> bool:
+    """All device/backend dispatch lives here."""
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+
+
+def _split_threshold(threshold) -> tuple[Tensor | None, float]:
+    if isinstance(threshold, Tensor):
+        return threshold, 0.0
+    return None, float(threshold)
+
+
+def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int) -> Tensor:
+    """y [M, N] in x.dtype = (x * (|x| > threshold)) @ W^T (DESIGN.md "Kernel API").
+
+    threshold: python float, 0-dim tensor on x's device (changing its value needs no recompile / graph recapture),
+    or a [K] tensor of per-input-channel thresholds. Registered as the custom op ``teal_quant::sparse_gemv``.
+    """
+    from . import ops
+
+    t_tensor, t_value = _split_threshold(threshold)
+    return ops.sparse_gemv_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
+
+
+def sparse_gemv_fused(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    *,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """One launch for several projections of one input (q/k/v, gate/up) concatenated along N.
+
+    thresholds: [n_parts] tensor (or [n_parts, K] per-channel); split_sizes: N of each part (each a multiple of 8).
+    Returns y [M, sum(split_sizes)]; part p is (x * (|x| > thresholds[p])) @ W_p^T. Split it with
+    ``y.split(split_sizes, dim=-1)``.
+    """
+    from . import ops
+
+    return ops.sparse_gemv_fused_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size)
+
+
+def dense_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, group_size: int) -> Tensor:
+    """x [..., K] -> x @ W^T [..., N] in x.dtype: the dense prefill path (any M). Custom op ``teal_quant::dense_gemm``."""
+    from . import ops
+
+    return ops.dense_gemm_op(x, qweight, scales, zeros, bits, group_size)

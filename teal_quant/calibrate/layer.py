@@ -1,0 +1,173 @@
+"""One decoder layer during calibration: activation capture, TEAL thresholds, block error, propagation.
+
+The layer is the transformers module itself; its seven projections are swapped for `SimulatedLinear`,
+which can observe its input, threshold it, and use float or dequantized weights. So the block error of
+an allocation is measured by running the real layer, whatever attention or norm variant it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..source import PROJECTIONS
+from .allocation import effective_sparsity, greedy_allocation, uniform_allocation
+from .histogram import AbsHistogram
+
+# The four activation points of a decoder layer and the projections that read each.
+ACTIVATION_POINTS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
+POINT_OF = {proj: point for point, projs in ACTIVATION_POINTS.items() for proj in projs}
+
+
+class SimulatedLinear(nn.Module):
+    """A projection under calibration: y = (x * (|x| > threshold)) @ W^T + b, optionally observing x."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.threshold = 0.0
+        self.observer: Callable[[torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        if self.threshold > 0:
+            x = x * (x.abs() > self.threshold)
+        return F.linear(x, self.weight, self.bias)
+
+
+def attach_simulated(layer: nn.Module) -> dict[str, SimulatedLinear]:
+    """Swap the layer's seven projections for SimulatedLinear (sharing their parameters)."""
+    sims = {}
+    for proj, path in PROJECTIONS.items():
+        parent_path, _, child = path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        sims[proj] = SimulatedLinear(getattr(parent, child))
+        setattr(parent, child, sims[proj])
+    return sims
+
+
+@dataclass
+class LayerRunner:
+    """Runs a decoder layer over batches of hidden states with fixed rotary embeddings (causal, no cache)."""
+
+    layer: nn.Module
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    batch_size: int = 8
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """hidden: [S, T, D] anywhere -> [S, T, D] on hidden's device."""
+        outs = []
+        for start in range(0, hidden.shape[0], self.batch_size):
+            h = hidden[start : start + self.batch_size].to(device, non_blocking=True)
+            out = self.layer(h, attention_mask=None, position_embeddings=self.position_embeddings)
+            if isinstance(out, tuple):
+                out = out[0]
+            outs.append(out.to(hidden.device))
+        return torch.cat(outs)
+
+
+def capture_histograms(runner: LayerRunner, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor, device) -> dict[str, AbsHistogram]:
+    """|x| histograms of the four activation points over all calibration tokens (dense layer)."""
+    hists = {point: AbsHistogram(device=device) for point in ACTIVATION_POINTS}
+    for point, projs in ACTIVATION_POINTS.items():
+        sims[projs[0]].observer = hists[point].update
+    try:
+        runner(hidden, device)
+    finally:
+        for sim in sims.values():
+            sim.observer = None
+    return hists
+
+
+def block_error(reference: torch.Tensor, output: torch.Tensor, last_fraction: float) -> float:
+    """Squared error of the layer output over the last fraction of each sequence (where decode happens)."""
+    start = int(reference.shape[1] * (1 - last_fraction))
+    return float((reference[:, start:].float() - output[:, start:].float()).pow(2).sum())
+
+
+def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str, float]) -> None:
+    for proj, t in thresholds.items():
+        sims[proj].threshold = t
+
+
+def thresholds_for(allocation: Mapping[str, float], hists: Mapping[str, AbsHistogram]) -> dict[str, float]:
+    return {proj: hists[POINT_OF[proj]].threshold(s) for proj, s in allocation.items()}
+
+
+@dataclass
+class LayerAllocation:
+    """Per level: the per-projection sparsity and threshold, plus measured block errors."""
+
+    levels: list[float]
+    sparsities: list[dict[str, float]]
+    thresholds: list[dict[str, float]]
+    errors: dict[str, list[float]] = field(default_factory=dict)  # allocation kind -> relative error per level
+
+    def projection_thresholds(self, proj: str) -> list[float]:
+        """Non-decreasing thresholds of one projection across levels (the artifact's P.thresholds)."""
+        out, last = [], 0.0
+        for per_level in self.thresholds:
+            last = max(last, per_level[proj])
+            out.append(last)
+        return out
+
+
+def allocate(
+    runner: LayerRunner,
+    sims: Mapping[str, SimulatedLinear],
+    hists: Mapping[str, AbsHistogram],
+    subset: torch.Tensor,
+    levels: Sequence[float],
+    *,
+    method: str,
+    step: float,
+    last_fraction: float,
+    device,
+    compare_uniform: bool = True,
+    progress: Callable[[float], None] | None = None,
+) -> LayerAllocation:
+    """Sparsity allocation of one layer for every level ('greedy': TEAL block-wise search; 'uniform')."""
+    sizes = {p: s.weight.numel() for p, s in sims.items()}
+    set_thresholds(sims, {p: 0.0 for p in sims})
+    reference = runner(subset, device)
+    ref_norm = float(reference[:, int(reference.shape[1] * (1 - last_fraction)) :].float().pow(2).sum()) or 1.0
+
+    def error_of(allocation: Mapping[str, float]) -> float:
+        set_thresholds(sims, thresholds_for(allocation, hists))
+        return block_error(reference, runner(subset, device), last_fraction)
+
+    positive = [lv for lv in levels if lv > 0]
+    uniform = uniform_allocation(sizes, positive)
+    if method == "greedy":
+        chosen = greedy_allocation(error_of, sizes, positive, step, progress=progress)
+    elif method == "uniform":
+        chosen = uniform
+    else:
+        raise ValueError(f"unknown allocation {method!r}")
+    zero = {p: 0.0 for p in sizes}
+    by_level = [zero if lv == 0 else chosen[positive.index(lv)] for lv in levels]
+    result = LayerAllocation(
+        levels=list(levels), sparsities=by_level, thresholds=[thresholds_for(a, hists) for a in by_level]
+    )
+    result.errors[method] = [error_of(a) / ref_norm for a in by_level]
+    if compare_uniform and method != "uniform":
+        by_level_u = [zero if lv == 0 else uniform[positive.index(lv)] for lv in levels]
+        result.errors["uniform"] = [error_of(a) / ref_norm for a in by_level_u]
+    set_thresholds(sims, {p: 0.0 for p in sims})
+    return result
+
+
+def predicted_sparsity(allocation: LayerAllocation, hists: Mapping[str, AbsHistogram], sizes: Mapping[str, int]) -> list[float]:
+    """Size-weighted sparsity each level's thresholds give on the calibration activations."""
+    out = []
+    for per_level in allocation.thresholds:
+        realized = {p: hists[POINT_OF[p]].sparsity_at(t) if t > 0 else 0.0 for p, t in per_level.items()}
+        out.append(effective_sparsity(realized, sizes))
+    return out

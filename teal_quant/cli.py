@@ -1,0 +1,121 @@
+"""teal-quant command line: argument parsing and exit codes only; the work is done by library functions.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers like 0,0.25,0.4") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage dump -> one line, exit 2
+        sys.stderr.write(f"teal-quant: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="teal-quant", description="int4/int8 weights + TEAL activation sparsity in one artifact")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"teal-quant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a recipe: calibrate, quantize, write the artifact")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--output", "-o", type=Path, help="artifact directory (overrides output.dir)")
+    run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing artifact")
+
+    ev = sub.add_parser("eval", help="perplexity and realized sparsity of an artifact, level by level")
+    ev.add_argument("artifact")
+    ev.add_argument("--text", required=True, nargs="+", help="text file(s) or globs to evaluate on")
+    ev.add_argument("--tokens", type=int, default=16384)
+    ev.add_argument("--window", type=int, default=1024)
+    ev.add_argument("--levels", type=_levels, help="levels to evaluate (default: all of the artifact's)")
+    ev.add_argument("--baseline", action="store_true", help="also evaluate the float base model named in recipe.yaml")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+
+    ins = sub.add_parser("inspect", help="describe an artifact: format, levels, allocation, bytes")
+    ins.add_argument("artifact")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import TealQuantError
+
+    try:
+        return _dispatch(args)
+    except TealQuantError as e:
+        print(f"teal-quant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("teal-quant: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line, the traceback only on request
+        if os.environ.get("TEAL_QUANT_DEBUG") == "1":
+            raise
+        from .errors import first_line
+
+        print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from .pipeline import run
+        from .recipe import Recipe
+
+        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "inspect":
+        from .describe import inspect_artifact
+
+        inspect_artifact(args.artifact)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import TealQuantError
+    from .evaluate import evaluate_artifact
+    from .loading import resolve_artifact
+    from .recipe import TextFilesSource
+    from .report import print_eval_table
+
+    if args.tokens < 16 or args.window < 8:
+        raise TealQuantError("--tokens must be >= 16 and --window >= 8")
+    artifact = resolve_artifact(args.artifact)
+    levels = args.levels
+    if levels is not None:
+        for lv in levels:
+            try:
+                artifact.quant.level_index(lv)
+            except ValueError as e:
+                raise TealQuantError(f"--levels: {e}") from None
+    rows = evaluate_artifact(artifact.path, TextFilesSource(kind="text_files", paths=args.text), tokens=args.tokens,
+                             window=args.window, levels=levels, device=args.device, baseline=args.baseline)
+    print_eval_table(f"{artifact.path}: {rows[0]['tokens']} tokens, windows of {args.window}", rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Perplexity and realized sparsity of an artifact, level by level (and of its float base model)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .data import evaluation_windows, read_text
+from .modules import realized_sparsity, reset_stats, set_prefill_mode
+from .progress import Progress
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, *, device: torch.device, batch_size: int = 4, description: str = "perplexity",
+               progress: Progress | None = None) -> float:
+    """exp(mean next-token NLL) over every predicted position of every window."""
+    nll, count = 0.0, 0
+    task = progress.add_task(description, total=windows.shape[0]) if progress else None
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+        if progress:
+            progress.advance(task, ids.shape[0])
+    return math.exp(nll / count)
+
+
+def evaluate_artifact(
+    artifact: str | Path,
+    source,
+    *,
+    tokens: int,
+    window: int,
+    levels: list[float] | None = None,
+    device: torch.device | str | None = None,
+    baseline: bool = False,
+    batch_size: int = 4,
+) -> list[dict]:
+    """Rows {model, level, perplexity, realized_sparsity, tokens, seconds}; every token is sparsified, as in decode."""
+    from transformers import AutoTokenizer
+
+    from .loading import load, resolve_artifact, set_sparsity
+
+    artifact = resolve_artifact(artifact).path
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(artifact, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    windows = evaluation_windows(tokenizer, read_text(source), tokens, window)
+    n_tokens = windows[:, 1:].numel()
+    set_prefill_mode(model, "sparse")
+    rows = []
+    with Progress() as progress:
+        if baseline:
+            rows.append(_baseline_row(artifact, windows, device, batch_size, progress, n_tokens))
+        for level in levels if levels is not None else model.teal_quant_config.levels:
+            set_sparsity(model, level)
+            reset_stats(model)
+            t = time.time()
+            ppl = perplexity(model, windows, device=device, batch_size=batch_size, description=f"level {level:g}", progress=progress)
+            rows.append({"model": "teal-quant", "level": float(level), "perplexity": ppl,
+                         "realized_sparsity": realized_sparsity(model, cumulative=True), "tokens": n_tokens,
+                         "seconds": time.time() - t})
+    return rows
+
+
+def _baseline_row(artifact, windows, device, batch_size, progress, n_tokens) -> dict:
+    """The float base model named in the artifact's recipe, on the same windows."""
+    from .artifact import read_artifact
+    from .errors import ArtifactError
+    from .recipe import Recipe
+    from .source import open_model
+
+    text = read_artifact(artifact).recipe_text()
+    if text is None:
+        raise ArtifactError(f"artifact '{artifact}': no recipe.yaml, so its base model is unknown")
+    spec = Recipe.from_yaml_text(text, origin=f"{artifact}/recipe.yaml").model
+    src = open_model(spec.source, gguf_file=spec.gguf_file, revision=spec.revision)
+    model = src.load_full_model(torch.float32, device)
+    t = time.time()
+    ppl = perplexity(model, windows, device=device, batch_size=batch_size, description="dense baseline", progress=progress)
+    return {"model": f"dense {spec.source}", "level": None, "perplexity": ppl, "realized_sparsity": None,
+            "tokens": n_tokens, "seconds": time.time() - t}

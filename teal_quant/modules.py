@@ -1,0 +1,145 @@
+"""TealLinear: a packed int4/int8 linear layer that thresholds its input (TEAL) before the product.
+
+Decode (one token per sequence) goes through `teal_quant.kernels.sparse_gemv`, which reads only the
+rows of W^T whose input activation survives the threshold. Prefill goes through the dense int4/int8
+product (`dense_gemm`), optionally on thresholded inputs. The threshold of the active level lives in a
+0-dim buffer that `set_level` overwrites in place, so switching levels never reallocates (a captured
+CUDA graph keeps working) and never recompiles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from teal_quant import kernels
+
+PREFILL_MODES = ("dense", "sparse")
+
+
+class TealLinear(nn.Module):
+    """y = (x * (|x| > t)) @ W^T + b with W^T stored packed (see docs/artifact-format.md)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        n_levels: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        prefill: str = "dense",
+    ):
+        super().__init__()
+        if group_size == -1:
+            group_size = in_features
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if out_features % 8:
+            raise ValueError(f"out_features {out_features} is not a multiple of 8")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.prefill = prefill
+        packed = (in_features, out_features // 8) if bits == 4 else (in_features, out_features)
+        packed_dtype = torch.int32 if bits == 4 else torch.uint8
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(packed, dtype=packed_dtype, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("thresholds", torch.zeros(n_levels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.level_index = 0
+        self._init_runtime_state(device)
+
+    def _init_runtime_state(self, device: torch.device | str | None) -> None:
+        """Buffers that are not saved: the active threshold and the realized-sparsity counters."""
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("zero_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("input_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("last_sparsity", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+
+    def materialize_runtime_state(self, device: torch.device | str) -> None:
+        """After a meta-device build + load_state_dict(assign=True): real runtime buffers on `device`."""
+        self._init_runtime_state(device)
+        self.set_level(self.level_index)
+
+    @property
+    def weight_size(self) -> int:
+        return self.in_features * self.out_features
+
+    def set_level(self, index: int) -> None:
+        self.level_index = index
+        with torch.no_grad():
+            self.threshold.copy_(self.thresholds[index])
+
+    def reset_stats(self) -> None:
+        self.zero_count.zero_()
+        self.input_count.zero_()
+        self.last_sparsity.zero_()
+
+    def _record(self, active: torch.Tensor) -> None:
+        # Tensor ops only: no host sync on the decode path.
+        zeros = active.numel() - active.sum(dtype=torch.float64)
+        self.zero_count += zeros
+        self.input_count += active.numel()
+        self.last_sparsity.copy_(zeros / max(active.numel(), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
+        x2 = x.reshape(-1, self.in_features)
+        if tokens_per_sequence == 1 and x2.shape[0] <= 16:
+            self._record(x2.abs() > self.threshold)
+            y = kernels.sparse_gemv(
+                x2, self.qweight, self.scales, self.zeros, self.threshold, bits=self.bits, group_size=self.group_size
+            )
+        else:
+            if self.prefill == "sparse" or tokens_per_sequence == 1:
+                active = x2.abs() > self.threshold
+                self._record(active)
+                x2 = x2 * active
+            y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight this module represents (for checks and export, not for inference)."""
+        w_t = kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        return w_t.t()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, levels={self.thresholds.numel()}, prefill={self.prefill}"
+        )
+
+
+def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TealLinear)]
+
+
+def realized_sparsity(model: nn.Module, *, cumulative: bool = False) -> float:
+    """Size-weighted fraction of weight rows skipped: of the last forward, or since reset_stats."""
+    num = den = 0.0
+    for _, m in teal_linears(model):
+        frac = (m.zero_count / m.input_count.clamp(min=1)) if cumulative else m.last_sparsity
+        num += float(frac) * m.weight_size
+        den += m.weight_size
+    return num / den if den else 0.0
+
+
+def reset_stats(model: nn.Module) -> None:
+    for _, m in teal_linears(model):
+        m.reset_stats()
+
+
+def set_prefill_mode(model: nn.Module, mode: str) -> None:
+    """'sparse' thresholds every prompt token too (how quality is measured: every token as in decode)."""
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
+    for _, m in teal_linears(model):
+        m.prefill = mode

@@ -1,0 +1,251 @@
+"""compress(recipe): stream the model one decoder layer at a time and write one artifact.
+
+Per layer (llm-compressor's sequential pipeline, with TEAL in it):
+  1. capture |x| histograms of the four activation points on the calibration hidden states;
+  2. allocate sparsity between the seven projections for every level (greedy or uniform), measuring
+     the block output error against the dense float layer;
+  3. quantize the projections (the recipe's quantizer) and pack them;
+  4. propagate: run the compressed layer (dequantized weights, default-level thresholds on every token)
+     so layer i+1 is calibrated on the activations it will really see.
+Only the current layer's float weights are on the compute device; hidden states wait in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .artifact import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
+from .calibrate.layer import LayerRunner, allocate, attach_simulated, capture_histograms, predicted_sparsity
+from .data import generate_samples, random_windows, read_text, tokenize_stream
+from .errors import ModelSourceError, RecipeError
+from .kernels import pack
+from .progress import Progress
+from .quantize import QUANTIZERS, QuantSpec
+from .recipe import GeneratedSource, Recipe, parse_size
+from .source import PROJECTIONS, ModelSource, build_skeleton, materialize_non_persistent_buffers, open_model, resolve_dtype
+
+
+@dataclass
+class RunSummary:
+    artifact: Path
+    levels: list[float]
+    default_level: float
+    calibration_sparsity: list[float]
+    block_error: dict[str, list[float]]
+    artifact_bytes: int
+    dense_bytes: int
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    eval_rows: list[dict] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("runtime.device: cuda requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_shapes(src: ModelSource, spec: QuantSpec) -> None:
+    """Every projection's in_features must split into groups and out_features into int4 words."""
+    cfg = src.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    q = cfg.num_attention_heads * head_dim
+    shapes = {"q": (cfg.hidden_size, q), "k": (cfg.hidden_size, kv), "v": (cfg.hidden_size, kv), "o": (q, cfg.hidden_size),
+              "gate": (cfg.hidden_size, cfg.intermediate_size), "up": (cfg.hidden_size, cfg.intermediate_size),
+              "down": (cfg.intermediate_size, cfg.hidden_size)}
+    for proj, (k, n) in shapes.items():
+        if spec.group_size != -1 and k % spec.group_size:
+            raise RecipeError(
+                f"quantization.group_size: {spec.group_size} does not divide in_features {k} of {PROJECTIONS[proj]}"
+            )
+        if n % 8:
+            raise ModelSourceError(f"{PROJECTIONS[proj]}: out_features {n} is not a multiple of 8")
+
+
+def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtype, progress: Progress) -> torch.Tensor:
+    cal = recipe.calibration
+    if isinstance(cal.source, GeneratedSource):
+        task = progress.add_task("generating calibration text", total=cal.samples)
+        model = src.load_full_model(dtype, device)
+        tokens = generate_samples(model, tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, device,
+                                  progress=lambda n: progress.advance(task, n))
+        del model
+        return tokens
+    task = progress.add_task("tokenizing calibration text", total=None)
+    stream = tokenize_stream(tokenizer, read_text(cal.source))
+    progress.update(task, total=1, completed=1)
+    return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
+
+
+def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
+    """Run a recipe end to end and return the artifact directory."""
+    return run(recipe, output_dir, overwrite=overwrite).artifact
+
+
+def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> RunSummary:
+    t0 = time.time()
+    stages: dict[str, float] = {}
+    out = Path(output_dir or recipe.output.dir)
+    overwrite = recipe.output.overwrite if overwrite is None else overwrite
+    device = pick_device(recipe.runtime.device)
+    spec = QuantSpec(bits=recipe.quantization.bits, group_size=recipe.quantization.group_size, sym=recipe.quantization.sym)
+    quantizer = QUANTIZERS[recipe.quantization.method]
+    sp = recipe.sparsity
+    levels = sp.all_levels
+    default_index = levels.index(sp.default) if sp.default in levels else 0
+
+    with Progress() as progress:
+        task = progress.add_task(f"opening {recipe.model.source}", total=None)
+        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
+        progress.update(task, total=1, completed=1)
+        check_shapes(src, spec)
+        dtype = resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None))
+        compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+        tokenizer = src.tokenizer()
+        stages["load"] = time.time() - t0
+
+        t = time.time()
+        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
+        stages["calibration data"] = time.time() - t
+
+        t = time.time()
+        quant = TealQuantConfig(
+            bits=spec.bits, group_size=spec.group_size, sym=spec.sym, quantizer=recipe.quantization.method,
+            levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill,
+            modules_to_not_convert=list(recipe.quantization.modules_to_not_convert),
+        )
+        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
+        with writer:
+            report_layers, dense_params = _compress_layers(
+                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
+            )
+            non_layer = src.tensors(src.non_layer_tensor_names())
+            dense_params += sum(t.numel() for t in non_layer.values())
+            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+            _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
+            path = writer.commit()
+        stages["compress"] = time.time() - t
+
+    cal_sparsity = [sum(r["calibration_sparsity"][j] for r in report_layers) / len(report_layers) for j in range(len(levels))]
+    errors = {k: [sum(r["block_error"][k][j] for r in report_layers) / len(report_layers) for j in range(len(levels))]
+              for k in report_layers[0]["block_error"]}
+    summary = RunSummary(
+        artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=cal_sparsity, block_error=errors,
+        artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), seconds=0.0, stage_seconds=stages,
+    )
+    if recipe.eval is not None:
+        from .evaluate import evaluate_artifact
+
+        t = time.time()
+        summary.eval_rows = evaluate_artifact(path, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
+                                              levels=levels, device=device)
+        stages["eval"] = time.time() - t
+    summary.seconds = time.time() - t0
+    from .report import print_run_summary
+
+    print_run_summary(summary)
+    return summary
+
+
+def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
+    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
+    sp = recipe.sparsity
+    config = src.config
+    config._attn_implementation = "sdpa"
+    skeleton = build_skeleton(config, compute_dtype)
+    materialize_non_persistent_buffers(skeleton, device)
+    embed = src.tensors(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    hidden = torch.nn.functional.embedding(tokens, embed.to(compute_dtype))  # [S, T, D] in host memory
+    seq_len = hidden.shape[1]
+    positions = torch.arange(seq_len, device=device)[None]
+    position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
+    n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
+    report, dense_params = [], 0
+    layers_task = progress.add_task("compressing layers", total=src.num_layers)
+    for i in range(src.num_layers):
+        layer = skeleton.model.layers[i]
+        layer.to_empty(device=device)
+        state = src.layer_tensors(i)
+        dense_params += sum(t.numel() for t in state.values())
+        layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
+        layer.eval()
+        sims = attach_simulated(layer)
+        runner = LayerRunner(layer, position_embeddings)
+
+        hists = capture_histograms(runner, sims, hidden, device)
+        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0)
+        allocation = allocate(
+            runner, sims, hists, hidden[:n_subset], levels, method=sp.allocation, step=sp.greedy.step,
+            last_fraction=sp.greedy.last_fraction, device=device,
+            progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
+        )
+        progress.remove_task(greedy_task)
+
+        tensors = {}
+        prefix = f"model.layers.{i}."
+        for proj, module_path in PROJECTIONS.items():
+            sim = sims[proj]
+            q, scales, zeros = quantizer(sim.weight.detach().float(), spec)
+            scales, zeros = scales.to(dtype), zeros.to(dtype)
+            name = prefix + module_path
+            tensors[f"{name}.qweight"] = pack(q, spec.bits)
+            tensors[f"{name}.scales"] = scales
+            tensors[f"{name}.zeros"] = zeros
+            tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
+            if sim.bias is not None:
+                tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
+            # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
+            g = spec.resolved_group_size(q.shape[0])
+            w_t = (q.float() - zeros.float().repeat_interleave(g, 0)) * scales.float().repeat_interleave(g, 0)
+            sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
+            sim.threshold = allocation.projection_thresholds(proj)[default_index]
+        projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
+        for key, t in state.items():
+            if key not in projection_keys:
+                tensors[prefix + key] = t.to(dtype)
+        writer.add(tensors)
+
+        hidden = runner(hidden, device)
+        sizes = {p: s.weight.numel() for p, s in sims.items()}
+        report.append({
+            "layer": i,
+            "levels": levels,
+            "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
+            "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
+            "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
+            "block_error": allocation.errors,
+        })
+        layer.to("meta")
+        del sims, runner, state
+        progress.advance(layers_task)
+    return report, dense_params
+
+
+def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> None:
+    from transformers import GenerationConfig
+
+    from .card import model_card
+
+    config = src.config
+    config.dtype = dtype
+    config.quantization_config = quant.to_dict()
+    config.save_pretrained(writer.dir)
+    try:
+        generation = GenerationConfig.from_pretrained(src.path)
+    except (OSError, ValueError):
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(writer.dir)
+    tokenizer.save_pretrained(writer.dir)
+    writer.write_text(RECIPE_FILE, recipe.to_yaml())
+    writer.write_json(REPORT_FILE, {"teal_quant_version": __version__, "levels": quant.levels, "layers": report_layers})
+    writer.write_text("README.md", model_card(recipe, quant, report_layers))

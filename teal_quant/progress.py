@@ -1,0 +1,32 @@
+"""Progress bars for every step a user waits for (rich, on stderr so stdout keeps the summary)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as _RichProgress
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Progress(_RichProgress):
+    """rich Progress with the project's columns; silent when TEAL_QUANT_QUIET=1 or stderr is not a terminal
+    and CI is set (progress redraws would flood CI logs)."""
+
+    def __init__(self) -> None:
+        quiet = os.environ.get("TEAL_QUANT_QUIET") == "1" or (os.environ.get("CI") and not sys.stderr.isatty())
+        super().__init__(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+            disable=bool(quiet),
+        )

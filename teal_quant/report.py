@@ -1,0 +1,54 @@
+"""Summary tables printed at the end of a run, an eval or an inspect."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .progress import console
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def print_run_summary(summary) -> None:
+    table = Table(title=f"teal-quant run: {summary.artifact}")
+    table.add_column("level", justify="right")
+    table.add_column("calibration sparsity", justify="right")
+    for kind in summary.block_error:
+        table.add_column(f"block rel. error ({kind})", justify="right")
+    evals = {round(r["level"], 6): r for r in summary.eval_rows}
+    if evals:
+        table.add_column("eval perplexity", justify="right")
+        table.add_column("eval realized sparsity", justify="right")
+    for j, level in enumerate(summary.levels):
+        mark = " (default)" if abs(level - summary.default_level) < 1e-9 else ""
+        row = [f"{level:g}{mark}", f"{summary.calibration_sparsity[j]:.3f}"]
+        row += [f"{summary.block_error[k][j]:.4f}" for k in summary.block_error]
+        if evals:
+            r = evals.get(round(level, 6))
+            row += [f"{r['perplexity']:.2f}", f"{r['realized_sparsity']:.3f}"] if r else ["", ""]
+        table.add_row(*row)
+    console.print(table)
+    ratio = summary.artifact_bytes / summary.dense_bytes if summary.dense_bytes else float("nan")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary.stage_seconds.items())
+    console.print(
+        f"artifact {human_bytes(summary.artifact_bytes)} on disk vs dense {human_bytes(summary.dense_bytes)} "
+        f"({ratio:.2f}x); wall time {summary.seconds:.0f}s ({stages})"
+    )
+
+
+def print_eval_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for col in ("model", "level", "perplexity", "realized sparsity", "tokens", "seconds"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for r in rows:
+        table.add_row(
+            r.get("model", "teal-quant"), "-" if r["level"] is None else f"{r['level']:g}", f"{r['perplexity']:.3f}",
+            "-" if r["realized_sparsity"] is None else f"{r['realized_sparsity']:.3f}", str(r["tokens"]), f"{r['seconds']:.0f}",
+        )
+    console.print(table)

@@ -42,7 +42,7 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, gro
     """W^T [K, N] in ``dtype`` (Triton twin of kernels.reference.dequantize)."""
     k = qweight.shape[0]
     n = qweight.shape[1] * (8 if bits == 4 else 1)
-    w = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    w = gemv_triton._empty(k, n, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(k, 32), triton.cdiv(n, 128))
     _dequantize_kernel[grid](qweight, scales, zeros, w, k, n, group_size, qweight.stride(0), scales.stride(0),
                              BITS=bits, BLOCK_K=32, BLOCK_N=128, OUT_DTYPE=gemv_triton._TL_DTYPE[dtype], num_warps=4)

@@ -44,6 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# every buffer of a call comes from here (tests swap in an allocator that fills memory with garbage)
+_empty = torch.empty
 MAX_M = 16
 MAX_PARTS = 3
 
@@ -394,13 +396,13 @@ def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part,
     tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
 
     dev = x.device
-    idx = torch.empty(n_parts * k, dtype=torch.int32, device=dev)
-    xc = torch.empty(n_parts * m * k, dtype=torch.float32, device=dev)
-    xsum = torch.empty(n_parts * nseg * m, dtype=torch.float32, device=dev)
-    cnt = torch.empty(n_parts * nseg, dtype=torch.int32, device=dev)
-    ws = torch.empty(m * n if split_k > 1 else 1, dtype=torch.float32, device=dev)
-    locks = torch.empty(tiles if split_k > 1 else 1, dtype=torch.int32, device=dev)
-    y = torch.empty(m, n, dtype=x.dtype, device=dev)
+    idx = _empty(n_parts * k, dtype=torch.int32, device=dev)
+    xc = _empty(n_parts * m * k, dtype=torch.float32, device=dev)
+    xsum = _empty(n_parts * nseg * m, dtype=torch.float32, device=dev)
+    cnt = _empty(n_parts * nseg, dtype=torch.int32, device=dev)
+    ws = _empty(m * n if split_k > 1 else 1, dtype=torch.float32, device=dev)
+    locks = _empty(tiles if split_k > 1 else 1, dtype=torch.int32, device=dev)
+    y = _empty(m, n, dtype=x.dtype, device=dev)
     t_ptr = t_tensor if t_tensor is not None else xsum  # unused pointer when T_MODE == 0
 
     _compact_kernel[(nseg, n_parts)](

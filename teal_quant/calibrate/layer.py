@@ -86,10 +86,35 @@ def capture_histograms(runner: LayerRunner, sims: Mapping[str, SimulatedLinear],
     return hists
 
 
-def block_error(reference: torch.Tensor, output: torch.Tensor, last_fraction: float) -> float:
-    """Squared error of the layer output over the last fraction of each sequence (where decode happens)."""
-    start = int(reference.shape[1] * (1 - last_fraction))
-    return float((reference[:, start:].float() - output[:, start:].float()).pow(2).sum())
+class TailBlock:
+    """The layer's output on the last fraction of each sequence, for the greedy search's many evaluations.
+
+    A pre-norm decoder layer is h2 = h + attn(norm1(h)); y = h2 + mlp(norm2(h2)). Attention needs every
+    position, but the MLP is per token, and the error only counts the last fraction (where decode happens):
+    so the MLP runs on that tail only, and h2 is cached per attention-threshold setting, which makes the
+    gate/up/down candidates of a greedy step cost a tail MLP each. Exact: equal to layer(h)[:, start:].
+    """
+
+    def __init__(self, layer: nn.Module, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor], last_fraction: float, cache_size: int = 16):
+        self.layer, self.sims, self.hidden = layer, sims, hidden
+        self.position_embeddings = position_embeddings
+        self.start = int(hidden.shape[1] * (1 - last_fraction))
+        self.cache: dict[tuple[float, ...], torch.Tensor] = {}
+        self.cache_size = cache_size
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        key = tuple(self.sims[p].threshold for p in ("q", "k", "v", "o"))
+        h2 = self.cache.get(key)
+        if h2 is None:
+            layer, h = self.layer, self.hidden
+            attn = layer.self_attn(layer.input_layernorm(h), position_embeddings=self.position_embeddings, attention_mask=None)[0]
+            h2 = (h + attn)[:, self.start :]
+            if len(self.cache) >= self.cache_size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = h2
+        return h2 + self.layer.mlp(self.layer.post_attention_layernorm(h2))
 
 
 def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str, float]) -> None:
@@ -120,28 +145,34 @@ class LayerAllocation:
 
 
 def allocate(
-    runner: LayerRunner,
+    layer: nn.Module,
     sims: Mapping[str, SimulatedLinear],
     hists: Mapping[str, AbsHistogram],
     subset: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
     levels: Sequence[float],
     *,
     method: str,
     step: float,
     last_fraction: float,
-    device,
     compare_uniform: bool = True,
     progress: Callable[[float], None] | None = None,
 ) -> LayerAllocation:
-    """Sparsity allocation of one layer for every level ('greedy': TEAL block-wise search; 'uniform')."""
+    """Sparsity allocation of one layer for every level ('greedy': TEAL block-wise search; 'uniform').
+
+    The block error of an allocation is ||Y - Y_hat||^2 / ||Y||^2 over the last fraction of each sequence of
+    `subset` (on the compute device), Y being the dense output of the float layer.
+    """
     sizes = {p: s.weight.numel() for p, s in sims.items()}
-    set_thresholds(sims, {p: 0.0 for p in sims})
-    reference = runner(subset, device)
-    ref_norm = float(reference[:, int(reference.shape[1] * (1 - last_fraction)) :].float().pow(2).sum()) or 1.0
+    zero = {p: 0.0 for p in sizes}
+    set_thresholds(sims, zero)
+    block = TailBlock(layer, sims, subset, position_embeddings, last_fraction)
+    reference = block().float()
+    ref_norm = float(reference.pow(2).sum()) or 1.0
 
     def error_of(allocation: Mapping[str, float]) -> float:
         set_thresholds(sims, thresholds_for(allocation, hists))
-        return block_error(reference, runner(subset, device), last_fraction)
+        return float((block().float() - reference).pow(2).sum()) / ref_norm
 
     positive = [lv for lv in levels if lv > 0]
     uniform = uniform_allocation(sizes, positive)
@@ -151,16 +182,14 @@ def allocate(
         chosen = uniform
     else:
         raise ValueError(f"unknown allocation {method!r}")
-    zero = {p: 0.0 for p in sizes}
     by_level = [zero if lv == 0 else chosen[positive.index(lv)] for lv in levels]
     result = LayerAllocation(
         levels=list(levels), sparsities=by_level, thresholds=[thresholds_for(a, hists) for a in by_level]
     )
-    result.errors[method] = [error_of(a) / ref_norm for a in by_level]
+    result.errors[method] = [error_of(a) for a in by_level]
     if compare_uniform and method != "uniform":
-        by_level_u = [zero if lv == 0 else uniform[positive.index(lv)] for lv in levels]
-        result.errors["uniform"] = [error_of(a) / ref_norm for a in by_level_u]
-    set_thresholds(sims, {p: 0.0 for p in sims})
+        result.errors["uniform"] = [error_of(zero if lv == 0 else uniform[positive.index(lv)]) for lv in levels]
+    set_thresholds(sims, zero)
     return result
 
 

@@ -64,6 +64,50 @@ class GemvConfig:
     use_dot: bool = False  # M = 1 through the tl.dot kernel (always used for M > 1)
 
 
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch parameters of the one-launch kernel ``_sgemv_kernel`` (M <= 4; chosen by :func:`pick_fused`)."""
+
+    vec: int  # int32 words per thread per row (1, 2, 4): the row piece of a thread is 4 * vec bytes
+    warps: int  # warps of a program; they split the active rows of the program's K-range
+    rows: int  # rows per warp per step (unrolled: their loads are in flight together)
+    k_range: int  # rows of W^T per program (divides group_size): one quantization group or a part of one
+    probe: int = 0  # measurement only (see _sgemv_kernel)
+
+
+FUSED_MAX_M = 4
+
+
+def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1,
+               ctas_per_sm: int = 4) -> FusedConfig | None:
+    """Shape-based choice for the one-launch kernel (measured on an H200: benchmarks/results/gemv*); None when the
+    shape needs the two-launch path (M > 4, or a K-range that cannot divide the group)."""
+    if m > FUSED_MAX_M:
+        return None
+    m_p = triton.next_power_of_2(m)
+    cands = [c for c in (256, 128, 64, 32, 16) if c <= group_size and group_size % c == 0]
+    if not cands:
+        return None
+    if INTERPRET or device.type != "cuda":
+        return FusedConfig(vec=1, warps=2, rows=2, k_range=min(cands[-1], 32) if 32 in cands else cands[-1])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per = 32 // bits
+    vec = max(1, 4 // m_p)
+    want = ctas_per_sm * sms
+
+    def tiles(v):
+        return triton.cdiv(n, 32 * v * per) + n_parts - 1
+
+    while vec > 1 and tiles(vec) * (k // cands[-1]) < want:
+        vec //= 2
+    kr = cands[-1]
+    for c in cands:  # largest K-range that still gives enough programs (fewer split-K atomics)
+        if c <= 128 and tiles(vec) * (k // c) >= want:
+            kr = c
+            break
+    return FusedConfig(vec=vec, warps=4, rows=4, k_range=kr)
+
+
 def _segments(group_size: int, smallest: int = 32) -> list[int]:
     """Candidate segment sizes: divisors of group_size that are <= 256, largest first, down to ``smallest``."""
     out = [s for s in (256, 128, 64, 32, 16) if s <= group_size and group_size % s == 0 and s >= min(smallest, group_size)]
@@ -189,102 +233,168 @@ def _nibble(w, w_hi, magic, J: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _gemv_m1_kernel(
-    qw_ptr, s_ptr, z_ptr, idx_ptr, xc_ptr, xsum_ptr, cnt_ptr, ws_ptr, lock_ptr, y_ptr,
-    N, K, G, nseg, segs_per_split, stride_qk, stride_sg, END0, END1, magic,
-    BITS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr, OUT_DTYPE: tl.constexpr,
+def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
+    """Value J of each int32 word as fp32, times a power of two that is undone per column at the end (exact):
+    int4: nibble J masked in place (J <= 4) or in ``w_hi = wd >> 12`` (J >= 5) and OR-ed into the exponent of 2^23
+    gives 2^23 + q * 16^(J or J - 3); int8: byte J in place (J <= 1) or in ``wd >> 16`` -> 2^23 + q * 256^(J % 2).
+    One LOP3 + one FADD per value, no I2F."""
+    if BITS == 4:
+        if J < 5:
+            v = wd & (15 << (4 * J))
+        else:
+            v = w_hi & (15 << (4 * (J - 3)))
+    else:
+        if J < 2:
+            v = wd & (255 << (8 * J))
+        else:
+            v = w_hi & (255 << (8 * (J - 2)))
+    return (v | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _sgemv_kernel(
+    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
+    M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
+    BITS: tl.constexpr, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
+    T_MODE: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    PROBE: tl.constexpr = 0,
 ):
-    """M = 1. Each thread owns a 16-byte piece of a row (32 int4 / 16 int8 columns) and walks BLOCK_K gathered rows
-    at a time (unrolled, so their loads are in flight together); int4 keeps eight accumulators [BLOCK_N // 8], one
-    per nibble, so accumulation is FMA chains with no layout conversion or shuffle; scales once per segment.
-    Launch with BLOCK_N = 1024 (int4) / 512 (int8) per warp so each thread holds 16 bytes of each row."""
+    """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring).
+
+    Program (pid_n, pid_k) owns BLOCK_N = 32 * VEC * (32 // BITS) columns (each thread VEC int32 words = 4 * VEC bytes
+    of a row) and the KR rows k0 = pid_k * KR ... (inside one quantization group). W warps split the active rows
+    (warp w takes compacted slots w, w + W, ...), R rows per warp per step are unrolled so their loads are in flight
+    together. PROBE (measurement only, benchmarks/gemv_probe.py): 1 partials stored instead of the split-K reduction
+    (wrong y), 2 contiguous rows instead of the compacted list (wrong y), 3 no unpack/FMA (wrong y)."""
+    PER: tl.constexpr = 32 // BITS
+    NB: tl.constexpr = 32 * VEC
+    BLOCK_N: tl.constexpr = NB * PER
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
-    if EVEN_N:
+    if ALIGNED:
         start = tl.multiple_of(start, BLOCK_N)
-    idx_base = idx_ptr + part * K
-    xc_base = xc_ptr + part * K
-    xsum_base = xsum_ptr + part * nseg
-    cnt_base = cnt_ptr + part * nseg
-    seg0 = pid_k * segs_per_split
-    seg1 = tl.minimum(seg0 + segs_per_split, nseg)
+    k0 = pid_k * KR
+    # 1. scales / zeros of this K-range's group: independent of x, issued first
     cols = start + tl.arange(0, BLOCK_N)
     n_ok = cols < end
-    if BITS == 4:
-        NB: tl.constexpr = BLOCK_N // 8
-        word = start // 8 + tl.arange(0, NB)
-        w_ok = word < end // 8
-        if MAGIC:  # undo the 16^(J or J - 3) of the in-place nibbles, per column J = col % 8
-            place = cols % 8
-            place = place - (place >= 5).to(tl.int32) * 3
-            inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
-        else:
-            inv = tl.full([BLOCK_N], 1.0, tl.float32)
-        y = tl.zeros([BLOCK_N], tl.float32)
-        for seg in range(seg0, seg1):
-            c = tl.load(cnt_base + seg)
-            if c > 0:
-                a0 = tl.zeros([NB], tl.float32)
-                a1 = tl.zeros([NB], tl.float32)
-                a2 = tl.zeros([NB], tl.float32)
-                a3 = tl.zeros([NB], tl.float32)
-                a4 = tl.zeros([NB], tl.float32)
-                a5 = tl.zeros([NB], tl.float32)
-                a6 = tl.zeros([NB], tl.float32)
-                a7 = tl.zeros([NB], tl.float32)
-                for j in range(0, c, BLOCK_K):
-                    # BLOCK_K rows unrolled: their loads issue together, then FMA chains per nibble accumulator
-                    for r in tl.static_range(BLOCK_K):
-                        ok = j + r < c
-                        row = tl.load(idx_base + seg * S + j + r, mask=ok, other=0)
-                        xr = tl.load(xc_base + seg * S + j + r, mask=ok, other=0.0)
-                        if EVEN_N:
-                            w = tl.load(qw_ptr + row * stride_qk + word, mask=(tl.zeros([NB], tl.int32) + (j + r)) < c, other=0)
-                        else:
-                            w = tl.load(qw_ptr + row * stride_qk + word, mask=word < tl.where(ok, end // 8, 0), other=0)
-                        w_hi = w >> 12
-                        a0 += xr * _nibble(w, w_hi, magic, 0, MAGIC)
-                        a1 += xr * _nibble(w, w_hi, magic, 1, MAGIC)
-                        a2 += xr * _nibble(w, w_hi, magic, 2, MAGIC)
-                        a3 += xr * _nibble(w, w_hi, magic, 3, MAGIC)
-                        a4 += xr * _nibble(w, w_hi, magic, 4, MAGIC)
-                        a5 += xr * _nibble(w, w_hi, magic, 5, MAGIC)
-                        a6 += xr * _nibble(w, w_hi, magic, 6, MAGIC)
-                        a7 += xr * _nibble(w, w_hi, magic, 7, MAGIC)
-                # interleave the eight nibble vectors back to columns word * 8 + J
-                a = tl.reshape(tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7))), [BLOCK_N])
-                off = ((seg * S) // G) * stride_sg + cols
-                sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
-                zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
-                y += sc * (a * inv - zr * tl.load(xsum_base + seg))
-        _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, cols, cols, n_ok, pid_n, SPLIT_K, OUT_DTYPE)
+    soff = (k0 // G) * stride_sg + cols
+    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x); every column tile of a part writes
+    #    the same values to the same scratch slots, so sharing the scratch between programs is benign
+    mm = tl.arange(0, M_P)
+    m_ok = mm < M
+    rk = tl.arange(0, KR)
+    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:  # python float
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:  # 0-dim (or per-part scalar) tensor
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(xv) > t
+    else:  # [K] per-input-channel thresholds
+        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
+        act = tl.abs(xv) > t[None, :]
+    act = act & m_ok[:, None]
+    xm = tl.where(act, xv, 0.0)  # NaN compares False: dropped
+    xsum = tl.sum(xm, axis=1)
+    any_row = tl.max(act.to(tl.int32), axis=0)
+    pos = tl.cumsum(any_row, axis=0) - 1
+    c = tl.sum(any_row, axis=0)
+    keep = any_row > 0
+    ibase = part * K + k0
+    if PROBE != 2:
+        tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
+        tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
+        tl.debug_barrier()
+    # 3. gathered rows
+    word = start // PER + tl.arange(0, NB)
+    w_ok = word < end // PER
+    wv = tl.arange(0, W)
+    if M_P == 1:  # 2-D accumulators [W, NB]: the layout of the weight tile, no conversion in the loop
+        a0 = tl.zeros([W, NB], tl.float32)
     else:
-        y = tl.zeros([BLOCK_N], tl.float32)
-        for seg in range(seg0, seg1):
-            c = tl.load(cnt_base + seg)
-            if c > 0:
-                acc = tl.zeros([BLOCK_N], tl.float32)
-                for j in range(0, c, BLOCK_K):
-                    for r in tl.static_range(BLOCK_K):
-                        ok = j + r < c
-                        row = tl.load(idx_base + seg * S + j + r, mask=ok, other=0)
-                        xr = tl.load(xc_base + seg * S + j + r, mask=ok, other=0.0)
-                        if EVEN_N:
-                            v = tl.load(qw_ptr + row * stride_qk + cols, mask=(tl.zeros([BLOCK_N], tl.int32) + (j + r)) < c, other=0).to(tl.int32)
-                        else:
-                            v = tl.load(qw_ptr + row * stride_qk + cols, mask=cols < tl.where(ok, end, 0), other=0).to(tl.int32)
-                        if MAGIC:
-                            q = (v | magic).to(tl.float32, bitcast=True) - 8388608.0
-                        else:
-                            q = v.to(tl.float32)
-                        acc += xr * q
-                off = ((seg * S) // G) * stride_sg + cols
-                sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
-                zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
-                y += sc * (acc - zr * tl.load(xsum_base + seg))
-        _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, cols, cols, n_ok, pid_n, SPLIT_K, OUT_DTYPE)
+        a0 = tl.zeros([M_P, W, NB], tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    a4 = tl.zeros_like(a0)
+    a5 = tl.zeros_like(a0)
+    a6 = tl.zeros_like(a0)
+    a7 = tl.zeros_like(a0)
+    for j in range(0, c, W * R):
+        for r in tl.static_range(R):
+            slot = j + r * W + wv
+            ok = slot < c
+            if PROBE == 2:
+                row = k0 + slot
+                xr = tl.load(x_ptr + mm[:, None] * stride_xm + row[None, :], mask=ok[None, :] & m_ok[:, None], other=0.0).to(tl.float32)
+            else:
+                row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=0)
+                xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
+            # masked slots: x is 0 and the unpacked garbage is finite (exponent bits are magic), so no `other`
+            if M_P == 1:
+                wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=ok[:, None] & w_ok[None, :])
+                xb = tl.reshape(xr, [W])[:, None]
+            else:  # the tile is loaded as [1, W, NB] so that its layout is the accumulators' (no conversion)
+                wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :],
+                             mask=ok[None, :, None] & w_ok[None, None, :])
+                xb = xr[:, :, None]
+            if BITS == 4:
+                w_hi = wd >> 12
+            else:
+                w_hi = wd >> 16
+            if PROBE == 3:
+                a0 += xb * (wd ^ w_hi).to(tl.float32, bitcast=True)
+            else:
+                a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
+                a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
+                a2 += xb * _unpack(wd, w_hi, magic, 2, BITS)
+                a3 += xb * _unpack(wd, w_hi, magic, 3, BITS)
+                if BITS == 4:
+                    a4 += xb * _unpack(wd, w_hi, magic, 4, BITS)
+                    a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
+                    a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
+                    a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
+    if M_P == 1:
+        a0 = a0[None, :, :]
+        a1 = a1[None, :, :]
+        a2 = a2[None, :, :]
+        a3 = a3[None, :, :]
+        a4 = a4[None, :, :]
+        a5 = a5[None, :, :]
+        a6 = a6[None, :, :]
+        a7 = a7[None, :, :]
+    # 4. reduce over warps, interleave the per-value accumulators back to columns word * PER + J, scale once
+    if BITS == 4:
+        a = tl.join(tl.join(tl.join(tl.sum(a0, axis=1), tl.sum(a4, axis=1)), tl.join(tl.sum(a2, axis=1), tl.sum(a6, axis=1))),
+                    tl.join(tl.join(tl.sum(a1, axis=1), tl.sum(a5, axis=1)), tl.join(tl.sum(a3, axis=1), tl.sum(a7, axis=1))))
+        place = cols % 8
+        place = place - (place >= 5).to(tl.int32) * 3
+        inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
+    else:
+        a = tl.join(tl.join(tl.sum(a0, axis=1), tl.sum(a2, axis=1)), tl.join(tl.sum(a1, axis=1), tl.sum(a3, axis=1)))
+        inv = ((127 - 8 * (cols % 2)) << 23).to(tl.float32, bitcast=True)
+    a = tl.reshape(a, [M_P, BLOCK_N])
+    y = sc[None, :] * (a * inv[None, :] - zr[None, :] * xsum[:, None])
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    ws_off = mm[:, None] * N + cols[None, :]
+    if PROBE == 1:
+        tl.store(ws_ptr + pid_k * M * N + ws_off, y, mask=out_ok)
+    elif SPLIT:
+        # split-K: fp32 atomics into a workspace that is zero before the call; the last program of the column tile
+        # reads the sum, writes y and leaves workspace and counter zero again for the next call (no memset launch)
+        tl.atomic_add(ws_ptr + ws_off, y, mask=out_ok, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_ksplit - 1:
+            total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at L2
+            tl.store(y_ptr + mm[:, None] * stride_ym + cols[None, :], total.to(OUT_DTYPE), mask=out_ok)
+            tl.store(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok)
+            tl.store(lock_ptr + pid_n, 0)
+    else:
+        tl.store(y_ptr + mm[:, None] * stride_ym + cols[None, :], y.to(OUT_DTYPE), mask=out_ok)
 
 
 @triton.jit
@@ -381,7 +491,13 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
 def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits, group_size, config=None):
     m, n, k = _check(x, qweight, scales, zeros, bits, group_size)
     n_parts = len(ends)
-    cfg = config or pick_config(m, n, k, bits, group_size, x.device)
+    if config is None or isinstance(config, FusedConfig):
+        fcfg = config or pick_fused(m, n, k, bits, group_size, x.device, n_parts)
+        if fcfg is not None and (bits == 4 or (qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0)):
+            return _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits,
+                                 group_size, fcfg, m, n, k)
+        config = None
+    cfg = config or pick_config(max(m, 2), n, k, bits, group_size, x.device)  # two-launch path: tl.dot kernel
     s = cfg.segment
     if s <= 0 or group_size % s != 0:
         raise ValueError(f"segment {s} must divide group_size {group_size}")
@@ -412,22 +528,83 @@ def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part,
         M_P=triton.next_power_of_2(m), S=s, S_P=triton.next_power_of_2(s), T_MODE=t_mode, ZERO_BLOCK=256,
         num_warps=4,
     )
-    if m == 1 and not cfg.use_dot:
-        _gemv_m1_kernel[(tiles, split_k)](
-            qweight, scales, zeros, idx, xc, xsum, cnt, ws, locks, y,
-            n, k, group_size, nseg, per, qweight.stride(0), scales.stride(0), end0, end1, 0x4B000000,
-            BITS=bits, S=s, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, MAGIC=cfg.magic,
-            EVEN_N=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    _gemv_dot_kernel[(tiles, split_k)](
+        qweight, scales, zeros, idx, xc, xsum, cnt, ws, locks, y,
+        m, n, k, group_size, nseg, per, qweight.stride(0), scales.stride(0), y.stride(0), end0, end1,
+        BITS=bits, S=s, M_P=m_p, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
+        OUT_DTYPE=_TL_DTYPE[x.dtype], DOT_DTYPE=_dot_dtype(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+_SPLIT_BUFFERS: dict = {}
+_RETIRED: list = []  # buffers replaced by larger ones stay alive: captured CUDA graphs may still point at them
+
+
+def _split_buffers(device: torch.device, ws_numel: int, n_locks: int) -> tuple[Tensor, Tensor]:
+    """fp32 workspace and int32 tile counters for the split-K reduction, zero between calls: every call leaves them
+    zero again (the last program of a tile resets its slice), so no memset launch is needed. One pair per (device,
+    stream): calls on one stream are serialised. Two CUDA graphs captured on the same stream must not be replayed
+    concurrently on different streams. Inside a graph capture a new pair is allocated (its zero fill is captured
+    and replayed with the graph) and not shared with eager calls."""
+    stream = torch.cuda.current_stream(device)
+    if stream.is_capturing() if hasattr(stream, "is_capturing") else torch.cuda.is_current_stream_capturing():
+        ws = torch.zeros(ws_numel, dtype=torch.float32, device=device)
+        locks = torch.zeros(n_locks, dtype=torch.int32, device=device)
+        _RETIRED.append((ws, locks))
+        return ws, locks
+    key = (device.index, stream.cuda_stream)
+    ws, locks = _SPLIT_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < ws_numel or locks.numel() < n_locks:
+        if ws is not None:
+            _RETIRED.append((ws, locks))
+        ws = torch.zeros(max(ws_numel, 1 << 16), dtype=torch.float32, device=device)
+        locks = torch.zeros(max(n_locks, 1024), dtype=torch.int32, device=device)
+        _SPLIT_BUFFERS[key] = (ws, locks)
+    return ws, locks
+
+
+def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits, group_size,
+                  cfg: FusedConfig, m, n, k, probe_ws=None):
+    n_parts = len(ends)
+    if bits == 8:
+        qw = qweight.view(torch.int32)  # 4 values per word, like int4's 8 (raises if misaligned: caller falls back)
     else:
-        _gemv_dot_kernel[(tiles, split_k)](
-            qweight, scales, zeros, idx, xc, xsum, cnt, ws, locks, y,
-            m, n, k, group_size, nseg, per, qweight.stride(0), scales.stride(0), y.stride(0), end0, end1,
-            BITS=bits, S=s, M_P=m_p, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
-            OUT_DTYPE=_TL_DTYPE[x.dtype], DOT_DTYPE=_dot_dtype(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        qw = qweight
+    per = 32 // bits
+    block_n = 32 * cfg.vec * per
+    kr = cfg.k_range
+    if group_size % kr != 0 or k % kr != 0:
+        raise ValueError(f"k_range {kr} must divide group_size {group_size}")
+    m_p = triton.next_power_of_2(m)
+    n_ksplit = k // kr
+    end0 = ends[0]
+    end1 = ends[1] if n_parts > 1 else end0
+    tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
+    dev = x.device
+    scr_i = _empty(n_parts * k, dtype=torch.int32, device=dev)
+    scr_x = _empty(n_parts * k * m_p, dtype=torch.float32, device=dev)
+    y = _empty(m, n, dtype=x.dtype, device=dev)
+    split = n_ksplit > 1
+    if probe_ws is not None:
+        ws, locks = probe_ws
+    elif split and dev.type == "cuda":
+        ws, locks = _split_buffers(dev, m * n, tiles)
+    elif split:  # interpreter: a fresh zeroed pair each call
+        ws = torch.zeros(m * n, dtype=torch.float32, device=dev)
+        locks = torch.zeros(tiles, dtype=torch.int32, device=dev)
+    else:
+        ws = locks = scr_i
+    t_ptr = t_tensor if t_tensor is not None else scr_x  # unused pointer when T_MODE == 0
+    _sgemv_kernel[(tiles, n_ksplit)](
+        x, x.stride(0), t_ptr, t_value, t_stride_part,
+        qw, scales, zeros, scr_i, scr_x, ws, locks, y,
+        m, n, k, group_size, qw.stride(0), scales.stride(0), y.stride(0), end0, end1, n_ksplit, 0x4B000000,
+        BITS=bits, M_P=m_p, KR=kr, W=cfg.warps, R=cfg.rows, VEC=cfg.vec, T_MODE=t_mode, SPLIT=split,
+        ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype], PROBE=cfg.probe,
+        num_warps=cfg.warps, num_stages=1,
+    )
     return y
 
 

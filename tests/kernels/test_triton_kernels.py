@@ -124,7 +124,7 @@ def test_cuda_graph_replay_with_new_threshold(device):
     x = torch.randn(1, 1024, device=device).to(torch.bfloat16)
     t = torch.tensor(0.5, device=device)
     kernels.sparse_gemv(x, qw, s, z, t, bits=4, group_size=128)  # compile outside the capture
-    n_compiled = len(str(gemv_triton._gemv_m1_kernel.device_caches))
+    n_compiled = len(str(gemv_triton._sgemv_kernel.device_caches))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = kernels.sparse_gemv(x, qw, s, z, t, bits=4, group_size=128)
@@ -133,7 +133,24 @@ def test_cuda_graph_replay_with_new_threshold(device):
         graph.replay()
         torch.cuda.synchronize()
         check(y, truth(x, q, s, z, 128, value), torch.bfloat16, exact_zero=value == 100.0)
-    assert len(str(gemv_triton._gemv_m1_kernel.device_caches)) == n_compiled  # no recompile on a new value
+    assert len(str(gemv_triton._sgemv_kernel.device_caches)) == n_compiled  # no recompile on a new value
     compiled = torch.compile(lambda a, th: kernels.sparse_gemv(a, qw, s, z, th, bits=4, group_size=128), fullgraph=True)
     t.fill_(0.8)
     check(compiled(x, t), truth(x, q, s, z, 128, 0.8), torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 16), (2, 2, 3, 32), (4, 4, 2, 64), (1, 4, 1, 128)], ids=lambda c: "v%dw%dr%dkr%d" % c)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_kernel_configs(device, poison, cfg, bits, m):
+    """Every launch shape of the one-launch kernel (vec, warps, rows, k_range), twice in a row: the split-K workspace
+    and counters must be left zero by each call (no memset launch between calls)."""
+    vec, warps, rows, kr = cfg
+    k, n, g = 256, (72 if not ON_GPU else 3000), 128
+    q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=7)
+    config = gemv_triton.FusedConfig(vec=vec, warps=warps, rows=rows, k_range=kr)
+    for seed, sp in ((1, 0.5), (2, 0.0)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
+        t = threshold_for(x, sp)
+        y = gemv_triton.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, config=config)
+        check(y, truth(x, q, s, z, g, t), torch.bfloat16)

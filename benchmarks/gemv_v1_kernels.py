@@ -1,0 +1,524 @@
+"""MEASUREMENT COPY of the first sparse GEMV (commit d9e6835), with leave-out probes (PROBE) for benchmarks/gemv_probe.py.
+Not used by the package.
+
+Triton TEAL sparse GEMV over int4/int8 group-quantized weights: y = (x * (|x| > t)) @ W^T.
+
+Shapes and layout (DESIGN.md "Artifact"; the pure-torch twin is :func:`kernels.reference.sparse_gemv_ref`):
+
+    x        [M, K] fp16/bf16, M <= 16 (decode: M = 1)
+    qweight  bits 4: int32 [K, N // 8], nibble i of word j of row k is q[k, 8j + i]; bits 8: uint8 [K, N]
+    scales   [K // G, N], zeros [K // G, N] (float zeros), W^T[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
+    y        [M, N] in x.dtype, fp32 accumulation
+
+Two launches per call:
+
+1. ``_compact_kernel`` (grid: segments x parts) thresholds x (fp32 compare; NaN compares False, so it is dropped),
+   and, per segment of S rows of W^T (S divides the group size), writes the indices of the rows active for some row
+   of x (the union over M), the masked x of those rows (fp32), their per-row sum and the count. It also zeroes the
+   split-K workspace and tile counters of the second launch.
+2. ``_gemv_kernel`` (grid: column tiles x SPLIT_K) walks, for its BLOCK_N columns and its range of segments, only the
+   active rows: it gathers BLOCK_K packed rows at a time (16-byte row pieces), unpacks them, and accumulates
+   ``sum_k x_k q[k, n]`` in fp32. Zero points and scales are applied once per segment by linearity:
+   ``y += s * (sum_k x_k q_k - z * sum_k x_k)``. Split-K partials go to an fp32 workspace with atomics; the last
+   program of a column tile (a per-tile counter) writes the output, so one call is exactly two kernels.
+
+int4 unpack (``MAGIC``): nibble j of a word, masked in place for j <= 4 (or after one shift by 12 for j >= 5) and
+OR-ed into the exponent of 2^23, is the fp32 number 2^23 + q * 16^j exactly; subtracting 2^23 leaves q * 16^j, and
+the 16^-j goes into x once per row. That is 1 logic op + 1 add + 1 FMA per weight (+ 1/8 shift), no int->float
+conversion (I2F issues at a quarter of the FMA rate on Hopper).
+
+For M > 1 (``USE_DOT``) the unpacked rows are cast to x.dtype (q in 0..255 is exact) and multiplied with tl.dot
+(M padded to 16), still with fp32 accumulation and per-segment scales.
+
+Fused projections (q/k/v, gate/up): one weight concatenated along N with up to three parts, each with its own
+threshold; every column tile belongs to one part and reads that part's compacted rows.
+
+Split-K sums are added with fp32 atomics, so the last bits of y can differ from call to call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# every buffer of a call comes from here (tests swap in an allocator that fills memory with garbage)
+_empty = torch.empty
+MAX_M = 16
+MAX_PARTS = 3
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of one sparse GEMV call (named fields; chosen by :func:`pick_config`)."""
+
+    block_n: int  # columns per program (M = 1: 1024 int4 / 512 int8 per warp, 16 bytes of a row per thread)
+    block_k: int  # gathered rows per unrolled step
+    num_warps: int
+    segment: int  # rows of W^T per compaction segment (divides group_size); scales are applied per segment
+    split_k: int  # programs along K (each takes a contiguous range of segments)
+    num_stages: int = 1
+    magic: bool = True  # int4/int8 -> fp32 by exponent bits (no I2F)
+    use_dot: bool = False  # M = 1 through the tl.dot kernel (always used for M > 1)
+
+
+def _segments(group_size: int, smallest: int = 32) -> list[int]:
+    """Candidate segment sizes: divisors of group_size that are <= 256, largest first, down to ``smallest``."""
+    out = [s for s in (256, 128, 64, 32, 16) if s <= group_size and group_size % s == 0 and s >= min(smallest, group_size)]
+    return out or [group_size]
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device,
+                ctas_per_sm: int = 8) -> GemvConfig:
+    """All shape-based dispatch of the sparse GEMV in one place (measured on an H200: benchmarks/results/gemv*)."""
+    if INTERPRET or device.type != "cuda":
+        seg = _segments(group_size)[0]
+        return GemvConfig(block_n=32, block_k=4 if m == 1 else 16, num_warps=1 if m == 1 else 4,
+                          segment=seg, split_k=2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if m == 1:
+        num_warps = 1
+        block_n = (1024 if bits == 4 else 512) * num_warps
+        while block_n > 256 and block_n // 2 >= n:
+            block_n //= 2
+        block_k = 8
+    else:
+        num_warps, block_n, block_k = 4, 128 if bits == 4 else 64, 32
+    tiles = triton.cdiv(n, block_n)
+    want = ctas_per_sm * sms
+    cands = _segments(group_size)
+    seg = cands[-1]
+    for cand in cands:  # largest segment that still gives enough programs
+        if tiles * (k // cand) >= want:
+            seg = cand
+            break
+    nseg = k // seg
+    split_k = max(1, min(nseg, triton.cdiv(want, tiles)))
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, segment=seg, split_k=split_k)
+
+
+@triton.jit
+def _compact_kernel(
+    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    idx_ptr, xc_ptr, xsum_ptr, cnt_ptr, ws_ptr, ws_numel, lock_ptr, n_locks,
+    M, K, nseg,
+    M_P: tl.constexpr, S: tl.constexpr, S_P: tl.constexpr, T_MODE: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    part = tl.program_id(1)
+    r = tl.arange(0, S_P)
+    rows = seg * S + r
+    rvalid = r < S
+    m = tl.arange(0, M_P)
+    mvalid = m < M
+    valid = mvalid[:, None] & rvalid[None, :]
+    x = tl.load(x_ptr + m[:, None] * stride_xm + rows[None, :], mask=valid, other=0.0).to(tl.float32)
+    if T_MODE == 0:  # python float
+        act = tl.abs(x) > t_value
+    elif T_MODE == 1:  # 0-dim (or per-part scalar) tensor
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(x) > t
+    else:  # [K] per-input-channel thresholds
+        t = tl.load(t_ptr + part * t_stride_part + rows, mask=rvalid, other=0.0).to(tl.float32)
+        act = tl.abs(x) > t[None, :]
+    act = act & valid
+    xm = tl.where(act, x, 0.0)
+    any_row = tl.max(act.to(tl.int32), axis=0)
+    pos = tl.cumsum(any_row, axis=0) - 1
+    base = part * K + seg * S
+    keep = any_row > 0
+    tl.store(idx_ptr + base + pos, rows, mask=keep)
+    tl.store(xc_ptr + part * M * K + m[:, None] * K + (seg * S + pos)[None, :], xm, mask=mvalid[:, None] & keep[None, :])
+    tl.store(xsum_ptr + (part * nseg + seg) * M + m, tl.sum(xm, axis=1), mask=mvalid)
+    tl.store(cnt_ptr + part * nseg + seg, tl.sum(any_row, axis=0))
+    # zero the split-K workspace and the tile counters of the GEMV launch that follows
+    pid = part * nseg + seg
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    chunk = tl.cdiv(tl.cdiv(ws_numel, nprog), ZERO_BLOCK) * ZERO_BLOCK
+    zoff = tl.arange(0, ZERO_BLOCK)
+    for off in range(pid * chunk, pid * chunk + chunk, ZERO_BLOCK):
+        tl.store(ws_ptr + off + zoff, tl.zeros([ZERO_BLOCK], tl.float32), mask=off + zoff < ws_numel)
+    if pid == 0:
+        for off in range(0, n_locks, ZERO_BLOCK):
+            tl.store(lock_ptr + off + zoff, tl.zeros([ZERO_BLOCK], tl.int32), mask=off + zoff < n_locks)
+
+
+@triton.jit
+def _tile_columns(pid_n, N, END0, END1, BLOCK_N: tl.constexpr):
+    """Column tile pid_n -> (part, first column, end column of its part); parts end at END0, END1, N."""
+    t0 = tl.cdiv(END0, BLOCK_N)
+    t1 = tl.cdiv(END1 - END0, BLOCK_N)
+    in1 = pid_n >= t0
+    in2 = pid_n >= t0 + t1
+    part = in1.to(tl.int32) + in2.to(tl.int32)
+    start = tl.where(in2, END1 + (pid_n - t0 - t1) * BLOCK_N, tl.where(in1, END0 + (pid_n - t0) * BLOCK_N, pid_n * BLOCK_N))
+    end = tl.where(in2, N, tl.where(in1, END1, END0))
+    return part, start, end
+
+
+@triton.jit
+def _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, out_off, ws_off, out_ok, pid_n,
+                     SPLIT_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """SPLIT_K == 1: store. Else: fp32 atomics into the workspace, and the last program of the tile stores."""
+    if SPLIT_K == 1:
+        tl.store(y_ptr + out_off, y.to(OUT_DTYPE), mask=out_ok)
+    else:
+        tl.atomic_add(ws_ptr + ws_off, y, mask=out_ok, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # atomic read at L2
+            tl.store(y_ptr + out_off, total.to(OUT_DTYPE), mask=out_ok)
+
+
+@triton.jit
+def _nibble(w, w_hi, magic, J: tl.constexpr, MAGIC: tl.constexpr):
+    """Nibble J of each int32 word as fp32. MAGIC: q * 16^(J or J - 3), exact (see module docstring); else q.
+    ``magic`` is 0x4B000000 passed at run time: as a register operand it leaves LOP3's immediate slot to the
+    nibble mask (with both as literals ptxas kept the masks in registers and re-materialised them every iteration)."""
+    if MAGIC:
+        if J < 5:
+            v = w & (15 << (4 * J))
+        else:
+            v = w_hi & (15 << (4 * (J - 3)))
+        return (v | magic).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return ((w >> (4 * J)) & 15).to(tl.float32)
+
+
+@triton.jit
+def _gemv_m1_kernel(
+    qw_ptr, s_ptr, z_ptr, idx_ptr, xc_ptr, xsum_ptr, cnt_ptr, ws_ptr, lock_ptr, y_ptr,
+    N, K, G, nseg, segs_per_split, stride_qk, stride_sg, END0, END1, magic,
+    BITS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr, OUT_DTYPE: tl.constexpr, PROBE: tl.constexpr = 0,
+):
+    """PROBE (measurement only): 1 plain stores instead of split-K atomics (wrong result), 2 contiguous rows (no index
+    load), 3 no unpack/FMA (xor of the words), 4 = 1 + 2.
+    M = 1. Each thread owns a 16-byte piece of a row (32 int4 / 16 int8 columns) and walks BLOCK_K gathered rows
+    at a time (unrolled, so their loads are in flight together); int4 keeps eight accumulators [BLOCK_N // 8], one
+    per nibble, so accumulation is FMA chains with no layout conversion or shuffle; scales once per segment.
+    Launch with BLOCK_N = 1024 (int4) / 512 (int8) per warp so each thread holds 16 bytes of each row."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
+    if EVEN_N:
+        start = tl.multiple_of(start, BLOCK_N)
+    idx_base = idx_ptr + part * K
+    xc_base = xc_ptr + part * K
+    xsum_base = xsum_ptr + part * nseg
+    cnt_base = cnt_ptr + part * nseg
+    seg0 = pid_k * segs_per_split
+    seg1 = tl.minimum(seg0 + segs_per_split, nseg)
+    cols = start + tl.arange(0, BLOCK_N)
+    n_ok = cols < end
+    if BITS == 4:
+        NB: tl.constexpr = BLOCK_N // 8
+        word = start // 8 + tl.arange(0, NB)
+        w_ok = word < end // 8
+        if MAGIC:  # undo the 16^(J or J - 3) of the in-place nibbles, per column J = col % 8
+            place = cols % 8
+            place = place - (place >= 5).to(tl.int32) * 3
+            inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
+        else:
+            inv = tl.full([BLOCK_N], 1.0, tl.float32)
+        y = tl.zeros([BLOCK_N], tl.float32)
+        for seg in range(seg0, seg1):
+            c = tl.load(cnt_base + seg)
+            if c > 0:
+                a0 = tl.zeros([NB], tl.float32)
+                a1 = tl.zeros([NB], tl.float32)
+                a2 = tl.zeros([NB], tl.float32)
+                a3 = tl.zeros([NB], tl.float32)
+                a4 = tl.zeros([NB], tl.float32)
+                a5 = tl.zeros([NB], tl.float32)
+                a6 = tl.zeros([NB], tl.float32)
+                a7 = tl.zeros([NB], tl.float32)
+                for j in range(0, c, BLOCK_K):
+                    # BLOCK_K rows unrolled: their loads issue together, then FMA chains per nibble accumulator
+                    for r in tl.static_range(BLOCK_K):
+                        ok = j + r < c
+                        if PROBE == 2 or PROBE == 4:
+                            row = seg * S + j + r
+                        else:
+                            row = tl.load(idx_base + seg * S + j + r, mask=ok, other=0)
+                        xr = tl.load(xc_base + seg * S + j + r, mask=ok, other=0.0)
+                        if EVEN_N:
+                            w = tl.load(qw_ptr + row * stride_qk + word, mask=(tl.zeros([NB], tl.int32) + (j + r)) < c, other=0)
+                        else:
+                            w = tl.load(qw_ptr + row * stride_qk + word, mask=word < tl.where(ok, end // 8, 0), other=0)
+                        w_hi = w >> 12
+                        if PROBE == 3:
+                            a0 += (w ^ w_hi).to(tl.float32, bitcast=True)
+                        else:
+                            a0 += xr * _nibble(w, w_hi, magic, 0, MAGIC)
+                            a1 += xr * _nibble(w, w_hi, magic, 1, MAGIC)
+                            a2 += xr * _nibble(w, w_hi, magic, 2, MAGIC)
+                            a3 += xr * _nibble(w, w_hi, magic, 3, MAGIC)
+                            a4 += xr * _nibble(w, w_hi, magic, 4, MAGIC)
+                            a5 += xr * _nibble(w, w_hi, magic, 5, MAGIC)
+                            a6 += xr * _nibble(w, w_hi, magic, 6, MAGIC)
+                            a7 += xr * _nibble(w, w_hi, magic, 7, MAGIC)
+                # interleave the eight nibble vectors back to columns word * 8 + J
+                a = tl.reshape(tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7))), [BLOCK_N])
+                off = ((seg * S) // G) * stride_sg + cols
+                sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+                zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+                y += sc * (a * inv - zr * tl.load(xsum_base + seg))
+        if PROBE == 1 or PROBE == 4:
+            tl.store(ws_ptr + pid_k * N + cols, y, mask=n_ok)
+        else:
+            _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, cols, cols, n_ok, pid_n, SPLIT_K, OUT_DTYPE)
+    else:
+        y = tl.zeros([BLOCK_N], tl.float32)
+        for seg in range(seg0, seg1):
+            c = tl.load(cnt_base + seg)
+            if c > 0:
+                acc = tl.zeros([BLOCK_N], tl.float32)
+                for j in range(0, c, BLOCK_K):
+                    for r in tl.static_range(BLOCK_K):
+                        ok = j + r < c
+                        row = tl.load(idx_base + seg * S + j + r, mask=ok, other=0)
+                        xr = tl.load(xc_base + seg * S + j + r, mask=ok, other=0.0)
+                        if EVEN_N:
+                            v = tl.load(qw_ptr + row * stride_qk + cols, mask=(tl.zeros([BLOCK_N], tl.int32) + (j + r)) < c, other=0).to(tl.int32)
+                        else:
+                            v = tl.load(qw_ptr + row * stride_qk + cols, mask=cols < tl.where(ok, end, 0), other=0).to(tl.int32)
+                        if MAGIC:
+                            q = (v | magic).to(tl.float32, bitcast=True) - 8388608.0
+                        else:
+                            q = v.to(tl.float32)
+                        acc += xr * q
+                off = ((seg * S) // G) * stride_sg + cols
+                sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+                zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+                y += sc * (acc - zr * tl.load(xsum_base + seg))
+        _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, cols, cols, n_ok, pid_n, SPLIT_K, OUT_DTYPE)
+
+
+@triton.jit
+def _gemv_dot_kernel(
+    qw_ptr, s_ptr, z_ptr, idx_ptr, xc_ptr, xsum_ptr, cnt_ptr, ws_ptr, lock_ptr, y_ptr,
+    M, N, K, G, nseg, segs_per_split, stride_qk, stride_sg, stride_ym, END0, END1,
+    BITS: tl.constexpr, S: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, OUT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """1 < M <= 16: the union of active rows, unpacked to DOT_DTYPE (exact) and multiplied with tl.dot
+    (M padded to M_P >= 16); x rows keep their own masks (inactive entries are 0 in the compacted x)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
+    cols = start + tl.arange(0, BLOCK_N)
+    n_ok = cols < end
+    nib = tl.arange(0, 8)
+    word = start // 8 + tl.arange(0, BLOCK_N // 8)
+    shift = 4 * nib
+    idx_base = idx_ptr + part * K
+    xc_base = xc_ptr + part * M * K
+    xsum_base = xsum_ptr + part * nseg * M
+    cnt_base = cnt_ptr + part * nseg
+    seg0 = pid_k * segs_per_split
+    seg1 = tl.minimum(seg0 + segs_per_split, nseg)
+    kk = tl.arange(0, BLOCK_K)
+    mm = tl.arange(0, M_P)
+    y = tl.zeros([M_P, BLOCK_N], tl.float32)
+    for seg in range(seg0, seg1):
+        c = tl.load(cnt_base + seg)
+        if c > 0:
+            acc = tl.zeros([M_P, BLOCK_N], tl.float32)
+            for j in range(0, c, BLOCK_K):
+                rk = j + kk
+                r_ok = rk < c
+                rows = tl.load(idx_base + seg * S + rk, mask=r_ok, other=0)
+                if BITS == 4:
+                    w = tl.load(qw_ptr + rows[:, None] * stride_qk + word[None, :], mask=r_ok[:, None] & (word < end // 8)[None, :], other=0)
+                    v = (w[:, :, None] >> shift[None, None, :]) & 15
+                    q = tl.reshape(v, [BLOCK_K, BLOCK_N])
+                else:
+                    q = tl.load(qw_ptr + rows[:, None] * stride_qk + cols[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
+                q = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DOT_DTYPE)  # q <= 255: exact
+                xk = tl.load(xc_base + mm[:, None] * K + (seg * S + rk)[None, :], mask=(mm < M)[:, None] & r_ok[None, :], other=0.0)
+                acc = tl.dot(xk.to(DOT_DTYPE), q, acc)  # x values are exact in their own dtype
+            off = ((seg * S) // G) * stride_sg + cols
+            sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+            zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+            xsum = tl.load(xsum_base + seg * M + mm, mask=mm < M, other=0.0)
+            y += sc[None, :] * (acc - zr[None, :] * xsum[:, None])
+    out_ok = (mm < M)[:, None] & n_ok[None, :]
+    _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, mm[:, None] * stride_ym + cols[None, :], mm[:, None] * N + cols[None, :],
+                     out_ok, pid_n, SPLIT_K, OUT_DTYPE)
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand dtype: x's own (bf16/fp16 tensor cores). fp32 for fp32 x, and for bf16 under the triton 3.9
+    interpreter, whose bf16 tl.dot returns garbage (operands are exact in fp32 either way)."""
+    if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16):
+        return tl.float32
+    return _TL_DTYPE[dtype]
+
+
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> tuple[int, int, int]:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if x.dim() != 2 or x.dtype not in _TL_DTYPE:
+        raise ValueError(f"x must be [M, K] fp16/bf16/fp32, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"sparse_gemv handles 1 <= M <= {MAX_M} rows, got M={m}; use dense_gemm for prefill")
+    want_dtype = torch.int32 if bits == 4 else torch.uint8
+    if qweight.dtype != want_dtype or qweight.dim() != 2 or qweight.shape[0] != k:
+        raise ValueError(f"qweight must be {want_dtype} [K={k}, ...] for bits={bits}, got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    if n % 8 != 0:
+        raise ValueError(f"N={n} must be a multiple of 8")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}")
+    shape = (k // group_size, n)
+    if tuple(scales.shape) != shape or tuple(zeros.shape) != shape or scales.stride() != zeros.stride():
+        raise ValueError(f"scales and zeros must be {shape} with equal strides, got {tuple(scales.shape)}, {tuple(zeros.shape)}")
+    devices = {t.device for t in (x, qweight, scales, zeros)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("qweight, scales, zeros and x must be contiguous along their last dimension")
+    return m, n, k
+
+
+def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits, group_size, config=None):
+    m, n, k = _check(x, qweight, scales, zeros, bits, group_size)
+    n_parts = len(ends)
+    cfg = config or pick_config(m, n, k, bits, group_size, x.device)
+    s = cfg.segment
+    if s <= 0 or group_size % s != 0:
+        raise ValueError(f"segment {s} must divide group_size {group_size}")
+    nseg = k // s
+    split_k = max(1, min(cfg.split_k, nseg))
+    per = triton.cdiv(nseg, split_k)
+    split_k = triton.cdiv(nseg, per)
+    m_p = max(16, triton.next_power_of_2(m))
+    block_n = cfg.block_n
+    end0 = ends[0]
+    end1 = ends[1] if n_parts > 1 else end0
+    tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
+
+    dev = x.device
+    idx = _empty(n_parts * k, dtype=torch.int32, device=dev)
+    xc = _empty(n_parts * m * k, dtype=torch.float32, device=dev)
+    xsum = _empty(n_parts * nseg * m, dtype=torch.float32, device=dev)
+    cnt = _empty(n_parts * nseg, dtype=torch.int32, device=dev)
+    ws = _empty(m * n if split_k > 1 else 1, dtype=torch.float32, device=dev)
+    locks = _empty(tiles if split_k > 1 else 1, dtype=torch.int32, device=dev)
+    y = _empty(m, n, dtype=x.dtype, device=dev)
+    t_ptr = t_tensor if t_tensor is not None else xsum  # unused pointer when T_MODE == 0
+
+    _compact_kernel[(nseg, n_parts)](
+        x, x.stride(0), t_ptr, t_value, t_stride_part,
+        idx, xc, xsum, cnt, ws, ws.numel() if split_k > 1 else 0, locks, locks.numel() if split_k > 1 else 0,
+        m, k, nseg,
+        M_P=triton.next_power_of_2(m), S=s, S_P=triton.next_power_of_2(s), T_MODE=t_mode, ZERO_BLOCK=256,
+        num_warps=4,
+    )
+    if m == 1 and not cfg.use_dot:
+        _gemv_m1_kernel[(tiles, split_k)](
+            qweight, scales, zeros, idx, xc, xsum, cnt, ws, locks, y,
+            n, k, group_size, nseg, per, qweight.stride(0), scales.stride(0), end0, end1, 0x4B000000,
+            BITS=bits, S=s, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k, MAGIC=cfg.magic,
+            EVEN_N=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        _gemv_dot_kernel[(tiles, split_k)](
+            qweight, scales, zeros, idx, xc, xsum, cnt, ws, locks, y,
+            m, n, k, group_size, nseg, per, qweight.stride(0), scales.stride(0), y.stride(0), end0, end1,
+            BITS=bits, S=s, M_P=m_p, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
+            OUT_DTYPE=_TL_DTYPE[x.dtype], DOT_DTYPE=_dot_dtype(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y
+
+
+def _threshold_args(threshold, k: int, device):
+    """-> (T_MODE, tensor or None, float value)."""
+    if isinstance(threshold, Tensor):
+        if threshold.device != device:
+            raise ValueError(f"threshold tensor must be on {device}, got {threshold.device}")
+        if threshold.dim() == 0:
+            return 1, threshold, 0.0
+        if threshold.dim() == 1 and threshold.shape[0] == k:
+            return 2, threshold.contiguous(), 0.0
+        raise ValueError(f"threshold tensor must be 0-dim or [K={k}], got {tuple(threshold.shape)}")
+    return 0, None, float(threshold)
+
+
+def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
+                config: GemvConfig | None = None) -> Tensor:
+    """See the module docstring and DESIGN.md "Kernel API"."""
+    t_mode, t_tensor, t_value = _threshold_args(threshold, x.shape[-1], x.device)
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    return _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size, config)
+
+
+def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes,
+                      *, bits: int, group_size: int, config: GemvConfig | None = None) -> Tensor:
+    """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K]."""
+    split_sizes = [int(v) for v in split_sizes]
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    k = x.shape[-1]
+    if not 1 <= len(split_sizes) <= MAX_PARTS or sum(split_sizes) != n or any(v <= 0 or v % 8 for v in split_sizes):
+        raise ValueError(f"split_sizes {split_sizes}: 1..{MAX_PARTS} positive multiples of 8 summing to N={n}")
+    if not isinstance(thresholds, Tensor) or thresholds.device != x.device or thresholds.shape[0] != len(split_sizes):
+        raise ValueError(f"thresholds must be a tensor on {x.device} with {len(split_sizes)} rows")
+    if thresholds.dim() == 1:
+        t_mode, stride = 1, thresholds.stride(0)
+    elif thresholds.dim() == 2 and thresholds.shape[1] == k:
+        thresholds = thresholds.contiguous()
+        t_mode, stride = 2, thresholds.stride(0)
+    else:
+        raise ValueError(f"thresholds must be [n_parts] or [n_parts, K={k}], got {tuple(thresholds.shape)}")
+    ends = tuple(int(v) for v in torch.tensor(split_sizes).cumsum(0).tolist())
+    return _launch(x, qweight, scales, zeros, t_mode, thresholds, 0.0, stride, ends, bits, group_size, config)
+
+
+def probe_setup(x, qweight, scales, zeros, t, group_size=128):
+    """Buffers + one compaction for the leave-out probes of the first kernel (M = 1, int4, 0-dim threshold)."""
+    m, n, k = _check(x, qweight, scales, zeros, 4, group_size)
+    cfg = pick_config(m, n, k, 4, group_size, x.device)
+    s = cfg.segment
+    nseg = k // s
+    per = triton.cdiv(nseg, max(1, min(cfg.split_k, nseg)))
+    split_k = triton.cdiv(nseg, per)
+    tiles = triton.cdiv(n, cfg.block_n)
+    dev = x.device
+    b = dict(cfg=cfg, s=s, nseg=nseg, per=per, split_k=split_k, tiles=tiles, m=m, n=n, k=k,
+             idx=torch.empty(k, dtype=torch.int32, device=dev), xc=torch.empty(m * k, dtype=torch.float32, device=dev),
+             xsum=torch.empty(nseg * m, dtype=torch.float32, device=dev), cnt=torch.empty(nseg, dtype=torch.int32, device=dev),
+             ws=torch.zeros(max(m * n, split_k * n), dtype=torch.float32, device=dev),
+             locks=torch.zeros(tiles, dtype=torch.int32, device=dev), y=torch.empty(m, n, dtype=x.dtype, device=dev))
+    probe_call(x, qweight, scales, zeros, t, b, probe=0, compact=True, group_size=group_size)
+    return b
+
+
+def probe_call(x, qweight, scales, zeros, t, b, probe=0, compact=True, group_size=128):
+    """probe: see _gemv_m1_kernel.PROBE; compact=False skips the compaction launch (reuses the last one's output)."""
+    if compact:
+        _compact_kernel[(b["nseg"], 1)](
+            x, x.stride(0), t, 0.0, 0, b["idx"], b["xc"], b["xsum"], b["cnt"], b["ws"],
+            b["m"] * b["n"] if b["split_k"] > 1 else 0, b["locks"], b["tiles"] if b["split_k"] > 1 else 0,
+            b["m"], b["k"], b["nseg"], M_P=1, S=b["s"], S_P=triton.next_power_of_2(b["s"]), T_MODE=1, ZERO_BLOCK=256,
+            num_warps=4)
+    cfg = b["cfg"]
+    _gemv_m1_kernel[(b["tiles"], b["split_k"])](
+        qweight, scales, zeros, b["idx"], b["xc"], b["xsum"], b["cnt"], b["ws"], b["locks"], b["y"],
+        b["n"], b["k"], group_size, b["nseg"], b["per"], qweight.stride(0), scales.stride(0), b["n"], b["n"], 0x4B000000,
+        BITS=4, S=b["s"], BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=b["split_k"], MAGIC=True,
+        EVEN_N=b["n"] % cfg.block_n == 0, OUT_DTYPE=_TL_DTYPE[x.dtype], PROBE=probe,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return b["y"]

@@ -544,24 +544,23 @@ _RETIRED: list = []  # buffers replaced by larger ones stay alive: captured CUDA
 
 def _split_buffers(device: torch.device, ws_numel: int, n_locks: int) -> tuple[Tensor, Tensor]:
     """fp32 workspace and int32 tile counters for the split-K reduction, zero between calls: every call leaves them
-    zero again (the last program of a tile resets its slice), so no memset launch is needed. One pair per (device,
-    stream): calls on one stream are serialised. Two CUDA graphs captured on the same stream must not be replayed
-    concurrently on different streams. Inside a graph capture a new pair is allocated (its zero fill is captured
-    and replayed with the graph) and not shared with eager calls."""
-    stream = torch.cuda.current_stream(device)
-    if stream.is_capturing() if hasattr(stream, "is_capturing") else torch.cuda.is_current_stream_capturing():
-        ws = torch.zeros(ws_numel, dtype=torch.float32, device=device)
-        locks = torch.zeros(n_locks, dtype=torch.int32, device=device)
-        _RETIRED.append((ws, locks))
-        return ws, locks
-    key = (device.index, stream.cuda_stream)
-    ws, locks = _SPLIT_BUFFERS.get(key, (None, None))
+    zero again (the last program of a tile reads its slice, writes y and zeroes the slice and its counter), so no
+    memset launch is needed. One pair per device, shared by eager calls and CUDA graphs captured after it exists:
+    calls must not run concurrently on several streams of one device (decode runs them in order on one stream).
+    A call captured before any eager call of that size gets its own pair, whose zero fill is captured with it."""
+    capturing = torch.cuda.is_current_stream_capturing()
+    ws, locks = _SPLIT_BUFFERS.get(device.index, (None, None))
     if ws is None or ws.numel() < ws_numel or locks.numel() < n_locks:
+        if capturing:
+            ws = torch.zeros(ws_numel, dtype=torch.float32, device=device)
+            locks = torch.zeros(n_locks, dtype=torch.int32, device=device)
+            _RETIRED.append((ws, locks))
+            return ws, locks
         if ws is not None:
             _RETIRED.append((ws, locks))
         ws = torch.zeros(max(ws_numel, 1 << 16), dtype=torch.float32, device=device)
         locks = torch.zeros(max(n_locks, 1024), dtype=torch.int32, device=device)
-        _SPLIT_BUFFERS[key] = (ws, locks)
+        _SPLIT_BUFFERS[device.index] = (ws, locks)
     return ws, locks
 
 

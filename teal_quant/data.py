@@ -45,7 +45,7 @@ def _dataset_column(source: HFDatasetSource) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError("calibration source hf_dataset needs the 'datasets' package: pip install datasets") from None
+        raise DataError("calibration source hf_dataset needs the 'datasets' package: pip install 'teal-quant[datasets]'") from None
     try:
         ds = datasets.load_dataset(source.name, source.config, split=source.split)
     except Exception as e:

@@ -29,6 +29,7 @@ from kernels import gemv_triton as g  # noqa: E402
 from kernels import reference  # noqa: E402
 
 OUT = []
+OLD = False  # --old: also the leave-out probes of the first kernel
 
 
 def emit(**r):
@@ -94,14 +95,14 @@ def bench(model, proj, n, k, batches, sps, sweep, old_probes):
             t = torch.tensor(thr, device="cuda")
             tb = touched(x, thr, n, k)
             d = g.pick_fused(m, n, k, 4, GROUP, x.device)
-            variants = [("new", d)]
+            variants = [("new", d), ("new_f32", g.FusedConfig(**{**d.__dict__, "f16": False}))]
             if sweep and m == 1:
                 variants += [(f"new_v{v}_w{w}_r{r}_kr{kr}", g.FusedConfig(vec=v, warps=w, rows=r, k_range=kr))
                              for (v, w, r, kr) in sweep
                              if (v, w, r, kr) != (d.vec, d.warps, d.rows, d.k_range)]
             if sweep and m > 1:
                 variants += [(f"new_v{v}_r{r}_kr{kr}", g.FusedConfig(vec=v, warps=4, rows=r, k_range=kr))
-                             for (v, r, kr) in ((1, 2, d.k_range), (1, 8, d.k_range), (2, 4, d.k_range), (1, 4, 128))
+                             for (v, r, kr) in ((1, 4, 128), (2, 2, 128), (2, 4, 128), (1, 8, 128))
                              if (v, 4, r, kr) != (d.vec, d.warps, d.rows, d.k_range)]
             if old_probes:
                 variants += [(f"new_probe{p}", g.FusedConfig(**{**d.__dict__, "probe": p})) for p in (1, 2, 3)]
@@ -116,7 +117,7 @@ def bench(model, proj, n, k, batches, sps, sweep, old_probes):
                     continue
                 emit(kind="time", method=name, sparsity=sp, us=us, tbps=tb / us / 1e6, vs_tg=t_tg / us, vs_cb=t_cb / us,
                      cfg=cfg.__dict__, **base)
-            if old_probes and m == 1:
+            if old_probes and m == 1 and OLD:
                 bufs = [v1.probe_setup(x, c[0], c[1], c[2], t) for c in ours]
                 for name, probe, compact in (("old", 0, True), ("old_no_compact_launch", 0, False),
                                              ("old_no_atomics", 1, True), ("old_contig_rows", 2, True),
@@ -134,7 +135,10 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining shapes after this")
+    ap.add_argument("--old", action="store_true")
     args = ap.parse_args()
+    global OLD
+    OLD = args.old
     import triton
 
     emit(kind="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -154,20 +158,22 @@ def main():
     emit(kind="copy", tbps=2 * a.numel() * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e12)
     del a, b
     t0 = time.time()
-    for model, proj, m in (("70B", "q_o", 1), ("70B", "k_v", 1), ("8B", "q_o", 1), ("70B", "q_o", 4), ("8B", "k_v", 4)):
+    for model, proj, m in (("70B", "q_o", 1), ("70B", "k_v", 1), ("8B", "q_o", 1), ("70B", "q_o", 4), ("8B", "k_v", 4), ("8B", "k_v", 2)):
         n, k = SHAPES[model][proj]
         check_shape(model, proj, n, k, m)
     emit(kind="checks_done", s=time.time() - t0)
-    sweep = [(4, 4, 2, 128), (4, 4, 8, 128), (4, 4, 4, 64), (4, 4, 4, 32), (4, 2, 4, 128), (4, 8, 4, 128), (4, 8, 2, 128),
-             (2, 4, 4, 128), (2, 4, 4, 64), (1, 4, 8, 64), (1, 4, 4, 32), (2, 4, 8, 32)]
-    plan = [("70B", "q_o", True, True), ("70B", "gate_up", True, True), ("70B", "down", False, False),
-            ("70B", "k_v", True, False), ("8B", "q_o", True, False), ("8B", "gate_up", False, False), ("8B", "k_v", True, False)]
+    big = [(4, 4, 4, 128), (2, 4, 4, 128), (4, 4, 2, 128), (4, 4, 8, 128), (4, 8, 4, 128), (2, 8, 4, 128)]
+    small = [(4, 8, 4, 128), (2, 4, 4, 64), (1, 4, 8, 64), (2, 8, 4, 128), (1, 8, 8, 128), (2, 8, 2, 128), (1, 8, 4, 64)]
+    plan = [("70B", "q_o", big, True), ("70B", "gate_up", big, True), ("70B", "down", big[:2], False),
+            ("70B", "k_v", small, False), ("70B", "qkv", big[:3], False),
+            ("8B", "q_o", small, False), ("8B", "gate_up", big[:3], False), ("8B", "down", big[:3], False),
+            ("8B", "k_v", small, False), ("8B", "qkv", small, False)]
     for model, proj, sw, old in plan:
         if time.time() - t0 > args.budget:
             emit(kind="skipped", model=model, proj=proj)
             continue
         n, k = SHAPES[model][proj]
-        bench(model, proj, n, k, [1, 4], [0, 50, 70, 90], sweep if sw else None, old)
+        bench(model, proj, n, k, [1, 4], [0, 50, 70, 90], sw, old)
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump(OUT, f)
     # summary
@@ -175,7 +181,7 @@ def main():
     for r in OUT:
         if r.get("kind") == "error":
             print("ERROR", r)
-        if r.get("kind") == "time" and (r["method"] in ("new", "old", "cublas_bf16", "tinygemm") or "probe" in r["method"] or r["method"].startswith("old_")):
+        if r.get("kind") == "time" and (r["method"] in ("new", "new_f32", "old", "cublas_bf16", "tinygemm") or "probe" in r["method"] or r["method"].startswith("old_")):
             print(f"{r['model']:3s} {r['proj']:7s} m{r['m']} s{r['sparsity']:2d} {r['method']:24s} {r['us']:7.2f}"
                   + (f" {r['tbps']:.2f}TB/s x{r['vs_tg']:.2f}tg" if 'tbps' in r else ""))
 

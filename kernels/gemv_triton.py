@@ -72,40 +72,41 @@ class FusedConfig:
     warps: int  # warps of a program; they split the active rows of the program's K-range
     rows: int  # rows per warp per step (unrolled: their loads are in flight together)
     k_range: int  # rows of W^T per program (divides group_size): one quantization group or a part of one
+    f16: bool = True  # int4: unpack through fp16 pairs (see _unpack8_f16); False: fp32 exponent trick
     probe: int = 0  # measurement only (see _sgemv_kernel)
 
 
 FUSED_MAX_M = 4
 
 
-def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1,
-               ctas_per_sm: int = 4) -> FusedConfig | None:
-    """Shape-based choice for the one-launch kernel (measured on an H200: benchmarks/results/gemv*); None when the
-    shape needs the two-launch path (M > 4, or a K-range that cannot divide the group)."""
+def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> FusedConfig | None:
+    """Shape-based choice for the one-launch kernel (measured on an H200: benchmarks/results/gemv_probe_h200*);
+    None when the shape needs the two-launch path (M > 4, or no K-range of >= 16 rows divides the group)."""
     if m > FUSED_MAX_M:
         return None
-    m_p = triton.next_power_of_2(m)
-    cands = [c for c in (256, 128, 64, 32, 16) if c <= group_size and group_size % c == 0]
+    cands = [c for c in (128, 64, 32, 16) if c <= group_size and group_size % c == 0]
     if not cands:
         return None
     if INTERPRET or device.type != "cuda":
-        return FusedConfig(vec=1, warps=2, rows=2, k_range=min(cands[-1], 32) if 32 in cands else cands[-1])
+        return FusedConfig(vec=1, warps=2, rows=2, k_range=32 if 32 in cands else cands[-1])
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     per = 32 // bits
-    vec = max(1, 4 // m_p)
-    want = ctas_per_sm * sms
 
-    def tiles(v):
-        return triton.cdiv(n, 32 * v * per) + n_parts - 1
+    def programs(vec, kr):
+        return (triton.cdiv(n, 32 * vec * per) + n_parts - 1) * (k // kr)
 
-    while vec > 1 and tiles(vec) * (k // cands[-1]) < want:
-        vec //= 2
-    kr = cands[-1]
-    for c in cands:  # largest K-range that still gives enough programs (fewer split-K atomics)
-        if c <= 128 and tiles(vec) * (k // c) >= want:
-            kr = c
-            break
-    return FusedConfig(vec=vec, warps=4, rows=4, k_range=kr)
+    def kr_at_most(kr):
+        return next(c for c in cands if c <= kr) if cands[-1] <= kr else cands[-1]
+
+    if m > 1:  # M_P accumulators per value: fewer words per thread; long K-ranges amortise the compaction
+        kr = kr_at_most(128)
+        vec = 2 if programs(2, kr) >= 2 * sms else 1
+        return FusedConfig(vec=vec, warps=4, rows=4, k_range=kr)
+    if programs(4, kr_at_most(128)) >= 3 * sms:  # large layers: 16-byte rows, 128-row programs
+        return FusedConfig(vec=4, warps=4, rows=4, k_range=kr_at_most(128))
+    if n >= 4096:  # 8B q/o-sized: wider programs (8 warps) over 128 rows
+        return FusedConfig(vec=4, warps=8, rows=4, k_range=kr_at_most(128))
+    return FusedConfig(vec=1, warps=4, rows=8, k_range=kr_at_most(64))  # small N (k/v): many narrow programs
 
 
 def _segments(group_size: int, smallest: int = 32) -> list[int]:
@@ -233,6 +234,55 @@ def _nibble(w, w_hi, magic, J: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _unpack8_f16(wd, EMULATE: tl.constexpr):
+    """The eight nibbles of each int32 word as fp32 ``1024 + q * f_J`` (f_J = 1 for even J, 16 for odd J), exact.
+    Two nibbles per LOP3: ``(w & 0x000F000F) | 0x64006400`` is the fp16 pair (1024 + q0, 1024 + q4), with mask
+    0x00F000F0 (1024 + 16 q1, 1024 + 16 q5), and the same on ``w >> 8`` for nibbles 2, 6, 3, 7; each half then takes
+    one conversion (cvt.f32.f16). Per word: 1 SHF + 4 LOP3 + 8 CVT, against 1 SHF + 8 LOP3 + 8 FADD for the fp32
+    exponent trick. The 1024 offsets are removed once per program (sum of x). EMULATE (the interpreter, which has
+    no inline PTX): the same values computed with integer ops."""
+    if EMULATE:
+        v0 = (1024 + (wd & 15)).to(tl.float32)
+        v1 = (1024 + (wd & 0xF0)).to(tl.float32)
+        v2 = (1024 + ((wd >> 8) & 15)).to(tl.float32)
+        v3 = (1024 + ((wd >> 8) & 0xF0)).to(tl.float32)
+        v4 = (1024 + ((wd >> 16) & 15)).to(tl.float32)
+        v5 = (1024 + ((wd >> 16) & 0xF0)).to(tl.float32)
+        v6 = (1024 + ((wd >> 24) & 15)).to(tl.float32)
+        v7 = (1024 + ((wd >> 24) & 0xF0)).to(tl.float32)
+    else:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, w8;
+            .reg .b16 l0, h0, l1, h1, l2, h2, l3, h3;
+            shr.u32 w8, $8, 8;
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t1, $8, 0x00F000F0, 0x64006400, 0xEA;
+            lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+            mov.b32 {l0, h0}, t0;
+            mov.b32 {l1, h1}, t1;
+            mov.b32 {l2, h2}, t2;
+            mov.b32 {l3, h3}, t3;
+            cvt.f32.f16 $0, l0;
+            cvt.f32.f16 $4, h0;
+            cvt.f32.f16 $1, l1;
+            cvt.f32.f16 $5, h1;
+            cvt.f32.f16 $2, l2;
+            cvt.f32.f16 $6, h2;
+            cvt.f32.f16 $3, l3;
+            cvt.f32.f16 $7, h3;
+            }""",
+            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r",
+            args=[wd],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
 def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
     """Value J of each int32 word as fp32, times a power of two that is undone per column at the end (exact):
     int4: nibble J masked in place (J <= 4) or in ``w_hi = wd >> 12`` (J >= 5) and OR-ed into the exponent of 2^23
@@ -258,7 +308,7 @@ def _sgemv_kernel(
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
     BITS: tl.constexpr, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     T_MODE: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    PROBE: tl.constexpr = 0,
+    F16: tl.constexpr = False, EMULATE: tl.constexpr = False, PROBE: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring).
 
@@ -331,15 +381,22 @@ def _sgemv_kernel(
                 row = k0 + slot
                 xr = tl.load(x_ptr + mm[:, None] * stride_xm + row[None, :], mask=ok[None, :] & m_ok[:, None], other=0.0).to(tl.float32)
             else:
-                row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=0)
+                row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)  # past the end: row k0 (cached), x = 0
                 xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
             # masked slots: x is 0 and the unpacked garbage is finite (exponent bits are magic), so no `other`
+            # slots past the end read a valid row with x = 0 (no load predicates and zero fills in the loop); the
+            # unpacked values are finite whatever the bits, so x = 0 cancels them exactly
             if M_P == 1:
-                wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=ok[:, None] & w_ok[None, :])
+                if ALIGNED:
+                    wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :])
+                else:
+                    wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=w_ok[None, :])
                 xb = tl.reshape(xr, [W])[:, None]
             else:  # the tile is loaded as [1, W, NB] so that its layout is the accumulators' (no conversion)
-                wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :],
-                             mask=ok[None, :, None] & w_ok[None, None, :])
+                if ALIGNED:
+                    wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :])
+                else:
+                    wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :], mask=w_ok[None, None, :])
                 xb = xr[:, :, None]
             if BITS == 4:
                 w_hi = wd >> 12
@@ -347,6 +404,16 @@ def _sgemv_kernel(
                 w_hi = wd >> 16
             if PROBE == 3:
                 a0 += xb * (wd ^ w_hi).to(tl.float32, bitcast=True)
+            elif F16:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
+                a0 += xb * v0
+                a1 += xb * v1
+                a2 += xb * v2
+                a3 += xb * v3
+                a4 += xb * v4
+                a5 += xb * v5
+                a6 += xb * v6
+                a7 += xb * v7
             else:
                 a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
                 a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
@@ -357,7 +424,9 @@ def _sgemv_kernel(
                     a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
                     a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
                     a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
-    if M_P == 1:
+    # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
+    #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
+    if M_P == 1:  # [W, NB] -> [1, W, NB] (reducing the 2-D tiles directly gives slice layouts that cost barriers)
         a0 = a0[None, :, :]
         a1 = a1[None, :, :]
         a2 = a2[None, :, :]
@@ -366,17 +435,23 @@ def _sgemv_kernel(
         a5 = a5[None, :, :]
         a6 = a6[None, :, :]
         a7 = a7[None, :, :]
-    # 4. reduce over warps, interleave the per-value accumulators back to columns word * PER + J, scale once
+    RA: tl.constexpr = 1
     if BITS == 4:
-        a = tl.join(tl.join(tl.join(tl.sum(a0, axis=1), tl.sum(a4, axis=1)), tl.join(tl.sum(a2, axis=1), tl.sum(a6, axis=1))),
-                    tl.join(tl.join(tl.sum(a1, axis=1), tl.sum(a5, axis=1)), tl.join(tl.sum(a3, axis=1), tl.sum(a7, axis=1))))
-        place = cols % 8
-        place = place - (place >= 5).to(tl.int32) * 3
-        inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
+        a = tl.join(tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a4, axis=RA)), tl.join(tl.sum(a2, axis=RA), tl.sum(a6, axis=RA))),
+                    tl.join(tl.join(tl.sum(a1, axis=RA), tl.sum(a5, axis=RA)), tl.join(tl.sum(a3, axis=RA), tl.sum(a7, axis=RA))))
     else:
-        a = tl.join(tl.join(tl.sum(a0, axis=1), tl.sum(a2, axis=1)), tl.join(tl.sum(a1, axis=1), tl.sum(a3, axis=1)))
-        inv = ((127 - 8 * (cols % 2)) << 23).to(tl.float32, bitcast=True)
+        a = tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a2, axis=RA)), tl.join(tl.sum(a1, axis=RA), tl.sum(a3, axis=RA)))
     a = tl.reshape(a, [M_P, BLOCK_N])
+    if BITS == 4:
+        if F16:  # remove the 1024 offsets (1024 * sum of x) and the factor 16 of the odd nibbles
+            a = a - 1024.0 * xsum[:, None]
+            inv = tl.where(cols % 2 == 1, 0.0625, 1.0)
+        else:
+            place = cols % 8
+            place = place - (place >= 5).to(tl.int32) * 3
+            inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
+    else:
+        inv = ((127 - 8 * (cols % 2)) << 23).to(tl.float32, bitcast=True)
     y = sc[None, :] * (a * inv[None, :] - zr[None, :] * xsum[:, None])
     out_ok = m_ok[:, None] & n_ok[None, :]
     ws_off = mm[:, None] * N + cols[None, :]
@@ -601,7 +676,8 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
         qw, scales, zeros, scr_i, scr_x, ws, locks, y,
         m, n, k, group_size, qw.stride(0), scales.stride(0), y.stride(0), end0, end1, n_ksplit, 0x4B000000,
         BITS=bits, M_P=m_p, KR=kr, W=cfg.warps, R=cfg.rows, VEC=cfg.vec, T_MODE=t_mode, SPLIT=split,
-        ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype], PROBE=cfg.probe,
+        ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
+        F16=bits == 4 and cfg.f16, EMULATE=INTERPRET, PROBE=cfg.probe,
         num_warps=cfg.warps, num_stages=1,
     )
     return y

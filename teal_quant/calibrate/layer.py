@@ -32,13 +32,21 @@ class SimulatedLinear(nn.Module):
         self.bias = linear.bias
         self.threshold = 0.0
         self.observer: Callable[[torch.Tensor], None] | None = None
+        # With `reuse` on, a call on the very same input tensor at the same threshold returns the previous
+        # output: the greedy search re-evaluates the MLP with only one projection changed.
+        self.reuse = False
+        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)
-        if self.threshold > 0:
-            x = x * (x.abs() > self.threshold)
-        return F.linear(x, self.weight, self.bias)
+        if self.reuse and self._last is not None and self._last[0] is x and self._last[1] == self.threshold:
+            return self._last[2]
+        threshold = self.threshold
+        xs = x * (x.abs() > threshold) if threshold > 0 else x
+        out = F.linear(xs, self.weight, self.bias)
+        self._last = (x, threshold, out) if self.reuse else None
+        return out
 
 
 def attach_simulated(layer: nn.Module) -> dict[str, SimulatedLinear]:
@@ -100,21 +108,22 @@ class TailBlock:
         self.layer, self.sims, self.hidden = layer, sims, hidden
         self.position_embeddings = position_embeddings
         self.start = int(hidden.shape[1] * (1 - last_fraction))
-        self.cache: dict[tuple[float, ...], torch.Tensor] = {}
+        self.cache: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_size = cache_size
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
         key = tuple(self.sims[p].threshold for p in ("q", "k", "v", "o"))
-        h2 = self.cache.get(key)
-        if h2 is None:
+        cached = self.cache.get(key)
+        if cached is None:
             layer, h = self.layer, self.hidden
             attn = layer.self_attn(layer.input_layernorm(h), position_embeddings=self.position_embeddings, attention_mask=None)[0]
             h2 = (h + attn)[:, self.start :]
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = h2
-        return h2 + self.layer.mlp(self.layer.post_attention_layernorm(h2))
+            cached = self.cache[key] = (h2, self.layer.post_attention_layernorm(h2))
+        h2, normed = cached
+        return h2 + self.layer.mlp(normed)
 
 
 def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str, float]) -> None:
@@ -122,8 +131,20 @@ def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str,
         sims[proj].threshold = t
 
 
-def thresholds_for(allocation: Mapping[str, float], hists: Mapping[str, AbsHistogram]) -> dict[str, float]:
-    return {proj: hists[POINT_OF[proj]].threshold(s) for proj, s in allocation.items()}
+def thresholds_for(allocation: Mapping[str, float], hists: Mapping[str, AbsHistogram],
+                   memo: dict[tuple[str, float], float] | None = None) -> dict[str, float]:
+    """Each projection's threshold: the inverse CDF of its activation point at its sparsity."""
+    out = {}
+    for proj, s in allocation.items():
+        key = (POINT_OF[proj], s)
+        if memo is None or key not in memo:
+            t = hists[key[0]].threshold(s)
+            if memo is None:
+                out[proj] = t
+                continue
+            memo[key] = t
+        out[proj] = memo[key]
+    return out
 
 
 @dataclass
@@ -169,10 +190,14 @@ def allocate(
     block = TailBlock(layer, sims, subset, position_embeddings, last_fraction)
     reference = block().float()
     ref_norm = float(reference.pow(2).sum()) or 1.0
+    memo: dict[tuple[str, float], float] = {}
 
     def error_of(allocation: Mapping[str, float]) -> float:
-        set_thresholds(sims, thresholds_for(allocation, hists))
+        set_thresholds(sims, thresholds_for(allocation, hists, memo))
         return float((block().float() - reference).pow(2).sum()) / ref_norm
+
+    for sim in sims.values():
+        sim.reuse = True
 
     positive = [lv for lv in levels if lv > 0]
     uniform = uniform_allocation(sizes, positive)
@@ -190,6 +215,8 @@ def allocate(
     if compare_uniform and method != "uniform":
         result.errors["uniform"] = [error_of(zero if lv == 0 else uniform[positive.index(lv)]) for lv in levels]
     set_thresholds(sims, zero)
+    for sim in sims.values():
+        sim.reuse, sim._last = False, None
     return result
 
 

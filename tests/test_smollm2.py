@@ -1,0 +1,83 @@
+"""The real model, end to end on the CPU: SmolLM2-135M -> int4 g64 + TEAL greedy -> load -> generate -> WikiText-2.
+
+Bounds were set from measurement (see the closing note of issue 2): w4 g64 RTN at level 0 and TEAL at 0.4,
+4,096 WikiText-2 test tokens in windows of 512, every token sparsified.
+"""
+
+import json
+
+import pytest
+import torch
+
+import teal_quant
+from conftest import CALIBRATION_DIR, SMOLLM2_GGUF, WIKITEXT, smollm2_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "w4-s40"
+    recipe = teal_quant.Recipe.from_yaml_text(f"""
+model: {{source: '{smollm2_dir()}', gguf_file: {SMOLLM2_GGUF}, dtype: float16}}
+calibration:
+  source: {{kind: text_files, paths: ['{CALIBRATION_DIR / "Pride_and_Prejudice.txt"}']}}
+  samples: 8
+  seq_len: 256
+quantization: {{bits: 4, group_size: 64}}
+sparsity: {{levels: [0.25, 0.4, 0.5], default: 0.4, greedy: {{step: 0.1, tokens: 512}}}}
+output: {{dir: '{out}'}}
+""")
+    return teal_quant.compress(recipe)
+
+
+@pytest.fixture(scope="module")
+def wikitext_rows(smollm2_artifact):
+    from teal_quant.evaluate import evaluate_artifact
+    from teal_quant.recipe import TextFilesSource
+
+    source = TextFilesSource(kind="text_files", paths=[str(WIKITEXT)])
+    return evaluate_artifact(smollm2_artifact, source, tokens=4096, window=512, levels=[0.0, 0.4], device="cpu",
+                             baseline=True)
+
+
+def test_generates_text(smollm2_artifact):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_artifact)
+    model = teal_quant.load(smollm2_artifact, device="cpu")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+    assert 0.3 < teal_quant.realized_sparsity(model) < 0.5
+
+
+def test_realized_sparsity_and_perplexity_on_wikitext(wikitext_rows):
+    dense, level0, level40 = wikitext_rows
+    assert dense["level"] is None and level0["level"] == 0.0 and level40["level"] == 0.4
+    assert level40["realized_sparsity"] == pytest.approx(0.40, abs=0.03)
+    assert level0["realized_sparsity"] == pytest.approx(0.0, abs=1e-4)
+    assert dense["perplexity"] < level0["perplexity"] < level40["perplexity"]
+    assert level0["perplexity"] < 1.6 * dense["perplexity"]
+    assert level40["perplexity"] < 1.9 * dense["perplexity"]
+
+
+def test_greedy_allocation_beat_uniform_in_every_layer(smollm2_artifact):
+    report = json.loads((smollm2_artifact / "calibration_report.json").read_text())
+    assert len(report["layers"]) == 30
+    for layer in report["layers"]:
+        greedy, uniform = layer["block_error"]["greedy"], layer["block_error"]["uniform"]
+        for j in range(1, len(report["levels"])):
+            assert greedy[j] <= uniform[j], (layer["layer"], report["levels"][j], greedy[j], uniform[j])
+
+
+def test_artifact_is_smaller_than_the_dense_model(smollm2_artifact):
+    art = teal_quant.artifact.read_artifact(smollm2_artifact)
+    tensors = art.tensors()
+    quantized_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.split(".")[-1] in
+                          ("qweight", "scales", "zeros", "thresholds"))
+    dense_projection_params = sum(t.numel() * 8 for n, t in tensors.items() if n.endswith(".qweight"))
+    # int4 + fp16 scale and zero per 64 weights: 4.5 bits instead of 16
+    assert quantized_bytes / (2 * dense_projection_params) == pytest.approx(4.5 / 16, rel=0.02)

@@ -95,15 +95,15 @@ def bench(model, proj, n, k, batches, sps, sweep, old_probes):
             t = torch.tensor(thr, device="cuda")
             tb = touched(x, thr, n, k)
             d = g.pick_fused(m, n, k, 4, GROUP, x.device)
-            variants = [("new", d), ("new_f32", g.FusedConfig(**{**d.__dict__, "f16": False}))]
+            variants = [("new", d)]
+            for name, kw in (("new_pipe", dict(pipe=True)), ("new_f32", dict(f16=False)), ("new_f16", dict(f16=True)),
+                             ("new_pipe_f32", dict(pipe=True, f16=False)), ("new_pipe_f16", dict(pipe=True, f16=True))):
+                cfg = g.FusedConfig(**{**d.__dict__, **kw})
+                if cfg != d and cfg not in [v for _, v in variants] and (m == 1 or "f32" not in name):
+                    variants.append((name, cfg))
             if sweep and m == 1:
-                variants += [(f"new_v{v}_w{w}_r{r}_kr{kr}", g.FusedConfig(vec=v, warps=w, rows=r, k_range=kr))
-                             for (v, w, r, kr) in sweep
-                             if (v, w, r, kr) != (d.vec, d.warps, d.rows, d.k_range)]
-            if sweep and m > 1:
-                variants += [(f"new_v{v}_r{r}_kr{kr}", g.FusedConfig(vec=v, warps=4, rows=r, k_range=kr))
-                             for (v, r, kr) in ((1, 4, 128), (2, 2, 128), (2, 4, 128), (1, 8, 128))
-                             if (v, 4, r, kr) != (d.vec, d.warps, d.rows, d.k_range)]
+                variants += [(f"new_v{v}_w{w}_r{r}_kr{kr}_{'f16' if f else 'f32'}", g.FusedConfig(vec=v, warps=w, rows=r, k_range=kr, f16=f))
+                             for (v, w, r, kr, f) in sweep]
             if old_probes:
                 variants += [(f"new_probe{p}", g.FusedConfig(**{**d.__dict__, "probe": p})) for p in (1, 2, 3)]
             for name, cfg in variants:
@@ -115,8 +115,9 @@ def bench(model, proj, n, k, batches, sps, sweep, old_probes):
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
                     emit(kind="error", name=name, err=repr(e)[:300], **base)
                     continue
+                lc = g.LAST_COMPILED
                 emit(kind="time", method=name, sparsity=sp, us=us, tbps=tb / us / 1e6, vs_tg=t_tg / us, vs_cb=t_cb / us,
-                     cfg=cfg.__dict__, **base)
+                     cfg=cfg.__dict__, n_regs=getattr(lc, "n_regs", None), n_spills=getattr(lc, "n_spills", None), **base)
             if old_probes and m == 1 and OLD:
                 bufs = [v1.probe_setup(x, c[0], c[1], c[2], t) for c in ours]
                 for name, probe, compact in (("old", 0, True), ("old_no_compact_launch", 0, False),
@@ -162,12 +163,11 @@ def main():
         n, k = SHAPES[model][proj]
         check_shape(model, proj, n, k, m)
     emit(kind="checks_done", s=time.time() - t0)
-    big = [(4, 4, 4, 128), (2, 4, 4, 128), (4, 4, 2, 128), (4, 4, 8, 128), (4, 8, 4, 128), (2, 8, 4, 128)]
-    small = [(4, 8, 4, 128), (2, 4, 4, 64), (1, 4, 8, 64), (2, 8, 4, 128), (1, 8, 8, 128), (2, 8, 2, 128), (1, 8, 4, 64)]
-    plan = [("70B", "q_o", big, True), ("70B", "gate_up", big, True), ("70B", "down", big[:2], False),
-            ("70B", "k_v", small, False), ("70B", "qkv", big[:3], False),
-            ("8B", "q_o", small, False), ("8B", "gate_up", big[:3], False), ("8B", "down", big[:3], False),
-            ("8B", "k_v", small, False), ("8B", "qkv", small, False)]
+    small_sw = [(4, 4, 4, 128, False), (4, 8, 4, 128, True), (2, 8, 4, 128, False), (1, 4, 4, 64, False)]
+    plan = [("70B", "q_o", None, False), ("70B", "gate_up", None, False), ("70B", "down", None, False),
+            ("70B", "qkv", None, False), ("70B", "k_v", small_sw, False),
+            ("8B", "q_o", small_sw, False), ("8B", "qkv", small_sw, False), ("8B", "gate_up", None, False),
+            ("8B", "down", None, False), ("8B", "k_v", small_sw, False)]
     for model, proj, sw, old in plan:
         if time.time() - t0 > args.budget:
             emit(kind="skipped", model=model, proj=proj)
@@ -181,7 +181,7 @@ def main():
     for r in OUT:
         if r.get("kind") == "error":
             print("ERROR", r)
-        if r.get("kind") == "time" and (r["method"] in ("new", "new_f32", "old", "cublas_bf16", "tinygemm") or "probe" in r["method"] or r["method"].startswith("old_")):
+        if r.get("kind") == "time" and (r["method"] in ("new", "new_pipe", "new_f32", "new_f16", "old", "cublas_bf16", "tinygemm") or "probe" in r["method"] or r["method"].startswith("old_")):
             print(f"{r['model']:3s} {r['proj']:7s} m{r['m']} s{r['sparsity']:2d} {r['method']:24s} {r['us']:7.2f}"
                   + (f" {r['tbps']:.2f}TB/s x{r['vs_tg']:.2f}tg" if 'tbps' in r else ""))
 

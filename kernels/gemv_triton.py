@@ -73,10 +73,12 @@ class FusedConfig:
     rows: int  # rows per warp per step (unrolled: their loads are in flight together)
     k_range: int  # rows of W^T per program (divides group_size): one quantization group or a part of one
     f16: bool = True  # int4: unpack through fp16 pairs (see _unpack8_f16); False: fp32 exponent trick
+    pipe: bool = False  # rows == 4 only: prefetch the next step's row indices and x (software pipelining)
     probe: int = 0  # measurement only (see _sgemv_kernel)
 
 
 FUSED_MAX_M = 4
+PIPE_DEFAULT = False  # prefetch the next step's indices (FusedConfig.pipe) in the default launch shapes
 
 
 def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> FusedConfig | None:
@@ -101,12 +103,13 @@ def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch
     if m > 1:  # M_P accumulators per value: fewer words per thread; long K-ranges amortise the compaction
         kr = kr_at_most(128)
         vec = 2 if programs(2, kr) >= 2 * sms else 1
-        return FusedConfig(vec=vec, warps=4, rows=4, k_range=kr)
+        return FusedConfig(vec=vec, warps=4, rows=4, k_range=kr, pipe=PIPE_DEFAULT)
     if programs(4, kr_at_most(128)) >= 3 * sms:  # large layers: 16-byte rows, 128-row programs
-        return FusedConfig(vec=4, warps=4, rows=4, k_range=kr_at_most(128))
+        return FusedConfig(vec=4, warps=4, rows=4, k_range=kr_at_most(128), pipe=PIPE_DEFAULT)
+    # small layers (measured: the fp16-pair unpack was 1.5-3x slower in these launch shapes, cause not found)
     if n >= 4096:  # 8B q/o-sized: wider programs (8 warps) over 128 rows
-        return FusedConfig(vec=4, warps=8, rows=4, k_range=kr_at_most(128))
-    return FusedConfig(vec=1, warps=4, rows=8, k_range=kr_at_most(64))  # small N (k/v): many narrow programs
+        return FusedConfig(vec=4, warps=8, rows=4, k_range=kr_at_most(128), f16=False)
+    return FusedConfig(vec=1, warps=4, rows=8, k_range=kr_at_most(64), f16=False)  # small N (k/v)
 
 
 def _segments(group_size: int, smallest: int = 32) -> list[int]:
@@ -302,13 +305,81 @@ def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, slot, c, mm, m_ok, M_P: tl.constexpr, PROBE: tl.constexpr):
+    """Row index and x values [M_P, W] of compacted slots ``slot`` [W] (one per warp). Slots past the end give row
+    k0 (a valid, cached row) and x = 0, so the loop needs no load predicates or zero fills."""
+    ok = slot < c
+    if PROBE == 2:
+        row = k0 + slot
+        xr = tl.load(x_ptr + mm[:, None] * stride_xm + row[None, :], mask=ok[None, :] & m_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
+        xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
+    return row, xr
+
+
+@triton.jit
+def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl.constexpr):
+    """The [W, NB] words of one gathered row per warp ([1, W, NB] for M_P > 1: the accumulators' layout)."""
+    if M_P == 1:
+        if ALIGNED:
+            wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :])
+        else:
+            wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=w_ok[None, :])
+    else:
+        if ALIGNED:
+            wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :])
+        else:
+            wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :], mask=w_ok[None, None, :])
+    return wd
+
+
+@triton.jit
+def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
+             F16: tl.constexpr, EMULATE: tl.constexpr, PROBE: tl.constexpr):
+    """Unpack one row's words and accumulate x * value into the per-value accumulators. The unpacked values are
+    finite whatever the bits, so a slot past the end (x = 0) adds exactly 0."""
+    if M_P == 1:
+        xb = tl.reshape(xr, [W])[:, None]
+    else:
+        xb = xr[:, :, None]
+    if BITS == 4:
+        w_hi = wd >> 12
+    else:
+        w_hi = wd >> 16
+    if PROBE == 3:
+        a0 += xb * (wd ^ w_hi).to(tl.float32, bitcast=True)
+    elif F16:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
+        a0 += xb * v0
+        a1 += xb * v1
+        a2 += xb * v2
+        a3 += xb * v3
+        a4 += xb * v4
+        a5 += xb * v5
+        a6 += xb * v6
+        a7 += xb * v7
+    else:
+        a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
+        a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
+        a2 += xb * _unpack(wd, w_hi, magic, 2, BITS)
+        a3 += xb * _unpack(wd, w_hi, magic, 3, BITS)
+        if BITS == 4:
+            a4 += xb * _unpack(wd, w_hi, magic, 4, BITS)
+            a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
+            a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
+            a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
     BITS: tl.constexpr, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     T_MODE: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    F16: tl.constexpr = False, EMULATE: tl.constexpr = False, PROBE: tl.constexpr = 0,
+    F16: tl.constexpr = False, EMULATE: tl.constexpr = False, PIPE: tl.constexpr = False, PROBE: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring).
 
@@ -373,57 +444,33 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    for j in range(0, c, W * R):
-        for r in tl.static_range(R):
-            slot = j + r * W + wv
-            ok = slot < c
-            if PROBE == 2:
-                row = k0 + slot
-                xr = tl.load(x_ptr + mm[:, None] * stride_xm + row[None, :], mask=ok[None, :] & m_ok[:, None], other=0.0).to(tl.float32)
-            else:
-                row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)  # past the end: row k0 (cached), x = 0
-                xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
-            # masked slots: x is 0 and the unpacked garbage is finite (exponent bits are magic), so no `other`
-            # slots past the end read a valid row with x = 0 (no load predicates and zero fills in the loop); the
-            # unpacked values are finite whatever the bits, so x = 0 cancels them exactly
-            if M_P == 1:
-                if ALIGNED:
-                    wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :])
-                else:
-                    wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=w_ok[None, :])
-                xb = tl.reshape(xr, [W])[:, None]
-            else:  # the tile is loaded as [1, W, NB] so that its layout is the accumulators' (no conversion)
-                if ALIGNED:
-                    wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :])
-                else:
-                    wd = tl.load(qw_ptr + row[None, :, None] * stride_qk + word[None, None, :], mask=w_ok[None, None, :])
-                xb = xr[:, :, None]
-            if BITS == 4:
-                w_hi = wd >> 12
-            else:
-                w_hi = wd >> 16
-            if PROBE == 3:
-                a0 += xb * (wd ^ w_hi).to(tl.float32, bitcast=True)
-            elif F16:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
-                a0 += xb * v0
-                a1 += xb * v1
-                a2 += xb * v2
-                a3 += xb * v3
-                a4 += xb * v4
-                a5 += xb * v5
-                a6 += xb * v6
-                a7 += xb * v7
-            else:
-                a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
-                a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
-                a2 += xb * _unpack(wd, w_hi, magic, 2, BITS)
-                a3 += xb * _unpack(wd, w_hi, magic, 3, BITS)
-                if BITS == 4:
-                    a4 += xb * _unpack(wd, w_hi, magic, 4, BITS)
-                    a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
-                    a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
-                    a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
+    if PIPE:  # R == 4; the next step's row indices and x are loaded before this step's weights (prefetch)
+        p0, q0 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, m_ok, M_P, PROBE)
+        p1, q1 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, m_ok, M_P, PROBE)
+        p2, q2 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, 2 * W + wv, c, mm, m_ok, M_P, PROBE)
+        p3, q3 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, 3 * W + wv, c, mm, m_ok, M_P, PROBE)
+        for j in range(0, c, W * 4):
+            # this step's weights first, then the next step's indices, then the FMAs
+            w0 = _row_load(qw_ptr, p0, word, w_ok, stride_qk, M_P, ALIGNED)
+            w1 = _row_load(qw_ptr, p1, word, w_ok, stride_qk, M_P, ALIGNED)
+            w2 = _row_load(qw_ptr, p2, word, w_ok, stride_qk, M_P, ALIGNED)
+            w3 = _row_load(qw_ptr, p3, word, w_ok, stride_qk, M_P, ALIGNED)
+            jn = j + 4 * W
+            p0, n0 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, jn + 0 * W + wv, c, mm, m_ok, M_P, PROBE)
+            p1, n1 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, jn + 1 * W + wv, c, mm, m_ok, M_P, PROBE)
+            p2, n2 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, jn + 2 * W + wv, c, mm, m_ok, M_P, PROBE)
+            p3, n3 = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, jn + 3 * W + wv, c, mm, m_ok, M_P, PROBE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, PROBE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, PROBE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, PROBE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, PROBE)
+            q0, q1, q2, q3 = n0, n1, n2, n3
+    else:
+        for j in range(0, c, W * R):
+            for r in tl.static_range(R):
+                row, xr = _slot_load(x_ptr, stride_xm, scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, m_ok, M_P, PROBE)
+                wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, PROBE)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
     if M_P == 1:  # [W, NB] -> [1, W, NB] (reducing the 2-D tiles directly gives slice layouts that cost barriers)
@@ -614,6 +661,7 @@ def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part,
 
 
 _SPLIT_BUFFERS: dict = {}
+LAST_COMPILED = None  # the last launched compiled kernel (benchmarks read its register / spill counts)
 _RETIRED: list = []  # buffers replaced by larger ones stay alive: captured CUDA graphs may still point at them
 
 
@@ -671,14 +719,15 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
     else:
         ws = locks = scr_i
     t_ptr = t_tensor if t_tensor is not None else scr_x  # unused pointer when T_MODE == 0
-    _sgemv_kernel[(tiles, n_ksplit)](
+    global LAST_COMPILED
+    LAST_COMPILED = _sgemv_kernel[(tiles, n_ksplit)](
         x, x.stride(0), t_ptr, t_value, t_stride_part,
         qw, scales, zeros, scr_i, scr_x, ws, locks, y,
         m, n, k, group_size, qw.stride(0), scales.stride(0), y.stride(0), end0, end1, n_ksplit, 0x4B000000,
         BITS=bits, M_P=m_p, KR=kr, W=cfg.warps, R=cfg.rows, VEC=cfg.vec, T_MODE=t_mode, SPLIT=split,
         ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
-        F16=bits == 4 and cfg.f16, EMULATE=INTERPRET, PROBE=cfg.probe,
-        num_warps=cfg.warps, num_stages=1,
+        F16=bits == 4 and cfg.f16, EMULATE=INTERPRET, PIPE=cfg.pipe and cfg.rows == 4, PROBE=cfg.probe,
+        num_warps=cfg.warps, num_stages=1, **({"maxnreg": 128} if cfg.pipe and cfg.rows == 4 else {}),
     )
     return y
 

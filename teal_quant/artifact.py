@@ -86,7 +86,7 @@ class TealQuantConfig:
     def from_dict(cls, d: dict, where: str = "config.json") -> "TealQuantConfig":
         """Parse and validate; every problem is an ArtifactError naming the field."""
         if not isinstance(d, dict):
-            raise ArtifactError(f"{where}: no quantization_config")
+            raise ArtifactError(f"{where}: no quantization_config, not a teal-quant artifact")
         if d.get("quant_method") != QUANT_METHOD:
             raise ArtifactError(f"{where}: quant_method is {d.get('quant_method')!r}, not a teal-quant artifact")
         if d.get("format_version") != FORMAT_VERSION:

@@ -121,7 +121,6 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym, quantizer=recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill,
-            modules_to_not_convert=list(recipe.quantization.modules_to_not_convert),
         )
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
         with writer:

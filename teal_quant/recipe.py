@@ -73,7 +73,6 @@ class QuantizationSpec(_Section):
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    modules_to_not_convert: list[str] = Field(default_factory=lambda: ["lm_head"])
 
     @field_validator("method")
     @classmethod

@@ -205,15 +205,20 @@ def materialize_non_persistent_buffers(model: nn.Module, device: torch.device | 
 
 
 def _read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
+    import functools
+
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    hf_logging.disable_progress_bar()  # our own progress bar covers this step
-
+    # transformers draws its own tqdm bar for GGUF dequantization; ours already covers this step.
+    original_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
     except Exception as e:
         raise ModelSourceError(f"model '{path / gguf_file}': cannot read GGUF ({first_line(e)})") from None
+    finally:
+        gguf_utils.tqdm = original_tqdm
     return dict(model.state_dict())
 
 

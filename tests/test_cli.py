@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import WIKITEXT, tiny_recipe_text
+from _support import WIKITEXT, tiny_recipe_text
 
 ENV = {**os.environ, "TEAL_QUANT_QUIET": "1"}
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import CALIBRATION_DIR
+from _support import CALIBRATION_DIR
 from teal_quant.data import evaluation_windows, expand_paths, random_windows, read_text, tokenize_stream
 from teal_quant.errors import DataError
 from teal_quant.recipe import Recipe

@@ -110,7 +110,7 @@ def test_generate_and_switch_levels(tiny_artifact):
 
 
 def test_uniform_allocation_and_int8_per_channel(tiny_llama, tmp_path):
-    from conftest import tiny_recipe_text
+    from _support import tiny_recipe_text
 
     recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
         tiny_llama, tmp_path / "a", quantization="quantization: {bits: 8, group_size: -1, sym: true}",

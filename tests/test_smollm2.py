@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import teal_quant
-from conftest import CALIBRATION_DIR, SMOLLM2_GGUF, WIKITEXT, smollm2_dir
+from _support import CALIBRATION_DIR, SMOLLM2_GGUF, WIKITEXT, smollm2_dir
 
 pytestmark = pytest.mark.slow
 

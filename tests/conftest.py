@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from _support import CALIBRATION_DIR, SMOLLM2_GGUF, smollm2_dir, tiny_recipe_text, write_tiny_llama
+
+_KERNEL_TESTS = Path(__file__).resolve().parent / "kernels"
+_INTERPRET = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """tests/kernels run the Triton kernels under TRITON_INTERPRET=1 (its conftest sets it at collection); every
+    other test, and the CLI subprocesses they start, must see the product's CPU path (the pure-torch reference),
+    as a user's CPU does. Runs before any fixture of the item is set up."""
+    if _KERNEL_TESTS in Path(str(item.path)).resolve().parents:
+        if os.environ.get("TRITON_INTERPRET") is None and not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    elif _INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,11 @@
 """Decode GEMV benchmark on one GPU: cuBLAS bf16 F.linear vs torch int4 tinygemm vs teal_quant's sparse GEMV.
 
-    PYTHONPATH=. python benchmarks/gemv.py --out benchmarks/results [--quick] [--variants]
+    PYTHONPATH=. python benchmarks/gemv.py --out benchmarks/results [--variants]
+
+``ours`` is kernels.gemv_triton.sparse_gemv with its default launch shape (one launch for M <= 4). Variants
+(--variants, on the 70B q_o and gate_up shapes): ``v1_two_launch`` is the first kernel (benchmarks/gemv_v1_kernels.py:
+compaction launch + gathered-row GEMV with split-K atomics; batch 4 there is the same tl.dot path that M > 4 still
+uses), ``fp32_unpack`` the one-launch kernel with the fp32 exponent-trick unpack instead of fp16 pairs.
 
 Method: every call is captured in a CUDA graph that cycles through enough copies of the weight to defeat the
 60 MB L2; a replay is timed with CUDA events (median of several replays) and divided by the calls in it.
@@ -24,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import gemv_v1_kernels as v1  # noqa: E402
+
 from kernels import gemv_triton, reference  # noqa: E402
 
 L2_BYTES = 60 * 2**20
@@ -122,14 +130,17 @@ def bench_shape(model, proj, n, k, batches, sparsities, results, variants=None):
             union = 1 - active.float().mean().item()
             groups_touched = active.view(-1, GROUP).any(1).sum().item()
             touched = int(active.sum().item()) * n // 2 + groups_touched * n * 4 + io_bytes + k * 8
-            configs = [("ours", None)] + [(name, cfg) for name, cfg in (variants or {}).get(m, [])]
-            for name, cfg in configs:
+            configs = [("ours", None)] + list((variants or {}).get(m, []))
+            for name, fn in configs:
+                if fn is None:
+                    def fn(x, c, t):
+                        return gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
                 try:
-                    us = time_graph([lambda c=c, cfg=cfg: gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, config=cfg)
-                                     for c in ours], reps)
+                    us = time_graph([lambda c=c, fn=fn: fn(x, c, t) for c in ours], reps)
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
                     print(f"variant {name} failed: {e!r}"[:300])
                     continue
+                cfg = gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device) if name == "ours" else None
                 r = {**row, "method": name, "sparsity": sp, "union_sparsity": round(union, 4), "us": us, "bytes": touched,
                      "tbps": touched / us / 1e6, "speedup_vs_cublas": t_bf16 / us}
                 if t_tg:
@@ -140,54 +151,25 @@ def bench_shape(model, proj, n, k, batches, sparsities, results, variants=None):
                 print(f"{model:4s} {proj:8s} N={n:6d} K={k:6d} M={m} s={sp:2d} {name:24s} {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
                       f"x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f}) x{(t_tg or float('nan')) / us:5.2f} vs tinygemm ({t_tg or float('nan'):.1f})",
                       flush=True)
-        # compaction launch alone (the stage the GEMV waits for)
-        t = torch.tensor(0.5, device=dev)
-        cfg = gemv_triton.pick_config(m, n, k, 4, GROUP, x.device)
-        results.append({**row, "method": "compaction_only", "sparsity": -1,
-                        "us": time_graph([lambda: _compaction_only(x, t, k, cfg, n)], reps)})
     del bf16_copies, ours
     if tg_ok:
         del tg_copies
     torch.cuda.empty_cache()
 
 
-def _compaction_only(x, t, k, cfg, n):
-    m = x.shape[0]
-    nseg = k // cfg.segment
-    idx = torch.empty(k, dtype=torch.int32, device=x.device)
-    xc = torch.empty(m * k, dtype=torch.float32, device=x.device)
-    xsum = torch.empty(nseg * m, dtype=torch.float32, device=x.device)
-    cnt = torch.empty(nseg, dtype=torch.int32, device=x.device)
-    ws = torch.empty(m * n, dtype=torch.float32, device=x.device)
-    locks = torch.empty(256, dtype=torch.int32, device=x.device)
-    import triton
-
-    gemv_triton._compact_kernel[(nseg, 1)](
-        x, x.stride(0), t, 0.0, 0, idx, xc, xsum, cnt, ws, ws.numel(), locks, locks.numel(), m, k, nseg,
-        M_P=triton.next_power_of_2(m), S=cfg.segment, S_P=triton.next_power_of_2(cfg.segment), T_MODE=1, ZERO_BLOCK=256,
-        num_warps=4)
-
-
 def variant_table(n, k):
-    G = gemv_triton.GemvConfig
-    base = gemv_triton.pick_config(1, n, k, 4, GROUP, torch.device("cuda"))
-    v1 = [
-        ("bk4", G(**{**base.__dict__, "block_k": 4})),
-        ("bk16", G(**{**base.__dict__, "block_k": 16})),
-        ("ctas4", gemv_triton.pick_config(1, n, k, 4, GROUP, torch.device("cuda"), ctas_per_sm=4)),
-        ("ctas16", gemv_triton.pick_config(1, n, k, 4, GROUP, torch.device("cuda"), ctas_per_sm=16)),
-        ("warps2_bn2048", G(**{**base.__dict__, "num_warps": 2, "block_n": 2048})),
-        ("no_magic_i2f", G(**{**base.__dict__, "magic": False})),
-        ("m1_via_tl_dot", G(**{**gemv_triton.pick_config(2, n, k, 4, GROUP, torch.device("cuda")).__dict__, "use_dot": True})),
-        ("stages2", G(**{**base.__dict__, "num_stages": 2})),
-    ]
-    base4 = gemv_triton.pick_config(4, n, k, 4, GROUP, torch.device("cuda"))
-    v4 = [
-        ("bn256", G(**{**base4.__dict__, "block_n": 256})),
-        ("bn64_bk64", G(**{**base4.__dict__, "block_n": 64, "block_k": 64})),
-        ("warps8_bn256", G(**{**base4.__dict__, "num_warps": 8, "block_n": 256})),
-    ]
-    return {1: v1, 4: v4}
+    """name -> fn(x, (qweight, scales, zeros), threshold) for batch 1 and 4 (see the module docstring)."""
+    dev = torch.device("cuda")
+
+    def v1_call(x, c, t):
+        return v1.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
+
+    def f32_call(x, c, t):
+        cfg = gemv_triton.pick_fused(x.shape[0], n, k, 4, GROUP, dev)
+        cfg = gemv_triton.FusedConfig(**{**cfg.__dict__, "f16": False})
+        return gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, config=cfg)
+
+    return {1: [("v1_two_launch", v1_call), ("fp32_unpack", f32_call)], 4: [("v1_two_launch", v1_call), ("fp32_unpack", f32_call)]}
 
 
 def markdown(results, meta):
@@ -208,9 +190,6 @@ def markdown(results, meta):
         lines.append("")
         lines.append(f"cuBLAS bf16: {cb['us']:.1f} µs ({cb['tbps']:.2f} TB/s); "
                      + (f"tinygemm int4: {tg['us']:.1f} µs ({tg['tbps']:.2f} TB/s)" if tg else "tinygemm: n/a"))
-        comp = [r for r in rs if r["method"] == "compaction_only"]
-        if comp:
-            lines.append(f"; compaction launch alone: {comp[0]['us']:.1f} µs")
         lines.append("")
         lines.append("| sparsity | union | ours µs | TB/s | vs cuBLAS | vs tinygemm |")
         lines.append("|---:|---:|---:|---:|---:|---:|")
@@ -218,11 +197,15 @@ def markdown(results, meta):
             if r["method"] == "ours":
                 lines.append(f"| {r['sparsity']} | {r['union_sparsity']:.2f} | {r['us']:.1f} | {r['tbps']:.2f} | "
                              f"{r['speedup_vs_cublas']:.2f}x | {r.get('speedup_vs_tinygemm', float('nan')):.2f}x |")
-        var = [r for r in rs if r["method"] not in ("ours", "cublas_bf16", "tinygemm_int4", "compaction_only")]
+        var = [r for r in rs if r["method"] not in ("ours", "cublas_bf16", "tinygemm_int4")]
         if var:
             lines.append("")
-            lines.append("Variants (leave-one-out / knobs): " + "; ".join(
+            lines.append("Variants: " + "; ".join(
                 f"{r['method']} s{r['sparsity']}: {r['us']:.1f} µs" for r in var))
+        cfgs = [r["config"] for r in rs if r["method"] == "ours" and "config" in r]
+        if cfgs:
+            lines.append("")
+            lines.append(f"Launch shape: {cfgs[0]}")
         lines.append("")
     return "\n".join(lines)
 

@@ -139,17 +139,18 @@ def test_cuda_graph_replay_with_new_threshold(device):
     check(compiled(x, t), truth(x, q, s, z, 128, 0.8), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 16), (2, 2, 3, 32), (4, 4, 2, 64), (1, 4, 1, 128)], ids=lambda c: "v%dw%dr%dkr%d" % c)
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0), (2, 2, 3, 32, 0), (4, 4, 2, 64, 0), (1, 4, 1, 128, 0), (2, 2, 4, 32, 1)],
+                         ids=lambda c: "v%dw%dr%dkr%dpipe%d" % c)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])
 def test_fused_kernel_configs(device, poison, cfg, bits, m):
-    """Every launch shape of the one-launch kernel (vec, warps, rows, k_range), twice in a row: the split-K workspace
-    and counters must be left zero by each call (no memset launch between calls)."""
-    vec, warps, rows, kr = cfg
+    """Launch shapes of the one-launch kernel (vec, warps, rows, k_range, prefetch), twice in a row: the split-K
+    workspace and counters must be left zero by each call (no memset launch between calls)."""
+    vec, warps, rows, kr, pipe = cfg
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=7)
-    config = gemv_triton.FusedConfig(vec=vec, warps=warps, rows=rows, k_range=kr)
-    for seed, sp in ((1, 0.5), (2, 0.0)):
+    for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False)):  # both int4 unpacks (fp16 pairs, fp32 exponent trick)
+        config = gemv_triton.FusedConfig(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe))
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
         t = threshold_for(x, sp)
         y = gemv_triton.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, config=config)

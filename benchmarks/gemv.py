@@ -242,6 +242,8 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
+            with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
+                f.write(markdown(results, meta))
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
         f.write(markdown(results, meta))
     print(markdown(results, meta))

@@ -7,30 +7,30 @@ Shapes and layout (DESIGN.md "Artifact"; the pure-torch twin is :func:`kernels.r
     scales   [K // G, N], zeros [K // G, N] (float zeros), W^T[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
     y        [M, N] in x.dtype, fp32 accumulation
 
-Two launches per call:
+M <= 4: ONE launch, ``_sgemv_kernel`` (grid: column tiles x K-ranges; docs/kernels.md has the measurements).
+A program owns 32 * VEC * (32 // BITS) columns (each thread VEC int32 words of a row) and KR rows of W^T inside one
+quantization group. It
+1. issues the loads of its scales / zeros (independent of x),
+2. thresholds its KR entries of x (fp32 compare; NaN compares False, so it is dropped; union over the M rows),
+   compacts the active rows with a cumsum and writes (row, x) to a scratch list (every column tile of a part writes
+   the same values to the same slots, so the list is shared), barrier,
+3. walks the compacted rows: its W warps take slots w, w + W, ... and R rows per warp per step are unrolled so their
+   16-byte loads are in flight together; slots past the end read a valid row with x = 0, so the loop has no load
+   predicates. int4 values are unpacked two per LOP3 into fp16 pairs ``1024 + q * {1, 16}`` and converted to fp32
+   (``_unpack8_f16``; the fp32 exponent trick ``_unpack`` is the alternative), accumulated per value position J in
+   fp32 registers (FMA chains, no shuffles),
+4. reduces over its warps (shared memory), interleaves the eight per-value accumulators back to columns, removes
+   the offsets (1024 * sum x) and applies zero point and scale once: ``y = s * (sum_k x_k q_k - z * sum_k x_k)``,
+5. adds its partial into an fp32 workspace with (vectorised) atomics; the last program of a column tile (a counter)
+   writes y and resets its workspace slice and counter to zero, so the next call needs no memset launch.
+Split-K sums are added with fp32 atomics, so the last bits of y can differ from call to call.
 
-1. ``_compact_kernel`` (grid: segments x parts) thresholds x (fp32 compare; NaN compares False, so it is dropped),
-   and, per segment of S rows of W^T (S divides the group size), writes the indices of the rows active for some row
-   of x (the union over M), the masked x of those rows (fp32), their per-row sum and the count. It also zeroes the
-   split-K workspace and tile counters of the second launch.
-2. ``_gemv_kernel`` (grid: column tiles x SPLIT_K) walks, for its BLOCK_N columns and its range of segments, only the
-   active rows: it gathers BLOCK_K packed rows at a time (16-byte row pieces), unpacks them, and accumulates
-   ``sum_k x_k q[k, n]`` in fp32. Zero points and scales are applied once per segment by linearity:
-   ``y += s * (sum_k x_k q_k - z * sum_k x_k)``. Split-K partials go to an fp32 workspace with atomics; the last
-   program of a column tile (a per-tile counter) writes the output, so one call is exactly two kernels.
-
-int4 unpack (``MAGIC``): nibble j of a word, masked in place for j <= 4 (or after one shift by 12 for j >= 5) and
-OR-ed into the exponent of 2^23, is the fp32 number 2^23 + q * 16^j exactly; subtracting 2^23 leaves q * 16^j, and
-the 16^-j goes into x once per row. That is 1 logic op + 1 add + 1 FMA per weight (+ 1/8 shift), no int->float
-conversion (I2F issues at a quarter of the FMA rate on Hopper).
-
-For M > 1 (``USE_DOT``) the unpacked rows are cast to x.dtype (q in 0..255 is exact) and multiplied with tl.dot
-(M padded to 16), still with fp32 accumulation and per-segment scales.
+M = 5..16 (and shapes the one-launch kernel cannot take): the two-launch path of the first version,
+``_compact_kernel`` (threshold + compaction + zeroing of the workspace) then ``_gemv_dot_kernel`` (the union of
+active rows unpacked to x.dtype and multiplied with tl.dot, M padded to 16).
 
 Fused projections (q/k/v, gate/up): one weight concatenated along N with up to three parts, each with its own
 threshold; every column tile belongs to one part and reads that part's compacted rows.
-
-Split-K sums are added with fp32 atomics, so the last bits of y can differ from call to call.
 """
 
 from __future__ import annotations
@@ -52,16 +52,14 @@ MAX_PARTS = 3
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch parameters of one sparse GEMV call (named fields; chosen by :func:`pick_config`)."""
+    """Launch parameters of the two-launch path (M > 4; chosen by :func:`pick_config`)."""
 
-    block_n: int  # columns per program (M = 1: 1024 int4 / 512 int8 per warp, 16 bytes of a row per thread)
+    block_n: int  # columns per program
     block_k: int  # gathered rows per unrolled step
     num_warps: int
     segment: int  # rows of W^T per compaction segment (divides group_size); scales are applied per segment
     split_k: int  # programs along K (each takes a contiguous range of segments)
     num_stages: int = 1
-    magic: bool = True  # int4/int8 -> fp32 by exponent bits (no I2F)
-    use_dot: bool = False  # M = 1 through the tl.dot kernel (always used for M > 1)
 
 
 @dataclass(frozen=True)
@@ -120,20 +118,12 @@ def _segments(group_size: int, smallest: int = 32) -> list[int]:
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device,
                 ctas_per_sm: int = 8) -> GemvConfig:
-    """All shape-based dispatch of the sparse GEMV in one place (measured on an H200: benchmarks/results/gemv*)."""
+    """Launch shape of the two-launch (tl.dot) path, used for M > 4 (callers pass M >= 2)."""
     if INTERPRET or device.type != "cuda":
         seg = _segments(group_size)[0]
-        return GemvConfig(block_n=32, block_k=4 if m == 1 else 16, num_warps=1 if m == 1 else 4,
-                          segment=seg, split_k=2)
+        return GemvConfig(block_n=32, block_k=16, num_warps=4, segment=seg, split_k=2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if m == 1:
-        num_warps = 1
-        block_n = (1024 if bits == 4 else 512) * num_warps
-        while block_n > 256 and block_n // 2 >= n:
-            block_n //= 2
-        block_k = 8
-    else:
-        num_warps, block_n, block_k = 4, 128 if bits == 4 else 64, 32
+    num_warps, block_n, block_k = 4, 128 if bits == 4 else 64, 32
     tiles = triton.cdiv(n, block_n)
     want = ctas_per_sm * sms
     cands = _segments(group_size)
@@ -219,21 +209,6 @@ def _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, out_off, ws_off, out_ok, pid_n,
         if arrived == SPLIT_K - 1:
             total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # atomic read at L2
             tl.store(y_ptr + out_off, total.to(OUT_DTYPE), mask=out_ok)
-
-
-@triton.jit
-def _nibble(w, w_hi, magic, J: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble J of each int32 word as fp32. MAGIC: q * 16^(J or J - 3), exact (see module docstring); else q.
-    ``magic`` is 0x4B000000 passed at run time: as a register operand it leaves LOP3's immediate slot to the
-    nibble mask (with both as literals ptxas kept the masks in registers and re-materialised them every iteration)."""
-    if MAGIC:
-        if J < 5:
-            v = w & (15 << (4 * J))
-        else:
-            v = w_hi & (15 << (4 * (J - 3)))
-        return (v | magic).to(tl.float32, bitcast=True) - 8388608.0
-    else:
-        return ((w >> (4 * J)) & 15).to(tl.float32)
 
 
 @triton.jit
@@ -746,7 +721,7 @@ def _threshold_args(threshold, k: int, device):
 
 
 def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
-                config: GemvConfig | None = None) -> Tensor:
+                config: FusedConfig | GemvConfig | None = None) -> Tensor:
     """See the module docstring and DESIGN.md "Kernel API"."""
     t_mode, t_tensor, t_value = _threshold_args(threshold, x.shape[-1], x.device)
     n = qweight.shape[1] * (8 if bits == 4 else 1)
@@ -754,7 +729,7 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
 
 
 def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes,
-                      *, bits: int, group_size: int, config: GemvConfig | None = None) -> Tensor:
+                      *, bits: int, group_size: int, config: FusedConfig | GemvConfig | None = None) -> Tensor:
     """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K]."""
     split_sizes = [int(v) for v in split_sizes]
     n = qweight.shape[1] * (8 if bits == 4 else 1)

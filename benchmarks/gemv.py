@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/gemv.py --out benchmarks/results [--variants]
 
-``ours`` is kernels.gemv_triton.sparse_gemv with its default launch shape (one launch for M <= 4). Variants
+``ours`` is kernels.gemv_triton.sparse_gemv with its default dispatch and launch shape (M = 1: the CUDA-core
+one-launch kernel; M >= 2: the tensor-core kernel where pick_mma picks it, else the CUDA-core kernel). Variants
 (--variants, on the 70B q_o and gate_up shapes): ``v1_two_launch`` is the first kernel (benchmarks/gemv_v1_kernels.py:
 compaction launch + gathered-row GEMV with split-K atomics; batch 4 there is the same tl.dot path that M > 4 still
 uses), ``fp32_unpack`` the one-launch kernel with the fp32 exponent-trick unpack instead of fp16 pairs.
@@ -140,13 +141,15 @@ def bench_shape(model, proj, n, k, batches, sparsities, results, variants=None):
                 except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
                     print(f"variant {name} failed: {e!r}"[:300])
                     continue
-                cfg = gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device) if name == "ours" else None
+                cfg = None
+                if name == "ours":  # the launch shape the dispatch takes (tensor-core kernel for M >= 2, if picked)
+                    cfg = gemv_triton.pick_mma(m, n, k, 4, GROUP, x.device) or gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device)
                 r = {**row, "method": name, "sparsity": sp, "union_sparsity": round(union, 4), "us": us, "bytes": touched,
                      "tbps": touched / us / 1e6, "speedup_vs_cublas": t_bf16 / us}
                 if t_tg:
                     r["speedup_vs_tinygemm"] = t_tg / us
                 if cfg is not None:
-                    r["config"] = cfg.__dict__
+                    r["config"] = {"kernel": type(cfg).__name__, **cfg.__dict__}
                 results.append(r)
                 print(f"{model:4s} {proj:8s} N={n:6d} K={k:6d} M={m} s={sp:2d} {name:24s} {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
                       f"x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f}) x{(t_tg or float('nan')) / us:5.2f} vs tinygemm ({t_tg or float('nan'):.1f})",

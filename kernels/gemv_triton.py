@@ -78,6 +78,32 @@ class FusedConfig:
 FUSED_MAX_M = 4
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    """Launch parameters of the tensor-core kernel ``_sgemv_mma_kernel`` (int4, 2 <= M <= 16; :func:`pick_mma`)."""
+
+    block_n: int = 256  # columns per program (multiple of 128: 16 words per 8 lanes)
+    block_k: int = 32  # compacted rows per tl.dot step (>= 16)
+    warps: int = 4
+    k_range: int = 128  # rows of W^T per program (divides group_size)
+    stages: int = 1  # num_stages of the row loop (software pipelining by triton)
+
+
+MMA_MIN_M = 2  # int4 batches M >= MMA_MIN_M use the tensor-core kernel (set > MAX_M to disable)
+
+
+def pick_mma(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> MmaConfig | None:
+    """Launch shape of the tensor-core kernel, None when it does not apply (bits 8, M < MMA_MIN_M, group too small)."""
+    if bits != 4 or not MMA_MIN_M <= m <= MAX_M:
+        return None
+    cands = [c for c in (128, 64, 32) if c <= group_size and group_size % c == 0]
+    if not cands:
+        return None
+    if INTERPRET or device.type != "cuda":
+        return MmaConfig(block_n=32, block_k=16, warps=4, k_range=cands[-1])
+    return MmaConfig(block_n=256, block_k=32, warps=4, k_range=cands[0])
+
+
 def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> FusedConfig | None:
     """Shape-based choice for the one-launch kernel (measured on an H200: benchmarks/results/gemv_probe_h200*);
     None when the shape needs the two-launch path (M > 4, or no K-range of >= 16 rows divides the group)."""
@@ -493,6 +519,157 @@ def _sgemv_kernel(
     else:
         tl.store(y_ptr + mm[:, None] * stride_ym + cols[None, :], y.to(OUT_DTYPE), mask=out_ok)
 
+@triton.jit
+def _unpack8_dot(wd, BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """The eight nibbles of each int32 word as 16-bit dot operands ``OFF + q`` (bit patterns, int16), exact:
+    ``((w >> 4i) & 0x000F000F) | MAGIC`` is the pair (OFF + q_i, OFF + q_{i+4}) for i = 0..3; MAGIC 0x43004300 gives
+    bf16 128 + q, 0x64006400 fp16 1024 + q. Per word: 3 SHF + 4 LOP3 (the halves are register halves, no CVT).
+    The offset is removed once per program through sum(x). EMULATE: fp32 values computed with integer ops."""
+    if EMULATE:
+        off = 128 if BF16 else 1024
+        v0 = (off + (wd & 15)).to(tl.float32)
+        v1 = (off + ((wd >> 4) & 15)).to(tl.float32)
+        v2 = (off + ((wd >> 8) & 15)).to(tl.float32)
+        v3 = (off + ((wd >> 12) & 15)).to(tl.float32)
+        v4 = (off + ((wd >> 16) & 15)).to(tl.float32)
+        v5 = (off + ((wd >> 20) & 15)).to(tl.float32)
+        v6 = (off + ((wd >> 24) & 15)).to(tl.float32)
+        v7 = (off + ((wd >> 28) & 15)).to(tl.float32)
+    elif BF16:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, w4, w8, w12;
+            shr.u32 w4, $8, 4;
+            shr.u32 w8, $8, 8;
+            shr.u32 w12, $8, 12;
+            lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 {$0, $4}, t0;
+            mov.b32 {$1, $5}, t1;
+            mov.b32 {$2, $6}, t2;
+            mov.b32 {$3, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
+            args=[wd],
+            dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, w4, w8, w12;
+            shr.u32 w4, $8, 4;
+            shr.u32 w8, $8, 8;
+            shr.u32 w12, $8, 12;
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t1, w4, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t3, w12, 0x000F000F, 0x64006400, 0xEA;
+            mov.b32 {$0, $4}, t0;
+            mov.b32 {$1, $5}, t1;
+            mov.b32 {$2, $6}, t2;
+            mov.b32 {$3, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
+            args=[wd],
+            dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+            is_pure=True,
+            pack=1,
+        )
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _sgemv_mma_kernel(
+    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
+    M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit,
+    M_P: tl.constexpr, M_D: tl.constexpr, KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    T_MODE: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr = False,
+):
+    """int4, 2 <= M <= 16, one launch on tensor cores: the program (pid_n, pid_k) owns BLOCK_N columns and the KR rows
+    k0 = pid_k * KR (inside one quantization group). Threshold + compaction as in ``_sgemv_kernel`` (shared scratch
+    list, barrier), then BLOCK_K compacted rows at a time: the gathered words [BLOCK_K, BLOCK_N / 8] are unpacked
+    to 16-bit ``OFF + q`` (``_unpack8_dot``), interleaved back to columns (tl.join, in registers) and multiplied with
+    tl.dot against x [M_D = 16 (M padded), BLOCK_K]. Slots past the end read row k0 with x = 0 (adds exactly 0).
+    y = s * (acc - (z + OFF) * sum x), then the split-K reduction of ``_sgemv_kernel``."""
+    NW: tl.constexpr = BLOCK_N // 8
+    OFF: tl.constexpr = 128.0 if BF16 else 1024.0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK_N)
+    k0 = pid_k * KR
+    cols = start + tl.arange(0, BLOCK_N)
+    n_ok = cols < end
+    soff = (k0 // G) * stride_sg + cols
+    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    mm = tl.arange(0, M_P)
+    m_ok = mm < M
+    rk = tl.arange(0, KR)
+    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(xv) > t
+    else:
+        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
+        act = tl.abs(xv) > t[None, :]
+    act = act & m_ok[:, None]
+    xm = tl.where(act, xv, 0.0)
+    any_row = tl.max(act.to(tl.int32), axis=0)
+    pos = tl.cumsum(any_row, axis=0) - 1
+    c = tl.sum(any_row, axis=0)
+    keep = any_row > 0
+    ibase = part * K + k0
+    tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
+    tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
+    tl.debug_barrier()
+    md = tl.arange(0, M_D)
+    md_ok = md < M
+    word = start // 8 + tl.arange(0, NW)
+    w_ok = word < end // 8
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([M_D, BLOCK_N], tl.float32)
+    xsum = tl.zeros([M_D], tl.float32)
+    for j in range(0, c, BLOCK_K):
+        slot = j + kk
+        ok = slot < c
+        row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
+        xk = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + md[:, None], mask=md_ok[:, None] & ok[None, :], other=0.0)
+        if ALIGNED:
+            wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :])
+        else:
+            wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=w_ok[None, :], other=0)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_dot(wd, BF16, EMULATE)
+        v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+        if not EMULATE:
+            v = v.to(DOT_DTYPE, bitcast=True)
+        acc = tl.dot(xk.to(DOT_DTYPE), v, acc)
+        xsum += tl.sum(xk, axis=1)
+    y = sc[None, :] * (acc - (zr[None, :] + OFF) * xsum[:, None])
+    out_ok = md_ok[:, None] & n_ok[None, :]
+    ws_off = md[:, None] * N + cols[None, :]
+    if SPLIT:
+        tl.atomic_add(ws_ptr + ws_off, y, mask=out_ok, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_ksplit - 1:
+            total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at L2
+            tl.store(y_ptr + md[:, None] * stride_ym + cols[None, :], total.to(OUT_DTYPE), mask=out_ok)
+            tl.store(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok)
+            tl.store(lock_ptr + pid_n, 0)
+    else:
+        tl.store(y_ptr + md[:, None] * stride_ym + cols[None, :], y.to(OUT_DTYPE), mask=out_ok)
+
 
 @triton.jit
 def _gemv_dot_kernel(
@@ -588,6 +765,11 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
 def _launch(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits, group_size, config=None):
     m, n, k = _check(x, qweight, scales, zeros, bits, group_size)
     n_parts = len(ends)
+    if isinstance(config, MmaConfig) or (config is None and bits == 4 and x.dtype != torch.float32):
+        mcfg = config or pick_mma(m, n, k, bits, group_size, x.device, n_parts)
+        if mcfg is not None:
+            return _launch_mma(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, group_size,
+                               mcfg, m, n, k)
     if config is None or isinstance(config, FusedConfig):
         fcfg = config or pick_fused(m, n, k, bits, group_size, x.device, n_parts)
         if fcfg is not None and (bits == 4 or (qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0)):
@@ -703,6 +885,47 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
         ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
         F16=bits == 4 and cfg.f16, EMULATE=INTERPRET, PIPE=cfg.pipe and cfg.rows == 4, PROBE=cfg.probe,
         num_warps=cfg.warps, num_stages=1, **({"maxnreg": 128} if cfg.pipe and cfg.rows == 4 else {}),
+    )
+    return y
+
+
+def _launch_mma(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, group_size,
+                cfg: MmaConfig, m, n, k):
+    n_parts = len(ends)
+    kr, block_n = cfg.k_range, cfg.block_n
+    if x.dtype not in (torch.float16, torch.bfloat16) or qweight.dtype != torch.int32:
+        raise ValueError("the tensor-core kernel takes int4 weights and fp16/bf16 x")
+    if group_size % kr != 0 or k % kr != 0 or cfg.block_k > kr or block_n % 8 != 0:
+        raise ValueError(f"MmaConfig {cfg} does not fit group_size {group_size}, K={k}")
+    m_p = triton.next_power_of_2(m)
+    n_ksplit = k // kr
+    end0 = ends[0]
+    end1 = ends[1] if n_parts > 1 else end0
+    tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
+    dev = x.device
+    scr_i = _empty(n_parts * k, dtype=torch.int32, device=dev)
+    scr_x = _empty(n_parts * k * m_p, dtype=torch.float32, device=dev)
+    y = _empty(m, n, dtype=x.dtype, device=dev)
+    split = n_ksplit > 1
+    if split and dev.type == "cuda":
+        ws, locks = _split_buffers(dev, m * n, tiles)
+    elif split:
+        ws = torch.zeros(m * n, dtype=torch.float32, device=dev)
+        locks = torch.zeros(tiles, dtype=torch.int32, device=dev)
+    else:
+        ws = locks = scr_i
+    t_ptr = t_tensor if t_tensor is not None else scr_x
+    bf16 = x.dtype == torch.bfloat16
+    dot_dtype = tl.float32 if INTERPRET or x.dtype == torch.float32 else _TL_DTYPE[x.dtype]
+    global LAST_COMPILED
+    LAST_COMPILED = _sgemv_mma_kernel[(tiles, n_ksplit)](
+        x, x.stride(0), t_ptr, t_value, t_stride_part,
+        qweight, scales, zeros, scr_i, scr_x, ws, locks, y,
+        m, n, k, group_size, qweight.stride(0), scales.stride(0), y.stride(0), end0, end1, n_ksplit,
+        M_P=m_p, M_D=16, KR=kr, BLOCK_N=block_n, BLOCK_K=cfg.block_k, T_MODE=t_mode, SPLIT=split,
+        ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
+        BF16=bf16, DOT_DTYPE=dot_dtype, EMULATE=INTERPRET,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return y
 

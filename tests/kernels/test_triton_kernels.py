@@ -155,3 +155,22 @@ def test_fused_kernel_configs(device, poison, cfg, bits, m):
         t = threshold_for(x, sp)
         y = gemv_triton.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, config=config)
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [(32, 16, 4, 32, 1), (64, 32, 4, 64, 1), (128, 16, 2, 128, 2)],
+                         ids=lambda c: "n%dk%dw%dkr%ds%d" % c)
+@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_kernel_configs(device, poison, cfg, m, dtype):
+    """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages), twice in a row (the
+    split-K workspace must be left zero), unaligned N, per-channel thresholds on the second call."""
+    block_n, block_k, warps, kr, stages = cfg
+    k, n, g = 256, (72 if not ON_GPU else 3000), 128
+    q, qw, s, z = make_layer(k, n, g, 4, dtype, device, seed=11)
+    config = gemv_triton.MmaConfig(block_n=block_n, block_k=block_k, warps=warps, k_range=kr, stages=stages)
+    for seed, sp in ((1, 0.5), (2, 0.0)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+        t = threshold_for(x, sp)
+        th = torch.tensor(t, device=device) if seed == 1 else torch.full((k,), t, device=device)
+        y = gemv_triton.sparse_gemv(x, qw, s, z, th, bits=4, group_size=g, config=config)
+        check(y, truth(x, q, s, z, g, th), dtype)

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import ArtifactError, DataError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
+from .errors import ArtifactError, DataError, HubError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 
 
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from . import loading
 
         return getattr(loading, name)
+    if name == "push":
+        from .hub import push
+
+        return push
     raise AttributeError(f"module 'teal_quant' has no attribute {name!r}")
 
 
@@ -27,8 +31,10 @@ __all__ = [
     "ModelSourceError",
     "DataError",
     "ArtifactError",
+    "HubError",
     "compress",
     "load",
     "set_sparsity",
     "realized_sparsity",
+    "push",
 ]

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="describe an artifact: format, levels, allocation, bytes")
     ins.add_argument("artifact")
+
+    push = sub.add_parser("push", help="upload an artifact to a Hub model repo (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("artifact", type=Path)
+    push.add_argument("repo_id")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.add_argument("--revision", help="branch to push to (created from main when missing)")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
     return parser
 
 
@@ -86,6 +94,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .describe import inspect_artifact
 
         inspect_artifact(args.artifact)
+        return 0
+    if args.command == "push":
+        from .hub import push
+
+        result = push(args.artifact, args.repo_id, private=not args.public, revision=args.revision, message=args.message,
+                      endpoint=args.endpoint)
+        print(result if result.changed else f"{result} (unchanged: no new commit)")
         return 0
     raise AssertionError(args.command)
 

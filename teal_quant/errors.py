@@ -21,6 +21,10 @@ class ArtifactError(TealQuantError):
     """An artifact directory is missing, corrupt, truncated or of an unknown format version."""
 
 
+class HubError(TealQuantError):
+    """A Hub operation (push, download) failed: network, authentication, permissions, repo type, offline mode."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span pages)."""
     text = str(error).strip()

@@ -13,21 +13,28 @@ import torch
 from torch import nn
 
 from .artifact import Artifact, TealQuantConfig, read_artifact
-from .errors import ArtifactError, first_line
+from .errors import ArtifactError, HubError, first_line
 from .modules import TealLinear, realized_sparsity, teal_linears
-from .source import build_skeleton, materialize_non_persistent_buffers, resolve_dtype, resolve_local_path
+from .source import build_skeleton, looks_like_local_path, materialize_non_persistent_buffers, resolve_dtype
 
 __all__ = ["load", "set_sparsity", "realized_sparsity", "resolve_artifact"]
 
 
 def resolve_artifact(path_or_repo_id: str | Path, revision: str | None = None) -> Artifact:
-    """A local artifact directory, or a Hub repo id fetched through huggingface_hub's cache."""
-    from .errors import ModelSourceError
+    """A local artifact directory, or a Hub repo id fetched through huggingface_hub's cache (teal_quant.hub)."""
+    source = str(path_or_repo_id)
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        if path.exists():
+            raise ArtifactError(f"artifact '{source}': is a file, expected an artifact directory")
+        if looks_like_local_path(source) or isinstance(path_or_repo_id, Path):
+            raise ArtifactError(f"artifact '{source}': no such directory")
+        from .hub import download
 
-    try:
-        path = resolve_local_path(str(path_or_repo_id), revision)
-    except ModelSourceError as e:
-        raise ArtifactError(str(e).replace("model '", "artifact '", 1)) from None
+        try:
+            path = download(source, revision)
+        except HubError as e:
+            raise ArtifactError(f"artifact '{source}': not a local directory; {e}") from None
     return read_artifact(path)
 
 

@@ -54,19 +54,20 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
         return path
     if path.exists():
         raise ModelSourceError(f"model '{source}': is a file, expected a model directory")
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
-    if looks_local:
+    if looks_like_local_path(source):
         raise ModelSourceError(f"model '{source}': no such directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from .errors import HubError
+    from .hub import download
 
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=allow_patterns))
-    except HFValidationError:
-        raise ModelSourceError(f"model '{source}': not a local directory nor a valid Hub repo id") from None
-    except Exception as e:  # network, 401/404, offline mode: all mean "cannot get the model"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSourceError(f"model '{source}': not a local directory and not available from the Hub ({reason})") from None
+        return download(source, revision, allow_patterns=allow_patterns)
+    except HubError as e:  # network, 401/404, offline mode: all mean "cannot get the model"
+        raise ModelSourceError(f"model '{source}': not a local directory and not available from the Hub ({e})") from None
+
+
+def looks_like_local_path(source: str) -> bool:
+    """A path the user meant as local (so not worth asking the Hub about): ./x, /x, ~/x, a/b/c, a\\b."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
 
 
 def _package_dir(name: str) -> Path:

@@ -87,6 +87,7 @@ class MmaConfig:
     warps: int = 4
     k_range: int = 128  # rows of W^T per program (divides group_size)
     stages: int = 1  # num_stages of the row loop (software pipelining by triton)
+    maxnreg: int = 0  # register cap per thread (0: ptxas decides)
 
 
 MMA_MIN_M = 2  # int4 batches M >= MMA_MIN_M use the tensor-core kernel (set > MAX_M to disable)
@@ -925,7 +926,7 @@ def _launch_mma(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_p
         M_P=m_p, M_D=16, KR=kr, BLOCK_N=block_n, BLOCK_K=cfg.block_k, T_MODE=t_mode, SPLIT=split,
         ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
         BF16=bf16, DOT_DTYPE=dot_dtype, EMULATE=INTERPRET,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return y
 

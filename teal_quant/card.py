@@ -2,26 +2,93 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import yaml
 
 from .artifact import TealQuantConfig
 from .recipe import Recipe
 
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
-def model_card(recipe: Recipe, quant: TealQuantConfig, report_layers: list[dict]) -> str:
+
+def front_matter(text: str) -> dict:
+    """The YAML metadata block of a model card ({} when there is none or it does not parse)."""
+    m = _FRONT_MATTER.match(text)
+    if not m:
+        return {}
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def base_model_license(model_dir: str | Path, gguf_file: str | None = None) -> str | None:
+    """The base model's license when it says so: its card's `license:`, else a GGUF file's general.license."""
+    model_dir = Path(model_dir)
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        license_ = front_matter(readme.read_text(errors="replace")).get("license")
+        if isinstance(license_, str) and license_.strip():
+            return license_.strip()
+    if gguf_file and (model_dir / gguf_file).is_file():
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(model_dir / gguf_file)).fields.get("general.license")
+            value = field.contents() if field is not None else None
+        except Exception:  # an unreadable header only means "license unknown"
+            value = None
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def model_card(
+    recipe: Recipe,
+    quant: TealQuantConfig,
+    report_layers: list[dict],
+    *,
+    license: str | None = None,
+    repo_id: str | None = None,
+    eval_rows: list[dict] | None = None,
+) -> str:
+    """README.md of an artifact. `repo_id` (when it will be pushed) goes into the usage snippet; `eval_rows`
+    (teal_quant.evaluate rows, when the recipe had `eval`) add measured perplexity per level."""
     base = recipe.model.source
-    metadata = {
+    metadata = {}
+    if license:
+        metadata["license"] = license
+    metadata.update({
         "base_model": base,
         "base_model_relation": "quantized",
         "library_name": "teal-quant",
         "tags": ["teal-quant", "teal", "activation-sparsity", f"int{quant.bits}", quant.quantizer],
-    }
+    })
     n = len(report_layers)
+    evals = {round(r["level"], 6): r for r in (eval_rows or []) if r.get("level") is not None}
+    header = "| sparsity level | size-weighted sparsity on the calibration text |"
+    rule = "|---|---|"
+    if evals:
+        header += " eval perplexity | eval realized sparsity |"
+        rule += "---|---|"
     rows = []
     for j, level in enumerate(quant.levels):
         cal = sum(r["calibration_sparsity"][j] for r in report_layers) / n
-        rows.append(f"| {level:g}{' (default)' if level == quant.default else ''} | {cal:.3f} |")
+        row = f"| {level:g}{' (default)' if level == quant.default else ''} | {cal:.3f} |"
+        if evals:
+            r = evals.get(round(level, 6))
+            row += f" {r['perplexity']:.2f} | {r['realized_sparsity']:.3f} |" if r else " | |"
+        rows.append(row)
+    eval_note = ""
+    if evals and recipe.eval is not None:
+        first = next(iter(evals.values()))
+        eval_note = (f"\nPerplexity: {first['tokens']} tokens of the recipe's `eval` text, windows of {recipe.eval.window}, "
+                     "every token sparsified (as in decode).\n")
     group = "per-channel" if quant.group_size == -1 else f"group size {quant.group_size}"
+    location = repo_id or "path/or/repo-id"
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
@@ -33,17 +100,20 @@ weights ({group}, {'symmetric' if quant.sym else 'asymmetric'}), and TEAL activa
 every linear layer at the levels below ({quant.allocation} allocation across the projections of each block).
 Decoding skips the weight rows whose input activation is below the threshold.
 
-| sparsity level | size-weighted sparsity on the calibration text |
-|---|---|
+{header}
+{rule}
 {chr(10).join(rows)}
-
+{eval_note}
 ## Usage
 
 ```python
 import teal_quant
-model = teal_quant.load("path/or/repo-id", sparsity={quant.default:g})
+model = teal_quant.load("{location}", sparsity={quant.default:g})
 teal_quant.set_sparsity(model, {quant.levels[-1]:g})   # any level above; 0 keeps activations dense
 ```
+
+`import teal_quant` also registers the format with transformers, so
+`AutoModelForCausalLM.from_pretrained("{location}")` loads it too (at the default level).
 
 The recipe that produced this artifact is in `recipe.yaml`; per-layer allocations and thresholds are in
 `calibration_report.json`.

@@ -43,6 +43,7 @@ class RunSummary:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_rows: list[dict] = field(default_factory=list)
+    push: str | None = None  # the commit URL when the recipe has a `hub` section and the push succeeded
 
 
 def pick_device(name: str) -> torch.device:
@@ -149,11 +150,51 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         summary.eval_rows = evaluate_artifact(path, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
                                               levels=levels, device=device)
         stages["eval"] = time.time() - t
+        _rewrite_card(path, recipe, quant, report_layers, src, summary.eval_rows)
+    push_error = None
+    if recipe.hub is not None:
+        push_error = _push(summary, recipe, stages)
     summary.seconds = time.time() - t0
+    from .progress import console
     from .report import print_run_summary
 
     print_run_summary(summary)
+    if summary.push:
+        console.print(f"pushed to {recipe.hub.repo_id}: {summary.push}")
+    if push_error is not None:
+        raise push_error
     return summary
+
+
+def _push(summary: RunSummary, recipe: Recipe, stages: dict[str, float]):
+    """Push after a successful run; a failure leaves the artifact in place and is returned (raised after the summary)."""
+    from .errors import HubError
+    from .hub import push
+
+    hub = recipe.hub
+    t = time.time()
+    try:
+        result = push(summary.artifact, hub.repo_id, private=hub.private, revision=hub.revision, endpoint=hub.endpoint)
+    except HubError as e:
+        return HubError(f"{e} [the artifact is complete at '{summary.artifact}'; push it again with "
+                        f"`teal-quant push {summary.artifact} {hub.repo_id}`]")
+    finally:
+        stages["push"] = time.time() - t
+    summary.push = str(result) if result.changed else f"{result} (unchanged: no new commit)"
+    return None
+
+
+def _rewrite_card(path: Path, recipe: Recipe, quant: TealQuantConfig, report_layers, src: ModelSource, eval_rows) -> None:
+    """The card again, now with the measured perplexity (the eval reads the finished artifact, so it comes after)."""
+    import os
+
+    from .card import base_model_license, model_card
+
+    text = model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
+                      repo_id=recipe.hub.repo_id if recipe.hub else None, eval_rows=eval_rows)
+    tmp = path / ".README.md.partial"
+    tmp.write_text(text)
+    os.replace(tmp, path / "README.md")
 
 
 def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
@@ -233,7 +274,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> None:
     from transformers import GenerationConfig
 
-    from .card import model_card
+    from .card import base_model_license, model_card
 
     config = src.config
     config.dtype = dtype
@@ -247,4 +288,5 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     tokenizer.save_pretrained(writer.dir)
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
     writer.write_json(REPORT_FILE, {"teal_quant_version": __version__, "levels": quant.levels, "layers": report_layers})
-    writer.write_text("README.md", model_card(recipe, quant, report_layers))
+    writer.write_text("README.md", model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
+                                              repo_id=recipe.hub.repo_id if recipe.hub else None))

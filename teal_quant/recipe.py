@@ -159,6 +159,23 @@ class RuntimeSpec(_Section):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
 
+class HubSpec(_Section):
+    """Optional: push the artifact to a Hub model repo after a successful run. The token is never part of a recipe
+    (recipes are shared and copied into the artifact): it comes from HF_TOKEN or `hf auth login`."""
+
+    repo_id: str = Field(min_length=1)
+    private: bool = True
+    revision: str | None = None
+    endpoint: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data:
+            raise _FieldError("token", "a token must not be written in a recipe; set HF_TOKEN or run `hf auth login`")
+        return data
+
+
 class Recipe(_Section):
     """A whole run: model -> calibration -> quantization + sparsity -> artifact (-> eval)."""
 
@@ -171,6 +188,7 @@ class Recipe(_Section):
     output: OutputSpec = OutputSpec()
     eval: EvalSpec | None = None
     runtime: RuntimeSpec = RuntimeSpec()
+    hub: HubSpec | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":

@@ -242,3 +242,58 @@ def test_unreachable_endpoint_and_bad_input_fail_cleanly(hub, tiny_artifact, tmp
         port = s.getsockname()[1]
     with pytest.raises(teal_quant.HubError, match="network error"):
         teal_quant.push(tiny_artifact, f"{ORG}/nowhere", token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monkeypatch):
+    import yaml
+
+    from _support import WIKITEXT, tiny_recipe_text
+    from teal_quant import Recipe
+    from teal_quant.pipeline import run
+
+    model = tmp_path / "base"
+    shutil.copytree(tiny_llama, model)
+    (model / "README.md").write_text("---\nlicense: mit\n---\n# a tiny random Llama\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    text = tiny_recipe_text(
+        model, tmp_path / "out",
+        model=f"model: {{source: '{model}', dtype: float32}}",
+        eval=f"eval: {{source: {{kind: text_files, paths: ['{WIKITEXT}']}}, tokens: 64, window: 32}}",
+        hub=f"hub: {{repo_id: {ORG}/from-recipe, revision: release}}",
+    )
+    summary = run(Recipe.from_yaml_text(text))
+    assert summary.push and summary.push.startswith(f"{hub.url}/{ORG}/from-recipe/commit/")
+    assert hub.repos[f"{ORG}/from-recipe"].private
+    card = hub.head_files(f"{ORG}/from-recipe", "release")["README.md"].decode()
+    assert card == (summary.artifact / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "mit" and meta["base_model_relation"] == "quantized" and meta["library_name"] == "teal-quant"
+    assert f'teal_quant.load("{ORG}/from-recipe"' in card
+    for row in summary.eval_rows:  # measured numbers: calibration sparsity and eval perplexity per level
+        assert f"{row['perplexity']:.2f}" in card
+    assert TOKEN not in (summary.artifact / "recipe.yaml").read_text()
+
+    # a failed push (wrong token): the artifact stays on disk, the error names it
+    monkeypatch.setenv("HF_TOKEN", WRONG)
+    again = Recipe.from_yaml_text(text.replace(str(tmp_path / "out"), str(tmp_path / "out2")))
+    with pytest.raises(teal_quant_errors().HubError) as err:
+        run(again)
+    assert "401" in str(err.value) and str(tmp_path / "out2") in str(err.value) and WRONG not in str(err.value)
+    assert (tmp_path / "out2" / "config.json").is_file()
+
+
+def teal_quant_errors():
+    import teal_quant.errors
+
+    return teal_quant.errors
+
+
+def test_recipe_rejects_a_token():
+    from teal_quant import Recipe, RecipeError
+
+    base = "model: {source: x}\ncalibration: {source: {kind: text_files, paths: [a]}}\n"
+    with pytest.raises(RecipeError, match=r"hub\.token: a token must not be written in a recipe; set HF_TOKEN") as err:
+        Recipe.from_yaml_text(base + "hub: {repo_id: o/n, token: hf_secret_value}")
+    assert "hf_secret_value" not in str(err.value)
+    hub = Recipe.from_yaml_text(base + "hub: {repo_id: o/n}").hub
+    assert hub.private and hub.revision is None and hub.endpoint is None

@@ -25,7 +25,10 @@ quantization group. It
    writes y and resets its workspace slice and counter to zero, so the next call needs no memset launch.
 Split-K sums are added with fp32 atomics, so the last bits of y can differ from call to call.
 
-M = 5..16 (and shapes the one-launch kernel cannot take): the two-launch path of the first version,
+M = 2..4 on layers with few programs (k/v, 8B q/o; ``pick_mma``): ``_sgemv_mma_kernel``, the same one-launch
+structure on tensor cores (gathered rows unpacked to 16-bit ``OFF + q`` by LOP3, tl.dot with M padded to 16).
+
+M = 5..16 (and shapes the one-launch kernels cannot take): the two-launch path of the first version,
 ``_compact_kernel`` (threshold + compaction + zeroing of the workspace) then ``_gemv_dot_kernel`` (the union of
 active rows unpacked to x.dtype and multiplied with tl.dot, M padded to 16).
 
@@ -90,19 +93,24 @@ class MmaConfig:
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
 
 
-MMA_MIN_M = 2  # int4 batches M >= MMA_MIN_M use the tensor-core kernel (set > MAX_M to disable)
+MMA_MIN_M, MMA_MAX_M = 2, 4  # int4 batches in this range may use the tensor-core kernel (see pick_mma)
+MMA_SMALL = MmaConfig(block_n=256, block_k=64, warps=4, k_range=128, stages=1, maxnreg=128)
 
 
 def pick_mma(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> MmaConfig | None:
-    """Launch shape of the tensor-core kernel, None when it does not apply (bits 8, M < MMA_MIN_M, group too small)."""
-    if bits != 4 or not MMA_MIN_M <= m <= MAX_M:
-        return None
-    cands = [c for c in (128, 64, 32) if c <= group_size and group_size % c == 0]
-    if not cands:
+    """Launch shape of the tensor-core kernel, None where the CUDA-core kernel (pick_fused) or the two-launch path is
+    used. Measured on an H200 (benchmarks/results/gemv_mma_sweep_h200_run{1,2}.json, batch 4): faster than the
+    CUDA-core kernel only on layers with few programs (k/v, 8B q/o: -25 to -30 %), slower on large layers
+    (70B q/o 57 vs 52 µs, gate/up 186 vs 166 µs); at batch 8/16 (70B q/o) 6-9 % faster than the two-launch path, not
+    adopted there yet (one shape measured, that launch shape not checked on the GPU at M > 4)."""
+    if bits != 4 or not MMA_MIN_M <= m <= MMA_MAX_M or group_size % 128 != 0:
         return None
     if INTERPRET or device.type != "cuda":
-        return MmaConfig(block_n=32, block_k=16, warps=4, k_range=cands[-1])
-    return MmaConfig(block_n=256, block_k=32, warps=4, k_range=cands[0])
+        return MmaConfig(block_n=32, block_k=16, warps=4, k_range=32)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if (triton.cdiv(n, 256) + n_parts - 1) * (k // 128) >= 4 * sms:  # large layers: CUDA-core kernel
+        return None
+    return MMA_SMALL
 
 
 def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> FusedConfig | None:

@@ -157,17 +157,20 @@ def test_fused_kernel_configs(device, poison, cfg, bits, m):
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(32, 16, 4, 32, 1), (64, 32, 4, 64, 1), (128, 16, 2, 128, 2)],
-                         ids=lambda c: "n%dk%dw%dkr%ds%d" % c)
+@pytest.mark.parametrize("cfg", [(32, 16, 4, 32, 1, 0, "fp16"), (64, 32, 4, 64, 1, 0, "bf16"), (128, 16, 2, 128, 2, 0, "bf16"),
+                                 (256, 64, 4, 128, 1, 128, "fp16")],
+                         ids=lambda c: "n%dk%dw%dkr%ds%dr%d-%s" % c)
 @pytest.mark.parametrize("m", [2, 16])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_mma_kernel_configs(device, poison, cfg, m, dtype):
-    """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages), twice in a row (the
-    split-K workspace must be left zero), unaligned N, per-channel thresholds on the second call."""
-    block_n, block_k, warps, kr, stages = cfg
+def test_mma_kernel_configs(device, poison, cfg, m):
+    """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages, maxnreg; fp16 or bf16),
+    twice in a row (the split-K workspace must be left zero), unaligned N, per-channel thresholds on the second call."""
+    block_n, block_k, warps, kr, stages, maxnreg, dt = cfg
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    if maxnreg and not ON_GPU:
+        pytest.skip("the production launch shape is only run on the GPU (the interpreter covers the smaller ones)")
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, 4, dtype, device, seed=11)
-    config = gemv_triton.MmaConfig(block_n=block_n, block_k=block_k, warps=warps, k_range=kr, stages=stages)
+    config = gemv_triton.MmaConfig(block_n=block_n, block_k=block_k, warps=warps, k_range=kr, stages=stages, maxnreg=maxnreg)
     for seed, sp in ((1, 0.5), (2, 0.0)):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
         t = threshold_for(x, sp)

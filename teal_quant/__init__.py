@@ -4,6 +4,11 @@ __version__ = "0.1.0"
 
 from .errors import ArtifactError, DataError, HubError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
 from .recipe import Recipe  # noqa: E402
+from .hf import install as _install_transformers_integration  # noqa: E402
+
+# AutoModelForCausalLM.from_pretrained(artifact) works after `import teal_quant`: the quantizer is registered when
+# transformers' quantizer registry is imported (at once if it already is); see teal_quant/hf.py.
+_install_transformers_integration()
 
 
 def __getattr__(name: str):

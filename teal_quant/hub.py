@@ -151,8 +151,21 @@ def _hub_errors(where: str, token: str | None, *, offline: bool = False) -> Iter
         raise HubError(_scrub(f"{where}: {reason}", token)) from None
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of whichever HTTP client this huggingface_hub uses (httpx2, httpx or requests)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                       ("requests", "Timeout")):
+        try:
+            errors.append(getattr(importlib.import_module(name), attr))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 def _reason(error: BaseException, offline: bool) -> str | None:
-    import httpx2 as httpx  # huggingface_hub's HTTP client
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -191,7 +204,7 @@ def _reason(error: BaseException, offline: bool) -> str | None:
             if status == 403:
                 return f"403 Forbidden: the token may not write here ({server}); use a token with write access to the namespace"
             return f"HTTP {status}: {server}"
-        if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(e, _transport_errors()):
             return _NETWORK.format(cause=_root_cause(chain))
     # huggingface_hub wraps a failed LFS upload in RuntimeError("Error while uploading '<file>' to the Hub."); with
     # parallel uploads the cause may be another thread's closing of the shared HTTP client after a network error.

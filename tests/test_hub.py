@@ -273,13 +273,15 @@ def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monk
         assert f"{row['perplexity']:.2f}" in card
     assert TOKEN not in (summary.artifact / "recipe.yaml").read_text()
 
-    # a failed push (wrong token): the artifact stays on disk, the error names it
+    # a failed push (wrong token): the run's artifact stays on disk, and the error (raised after the summary) names it
+    from teal_quant.pipeline import _push
+
     monkeypatch.setenv("HF_TOKEN", WRONG)
-    again = Recipe.from_yaml_text(text.replace(str(tmp_path / "out"), str(tmp_path / "out2")))
-    with pytest.raises(teal_quant_errors().HubError) as err:
-        run(again)
-    assert "401" in str(err.value) and str(tmp_path / "out2") in str(err.value) and WRONG not in str(err.value)
-    assert (tmp_path / "out2" / "config.json").is_file()
+    before = digest(summary.artifact)
+    error = _push(types.SimpleNamespace(artifact=summary.artifact, push=None), Recipe.from_yaml_text(text), {})
+    assert isinstance(error, teal_quant_errors().HubError)
+    assert "401" in str(error) and f"teal-quant push {summary.artifact} {ORG}/from-recipe" in str(error)
+    assert WRONG not in str(error) and digest(summary.artifact) == before
 
 
 def teal_quant_errors():
@@ -297,3 +299,24 @@ def test_recipe_rejects_a_token():
     assert "hf_secret_value" not in str(err.value)
     hub = Recipe.from_yaml_text(base + "hub: {repo_id: o/n}").hub
     assert hub.private and hub.revision is None and hub.endpoint is None
+
+
+def test_transformers_from_pretrained_by_repo_id(hub, tiny_artifact, tmp_path):
+    """AutoModelForCausalLM.from_pretrained('org/name') after `import teal_quant`, through the loopback Hub."""
+    import teal_quant
+
+    teal_quant.push(tiny_artifact, f"{ORG}/for-transformers", token=TOKEN)
+    code = f"""
+import torch, teal_quant
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{ORG}/for-transformers")
+reference = teal_quant.load({str(tiny_artifact)!r}, device="cpu")
+ids = torch.tensor([[1, 5, 9, 42]])
+with torch.no_grad():
+    print(torch.equal(model(ids).logits, reference(ids).logits))
+"""
+    env = cli_env(hub, tmp_path, HF_TOKEN=TOKEN)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "True"
+    assert TOKEN not in result.stdout + result.stderr

@@ -25,6 +25,7 @@ from .errors import ArtifactError, first_line
 FORMAT_VERSION = 1
 QUANT_METHOD = "teal_quant"
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "calibration_report.json"
 PACKING = {4: "int4-n8", 8: "int8"}
@@ -243,11 +244,20 @@ def read_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"artifact '{path}': no such directory")
     config = _read_json(path / "config.json", path)
     quant = TealQuantConfig.from_dict(config.get("quantization_config"), where=f"artifact '{path}': config.json")
-    index = _read_json(path / INDEX_FILE, path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    from safetensors import safe_open
+
+    if not (path / INDEX_FILE).is_file() and (path / SINGLE_FILE).is_file():
+        # transformers' save_pretrained writes one unindexed file when the model fits in one shard
+        try:
+            with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
+        except Exception as e:
+            raise ArtifactError(f"artifact '{path}': {SINGLE_FILE} is corrupt or truncated ({first_line(e)})") from None
+    else:
+        index = _read_json(path / INDEX_FILE, path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ArtifactError(f"artifact '{path}': {INDEX_FILE} has no weight_map")
-    from safetensors import safe_open
 
     for file in sorted(set(weight_map.values())):
         shard = path / file

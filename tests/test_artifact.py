@@ -105,3 +105,18 @@ def test_read_artifact_detects_corruption(tmp_path):
         read_artifact(dest)
     with pytest.raises(ArtifactError, match="no such directory"):
         read_artifact(tmp_path / "nothing")
+
+
+def test_a_single_unindexed_shard_is_read(tmp_path):
+    """transformers' save_pretrained writes model.safetensors without an index when everything fits in one file."""
+    from safetensors.torch import save_file
+
+    dest = tmp_path / "single"
+    dest.mkdir()
+    (dest / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": _quant().to_dict()}))
+    save_file({"a": torch.arange(4.0)}, str(dest / "model.safetensors"))
+    art = read_artifact(dest)
+    assert art.weight_map == {"a": "model.safetensors"} and torch.equal(art.tensors()["a"], torch.arange(4.0))
+    (dest / "model.safetensors").write_bytes(b"\x10" * 12)
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        read_artifact(dest)

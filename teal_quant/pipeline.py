@@ -27,6 +27,7 @@ from .errors import ModelSourceError, RecipeError
 from .kernels import pack
 from .progress import Progress
 from .quantize import QUANTIZERS, QuantSpec
+from .quantize.rtn import dequantize
 from .recipe import GeneratedSource, Recipe, parse_size
 from .source import PROJECTIONS, ModelSource, build_skeleton, materialize_non_persistent_buffers, open_model, resolve_dtype
 
@@ -245,8 +246,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
             if sim.bias is not None:
                 tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
             # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-            g = spec.resolved_group_size(q.shape[0])
-            w_t = (q.float() - zeros.float().repeat_interleave(g, 0)) * scales.float().repeat_interleave(g, 0)
+            w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
             sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             sim.threshold = allocation.projection_thresholds(proj)[default_index]
         projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}

@@ -31,6 +31,7 @@ REPORT_FILE = "calibration_report.json"
 PACKING = {4: "int4-n8", 8: "int8"}
 # Per quantized linear P: P.qweight, P.scales, P.zeros, P.thresholds, and P.bias / P.channel_scale if any.
 QUANT_SUFFIXES = ("qweight", "scales", "zeros", "thresholds")
+CRITERIA = ("magnitude", "weight_aware")  # weight_aware: every quantized linear has P.channel_scale float32 [K]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class TealQuantConfig:
             raise ArtifactError(f"{where}: sparsity.default: {e}") from None
         if cfg.prefill not in ("dense", "sparse"):
             raise ArtifactError(f"{where}: sparsity.prefill {cfg.prefill!r} must be dense or sparse")
+        if cfg.criterion not in CRITERIA:
+            raise ArtifactError(f"{where}: sparsity.criterion {cfg.criterion!r} must be one of {', '.join(CRITERIA)}")
         return cfg
 
 
@@ -271,7 +274,40 @@ def read_artifact(path: str | Path) -> Artifact:
         missing = [n for n, fl in weight_map.items() if fl == file and n not in keys]
         if missing:
             raise ArtifactError(f"artifact '{path}': shard {file} lacks tensor {missing[0]}")
-    return Artifact(path=path, config=config, quant=quant, weight_map=weight_map)
+    artifact = Artifact(path=path, config=config, quant=quant, weight_map=weight_map)
+    _check_channel_scales(artifact)
+    return artifact
+
+
+def _check_channel_scales(artifact: Artifact) -> None:
+    """P.channel_scale exists, as float32 [K], exactly for the quantized linears of a weight-aware artifact.
+
+    Reads shard headers only; the values (finite, >= 0) are checked when the tensors are loaded.
+    """
+    from safetensors import safe_open
+
+    weight_aware = artifact.quant.criterion == "weight_aware"
+    wanted = {f"{m}.channel_scale": m for m in artifact.quantized_modules()} if weight_aware else {}
+    present = {n for n in artifact.weight_map if n.endswith(".channel_scale")}
+    where = f"artifact '{artifact.path}'"
+    extra, missing = sorted(present - set(wanted)), sorted(set(wanted) - present)
+    if extra:
+        raise ArtifactError(f"{where}: tensor {extra[0]} present but sparsity.criterion is {artifact.quant.criterion!r}")
+    if missing:
+        raise ArtifactError(f"{where}: tensor {missing[0]} is missing (sparsity.criterion is weight_aware)")
+    headers = {}  # name -> (dtype, shape) of the channel scales and their qweights, one open per shard
+    names = set(wanted) | {f"{m}.qweight" for m in wanted.values()}
+    for file in sorted({artifact.weight_map[n] for n in names}):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for n in names:
+                if artifact.weight_map[n] == file:
+                    info = f.get_slice(n)
+                    headers[n] = (info.get_dtype(), list(info.get_shape()))
+    for name, module in sorted(wanted.items()):
+        k = headers[f"{module}.qweight"][1][0]
+        dtype, shape = headers[name]
+        if dtype != "F32" or shape != [k]:
+            raise ArtifactError(f"{where}: {name} must be float32 [{k}], got {dtype} {shape}")
 
 
 def _read_json(file: Path, artifact: Path) -> dict:

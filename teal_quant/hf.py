@@ -142,7 +142,7 @@ def _classes():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .loading import set_sparsity
+            from .loading import check_sparsity_tensors, set_sparsity
             from .modules import teal_linears
 
             quant = self.quantization_config.teal_config
@@ -150,9 +150,9 @@ def _classes():
                 if module.qweight.is_meta:
                     raise ArtifactError(f"checkpoint has no packed tensors for {name} (is it a teal-quant artifact?)")
                 module.materialize_runtime_state(module.qweight.device)
-                th = module.thresholds
-                if not torch.isfinite(th).all() or (th[1:] < th[:-1]).any() or (th < 0).any():
-                    raise ArtifactError(f"{name}.thresholds must be finite, >= 0 and non-decreasing")
+                problem = check_sparsity_tensors(module)
+                if problem:
+                    raise ArtifactError(f"{name}.{problem}")
             model.teal_quant_config = quant
             set_sparsity(model, quant.default)
             return model

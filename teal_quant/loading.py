@@ -51,8 +51,27 @@ def replace_linears(model: nn.Module, quantized: list[str], quant: TealQuantConf
         module = TealLinear(
             linear.in_features, linear.out_features, bits=quant.bits, group_size=quant.group_size_for(linear.in_features),
             n_levels=len(quant.levels), bias=linear.bias is not None, dtype=dtype, device="meta", prefill=quant.prefill,
+            channel_scale=quant.criterion == "weight_aware",
         )
         setattr(model.get_submodule(parent_name), child, module)
+
+
+# Tensors kept in float32 whatever the model dtype (the artifact stores them so).
+FLOAT32_SUFFIXES = (".thresholds", ".channel_scale")
+
+
+def check_sparsity_tensors(module: TealLinear) -> str | None:
+    """What is wrong with a loaded module's thresholds / channel_scale ("thresholds must ..."), or None."""
+    th = module.thresholds
+    if not torch.isfinite(th).all() or (th[1:] < th[:-1]).any() or (th < 0).any():
+        return "thresholds must be finite, >= 0 and non-decreasing"
+    scale = module.channel_scale
+    if scale is not None:
+        if scale.shape != (module.in_features,):
+            return f"channel_scale has shape {tuple(scale.shape)}, expected [{module.in_features}]"
+        if not torch.isfinite(scale).all() or (scale < 0).any():
+            return "channel_scale must be finite and >= 0"
+    return None
 
 
 def load(
@@ -85,7 +104,7 @@ def load(
 
     state = {}
     for name, t in artifact.iter_tensors("cpu"):
-        state[name] = t if (not t.is_floating_point() or name.endswith(".thresholds")) else t.to(dtype)
+        state[name] = t if (not t.is_floating_point() or name.endswith(FLOAT32_SUFFIXES)) else t.to(dtype)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
@@ -103,9 +122,9 @@ def load(
     materialize_non_persistent_buffers(model, device)
     model.to(device)
     for name, module in teal_linears(model):
-        th = module.thresholds
-        if not torch.isfinite(th).all() or (th[1:] < th[:-1]).any() or (th < 0).any():
-            raise ArtifactError(f"artifact '{artifact.path}': {name}.thresholds must be finite, >= 0 and non-decreasing")
+        problem = check_sparsity_tensors(module)
+        if problem:
+            raise ArtifactError(f"artifact '{artifact.path}': {name}.{problem}")
     config.quantization_config = quant_dict
     model.config = config
     model.teal_quant_config = quant

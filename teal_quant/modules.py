@@ -3,11 +3,14 @@
 Decode (one token per sequence) goes through `teal_quant.kernels.sparse_gemv`, which reads only the
 rows of W^T whose input activation survives the threshold. Prefill goes through the dense int4/int8
 product (`dense_gemm`), optionally on thresholded inputs. The threshold of the active level lives in a
-0-dim buffer that `set_level` overwrites in place, so switching levels never reallocates (a captured
-CUDA graph keeps working) and never recompiles.
+buffer that `set_level` overwrites in place, so switching levels never reallocates (a captured CUDA graph
+keeps working) and never recompiles: 0-dim under the magnitude criterion; [K] under the weight-aware one
+(WINA), where input k is kept when |x_k| * channel_scale[k] > t, i.e. |x_k| > t / channel_scale[k].
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -17,8 +20,25 @@ from teal_quant import kernels
 PREFILL_MODES = ("dense", "sparse")
 
 
+def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel thresholds t / channel_scale (float32 [K]) of the weight-aware criterion.
+
+    A zero-norm channel (scale 0) feeds nothing: at t > 0 it is never kept (inf), at t = 0 (dense level) kept
+    like every other channel (0), so no NaN arises from 0 / 0.
+    """
+    t = threshold.to(torch.float32)
+    positive = channel_scale > 0
+    per_channel = t / torch.where(positive, channel_scale, torch.ones_like(channel_scale))
+    never = torch.where(t > 0, math.inf, 0.0).to(per_channel)
+    return torch.where(positive, per_channel, never)
+
+
 class TealLinear(nn.Module):
-    """y = (x * (|x| > t)) @ W^T + b with W^T stored packed (see docs/artifact-format.md)."""
+    """y = (x * (|x| > t)) @ W^T + b with W^T stored packed (see docs/artifact-format.md).
+
+    With `channel_scale=True` (weight-aware criterion) the module holds a float32 [K] `channel_scale` buffer
+    and t is the [K] vector thresholds[level] / channel_scale.
+    """
 
     def __init__(
         self,
@@ -32,6 +52,7 @@ class TealLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         prefill: str = "dense",
+        channel_scale: bool = False,
     ):
         super().__init__()
         if group_size == -1:
@@ -51,12 +72,16 @@ class TealLinear(nn.Module):
         self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("thresholds", torch.zeros(n_levels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer(
+            "channel_scale", torch.ones(in_features, dtype=torch.float32, device=device) if channel_scale else None
+        )
         self.level_index = 0
         self._init_runtime_state(device)
 
     def _init_runtime_state(self, device: torch.device | str | None) -> None:
-        """Buffers that are not saved: the active threshold and the realized-sparsity counters."""
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        """Buffers that are not saved: the active threshold ([K] when weight-aware) and the realized-sparsity counters."""
+        shape = (self.in_features,) if self.channel_scale is not None else ()
+        self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("zero_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
         self.register_buffer("input_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
         self.register_buffer("last_sparsity", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
@@ -71,9 +96,13 @@ class TealLinear(nn.Module):
         return self.in_features * self.out_features
 
     def set_level(self, index: int) -> None:
+        """Make level `index` active by overwriting the threshold buffer in place (same storage)."""
         self.level_index = index
         with torch.no_grad():
-            self.threshold.copy_(self.thresholds[index])
+            if self.channel_scale is None:
+                self.threshold.copy_(self.thresholds[index])
+            else:
+                self.threshold.copy_(channel_thresholds(self.thresholds[index], self.channel_scale))
 
     def reset_stats(self) -> None:
         self.zero_count.zero_()
@@ -114,7 +143,8 @@ class TealLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, levels={self.thresholds.numel()}, prefill={self.prefill}"
+            f"group_size={self.group_size}, levels={self.thresholds.numel()}, prefill={self.prefill}, "
+            f"criterion={'magnitude' if self.channel_scale is None else 'weight_aware'}"
         )
 
 

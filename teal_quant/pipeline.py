@@ -1,7 +1,8 @@
 """compress(recipe): stream the model one decoder layer at a time and write one artifact.
 
 Per layer (llm-compressor's sequential pipeline, with TEAL in it):
-  1. capture |x| histograms of the four activation points on the calibration hidden states;
+  1. capture histograms of the activation scores on the calibration hidden states: |x| of the four
+     activation points (magnitude criterion) or |x| * channel_scale of each projection (weight_aware);
   2. allocate sparsity between the seven projections for every level (greedy or uniform), measuring
      the block output error against the dense float layer;
   3. quantize the projections (the recipe's quantizer) and pack them;
@@ -122,7 +123,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         t = time.time()
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym, quantizer=recipe.quantization.method,
-            levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill,
+            levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
         )
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
         with writer:
@@ -220,7 +221,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         dense_params += sum(t.numel() for t in state.values())
         layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
         layer.eval()
-        sims = attach_simulated(layer)
+        sims = attach_simulated(layer, sp.criterion)
         runner = LayerRunner(layer, position_embeddings)
 
         hists = capture_histograms(runner, sims, hidden, device)
@@ -243,6 +244,8 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
             tensors[f"{name}.scales"] = scales
             tensors[f"{name}.zeros"] = zeros
             tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
+            if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
+                tensors[f"{name}.channel_scale"] = sim.channel_scale.to(torch.float32)
             if sim.bias is not None:
                 tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
             # The next layer must see this layer as it will run: dequantized weights, default-level threshold.

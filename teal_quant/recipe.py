@@ -109,6 +109,8 @@ class SparsitySpec(_Section):
     levels: list[float] = Field(default_factory=lambda: [0.25, 0.4, 0.5], min_length=1)
     default: float = 0.4
     allocation: Literal["greedy", "uniform"] = "greedy"
+    # magnitude: keep x_k when |x_k| > t (TEAL); weight_aware: when |x_k| * ||W[:, k]||_2 > t (WINA)
+    criterion: Literal["magnitude", "weight_aware"] = "magnitude"
     greedy: GreedySpec = GreedySpec()
     prefill: Literal["dense", "sparse"] = "dense"
 

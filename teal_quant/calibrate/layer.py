@@ -23,19 +23,47 @@ ACTIVATION_POINTS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("
 POINT_OF = {proj: point for point, projs in ACTIVATION_POINTS.items() for proj in projs}
 
 
-class SimulatedLinear(nn.Module):
-    """A projection under calibration: y = (x * (|x| > threshold)) @ W^T + b, optionally observing x."""
+CRITERIA = ("magnitude", "weight_aware")
 
-    def __init__(self, linear: nn.Linear):
+
+def channel_scale(weight: torch.Tensor) -> torch.Tensor:
+    """WINA's per-input-channel weight: ||W[:, k]||_2 of nn.Linear.weight [N, K] -> float32 [K].
+
+    Under the weight-aware criterion input k is kept when |x_k| * channel_scale[k] > t: an activation feeding
+    large weights matters more than an equally large one feeding small weights (arXiv 2505.19427).
+    """
+    return weight.detach().float().norm(dim=0)
+
+
+class SimulatedLinear(nn.Module):
+    """A projection under calibration: y = sparsify(x) @ W^T + b, optionally observing x.
+
+    The score of input k is |x_k| (magnitude criterion) or |x_k| * channel_scale[k] (weight_aware, when
+    `channel_scale` is set); inputs whose score is not above `threshold` are zeroed.
+    """
+
+    def __init__(self, linear: nn.Linear, channel_scale: torch.Tensor | None = None):
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.threshold = 0.0
+        self.channel_scale = channel_scale
         self.observer: Callable[[torch.Tensor], None] | None = None
         # With `reuse` on, a call on the very same input tensor at the same threshold returns the previous
         # output: the greedy search re-evaluates the MLP with only one projection changed.
         self.reuse = False
         self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """What the threshold is compared with: |x|, or |x| * channel_scale (a zero-norm channel scores 0)."""
+        if self.channel_scale is None:
+            return x.abs()
+        return x.abs() * self.channel_scale.to(device=x.device, dtype=x.dtype)
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        """x with every input whose score is not above the threshold zeroed (x itself at threshold 0)."""
+        threshold = self.threshold
+        return x * (self.score(x) > threshold) if threshold > 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -43,19 +71,26 @@ class SimulatedLinear(nn.Module):
         if self.reuse and self._last is not None and self._last[0] is x and self._last[1] == self.threshold:
             return self._last[2]
         threshold = self.threshold
-        xs = x * (x.abs() > threshold) if threshold > 0 else x
-        out = F.linear(xs, self.weight, self.bias)
+        out = F.linear(self.sparsify(x), self.weight, self.bias)
         self._last = (x, threshold, out) if self.reuse else None
         return out
 
 
-def attach_simulated(layer: nn.Module) -> dict[str, SimulatedLinear]:
-    """Swap the layer's seven projections for SimulatedLinear (sharing their parameters)."""
+def attach_simulated(layer: nn.Module, criterion: str = "magnitude") -> dict[str, SimulatedLinear]:
+    """Swap the layer's seven projections for SimulatedLinear (sharing their parameters).
+
+    Under `weight_aware` each gets the channel_scale of its float weight (the weights the artifact's
+    channel_scale is computed from, before quantization replaces them).
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown sparsity criterion {criterion!r} (expected one of {', '.join(CRITERIA)})")
     sims = {}
     for proj, path in PROJECTIONS.items():
         parent_path, _, child = path.rpartition(".")
         parent = layer.get_submodule(parent_path)
-        sims[proj] = SimulatedLinear(getattr(parent, child))
+        linear = getattr(parent, child)
+        scale = channel_scale(linear.weight) if criterion == "weight_aware" else None
+        sims[proj] = SimulatedLinear(linear, scale)
         setattr(parent, child, sims[proj])
     return sims
 
@@ -82,10 +117,24 @@ class LayerRunner:
 
 
 def capture_histograms(runner: LayerRunner, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor, device) -> dict[str, AbsHistogram]:
-    """|x| histograms of the four activation points over all calibration tokens (dense layer)."""
-    hists = {point: AbsHistogram(device=device) for point in ACTIVATION_POINTS}
-    for point, projs in ACTIVATION_POINTS.items():
-        sims[projs[0]].observer = hists[point].update
+    """Histogram of each projection's score over all calibration tokens (dense layer), keyed by projection.
+
+    Magnitude criterion: the projections of one activation point read the same |x|, so they share one
+    histogram object (one pass per point). Weight-aware: each projection scores its input with its own
+    channel_scale, so each has its own histogram.
+    """
+    hists: dict[str, AbsHistogram] = {}
+    for projs in ACTIVATION_POINTS.values():
+        shared = None
+        for proj in projs:
+            sim = sims[proj]
+            if sim.channel_scale is None and shared is not None:
+                hists[proj] = shared
+                continue
+            hist = hists[proj] = AbsHistogram(device=device)
+            if sim.channel_scale is None:
+                shared = hist
+            sim.observer = lambda x, _h=hist, _s=sim: _h.update(_s.score(x))
     try:
         runner(hidden, device)
     finally:
@@ -132,17 +181,20 @@ def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str,
 
 
 def thresholds_for(allocation: Mapping[str, float], hists: Mapping[str, AbsHistogram],
-                   memo: dict[tuple[str, float], float] | None = None) -> dict[str, float]:
-    """Each projection's threshold: the inverse CDF of its activation point at its sparsity."""
+                   memo: dict[tuple[int, float], float] | None = None) -> dict[str, float]:
+    """Each projection's threshold: the inverse CDF of its score histogram at its sparsity.
+
+    The memo is keyed by histogram (identity) and sparsity, so projections sharing a histogram share entries.
+    """
     out = {}
     for proj, s in allocation.items():
-        key = (POINT_OF[proj], s)
-        if memo is None or key not in memo:
-            t = hists[key[0]].threshold(s)
-            if memo is None:
-                out[proj] = t
-                continue
-            memo[key] = t
+        hist = hists[proj]
+        if memo is None:
+            out[proj] = hist.threshold(s)
+            continue
+        key = (id(hist), s)
+        if key not in memo:
+            memo[key] = hist.threshold(s)
         out[proj] = memo[key]
     return out
 
@@ -190,7 +242,7 @@ def allocate(
     block = TailBlock(layer, sims, subset, position_embeddings, last_fraction)
     reference = block().float()
     ref_norm = float(reference.pow(2).sum()) or 1.0
-    memo: dict[tuple[str, float], float] = {}
+    memo: dict[tuple[int, float], float] = {}
 
     def error_of(allocation: Mapping[str, float]) -> float:
         set_thresholds(sims, thresholds_for(allocation, hists, memo))
@@ -224,6 +276,6 @@ def predicted_sparsity(allocation: LayerAllocation, hists: Mapping[str, AbsHisto
     """Size-weighted sparsity each level's thresholds give on the calibration activations."""
     out = []
     for per_level in allocation.thresholds:
-        realized = {p: hists[POINT_OF[p]].sparsity_at(t) if t > 0 else 0.0 for p, t in per_level.items()}
+        realized = {p: hists[p].sparsity_at(t) if t > 0 else 0.0 for p, t in per_level.items()}
         out.append(effective_sparsity(realized, sizes))
     return out

@@ -337,3 +337,20 @@ def test_recipe_criterion_key():
     with pytest.raises(RecipeError) as e:
         Recipe.from_yaml_text(BASE + "sparsity: {criterion: wina}", origin="r.yaml")
     assert str(e.value).startswith("r.yaml: sparsity.criterion: Input should be 'magnitude' or 'weight_aware'"), str(e.value)
+
+
+def test_transformers_from_pretrained_loads_channel_scale(wa_artifact):
+    """The transformers integration builds the same weight-aware modules as teal_quant.load (equal logits)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(wa_artifact)
+    reference_model = teal_quant.load(wa_artifact, device="cpu")
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(1))
+    for level in (0.0, 0.5):
+        teal_quant.set_sparsity(model, level)
+        teal_quant.set_sparsity(reference_model, level)
+        for (_, a), (_, b) in zip(teal_linears(model), teal_linears(reference_model)):
+            assert a.channel_scale.dtype == torch.float32 and torch.equal(a.channel_scale, b.channel_scale)
+            assert torch.equal(a.threshold, b.threshold)
+        with torch.no_grad():
+            assert torch.equal(model(ids[:, :1]).logits, reference_model(ids[:, :1]).logits)

@@ -97,8 +97,8 @@ def model_card(
 
 `{base}` compressed by [teal-quant](https://pypi.org/project/teal-quant/): {quant.quantizer.upper()} int{quant.bits}
 weights ({group}, {'symmetric' if quant.sym else 'asymmetric'}), and TEAL activation-sparsity thresholds for
-every linear layer at the levels below ({quant.allocation} allocation across the projections of each block).
-Decoding skips the weight rows whose input activation is below the threshold.
+every linear layer at the levels below ({quant.allocation} allocation across the projections of each block,
+{quant.criterion.replace("_", "-")} criterion). Decoding skips the weight rows whose input activation is below the threshold.
 
 {header}
 {rule}

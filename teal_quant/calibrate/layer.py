@@ -42,11 +42,14 @@ class SimulatedLinear(nn.Module):
             self.observer(x)
         if self.reuse and self._last is not None and self._last[0] is x and self._last[1] == self.threshold:
             return self._last[2]
-        threshold = self.threshold
-        xs = x * (x.abs() > threshold) if threshold > 0 else x
-        out = F.linear(xs, self.weight, self.bias)
-        self._last = (x, threshold, out) if self.reuse else None
+        out = F.linear(self.sparsify(x), self.weight, self.bias)
+        self._last = (x, self.threshold, out) if self.reuse else None
         return out
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as this projection reads it at decode: x * (|x| > threshold) (x itself at threshold 0)."""
+        threshold = self.threshold
+        return x * (x.abs() > threshold) if threshold > 0 else x
 
 
 def attach_simulated(layer: nn.Module) -> dict[str, SimulatedLinear]:

@@ -88,6 +88,7 @@ def model_card(
         eval_note = (f"\nPerplexity: {first['tokens']} tokens of the recipe's `eval` text, windows of {recipe.eval.window}, "
                      "every token sparsified (as in decode).\n")
     group = "per-channel" if quant.group_size == -1 else f"group size {quant.group_size}"
+    method_note = _quantizer_note(recipe)
     location = repo_id or "path/or/repo-id"
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
@@ -98,7 +99,7 @@ def model_card(
 `{base}` compressed by [teal-quant](https://pypi.org/project/teal-quant/): {quant.quantizer.upper()} int{quant.bits}
 weights ({group}, {'symmetric' if quant.sym else 'asymmetric'}), and TEAL activation-sparsity thresholds for
 every linear layer at the levels below ({quant.allocation} allocation across the projections of each block,
-{quant.criterion.replace("_", "-")} criterion). Decoding skips the weight rows whose input activation is below the threshold.
+{quant.criterion.replace("_", "-")} criterion). Decoding skips the weight rows whose input activation is below the threshold.{method_note}
 
 {header}
 {rule}
@@ -118,3 +119,15 @@ teal_quant.set_sparsity(model, {quant.levels[-1]:g})   # any level above; 0 keep
 The recipe that produced this artifact is in `recipe.yaml`; per-layer allocations and thresholds are in
 `calibration_report.json`.
 """
+
+
+def _quantizer_note(recipe: Recipe) -> str:
+    """One sentence on how GPTQ ran (empty for RTN): its options, as recorded in calibration_report.json too."""
+    q = recipe.quantization
+    if q.gptq is None:
+        return ""
+    samples = q.gptq.samples or recipe.calibration.samples
+    aware = (f"; each projection's Hessian from its input thresholded as at sparsity level {q.sparsity_aware:g} "
+             "(sparsity-aware)" if q.sparsity_aware is not None else "")
+    return (f"\nGPTQ: block size {q.gptq.block_size}, damp {q.gptq.damp:g}, act-order {'on (static groups)' if q.gptq.act_order else 'off'}, "
+            f"Hessians from {samples} calibration samples{aware}.")

@@ -5,7 +5,8 @@ Per layer (llm-compressor's sequential pipeline, with TEAL in it):
      activation points (magnitude criterion) or |x| * channel_scale of each projection (weight_aware);
   2. allocate sparsity between the seven projections for every level (greedy or uniform), measuring
      the block output error against the dense float layer;
-  3. quantize the projections (the recipe's quantizer) and pack them;
+  3. quantize the projections (the recipe's quantizer) and pack them; a Hessian-based quantizer (GPTQ) first
+     runs the float layer once more to accumulate each projection's input Hessian;
   4. propagate: run the compressed layer (dequantized weights, default-level thresholds on every token)
      so layer i+1 is calibrated on the activations it will really see.
 Only the current layer's float weights are on the compute device; hidden states wait in host memory.
@@ -22,12 +23,13 @@ import torch
 
 from . import __version__
 from .artifact import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
-from .calibrate.layer import LayerRunner, allocate, attach_simulated, capture_histograms, predicted_sparsity
+from .calibrate.layer import (ACTIVATION_POINTS, LayerRunner, SimulatedLinear, allocate, attach_simulated,
+                              capture_histograms, predicted_sparsity)
 from .data import generate_samples, random_windows, read_text, tokenize_stream
 from .errors import ModelSourceError, RecipeError
 from .kernels import pack
 from .progress import Progress
-from .quantize import QUANTIZERS, QuantSpec
+from .quantize import QUANTIZERS, HessianAccumulator, QuantSpec
 from .quantize.rtn import dequantize
 from .recipe import GeneratedSource, Recipe, parse_size
 from .source import PROJECTIONS, ModelSource, build_skeleton, materialize_non_persistent_buffers, open_model, resolve_dtype
@@ -46,6 +48,16 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_rows: list[dict] = field(default_factory=list)
     push: str | None = None  # the commit URL when the recipe has a `hub` section and the push succeeded
+
+
+def quantization_summary(recipe: Recipe) -> dict:
+    """How the weights were quantized: the method and its options (calibration report and model card)."""
+    qz = recipe.quantization
+    out = {"method": qz.method, **qz.quantizer_options()}
+    if qz.gptq is not None:
+        out["samples"] = qz.gptq.samples or recipe.calibration.samples
+        out["sparsity_aware"] = qz.sparsity_aware
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -202,6 +214,10 @@ def _rewrite_card(path: Path, recipe: Recipe, quant: TealQuantConfig, report_lay
 def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
     """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
     sp = recipe.sparsity
+    qz = recipe.quantization
+    options = qz.quantizer_options()
+    aware_index = None if qz.sparsity_aware is None else min(
+        range(len(levels)), key=lambda j: abs(levels[j] - qz.sparsity_aware))
     config = src.config
     config._attn_implementation = "sdpa"
     skeleton = build_skeleton(config, compute_dtype)
@@ -233,11 +249,22 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         )
         progress.remove_task(greedy_task)
 
-        tensors = {}
+        hessians = None
+        if quantizer.needs_hessian:
+            hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
+                                       None if aware_index is None else
+                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
+        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS))
+        tensors, quant_stats = {}, {}
         prefix = f"model.layers.{i}."
         for proj, module_path in PROJECTIONS.items():
             sim = sims[proj]
-            q, scales, zeros = quantizer(sim.weight.detach().float(), spec)
+            stats: dict = {}
+            q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
+                                         stats=stats, **options)
+            if stats:
+                quant_stats[proj] = stats
+            progress.advance(quant_task)
             scales, zeros = scales.to(dtype), zeros.to(dtype)
             name = prefix + module_path
             tensors[f"{name}.qweight"] = pack(q, spec.bits)
@@ -252,6 +279,8 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
             w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
             sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             sim.threshold = allocation.projection_thresholds(proj)[default_index]
+        progress.remove_task(quant_task)
+        del hessians
         projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
         for key, t in state.items():
             if key not in projection_keys:
@@ -267,11 +296,40 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
             "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
             "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
             "block_error": allocation.errors,
+            **({"quantizer": quant_stats} if quant_stats else {}),
         })
         layer.to("meta")
         del sims, runner, state
         progress.advance(layers_task)
     return report, dense_params
+
+
+def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidden: torch.Tensor, device,
+                    thresholds: dict[str, float] | None) -> dict[str, torch.Tensor]:
+    """Each projection's input Hessian 2/n Σ x xᵀ from one pass of the float layer over `hidden`.
+
+    thresholds None: dense inputs, one Hessian per activation point (q/k/v read the same input, and gate/up).
+    Otherwise (sparsity-aware GPTQ) the layer runs with every projection at its threshold, as it will decode at
+    that level, and each projection gets the Hessian of its own thresholded input (sim.sparsify).
+    """
+    accumulators: dict[str, HessianAccumulator] = {}
+    try:
+        if thresholds is None:
+            for projs in ACTIVATION_POINTS.values():
+                first = sims[projs[0]]
+                acc = HessianAccumulator(first.weight.shape[1], device)
+                first.observer = acc.update
+                accumulators.update({p: acc for p in projs})
+        else:
+            for proj, sim in sims.items():
+                sim.threshold = thresholds[proj]
+                acc = accumulators[proj] = HessianAccumulator(sim.weight.shape[1], device)
+                sim.observer = lambda x, _sim=sim, _acc=acc: _acc.update(_sim.sparsify(x))
+        runner(hidden, device)
+    finally:
+        for sim in sims.values():
+            sim.observer, sim.threshold = None, 0.0
+    return {p: acc.hessian for p, acc in accumulators.items()}
 
 
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> None:
@@ -290,6 +348,7 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     generation.save_pretrained(writer.dir)
     tokenizer.save_pretrained(writer.dir)
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
-    writer.write_json(REPORT_FILE, {"teal_quant_version": __version__, "levels": quant.levels, "layers": report_layers})
+    writer.write_json(REPORT_FILE, {"teal_quant_version": __version__, "levels": quant.levels,
+                                    "quantization": quantization_summary(recipe), "layers": report_layers})
     writer.write_text("README.md", model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
                                               repo_id=recipe.hub.repo_id if recipe.hub else None))

@@ -68,18 +68,43 @@ class CalibrationSpec(_Section):
     seed: int = 0
 
 
+class GPTQSpec(_Section):
+    """GPTQ options (quantization.method: gptq): columns per lazy-update block, dampening as a fraction of the mean
+    Hessian diagonal, act-order (static groups), and how many calibration samples build the Hessians (null: all)."""
+
+    block_size: int = Field(default=128, ge=1)
+    damp: float = Field(default=0.01, gt=0, lt=1)
+    act_order: bool = False
+    samples: int | None = Field(default=None, ge=1)
+
+
 class QuantizationSpec(_Section):
     method: Literal["rtn", "gptq"] = "rtn"
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    gptq: GPTQSpec | None = None
+    sparsity_aware: float | None = None  # a positive level of sparsity.levels: GPTQ sees inputs thresholded at it
 
-    @field_validator("method")
+    @model_validator(mode="before")
     @classmethod
-    def _gptq_not_yet(cls, v: str) -> str:
-        if v == "gptq":
-            raise ValueError("gptq is not available in this version of teal-quant; use rtn")
-        return v
+    def _gptq_block(cls, data: Any) -> Any:
+        """method gptq without a `gptq:` block gets the defaults; a `gptq:` block under another method is an error."""
+        if isinstance(data, dict):
+            method = data.get("method", "rtn")
+            if method == "gptq" and data.get("gptq") is None:
+                data = {**data, "gptq": {}}
+            elif method != "gptq" and data.get("gptq") is not None:
+                raise _FieldError("gptq", f"only applies to method gptq (method is {method})")
+            if method != "gptq" and data.get("sparsity_aware") is not None:
+                raise _FieldError("sparsity_aware", f"only applies to method gptq (method is {method})")
+        return data
+
+    def quantizer_options(self) -> dict[str, Any]:
+        """Keyword options of the method's quantizer (quantize.QUANTIZERS): none for rtn."""
+        if self.gptq is None:
+            return {}
+        return {"block_size": self.gptq.block_size, "damp": self.gptq.damp, "act_order": self.gptq.act_order}
 
     @field_validator("bits")
     @classmethod
@@ -191,6 +216,19 @@ class Recipe(_Section):
     eval: EvalSpec | None = None
     runtime: RuntimeSpec = RuntimeSpec()
     hub: HubSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        q = self.quantization
+        if q.sparsity_aware is not None:
+            positive = [lv for lv in self.sparsity.levels if lv > 0]
+            if not any(abs(q.sparsity_aware - lv) < 1e-9 for lv in positive):
+                raise _FieldError("quantization.sparsity_aware",
+                                  f"{q.sparsity_aware} is not one of the positive sparsity.levels {positive}")
+        if q.gptq is not None and q.gptq.samples is not None and q.gptq.samples > self.calibration.samples:
+            raise _FieldError("quantization.gptq.samples",
+                              f"{q.gptq.samples} is more than calibration.samples ({self.calibration.samples})")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":

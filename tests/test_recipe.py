@@ -44,7 +44,7 @@ def test_defaults():
         ("sparsity: {prefill: half}", "sparsity.prefill: Input should be 'dense' or 'sparse'"),
         ("quantization: {bits: 3}", "quantization.bits: must be 4 or 8, got 3"),
         ("quantization: {group_size: 100}", "quantization.group_size: must be a power of two >= 8, or -1 for per-channel, got 100"),
-        ("quantization: {method: gptq}", "quantization.method: gptq is not available"),
+        ("quantization: {method: gptq, gptq: {damp: 2}}", "quantization.gptq.damp: Input should be less than 1"),
         ("quantization: {method: awq}", "quantization.method: Input should be 'rtn' or 'gptq'"),
         ("quantization: {bitz: 4}", "quantization.bitz: unknown key"),
         ("foo: 1", "foo: unknown key"),

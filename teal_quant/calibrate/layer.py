@@ -70,9 +70,8 @@ class SimulatedLinear(nn.Module):
             self.observer(x)
         if self.reuse and self._last is not None and self._last[0] is x and self._last[1] == self.threshold:
             return self._last[2]
-        threshold = self.threshold
         out = F.linear(self.sparsify(x), self.weight, self.bias)
-        self._last = (x, threshold, out) if self.reuse else None
+        self._last = (x, self.threshold, out) if self.reuse else None
         return out
 
 

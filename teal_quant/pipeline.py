@@ -24,6 +24,7 @@ from .artifact import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
 from .calibrate.layer import LayerRunner, allocate, attach_simulated, capture_histograms, predicted_sparsity
 from .data import generate_samples, random_windows, read_text, tokenize_stream
 from .errors import ModelSourceError, RecipeError
+from .gptq_checkpoint import checkpoint_recipe
 from .kernels import pack
 from .progress import Progress
 from .quantize import QUANTIZERS, QuantSpec
@@ -99,8 +100,6 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     device = pick_device(recipe.runtime.device)
-    spec = QuantSpec(bits=recipe.quantization.bits, group_size=recipe.quantization.group_size, sym=recipe.quantization.sym)
-    quantizer = QUANTIZERS[recipe.quantization.method]
     sp = recipe.sparsity
     levels = sp.all_levels
     default_index = levels.index(sp.default) if sp.default in levels else 0
@@ -109,6 +108,11 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
         src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
         progress.update(task, total=1, completed=1)
+        recipe = checkpoint_recipe(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype from the checkpoint
+        q = recipe.quantization
+        spec = QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym)
+        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
+        quantizer = None if q.method == "from_checkpoint" else QUANTIZERS[q.method]
         check_shapes(src, spec)
         dtype = resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
@@ -121,8 +125,10 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
 
         t = time.time()
         quant = TealQuantConfig(
-            bits=spec.bits, group_size=spec.group_size, sym=spec.sym, quantizer=recipe.quantization.method,
+            bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+            quantizer="gptq" if quantizer is None else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill,
+            act_order=bool(getattr(src, "act_order", False)),
         )
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
         with writer:
@@ -236,18 +242,21 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         prefix = f"model.layers.{i}."
         for proj, module_path in PROJECTIONS.items():
             sim = sims[proj]
-            q, scales, zeros = quantizer(sim.weight.detach().float(), spec)
-            scales, zeros = scales.to(dtype), zeros.to(dtype)
             name = prefix + module_path
-            tensors[f"{name}.qweight"] = pack(q, spec.bits)
-            tensors[f"{name}.scales"] = scales
-            tensors[f"{name}.zeros"] = zeros
+            if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
+                tensors.update({f"{name}.{key}": t for key, t in src.packed(name).items()})
+            else:
+                q, scales, zeros = quantizer(sim.weight.detach().float(), spec)
+                scales, zeros = scales.to(dtype), zeros.to(dtype)
+                tensors[f"{name}.qweight"] = pack(q, spec.bits)
+                tensors[f"{name}.scales"] = scales
+                tensors[f"{name}.zeros"] = zeros
+                # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
+                w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
+                sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
             if sim.bias is not None:
                 tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
-            # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-            w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
-            sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             sim.threshold = allocation.projection_thresholds(proj)[default_index]
         projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
         for key, t in state.items():

@@ -29,9 +29,11 @@ SINGLE_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "calibration_report.json"
 PACKING = {4: "int4-n8", 8: "int8"}
-# Per quantized linear P: P.qweight, P.scales, P.zeros, P.thresholds, and P.bias / P.channel_scale if any.
+# Per quantized linear P: P.qweight, P.scales, P.zeros, P.thresholds, and P.bias / P.channel_scale if any;
+# P.perm (int32 [K]) on every linear when quantization_config.act_order is true (imported act-order GPTQ).
 QUANT_SUFFIXES = ("qweight", "scales", "zeros", "thresholds")
 CRITERIA = ("magnitude", "weight_aware")  # weight_aware: every quantized linear has P.channel_scale float32 [K]
+PERM_SUFFIX = "perm"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class TealQuantConfig:
     criterion: str = "magnitude"
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     format_version: int = FORMAT_VERSION
+    act_order: bool = False  # every linear has P.perm: y = x[..., perm] @ W^T_stored
 
     @property
     def packing(self) -> str:
@@ -64,6 +67,7 @@ class TealQuantConfig:
         raise ValueError(f"sparsity level {level} is not in this artifact (levels: {', '.join(map(str, self.levels))})")
 
     def to_dict(self) -> dict:
+        extra = {"act_order": True} if self.act_order else {}  # written only when true: older readers see no change
         return {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
@@ -82,6 +86,7 @@ class TealQuantConfig:
                 "criterion": self.criterion,
             },
             "teal_quant_version": __version__,
+            **extra,
         }
 
     @classmethod
@@ -106,6 +111,7 @@ class TealQuantConfig:
                 prefill=str(sp.get("prefill", "dense")),
                 criterion=str(sp.get("criterion", "magnitude")),
                 modules_to_not_convert=list(d.get("modules_to_not_convert", [])),
+                act_order=bool(d.get("act_order", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: quantization_config is incomplete ({first_line(e)})") from None
@@ -275,8 +281,20 @@ def read_artifact(path: str | Path) -> Artifact:
         if missing:
             raise ArtifactError(f"artifact '{path}': shard {file} lacks tensor {missing[0]}")
     artifact = Artifact(path=path, config=config, quant=quant, weight_map=weight_map)
+    for module in artifact.quantized_modules():
+        if (f"{module}.{PERM_SUFFIX}" in weight_map) != quant.act_order:
+            problem = "is missing (act_order is true)" if quant.act_order else "is present but act_order is not set"
+            raise ArtifactError(f"artifact '{path}': tensor {module}.{PERM_SUFFIX} {problem}")
     _check_channel_scales(artifact)
     return artifact
+
+
+def check_perm(perm: torch.Tensor, in_features: int, where: str) -> None:
+    """P.perm must be an int32 permutation of 0..K-1 (y = x[..., perm] @ W^T_stored)."""
+    if perm.dtype != torch.int32 or tuple(perm.shape) != (in_features,):
+        raise ArtifactError(f"{where}: must be int32 [{in_features}], got {perm.dtype} {tuple(perm.shape)}")
+    if not torch.equal(torch.sort(perm.long()).values, torch.arange(in_features, device=perm.device)):
+        raise ArtifactError(f"{where}: is not a permutation of 0..{in_features - 1}")
 
 
 def _check_channel_scales(artifact: Artifact) -> None:

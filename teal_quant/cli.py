@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
 
+    conv = sub.add_parser("convert-gptq", help="import a GPTQ checkpoint: calibrate TEAL thresholds, keep its weights")
+    conv.add_argument("source", help="GPTQ checkpoint (local directory or Hub repo id)")
+    conv.add_argument("output", type=Path, help="artifact directory")
+    conv.add_argument("--levels", type=_levels, default=[0.25, 0.4, 0.5], help="sparsity levels (default 0.25,0.4,0.5)")
+    conv.add_argument("--default", type=float, default=0.4, help="default level (one of --levels; default 0.4)")
+    conv.add_argument("--calibration", nargs="+", metavar="FILE",
+                      help="calibration text files or globs (default: text sampled from the model itself)")
+    conv.add_argument("--allocation", choices=("uniform", "greedy"), default="greedy")
+    conv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+
     ins = sub.add_parser("inspect", help="describe an artifact: format, levels, allocation, bytes")
     ins.add_argument("artifact")
 
@@ -90,6 +101,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "convert-gptq":
+        from .pipeline import run
+        from .recipe import convert_gptq_recipe
+
+        recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,
+                                     calibration=args.calibration, allocation=args.allocation, device=args.device,
+                                     overwrite=args.overwrite)
+        run(recipe)
+        return 0
     if args.command == "inspect":
         from .describe import inspect_artifact
 

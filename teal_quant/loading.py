@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import Artifact, TealQuantConfig, read_artifact
+from .artifact import Artifact, TealQuantConfig, check_perm, read_artifact
 from .errors import ArtifactError, HubError, first_line
 from .modules import TealLinear, realized_sparsity, teal_linears
 from .source import build_skeleton, looks_like_local_path, materialize_non_persistent_buffers, resolve_dtype
@@ -52,6 +52,7 @@ def replace_linears(model: nn.Module, quantized: list[str], quant: TealQuantConf
             linear.in_features, linear.out_features, bits=quant.bits, group_size=quant.group_size_for(linear.in_features),
             n_levels=len(quant.levels), bias=linear.bias is not None, dtype=dtype, device="meta", prefill=quant.prefill,
             channel_scale=quant.criterion == "weight_aware",
+            perm=quant.act_order,
         )
         setattr(model.get_submodule(parent_name), child, module)
 
@@ -122,6 +123,8 @@ def load(
     materialize_non_persistent_buffers(model, device)
     model.to(device)
     for name, module in teal_linears(model):
+        if module.perm is not None:
+            check_perm(module.perm, module.in_features, f"artifact '{artifact.path}': {name}.perm")
         problem = check_sparsity_tensors(module)
         if problem:
             raise ArtifactError(f"artifact '{artifact.path}': {name}.{problem}")

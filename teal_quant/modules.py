@@ -53,6 +53,7 @@ class TealLinear(nn.Module):
         device: torch.device | str | None = None,
         prefill: str = "dense",
         channel_scale: bool = False,
+        perm: bool = False,
     ):
         super().__init__()
         if group_size == -1:
@@ -75,6 +76,8 @@ class TealLinear(nn.Module):
         self.register_buffer(
             "channel_scale", torch.ones(in_features, dtype=torch.float32, device=device) if channel_scale else None
         )
+        # act-order GPTQ import: W^T rows stored in perm order, so the layer computes x[..., perm] @ W^T_stored
+        self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
         self._init_runtime_state(device)
 
@@ -102,7 +105,10 @@ class TealLinear(nn.Module):
             if self.channel_scale is None:
                 self.threshold.copy_(self.thresholds[index])
             else:
-                self.threshold.copy_(channel_thresholds(self.thresholds[index], self.channel_scale))
+                per_channel = channel_thresholds(self.thresholds[index], self.channel_scale)
+                if self.perm is not None:  # channel_scale is in input order; x is gathered to stored order first
+                    per_channel = per_channel.index_select(0, self.perm)
+                self.threshold.copy_(per_channel)
 
     def reset_stats(self) -> None:
         self.zero_count.zero_()
@@ -120,6 +126,8 @@ class TealLinear(nn.Module):
         lead = x.shape[:-1]
         tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
         x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
+            x2 = x2.index_select(1, self.perm)
         if tokens_per_sequence == 1 and x2.shape[0] <= 16:
             self._record(x2.abs() > self.threshold)
             y = kernels.sparse_gemv(
@@ -138,6 +146,8 @@ class TealLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The dense [out, in] weight this module represents (for checks and export, not for inference)."""
         w_t = kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        if self.perm is not None:  # stored row j is input channel perm[j]
+            w_t = torch.empty_like(w_t).index_copy_(0, self.perm.long(), w_t)
         return w_t.t()
 
     def extra_repr(self) -> str:
@@ -145,6 +155,7 @@ class TealLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, levels={self.thresholds.numel()}, prefill={self.prefill}, "
             f"criterion={'magnitude' if self.channel_scale is None else 'weight_aware'}"
+            + (", perm=True" if self.perm is not None else "")
         )
 
 

@@ -27,6 +27,7 @@ from .calibrate.layer import (ACTIVATION_POINTS, LayerRunner, SimulatedLinear, a
                               capture_histograms, predicted_sparsity)
 from .data import generate_samples, random_windows, read_text, tokenize_stream
 from .errors import ModelSourceError, RecipeError
+from .gptq_checkpoint import checkpoint_recipe
 from .kernels import pack
 from .progress import Progress
 from .quantize import QUANTIZERS, HessianAccumulator, QuantSpec
@@ -112,8 +113,6 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     device = pick_device(recipe.runtime.device)
-    spec = QuantSpec(bits=recipe.quantization.bits, group_size=recipe.quantization.group_size, sym=recipe.quantization.sym)
-    quantizer = QUANTIZERS[recipe.quantization.method]
     sp = recipe.sparsity
     levels = sp.all_levels
     default_index = levels.index(sp.default) if sp.default in levels else 0
@@ -122,6 +121,11 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
         src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
         progress.update(task, total=1, completed=1)
+        recipe = checkpoint_recipe(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype from the checkpoint
+        q = recipe.quantization
+        spec = QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym)
+        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
+        quantizer = None if q.method == "from_checkpoint" else QUANTIZERS[q.method]
         check_shapes(src, spec)
         dtype = resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
@@ -134,8 +138,10 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
 
         t = time.time()
         quant = TealQuantConfig(
-            bits=spec.bits, group_size=spec.group_size, sym=spec.sym, quantizer=recipe.quantization.method,
+            bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+            quantizer="gptq" if quantizer is None else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
+            act_order=bool(getattr(src, "act_order", False)),
         )
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
         with writer:
@@ -250,7 +256,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         progress.remove_task(greedy_task)
 
         hessians = None
-        if quantizer.needs_hessian:
+        if quantizer is not None and quantizer.needs_hessian:
             hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
                                        None if aware_index is None else
                                        {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
@@ -259,25 +265,28 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         prefix = f"model.layers.{i}."
         for proj, module_path in PROJECTIONS.items():
             sim = sims[proj]
-            stats: dict = {}
-            q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
-                                         stats=stats, **options)
-            if stats:
-                quant_stats[proj] = stats
-            progress.advance(quant_task)
-            scales, zeros = scales.to(dtype), zeros.to(dtype)
             name = prefix + module_path
-            tensors[f"{name}.qweight"] = pack(q, spec.bits)
-            tensors[f"{name}.scales"] = scales
-            tensors[f"{name}.zeros"] = zeros
+            if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
+                tensors.update({f"{name}.{key}": t for key, t in src.packed(name).items()})
+            else:
+                stats: dict = {}
+                q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
+                                             stats=stats, **options)
+                if stats:
+                    quant_stats[proj] = stats
+                scales, zeros = scales.to(dtype), zeros.to(dtype)
+                tensors[f"{name}.qweight"] = pack(q, spec.bits)
+                tensors[f"{name}.scales"] = scales
+                tensors[f"{name}.zeros"] = zeros
+                # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
+                w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
+                sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
+            progress.advance(quant_task)
             tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
             if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
                 tensors[f"{name}.channel_scale"] = sim.channel_scale.to(torch.float32)
             if sim.bias is not None:
                 tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
-            # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-            w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
-            sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             sim.threshold = allocation.projection_thresholds(proj)[default_index]
         progress.remove_task(quant_task)
         del hessians

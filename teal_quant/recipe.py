@@ -79,7 +79,10 @@ class GPTQSpec(_Section):
 
 
 class QuantizationSpec(_Section):
-    method: Literal["rtn", "gptq"] = "rtn"
+    """`from_checkpoint`: model.source is an existing GPTQ checkpoint; its codes are kept as they are and bits,
+    group_size and sym come from it (setting different ones is an error)."""
+
+    method: Literal["rtn", "gptq", "from_checkpoint"] = "rtn"
     bits: int = 4
     group_size: int = 128
     sym: bool = False
@@ -334,3 +337,24 @@ def parse_size(text: str | int) -> int:
     if value < 1:
         raise ValueError(f"'{text}' must be positive")
     return int(value)
+
+
+def convert_gptq_recipe(source: str, output: str | Path, *, levels: list[float], default: float,
+                        calibration: list[str] | None = None, allocation: str = "greedy", device: str = "auto",
+                        overwrite: bool = False) -> Recipe:
+    """The recipe `teal-quant convert-gptq` runs: a GPTQ checkpoint kept as is (method from_checkpoint) plus TEAL
+    thresholds, calibrated on the given text files or, like the default recipe, on text the model samples itself."""
+    if calibration:
+        cal: dict[str, Any] = {"source": {"kind": "text_files", "paths": list(calibration)}}
+    else:
+        cal = {"source": {"kind": "generated"}, "samples": 16, "seq_len": 256}
+    data = {
+        "name": f"{Path(source.rstrip('/')).name}-teal",
+        "model": {"source": source},
+        "calibration": cal,
+        "quantization": {"method": "from_checkpoint"},
+        "sparsity": {"levels": levels, "default": default, "allocation": allocation},
+        "output": {"dir": str(output), "overwrite": overwrite},
+        "runtime": {"device": device},
+    }
+    return Recipe.from_dict(data, origin="convert-gptq")

@@ -173,6 +173,13 @@ def open_model(source: str, *, gguf_file: str | None = None, revision: str | Non
         raise ModelSourceError(
             f"model '{source}': unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if not gguf_file:
+        from .gptq_checkpoint import gptq_settings, open_gptq
+
+        settings = gptq_settings(path, f"model '{source}'")
+        if settings is not None:  # an existing GPTQ checkpoint: imported as is (quantization.method: from_checkpoint)
+            return open_gptq(path, config, settings, source=source, revision=revision,
+                             index=_index_safetensors(path, source))
     if getattr(config, "quantization_config", None) and not gguf_file:
         method = dict(config.quantization_config).get("quant_method", "?") if isinstance(config.quantization_config, dict) else "?"
         raise ModelSourceError(f"model '{source}': is already quantized ({method}); start from a float checkpoint")

@@ -45,7 +45,7 @@ def test_defaults():
         ("quantization: {bits: 3}", "quantization.bits: must be 4 or 8, got 3"),
         ("quantization: {group_size: 100}", "quantization.group_size: must be a power of two >= 8, or -1 for per-channel, got 100"),
         ("quantization: {method: gptq, gptq: {damp: 2}}", "quantization.gptq.damp: Input should be less than 1"),
-        ("quantization: {method: awq}", "quantization.method: Input should be 'rtn' or 'gptq'"),
+        ("quantization: {method: awq}", "quantization.method: Input should be 'rtn', 'gptq' or 'from_checkpoint'"),
         ("quantization: {bitz: 4}", "quantization.bitz: unknown key"),
         ("foo: 1", "foo: unknown key"),
         ("output: {max_shard_size: 2XB}", "output.max_shard_size: '2XB' is not a size like 2GB or 500MiB"),

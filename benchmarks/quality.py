@@ -86,7 +86,9 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
     greedy = {"step": opts.greedy_step, "tokens": opts.greedy_tokens}
     w4 = {"bits": 4, "group_size": g, "sym": False}
     w8 = {"bits": 8, "group_size": -1, "sym": False}
-    uniform = lambda levels: {"levels": levels, "default": 0.4, "allocation": "uniform"}  # noqa: E731
+    # default 0: every calibration propagates dense activations (TEAL's reference calibrates on the dense model), so
+    # one calibration serves every level alike and plain vs sparsity-aware GPTQ differ only in `sparsity_aware`.
+    uniform = lambda levels: {"levels": levels, "default": 0.0, "allocation": "uniform"}  # noqa: E731
     out: dict[str, dict[str, Any]] = {
         "rtn_w4": {"quantization": {"method": "rtn", **w4}, "sparsity": uniform(COMBO_LEVELS)},
         "gptq_w4": {"quantization": {"method": "gptq", **w4}, "sparsity": uniform(COMBO_LEVELS)},
@@ -102,7 +104,7 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
     for level in COMBO_LEVELS:
         out[f"gptq_w4_sa{pct(level)}"] = {
             "quantization": {"method": "gptq", **w4, "sparsity_aware": level},
-            "sparsity": {**uniform(COMBO_LEVELS), "default": level},
+            "sparsity": uniform(COMBO_LEVELS),
         }
     return out
 
@@ -330,8 +332,10 @@ def protocol(opts: Options) -> dict[str, Any]:
                   f"weight/criterion configuration covering levels {DENSE_LEVELS}",
         "dense-weight sparsity rows": "weights RTN int8 per-channel asym (the pipeline always quantizes; RTN w8 is "
                                       "within noise of dense, see the rtn_w8 row)",
-        "sparsity-aware GPTQ": "one artifact per level (GPTQ calibrated on inputs thresholded at that level), "
-                               "evaluated at that level only; uniform allocation for every w4 + sparsity row",
+        "sparsity-aware GPTQ": "one artifact per level (quantization.sparsity_aware: that level), evaluated at that "
+                               "level only; uniform allocation for every w4 + sparsity row",
+        "propagation": "sparsity.default 0 in every build: each layer is calibrated on the activations of the "
+                       "quantized but dense previous layers",
     }
 
 

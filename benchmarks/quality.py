@@ -200,14 +200,16 @@ def compress_cached(name: str, recipe: dict[str, Any], cache: Path) -> dict[str,
         return {**json.loads(meta.read_text()), "artifact": str(artifact), "cached": True}
     try:
         parsed = Recipe.from_dict(recipe, origin=f"build {name}")
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         compress(parsed, artifact, overwrite=True)
-        seconds = time.time() - t
+        seconds, cpu = time.time() - t, time.process_time() - cpu
     except TealQuantError as e:
         return {"status": "failed", "error": first_line(e)}
     except Exception as e:  # noqa: BLE001 -- a long report goes on past one broken build and names it
         return {"status": "failed", "error": f"{type(e).__name__}: {first_line(e)}"}
-    info = {"status": "ok", "compress_seconds": round(seconds, 1), "build": name}
+    resolved = parsed.model_dump(mode="json")  # with every default filled in (e.g. quantization.gptq)
+    info = {"status": "ok", "compress_seconds": round(seconds, 1), "compress_cpu_seconds": round(cpu, 1), "build": name,
+            "resolved": {k: resolved[k] for k in ("quantization", "sparsity")}}
     tmp = meta.with_suffix(".json.partial")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, meta)
@@ -291,8 +293,10 @@ def run_report(opts: Options, *, row_patterns: str | None = None, cache: Path, o
         b = built[row.build] if row.build else None
         entry: dict[str, Any] = {
             "id": row.id, "label": row.label, "build": row.build, "level": row.level, "prefill": row.prefill,
-            "recipe": {k: b["recipe"][k] for k in ("quantization", "sparsity")} if b else None,
-            "compress_seconds": b.get("compress_seconds") if b else None, "compress_cached": b.get("cached") if b else None,
+            "recipe": (b.get("resolved") or {k: b["recipe"].get(k) for k in ("quantization", "sparsity")}) if b else None,
+            "compress_seconds": b.get("compress_seconds") if b else None,
+            "compress_cpu_seconds": b.get("compress_cpu_seconds") if b else None,
+            "compress_cached": b.get("cached") if b else None,
             **m,
         }
         if "perplexity" in m and dense_ppl is not None:

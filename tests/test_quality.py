@@ -44,7 +44,7 @@ CI_ROWS = ",".join([
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
-    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=512, group_size=64, device="cpu")
+    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=256, group_size=64, device="cpu")
     report = quality.run_report(opts, row_patterns=CI_ROWS, cache=tmp / "cache", out=tmp / "quality",
                                 command="pytest tests/test_quality.py")
     report["_out"] = tmp / "quality"
@@ -81,7 +81,7 @@ def test_report_files_name_the_run_and_every_row(report):
 
 def test_rerun_reuses_the_cached_artifacts(report, tmp_path):
     cache = report["_out"].parent / "cache"
-    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=512, group_size=64, device="cpu")
+    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=256, group_size=64, device="cpu")
     recipe = quality.recipe_dict(quality.builds(opts)["rtn_w8"], opts)
     again = quality.compress_cached("rtn_w8", recipe, cache)
     assert again["status"] == "ok" and again["cached"] is True

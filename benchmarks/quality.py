@@ -88,7 +88,8 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
     w8 = {"bits": 8, "group_size": -1, "sym": False}
     # default 0: every calibration propagates dense activations (TEAL's reference calibrates on the dense model), so
     # one calibration serves every level alike and plain vs sparsity-aware GPTQ differ only in `sparsity_aware`.
-    uniform = lambda levels: {"levels": levels, "default": 0.0, "allocation": "uniform"}  # noqa: E731
+    # greedy.tokens also sizes the block-error measurement a uniform build reports: the same 512 tokens everywhere.
+    uniform = lambda levels: {"levels": levels, "default": 0.0, "allocation": "uniform", "greedy": greedy}  # noqa: E731
     out: dict[str, dict[str, Any]] = {
         "rtn_w4": {"quantization": {"method": "rtn", **w4}, "sparsity": uniform(COMBO_LEVELS)},
         "gptq_w4": {"quantization": {"method": "gptq", **w4}, "sparsity": uniform(COMBO_LEVELS)},
@@ -98,8 +99,6 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
     for alloc in ALLOCATIONS:
         for crit in CRITERIA:
             sp = {**uniform(DENSE_LEVELS), "allocation": alloc, "criterion": crit}
-            if alloc == "greedy":
-                sp["greedy"] = greedy
             out[f"w8_{alloc}_{crit}"] = {"quantization": {"method": "rtn", **w8}, "sparsity": sp}
     for level in COMBO_LEVELS:
         out[f"gptq_w4_sa{pct(level)}"] = {

@@ -17,7 +17,9 @@ from torch import nn
 
 from teal_quant import kernels
 
-PREFILL_MODES = ("dense", "sparse")
+# "sparse_last_half" is an evaluation mode (the TEAL paper's perplexity protocol): in a multi-token forward only the
+# last half of each sequence is thresholded, the first half stays dense like a prompt.
+PREFILL_MODES = ("dense", "sparse", "sparse_last_half")
 
 
 def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,12 @@ class TealLinear(nn.Module):
                 active = x2.abs() > self.threshold
                 self._record(active)
                 x2 = x2 * active
+            elif self.prefill == "sparse_last_half":
+                active = x.abs() > self.threshold
+                active[..., : tokens_per_sequence // 2, :] = True
+                active = active.reshape(-1, self.in_features)
+                self._record(active)
+                x2 = x2 * active
             y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
         if self.bias is not None:
             y = y + self.bias
@@ -179,7 +187,8 @@ def reset_stats(model: nn.Module) -> None:
 
 
 def set_prefill_mode(model: nn.Module, mode: str) -> None:
-    """'sparse' thresholds every prompt token too (how quality is measured: every token as in decode)."""
+    """'sparse' thresholds every prompt token too (how quality is measured: every token as in decode);
+    'sparse_last_half' only the last half of each sequence (the TEAL paper's perplexity protocol)."""
     if mode not in PREFILL_MODES:
         raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
     for _, m in teal_linears(model):

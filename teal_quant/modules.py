@@ -5,6 +5,11 @@ rows of W^T whose input activation survives the threshold. Prefill goes through 
 product (`dense_gemm`), optionally on thresholded inputs. The threshold of the active level lives in a
 0-dim buffer that `set_level` overwrites in place, so switching levels never reallocates (a captured
 CUDA graph keeps working) and never recompiles.
+
+On CUDA, `teal_quant.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
+gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/fusion.py).
+The realized-sparsity counters cost a few small kernels per call: `track_sparsity(model, False)` turns them off
+(docs/decoding.md has the measured cost).
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ class TealLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(n_levels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.level_index = 0
+        self.track = True  # count realized sparsity (track_sparsity switches it)
+        self._fused_group = None  # teal_quant.fusion.FusedGroup when fused with its siblings
+        self._fused_part = 0
         self._init_runtime_state(device)
+        self._register_state_dict_hook(_contiguous_state)
 
     def _init_runtime_state(self, device: torch.device | str | None) -> None:
         """Buffers that are not saved: the active threshold and the realized-sparsity counters."""
@@ -91,15 +100,20 @@ class TealLinear(nn.Module):
         lead = x.shape[:-1]
         tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
         x2 = x.reshape(-1, self.in_features)
-        if tokens_per_sequence == 1 and x2.shape[0] <= 16:
-            self._record(x2.abs() > self.threshold)
+        decode = tokens_per_sequence == 1 and x2.shape[0] <= 16
+        if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
+            y = self._fused_group.output(self, x, x2, decode)
+        elif decode:
+            if self.track:
+                self._record(x2.abs() > self.threshold)
             y = kernels.sparse_gemv(
                 x2, self.qweight, self.scales, self.zeros, self.threshold, bits=self.bits, group_size=self.group_size
             )
         else:
             if self.prefill == "sparse" or tokens_per_sequence == 1:
                 active = x2.abs() > self.threshold
-                self._record(active)
+                if self.track:
+                    self._record(active)
                 x2 = x2 * active
             y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
         if self.bias is not None:
@@ -116,6 +130,22 @@ class TealLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, levels={self.thresholds.numel()}, prefill={self.prefill}"
         )
+
+
+def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A fused member's buffers are column views of its group: save them as tensors of their own."""
+    if module._fused_group is not None:
+        for name in ("qweight", "scales", "zeros"):
+            key = prefix + name
+            if key in state_dict:
+                state_dict[key] = state_dict[key].contiguous()
+
+
+def track_sparsity(model: nn.Module, enabled: bool) -> None:
+    """Switch the realized-sparsity counters of every TealLinear (default on: `realized_sparsity` reports the last
+    forward). Off saves a few small kernels per projection and token (docs/decoding.md has the cost)."""
+    for _, m in teal_linears(model):
+        m.track = bool(enabled)
 
 
 def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:

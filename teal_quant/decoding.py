@@ -28,10 +28,13 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 
 
 class Decoder:
-    """Greedy decoder over a static cache; `cuda_graph=None` means on for CUDA, off on the CPU."""
+    """Greedy decoder over a static cache; `cuda_graph=None` means on for CUDA, off on the CPU.
+
+    On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (`fuse=False` keeps separate calls,
+    for comparisons); a dense model has none and is left as it is."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_length: int, cuda_graph: bool | None = None,
-                 eos_check_every: int = 8):
+                 eos_check_every: int = 8, fuse: bool = True):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
@@ -45,7 +48,7 @@ class Decoder:
             raise ValueError(f"cuda_graph=True needs a model on CUDA, this one is on {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self.eos_check_every = max(1, int(eos_check_every))
-        if self.device.type == "cuda":
+        if fuse and self.device.type == "cuda":
             from .fusion import fuse_projections
 
             fuse_projections(model)

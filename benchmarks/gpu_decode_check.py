@@ -9,7 +9,11 @@ g128, thresholds from quantiles of its own activations), exit 1 if a check fails
 - decode-step logits: fused vs unfused on CUDA (rel err <= 1e-2: the same kernels in other launch shapes, fp32
   atomics in another order), CUDA vs the CPU reference in fp32 (<= 1.5x the CPU bf16/fp16 reference's own error
   + 1e-2: thresholds flip on last-bit differences, as in gpu_pipeline_check.py);
-- Decoder tokens with the CUDA graph == eager tokens (batch 1 and 4, and with an EOS id);
+- Decoder with the CUDA graph vs eager, teacher-forced on the same tokens: logits rel err <= 1e-2 (batch 1 and 4);
+  free-running token equality is reported, not required: these random models have nearly flat logits, and the
+  sparse GEMV's fp32 split-K atomics (docs/kernels.md) change last bits from call to call, so a near-tie argmax
+  can flip and every later token differs (run 1 saw that: benchmarks/results/gpu_decode_check_h200.md);
+- with an EOS id, the graph keeps emitting EOS after it;
 - per-token decode time graph vs eager, fused vs unfused, sparsity counters on vs off.
 SmolLM2 mode: greedy 32 tokens at level 0 must equal the CPU's tokens; at level 0.4 the first divergence index and
 the token agreement are reported, and the check asks for >= 75 % agreement and no divergence before token 8
@@ -51,14 +55,32 @@ def set_level(model, index: int) -> None:
 
 
 @torch.no_grad()
-def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of one decode step (sparse kernels) after a dense prefill of ids, through HF's dynamic cache."""
+def decode_logits(model, ids: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """Logits of one decode step (sparse kernels) on the given next tokens [B, 1] after a dense prefill of ids,
+    through HF's dynamic cache. The next token is fixed by the caller: a random model's logits are nearly flat, so
+    each model's own argmax would differ on near-ties and compare different inputs."""
     dev = next(model.parameters()).device
     out = model(ids.to(dev), use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
     cache = getattr(out, "cache", None)
     cache = out.past_key_values if cache is None else cache
-    return model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+    return model(nxt.to(dev), past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+
+
+@torch.no_grad()
+def forced_logits(model, ids: torch.Tensor, forced: torch.Tensor, cuda_graph: bool) -> torch.Tensor:
+    """Decoder logits [B, n, V] when the tokens `forced` [B, n] are fed step by step (teacher forcing), so the graph
+    and the eager loop see the same inputs even where a near-tie flips an argmax."""
+    dec = Decoder(model, batch_size=ids.shape[0], max_length=ids.shape[1] + forced.shape[1] + 1,
+                  cuda_graph=cuda_graph, fuse=False)
+    dev = next(model.parameters()).device
+    dec.prefill(ids.to(dev))
+    out = []
+    for i in range(forced.shape[1]):
+        dec.step(forced[:, i].to(dev))
+        out.append(dec.logits.float().cpu())
+    if cuda_graph and dec._graph is None:
+        raise RuntimeError(f"CUDA graph was not captured: {dec.graph_error}")
+    return torch.stack(out, 1)
 
 
 def time_decode(model, ids: torch.Tensor, steps: int, cuda_graph: bool) -> float:
@@ -100,8 +122,10 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
     for idx in levels:
         for m in (gpu, unfused, cpu_ref, cpu_low):
             set_level(m, idx)
-        fused_l, unfused_l = decode_logits(gpu, ids), decode_logits(unfused, ids)
-        ref_l, low_l = decode_logits(cpu_ref, ids), decode_logits(cpu_low, ids)
+        with torch.no_grad():
+            nxt = cpu_ref(ids, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        fused_l, unfused_l = decode_logits(gpu, ids, nxt), decode_logits(unfused, ids, nxt)
+        ref_l, low_l = decode_logits(cpu_ref, ids, nxt), decode_logits(cpu_low, ids, nxt)
         e = {"fused_vs_unfused": rel(fused_l, unfused_l), "fused_vs_cpu_fp32": rel(fused_l, ref_l),
              "cpu_low_precision_vs_cpu_fp32": rel(low_l, ref_l)}
         r[f"level_index{idx}_decode_logits_rel_err"] = e
@@ -116,18 +140,26 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
         eager, _ = tokens(gpu, ids[:b], 32, False)
         graph, dec = tokens(gpu, ids[:b], 32, True)
         r[f"batch{b}_graph_captured"] = dec._graph is not None
-        r[f"batch{b}_graph_equals_eager"] = bool(torch.equal(eager, graph))
         if dec._graph is None:
             failures.append(f"{name} batch {b}: CUDA graph not captured ({dec.graph_error})")
-        if not torch.equal(eager, graph):
-            failures.append(f"{name} batch {b}: graph tokens differ from eager tokens")
+        # free-running tokens: reported (a near-tie flip under fp32 split-K atomics changes every later token)
+        r[f"batch{b}_free_running_graph_equals_eager"] = bool(torch.equal(eager, graph))
+        # teacher-forced: the same inputs to both loops; logits must agree (rel err <= 1e-2)
+        forced = eager[:, 25:]
+        fe, fg = forced_logits(gpu, ids[:b], forced, False), forced_logits(gpu, ids[:b], forced, True)
+        e = rel(fg, fe)
+        r[f"batch{b}_forced_graph_vs_eager_logits_rel_err"] = e
+        r[f"batch{b}_forced_argmax_agreement"] = float((fg.argmax(-1) == fe.argmax(-1)).float().mean())
+        if e > 1e-2:
+            failures.append(f"{name} batch {b}: teacher-forced graph vs eager logits rel err {e:.3g} > 1e-2")
         if b == 1:
             eos = int(eager[0, 24 + 5])
             e_eos, _ = tokens(gpu, ids[:1], 32, False, eos)
             g_eos, _ = tokens(gpu, ids[:1], 32, True, eos)
             r["eos_graph_equals_eager"] = bool(torch.equal(e_eos, g_eos))
-            if not torch.equal(e_eos, g_eos):
-                failures.append(f"{name}: graph tokens with EOS differ from eager")
+            r["eos_rows_end_in_eos"] = bool((g_eos[0, 24 + 5 :] == eos).all())
+            if not r["eos_rows_end_in_eos"]:
+                failures.append(f"{name}: graph decoding did not keep emitting EOS after it")
             hf = gpu.generate(ids[:1].cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               eos_token_id=None, pad_token_id=0).cpu()
             r["hf_generate_token_agreement"] = float((hf[0, 24:] == eager[0, 24:]).float().mean())

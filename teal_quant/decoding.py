@@ -67,6 +67,12 @@ class Decoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None  # why capture failed, if it did (then steps run eagerly)
         self.length = 0  # tokens in the cache + the pending one in self._tokens (host-side count, no sync)
+        self._logits: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor | None:
+        """Logits [B, V] of the last prefill / step (a buffer the next step overwrites: clone to keep it)."""
+        return self._logits
 
     # -- model calls -------------------------------------------------------------------------------------------
     def _forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
@@ -87,7 +93,7 @@ class Decoder:
         """One decode step on the static buffers only (what the CUDA graph captures)."""
         pos = self._pos
         self._mask.index_fill_(1, pos, 1)
-        logits = self._forward(self._tokens, pos, self._mask)
+        logits = self._logits = self._forward(self._tokens, pos, self._mask)
         nxt = self._next(logits)
         self._finished |= nxt == self._eos
         self._tokens.copy_(nxt.unsqueeze(1))
@@ -115,7 +121,7 @@ class Decoder:
         ids = input_ids.to(self.device, torch.long)
         self._mask[:, :p] = 1
         self._out[:, :p] = ids
-        logits = self._forward(ids, torch.arange(p, device=self.device), self._mask[:, :p])
+        logits = self._logits = self._forward(ids, torch.arange(p, device=self.device), self._mask[:, :p])
         nxt = self._next(logits)
         self._finished |= nxt == self._eos
         self._tokens.copy_(nxt.unsqueeze(1))
@@ -147,6 +153,7 @@ class Decoder:
             self._capture()
         if self._graph is not None:
             self._graph.replay()
+            self._logits = self._graph_logits
         else:
             self._step_body()
 
@@ -176,6 +183,7 @@ class Decoder:
             self._restore(saved)
             return
         self._graph = graph
+        self._graph_logits = self._logits  # the captured step's output buffer, rewritten by every replay
 
     def _restore(self, saved: list[Tensor]) -> None:
         for t, s in zip(self._state(), saved):

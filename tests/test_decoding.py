@@ -43,10 +43,15 @@ def test_decoder_step_api_and_reuse(dense_model):
     """prefill + step give the same tokens as generate; a second prompt on the same Decoder starts afresh."""
     dec = Decoder(dense_model, batch_size=2, max_length=20)
     ref = hf_greedy(dense_model, PROMPT, 6)
+    with torch.no_grad():
+        full = dense_model(ref[:, :10]).logits
     for _ in range(2):
         toks = [dec.prefill(PROMPT)]
-        for _ in range(5):
+        torch.testing.assert_close(dec.logits, full[:, 7], rtol=1e-5, atol=1e-5)
+        for i in range(5):
             toks.append(dec.step(toks[-1]))
+            if i < 2:  # the logits of the step that fed token 8 + i
+                torch.testing.assert_close(dec.logits, full[:, 8 + i], rtol=1e-4, atol=1e-4)
         assert torch.equal(torch.stack(toks, 1), ref[:, 8:])
     single = Decoder(dense_model, batch_size=1, max_length=20).generate(PROMPT[1:], 6)
     assert torch.equal(single, ref[1:])
@@ -188,3 +193,18 @@ def test_track_sparsity_switch(tiny_artifact, fused):
         assert float(m.last_sparsity) == pytest.approx(want, abs=1e-6)
         assert float(m.input_count) == x.numel()
     assert 0.2 < realized_sparsity(model) < 0.6
+
+
+def test_fused_member_on_other_input_recomputes(tiny_artifact):
+    """The group's cache serves a sibling only for the very same, unmodified tensor."""
+    plain, fused = load(tiny_artifact), load(tiny_artifact)
+    fuse_projections(fused)
+    pa, fa = plain.model.layers[0].self_attn, fused.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(fa.q_proj(x1), pa.q_proj(x1))
+        assert torch.equal(fa.k_proj(x2), pa.k_proj(x2))  # another tensor: not q's cached input
+        assert torch.equal(fa.k_proj(x2), pa.k_proj(x2))  # k twice on one tensor
+        x1.mul_(2.0)  # in place: same object, new version
+        assert torch.equal(fa.v_proj(x1), pa.v_proj(x1))

@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from . import loading
 
         return getattr(loading, name)
+    if name in ("generate", "Decoder"):
+        from . import decoding
+
+        return getattr(decoding, name)
     if name == "push":
         from .hub import push
 
@@ -42,4 +46,6 @@ __all__ = [
     "set_sparsity",
     "realized_sparsity",
     "push",
+    "generate",
+    "Decoder",
 ]

@@ -135,6 +135,10 @@ def load(
         model.generation_config = GenerationConfig.from_pretrained(artifact.path)
     model.eval()
     set_sparsity(model, quant.default if sparsity is None else sparsity)
+    if device.type == "cuda":  # q/k/v and gate/up decode in one launch each (teal_quant/fusion.py)
+        from .fusion import fuse_projections
+
+        fuse_projections(model)
     return model
 
 

@@ -6,6 +6,11 @@ product (`dense_gemm`), optionally on thresholded inputs. The threshold of the a
 buffer that `set_level` overwrites in place, so switching levels never reallocates (a captured CUDA graph
 keeps working) and never recompiles: 0-dim under the magnitude criterion; [K] under the weight-aware one
 (WINA), where input k is kept when |x_k| * channel_scale[k] > t, i.e. |x_k| > t / channel_scale[k].
+
+On CUDA, `teal_quant.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
+gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/fusion.py).
+The realized-sparsity counters cost a few small kernels per call: `track_sparsity(model, False)` turns them off
+(docs/decoding.md has the measured cost).
 """
 
 from __future__ import annotations
@@ -81,7 +86,11 @@ class TealLinear(nn.Module):
         # act-order GPTQ import: W^T rows stored in perm order, so the layer computes x[..., perm] @ W^T_stored
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
+        self.track = True  # count realized sparsity (track_sparsity switches it)
+        self._fused_group = None  # teal_quant.fusion.FusedGroup when fused with its siblings
+        self._fused_part = 0
         self._init_runtime_state(device)
+        self._register_state_dict_hook(_contiguous_state)
 
     def _init_runtime_state(self, device: torch.device | str | None) -> None:
         """Buffers that are not saved: the active threshold ([K] when weight-aware) and the realized-sparsity counters."""
@@ -130,21 +139,27 @@ class TealLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
             x2 = x2.index_select(1, self.perm)
-        if tokens_per_sequence == 1 and x2.shape[0] <= 16:
-            self._record(x2.abs() > self.threshold)
+        decode = tokens_per_sequence == 1 and x2.shape[0] <= 16
+        if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
+            y = self._fused_group.output(self, x, x2, decode)
+        elif decode:
+            if self.track:
+                self._record(x2.abs() > self.threshold)
             y = kernels.sparse_gemv(
                 x2, self.qweight, self.scales, self.zeros, self.threshold, bits=self.bits, group_size=self.group_size
             )
         else:
             if self.prefill == "sparse" or tokens_per_sequence == 1:
                 active = x2.abs() > self.threshold
-                self._record(active)
+                if self.track:
+                    self._record(active)
                 x2 = x2 * active
             elif self.prefill == "sparse_last_half":
-                active = x.abs() > self.threshold
+                active = (x2.abs() > self.threshold).reshape(*lead, self.in_features)
                 active[..., : tokens_per_sequence // 2, :] = True
                 active = active.reshape(-1, self.in_features)
-                self._record(active)
+                if self.track:
+                    self._record(active)
                 x2 = x2 * active
             y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
         if self.bias is not None:
@@ -165,6 +180,22 @@ class TealLinear(nn.Module):
             f"criterion={'magnitude' if self.channel_scale is None else 'weight_aware'}"
             + (", perm=True" if self.perm is not None else "")
         )
+
+
+def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A fused member's buffers are column views of its group: save them as tensors of their own."""
+    if module._fused_group is not None:
+        for name in ("qweight", "scales", "zeros"):
+            key = prefix + name
+            if key in state_dict:
+                state_dict[key] = state_dict[key].contiguous()
+
+
+def track_sparsity(model: nn.Module, enabled: bool) -> None:
+    """Switch the realized-sparsity counters of every TealLinear (default on: `realized_sparsity` reports the last
+    forward). Off saves a few small kernels per projection and token (docs/decoding.md has the cost)."""
+    for _, m in teal_linears(model):
+        m.track = bool(enabled)
 
 
 def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:

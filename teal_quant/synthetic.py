@@ -35,6 +35,7 @@ from .source import PROJECTIONS, SUPPORTED_MODEL_TYPES, build_skeleton, material
 ARCHS = {"llama3-8b": "llama3_8b.json", "llama3-70b": "llama3_70b.json"}
 STORAGE_DTYPE = torch.bfloat16  # the artifact's dtype (scales, zeros, embeddings, norms, lm_head)
 OUTPUT_PROJECTIONS = ("o", "down")  # write into the residual stream: scaled down by 1/sqrt(2 * layers)
+QK_SHARPNESS = 2.0  # q and k weights x2: attention logits q.k/sqrt(d) get std ~4 (peaked, like trained models)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,12 @@ def random_projection(k: int, n: int, std: float, spec: QuantSpec, generator: to
 
 
 def projection_std(proj: str, in_features: int, num_layers: int) -> float:
+    """1/sqrt(K); o/down / sqrt(2 * layers); q/k * QK_SHARPNESS so attention logits have std ~4, not ~1: with flat
+    attention, its output would shrink like 1/sqrt(context) and the o thresholds would depend on the length."""
     std = 1.0 / math.sqrt(in_features)
-    return std / math.sqrt(2 * num_layers) if proj in OUTPUT_PROJECTIONS else std
+    if proj in OUTPUT_PROJECTIONS:
+        return std / math.sqrt(2 * num_layers)
+    return std * QK_SHARPNESS if proj in ("q", "k") else std
 
 
 def check_shapes(config, spec: SyntheticSpec) -> None:

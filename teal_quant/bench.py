@@ -20,6 +20,7 @@ Peak GPU memory is torch.cuda.max_memory_allocated over the variant. Results: a 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk"
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
 ATTENTION_OPS = ("attention",)
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
+FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
 
 
 @dataclass
@@ -167,7 +169,8 @@ def _measure_dense(model: nn.Module, prompt: torch.Tensor, options: BenchOptions
     full_bytes = _dense_bytes(model, dtype)
     extrapolate = options.bf16_extrapolate
     if extrapolate is None:
-        extrapolate = device.type == "cuda" and full_bytes + HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        extrapolate = total is not None and full_bytes + HEADROOM_BYTES > FIT_FRACTION * total
     if not extrapolate:
         _to_dense(model, dtype)
         row = _measure(model, prompt, options, device)
@@ -219,7 +222,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         torch.cuda.reset_peak_memory_stats(device)
     batch, plen = prompt.shape
     _track_sparsity(model, True)
-    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps, cuda_graph=False)
+    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps + 1, cuda_graph=False)
     state = {"token": eager.prefill(prompt)}
     for _ in range(options.warmup):
         state["token"] = eager.step(state["token"])
@@ -228,13 +231,17 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     def eager_step() -> None:
         state["token"] = eager.step(state["token"])
 
-    breakdown = _profile(eager_step, options.profile_steps, cuda)
+    try:
+        breakdown = _profile(eager_step, options.profile_steps, cuda)
+    except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing still counts, the breakdown is missing
+        breakdown = {"linear_ms": None, "attention_ms": None, "other_ms": None, "error": f"{type(e).__name__}: {first_line(e)}"}
     sparsity = _module_sparsity(model)
     del eager, state
     _track_sparsity(model, False)
     _free(device)
 
-    decoder = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.new_tokens, cuda_graph=options.cuda_graph)
+    decoder = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.new_tokens + 1,
+                      cuda_graph=options.cuda_graph)
     token, prefill_ms = _timed(lambda: decoder.prefill(prompt), cuda)
     for _ in range(options.warmup):
         token = decoder.step(token)
@@ -246,6 +253,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         return t
 
     _, decode_total_ms = _timed(decode, cuda)
+    graph_error = getattr(decoder, "graph_error", None)  # the Decoder falls back to eager steps when capture fails
     del decoder
     ms = decode_total_ms / options.new_tokens
     nbytes = _weight_bytes(model, sparsity)
@@ -254,7 +262,8 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         "layers": int(model.config.num_hidden_layers), "prefill_ms": prefill_ms, "decode_ms_per_token": ms,
         "tokens_per_s": batch * 1000.0 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "weight_bytes_per_step": nbytes, "bandwidth_gb_s": nbytes / (ms / 1000.0) / 1e9,
-        "realized_sparsity": realized, "breakdown": breakdown, "extrapolated": None,
+        "realized_sparsity": realized, "sparsity_measured_modules": f"{len(sparsity)}/{len(teal_linears(model))}",
+        "breakdown": breakdown, "cuda_graph_error": graph_error, "extrapolated": None,
     }
 
 
@@ -347,20 +356,21 @@ def _module_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def _size_weighted(model: nn.Module, sparsity: dict[str, float]) -> float | None:
-    linears = teal_linears(model)
-    if not linears or not sparsity:
+    """Size-weighted realized sparsity over the modules whose counters saw inputs (None when none did)."""
+    linears = [(n, m) for n, m in teal_linears(model) if n in sparsity]
+    if not linears:
         return None
-    den = sum(m.weight_size for _, m in linears)
-    return sum(sparsity.get(n, 0.0) * m.weight_size for n, m in linears) / den
+    return sum(sparsity[n] * m.weight_size for n, m in linears) / sum(m.weight_size for _, m in linears)
 
 
 def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
     """Bytes of weights one decode step reads: surviving rows of each packed W^T (all of them at level 0) plus
     every scale and zero (nearly every group keeps a row), and every other parameter but the embedding table."""
     total = 0.0
+    fallback = _size_weighted(model, sparsity) or 0.0  # a module whose counters saw nothing: the measured mean
     for name, m in teal_linears(model):
-        total += (1.0 - sparsity.get(name, 0.0)) * m.qweight.nbytes + m.scales.nbytes + m.zeros.nbytes
-        total += m.bias.nbytes if m.bias is not None else 0
+        total += (1.0 - sparsity.get(name, fallback)) * _nbytes(m.qweight) + _nbytes(m.scales) + _nbytes(m.zeros)
+        total += _nbytes(m.bias) if m.bias is not None else 0
     embed = model.get_input_embeddings().weight
     tied = _tied(model)
     seen = set()
@@ -370,6 +380,11 @@ def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
         seen.add(id(p))
         total += p.nbytes
     return int(total)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes of this tensor's own elements (a fused member's buffers are column views of its group's)."""
+    return t.numel() * t.element_size()
 
 
 def _tied(model: nn.Module) -> bool:
@@ -392,7 +407,12 @@ def _dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace every TealLinear by an nn.Linear with its dequantized weights, one at a time (the packed buffers
-    are freed as it goes, so the peak stays near the dense model's size)."""
+    are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
+    (teal_quant.fusion, made by the Decoder on CUDA) are split back first."""
+    if importlib.util.find_spec(f"{__package__}.fusion") is not None:
+        from .fusion import unfuse_projections
+
+        unfuse_projections(model)
     for name in [n for n, _ in teal_linears(model)]:
         m = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
@@ -504,12 +524,20 @@ def print_bench(result: dict) -> None:
             f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
             human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
             "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
-            f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}", speedup,
+            _breakdown_text(b), speedup,
         )
     console.print(table)
     for v in result["variants"]:
+        if v.get("cuda_graph_error"):
+            console.print(f"{v['variant']}: CUDA graph capture failed, decode ran eagerly ({v['cuda_graph_error']})")
         if v.get("extrapolated"):
             pts = ", ".join(f"{p['layers']} layers {p['decode_ms_per_token']:.3f} ms" for p in v["extrapolated"]["points"])
             console.print(f"{v['variant']} extrapolated: {v['extrapolated']['method']} ({pts})")
-    if ours is not None:
+    if ours is not None and "method" in ours["breakdown"]:
         console.print(f"breakdown: {ours['breakdown']['method']}")
+
+
+def _breakdown_text(b: dict) -> str:
+    if b.get("linear_ms") is None:
+        return f"n/a ({b.get('error', '?')})"
+    return f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import TealQuantError, first_line
-from .modules import TealLinear, reset_stats, teal_linears
+from .modules import reset_stats, teal_linears
 from .synthetic import SyntheticSpec
 
 BASELINES = ("bf16", "int4")

@@ -37,7 +37,7 @@ from .synthetic import SyntheticSpec
 BASELINES = ("bf16", "int4")
 # Kernel name -> group, first match wins (attention first: FlashAttention/cutlass fmha names contain "cutlass").
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
-LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "cublas")
+LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
 ATTENTION_OPS = ("attention",)
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
@@ -318,14 +318,11 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
         if cuda:
             if event.device_type != DeviceType.CUDA:
                 continue
-            us = event.time_range.elapsed_us()
-            kind = "attention" if any(k in name for k in ATTENTION_KERNELS) else \
-                "linear" if any(k in name for k in LINEAR_KERNELS) else "other"
+            us, kind = event.time_range.elapsed_us(), kernel_group(name)
         else:
             if event.cpu_parent is not None:
                 continue
-            us = event.cpu_time_total
-            kind = "linear" if name.startswith(LINEAR_OPS) else "attention" if any(k in name for k in ATTENTION_OPS) else "other"
+            us, kind = event.cpu_time_total, operator_group(name)
         groups[kind] += us / 1000.0 / steps
     total = sum(groups.values())
     return {
@@ -335,6 +332,22 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
         "method": ("GPU kernel time per eager decode step (torch.profiler), grouped by kernel name" if cuda else
                    "CPU time of top-level operators per eager decode step (torch.profiler), grouped by operator name"),
     }
+
+
+def kernel_group(name: str) -> str:
+    """'attention' | 'linear' | 'other' for a GPU kernel name (attention first: fmha names contain "cutlass")."""
+    name = name.lower()
+    if any(k in name for k in ATTENTION_KERNELS):
+        return "attention"
+    return "linear" if any(k in name for k in LINEAR_KERNELS) else "other"
+
+
+def operator_group(name: str) -> str:
+    """'linear' | 'attention' | 'other' for a top-level CPU operator name."""
+    name = name.lower()
+    if name.startswith(LINEAR_OPS):
+        return "linear"
+    return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
 
 
 def _track_sparsity(model: nn.Module, enabled: bool) -> None:

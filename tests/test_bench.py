@@ -117,3 +117,34 @@ def test_bench_rejects_bad_input(args, expected, bench_artifact):
         pytest.skip("a CUDA device is present")
     result = teal_quant("bench", *[str(bench_artifact) if a == "ART" else a for a in args])
     assert_one_line_error(result, expected)
+
+
+@pytest.mark.parametrize(
+    "kernel, group",
+    [
+        ("_sgemv_kernel", "linear"),  # ours (Triton)
+        ("_compact_kernel", "linear"),
+        ("_sgemv_mma_kernel", "linear"),
+        ("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4>", "linear"),  # cuBLAS
+        ("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "linear"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "linear"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+        ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>", "attention"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "attention"),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),  # RMSNorm
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>", "other"),
+    ],
+)
+def test_kernel_groups(kernel, group):
+    from teal_quant.bench import kernel_group
+
+    assert kernel_group(kernel) == group
+
+
+def test_operator_groups():
+    from teal_quant.bench import operator_group
+
+    assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
+                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
+        ["linear", "linear", "linear", "attention", "other", "other"]

@@ -90,7 +90,8 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
     if "bf16" in options.baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
         raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
                              f"{config.num_hidden_layers} layers")
-    if getattr(config, "max_position_embeddings", None) and options.prompt_len + options.new_tokens + options.warmup > config.max_position_embeddings:
+    needed = options.prompt_len + options.warmup + max(options.new_tokens, options.profile_steps) + 1
+    if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
         raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
     generator = torch.Generator().manual_seed(options.seed)
     prompt = torch.randint(0, config.vocab_size, (options.batch, options.prompt_len), generator=generator).to(device)

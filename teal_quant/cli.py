@@ -67,7 +67,52 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to push to (created from main when missing)")
     push.add_argument("--message", help="commit message")
     push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+
+    syn = sub.add_parser("synthesize", help="a synthetic artifact of a real architecture: random weights, calibrated thresholds")
+    syn.add_argument("arch", help="llama3-8b, llama3-70b, or a config.json path")
+    syn.add_argument("output", type=Path)
+    _synthetic_args(syn)
+    syn.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    syn.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+
+    bench = sub.add_parser("bench", help="decode speed: ours at a level vs dense int4 vs dense bf16 (tok/s, GB/s, memory)")
+    bench.add_argument("target", help="an artifact directory, llama3-8b, llama3-70b, or a config.json (synthetic, in memory)")
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--sparsity", type=float, help="level to measure (default: the artifact's default level)")
+    bench.add_argument("--baselines", type=_names, default=["bf16", "int4"], help="comma list of bf16,int4 (or 'none')")
+    bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on CUDA)")
+    bench.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
+    bench.add_argument("--profile-steps", type=int, default=4, help="eager decode steps under torch.profiler")
+    bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
+                       help="measure bf16 at two reduced depths and extrapolate (default: only when it does not fit)")
+    bench.add_argument("--extrapolate-layers", type=_two_ints, default=(2, 6), help="the two reduced depths (default 2,6)")
+    _synthetic_args(bench, arch_only=True)
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [] if text.strip() == "none" else [x for x in text.replace(" ", ",").split(",") if x]
+
+
+def _two_ints(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not two layer counts like 2,6") from None
+    return a, b
+
+
+def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) -> None:
+    note = " (synthetic ARCH only)" if arch_only else ""
+    parser.add_argument("--bits", type=int, default=4, help="4 or 8" + note)
+    parser.add_argument("--group-size", type=int, default=128, help="-1: per-channel" + note)
+    parser.add_argument("--levels", type=_levels, default=[0.25, 0.4, 0.5], help="sparsity levels" + note)
+    parser.add_argument("--default", type=float, default=0.4, help="default level" + note)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +167,43 @@ def _dispatch(args: argparse.Namespace) -> int:
                       endpoint=args.endpoint)
         print(result if result.changed else f"{result} (unchanged: no new commit)")
         return 0
+    if args.command == "synthesize":
+        from .synthetic import write_synthetic
+
+        path = write_synthetic(args.arch, args.output, _synthetic_spec(args), device=args.device, overwrite=args.overwrite)
+        print(path)
+        return 0
+    if args.command == "bench":
+        return _bench(args)
     raise AssertionError(args.command)
+
+
+def _synthetic_spec(args: argparse.Namespace):
+    from .synthetic import SyntheticSpec
+
+    return SyntheticSpec(bits=args.bits, group_size=args.group_size, levels=tuple(args.levels), default=args.default,
+                         seed=args.seed)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import BenchOptions, print_bench, run_bench
+    from .progress import err_console
+
+    options = BenchOptions(
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
+        baselines=tuple(args.baselines), device=args.device, cuda_graph=False if args.eager else None, warmup=args.warmup,
+        profile_steps=args.profile_steps,
+        seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
+        synthetic=_synthetic_spec(args),
+    )
+    result = run_bench(args.target, options, report=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    print_bench(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all(v["status"] == "ok" for v in result["variants"]) else 1
 
 
 def _eval(args: argparse.Namespace) -> int:

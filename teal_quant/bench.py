@@ -1,0 +1,557 @@
+"""`teal-quant bench`: decode speed of an artifact (or of a synthetic architecture) against dense int4 and bf16.
+
+One harness for every variant, in one process, on one model:
+  ours  the TealLinear model at the sparsity level;
+  int4  the very same model at level 0 (every weight row read: dense int4);
+  bf16  the same model with every TealLinear replaced in place by an nn.Linear holding its dequantized weights
+        (for an artifact its real weights, for an ARCH the synthetic random ones). When that dense model does not
+        fit in GPU memory (70B: 141 GB), it is measured at two reduced depths of the real layer shape and every
+        number is extrapolated linearly in the layer count (t(L) = a + b * L); the result says so.
+Per variant, with the pinned `teal_quant.decoding.Decoder`:
+  1. an eager decoder warms the kernels, then a few eager steps run under torch.profiler: kernel time grouped by
+     name into linear / attention / other, and the realized sparsity of every TealLinear (its counters);
+  2. a fresh decoder (CUDA graphs on CUDA) times the prefill, warms up, then times `new_tokens` decode steps
+     between two CUDA events (perf_counter on the CPU): ms per step, tokens/s = batch * 1000 / ms;
+  3. bytes of weights one decode step reads (ours: only the surviving rows of W^T at the realized sparsity, plus
+     every scale/zero, lm_head and the norms; the embedding reads one row and is not counted), and bytes / time.
+Peak GPU memory is torch.cuda.max_memory_allocated over the variant. Results: a rich table and a JSON dict.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import TealQuantError, first_line
+from .modules import reset_stats, teal_linears
+from .synthetic import SyntheticSpec
+
+BASELINES = ("bf16", "int4")
+# Kernel name -> group, first match wins (attention first: FlashAttention/cutlass fmha names contain "cutlass").
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
+LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
+LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
+ATTENTION_OPS = ("attention",)
+HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
+FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
+
+
+@dataclass
+class BenchOptions:
+    """What `teal-quant bench` measures; `validate` rejects bad values with one clear line."""
+
+    prompt_len: int = 128
+    new_tokens: int = 128
+    batch: int = 1
+    sparsity: float | None = None  # default: the artifact's default level (an ARCH: the synthetic spec's)
+    baselines: tuple[str, ...] = BASELINES
+    device: str | None = None
+    cuda_graph: bool | None = None  # None: on for CUDA, off on the CPU (the Decoder's rule)
+    warmup: int = 8
+    profile_steps: int = 4
+    seed: int = 0
+    bf16_extrapolate: bool | None = None  # None: only when the dense model does not fit in GPU memory
+    extrapolate_layers: tuple[int, int] = (2, 6)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+    def validate(self) -> None:
+        for name in ("prompt_len", "new_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise TealQuantError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 1 or self.profile_steps < 1:
+            raise TealQuantError("warm-up and profile steps must be >= 1")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise TealQuantError(f"--baselines: unknown baseline '{unknown[0]}' (choose from {', '.join(BASELINES)})")
+        a, b = self.extrapolate_layers
+        if not 1 <= a < b:
+            raise TealQuantError(f"--extrapolate-layers: need two layer counts 1 <= a < b, got {a},{b}")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise TealQuantError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+
+
+def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], None] | None = None) -> dict:
+    """Benchmark `target` (an artifact directory, llama3-8b | llama3-70b, or a config.json) and return the results."""
+    options.validate()
+    say = report or (lambda _msg: None)
+    device = _device(options.device)
+    t0 = time.time()
+    model, source = open_target(target, options, device)
+    level = float(model.teal_sparsity)
+    config = model.config
+    if "bf16" in options.baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
+        raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
+                             f"{config.num_hidden_layers} layers")
+    needed = options.prompt_len + options.warmup + max(options.new_tokens, options.profile_steps) + 1
+    if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
+        raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
+    generator = torch.Generator().manual_seed(options.seed)
+    prompt = torch.randint(0, config.vocab_size, (options.batch, options.prompt_len), generator=generator).to(device)
+    result = {
+        "target": str(target), "source": source, "arch": _arch_summary(config),
+        "device": _device_name(device), "dtype": str(_model_dtype(model)).replace("torch.", ""),
+        "cuda_graph": (device.type == "cuda") if options.cuda_graph is None else options.cuda_graph,
+        "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": options.batch,
+        "sparsity": level, "warmup_steps": options.warmup, "profile_steps": options.profile_steps,
+        "versions": _versions(), "setup_seconds": round(time.time() - t0, 2), "variants": [],
+    }
+    plan = [("ours", level)] + ([("int4", 0.0)] if "int4" in options.baselines else [])
+    for name, lv in plan:
+        say(f"measuring {name} (level {lv:g})")
+        result["variants"].append(_guarded(name, lv, lambda lv=lv: _measure_quantized(model, lv, prompt, options, device)))
+    if "bf16" in options.baselines:
+        say("measuring bf16")
+        result["variants"].append(_guarded("bf16", None, lambda: _measure_dense(model, prompt, options, device)))
+    del model
+    _free(device)
+    result["ratios"] = _ratios(result["variants"])
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def open_target(target: str, options: BenchOptions, device: torch.device):
+    """An artifact directory -> teal_quant.load; anything else is an architecture -> a synthetic model in memory."""
+    from .loading import load
+
+    path = Path(str(target)).expanduser()
+    if path.is_dir() and _is_artifact(path):
+        from .artifact import read_artifact
+
+        quant = read_artifact(path).quant
+        level = quant.default if options.sparsity is None else options.sparsity
+        try:
+            quant.level_index(level)
+        except ValueError as e:
+            raise TealQuantError(f"--sparsity: {e}") from None
+        return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
+    from dataclasses import replace
+
+    from .synthetic import build_synthetic_model, resolve_arch
+
+    resolve_arch(target)  # a bad ARCH fails here, before any work
+    spec = options.synthetic
+    if options.sparsity is not None and options.sparsity > 0 and not any(abs(options.sparsity - lv) < 1e-9 for lv in spec.all_levels):
+        spec = replace(spec, levels=tuple(sorted({*spec.levels, options.sparsity})))
+    level = spec.default if options.sparsity is None else options.sparsity
+    model = build_synthetic_model(target, spec, device=device, sparsity=level)
+    return model, {"kind": "synthetic", "arch": str(target), "bits": spec.bits, "group_size": spec.group_size,
+                   "levels": spec.all_levels, "seed": spec.seed}
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def _measure_quantized(model: nn.Module, level: float, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
+    from .loading import set_sparsity
+
+    set_sparsity(model, level)
+    row = _measure(model, prompt, options, device)
+    row["level"] = level
+    return row
+
+
+def _measure_dense(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
+    """Destructive: turns `model` into the dense model (last variant). Extrapolates when it does not fit."""
+    dtype = torch.bfloat16 if device.type == "cuda" else _model_dtype(model)
+    full_layers = int(model.config.num_hidden_layers)
+    full_bytes = _dense_bytes(model, dtype)
+    extrapolate = options.bf16_extrapolate
+    if extrapolate is None:
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        extrapolate = total is not None and full_bytes + HEADROOM_BYTES > FIT_FRACTION * total
+    if not extrapolate:
+        _to_dense(model, dtype)
+        row = _measure(model, prompt, options, device)
+        row["dtype"] = str(dtype).replace("torch.", "")
+        return row
+    small, big = options.extrapolate_layers
+    if big >= full_layers:
+        raise TealQuantError(f"--extrapolate-layers {small},{big}: the model has only {full_layers} layers")
+    points = []
+    for n in (big, small):  # the larger first: truncating further is free, growing back is not
+        _truncate(model, n)
+        _to_dense(model, dtype)
+        _free(device)
+        row = _measure(model, prompt, options, device)
+        points.append({"layers": n, **{k: row[k] for k in ("prefill_ms", "decode_ms_per_token", "peak_memory_bytes")}})
+    points.sort(key=lambda p: p["layers"])
+
+    def fit(key: str) -> float | None:
+        (l0, y0), (l1, y1) = [(p["layers"], p[key]) for p in points]
+        if y0 is None or y1 is None:
+            return None
+        slope = (y1 - y0) / (l1 - l0)
+        return y0 + slope * (full_layers - l0)
+
+    decode_ms = fit("decode_ms_per_token")
+    read_bytes = full_bytes - (0 if _tied(model) else model.get_input_embeddings().weight.numel() * _element_size(dtype))
+    return {
+        "prefill_ms": fit("prefill_ms"), "decode_ms_per_token": decode_ms,
+        "tokens_per_s": options.batch * 1000.0 / decode_ms,
+        "peak_memory_bytes": None if fit("peak_memory_bytes") is None else int(fit("peak_memory_bytes")),
+        "weight_bytes_per_step": read_bytes, "bandwidth_gb_s": read_bytes / (decode_ms / 1000.0) / 1e9,
+        "realized_sparsity": None, "breakdown": row["breakdown"], "dtype": str(dtype).replace("torch.", ""),
+        "extrapolated": {
+            "method": f"linear in the layer count, t(L) = a + b*L, fitted on {small} and {big} layers of the real "
+                      f"shape and evaluated at L = {full_layers} (the dense model does not fit in GPU memory); "
+                      f"the breakdown is the {small}-layer model's",
+            "points": points,
+        },
+    }
+
+
+def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
+    """One variant: eager profile + realized sparsity, then the timed prefill and decode."""
+    from .decoding import Decoder
+
+    cuda = device.type == "cuda"
+    _free(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    batch, plen = prompt.shape
+    _track_sparsity(model, True)
+    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps + 1, cuda_graph=False)
+    state = {"token": eager.prefill(prompt)}
+    for _ in range(options.warmup):
+        state["token"] = eager.step(state["token"])
+    reset_stats(model)
+
+    def eager_step() -> None:
+        state["token"] = eager.step(state["token"])
+
+    try:
+        breakdown = _profile(eager_step, options.profile_steps, cuda)
+    except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing still counts, the breakdown is missing
+        breakdown = {"linear_ms": None, "attention_ms": None, "other_ms": None, "error": f"{type(e).__name__}: {first_line(e)}"}
+    sparsity = _module_sparsity(model)
+    del eager, state
+    _track_sparsity(model, False)
+    _free(device)
+
+    decoder = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.new_tokens + 1,
+                      cuda_graph=options.cuda_graph)
+    token, prefill_ms = _timed(lambda: decoder.prefill(prompt), cuda)
+    for _ in range(options.warmup):
+        token = decoder.step(token)
+
+    def decode() -> torch.Tensor:
+        t = token
+        for _ in range(options.new_tokens):
+            t = decoder.step(t)
+        return t
+
+    _, decode_total_ms = _timed(decode, cuda)
+    graph_error = getattr(decoder, "graph_error", None)  # the Decoder falls back to eager steps when capture fails
+    del decoder
+    ms = decode_total_ms / options.new_tokens
+    nbytes = _weight_bytes(model, sparsity)
+    realized = _size_weighted(model, sparsity)
+    return {
+        "layers": int(model.config.num_hidden_layers), "prefill_ms": prefill_ms, "decode_ms_per_token": ms,
+        "tokens_per_s": batch * 1000.0 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "weight_bytes_per_step": nbytes, "bandwidth_gb_s": nbytes / (ms / 1000.0) / 1e9,
+        "realized_sparsity": realized, "sparsity_measured_modules": f"{len(sparsity)}/{len(teal_linears(model))}",
+        "breakdown": breakdown, "cuda_graph_error": graph_error, "extrapolated": None,
+    }
+
+
+def _guarded(name: str, level: float | None, fn: Callable[[], dict]) -> dict:
+    """A variant that fails is reported as failed (one line); the others still run."""
+    try:
+        row = fn()
+        status = "ok"
+    except TealQuantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an OOM or kernel failure of one variant must not lose the others
+        row, status = {"error": f"{type(e).__name__}: {first_line(e)}"}, "failed"
+    return {"variant": name, "level": level, "status": status, **{k: v for k, v in row.items() if k != "level"}}
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[torch.Tensor, float]:
+    """(fn(), milliseconds): CUDA events around it on a GPU, perf_counter on the CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, float(start.elapsed_time(end))
+    t = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t) * 1000.0
+
+
+def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
+    """Per-step milliseconds of linear layers, attention and the rest, from torch.profiler over eager steps.
+
+    CUDA: every GPU kernel, grouped by its name (ATTENTION_KERNELS, then LINEAR_KERNELS, else other).
+    CPU: the top-level operators (no parent op), grouped by operator name (LINEAR_OPS, ATTENTION_OPS, else other).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1000.0 / steps
+    groups = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.events():
+        name = event.name.lower()
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us, kind = event.time_range.elapsed_us(), kernel_group(name)
+        else:
+            if event.cpu_parent is not None:
+                continue
+            us, kind = event.cpu_time_total, operator_group(name)
+        groups[kind] += us / 1000.0 / steps
+    total = sum(groups.values())
+    return {
+        **{f"{k}_ms": v for k, v in groups.items()},
+        **{f"{k}_share": (v / total if total else None) for k, v in groups.items()},
+        "eager_step_ms": wall_ms, "steps": steps,
+        "method": ("GPU kernel time per eager decode step (torch.profiler), grouped by kernel name" if cuda else
+                   "CPU time of top-level operators per eager decode step (torch.profiler), grouped by operator name"),
+    }
+
+
+def kernel_group(name: str) -> str:
+    """'attention' | 'linear' | 'other' for a GPU kernel name (attention first: fmha names contain "cutlass")."""
+    name = name.lower()
+    if any(k in name for k in ATTENTION_KERNELS):
+        return "attention"
+    return "linear" if any(k in name for k in LINEAR_KERNELS) else "other"
+
+
+def operator_group(name: str) -> str:
+    """'linear' | 'attention' | 'other' for a top-level CPU operator name."""
+    name = name.lower()
+    if name.startswith(LINEAR_OPS):
+        return "linear"
+    return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
+
+
+def _track_sparsity(model: nn.Module, enabled: bool) -> None:
+    """The realized-sparsity counters: on for the eager steps that measure them, off for timing (when switchable)."""
+    from . import modules
+
+    switch = getattr(modules, "track_sparsity", None)
+    if switch is not None:
+        switch(model, enabled)
+
+
+def _module_sparsity(model: nn.Module) -> dict[str, float]:
+    out = {}
+    for name, m in teal_linears(model):
+        seen = float(m.input_count)
+        if seen > 0:
+            out[name] = float(m.zero_count) / seen
+    return out
+
+
+def _size_weighted(model: nn.Module, sparsity: dict[str, float]) -> float | None:
+    """Size-weighted realized sparsity over the modules whose counters saw inputs (None when none did)."""
+    linears = [(n, m) for n, m in teal_linears(model) if n in sparsity]
+    if not linears:
+        return None
+    return sum(sparsity[n] * m.weight_size for n, m in linears) / sum(m.weight_size for _, m in linears)
+
+
+def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
+    """Bytes of weights one decode step reads: surviving rows of each packed W^T (all of them at level 0) plus
+    every scale and zero (nearly every group keeps a row), and every other parameter but the embedding table."""
+    total = 0.0
+    fallback = _size_weighted(model, sparsity) or 0.0  # a module whose counters saw nothing: the measured mean
+    for name, m in teal_linears(model):
+        total += (1.0 - sparsity.get(name, fallback)) * _nbytes(m.qweight) + _nbytes(m.scales) + _nbytes(m.zeros)
+        total += _nbytes(m.bias) if m.bias is not None else 0
+    embed = model.get_input_embeddings().weight
+    tied = _tied(model)
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen or (p is embed and not tied):
+            continue
+        seen.add(id(p))
+        total += p.nbytes
+    return int(total)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes of this tensor's own elements (a fused member's buffers are column views of its group's)."""
+    return t.numel() * t.element_size()
+
+
+def _tied(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------- dense baseline
+def _dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the dense model (all parameters in `dtype`, the embedding table included), before building it."""
+    size = _element_size(dtype)
+    n = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for _, m in teal_linears(model))
+    n += sum({id(p): p.numel() for p in model.parameters()}.values())
+    return n * size
+
+
+def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace every TealLinear by an nn.Linear with its dequantized weights, one at a time (the packed buffers
+    are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
+    (teal_quant.fusion, made by the Decoder on CUDA) are split back first."""
+    if importlib.util.find_spec(f"{__package__}.fusion") is not None:
+        from .fusion import unfuse_projections
+
+        unfuse_projections(model)
+    for name in [n for n, _ in teal_linears(model)]:
+        m = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        with torch.device("meta"):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
+        linear.weight = nn.Parameter(m.dequantized_weight().to(dtype).contiguous(), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = nn.Parameter(m.bias.to(dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, linear)
+        del m
+    for p in model.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def _truncate(model: nn.Module, layers: int) -> None:
+    """Keep the first `layers` decoder layers (real shapes) and tell the config, so caches are sized to match."""
+    model.model.layers = nn.ModuleList(list(model.model.layers)[:layers])
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:layers]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _ratios(variants: list[dict]) -> dict:
+    ok = {v["variant"]: v for v in variants if v["status"] == "ok"}
+    ours = ok.get("ours")
+    out = {}
+    for base in BASELINES:
+        if ours and base in ok:
+            out[f"ours_over_{base}"] = ours["tokens_per_s"] / ok[base]["tokens_per_s"]
+    return out
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TealQuantError(f"--device: '{name}' is not a device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TealQuantError("--device cuda: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise TealQuantError(f"--device: '{name}' is not supported (cpu or cuda)")
+    return device
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _arch_summary(config) -> dict:
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def _versions() -> dict:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": None}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def print_bench(result: dict) -> None:
+    """The summary table: one row per variant, times with the bandwidth they imply, ratios against ours."""
+    from rich.table import Table
+
+    from .progress import console
+    from .report import human_bytes
+
+    arch = result["arch"]
+    title = (f"teal-quant bench: {result['target']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}) on "
+             f"{result['device']}, batch {result['batch']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
+             f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}")
+    table = Table(title=title)
+    for col in ("variant", "level", "realized sparsity", "prefill ms", "decode ms/token", "tok/s", "weights read/step",
+                "GB/s", "peak memory", "linear / attention / other (eager, ms)", "ours is"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
+    for v in result["variants"]:
+        name = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
+        if v["status"] != "ok":
+            table.add_row(name, "", f"[red]failed: {v['error']}[/red]", *[""] * 8)
+            continue
+        b = v["breakdown"]
+        speedup = "" if ours is None or v is ours else f"{ours['tokens_per_s'] / v['tokens_per_s']:.2f}x"
+        table.add_row(
+            name, "-" if v["level"] is None else f"{v['level']:g}",
+            "-" if v["realized_sparsity"] is None else f"{v['realized_sparsity']:.3f}",
+            f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
+            human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
+            "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
+            _breakdown_text(b), speedup,
+        )
+    console.print(table)
+    for v in result["variants"]:
+        if v.get("cuda_graph_error"):
+            console.print(f"{v['variant']}: CUDA graph capture failed, decode ran eagerly ({v['cuda_graph_error']})")
+        if v.get("extrapolated"):
+            pts = ", ".join(f"{p['layers']} layers {p['decode_ms_per_token']:.3f} ms" for p in v["extrapolated"]["points"])
+            console.print(f"{v['variant']} extrapolated: {v['extrapolated']['method']} ({pts})")
+    if ours is not None and "method" in ours["breakdown"]:
+        console.print(f"breakdown: {ours['breakdown']['method']}")
+
+
+def _breakdown_text(b: dict) -> str:
+    if b.get("linear_ms") is None:
+        return f"n/a ({b.get('error', '?')})"
+    return f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"

@@ -1,0 +1,334 @@
+"""Synthetic artifacts of a real architecture (Llama-3 8B/70B shapes): random packed weights, real TEAL thresholds.
+
+Decode speed depends on the shapes, the bytes read and the realized sparsity, not on what the weights mean; the
+real Llama-3 weights cannot be downloaded here, and a 70B compression run costs hours. So the weights are random
+int4/int8 codes whose scales give the dequantized weights a realistic spread (std 1/sqrt(K); o/down further by
+1/sqrt(2 * layers), so the residual stream stays bounded over 80 layers), while the thresholds are calibrated the
+way the pipeline does it, on the activations this very model produces: random token ids -> embeddings -> for each
+layer build only that layer (dequantized weights), capture |x| at its four activation points, compute the uniform
+allocation's thresholds for every level, propagate the hidden states at the default level, drop the layer.
+At most one float layer exists at a time, so a 70B artifact is made on one GPU.
+
+Two sinks share the per-layer generator: `write_synthetic` (an artifact on disk, through ArtifactWriter) and
+`build_synthetic_model` (the TealLinear model assembled directly on the device, for `teal-quant bench`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .artifact import REPORT_FILE, ArtifactWriter, TealQuantConfig
+from .calibrate.layer import LayerRunner, allocate, attach_simulated, capture_histograms, predicted_sparsity
+from .errors import ModelSourceError, TealQuantError, first_line
+from .kernels import pack
+from .quantize.rtn import QuantSpec, dequantize
+from .source import PROJECTIONS, SUPPORTED_MODEL_TYPES, build_skeleton, materialize_non_persistent_buffers
+
+ARCHS = {"llama3-8b": "llama3_8b.json", "llama3-70b": "llama3_70b.json"}
+STORAGE_DTYPE = torch.bfloat16  # the artifact's dtype (scales, zeros, embeddings, norms, lm_head)
+OUTPUT_PROJECTIONS = ("o", "down")  # write into the residual stream: scaled down by 1/sqrt(2 * layers)
+QK_SHARPNESS = 2.0  # q and k weights x2: attention logits q.k/sqrt(d) get std ~4 (peaked, like trained models)
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to synthesize: the integer format, the sparsity levels, the seed and the calibration token count."""
+
+    bits: int = 4
+    group_size: int = 128
+    levels: tuple[float, ...] = (0.25, 0.4, 0.5)  # positive levels; level 0 is always added
+    default: float = 0.4
+    seed: int = 0
+    samples: int = 4  # random sequences the thresholds are calibrated on
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise TealQuantError(f"bits must be 4 or 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise TealQuantError(f"group size must be positive or -1 (per-channel), got {self.group_size}")
+        levels = self.all_levels
+        if any(not 0.0 <= lv < 1.0 for lv in levels) or any(b <= a for a, b in zip(levels, levels[1:])):
+            raise TealQuantError(f"levels {list(self.levels)} must be distinct, in (0, 1) and increasing")
+        if not any(abs(lv - self.default) < 1e-9 for lv in levels):
+            raise TealQuantError(f"default level {self.default} is not one of the levels {levels}")
+        if self.samples < 1 or self.seq_len < 2:
+            raise TealQuantError("calibration needs at least 1 sample of 2 tokens")
+
+    @property
+    def all_levels(self) -> list[float]:
+        return [0.0] + [float(lv) for lv in self.levels if float(lv) != 0.0]
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=False)
+
+    def quant_config(self) -> TealQuantConfig:
+        return TealQuantConfig(bits=self.bits, group_size=self.group_size, sym=False, quantizer="synthetic",
+                               levels=self.all_levels, default=float(self.default), allocation="uniform")
+
+
+def resolve_arch(arch: str | Path):
+    """llama3-8b | llama3-70b (package data) | a config.json path (or a directory holding one) -> a model config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    name = str(arch)
+    if name in ARCHS:
+        d = json.loads(resources.files("teal_quant").joinpath("configs", ARCHS[name]).read_text())
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelSourceError(f"arch '{name}': not {' or '.join(ARCHS)}, and no such config.json")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelSourceError(f"arch '{name}': {path.name} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(d, dict) or d.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        got = d.get("model_type") if isinstance(d, dict) else None
+        raise ModelSourceError(f"arch '{name}': unsupported model_type {got!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if d.get("quantization_config"):
+        raise ModelSourceError(f"arch '{name}': is a quantized model's config; give the base architecture's config.json")
+    try:
+        config = AutoConfig.for_model(**d)
+    except Exception as e:
+        raise ModelSourceError(f"arch '{name}': not a valid {d['model_type']} config ({first_line(e)})") from None
+    assert isinstance(config, PretrainedConfig)
+    return config
+
+
+def code_std(bits: int) -> float:
+    """Standard deviation of codes drawn uniformly from 0 .. 2^bits - 1."""
+    n = 1 << bits
+    return math.sqrt((n * n - 1) / 12.0)
+
+
+def random_projection(k: int, n: int, std: float, spec: QuantSpec, generator: torch.Generator, device) -> tuple:
+    """Uniform random codes q [K, N] and (scales, zeros) [K/G, N] in STORAGE_DTYPE; W^T = (q - zeros) * scales has
+    mean 0 and std ~ `std` (each group's scale jittered by a log-normal factor of spread 10 %, like real groups)."""
+    groups = k // spec.resolved_group_size(k)
+    q = torch.randint(0, spec.qmax + 1, (k, n), generator=generator, device=device, dtype=torch.uint8)
+    jitter = torch.exp(0.1 * torch.randn(groups, n, generator=generator, device=device))
+    scales = (std / code_std(spec.bits) * jitter).to(STORAGE_DTYPE)
+    zeros = torch.full((groups, n), spec.qmax / 2.0, device=device, dtype=STORAGE_DTYPE)
+    return q, scales, zeros
+
+
+def projection_std(proj: str, in_features: int, num_layers: int) -> float:
+    """1/sqrt(K); o/down / sqrt(2 * layers); q/k * QK_SHARPNESS so attention logits have std ~4, not ~1: with flat
+    attention, its output would shrink like 1/sqrt(context) and the o thresholds would depend on the length."""
+    std = 1.0 / math.sqrt(in_features)
+    if proj in OUTPUT_PROJECTIONS:
+        return std / math.sqrt(2 * num_layers)
+    return std * QK_SHARPNESS if proj in ("q", "k") else std
+
+
+def check_shapes(config, spec: SyntheticSpec) -> None:
+    """Every projection's K must split into groups and N into int4 words (before any work is done)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv, d, i = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.hidden_size, config.intermediate_size
+    for proj, (k, n) in {"q": (d, q), "k": (d, kv), "o": (q, d), "gate": (d, i), "down": (i, d)}.items():
+        if spec.group_size != -1 and k % spec.group_size:
+            raise TealQuantError(f"group size {spec.group_size} does not divide in_features {k} of {PROJECTIONS[proj]}")
+        if n % 8:
+            raise TealQuantError(f"{PROJECTIONS[proj]}: out_features {n} is not a multiple of 8")
+
+
+@dataclass
+class SyntheticLayers:
+    """The per-layer generator both sinks share. Tensors come out on `device`, keyed by their artifact names."""
+
+    config: object
+    spec: SyntheticSpec
+    device: torch.device
+    report: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_shapes(self.config, self.spec)
+        self.config._attn_implementation = "sdpa"
+        # bf16 on a GPU (what the model runs in); float32 on the CPU, where half-precision matmuls are slow.
+        self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.generator = torch.Generator(device=self.device).manual_seed(self.spec.seed)
+
+    def _randn(self, *shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(*shape, generator=self.generator, device=self.device, dtype=torch.float32)
+        return (t * std + mean).to(STORAGE_DTYPE)
+
+    def non_layer_tensors(self) -> dict[str, torch.Tensor]:
+        """Embeddings (std 1), the final norm (~1) and lm_head (std 1/sqrt(hidden)), all in STORAGE_DTYPE."""
+        c = self.config
+        out = {
+            "model.embed_tokens.weight": self._randn(c.vocab_size, c.hidden_size),
+            "model.norm.weight": self._randn(c.hidden_size, std=0.05, mean=1.0),
+        }
+        if not getattr(c, "tie_word_embeddings", False):
+            out["lm_head.weight"] = self._randn(c.vocab_size, c.hidden_size, std=1.0 / math.sqrt(c.hidden_size))
+        return out
+
+    @torch.no_grad()
+    def layers(self, embed: torch.Tensor, progress: Callable[[int], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield each decoder layer's tensors (packed projections, thresholds, norms), calibrated in order."""
+        spec, c, device, dtype = self.spec, self.config, self.device, self.compute_dtype
+        levels = spec.all_levels
+        default_index = min(range(len(levels)), key=lambda j: abs(levels[j] - spec.default))
+        skeleton = build_skeleton(c, dtype)
+        materialize_non_persistent_buffers(skeleton, device)
+        tokens = torch.randint(0, c.vocab_size, (spec.samples, spec.seq_len), generator=self.generator, device=device)
+        hidden = nn.functional.embedding(tokens, embed.to(device=device, dtype=dtype))
+        positions = torch.arange(spec.seq_len, device=device)[None]
+        position_embeddings = skeleton.model.rotary_emb(hidden[:1], positions)
+        qspec = spec.quant_spec
+        for i in range(c.num_hidden_layers):
+            layer = skeleton.model.layers[i]
+            layer.to_empty(device=device)
+            prefix = f"model.layers.{i}."
+            tensors: dict[str, torch.Tensor] = {}
+            projection_params = set()
+            for proj, path in PROJECTIONS.items():
+                linear = layer.get_submodule(path)
+                q, scales, zeros = random_projection(linear.in_features, linear.out_features,
+                                                     projection_std(proj, linear.in_features, c.num_hidden_layers),
+                                                     qspec, self.generator, device)
+                linear.weight.copy_(dequantize(q, scales, zeros, qspec).t())
+                tensors.update({f"{prefix}{path}.qweight": pack(q, spec.bits), f"{prefix}{path}.scales": scales,
+                                f"{prefix}{path}.zeros": zeros})
+                projection_params.add(f"{path}.weight")
+                if linear.bias is not None:
+                    linear.bias.copy_(self._randn(linear.out_features, std=0.02))
+                    tensors[f"{prefix}{path}.bias"] = linear.bias.to(STORAGE_DTYPE)
+                    projection_params.add(f"{path}.bias")
+            for name, param in layer.named_parameters():
+                if name not in projection_params:  # norms (~1) and any other parameter (small)
+                    value = self._randn(*param.shape, std=0.05, mean=1.0 if "norm" in name else 0.0)
+                    param.copy_(value)
+                    tensors[prefix + name] = value
+            layer.eval()
+            sims = attach_simulated(layer)
+            runner = LayerRunner(layer, position_embeddings)
+            hists = capture_histograms(runner, sims, hidden, device)
+            allocation = allocate(layer, sims, hists, hidden[:1], position_embeddings, levels, method="uniform",
+                                  step=0.1, last_fraction=0.5, compare_uniform=False)
+            for proj, path in PROJECTIONS.items():
+                thresholds = allocation.projection_thresholds(proj)
+                tensors[f"{prefix}{path}.thresholds"] = torch.tensor(thresholds, dtype=torch.float32)
+                sims[proj].threshold = thresholds[default_index]
+            hidden = runner(hidden, device)  # what layer i+1 really sees: this layer at the default level
+            sizes = {p: s.weight.numel() for p, s in sims.items()}
+            self.report.append({
+                "layer": i, "levels": levels,
+                "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
+                "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
+                "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
+                "block_error": allocation.errors,
+                "hidden_rms": float(hidden.float().pow(2).mean().sqrt()),
+            })
+            layer.to("meta")
+            del sims, runner, hists
+            yield tensors
+            if progress is not None:
+                progress(1)
+
+
+def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = SyntheticSpec(), *,
+                    device: str | torch.device | None = None, overwrite: bool = False, max_shard_size: int = 5 * 10**9) -> Path:
+    """Write a synthetic artifact of `arch` to `output` (temp dir + rename); teal_quant.load reads it."""
+    from transformers import GenerationConfig
+
+    from .progress import Progress
+
+    config = resolve_arch(arch)
+    device = _device(device)
+    gen = SyntheticLayers(config, spec, device)
+    quant = spec.quant_config()
+    with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+        task = progress.add_task(f"synthesizing {arch}", total=config.num_hidden_layers)
+        non_layer = gen.non_layer_tensors()
+        embed = non_layer["model.embed_tokens.weight"]
+        writer.add(non_layer)
+        for tensors in gen.layers(embed, progress=lambda n: progress.advance(task, n)):
+            writer.add(tensors)
+        del non_layer, embed
+        config.dtype = STORAGE_DTYPE
+        config.quantization_config = quant.to_dict()
+        config.save_pretrained(writer.dir)
+        GenerationConfig.from_model_config(config).save_pretrained(writer.dir)
+        writer.write_json(REPORT_FILE, {"synthetic": {"arch": str(arch), "seed": spec.seed, "samples": spec.samples,
+                                                      "seq_len": spec.seq_len}, "levels": quant.levels, "layers": gen.report})
+        writer.write_text("README.md", _card(str(arch), spec))
+        return writer.commit()
+
+
+def build_synthetic_model(arch: str | Path, spec: SyntheticSpec = SyntheticSpec(), *, device: str | torch.device | None = None,
+                          sparsity: float | None = None, progress: Callable[[int], None] | None = None):
+    """The model `teal_quant.load(write_synthetic(arch, ...))` would give, built directly on `device` (no disk).
+
+    Same dtype rule as load(): STORAGE_DTYPE on CUDA, float32 on the CPU.
+    """
+    from .loading import replace_linears, set_sparsity
+    from .modules import teal_linears
+
+    config = resolve_arch(arch)
+    device = _device(device)
+    dtype = STORAGE_DTYPE if device.type == "cuda" else torch.float32
+    gen = SyntheticLayers(config, spec, device)
+    quant = spec.quant_config()
+    model = build_skeleton(config, dtype)
+    names = [f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in PROJECTIONS.values()]
+    replace_linears(model, names, quant, dtype)
+
+    def assign(tensors: dict[str, torch.Tensor]) -> None:
+        state = {n: t if (not t.is_floating_point() or n.endswith(".thresholds")) else t.to(dtype) for n, t in tensors.items()}
+        model.load_state_dict({n: t.to(device) for n, t in state.items()}, strict=False, assign=True)
+
+    non_layer = gen.non_layer_tensors()
+    embed = non_layer["model.embed_tokens.weight"]
+    assign(non_layer)
+    for tensors in gen.layers(embed, progress=progress):
+        assign(tensors)
+    del non_layer, embed
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.get_input_embeddings().weight
+    for _, module in teal_linears(model):
+        module.materialize_runtime_state(device)
+    materialize_non_persistent_buffers(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise AssertionError(f"synthetic model: {leftover[0]} was never generated")
+    config.quantization_config = quant.to_dict()
+    model.config = config
+    model.teal_quant_config = quant
+    model.synthetic_report = gen.report
+    model.eval()
+    set_sparsity(model, spec.default if sparsity is None else sparsity)
+    return model
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TealQuantError("device cuda requested but no CUDA device is available")
+    return device
+
+
+def _card(arch: str, spec: SyntheticSpec) -> str:
+    return (
+        "---\nlibrary_name: teal-quant\ntags: [teal-quant, synthetic, benchmark]\n---\n"
+        f"# Synthetic {arch} (teal-quant)\n\n"
+        "**Random weights, for speed benchmarks only: this model produces no meaningful text.**\n\n"
+        f"int{spec.bits} codes drawn uniformly, group size {spec.group_size}, scales chosen so the dequantized weights "
+        "have std 1/sqrt(in_features) (o/down: further / sqrt(2 * layers)). TEAL thresholds (uniform allocation, "
+        f"levels {', '.join(f'{lv:g}' for lv in spec.all_levels)}, default {spec.default:g}) were calibrated layer by "
+        f"layer on the activations of this model for {spec.samples} x {spec.seq_len} random token ids "
+        f"(seed {spec.seed}). Made by `teal-quant synthesize`; see docs/bench.md.\n"
+    )

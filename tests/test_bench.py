@@ -1,0 +1,150 @@
+"""`teal-quant bench` on the CPU (tiny shapes, no CUDA graphs): the JSON has every field with positive numbers, the
+bytes it counts are the model's real bytes, the bf16 extrapolation is the stated linear fit, and bad input is one
+line and exit 2."""
+
+import json
+
+import pytest
+
+from test_cli import assert_one_line_error, teal_quant
+from test_synthetic import tiny_config
+
+FAST = ["--prompt-len", "6", "--new-tokens", "3", "--warmup", "1", "--profile-steps", "1", "--device", "cpu"]
+HIDDEN, INTER, VOCAB, KV = 64, 128, 256, 32  # tiny_config's shapes (4 heads of 16, 2 kv heads)
+PROJ_SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)]
+
+
+def int4_bytes(layers: int, group: int) -> int:
+    """Weights a dense int4 decode step reads on the CPU (float32 model): packed rows + fp32 scales/zeros of every
+    projection, lm_head and the norms (not the embedding table)."""
+    per_layer = sum(k * n // 2 + 2 * (k // group) * n * 4 for k, n in PROJ_SHAPES) + 2 * HIDDEN * 4
+    return layers * per_layer + VOCAB * HIDDEN * 4 + HIDDEN * 4
+
+
+def dense_bytes(layers: int) -> int:
+    per_layer = sum(k * n * 4 for k, n in PROJ_SHAPES) + 2 * HIDDEN * 4
+    return layers * per_layer + VOCAB * HIDDEN * 4 + HIDDEN * 4
+
+
+@pytest.fixture(scope="module")
+def bench_artifact(tmp_path_factory):
+    from teal_quant.synthetic import SyntheticSpec, write_synthetic
+
+    arch = tiny_config(tmp_path_factory.mktemp("arch2"))
+    return write_synthetic(arch, tmp_path_factory.mktemp("b") / "art", SyntheticSpec(group_size=32, levels=(0.25, 0.5), default=0.5),
+                           device="cpu")
+
+
+def check_row(row: dict) -> None:
+    assert row["status"] == "ok", row
+    for key in ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "weight_bytes_per_step", "bandwidth_gb_s"):
+        assert row[key] > 0, (key, row)
+    assert row["tokens_per_s"] == pytest.approx(1000.0 / row["decode_ms_per_token"])
+    assert row["bandwidth_gb_s"] == pytest.approx(row["weight_bytes_per_step"] / row["decode_ms_per_token"] / 1e6)
+    b = row["breakdown"]
+    assert b["linear_ms"] > 0 and b["attention_ms"] > 0 and b["other_ms"] >= 0
+    assert sum(b[f"{k}_share"] for k in ("linear", "attention", "other")) == pytest.approx(1.0)
+
+
+def test_bench_artifact_json(bench_artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    result = teal_quant("bench", bench_artifact, *FAST, "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "decode ms/token" in result.stdout
+    r = json.loads(out.read_text())
+    assert (r["prompt_len"], r["new_tokens"], r["batch"], r["sparsity"], r["cuda_graph"]) == (6, 3, 1, 0.5, False)
+    assert r["source"]["kind"] == "artifact" and r["device"] == "cpu"
+    rows = {v["variant"]: v for v in r["variants"]}
+    assert list(rows) == ["ours", "int4", "bf16"]
+    for row in rows.values():
+        check_row(row)
+        assert row["extrapolated"] is None and row["peak_memory_bytes"] is None  # no GPU memory on the CPU
+    ours, int4, bf16 = rows["ours"], rows["int4"], rows["bf16"]
+    assert (ours["level"], int4["level"], bf16["level"]) == (0.5, 0.0, None)
+    # Bytes: level 0 reads every packed row; ours skips the realized fraction of them; dense reads fp32 weights.
+    assert int4["realized_sparsity"] < 1e-3
+    assert 0.4 < ours["realized_sparsity"] < 0.6
+    assert int4["weight_bytes_per_step"] == pytest.approx(int4_bytes(2, 32), rel=1e-3)
+    packed = 2 * sum(k * n // 2 for k, n in PROJ_SHAPES)
+    expected_ours = int4_bytes(2, 32) - ours["realized_sparsity"] * packed
+    assert ours["weight_bytes_per_step"] == pytest.approx(expected_ours, rel=0.02)
+    assert bf16["weight_bytes_per_step"] == dense_bytes(2)
+    assert r["ratios"]["ours_over_int4"] == pytest.approx(ours["tokens_per_s"] / int4["tokens_per_s"])
+    assert r["ratios"]["ours_over_bf16"] == pytest.approx(ours["tokens_per_s"] / bf16["tokens_per_s"])
+
+
+def test_bench_arch_extrapolates_bf16(tmp_path):
+    arch = tiny_config(tmp_path / "arch", layers=4)
+    out = tmp_path / "bench.json"
+    result = teal_quant("bench", arch, *FAST, "--group-size", "32", "--sparsity", "0.3", "--baselines", "bf16",
+                        "--bf16-extrapolate", "--extrapolate-layers", "1,2", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "extrapolated" in result.stdout
+    r = json.loads(out.read_text())
+    assert r["source"]["kind"] == "synthetic" and 0.3 in r["source"]["levels"] and r["sparsity"] == 0.3
+    ours, bf16 = r["variants"]
+    assert [ours["variant"], bf16["variant"]] == ["ours", "bf16"]
+    check_row(ours)
+    check_row(bf16)
+    assert 0.2 < ours["realized_sparsity"] < 0.4
+    points = bf16["extrapolated"]["points"]
+    assert [p["layers"] for p in points] == [1, 2]
+    t1, t2 = (p["decode_ms_per_token"] for p in points)
+    assert bf16["decode_ms_per_token"] == pytest.approx(t1 + (t2 - t1) * 3)  # t(4) of the line through t(1), t(2)
+    assert bf16["weight_bytes_per_step"] == dense_bytes(4)  # the full model's bytes, not the reduced one's
+    assert "linear in the layer count" in bf16["extrapolated"]["method"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["no-such-arch"], "arch 'no-such-arch': not llama3-8b or llama3-70b"),
+        (["ART", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["ART", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+        (["ART", "--baselines", "bf16,fp8"], "unknown baseline 'fp8'"),
+        (["ART", "--sparsity", "0.33"], "--sparsity: sparsity level 0.33 is not in this artifact"),
+        (["ART", "--extrapolate-layers", "6,2"], "need two layer counts 1 <= a < b"),
+        (["ART", "--extrapolate-layers", "x"], "is not two layer counts"),
+        (["ART", "--bf16-extrapolate"], "--extrapolate-layers: 6 is not fewer than the model's 2 layers"),
+        (["ART", "--device", "cuda"], "no CUDA device"),
+        (["ART", "--prompt-len", "600"], "exceed the model's max_position_embeddings 512"),
+    ],
+)
+def test_bench_rejects_bad_input(args, expected, bench_artifact):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = teal_quant("bench", *[str(bench_artifact) if a == "ART" else a for a in args])
+    assert_one_line_error(result, expected)
+
+
+@pytest.mark.parametrize(
+    "kernel, group",
+    [
+        ("_sgemv_kernel", "linear"),  # ours (Triton)
+        ("_compact_kernel", "linear"),
+        ("_sgemv_mma_kernel", "linear"),
+        ("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4>", "linear"),  # cuBLAS
+        ("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "linear"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "linear"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+        ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>", "attention"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "attention"),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),  # RMSNorm
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>", "other"),
+    ],
+)
+def test_kernel_groups(kernel, group):
+    from teal_quant.bench import kernel_group
+
+    assert kernel_group(kernel) == group
+
+
+def test_operator_groups():
+    from teal_quant.bench import operator_group
+
+    assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
+                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
+        ["linear", "linear", "linear", "attention", "other", "other"]

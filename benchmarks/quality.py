@@ -235,15 +235,23 @@ def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options) ->
             continue
         levels = sorted({r.level for r in group if r.level is not None})
         baseline = any(r.build is None for r in group)
+        # a killed run (device time limits) keeps what it measured: one JSON per (artifact, prefill, protocol, levels)
+        tag = hashlib.sha256(json.dumps([prefill, opts.tokens, opts.window, levels, baseline]).encode()).hexdigest()[:12]
+        saved = Path(info["artifact"]).with_name(f"{Path(info['artifact']).name}.eval-{tag}.json")
         try:
-            results = evaluate_artifact(info["artifact"], source, tokens=opts.tokens, window=opts.window, levels=levels,
-                                        device=None if opts.device == "auto" else opts.device, baseline=baseline,
-                                        prefill=prefill)
+            if saved.is_file():
+                results = json.loads(saved.read_text())
+            else:
+                results = evaluate_artifact(info["artifact"], source, tokens=opts.tokens, window=opts.window,
+                                            levels=levels, device=None if opts.device == "auto" else opts.device,
+                                            baseline=baseline, prefill=prefill)
+                write_atomic(saved, json.dumps(results))
         except Exception as e:  # noqa: BLE001 -- as above: the other rows still get measured
             line = first_line(e) if isinstance(e, TealQuantError) else f"{type(e).__name__}: {first_line(e)}"
             for row in group:
                 out[row.id] = {"error": line}
             continue
+        print(f"evaluated {build} ({prefill}): levels {levels}", flush=True)
         for row in group:
             r = next(x for x in results if (x["level"] is None) == (row.level is None)
                      and (row.level is None or abs(x["level"] - row.level) < 1e-9))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .reference import (
+    count_inactive_ref,
     dense_gemm_ref,
     dequantize,
     pack,
@@ -32,6 +33,7 @@ __all__ = [
     "sparse_gemv",
     "sparse_gemv_fused",
     "dense_gemm",
+    "count_inactive",
     "sparse_gemv_ref",
     "dense_gemm_ref",
     "dequantize",
@@ -100,3 +102,17 @@ def dense_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bit
     from . import ops
 
     return ops.dense_gemm_op(x, qweight, scales, zeros, bits, group_size)
+
+
+def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_count: Tensor, last_sparsity: Tensor) -> None:
+    """Update the realized-sparsity counters of P parts in place for one call on x [M, K]: zero_count += inputs the
+    threshold drops (|x| > t false, compared in fp32 like the GEMV), input_count += M*K, last_sparsity = this call's
+    fraction. thresholds: 0-dim, [P], [K] (one part, per-channel) or [P, K]; counters: P contiguous values each
+    (float64, float64, float32), e.g. 0-dim buffers for one part. One Triton launch on CUDA, no host sync."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_triton(x2):
+        from . import gemv_triton
+
+        gemv_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
+    else:
+        count_inactive_ref(x2, thresholds, zero_count, input_count, last_sparsity)

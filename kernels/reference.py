@@ -201,3 +201,16 @@ def sparse_gemv_fused_ref(
         )
         start += size
     return torch.cat(outs, dim=-1)
+
+
+def count_inactive_ref(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_count: Tensor,
+                       last_sparsity: Tensor) -> None:
+    """Realized-sparsity counters of P parts, updated in place: zero_count += inputs dropped (|x| > t false, in fp32),
+    input_count += M*K, last_sparsity = this call's dropped fraction. thresholds 0-dim, [P], [K] (P == 1) or [P, K]."""
+    n_parts, k = zero_count.numel(), x.shape[-1]
+    per_channel = thresholds.dim() == 2 or (thresholds.dim() == 1 and n_parts == 1 and thresholds.shape[0] == k and k != 1)
+    t = thresholds.float().reshape(n_parts, 1, k if per_channel else 1)
+    dropped = x.numel() - (x.float().abs().unsqueeze(0) > t).sum(dim=(1, 2), dtype=torch.float64)
+    zero_count.view(-1).add_(dropped.to(zero_count.dtype))
+    input_count.view(-1).add_(x.numel())
+    last_sparsity.view(-1).copy_(dropped / max(x.numel(), 1))

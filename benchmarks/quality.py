@@ -315,7 +315,8 @@ def run_report(opts: Options, *, row_patterns: str | None = None, cache: Path, o
             continue
         value = goal.value(results)
         goal_rows.append({"goal": goal.name, "rows": list(goal.rows), "target": goal.target, "unit": goal.unit,
-                          "value": value, "met": None if value is None else value <= goal.target})
+                          "value": value, "met": None if value is None else value <= goal.target,
+                          "not_run": [i for i in goal.rows if i not in results]})  # rows not selected this run
     for entry in results.values():
         entry["goals"] = [{"goal": g["goal"], "met": g["met"]} for g in goal_rows if entry["id"] in g["rows"]]
     report = {
@@ -372,7 +373,10 @@ def markdown(report: dict[str, Any]) -> str:
     for g in report["goals"]:
         unit = " %" if g["unit"] == "%" else "x"
         value = "-" if g["value"] is None else (f"{g['value']:+.1f}{unit}" if g["unit"] == "%" else f"{g['value']:.3f}{unit}")
-        met = "n/a (rows failed)" if g["met"] is None else ("yes" if g["met"] else "NO")
+        if g["met"] is None:
+            met = "n/a (not run: " + ", ".join(g["not_run"]) + ")" if g.get("not_run") else "n/a (rows failed)"
+        else:
+            met = "yes" if g["met"] else "NO"
         lines.append(f"| {g['goal']} | {', '.join(g['rows'])} | {g['target']:g}{unit} | {value} | {met} |")
     return "\n".join(lines) + "\n"
 

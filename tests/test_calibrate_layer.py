@@ -6,24 +6,12 @@ import torch
 from teal_quant.calibrate.layer import (
     LayerRunner, TailBlock, allocate, attach_simulated, capture_histograms, set_thresholds, thresholds_for,
 )
-from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
-
-
-def _layer(model_dir, index=0, **open_kwargs):
-    src = open_model(str(model_dir), **open_kwargs)
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, torch.float32)
-    materialize_non_persistent_buffers(skeleton, "cpu")
-    layer = skeleton.model.layers[index]
-    layer.to_empty(device="cpu")
-    layer.load_state_dict(src.layer_tensors(index))
-    return src, skeleton, layer
+from _support import load_layer
 
 
 def test_tail_block_with_reuse_equals_the_full_layer(tiny_llama):
     torch.manual_seed(0)
-    src, skeleton, layer = _layer(tiny_llama)
+    src, skeleton, layer = load_layer(tiny_llama)
     hidden = torch.randn(3, 40, 64)
     pe = skeleton.model.rotary_emb(hidden[:1], torch.arange(40)[None])
     sims = attach_simulated(layer)

@@ -13,7 +13,7 @@ from teal_quant.quantize import QUANTIZERS, HessianAccumulator, QuantSpec, gptq_
 from teal_quant.quantize.rtn import dequantize
 from teal_quant.source import PROJECTIONS
 
-from _support import CALIBRATION_DIR, tiny_recipe_text
+from _support import CALIBRATION_DIR, load_layer, tiny_recipe_text
 
 
 def reference_gptq(weight, hessian, bits, group, sym, damp, act_order):
@@ -251,17 +251,8 @@ def test_recipe_errors_name_the_path(quantization, message):
 # ---- pipeline --------------------------------------------------------------------------------------------------
 
 def _tiny_layer(tiny_llama, index=0):
-    from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
-
-    src = open_model(str(tiny_llama))
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, torch.float32)
-    materialize_non_persistent_buffers(skeleton, "cpu")
-    layer = skeleton.model.layers[index]
-    layer.to_empty(device="cpu")
-    layer.load_state_dict(src.layer_tensors(index))
-    hidden = torch.randn(3, 40, config.hidden_size, generator=torch.Generator().manual_seed(6))
+    _, skeleton, layer = load_layer(tiny_llama, index)
+    hidden = torch.randn(3, 40, skeleton.config.hidden_size, generator=torch.Generator().manual_seed(6))
     pe = skeleton.model.rotary_emb(hidden[:1], torch.arange(40)[None])
     return layer, hidden, pe
 

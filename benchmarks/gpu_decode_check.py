@@ -1,4 +1,6 @@
-"""GPU check of the decode path: fused q/k/v + gate/up launches, the CUDA-graph Decoder, and their cost.
+"""GPU check of the decode path: fused q/k/v + gate/up launches and one-launch RMSNorm / SiLU-and-mul / rotary
+(teal_quant/elementwise.py), the CUDA-graph Decoder, and their cost. "fused" below means both fusions, "unfused"
+transformers' eager modules with one launch per projection.
 
     python benchmarks/gpu_decode_check.py [--out DIR] [--json FILE]                 # on CUDA: the checks below
     python benchmarks/gpu_decode_check.py --smollm2 ARTIFACT --write-expect F.json  # on the CPU: record tokens
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import teal_quant  # noqa: E402
 from teal_quant import kernels  # noqa: E402
 from teal_quant.decoding import Decoder  # noqa: E402
+from teal_quant.elementwise import fuse_elementwise, unfuse_elementwise  # noqa: E402
 from teal_quant.fusion import fuse_projections, fused_groups, unfuse_projections  # noqa: E402
 from teal_quant.modules import TealLinear, teal_linears, track_sparsity  # noqa: E402
 from teal_quant.quantize.rtn import QuantSpec, rtn_quantize  # noqa: E402
@@ -246,9 +249,10 @@ def default_mode(args) -> int:
                      "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     failures: list[str] = []
     art = tiny_artifact(args.out)
-    gpu = teal_quant.load(art, device="cuda", dtype=torch.bfloat16)  # load fuses on CUDA
+    gpu = teal_quant.load(art, device="cuda", dtype=torch.bfloat16)  # load fuses on CUDA (projections + elementwise)
     unfused = teal_quant.load(art, device="cuda", dtype=torch.bfloat16)
     unfuse_projections(unfused)
+    unfuse_elementwise(unfused)
     cpu32 = teal_quant.load(art, device="cpu", dtype=torch.float32)
     cpu_low = teal_quant.load(art, device="cpu", dtype=torch.bfloat16)
     check_model("tiny_artifact", gpu, unfused, cpu32, cpu_low, 512, [0, 1, 3], results, failures)
@@ -260,6 +264,7 @@ def default_mode(args) -> int:
     cpu32 = copy.deepcopy(cpu_low).float()
     unfused = copy.deepcopy(big)
     fuse_projections(big)
+    results["llama3_8b_shaped_elementwise"] = vars(fuse_elementwise(big))
     check_model("llama3_8b_shaped_2_layers", big, unfused, cpu32, cpu_low, 128256, [0, 1], results, failures)
 
     results["failures"] = failures

@@ -34,6 +34,9 @@ __all__ = [
     "sparse_gemv_fused",
     "dense_gemm",
     "count_inactive",
+    "rms_norm",
+    "silu_mul",
+    "rotary",
     "sparse_gemv_ref",
     "dense_gemm_ref",
     "dequantize",
@@ -116,3 +119,27 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
         gemv_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
     else:
         count_inactive_ref(x2, thresholds, zero_count, input_count, last_sparsity)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm in one launch: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), x [..., N].
+    Custom op ``teal_quant::rms_norm``."""
+    from . import ops
+
+    return ops.rms_norm_op(x, weight, float(eps))
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up in one launch (the Llama MLP's activation); gate, up [..., N] may be column slices of one
+    fused gate/up output. Custom op ``teal_quant::silu_mul``."""
+    from . import ops
+
+    return ops.silu_mul_op(gate, up)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb (unsqueeze_dim=1) for q [B, Hq, S, D] and k [B, Hk, S, D] with cos, sin
+    [B, S, D], one launch for both. Custom op ``teal_quant::rotary``."""
+    from . import ops
+
+    return ops.rotary_op(q, k, cos, sin)

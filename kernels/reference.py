@@ -31,6 +31,9 @@ __all__ = [
     "sparse_gemv_ref",
     "sparse_gemv_fused_ref",
     "dense_gemm_ref",
+    "rms_norm_ref",
+    "silu_mul_ref",
+    "rotary_ref",
 ]
 
 _SHIFTS4 = tuple(range(0, 32, 4))
@@ -214,3 +217,27 @@ def count_inactive_ref(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_
     zero_count.view(-1).add_(dropped.to(zero_count.dtype))
     input_count.view(-1).add_(x.numel())
     last_sparsity.view(-1).copy_(dropped / max(x.numel(), 1))
+
+
+# -- elementwise ops of a Llama-family decoder layer (kernels.elementwise_triton is their one-launch twin) ----------
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm: fp32 statistics, normalized value rounded to x.dtype, then times weight."""
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """The Llama MLP's act_fn(gate) * up with act_fn = SiLU."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_ref(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb with unsqueeze_dim=1: q, k [B, H, S, D], cos, sin [B, S, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -55,6 +55,7 @@ class BenchOptions:
     baselines: tuple[str, ...] = BASELINES
     device: str | None = None
     cuda_graph: bool | None = None  # None: on for CUDA, off on the CPU (the Decoder's rule)
+    fuse_elementwise: bool = True  # one-launch RMSNorm / SiLU-and-mul / rotary on CUDA (teal_quant/elementwise.py)
     warmup: int = 8
     profile_steps: int = 4
     seed: int = 0
@@ -99,6 +100,7 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
         "target": str(target), "source": source, "arch": _arch_summary(config),
         "device": _device_name(device), "dtype": str(_model_dtype(model)).replace("torch.", ""),
         "cuda_graph": (device.type == "cuda") if options.cuda_graph is None else options.cuda_graph,
+        "elementwise": "fused" if options.fuse_elementwise and device.type == "cuda" else "eager",
         "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": options.batch,
         "sparsity": level, "warmup_steps": options.warmup, "profile_steps": options.profile_steps,
         "versions": _versions(), "setup_seconds": round(time.time() - t0, 2), "variants": [],
@@ -222,8 +224,13 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     batch, plen = prompt.shape
+    if not options.fuse_elementwise:  # `teal_quant.load` fuses on CUDA: undo it for this comparison
+        from .elementwise import unfuse_elementwise
+
+        unfuse_elementwise(model)
     _track_sparsity(model, True)
-    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps + 1, cuda_graph=False)
+    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps + 1, cuda_graph=False,
+                    fuse_elementwise=options.fuse_elementwise)
     state = {"token": eager.prefill(prompt)}
     for _ in range(options.warmup):
         state["token"] = eager.step(state["token"])
@@ -242,7 +249,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     _free(device)
 
     decoder = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.new_tokens + 1,
-                      cuda_graph=options.cuda_graph)
+                      cuda_graph=options.cuda_graph, fuse_elementwise=options.fuse_elementwise)
     token, prefill_ms = _timed(lambda: decoder.prefill(prompt), cuda)
     for _ in range(options.warmup):
         token = decoder.step(token)

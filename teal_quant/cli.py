@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on CUDA)")
+    bench.add_argument("--eager-elementwise", action="store_true",
+                       help="keep transformers' eager RMSNorm / SiLU-and-mul / rotary (default on CUDA: one launch each)")
     bench.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     bench.add_argument("--profile-steps", type=int, default=4, help="eager decode steps under torch.profiler")
     bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
@@ -194,6 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
         baselines=tuple(args.baselines), device=args.device, cuda_graph=False if args.eager else None, warmup=args.warmup,
+        fuse_elementwise=not args.eager_elementwise,
         profile_steps=args.profile_steps,
         seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
         synthetic=_synthetic_spec(args),

@@ -30,11 +30,13 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 class Decoder:
     """Greedy decoder over a static cache; `cuda_graph=None` means on for CUDA, off on the CPU.
 
-    On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (`fuse=False` keeps separate calls,
-    for comparisons); a dense model has none and is left as it is."""
+    On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (teal_quant/fusion.py) and its
+    Llama-style RMSNorm, SiLU-and-mul and rotary take one-launch kernels (teal_quant/elementwise.py; dense models
+    too). `fuse=False` keeps the eager calls, `fuse_elementwise=False` only the eager elementwise ops (both for
+    comparisons)."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_length: int, cuda_graph: bool | None = None,
-                 eos_check_every: int = 8, fuse: bool = True):
+                 eos_check_every: int = 8, fuse: bool = True, fuse_elementwise: bool | None = None):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
@@ -48,10 +50,10 @@ class Decoder:
             raise ValueError(f"cuda_graph=True needs a model on CUDA, this one is on {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self.eos_check_every = max(1, int(eos_check_every))
-        if fuse and self.device.type == "cuda":
-            from .fusion import fuse_projections
+        if self.device.type == "cuda":
+            from .fusion import fuse_for_decode
 
-            fuse_projections(model)
+            fuse_for_decode(model, projections=fuse, elementwise=fuse if fuse_elementwise is None else fuse_elementwise)
         params = _forward_parameters(model)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pass_cache_position = "cache_position" in params

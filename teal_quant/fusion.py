@@ -149,6 +149,17 @@ def fuse_projections(model: nn.Module) -> int:
     return count
 
 
+def fuse_for_decode(model: nn.Module, *, projections: bool = True, elementwise: bool = True) -> None:
+    """What `teal_quant.load` and the Decoder do on CUDA: fuse q/k/v and gate/up, and route the Llama-style RMSNorm,
+    SiLU-and-mul and rotary to one-launch kernels (teal_quant/elementwise.py)."""
+    if projections:
+        fuse_projections(model)
+    if elementwise:
+        from .elementwise import fuse_elementwise
+
+        fuse_elementwise(model)
+
+
 def unfuse_projections(model: nn.Module) -> int:
     """Undo `fuse_projections` (e.g. before `model.to(other_device)`); returns the number of groups undone."""
     groups = {id(m._fused_group): m._fused_group for m in model.modules()

@@ -135,10 +135,10 @@ def load(
         model.generation_config = GenerationConfig.from_pretrained(artifact.path)
     model.eval()
     set_sparsity(model, quant.default if sparsity is None else sparsity)
-    if device.type == "cuda":  # q/k/v and gate/up decode in one launch each (teal_quant/fusion.py)
-        from .fusion import fuse_projections
+    if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/fusion.py)
+        from .fusion import fuse_for_decode
 
-        fuse_projections(model)
+        fuse_for_decode(model)
     return model
 
 

@@ -1,0 +1,147 @@
+"""Triton kernels for the elementwise parts of a Llama-family decoder layer: RMSNorm, SiLU-and-multiply, rotary.
+
+Why: at batch 1 a decode step of the transformers Llama layer runs ~40 kernels, of which the linear products are
+five; RMSNorm alone is ~7 small kernels (cast, pow, mean, add, rsqrt, mul, cast, mul), rotary ~10 (slices, neg,
+cat, mul, add for q and k) and SiLU-and-mul 2. Each costs ~2 us of launch and tail even inside a CUDA graph,
+which on the H200 is as much as the int4 weights of the whole layer take to stream (docs/bench.md). Each op
+here is one launch.
+
+Every kernel reproduces the transformers computation including its intermediate roundings (fp32 math, rounded to
+the activation dtype wherever the eager code rounds), so results match the eager modules to the last bit or one
+rounding step (rsqrt / exp approximations; the tests state the tolerance). The pure-torch twins are in
+:mod:`kernels.reference` (``rms_norm_ref``, ``silu_mul_ref``, ``rotary_ref``).
+
+    rms_norm   x [M, N] (row stride free, unit column stride), weight [N] -> y [M, N] in promote(x, weight)
+               y = weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
+    silu_mul   gate, up [M, N] (row strides free) -> silu(gate).to(dtype) * up, in gate's dtype
+    rotary     q [B, Hq, S, D], k [B, Hk, S, D] (any strides, unit stride along D), cos, sin [B, S, D]
+               -> q * cos + rotate_half(q) * sin (and k), each product rounded like the eager code
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps,
+                     X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    mean_sq = tl.sum(x * x, axis=0) / N
+    normed = (x * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., N] -> RMSNorm(x) * weight, one launch (one program per row)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, weight.contiguous(), y, x2.stride(0), y.stride(0), n, float(eps),
+            X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    return y.reshape(*x.shape[:-1], n)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
+                     DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (act * u).to(DTYPE), mask=ok)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up for gate, up [..., N] of one dtype (e.g. column slices of a fused gate/up output)."""
+    n = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    if u2.stride(-1) != 1:
+        u2 = u2.contiguous()
+    y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    if g2.shape[0]:
+        block = min(4096, triton.next_power_of_2(n))
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
+            g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n,
+            DTYPE=_TL_DTYPES[gate.dtype], BLOCK=block, num_warps=min(8, max(1, block // 256)),
+        )
+    return y.reshape(gate.shape)
+
+
+@triton.jit
+def _rotate_head(xb, ob, cb, sb, HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # the head vector is split in halves x1 | x2: out1 = x1 * cos1 - x2 * sin1, out2 = x2 * cos2 + x1 * sin2,
+    # every product and the sum rounded to DTYPE like the eager `q * cos + rotate_half(q) * sin`
+    d = tl.arange(0, BLOCK)
+    ok = d < HALF
+    x1 = tl.load(xb + d, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cb + d, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cb + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sb + d, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sb + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    o1 = (x1 * c1).to(DTYPE).to(tl.float32) + (-x2 * s1).to(DTYPE).to(tl.float32)
+    o2 = (x2 * c2).to(DTYPE).to(tl.float32) + (x1 * s2).to(DTYPE).to(tl.float32)
+    tl.store(ob + d, o1.to(DTYPE), mask=ok)
+    tl.store(ob + HALF + d, o2.to(DTYPE), mask=ok)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, HQ,
+                   sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+                   sc_b, sc_s, ss_b, ss_s,
+                   HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per (b, s) and head of q followed by the heads of k: q and k in one launch
+    bs = tl.program_id(0)
+    h = tl.program_id(1)
+    b = bs // S
+    s = bs % S
+    cb = cos_ptr + b * sc_b + s * sc_s
+    sb = sin_ptr + b * ss_b + s * ss_s
+    if h < HQ:
+        _rotate_head(q_ptr + b * sq_b + h * sq_h + s * sq_s, qo_ptr + b * sqo_b + h * sqo_h + s * sqo_s,
+                     cb, sb, HALF, DTYPE, BLOCK)
+    else:
+        hk = h - HQ
+        _rotate_head(k_ptr + b * sk_b + hk * sk_h + s * sk_s, ko_ptr + b * sko_b + hk * sko_h + s * sko_s,
+                     cb, sb, HALF, DTYPE, BLOCK)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding of q [B, Hq, S, D] and k [B, Hk, S, D] (one dtype, unit stride along D) with
+    cos, sin [B, S, D] (they may broadcast over B with stride 0), one launch for both. The outputs keep the memory
+    layout of q and k (e.g. transposed [B, S, H, D] views), as the eager ops do."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if b * s:
+        half = d // 2
+        _rotary_kernel[(b * s, hq + hk)](
+            q, k, q_out, k_out, cos, sin, s, hq,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            HALF=half, DTYPE=_TL_DTYPES[q.dtype], BLOCK=triton.next_power_of_2(half), num_warps=1,
+        )
+    return q_out, k_out

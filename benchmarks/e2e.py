@@ -149,6 +149,11 @@ def markdown(report: dict) -> str:
                     pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token" for p in v["extrapolated"]["points"])
                     lines += ["", f"{v['variant']} is extrapolated: {v['extrapolated']['method']} ({pts})."]
             lines += ["", "ratios (tok/s): " + ", ".join(f"{k} {val:.2f}x" for k, val in result.get("ratios", {}).items())]
+            ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
+            top = (ours or {}).get("breakdown", {}).get("top_other") or []
+            if top:
+                lines += ["", "largest 'other' kernels of ours (eager profile, ms per step / calls per step): " + "; ".join(
+                    f"`{t['name']}` {t['ms']:.3f} / {t['calls']:g}" for t in top)]
         if run["stderr_tail"] and run["status"] != "ok":
             lines += ["", "```", *run["stderr_tail"], "```"]
         lines += ["", "targets: " + "; ".join(
@@ -160,7 +165,9 @@ def markdown(report: dict) -> str:
 def _breakdown(b: dict) -> str:
     if b.get("linear_ms") is None:
         return f"n/a ({b.get('error', '?')})"
-    return f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+    launches = b.get("launches_per_step")
+    return (f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+            + (f" ({launches:.0f} kernels)" if launches is not None else ""))
 
 
 def _fmt(value, spec: str) -> str:

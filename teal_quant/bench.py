@@ -40,6 +40,7 @@ ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
 LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
 ATTENTION_OPS = ("attention",)
+TOP_OTHER = 10  # the largest "other" kernels listed in the breakdown
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
 FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
 
@@ -321,6 +322,8 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1000.0 / steps
     groups = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    other: dict[str, list[float]] = {}  # name -> [ms per step, calls per step] of the "other" group
+    launches = 0
     for event in prof.events():
         name = event.name.lower()
         if cuda:
@@ -332,11 +335,19 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
                 continue
             us, kind = event.cpu_time_total, operator_group(name)
         groups[kind] += us / 1000.0 / steps
+        launches += 1
+        if kind == "other":
+            entry = other.setdefault(event.name[:80], [0.0, 0.0])
+            entry[0] += us / 1000.0 / steps
+            entry[1] += 1 / steps
     total = sum(groups.values())
+    top = sorted(other.items(), key=lambda kv: -kv[1][0])[:TOP_OTHER]
     return {
         **{f"{k}_ms": v for k, v in groups.items()},
         **{f"{k}_share": (v / total if total else None) for k, v in groups.items()},
         "eager_step_ms": wall_ms, "steps": steps,
+        "launches_per_step": launches / steps,  # GPU kernels (CUDA) / top-level operators (CPU) per decode step
+        "top_other": [{"name": n, "ms": round(v[0], 4), "calls": round(v[1], 2)} for n, v in top],
         "method": ("GPU kernel time per eager decode step (torch.profiler), grouped by kernel name" if cuda else
                    "CPU time of top-level operators per eager decode step (torch.profiler), grouped by operator name"),
     }

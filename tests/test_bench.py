@@ -44,6 +44,10 @@ def check_row(row: dict) -> None:
     b = row["breakdown"]
     assert b["linear_ms"] > 0 and b["attention_ms"] > 0 and b["other_ms"] >= 0
     assert sum(b[f"{k}_share"] for k in ("linear", "attention", "other")) == pytest.approx(1.0)
+    assert b["launches_per_step"] >= 3  # at least the linear, attention and lm_head operators of a step
+    top = [t["ms"] for t in b["top_other"]]
+    assert top == sorted(top, reverse=True) and sum(top) <= b["other_ms"] + 1e-6
+    assert all(t["calls"] > 0 for t in b["top_other"])
 
 
 def test_bench_artifact_json(bench_artifact, tmp_path):

@@ -3,7 +3,8 @@
 Each kernel is checked against the eager transformers computation (kernels.reference, which is that code) and, in
 fp32, against the definition computed in float64. Tolerances, in units of the output dtype's rounding step
 (eps = 2^-23 fp32, 2^-10 fp16, 2^-7 bf16) relative to the output's magnitude:
-- fp32: 4 eps of the float64 value (rsqrt / exp approximations and summation order);
+- fp32: 4 eps of the float64 value (rsqrt approximation and summation order); SiLU 16 eps (a GPU's approximate
+  exp and division: the H200 measured up to ~8);
 - fp16 / bf16 against the eager code: 2 rounding steps. The kernels round where the eager code rounds, so on a GPU
   they agree to within one step; the Triton interpreter (CPU CI) truncates instead of rounding when it casts to
   bf16, which can add one more.
@@ -72,10 +73,10 @@ def test_silu_mul_on_fused_gate_up_slices(device, dtype):
     gate, up = fused.split(inter, dim=-1)
     got, want = kernels.silu_mul(gate, up), torch.nn.functional.silu(gate) * up
     assert got.shape == (1, 3, inter)
-    assert_close_steps(got, want, dtype, 4 if dtype == torch.float32 else 2)
+    assert_close_steps(got, want, dtype, 16 if dtype == torch.float32 else 2)
     if dtype == torch.float32:
         g64, u64 = gate.double(), up.double()
-        assert_close_steps(got.double(), g64 / (1 + torch.exp(-g64)) * u64, torch.float32, 8)
+        assert_close_steps(got.double(), g64 / (1 + torch.exp(-g64)) * u64, torch.float32, 16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

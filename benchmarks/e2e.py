@@ -109,11 +109,14 @@ def environment() -> dict:
             meta[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    try:
-        meta["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                            timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    # a copy of the tree whose .git is stale (a GPU machine) states the commit in TEAL_QUANT_GIT_COMMIT
+    meta["git_commit"] = os.environ.get("TEAL_QUANT_GIT_COMMIT")
+    if not meta["git_commit"]:
+        try:
+            meta["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                                timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     return meta
 
 
@@ -156,9 +159,9 @@ def markdown(report: dict) -> str:
                     f"`{t['name']}` {t['ms']:.3f} / {t['calls']:g}" for t in top)]
         if run["stderr_tail"] and run["status"] != "ok":
             lines += ["", "```", *run["stderr_tail"], "```"]
-        lines += ["", "targets: " + "; ".join(
+        lines += ["", "targets: " + ("none (a comparison run)" if not run["targets"] else "; ".join(
             f"{k} >= {t['want']:g}: got {_fmt(t['got'], '.2f')} -> {'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
-            for k, t in run["targets"].items()), ""]
+            for k, t in run["targets"].items())), ""]
     return "\n".join(lines) + "\n"
 
 

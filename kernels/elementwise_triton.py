@@ -28,6 +28,12 @@ from torch import Tensor
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def _rows(t: Tensor, n: int) -> Tensor:
+    """t [..., n] as [M, n] with a unit column stride (a view when it can be: row strides are passed to the kernels)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps,
                      X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
@@ -44,9 +50,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps,
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x [..., N] -> RMSNorm(x) * weight, one launch (one program per row)."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x, n)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     if x2.shape[0]:
@@ -74,11 +78,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up for gate, up [..., N] of one dtype (e.g. column slices of a fused gate/up output)."""
     n = gate.shape[-1]
-    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
-    if g2.stride(-1) != 1:
-        g2 = g2.contiguous()
-    if u2.stride(-1) != 1:
-        u2 = u2.contiguous()
+    g2, u2 = _rows(gate, n), _rows(up, n)
     y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if g2.shape[0]:
         block = min(4096, triton.next_power_of_2(n))

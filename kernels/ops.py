@@ -131,8 +131,7 @@ def rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
         from . import elementwise_triton
 
         return elementwise_triton.rotary(q, k, cos, sin)
-    q_out, k_out = reference.rotary_ref(q, k, cos, sin)
-    return q_out, k_out
+    return reference.rotary_ref(q, k, cos, sin)
 
 
 @rotary_op.register_fake

@@ -22,6 +22,7 @@ of `teal-quant bench` gets the same fused ops, so ratios compare like with like)
 from __future__ import annotations
 
 import contextvars
+import inspect
 import sys
 import types
 from dataclasses import dataclass
@@ -60,12 +61,6 @@ def _llama_reference():
     return ml
 
 
-def _unwrap(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
-
 def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -86,16 +81,22 @@ def _attention_forward(self, *args, **kwargs):
 def _is_silu(act) -> bool:
     from torch.nn.functional import silu
 
-    return isinstance(act, nn.SiLU) or act is silu or type(act).__name__ in ("SiLUActivation", "SiLU")
+    return isinstance(act, nn.SiLU) or act is silu or type(act).__name__ == "SiLUActivation"
+
+
+def _llama_layout(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> bool:
+    """The layout kernels.rotary takes: q/k [B, H, S, D], cos/sin [B or 1, S, D], one dtype and device, unit stride
+    along D, D even, unsqueeze_dim 1 (what the Llama attention passes)."""
+    return (unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
+            and q.shape[-1] == k.shape[-1] == cos.shape[-1] and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype == cos.dtype == sin.dtype and q.device == cos.device
+            and q.stride(-1) == k.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
+            and cos.shape[1] == q.shape[2] and cos.shape[0] in (1, q.shape[0]))
 
 
 def _make_fast_rotary(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if (_FAST_ROTARY.get() and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
-                and q.shape[-1] == k.shape[-1] == cos.shape[-1] and q.shape[-1] % 2 == 0
-                and q.dtype == k.dtype == cos.dtype == sin.dtype and q.stride(-1) == k.stride(-1) == 1
-                and cos.stride(-1) == sin.stride(-1) == 1 and cos.shape[1] == q.shape[2]
-                and cos.shape[0] in (1, q.shape[0]) and q.device == cos.device):
+        if _FAST_ROTARY.get() and _llama_layout(q, k, cos, sin, unsqueeze_dim):
             if cos.shape[0] != q.shape[0]:
                 cos, sin = cos.expand(q.shape[0], -1, -1), sin.expand(q.shape[0], -1, -1)
             return kernels.rotary(q, k, cos, sin)
@@ -113,7 +114,7 @@ def _rotary_file_ready(module: nn.Module, ml) -> bool:
         return False
     if hasattr(current, _ORIGINAL):
         return True
-    if not _same_code(_unwrap(current), _unwrap(ml.apply_rotary_pos_emb)):
+    if not _same_code(inspect.unwrap(current), inspect.unwrap(ml.apply_rotary_pos_emb)):
         return False
     mod.apply_rotary_pos_emb = _make_fast_rotary(current)
     return True

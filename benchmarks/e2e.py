@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
         f"- git commit: {report['git_commit']}",
         f"- torch {report['torch']} (CUDA {report['cuda']}), triton {report['triton']}, transformers {report['transformers']}",
         "- weights: random int4 codes (group 128), TEAL thresholds calibrated on the model's own activations "
-        "(`teal_quant.synthetic`); times: CUDA events around decode steps replayed as CUDA graphs; see docs/bench.md", "",
+        "(`teal_quant.compression.synthetic`); times: CUDA events around decode steps replayed as CUDA graphs; see docs/bench.md", "",
     ]
     for name, run in report["runs"].items():
         lines += [f"## {name}", "", f"`{run['command']}` — {run['status']} in {run['seconds']:.0f} s", ""]

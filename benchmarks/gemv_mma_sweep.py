@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gemv as B  # noqa: E402
 
 from kernels import gemv_triton, reference  # noqa: E402
-from kernels.gemv_triton import FusedConfig, MmaConfig  # noqa: E402
+from kernels.gemv_triton import MmaConfig  # noqa: E402
 
 GROUP = 128
 CANDS = {  # run 1 (15:30 UTC): n256k64w4 best of BLOCK_N 64-256, BLOCK_K 32/64, 4/8 warps, stages 1-3, K-range 64/128

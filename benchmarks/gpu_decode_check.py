@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import teal_quant  # noqa: E402
 from teal_quant import kernels  # noqa: E402
-from teal_quant.decoding import Decoder  # noqa: E402
-from teal_quant.elementwise import fuse_elementwise, unfuse_elementwise  # noqa: E402
-from teal_quant.fusion import fuse_projections, fused_groups, unfuse_projections  # noqa: E402
-from teal_quant.modules import TealLinear, teal_linears, track_sparsity  # noqa: E402
-from teal_quant.quantize.rtn import QuantSpec, rtn_quantize  # noqa: E402
+from teal_quant.compression.quantize.rtn import QuantSpec, rtn_quantize  # noqa: E402
+from teal_quant.runtime.decoding import Decoder  # noqa: E402
+from teal_quant.runtime.elementwise import fuse_elementwise, unfuse_elementwise  # noqa: E402
+from teal_quant.runtime.fusion import fuse_projections, fused_groups, unfuse_projections  # noqa: E402
+from teal_quant.runtime.modules import TealLinear, teal_linears, track_sparsity  # noqa: E402
 
 SMOLLM2_PROMPT = "The Bennets lived at Longbourn, and Mr. Darcy"
 

@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import teal_quant  # noqa: E402
 from _support import tiny_recipe_text, write_tiny_llama  # noqa: E402
-from teal_quant.modules import set_prefill_mode  # noqa: E402
+
+import teal_quant  # noqa: E402
+from teal_quant.runtime.modules import set_prefill_mode  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

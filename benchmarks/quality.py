@@ -26,7 +26,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -167,7 +167,7 @@ def goals(opts: Options) -> list[Goal]:
         a, b = f"gptq_w4_sa_u_s{pct(level)}", f"gptq_w4_u_s{pct(level)}"
         out.append(Goal(f"sparsity-aware GPTQ <= plain GPTQ at s{pct(level)}", (a, b), 1.0, "ratio", ratio(a, b)))
     ids = ("gptq_w4_u_s40", "gptq_w4_sa_u_s40")
-    out.append(Goal(f"w4 GPTQ + s40 <= +25 % (better of plain / sparsity-aware)", ids, 25.0, "%", delta(*ids)))
+    out.append(Goal("w4 GPTQ + s40 <= +25 % (better of plain / sparsity-aware)", ids, 25.0, "%", delta(*ids)))
     return out
 
 
@@ -190,8 +190,8 @@ def cache_key(recipe: dict[str, Any]) -> str:
 def compress_cached(name: str, recipe: dict[str, Any], cache: Path) -> dict[str, Any]:
     """Compress once per distinct recipe: {status, artifact, compress_seconds, cached} or {status: failed, error}."""
     from teal_quant import compress
+    from teal_quant.compression.recipe import Recipe
     from teal_quant.errors import TealQuantError, first_line
-    from teal_quant.recipe import Recipe
 
     key = cache_key(recipe)
     artifact, meta = cache / key, cache / f"{key}.json"
@@ -218,9 +218,9 @@ def compress_cached(name: str, recipe: dict[str, Any], cache: Path) -> dict[str,
 def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options) -> dict[str, dict]:
     """Row id -> {perplexity, realized_sparsity, eval_seconds} or {error}: one evaluate_artifact call per
     (artifact, prefill mode); the dense row is evaluate_artifact's float baseline on the w8 artifact."""
+    from teal_quant.compression.recipe import TextFilesSource
     from teal_quant.errors import TealQuantError, first_line
     from teal_quant.evaluate import evaluate_artifact
-    from teal_quant.recipe import TextFilesSource
 
     source = TextFilesSource(kind="text_files", paths=[str(WIKITEXT)])
     out: dict[str, dict] = {}

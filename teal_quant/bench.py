@@ -30,9 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import TealQuantError, first_line
-from .modules import reset_stats, teal_linears
-from .synthetic import SyntheticSpec
+from teal_quant.compression.synthetic import SyntheticSpec
+from teal_quant.devices import select_device
+from teal_quant.errors import TealQuantError, first_line
+from teal_quant.runtime.modules import reset_stats, teal_linears
 
 BASELINES = ("bf16", "int4")
 # Kernel name -> group, first match wins (attention first: FlashAttention/cutlass fmha names contain "cutlass").
@@ -84,7 +85,7 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
     """Benchmark `target` (an artifact directory, llama3-8b | llama3-70b, or a config.json) and return the results."""
     options.validate()
     say = report or (lambda _msg: None)
-    device = _device(options.device)
+    device = select_device(options.device, option="--device")
     t0 = time.time()
     model, source = open_target(target, options, device)
     level = float(model.teal_sparsity)
@@ -122,11 +123,11 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
 
 def open_target(target: str, options: BenchOptions, device: torch.device):
     """An artifact directory -> teal_quant.load; anything else is an architecture -> a synthetic model in memory."""
-    from .loading import load
+    from teal_quant.runtime.loading import load
 
     path = Path(str(target)).expanduser()
     if path.is_dir() and _is_artifact(path):
-        from .artifact import read_artifact
+        from teal_quant.artifact.format import read_artifact
 
         quant = read_artifact(path).quant
         level = quant.default if options.sparsity is None else options.sparsity
@@ -137,7 +138,7 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
         return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
     from dataclasses import replace
 
-    from .synthetic import build_synthetic_model, resolve_arch
+    from teal_quant.compression.synthetic import build_synthetic_model, resolve_arch
 
     resolve_arch(target)  # a bad ARCH fails here, before any work
     spec = options.synthetic
@@ -158,7 +159,7 @@ def _is_artifact(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- variants
 def _measure_quantized(model: nn.Module, level: float, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
-    from .loading import set_sparsity
+    from teal_quant.runtime.loading import set_sparsity
 
     set_sparsity(model, level)
     row = _measure(model, prompt, options, device)
@@ -218,7 +219,7 @@ def _measure_dense(model: nn.Module, prompt: torch.Tensor, options: BenchOptions
 
 def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
     """One variant: eager profile + realized sparsity, then the timed prefill and decode."""
-    from .decoding import Decoder
+    from teal_quant.runtime.decoding import Decoder
 
     cuda = device.type == "cuda"
     _free(device)
@@ -226,7 +227,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         torch.cuda.reset_peak_memory_stats(device)
     batch, plen = prompt.shape
     if not options.fuse_elementwise:  # `teal_quant.load` fuses on CUDA: undo it for this comparison
-        from .elementwise import unfuse_elementwise
+        from teal_quant.runtime.elementwise import unfuse_elementwise
 
         unfuse_elementwise(model)
     _track_sparsity(model, True)
@@ -371,7 +372,7 @@ def operator_group(name: str) -> str:
 
 def _track_sparsity(model: nn.Module, enabled: bool) -> None:
     """The realized-sparsity counters: on for the eager steps that measure them, off for timing (when switchable)."""
-    from . import modules
+    from teal_quant.runtime import modules
 
     switch = getattr(modules, "track_sparsity", None)
     if switch is not None:
@@ -442,7 +443,7 @@ def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
     are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
     (teal_quant.fusion, made by the Decoder on CUDA) are split back first."""
     if importlib.util.find_spec(f"{__package__}.fusion") is not None:
-        from .fusion import unfuse_projections
+        from teal_quant.runtime.fusion import unfuse_projections
 
         unfuse_projections(model)
     for name in [n for n, _ in teal_linears(model)]:
@@ -477,20 +478,6 @@ def _ratios(variants: list[dict]) -> dict:
         if ours and base in ok:
             out[f"ours_over_{base}"] = ours["tokens_per_s"] / ok[base]["tokens_per_s"]
     return out
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TealQuantError(f"--device: '{name}' is not a device (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TealQuantError("--device cuda: no CUDA device is available")
-    if device.type not in ("cpu", "cuda"):
-        raise TealQuantError(f"--device: '{name}' is not supported (cpu or cuda)")
-    return device
 
 
 def _free(device: torch.device) -> None:
@@ -531,8 +518,8 @@ def print_bench(result: dict) -> None:
     """The summary table: one row per variant, times with the bandwidth they imply, ratios against ours."""
     from rich.table import Table
 
-    from .progress import console
-    from .report import human_bytes
+    from teal_quant.progress import console
+    from teal_quant.report import human_bytes
 
     arch = result["arch"]
     title = (f"teal-quant bench: {result['target']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}) on "

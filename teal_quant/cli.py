@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="teal-quant", description="int4/int8 weights + TEAL activation sparsity in one artifact")
-    from . import __version__
+    from teal_quant import __version__
 
     parser.add_argument("--version", action="version", version=f"teal-quant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,7 +119,7 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import TealQuantError
+    from teal_quant.errors import TealQuantError
 
     try:
         return _dispatch(args)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
             raise
-        from .errors import first_line
+        from teal_quant.errors import first_line
 
         print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
@@ -141,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from .pipeline import run
-        from .recipe import Recipe
+        from teal_quant.compression.pipeline import run
+        from teal_quant.compression.recipe import Recipe
 
         run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
         return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "convert-gptq":
-        from .pipeline import run
-        from .recipe import convert_gptq_recipe
+        from teal_quant.compression.pipeline import run
+        from teal_quant.compression.recipe import convert_gptq_recipe
 
         recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,
                                      calibration=args.calibration, allocation=args.allocation, device=args.device,
@@ -158,19 +158,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         run(recipe)
         return 0
     if args.command == "inspect":
-        from .describe import inspect_artifact
+        from teal_quant.describe import inspect_artifact
 
         inspect_artifact(args.artifact)
         return 0
     if args.command == "push":
-        from .hub import push
+        from teal_quant.artifact.hub import push
 
         result = push(args.artifact, args.repo_id, private=not args.public, revision=args.revision, message=args.message,
                       endpoint=args.endpoint)
         print(result if result.changed else f"{result} (unchanged: no new commit)")
         return 0
     if args.command == "synthesize":
-        from .synthetic import write_synthetic
+        from teal_quant.compression.synthetic import write_synthetic
 
         path = write_synthetic(args.arch, args.output, _synthetic_spec(args), device=args.device, overwrite=args.overwrite)
         print(path)
@@ -181,7 +181,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _synthetic_spec(args: argparse.Namespace):
-    from .synthetic import SyntheticSpec
+    from teal_quant.compression.synthetic import SyntheticSpec
 
     return SyntheticSpec(bits=args.bits, group_size=args.group_size, levels=tuple(args.levels), default=args.default,
                          seed=args.seed)
@@ -190,8 +190,8 @@ def _synthetic_spec(args: argparse.Namespace):
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import BenchOptions, print_bench, run_bench
-    from .progress import err_console
+    from teal_quant.bench import BenchOptions, print_bench, run_bench
+    from teal_quant.progress import err_console
 
     options = BenchOptions(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
@@ -212,11 +212,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import TealQuantError
-    from .evaluate import evaluate_artifact
-    from .loading import resolve_artifact
-    from .recipe import TextFilesSource
-    from .report import print_eval_table
+    from teal_quant.compression.recipe import TextFilesSource
+    from teal_quant.errors import TealQuantError
+    from teal_quant.evaluate import evaluate_artifact
+    from teal_quant.report import print_eval_table
+    from teal_quant.runtime.loading import resolve_artifact
 
     if args.tokens < 16 or args.window < 8:
         raise TealQuantError("--tokens must be >= 16 and --window >= 8")

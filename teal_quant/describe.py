@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .loading import resolve_artifact
-from .progress import console
-from .report import human_bytes
+from teal_quant.progress import console
+from teal_quant.report import human_bytes
+from teal_quant.runtime.loading import resolve_artifact
 
 _PROJ_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .data import evaluation_windows, read_text
-from .modules import realized_sparsity, reset_stats, set_prefill_mode
-from .progress import Progress
+from teal_quant.compression.data import evaluation_windows, read_text
+from teal_quant.devices import select_device
+from teal_quant.progress import Progress
+from teal_quant.runtime.modules import realized_sparsity, reset_stats, set_prefill_mode
 
 
 @torch.no_grad()
@@ -51,10 +52,10 @@ def evaluate_artifact(
     every token, so about half of the level)."""
     from transformers import AutoTokenizer
 
-    from .loading import load, resolve_artifact, set_sparsity
+    from teal_quant.runtime.loading import load, resolve_artifact, set_sparsity
 
     artifact = resolve_artifact(artifact).path
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(device)
     model = load(artifact, device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
     windows = evaluation_windows(tokenizer, read_text(source), tokens, window)
@@ -77,10 +78,10 @@ def evaluate_artifact(
 
 def _baseline_row(artifact, windows, device, batch_size, progress, n_tokens) -> dict:
     """The float base model named in the artifact's recipe, on the same windows."""
-    from .artifact import read_artifact
-    from .errors import ArtifactError
-    from .recipe import Recipe
-    from .source import open_model
+    from teal_quant.artifact.format import read_artifact
+    from teal_quant.compression.recipe import Recipe
+    from teal_quant.compression.sources import open_model
+    from teal_quant.errors import ArtifactError
 
     text = read_artifact(artifact).recipe_text()
     if text is None:

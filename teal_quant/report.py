@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .progress import console
+from teal_quant.progress import console
 
 
 def human_bytes(n: float) -> str:

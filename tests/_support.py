@@ -8,7 +8,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ def smollm2_dir() -> Path:
 def write_tiny_llama(path: Path, *, vocab_size: int = 512, hidden: int = 64, intermediate: int = 128, layers: int = 2,
                      heads: int = 4, kv_heads: int = 2, model_type: str = "llama", seed: int = 0) -> Path:
     """A random Llama-architecture checkpoint (safetensors) with a BPE tokenizer trained on calibration text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
@@ -69,7 +68,8 @@ def tiny_recipe_text(model_dir: Path, output_dir: Path, **overrides: str) -> str
 
 def open_skeleton(model_dir, **open_kwargs):
     """(streaming source, meta skeleton with sdpa attention and its non-persistent buffers on the CPU) of a model."""
-    from teal_quant.source import build_skeleton, materialize_non_persistent_buffers, open_model
+    from teal_quant.architecture import build_skeleton, materialize_non_persistent_buffers
+    from teal_quant.compression.sources import open_model
 
     src = open_model(str(model_dir), **open_kwargs)
     config = src.config

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _support import CALIBRATION_DIR, SMOLLM2_GGUF, open_skeleton, smollm2_dir, tiny_recipe_text, write_tiny_llama
 
 _KERNEL_TESTS = Path(__file__).resolve().parent / "kernels"
@@ -49,7 +48,7 @@ def smollm2_source():
 @pytest.fixture(scope="session")
 def calibration_hidden(smollm2_source):
     """Layer-0 inputs of 4 windows of 256 tokens of Pride and Prejudice (calibration text, never evaluation)."""
-    from teal_quant.data import random_windows, tokenize_stream
+    from teal_quant.compression.data import random_windows, tokenize_stream
 
     src, _ = smollm2_source
     tok = src.tokenizer()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from teal_quant.calibrate.allocation import (
+from teal_quant.compression.calibrate.allocation import (
     effective_sparsity,
     greedy_allocation,
     uniform_allocation,

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
-from teal_quant.artifact import ArtifactWriter, TealQuantConfig, read_artifact
-from teal_quant.errors import ArtifactError
 from teal_quant.kernels import pack, pack_int4, unpack, unpack_int4
+
+from teal_quant.artifact.format import ArtifactWriter, TealQuantConfig, read_artifact
+from teal_quant.errors import ArtifactError
 
 
 def test_int4_packing_layout_matches_the_contract():

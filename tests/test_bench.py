@@ -5,7 +5,6 @@ line and exit 2."""
 import json
 
 import pytest
-
 from test_cli import assert_one_line_error, teal_quant
 from test_synthetic import tiny_config
 
@@ -28,7 +27,7 @@ def dense_bytes(layers: int) -> int:
 
 @pytest.fixture(scope="module")
 def bench_artifact(tmp_path_factory):
-    from teal_quant.synthetic import SyntheticSpec, write_synthetic
+    from teal_quant.compression.synthetic import SyntheticSpec, write_synthetic
 
     arch = tiny_config(tmp_path_factory.mktemp("arch2"))
     return write_synthetic(arch, tmp_path_factory.mktemp("b") / "art", SyntheticSpec(group_size=32, levels=(0.25, 0.5), default=0.5),

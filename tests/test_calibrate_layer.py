@@ -2,11 +2,17 @@
 
 import pytest
 import torch
-
-from teal_quant.calibrate.layer import (
-    LayerRunner, TailBlock, allocate, attach_simulated, capture_histograms, set_thresholds, thresholds_for,
-)
 from _support import load_layer
+
+from teal_quant.compression.calibrate.layer import (
+    LayerRunner,
+    TailBlock,
+    allocate,
+    attach_simulated,
+    capture_histograms,
+    set_thresholds,
+    thresholds_for,
+)
 
 
 def test_tail_block_with_reuse_equals_the_full_layer(tiny_llama):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _support import WIKITEXT, tiny_recipe_text
 
 ENV = {**os.environ, "TEAL_QUANT_QUIET": "1"}

@@ -10,18 +10,16 @@ import sys
 
 import pytest
 import torch
+from _support import CALIBRATION_DIR
 from safetensors.torch import load_file, save_file
+from test_cli import ENV, assert_one_line_error
 
 import teal_quant
-from teal_quant.artifact import read_artifact
+from teal_quant.architecture import PROJECTIONS
+from teal_quant.artifact.format import read_artifact
+from teal_quant.compression.recipe import Recipe
 from teal_quant.errors import RecipeError
-from teal_quant.modules import set_prefill_mode, teal_linears
-from teal_quant.recipe import Recipe
-from teal_quant.source import PROJECTIONS
-
-from _support import CALIBRATION_DIR
-
-from test_cli import ENV, assert_one_line_error
+from teal_quant.runtime.modules import set_prefill_mode, teal_linears
 
 SHAKESPEARE = CALIBRATION_DIR / "tinyshakespeare.txt"
 

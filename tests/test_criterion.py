@@ -15,24 +15,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support import CALIBRATION_DIR, tiny_recipe_text
 from safetensors.torch import load_file, save_file
+from teal_quant.kernels import pack
 
 import teal_quant
 from teal_quant import Recipe, RecipeError
-from teal_quant.artifact import read_artifact
-from teal_quant.calibrate.layer import (
-    LayerRunner, SimulatedLinear, allocate, attach_simulated, capture_histograms, channel_scale, predicted_sparsity,
+from teal_quant.architecture import PROJECTIONS, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.artifact.format import read_artifact
+from teal_quant.compression.calibrate.allocation import effective_sparsity
+from teal_quant.compression.calibrate.layer import (
+    LayerRunner,
+    SimulatedLinear,
+    allocate,
+    attach_simulated,
+    capture_histograms,
+    channel_scale,
+    predicted_sparsity,
     set_thresholds,
 )
-from teal_quant.calibrate.allocation import effective_sparsity
+from teal_quant.compression.quantize import QuantSpec, rtn_quantize
+from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.sources import open_model
 from teal_quant.errors import ArtifactError
-from teal_quant.kernels import pack
-from teal_quant.modules import TealLinear, channel_thresholds, set_prefill_mode, teal_linears
-from teal_quant.quantize import QuantSpec, rtn_quantize
-from teal_quant.quantize.rtn import dequantize
-from teal_quant.source import PROJECTIONS, build_skeleton, materialize_non_persistent_buffers, open_model
-
-from _support import CALIBRATION_DIR, tiny_recipe_text
+from teal_quant.runtime.modules import TealLinear, channel_thresholds, set_prefill_mode, teal_linears
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, t: float, bias=None) -> torch.Tensor:
@@ -151,7 +157,7 @@ def _tiny_layer(model_dir: Path):
 def _calibration_hidden(model_dir: Path, embed: torch.Tensor) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from teal_quant.data import random_windows, tokenize_stream
+    from teal_quant.compression.data import random_windows, tokenize_stream
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     stream = tokenize_stream(tok, (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()[:60_000])

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
 from _support import CALIBRATION_DIR
-from teal_quant.data import evaluation_windows, expand_paths, random_windows, read_text, tokenize_stream
+
+from teal_quant.compression.data import evaluation_windows, expand_paths, random_windows, read_text, tokenize_stream
+from teal_quant.compression.recipe import Recipe
 from teal_quant.errors import DataError
-from teal_quant.recipe import Recipe
 
 
 def _source(kind_yaml: str):
@@ -52,7 +52,7 @@ def test_hf_dataset_from_a_local_directory(tmp_path, monkeypatch, tiny_llama):
 def test_generated_samples_are_seeded(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from teal_quant.data import generate_samples
+    from teal_quant.compression.data import generate_samples
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)

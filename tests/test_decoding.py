@@ -8,9 +8,9 @@ import torch
 
 import teal_quant
 from teal_quant import kernels
-from teal_quant.decoding import Decoder
-from teal_quant.fusion import fuse_projections, fused_groups, unfuse_projections
-from teal_quant.modules import realized_sparsity, reset_stats, teal_linears, track_sparsity
+from teal_quant.runtime.decoding import Decoder
+from teal_quant.runtime.fusion import fuse_projections, fused_groups, unfuse_projections
+from teal_quant.runtime.modules import realized_sparsity, reset_stats, teal_linears, track_sparsity
 
 PROMPT = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 2], [1, 77, 8, 300, 64, 21, 99, 13]])
 

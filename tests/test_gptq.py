@@ -5,15 +5,14 @@ import json
 
 import pytest
 import torch
+from _support import CALIBRATION_DIR, load_layer, tiny_recipe_text
 
 import teal_quant
-from teal_quant.calibrate.layer import LayerRunner, attach_simulated
+from teal_quant.architecture import PROJECTIONS
+from teal_quant.compression.calibrate.layer import LayerRunner, attach_simulated
+from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec, gptq_quantize, rtn_quantize
+from teal_quant.compression.quantize.rtn import dequantize
 from teal_quant.errors import RecipeError
-from teal_quant.quantize import QUANTIZERS, HessianAccumulator, QuantSpec, gptq_quantize, rtn_quantize
-from teal_quant.quantize.rtn import dequantize
-from teal_quant.source import PROJECTIONS
-
-from _support import CALIBRATION_DIR, load_layer, tiny_recipe_text
 
 
 def reference_gptq(weight, hessian, bits, group, sym, damp, act_order):
@@ -262,7 +261,7 @@ def test_input_hessians_of_a_layer(tiny_llama, aware):
     """One pass of the layer: every projection's Hessian equals 2/n Σ x xᵀ (float64) of the input it reads —
     dense and shared per activation point, or (sparsity-aware) thresholded by its own threshold with the layer
     running sparsified."""
-    from teal_quant.pipeline import _input_hessians
+    from teal_quant.compression.pipeline import _input_hessians
 
     layer, hidden, pe = _tiny_layer(tiny_llama)
     sims = attach_simulated(layer)
@@ -293,7 +292,7 @@ def _layer_error(artifact, tiny_llama, level, tokens):
     sparsified at `level` (prefill sparse), summed over layers."""
     from transformers import AutoModelForCausalLM
 
-    from teal_quant.modules import set_prefill_mode
+    from teal_quant.runtime.modules import set_prefill_mode
 
     model = teal_quant.load(artifact, sparsity=level, device="cpu")
     set_prefill_mode(model, "sparse")

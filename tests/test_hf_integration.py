@@ -27,7 +27,7 @@ import teal_quant
 assert "transformers.quantizers.auto" not in sys.modules
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(tiny_artifact)!r})
-from teal_quant.modules import TealLinear
+from teal_quant.runtime.modules import TealLinear
 linears = [n for n, m in model.named_modules() if isinstance(m, TealLinear)]
 print(len(linears), type(model.config.quantization_config).__name__, model.teal_sparsity)
 """
@@ -38,11 +38,11 @@ print(len(linears), type(model.config.quantization_config).__name__, model.teal_
 
 
 def test_from_pretrained_matches_teal_quant_load(tiny_artifact):
-    import teal_quant  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM
 
-    from teal_quant.loading import load, set_sparsity
-    from teal_quant.modules import TealLinear
+    import teal_quant  # noqa: F401  (registers the quantizer)
+    from teal_quant.runtime.loading import load, set_sparsity
+    from teal_quant.runtime.modules import TealLinear
 
     model = AutoModelForCausalLM.from_pretrained(tiny_artifact)
     reference = load(tiny_artifact, device="cpu")
@@ -58,12 +58,12 @@ def test_from_pretrained_matches_teal_quant_load(tiny_artifact):
 
 
 def test_save_pretrained_round_trips_to_an_identical_artifact(tiny_artifact, tmp_path):
-    import teal_quant  # noqa: F401
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from teal_quant.artifact import read_artifact
-    from teal_quant.loading import load
+    import teal_quant  # noqa: F401
+    from teal_quant.artifact.format import read_artifact
+    from teal_quant.runtime.loading import load
 
     original = read_artifact(tiny_artifact)
     model = AutoModelForCausalLM.from_pretrained(tiny_artifact)
@@ -93,10 +93,10 @@ def test_save_pretrained_round_trips_to_an_identical_artifact(tiny_artifact, tmp
 
 
 def test_from_pretrained_refuses_to_quantize_on_the_fly(tiny_llama):
-    import teal_quant  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    from teal_quant.hf import TealQuantHfConfig
+    import teal_quant  # noqa: F401
+    from teal_quant.runtime.hf import TealQuantHfConfig
 
     config = TealQuantHfConfig(**{
         "quant_method": "teal_quant", "format_version": 1, "bits": 4, "group_size": 32, "sym": False,

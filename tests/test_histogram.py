@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import teal_quant.calibrate.histogram as histogram_module
-from teal_quant.calibrate.histogram import AbsHistogram
+import teal_quant.compression.calibrate.histogram as histogram_module
+from teal_quant.compression.calibrate.histogram import AbsHistogram
 
 LEVELS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 N = 1_000_000

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hub_server import HubServer
 
 TOKEN = "hf_teal_test_secret_0123456789"
@@ -81,7 +80,7 @@ def no_backoff_sleep(monkeypatch):
 
 def test_push_then_load_by_repo_id_gives_the_same_logits(hub, tiny_artifact):
     import teal_quant
-    from teal_quant.hub import PushResult
+    from teal_quant.artifact.hub import PushResult
 
     before = digest(tiny_artifact)
     result = teal_quant.push(tiny_artifact, f"{ORG}/tiny-w4", token=TOKEN)
@@ -121,7 +120,7 @@ def test_repush_is_idempotent(hub, tiny_artifact):
 
 
 def test_revision_pinning(hub, tiny_artifact, tmp_path):
-    from teal_quant.hub import download, push
+    from teal_quant.artifact.hub import download, push
 
     repo = f"{ORG}/pinned"
     v1 = push(tiny_artifact, repo, token=TOKEN)
@@ -140,7 +139,7 @@ def test_revision_pinning(hub, tiny_artifact, tmp_path):
     assert pinned.name == v1.oid and (pinned / "README.md").read_text() == (tiny_artifact / "README.md").read_text()
 
     from teal_quant.errors import ArtifactError
-    from teal_quant.loading import resolve_artifact
+    from teal_quant.runtime.loading import resolve_artifact
 
     assert resolve_artifact(repo, "v2").path == on_v2
     os.environ["HF_TOKEN"] = TOKEN
@@ -152,9 +151,9 @@ def test_revision_pinning(hub, tiny_artifact, tmp_path):
 
 
 def test_offline_mode_uses_only_the_cache(hub, tiny_artifact, monkeypatch):
+    from teal_quant.artifact.hub import download, push
     from teal_quant.errors import ArtifactError
-    from teal_quant.hub import download, push
-    from teal_quant.loading import resolve_artifact
+    from teal_quant.runtime.loading import resolve_artifact
 
     push(tiny_artifact, f"{ORG}/offline", token=TOKEN, private=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -246,10 +245,10 @@ def test_unreachable_endpoint_and_bad_input_fail_cleanly(hub, tiny_artifact, tmp
 
 def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monkeypatch):
     import yaml
-
     from _support import WIKITEXT, tiny_recipe_text
+
     from teal_quant import Recipe
-    from teal_quant.pipeline import run
+    from teal_quant.compression.pipeline import run
 
     model = tmp_path / "base"
     shutil.copytree(tiny_llama, model)
@@ -274,7 +273,7 @@ def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monk
     assert TOKEN not in (summary.artifact / "recipe.yaml").read_text()
 
     # a failed push (wrong token): the run's artifact stays on disk, and the error (raised after the summary) names it
-    from teal_quant.pipeline import _push
+    from teal_quant.compression.pipeline import _push
 
     monkeypatch.setenv("HF_TOKEN", WRONG)
     before = digest(summary.artifact)

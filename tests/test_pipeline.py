@@ -8,10 +8,11 @@ import yaml
 from safetensors import safe_open
 
 import teal_quant
-from teal_quant.artifact import read_artifact
-from teal_quant.calibrate.layer import LayerRunner
-from teal_quant.modules import TealLinear, set_prefill_mode, teal_linears
-from teal_quant.source import PROJECTIONS, build_skeleton, materialize_non_persistent_buffers, open_model
+from teal_quant.architecture import PROJECTIONS, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.artifact.format import read_artifact
+from teal_quant.compression.calibrate.layer import LayerRunner
+from teal_quant.compression.sources import open_model
+from teal_quant.runtime.modules import TealLinear, set_prefill_mode, teal_linears
 
 
 def test_artifact_follows_the_contract(tiny_artifact):

@@ -19,8 +19,7 @@ import sys
 
 import pytest
 import torch
-
-from _support import ROOT, WIKITEXT
+from _support import ROOT
 
 TOKENS = 2048  # two windows of 1,024 (2,046 predicted tokens)
 
@@ -119,7 +118,7 @@ def test_gptq_w4_beats_rtn_w4(report):
 
 
 def test_default_criterion_no_worse_than_the_other_at_s50(report):
-    from teal_quant.recipe import SparsitySpec
+    from teal_quant.compression.recipe import SparsitySpec
 
     field = SparsitySpec.model_fields.get("criterion")
     assert field is not None, "sparsity.criterion is not a recipe key in this version"
@@ -176,9 +175,10 @@ def test_markdown_marks_failed_rows_and_unmet_goals():
 def test_last_half_prefill_mode_thresholds_only_the_second_half():
     """TealLinear in 'sparse_last_half' vs a float64 reference: positions < T//2 dense, the rest thresholded."""
     from teal_quant.kernels import pack
-    from teal_quant.modules import TealLinear, realized_sparsity
-    from teal_quant.quantize import QuantSpec, rtn_quantize
-    from teal_quant.quantize.rtn import dequantize
+
+    from teal_quant.compression.quantize import QuantSpec, rtn_quantize
+    from teal_quant.compression.quantize.rtn import dequantize
+    from teal_quant.runtime.modules import TealLinear, realized_sparsity
 
     torch.manual_seed(0)
     K, N, G = 64, 32, 32

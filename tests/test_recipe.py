@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from teal_quant import Recipe, RecipeError
-from teal_quant.recipe import parse_size
+from teal_quant.compression.recipe import parse_size
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 BASE = "model: {source: org/model}\ncalibration: {source: {kind: generated}}\n"

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from teal_quant.quantize.rtn import QuantSpec, compute_qparams, dequantize, quantize, rtn_quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize, quantize, rtn_quantize
 
 N, K = 48, 256
 

@@ -7,10 +7,9 @@ Bounds were set from measurement (see the closing note of issue 2): w4 g64 RTN a
 import json
 
 import pytest
-import torch
+from _support import CALIBRATION_DIR, SMOLLM2_GGUF, WIKITEXT, smollm2_dir
 
 import teal_quant
-from _support import CALIBRATION_DIR, SMOLLM2_GGUF, WIKITEXT, smollm2_dir
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +32,8 @@ output: {{dir: '{out}'}}
 
 @pytest.fixture(scope="module")
 def wikitext_rows(smollm2_artifact):
+    from teal_quant.compression.recipe import TextFilesSource
     from teal_quant.evaluate import evaluate_artifact
-    from teal_quant.recipe import TextFilesSource
 
     source = TextFilesSource(kind="text_files", paths=[str(WIKITEXT)])
     return evaluate_artifact(smollm2_artifact, source, tokens=4096, window=512, levels=[0.0, 0.4], device="cpu",
@@ -74,7 +73,7 @@ def test_greedy_allocation_beat_uniform_in_every_layer(smollm2_artifact):
 
 
 def test_artifact_is_smaller_than_the_dense_model(smollm2_artifact):
-    art = teal_quant.artifact.read_artifact(smollm2_artifact)
+    art = teal_quant.artifact.format.read_artifact(smollm2_artifact)
     tensors = art.tensors()
     quantized_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.split(".")[-1] in
                           ("qweight", "scales", "zeros", "thresholds"))

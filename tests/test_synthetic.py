@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from test_cli import assert_one_line_error, teal_quant
 
 LEVELS = (0.25, 0.4, 0.5)
@@ -41,14 +40,14 @@ def tiny_arch(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synth_artifact(tiny_arch, tmp_path_factory):
-    from teal_quant.synthetic import SyntheticSpec, write_synthetic
+    from teal_quant.compression.synthetic import SyntheticSpec, write_synthetic
 
     out = tmp_path_factory.mktemp("synth") / "tiny-synthetic"
     return write_synthetic(tiny_arch, out, SyntheticSpec(group_size=32, levels=LEVELS, default=0.4), device="cpu")
 
 
 def test_llama3_configs_are_the_real_shapes():
-    from teal_quant.synthetic import resolve_arch
+    from teal_quant.compression.synthetic import resolve_arch
 
     for arch, (hidden, inter, heads, layers) in {"llama3-8b": (4096, 14336, 32, 32), "llama3-70b": (8192, 28672, 64, 80)}.items():
         c = resolve_arch(arch)
@@ -59,7 +58,7 @@ def test_llama3_configs_are_the_real_shapes():
 
 def test_artifact_loads_at_every_level(synth_artifact):
     import teal_quant
-    from teal_quant.modules import set_prefill_mode, teal_linears
+    from teal_quant.runtime.modules import set_prefill_mode, teal_linears
 
     config = json.loads((synth_artifact / "config.json").read_text())
     assert config["quantization_config"]["sparsity"]["levels"] == [0.0, *LEVELS]
@@ -86,7 +85,7 @@ def test_artifact_loads_at_every_level(synth_artifact):
 
 def test_dequantized_weights_have_the_intended_spread(synth_artifact):
     import teal_quant
-    from teal_quant.synthetic import projection_std
+    from teal_quant.compression.synthetic import projection_std
 
     model = teal_quant.load(synth_artifact, device="cpu")
     for name, module in model.model.layers[1].named_modules():
@@ -101,7 +100,7 @@ def test_dequantized_weights_have_the_intended_spread(synth_artifact):
 
 def test_realized_sparsity_on_fresh_tokens_matches_each_level(synth_artifact):
     import teal_quant
-    from teal_quant.modules import reset_stats, set_prefill_mode, teal_linears
+    from teal_quant.runtime.modules import reset_stats, set_prefill_mode, teal_linears
 
     fresh = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(12345))
     for level in LEVELS:
@@ -119,7 +118,7 @@ def test_realized_sparsity_on_fresh_tokens_matches_each_level(synth_artifact):
 
 def test_in_memory_build_is_the_artifact(synth_artifact, tiny_arch):
     import teal_quant
-    from teal_quant.synthetic import SyntheticSpec, build_synthetic_model
+    from teal_quant.compression.synthetic import SyntheticSpec, build_synthetic_model
 
     disk = teal_quant.load(synth_artifact, sparsity=0.25, device="cpu")
     memory = build_synthetic_model(tiny_arch, SyntheticSpec(group_size=32, levels=LEVELS, default=0.4), device="cpu", sparsity=0.25)
@@ -148,7 +147,7 @@ def test_synthesize_cli_writes_an_artifact(tiny_arch, tmp_path):
     [
         (["no-such-arch", "OUT"], "arch 'no-such-arch': not llama3-8b or llama3-70b"),
         (["GPT2", "OUT"], "unsupported model_type 'gpt2'"),
-        (["ARCH", "OUT", "--group-size", "48"], "group size 48 does not divide in_features 64"),
+        (["ARCH", "OUT", "--group-size", "48"], "--group-size: 48 does not divide in_features 64"),
         (["ARCH", "OUT", "--default", "0.33"], "default level 0.33 is not one of the levels"),
         (["ARCH", "OUT", "--bits", "3"], "bits must be 4 or 8, got 3"),
         (["ARCH", "OUT", "--levels", "0.5,1.2"], "must be distinct, in (0, 1) and increasing"),

@@ -1,7 +1,6 @@
 """Random quantized layers and float64 truth for the kernel tests."""
 
 import torch
-
 from teal_quant.kernels import reference
 
 ON_GPU = torch.cuda.is_available()

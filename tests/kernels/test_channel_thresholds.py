@@ -11,10 +11,8 @@ import math
 
 import pytest
 import torch
-
-from teal_quant.kernels import reference
-
 from _kernel_helpers import make_layer, tol, truth
+from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
 from teal_quant.kernels import gemv_triton  # noqa: E402

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from teal_quant.kernels import reference
 
 from teal_quant import kernels
-from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
 from teal_quant.kernels import gemv_triton  # noqa: E402

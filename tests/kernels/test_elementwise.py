@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
+from teal_quant.kernels import reference
 
 from teal_quant import kernels
-from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
 

@@ -1,4 +1,4 @@
-"""teal_quant.elementwise: which modules take the one-launch RMSNorm / SiLU-and-mul / rotary, and that a model
+"""teal_quant.runtime.elementwise: which modules take the one-launch RMSNorm / SiLU-and-mul / rotary, and that a model
 decodes the same with them (Triton interpreter on the CPU, the kernels themselves on a GPU).
 
 Bounds: fp32 logits within 1e-5 of the eager model's, relative to the logits' max magnitude (the kernels differ
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from teal_quant import kernels
-from teal_quant.elementwise import fuse_elementwise, unfuse_elementwise
+from teal_quant.runtime.elementwise import fuse_elementwise, unfuse_elementwise
 
 pytest.importorskip("triton")
 
@@ -105,8 +105,8 @@ def test_teal_model_decodes_the_same_with_fused_projections_and_elementwise(devi
     """A real artifact (TealLinear, sparse decode kernels, fused gate/up feeding silu_mul) through the Decoder:
     prefill + 4 decode steps, logits of every step against the eager, unfused model."""
     import teal_quant
-    from teal_quant.decoding import Decoder
-    from teal_quant.fusion import fuse_projections
+    from teal_quant.runtime.decoding import Decoder
+    from teal_quant.runtime.fusion import fuse_projections
 
     eager = teal_quant.load(tiny_artifact, device="cpu", dtype=torch.float32).to(device)
     fast = copy.deepcopy(eager)

@@ -4,10 +4,8 @@ import math
 
 import pytest
 import torch
-
-from teal_quant.kernels import reference
-
 from _kernel_helpers import make_layer, threshold_for, tol, truth
+from teal_quant.kernels import reference
 
 
 def test_pack_int4_layout_and_roundtrip():

@@ -9,12 +9,10 @@ import math
 
 import pytest
 import torch
-
-from teal_quant import kernels
+from _kernel_helpers import ON_GPU, make_layer, threshold_for, tol, truth
 from teal_quant.kernels import reference
 
-from _kernel_helpers import ON_GPU
-from _kernel_helpers import make_layer, threshold_for, tol, truth
+from teal_quant import kernels
 
 pytest.importorskip("triton")
 from teal_quant.kernels import gemv_triton  # noqa: E402

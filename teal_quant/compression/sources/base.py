@@ -8,7 +8,6 @@ memory. A GGUF file is dequantized whole by transformers (GGUF models are small 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -16,33 +15,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import ModelSourceError, first_line
+from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.artifact.hub import download, looks_like_local_path
+from teal_quant.errors import HubError, ModelSourceError, first_line
 
-# Decoder-only families whose layers have q/k/v/o + gate/up/down projections at model.model.layers[i].
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-PROJECTIONS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-LAYERS_PREFIX = "model.layers"
 PACKAGE_PREFIX = "package:"
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_dtype(name: str, config_dtype: torch.dtype | str | None) -> torch.dtype:
-    """'auto' -> the checkpoint's own floating dtype (float32 when it has none)."""
-    if name != "auto":
-        return _DTYPES[name]
-    if isinstance(config_dtype, str):
-        config_dtype = _DTYPES.get(config_dtype)
-    return config_dtype if config_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-
 
 def resolve_local_path(source: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """A local directory, `package:NAME` (the folder of an installed Python package that ships a model,
@@ -56,18 +33,11 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
         raise ModelSourceError(f"model '{source}': is a file, expected a model directory")
     if looks_like_local_path(source):
         raise ModelSourceError(f"model '{source}': no such directory")
-    from .errors import HubError
-    from .hub import download
 
     try:
         return download(source, revision, allow_patterns=allow_patterns)
     except HubError as e:  # network, 401/404, offline mode: all mean "cannot get the model"
         raise ModelSourceError(f"model '{source}': not a local directory and not available from the Hub ({e})") from None
-
-
-def looks_like_local_path(source: str) -> bool:
-    """A path the user meant as local (so not worth asking the Hub about): ./x, /x, ~/x, a/b/c, a\\b."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
 
 
 def _package_dir(name: str) -> Path:
@@ -153,66 +123,7 @@ class ModelSource:
         return model.to(device).eval()
 
 
-def open_model(source: str, *, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
-    """Resolve the model, check its architecture, and index its tensors (without reading them)."""
-    from transformers import AutoConfig
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"] + ([gguf_file] if gguf_file else [])
-    path = resolve_local_path(source, revision, allow_patterns=patterns)
-    if gguf_file and not (path / gguf_file).is_file():
-        raise ModelSourceError(f"model '{source}': GGUF file '{gguf_file}' not found in {path}")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if not gguf_file and not (path / "config.json").is_file():
-        raise ModelSourceError(f"model '{source}': no config.json in {path}")
-    try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except Exception as e:
-        raise ModelSourceError(f"model '{source}': cannot read its config ({first_line(e)})") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(
-            f"model '{source}': unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    if not gguf_file:
-        from .gptq_checkpoint import gptq_settings, open_gptq
-
-        settings = gptq_settings(path, f"model '{source}'")
-        if settings is not None:  # an existing GPTQ checkpoint: imported as is (quantization.method: from_checkpoint)
-            return open_gptq(path, config, settings, source=source, revision=revision,
-                             index=_index_safetensors(path, source))
-    if getattr(config, "quantization_config", None) and not gguf_file:
-        method = dict(config.quantization_config).get("quant_method", "?") if isinstance(config.quantization_config, dict) else "?"
-        raise ModelSourceError(f"model '{source}': is already quantized ({method}); start from a float checkpoint")
-    src = ModelSource(path=path, config=config, gguf_file=gguf_file, revision=revision)
-    if gguf_file:
-        src._tensors = _read_gguf(path, gguf_file)
-    else:
-        src._index = _index_safetensors(path, source)
-    if getattr(src.config, "quantization_config", None) is not None:
-        # GGUF configs carry a placeholder quantization_config; the tensors we hold are float.
-        del src.config.quantization_config
-    return src
-
-
-def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device: shapes only, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def materialize_non_persistent_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Rebuild modules whose buffers are computed, not stored (rotary inv_freq), after a meta-device build."""
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device(device):
-                setattr(parent, child, type(module)(config=model.config))
-
-
-def _read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
+def read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
     import functools
 
     from transformers import AutoModelForCausalLM
@@ -230,7 +141,7 @@ def _read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
-def _index_safetensors(path: Path, source: str) -> dict[str, Path]:
+def index_safetensors(path: Path, source: str) -> dict[str, Path]:
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]

@@ -21,19 +21,33 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .artifact import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
-from .calibrate.layer import (ACTIVATION_POINTS, LayerRunner, SimulatedLinear, allocate, attach_simulated,
-                              capture_histograms, predicted_sparsity)
-from .data import generate_samples, random_windows, read_text, tokenize_stream
-from .errors import ModelSourceError, RecipeError
-from .gptq_checkpoint import checkpoint_recipe
-from .kernels import pack
-from .progress import Progress
-from .quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from .quantize.rtn import dequantize
-from .recipe import GeneratedSource, Recipe, parse_size
-from .source import PROJECTIONS, ModelSource, build_skeleton, materialize_non_persistent_buffers, open_model, resolve_dtype
+from teal_quant import __version__
+from teal_quant.architecture import (
+    ACTIVATION_POINTS,
+    PROJECTIONS,
+    build_skeleton,
+    check_shapes,
+    materialize_non_persistent_buffers,
+)
+from teal_quant.artifact.format import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
+from teal_quant.compression.calibrate.layer import (
+    LayerRunner,
+    SimulatedLinear,
+    allocate,
+    attach_simulated,
+    capture_histograms,
+    predicted_sparsity,
+)
+from teal_quant.compression.data import generate_samples, random_windows, read_text, tokenize_stream
+from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
+from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.recipe import GeneratedSource, Recipe, parse_size
+from teal_quant.compression.sources import open_model
+from teal_quant.compression.sources.base import ModelSource
+from teal_quant.compression.sources.gptq import checkpoint_recipe
+from teal_quant.devices import resolve_dtype, select_device
+from teal_quant.kernels import pack
+from teal_quant.progress import Progress
 
 
 @dataclass
@@ -61,32 +75,6 @@ def quantization_summary(recipe: Recipe) -> dict:
     return out
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("runtime.device: cuda requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def check_shapes(src: ModelSource, spec: QuantSpec) -> None:
-    """Every projection's in_features must split into groups and out_features into int4 words."""
-    cfg = src.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * head_dim
-    q = cfg.num_attention_heads * head_dim
-    shapes = {"q": (cfg.hidden_size, q), "k": (cfg.hidden_size, kv), "v": (cfg.hidden_size, kv), "o": (q, cfg.hidden_size),
-              "gate": (cfg.hidden_size, cfg.intermediate_size), "up": (cfg.hidden_size, cfg.intermediate_size),
-              "down": (cfg.intermediate_size, cfg.hidden_size)}
-    for proj, (k, n) in shapes.items():
-        if spec.group_size != -1 and k % spec.group_size:
-            raise RecipeError(
-                f"quantization.group_size: {spec.group_size} does not divide in_features {k} of {PROJECTIONS[proj]}"
-            )
-        if n % 8:
-            raise ModelSourceError(f"{PROJECTIONS[proj]}: out_features {n} is not a multiple of 8")
-
-
 def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtype, progress: Progress) -> torch.Tensor:
     cal = recipe.calibration
     if isinstance(cal.source, GeneratedSource):
@@ -112,7 +100,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    device = pick_device(recipe.runtime.device)
+    device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
     default_index = levels.index(sp.default) if sp.default in levels else 0
@@ -126,7 +114,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         spec = QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym)
         # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
         quantizer = None if q.method == "from_checkpoint" else QUANTIZERS[q.method]
-        check_shapes(src, spec)
+        check_shapes(src.config, spec.group_size)
         dtype = resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
         tokenizer = src.tokenizer()
@@ -164,7 +152,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), seconds=0.0, stage_seconds=stages,
     )
     if recipe.eval is not None:
-        from .evaluate import evaluate_artifact
+        from teal_quant.evaluate import evaluate_artifact
 
         t = time.time()
         summary.eval_rows = evaluate_artifact(path, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
@@ -175,8 +163,8 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     if recipe.hub is not None:
         push_error = _push(summary, recipe, stages)
     summary.seconds = time.time() - t0
-    from .progress import console
-    from .report import print_run_summary
+    from teal_quant.progress import console
+    from teal_quant.report import print_run_summary
 
     print_run_summary(summary)
     if summary.push:
@@ -188,8 +176,8 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
 
 def _push(summary: RunSummary, recipe: Recipe, stages: dict[str, float]):
     """Push after a successful run; a failure leaves the artifact in place and is returned (raised after the summary)."""
-    from .errors import HubError
-    from .hub import push
+    from teal_quant.artifact.hub import push
+    from teal_quant.errors import HubError
 
     hub = recipe.hub
     t = time.time()
@@ -208,7 +196,7 @@ def _rewrite_card(path: Path, recipe: Recipe, quant: TealQuantConfig, report_lay
     """The card again, now with the measured perplexity (the eval reads the finished artifact, so it comes after)."""
     import os
 
-    from .card import base_model_license, model_card
+    from teal_quant.artifact.card import base_model_license, model_card
 
     text = model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
                       repo_id=recipe.hub.repo_id if recipe.hub else None, eval_rows=eval_rows)
@@ -344,7 +332,7 @@ def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidde
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> None:
     from transformers import GenerationConfig
 
-    from .card import base_model_license, model_card
+    from teal_quant.artifact.card import base_model_license, model_card
 
     config = src.config
     config.dtype = dtype

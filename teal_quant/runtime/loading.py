@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import Artifact, TealQuantConfig, check_perm, read_artifact
-from .errors import ArtifactError, HubError, first_line
-from .modules import TealLinear, realized_sparsity, teal_linears
-from .source import build_skeleton, looks_like_local_path, materialize_non_persistent_buffers, resolve_dtype
+from teal_quant.architecture import build_skeleton, materialize_non_persistent_buffers
+from teal_quant.artifact.format import Artifact, TealQuantConfig, check_perm, read_artifact
+from teal_quant.artifact.hub import looks_like_local_path
+from teal_quant.devices import resolve_dtype, select_device
+from teal_quant.errors import ArtifactError, HubError, first_line
+from teal_quant.runtime.modules import TealLinear, realized_sparsity, teal_linears
 
 __all__ = ["load", "set_sparsity", "realized_sparsity", "resolve_artifact"]
 
@@ -29,7 +31,7 @@ def resolve_artifact(path_or_repo_id: str | Path, revision: str | None = None) -
             raise ArtifactError(f"artifact '{source}': is a file, expected an artifact directory")
         if looks_like_local_path(source) or isinstance(path_or_repo_id, Path):
             raise ArtifactError(f"artifact '{source}': no such directory")
-        from .hub import download
+        from teal_quant.artifact.hub import download
 
         try:
             path = download(source, revision)
@@ -91,7 +93,7 @@ def load(
 
     artifact = resolve_artifact(path_or_repo_id, revision)
     quant = artifact.quant
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(device)
     try:
         config = AutoConfig.from_pretrained(artifact.path)
     except Exception as e:
@@ -136,7 +138,7 @@ def load(
     model.eval()
     set_sparsity(model, quant.default if sparsity is None else sparsity)
     if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/fusion.py)
-        from .fusion import fuse_for_decode
+        from teal_quant.runtime.fusion import fuse_for_decode
 
         fuse_for_decode(model)
     return model

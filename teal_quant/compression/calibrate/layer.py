@@ -14,16 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..source import PROJECTIONS
-from .allocation import effective_sparsity, greedy_allocation, uniform_allocation
-from .histogram import AbsHistogram
-
-# The four activation points of a decoder layer and the projections that read each.
-ACTIVATION_POINTS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"), "down": ("down",)}
-POINT_OF = {proj: point for point, projs in ACTIVATION_POINTS.items() for proj in projs}
-
-
-CRITERIA = ("magnitude", "weight_aware")
+from teal_quant.architecture import ACTIVATION_POINTS, CRITERIA, PROJECTIONS
+from teal_quant.compression.calibrate.allocation import effective_sparsity, greedy_allocation, uniform_allocation
+from teal_quant.compression.calibrate.histogram import AbsHistogram
 
 
 def channel_scale(weight: torch.Tensor) -> torch.Tensor:

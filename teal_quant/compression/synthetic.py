@@ -25,12 +25,25 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .artifact import REPORT_FILE, ArtifactWriter, TealQuantConfig
-from .calibrate.layer import LayerRunner, allocate, attach_simulated, capture_histograms, predicted_sparsity
-from .errors import ModelSourceError, TealQuantError, first_line
-from .kernels import pack
-from .quantize.rtn import QuantSpec, dequantize
-from .source import PROJECTIONS, SUPPORTED_MODEL_TYPES, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.architecture import (
+    PROJECTIONS,
+    SUPPORTED_MODEL_TYPES,
+    build_skeleton,
+    check_shapes,
+    materialize_non_persistent_buffers,
+)
+from teal_quant.artifact.format import REPORT_FILE, ArtifactWriter, TealQuantConfig
+from teal_quant.compression.calibrate.layer import (
+    LayerRunner,
+    allocate,
+    attach_simulated,
+    capture_histograms,
+    predicted_sparsity,
+)
+from teal_quant.compression.quantize.rtn import QuantSpec, dequantize
+from teal_quant.devices import select_device
+from teal_quant.errors import ModelSourceError, TealQuantError, first_line
+from teal_quant.kernels import pack
 
 ARCHS = {"llama3-8b": "llama3_8b.json", "llama3-70b": "llama3_70b.json"}
 STORAGE_DTYPE = torch.bfloat16  # the artifact's dtype (scales, zeros, embeddings, norms, lm_head)
@@ -132,17 +145,6 @@ def projection_std(proj: str, in_features: int, num_layers: int) -> float:
     return std * QK_SHARPNESS if proj in ("q", "k") else std
 
 
-def check_shapes(config, spec: SyntheticSpec) -> None:
-    """Every projection's K must split into groups and N into int4 words (before any work is done)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv, d, i = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.hidden_size, config.intermediate_size
-    for proj, (k, n) in {"q": (d, q), "k": (d, kv), "o": (q, d), "gate": (d, i), "down": (i, d)}.items():
-        if spec.group_size != -1 and k % spec.group_size:
-            raise TealQuantError(f"group size {spec.group_size} does not divide in_features {k} of {PROJECTIONS[proj]}")
-        if n % 8:
-            raise TealQuantError(f"{PROJECTIONS[proj]}: out_features {n} is not a multiple of 8")
-
-
 @dataclass
 class SyntheticLayers:
     """The per-layer generator both sinks share. Tensors come out on `device`, keyed by their artifact names."""
@@ -153,7 +155,7 @@ class SyntheticLayers:
     report: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_shapes(self.config, self.spec)
+        check_shapes(self.config, self.spec.group_size, option="--group-size")
         self.config._attn_implementation = "sdpa"
         # bf16 on a GPU (what the model runs in); float32 on the CPU, where half-precision matmuls are slow.
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -243,10 +245,10 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
     """Write a synthetic artifact of `arch` to `output` (temp dir + rename); teal_quant.load reads it."""
     from transformers import GenerationConfig
 
-    from .progress import Progress
+    from teal_quant.progress import Progress
 
     config = resolve_arch(arch)
-    device = _device(device)
+    device = select_device(device)
     gen = SyntheticLayers(config, spec, device)
     quant = spec.quant_config()
     with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite) as writer:
@@ -273,11 +275,11 @@ def build_synthetic_model(arch: str | Path, spec: SyntheticSpec = SyntheticSpec(
 
     Same dtype rule as load(): STORAGE_DTYPE on CUDA, float32 on the CPU.
     """
-    from .loading import replace_linears, set_sparsity
-    from .modules import teal_linears
+    from teal_quant.runtime.loading import replace_linears, set_sparsity
+    from teal_quant.runtime.modules import teal_linears
 
     config = resolve_arch(arch)
-    device = _device(device)
+    device = select_device(device)
     dtype = STORAGE_DTYPE if device.type == "cuda" else torch.float32
     gen = SyntheticLayers(config, spec, device)
     quant = spec.quant_config()
@@ -310,15 +312,6 @@ def build_synthetic_model(arch: str | Path, spec: SyntheticSpec = SyntheticSpec(
     model.eval()
     set_sparsity(model, spec.default if sparsity is None else sparsity)
     return model
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TealQuantError("device cuda requested but no CUDA device is available")
-    return device
 
 
 def _card(arch: str, spec: SyntheticSpec) -> str:

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from teal_quant import kernels
-
-from .modules import TealLinear
+from teal_quant.runtime.modules import TealLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -155,7 +154,7 @@ def fuse_for_decode(model: nn.Module, *, projections: bool = True, elementwise: 
     if projections:
         fuse_projections(model)
     if elementwise:
-        from .elementwise import fuse_elementwise
+        from teal_quant.runtime.elementwise import fuse_elementwise
 
         fuse_elementwise(model)
 

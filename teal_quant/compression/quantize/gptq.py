@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rtn import QuantSpec, compute_qparams, dequantize, quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize, quantize
 
 MAX_DAMP_RETRIES = 4  # damp, 10·damp, ... : beyond 10⁴·damp the Hessian carries no information worth using
 

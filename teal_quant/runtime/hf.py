@@ -48,7 +48,7 @@ def register() -> None:
             register_quantizer,
         )
 
-        from .artifact import QUANT_METHOD
+        from teal_quant.artifact.format import QUANT_METHOD
 
         config_cls, quantizer_cls = _classes()
         if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
@@ -87,12 +87,11 @@ def _classes():
     global _CLASSES
     if _CLASSES is not None:
         return _CLASSES
-    import torch
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .artifact import QUANT_METHOD, TealQuantConfig
-    from .errors import ArtifactError
+    from teal_quant.artifact.format import QUANT_METHOD, TealQuantConfig
+    from teal_quant.errors import ArtifactError
 
     class TealQuantHfConfig(QuantizationConfigMixin):
         """`quantization_config` of a teal-quant artifact, as transformers sees it. Holds the JSON dict unchanged,
@@ -131,8 +130,8 @@ def _classes():
             return dtype
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .loading import replace_linears
-            from .source import LAYERS_PREFIX, PROJECTIONS
+            from teal_quant.architecture import LAYERS_PREFIX, PROJECTIONS
+            from teal_quant.runtime.loading import replace_linears
 
             quant = self.quantization_config.teal_config
             dtype = kwargs.get("dtype") or model.dtype
@@ -142,8 +141,8 @@ def _classes():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .loading import check_sparsity_tensors, set_sparsity
-            from .modules import teal_linears
+            from teal_quant.runtime.loading import check_sparsity_tensors, set_sparsity
+            from teal_quant.runtime.modules import teal_linears
 
             quant = self.quantization_config.teal_config
             for name, module in teal_linears(model):

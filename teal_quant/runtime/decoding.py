@@ -51,7 +51,7 @@ class Decoder:
         self.cuda_graph = bool(cuda_graph)
         self.eos_check_every = max(1, int(eos_check_every))
         if self.device.type == "cuda":
-            from .fusion import fuse_for_decode
+            from teal_quant.runtime.fusion import fuse_for_decode
 
             fuse_for_decode(model, projections=fuse, elementwise=fuse if fuse_elementwise is None else fuse_elementwise)
         params = _forward_parameters(model)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import HubError, first_line
+from teal_quant.errors import HubError, first_line
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_TYPE = "model"
@@ -37,6 +37,11 @@ class PushResult(str):
         self = super().__new__(cls, commit_url)
         self.oid, self.changed, self.repo_url = oid, changed, repo_url
         return self
+
+
+def looks_like_local_path(source: str) -> bool:
+    """A path the user meant as local (so not worth asking the Hub about): ./x, /x, ~/x, a/b/c, a\\b."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
@@ -65,7 +70,7 @@ def push(
 
     `revision` is a branch (created from main when missing). Returns the commit URL (a `PushResult`).
     """
-    from .artifact import read_artifact
+    from teal_quant.artifact.format import read_artifact
 
     artifact = read_artifact(artifact_dir)  # ArtifactError before any network traffic
     endpoint = resolve_endpoint(endpoint)
@@ -74,7 +79,7 @@ def push(
     with _hub_errors(where, token):
         from huggingface_hub import HfApi
 
-        from . import __version__
+        from teal_quant import __version__
 
         api = HfApi(endpoint=endpoint, token=token, library_name="teal-quant", library_version=__version__)
         repo_url = str(api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True))

@@ -19,8 +19,9 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
-from .errors import ArtifactError, first_line
+from teal_quant import __version__
+from teal_quant.architecture import CRITERIA
+from teal_quant.errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "teal_quant"
@@ -32,7 +33,7 @@ PACKING = {4: "int4-n8", 8: "int8"}
 # Per quantized linear P: P.qweight, P.scales, P.zeros, P.thresholds, and P.bias / P.channel_scale if any;
 # P.perm (int32 [K]) on every linear when quantization_config.act_order is true (imported act-order GPTQ).
 QUANT_SUFFIXES = ("qweight", "scales", "zeros", "thresholds")
-CRITERIA = ("magnitude", "weight_aware")  # weight_aware: every quantized linear has P.channel_scale float32 [K]
+# sparsity.criterion is one of architecture.CRITERIA; weight_aware: every quantized linear has P.channel_scale float32 [K]
 PERM_SUFFIX = "perm"
 
 

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .gptq import GPTQStats, HessianAccumulator, gptq_quantize
-from .rtn import QuantSpec, rtn_quantize
+from teal_quant.compression.quantize.gptq import GPTQStats, HessianAccumulator, gptq_quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, rtn_quantize
 
 
 @dataclass(frozen=True)

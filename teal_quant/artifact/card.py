@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .artifact import TealQuantConfig
-from .recipe import Recipe
+from teal_quant.artifact.format import TealQuantConfig
+from teal_quant.compression.recipe import Recipe
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 

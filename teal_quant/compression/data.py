@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .errors import DataError, first_line
-from .recipe import GeneratedSource, HFDatasetSource, TextFilesSource
+from teal_quant.compression.recipe import GeneratedSource, HFDatasetSource, TextFilesSource
+from teal_quant.errors import DataError, first_line
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

@@ -31,9 +31,10 @@ from typing import Iterable
 
 import torch
 
-from .errors import ModelSourceError, RecipeError
-from .kernels import dequantize, pack
-from .source import LAYERS_PREFIX, PROJECTIONS, ModelSource, build_skeleton
+from teal_quant.architecture import LAYERS_PREFIX, PROJECTIONS, build_skeleton
+from teal_quant.compression.sources.base import ModelSource
+from teal_quant.errors import ModelSourceError, RecipeError
+from teal_quant.kernels import dequantize, pack
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")

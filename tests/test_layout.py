@@ -81,7 +81,6 @@ KNOWN_VIOLATIONS = {
     ("teal_quant.compression.pipeline", "teal_quant.evaluate"),
     ("teal_quant.compression.synthetic", "teal_quant.runtime.loading"),  # the model is assembled by runtime.assemble
     ("teal_quant.compression.synthetic", "teal_quant.runtime.modules"),
-    ("teal_quant.kernels.ops", "teal_quant.kernels"),  # the dispatch switch moves out of the package __init__
 }
 
 

@@ -40,7 +40,7 @@ from teal_quant.compression.calibrate.layer import (
 )
 from teal_quant.compression.data import generate_samples, random_windows, read_text, tokenize_stream
 from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.compression.recipe import GeneratedSource, Recipe, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
@@ -267,7 +267,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
                 tensors[f"{name}.scales"] = scales
                 tensors[f"{name}.zeros"] = zeros
                 # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-                w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
+                w_t = dequantize_codes(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
                 sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             progress.advance(quant_task)
             tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)

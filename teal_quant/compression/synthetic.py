@@ -40,7 +40,7 @@ from teal_quant.compression.calibrate.layer import (
     capture_histograms,
     predicted_sparsity,
 )
-from teal_quant.compression.quantize.rtn import QuantSpec, dequantize
+from teal_quant.compression.quantize.rtn import QuantSpec, dequantize_codes
 from teal_quant.devices import select_device
 from teal_quant.errors import ModelSourceError, TealQuantError, first_line
 from teal_quant.kernels import pack
@@ -200,7 +200,7 @@ class SyntheticLayers:
                 q, scales, zeros = random_projection(linear.in_features, linear.out_features,
                                                      projection_std(proj, linear.in_features, c.num_hidden_layers),
                                                      qspec, self.generator, device)
-                linear.weight.copy_(dequantize(q, scales, zeros, qspec).t())
+                linear.weight.copy_(dequantize_codes(q, scales, zeros, qspec).t())
                 tensors.update({f"{prefix}{path}.qweight": pack(q, spec.bits), f"{prefix}{path}.scales": scales,
                                 f"{prefix}{path}.zeros": zeros})
                 projection_params.add(f"{path}.weight")

@@ -3,21 +3,18 @@
 Imports only torch at import time (triton is imported lazily, on first use of a Triton path), does no device work
 at import, and never imports teal_quant.*.
 
-Dispatch (one function, :func:`_use_triton`): CUDA tensors -> Triton kernels; CPU tensors -> the Triton kernels
-under the interpreter when ``TRITON_INTERPRET=1`` is set and triton imports, else the pure-torch reference
-(:mod:`.reference`), which on the CPU is the product's decode path.
+Dispatch (one function, :func:`.dispatch.use_triton`, which the custom ops of :mod:`.ops` share): CUDA tensors ->
+Triton kernels; CPU tensors -> the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` is set and triton
+imports, else the pure-torch reference (:mod:`.reference`), which on the CPU is the product's decode path.
 
 Layouts and semantics: see :mod:`.reference` and docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-import torch
 from torch import Tensor
 
+from .dispatch import triton_available, use_triton
 from .reference import (
     count_inactive_ref,
     dense_gemm_ref,
@@ -46,18 +43,6 @@ __all__ = [
     "unpack_int4",
     "triton_available",
 ]
-
-
-def triton_available() -> bool:
-    """True when triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _use_triton(x: Tensor) -> bool:
-    """All device/backend dispatch lives here."""
-    if x.is_cuda:
-        return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
 
 
 def _split_threshold(threshold) -> tuple[Tensor | None, float]:
@@ -113,7 +98,7 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
     fraction. thresholds: 0-dim, [P], [K] (one part, per-channel) or [P, K]; counters: P contiguous values each
     (float64, float64, float32), e.g. 0-dim buffers for one part. One Triton launch on CUDA, no host sync."""
     x2 = x.reshape(-1, x.shape[-1])
-    if _use_triton(x2):
+    if use_triton(x2):
         from . import gemv_triton
 
         gemv_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)

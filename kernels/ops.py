@@ -1,6 +1,6 @@
 """torch.library custom ops (namespace ``teal_quant``) with fake implementations, so that torch.compile and
 CUDA-graph capture see one opaque op per call. The real implementation picks the backend through
-``kernels._use_triton`` (CUDA -> Triton; CPU -> Triton interpreter under TRITON_INTERPRET=1, else reference).
+``dispatch.use_triton`` (CUDA -> Triton; CPU -> Triton interpreter under TRITON_INTERPRET=1, else reference).
 
 Thresholds cross the op boundary as ``(threshold_tensor or None, threshold_value)`` because a custom-op schema
 has no float-or-tensor union: a python float threshold travels as ``threshold_value``; a 0-dim or [K] tensor as
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .dispatch import use_triton
 
 
 def _n_of(qweight: Tensor, bits: int) -> int:
@@ -30,10 +31,8 @@ def sparse_gemv_op(
     bits: int,
     group_size: int,
 ) -> Tensor:
-    from . import _use_triton
-
     threshold = threshold_tensor if threshold_tensor is not None else threshold_value
-    if _use_triton(x):
+    if use_triton(x):
         from . import gemv_triton
 
         return gemv_triton.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
@@ -56,9 +55,7 @@ def sparse_gemv_fused_op(
     bits: int,
     group_size: int,
 ) -> Tensor:
-    from . import _use_triton
-
-    if _use_triton(x):
+    if use_triton(x):
         from . import gemv_triton
 
         return gemv_triton.sparse_gemv_fused(
@@ -76,9 +73,7 @@ def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size):
 
 @torch.library.custom_op("teal_quant::dense_gemm", mutates_args=())
 def dense_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    from . import _use_triton
-
-    if _use_triton(x):
+    if use_triton(x):
         from . import gemm_triton
 
         return gemm_triton.dense_gemm(x, qweight, scales, zeros, bits=bits, group_size=group_size)
@@ -93,9 +88,7 @@ def _(x, qweight, scales, zeros, bits, group_size):
 # -- elementwise ops of a Llama-family decoder layer (kernels.elementwise_triton) ------------------------------------
 @torch.library.custom_op("teal_quant::rms_norm", mutates_args=())
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    from . import _use_triton
-
-    if _use_triton(x):
+    if use_triton(x):
         from . import elementwise_triton
 
         return elementwise_triton.rms_norm(x, weight, eps)
@@ -109,9 +102,7 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("teal_quant::silu_mul", mutates_args=())
 def silu_mul_op(gate: Tensor, up: Tensor) -> Tensor:
-    from . import _use_triton
-
-    if _use_triton(gate):
+    if use_triton(gate):
         from . import elementwise_triton
 
         return elementwise_triton.silu_mul(gate, up)
@@ -125,9 +116,7 @@ def _(gate, up):
 
 @torch.library.custom_op("teal_quant::rotary", mutates_args=())
 def rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    from . import _use_triton
-
-    if _use_triton(q):
+    if use_triton(q):
         from . import elementwise_triton
 
         return elementwise_triton.rotary(q, k, cos, sin)

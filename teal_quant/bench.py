@@ -138,7 +138,7 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
         return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
     from dataclasses import replace
 
-    from teal_quant.compression.synthetic import build_synthetic_model, resolve_arch
+    from teal_quant.compression.synthetic import resolve_arch
 
     resolve_arch(target)  # a bad ARCH fails here, before any work
     spec = options.synthetic
@@ -148,6 +148,26 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
     model = build_synthetic_model(target, spec, device=device, sparsity=level)
     return model, {"kind": "synthetic", "arch": str(target), "bits": spec.bits, "group_size": spec.group_size,
                    "levels": spec.all_levels, "seed": spec.seed}
+
+
+def build_synthetic_model(arch: str | Path, spec: SyntheticSpec = SyntheticSpec(), *, device: str | torch.device | None = None,
+                          sparsity: float | None = None, progress: Callable[[int], None] | None = None) -> nn.Module:
+    """The model `teal_quant.load(write_synthetic(arch, ...))` would give, assembled directly on `device` from the
+    synthetic generator's stream, one layer at a time (no disk: the 70B int4 artifact is ~40 GB).
+
+    Same dtype rule as load(): STORAGE_DTYPE on CUDA, float32 on the CPU.
+    """
+    from teal_quant.compression.synthetic import STORAGE_DTYPE, SyntheticLayers, resolve_arch
+    from teal_quant.runtime.assemble import assemble
+
+    config = resolve_arch(arch)
+    device = select_device(device)
+    dtype = STORAGE_DTYPE if device.type == "cuda" else torch.float32
+    layers = SyntheticLayers(config, spec, device)
+    model = assemble(config, spec.quant_config(), layers.stream(progress), device=device, dtype=dtype, level=sparsity,
+                     where=f"synthetic {arch}")
+    model.synthetic_report = layers.report
+    return model
 
 
 def _is_artifact(path: Path) -> bool:

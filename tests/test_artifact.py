@@ -6,7 +6,16 @@ import pytest
 import torch
 from teal_quant.kernels import pack, pack_int4, unpack, unpack_int4
 
-from teal_quant.artifact.format import ArtifactWriter, TealQuantConfig, read_artifact
+from teal_quant.artifact.format import (
+    ArtifactWriter,
+    TealQuantConfig,
+    layer_key_prefix,
+    linear_key,
+    linear_of,
+    linear_tensor_names,
+    read_artifact,
+    stored_float32,
+)
 from teal_quant.errors import ArtifactError
 
 
@@ -120,3 +129,17 @@ def test_a_single_unindexed_shard_is_read(tmp_path):
     (dest / "model.safetensors").write_bytes(b"\x10" * 12)
     with pytest.raises(ArtifactError, match="corrupt or truncated"):
         read_artifact(dest)
+
+
+def test_tensor_keys_are_named_in_one_place():
+    up = "model.layers.3.mlp.up_proj"
+    assert layer_key_prefix(3) + "mlp.up_proj" == up
+    assert linear_key(up, "qweight") == up + ".qweight" and linear_of(up + ".qweight", "qweight") == up
+    assert linear_of(up + ".scales", "qweight") is None and linear_of("qweight", "qweight") is None
+    assert linear_tensor_names(up) == [f"{up}.{s}" for s in ("qweight", "scales", "zeros", "thresholds")]
+    assert linear_tensor_names(up, bias=True, channel_scale=True, perm=True)[4:] == [
+        f"{up}.bias", f"{up}.channel_scale", f"{up}.perm"]
+    with pytest.raises(ValueError, match="'qweights' is not a tensor of a quantized linear"):
+        linear_key(up, "qweights")
+    assert stored_float32(up + ".thresholds") and stored_float32(up + ".channel_scale")
+    assert not stored_float32(up + ".scales") and not stored_float32("model.norm.weight")

@@ -35,7 +35,7 @@ from teal_quant.compression.calibrate.layer import (
     set_thresholds,
 )
 from teal_quant.compression.quantize import QuantSpec, rtn_quantize
-from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.compression.sources import open_model
 from teal_quant.errors import ArtifactError
 from teal_quant.runtime.modules import TealLinear, channel_thresholds, set_prefill_mode, teal_linears
@@ -96,7 +96,7 @@ def _teal_linear(linear: torch.nn.Linear, thresholds: list[float], *, weight_awa
     if weight_aware:
         module.channel_scale.copy_(channel_scale(linear.weight))
     module.set_level(0)
-    w_deq = dequantize(q, scales, zeros, spec).t()
+    w_deq = dequantize_codes(q, scales, zeros, spec).t()
     return module, w_deq
 
 

@@ -11,7 +11,7 @@ import teal_quant
 from teal_quant.architecture import PROJECTIONS
 from teal_quant.compression.calibrate.layer import LayerRunner, attach_simulated
 from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec, gptq_quantize, rtn_quantize
-from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.errors import RecipeError
 
 
@@ -102,7 +102,7 @@ def test_matches_the_float64_reference(bits, group, sym, act_order, block_size):
     mismatch = (q.long() != qr).float().mean().item()
     # fp32 vs fp64: a code exactly at a rounding tie may flip and (through the error feedback) move later codes
     assert mismatch <= 0.01
-    w_hat = dequantize(q, s, z, spec).double()
+    w_hat = dequantize_codes(q, s, z, spec).double()
     w_ref = (qr.double() - zr.repeat_interleave(G, 0)) * sr.repeat_interleave(G, 0)
     rel = ((w_hat - w_ref).norm() / w_ref.norm()).item()
     assert rel < (1e-5 if mismatch == 0 else 0.05)
@@ -120,7 +120,7 @@ def test_output_error_below_rtn(bits, group, sym, act_order, margin):
     spec = QuantSpec(bits, group, sym)
 
     def output_error(q, s, z):
-        return float((held_out @ dequantize(q, s, z, spec) - held_out @ w.t()).norm())
+        return float((held_out @ dequantize_codes(q, s, z, spec) - held_out @ w.t()).norm())
 
     gptq = output_error(*gptq_quantize(w, spec, hessian_of(fit), act_order=act_order))
     rtn = output_error(*rtn_quantize(w, spec))
@@ -138,7 +138,7 @@ def test_sparsity_aware_hessian_helps(seed):
     spec = QuantSpec(4, 32, False)
 
     def error(q, s, z):
-        return float((xs[4096:] @ dequantize(q, s, z, spec) - xs[4096:] @ w.t()).norm())
+        return float((xs[4096:] @ dequantize_codes(q, s, z, spec) - xs[4096:] @ w.t()).norm())
 
     dense = error(*gptq_quantize(w, spec, hessian_of(x[:4096])))
     aware = error(*gptq_quantize(w, spec, hessian_of(xs[:4096])))
@@ -156,12 +156,12 @@ def test_dead_columns():
     stats = {}
     q, s, z = gptq_quantize(w, spec, hessian_of(x), stats=stats)
     assert stats["dead_columns"] == len(dead) and stats["damp"] == 0.01
-    w_hat = dequantize(q, s, z, spec)
+    w_hat = dequantize_codes(q, s, z, spec)
     assert torch.isfinite(w_hat).all()
     groups = dead // 32
     assert (w_hat[dead].abs() <= s[groups] / 2 + 1e-6).all()  # the nearest code to 0
     assert torch.equal(w_hat[96:], torch.zeros(32, 32))  # all-zero group: scale 1, zero 0 represent 0 exactly
-    rtn = dequantize(*rtn_quantize(w, spec), spec)
+    rtn = dequantize_codes(*rtn_quantize(w, spec), spec)
     assert (x @ w_hat - x @ w.t()).norm() < 0.8 * (x @ rtn - x @ w.t()).norm()
 
 
@@ -174,7 +174,7 @@ def test_failed_cholesky_retries_with_larger_damp():
     stats = {}
     with pytest.warns(RuntimeWarning, match="Cholesky failed with damp 1e-09"):
         q, s, z = gptq_quantize(torch.randn(16, 64), QuantSpec(4, 32, False), H, damp=1e-9, stats=stats)
-    assert stats["damp"] > 1e-9 and torch.isfinite(dequantize(q, s, z, QuantSpec(4, 32, False))).all()
+    assert stats["damp"] > 1e-9 and torch.isfinite(dequantize_codes(q, s, z, QuantSpec(4, 32, False))).all()
 
 
 def test_bad_arguments():

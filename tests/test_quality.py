@@ -177,7 +177,7 @@ def test_last_half_prefill_mode_thresholds_only_the_second_half():
     from teal_quant.kernels import pack
 
     from teal_quant.compression.quantize import QuantSpec, rtn_quantize
-    from teal_quant.compression.quantize.rtn import dequantize
+    from teal_quant.compression.quantize.rtn import dequantize_codes
     from teal_quant.runtime.modules import TealLinear, realized_sparsity
 
     torch.manual_seed(0)
@@ -190,7 +190,7 @@ def test_last_half_prefill_mode_thresholds_only_the_second_half():
     lin.set_level(1)
     x = torch.randn(2, 7, K)
     y = lin(x)
-    w_t = dequantize(q, scales, zeros, spec).double()
+    w_t = dequantize_codes(q, scales, zeros, spec).double()
     x_ref = x.double().clone()
     x_ref[:, 3:] *= (x_ref[:, 3:].abs() > 0.7)
     torch.testing.assert_close(y.double(), x_ref @ w_t, rtol=1e-5, atol=1e-5)

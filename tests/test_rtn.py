@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize, quantize, rtn_quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize_codes, quantize, rtn_quantize
 
 N, K = 48, 256
 
@@ -62,7 +62,7 @@ def test_matches_float64_reference_and_error_within_half_step(spec):
     assert mismatch <= 1e-3, mismatch  # only fp32-vs-fp64 rounding ties may differ, and by one code
 
     w_t = weight.t().double()
-    deq = dequantize(q, scales, zeros, spec).double()
+    deq = dequantize_codes(q, scales, zeros, spec).double()
     step = scales.double().repeat_interleave(group, 0)
     absmax = w_t.abs().reshape(K // group, group, N).amax(1).repeat_interleave(group, 0)
     err = (w_t - deq).abs()
@@ -83,7 +83,7 @@ def test_reproduces_q4_1_blocks_exactly():
     spec = QuantSpec(bits=4, group_size=32, sym=False)
     q, scales, zeros = rtn_quantize(weight, spec)
     assert torch.equal(q.t().reshape(N, n_blocks, 32).long(), codes)
-    deq = dequantize(q, scales, zeros, spec)
+    deq = dequantize_codes(q, scales, zeros, spec)
     assert (deq - weight.t()).abs().max().item() < 1e-6
 
 
@@ -96,7 +96,7 @@ def test_sym_keeps_zero_exact_and_codes_symmetric():
         half = 2 ** (bits - 1)
         assert bool((zeros == half).all())
         assert int(q.min()) >= 1 and int(q.max()) <= 2 * half - 1  # codes half +- (half - 1)
-        deq = dequantize(q, scales, zeros, spec)
+        deq = dequantize_codes(q, scales, zeros, spec)
         assert bool((deq.t()[:, ::5] == 0.0).all())
         assert bool((q.t()[:, ::5] == half).all())
 
@@ -106,7 +106,7 @@ def test_int8_per_channel_error_is_tiny_and_as_predicted():
     for sym in (False, True):
         spec = QuantSpec(bits=8, group_size=-1, sym=sym)
         q, scales, zeros = rtn_quantize(weight, spec)
-        deq = dequantize(q, scales, zeros, spec)
+        deq = dequantize_codes(q, scales, zeros, spec)
         rel = ((deq - weight.t()).norm() / weight.norm()).item()
         # Rounding error is uniform on [-scale/2, scale/2]: rms = scale / sqrt(12).
         predicted = ((scales.double() ** 2).mean().sqrt() / 12**0.5 / weight.double().pow(2).mean().sqrt()).item()
@@ -121,7 +121,7 @@ def test_constant_groups_give_no_nan_and_exact_values():
     weight[7, :] = -2.5  # constant across a whole per-channel group
     for spec in (QuantSpec(4, 32, False), QuantSpec(4, 32, True), QuantSpec(8, -1, False), QuantSpec(8, -1, True)):
         q, scales, zeros = rtn_quantize(weight, spec)
-        deq = dequantize(q, scales, zeros, spec)
+        deq = dequantize_codes(q, scales, zeros, spec)
         assert torch.isfinite(scales).all() and torch.isfinite(zeros).all() and torch.isfinite(deq).all()
         assert bool((scales > 0).all())
         torch.testing.assert_close(deq.t()[7], weight[7], rtol=1e-6, atol=0)
@@ -138,7 +138,7 @@ def test_functions_compose_and_requantize_is_idempotent():
     q = quantize(w_t, scales, zeros, spec)
     q2, s2, z2 = rtn_quantize(weight, spec)
     assert torch.equal(q, q2) and torch.equal(scales, s2) and torch.equal(zeros, z2)
-    deq = dequantize(q, scales, zeros, spec)
+    deq = dequantize_codes(q, scales, zeros, spec)
     assert torch.equal(quantize(deq, scales, zeros, spec), q)
 
 

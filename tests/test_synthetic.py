@@ -118,7 +118,8 @@ def test_realized_sparsity_on_fresh_tokens_matches_each_level(synth_artifact):
 
 def test_in_memory_build_is_the_artifact(synth_artifact, tiny_arch):
     import teal_quant
-    from teal_quant.compression.synthetic import SyntheticSpec, build_synthetic_model
+    from teal_quant.bench import build_synthetic_model
+    from teal_quant.compression.synthetic import SyntheticSpec
 
     disk = teal_quant.load(synth_artifact, sparsity=0.25, device="cpu")
     memory = build_synthetic_model(tiny_arch, SyntheticSpec(group_size=32, levels=LEVELS, default=0.4), device="cpu", sparsity=0.25)

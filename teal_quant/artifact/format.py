@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from teal_quant import __version__
-from teal_quant.architecture import CRITERIA
+from teal_quant.architecture import CRITERIA, LAYERS_PREFIX
 from teal_quant.errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
@@ -30,11 +30,48 @@ SINGLE_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "calibration_report.json"
 PACKING = {4: "int4-n8", 8: "int8"}
-# Per quantized linear P: P.qweight, P.scales, P.zeros, P.thresholds, and P.bias / P.channel_scale if any;
+
+# Tensor keys: a transformers model's state_dict keys, with each quantized linear P (e.g.
+# model.layers.3.self_attn.q_proj) stored as P.qweight, P.scales, P.zeros, P.thresholds, and P.bias if it has one;
+# P.channel_scale (float32 [K]) on every quantized linear when sparsity.criterion is weight_aware (architecture.CRITERIA);
 # P.perm (int32 [K]) on every linear when quantization_config.act_order is true (imported act-order GPTQ).
 QUANT_SUFFIXES = ("qweight", "scales", "zeros", "thresholds")
-# sparsity.criterion is one of architecture.CRITERIA; weight_aware: every quantized linear has P.channel_scale float32 [K]
+CHANNEL_SCALE_SUFFIX = "channel_scale"
 PERM_SUFFIX = "perm"
+LINEAR_SUFFIXES = (*QUANT_SUFFIXES, "bias", CHANNEL_SCALE_SUFFIX, PERM_SUFFIX)
+FLOAT32_SUFFIXES = ("thresholds", CHANNEL_SCALE_SUFFIX)  # stored and loaded in float32 whatever the model dtype
+EMBEDDING_KEY = "model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"  # absent when tie_word_embeddings: lm_head is the embedding
+
+
+def linear_key(module_name: str, suffix: str) -> str:
+    """The key of one tensor of a quantized linear: linear_key("model.layers.0.mlp.up_proj", "qweight")."""
+    if suffix not in LINEAR_SUFFIXES:
+        raise ValueError(f"'{suffix}' is not a tensor of a quantized linear ({', '.join(LINEAR_SUFFIXES)})")
+    return f"{module_name}.{suffix}"
+
+
+def linear_tensor_names(module_name: str, *, bias: bool = False, channel_scale: bool = False,
+                        perm: bool = False) -> list[str]:
+    """Every key a quantized linear has in an artifact."""
+    optional = {"bias": bias, CHANNEL_SCALE_SUFFIX: channel_scale, PERM_SUFFIX: perm}
+    return [linear_key(module_name, s) for s in QUANT_SUFFIXES + tuple(s for s, wanted in optional.items() if wanted)]
+
+
+def linear_of(key: str, suffix: str) -> str | None:
+    """The linear whose `suffix` tensor `key` is (model.layers.0.mlp.up_proj for its .qweight), else None."""
+    module, _, last = key.rpartition(".")
+    return module if last == suffix and module else None
+
+
+def layer_key_prefix(index: int) -> str:
+    """What every key of decoder layer `index` starts with: 'model.layers.{index}.'."""
+    return f"{LAYERS_PREFIX}.{index}."
+
+
+def stored_float32(key: str) -> bool:
+    """True for the tensors an artifact keeps in float32 whatever its dtype (thresholds, channel scales)."""
+    return key.rpartition(".")[2] in FLOAT32_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -129,10 +166,6 @@ class TealQuantConfig:
         if cfg.criterion not in CRITERIA:
             raise ArtifactError(f"{where}: sparsity.criterion {cfg.criterion!r} must be one of {', '.join(CRITERIA)}")
         return cfg
-
-
-def linear_tensor_names(module_name: str, bias: bool) -> list[str]:
-    return [f"{module_name}.{s}" for s in QUANT_SUFFIXES] + ([f"{module_name}.bias"] if bias else [])
 
 
 class ArtifactWriter:
@@ -233,7 +266,7 @@ class Artifact:
         return dict(self.iter_tensors(device))
 
     def quantized_modules(self) -> list[str]:
-        return sorted(n[: -len(".qweight")] for n in self.weight_map if n.endswith(".qweight"))
+        return sorted(m for m in (linear_of(n, "qweight") for n in self.weight_map) if m is not None)
 
     def recipe_text(self) -> str | None:
         p = self.path / RECIPE_FILE
@@ -283,9 +316,9 @@ def read_artifact(path: str | Path) -> Artifact:
             raise ArtifactError(f"artifact '{path}': shard {file} lacks tensor {missing[0]}")
     artifact = Artifact(path=path, config=config, quant=quant, weight_map=weight_map)
     for module in artifact.quantized_modules():
-        if (f"{module}.{PERM_SUFFIX}" in weight_map) != quant.act_order:
+        if (linear_key(module, PERM_SUFFIX) in weight_map) != quant.act_order:
             problem = "is missing (act_order is true)" if quant.act_order else "is present but act_order is not set"
-            raise ArtifactError(f"artifact '{path}': tensor {module}.{PERM_SUFFIX} {problem}")
+            raise ArtifactError(f"artifact '{path}': tensor {linear_key(module, PERM_SUFFIX)} {problem}")
     _check_channel_scales(artifact)
     return artifact
 
@@ -306,8 +339,8 @@ def _check_channel_scales(artifact: Artifact) -> None:
     from safetensors import safe_open
 
     weight_aware = artifact.quant.criterion == "weight_aware"
-    wanted = {f"{m}.channel_scale": m for m in artifact.quantized_modules()} if weight_aware else {}
-    present = {n for n in artifact.weight_map if n.endswith(".channel_scale")}
+    wanted = {linear_key(m, CHANNEL_SCALE_SUFFIX): m for m in artifact.quantized_modules()} if weight_aware else {}
+    present = {n for n in artifact.weight_map if linear_of(n, CHANNEL_SCALE_SUFFIX) is not None}
     where = f"artifact '{artifact.path}'"
     extra, missing = sorted(present - set(wanted)), sorted(set(wanted) - present)
     if extra:
@@ -315,7 +348,7 @@ def _check_channel_scales(artifact: Artifact) -> None:
     if missing:
         raise ArtifactError(f"{where}: tensor {missing[0]} is missing (sparsity.criterion is weight_aware)")
     headers = {}  # name -> (dtype, shape) of the channel scales and their qweights, one open per shard
-    names = set(wanted) | {f"{m}.qweight" for m in wanted.values()}
+    names = set(wanted) | {linear_key(m, "qweight") for m in wanted.values()}
     for file in sorted({artifact.weight_map[n] for n in names}):
         with safe_open(str(artifact.path / file), framework="pt") as f:
             for n in names:
@@ -323,7 +356,7 @@ def _check_channel_scales(artifact: Artifact) -> None:
                     info = f.get_slice(n)
                     headers[n] = (info.get_dtype(), list(info.get_shape()))
     for name, module in sorted(wanted.items()):
-        k = headers[f"{module}.qweight"][1][0]
+        k = headers[linear_key(module, "qweight")][1][0]
         dtype, shape = headers[name]
         if dtype != "F32" or shape != [k]:
             raise ArtifactError(f"{where}: {name} must be float32 [{k}], got {dtype} {shape}")

@@ -29,7 +29,15 @@ from teal_quant.architecture import (
     check_shapes,
     materialize_non_persistent_buffers,
 )
-from teal_quant.artifact.format import RECIPE_FILE, REPORT_FILE, ArtifactWriter, TealQuantConfig
+from teal_quant.artifact.format import (
+    EMBEDDING_KEY,
+    RECIPE_FILE,
+    REPORT_FILE,
+    ArtifactWriter,
+    TealQuantConfig,
+    layer_key_prefix,
+    linear_key,
+)
 from teal_quant.compression.calibrate.layer import (
     LayerRunner,
     SimulatedLinear,
@@ -40,7 +48,7 @@ from teal_quant.compression.calibrate.layer import (
 )
 from teal_quant.compression.data import generate_samples, random_windows, read_text, tokenize_stream
 from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import dequantize
+from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.compression.recipe import GeneratedSource, Recipe, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
@@ -216,7 +224,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
     config._attn_implementation = "sdpa"
     skeleton = build_skeleton(config, compute_dtype)
     materialize_non_persistent_buffers(skeleton, device)
-    embed = src.tensors(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
     hidden = torch.nn.functional.embedding(tokens, embed.to(compute_dtype))  # [S, T, D] in host memory
     seq_len = hidden.shape[1]
     positions = torch.arange(seq_len, device=device)[None]
@@ -250,12 +258,12 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
                                        {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
         quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS))
         tensors, quant_stats = {}, {}
-        prefix = f"model.layers.{i}."
+        prefix = layer_key_prefix(i)
         for proj, module_path in PROJECTIONS.items():
             sim = sims[proj]
             name = prefix + module_path
             if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
-                tensors.update({f"{name}.{key}": t for key, t in src.packed(name).items()})
+                tensors.update({linear_key(name, key): t for key, t in src.packed(name).items()})
             else:
                 stats: dict = {}
                 q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
@@ -263,18 +271,18 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
                 if stats:
                     quant_stats[proj] = stats
                 scales, zeros = scales.to(dtype), zeros.to(dtype)
-                tensors[f"{name}.qweight"] = pack(q, spec.bits)
-                tensors[f"{name}.scales"] = scales
-                tensors[f"{name}.zeros"] = zeros
+                tensors[linear_key(name, "qweight")] = pack(q, spec.bits)
+                tensors[linear_key(name, "scales")] = scales
+                tensors[linear_key(name, "zeros")] = zeros
                 # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-                w_t = dequantize(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
+                w_t = dequantize_codes(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
                 sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
             progress.advance(quant_task)
-            tensors[f"{name}.thresholds"] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
+            tensors[linear_key(name, "thresholds")] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
             if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
-                tensors[f"{name}.channel_scale"] = sim.channel_scale.to(torch.float32)
+                tensors[linear_key(name, "channel_scale")] = sim.channel_scale.to(torch.float32)
             if sim.bias is not None:
-                tensors[f"{name}.bias"] = sim.bias.detach().to(dtype)
+                tensors[linear_key(name, "bias")] = sim.bias.detach().to(dtype)
             sim.threshold = allocation.projection_thresholds(proj)[default_index]
         progress.remove_task(quant_task)
         del hessians

@@ -9,8 +9,9 @@ layer build only that layer (dequantized weights), capture |x| at its four activ
 allocation's thresholds for every level, propagate the hidden states at the default level, drop the layer.
 At most one float layer exists at a time, so a 70B artifact is made on one GPU.
 
-Two sinks share the per-layer generator: `write_synthetic` (an artifact on disk, through ArtifactWriter) and
-`build_synthetic_model` (the TealLinear model assembled directly on the device, for `teal-quant bench`).
+Two sinks share the per-layer generator's stream (`SyntheticLayers.stream`): `write_synthetic` here (an artifact
+on disk, through ArtifactWriter) and teal_quant.bench.build_synthetic_model (the TealLinear model assembled directly
+on the device by runtime.assemble, for `teal-quant bench`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from teal_quant.architecture import (
     check_shapes,
     materialize_non_persistent_buffers,
 )
-from teal_quant.artifact.format import REPORT_FILE, ArtifactWriter, TealQuantConfig
+from teal_quant.artifact.format import (
+    EMBEDDING_KEY,
+    LM_HEAD_KEY,
+    REPORT_FILE,
+    ArtifactWriter,
+    TealQuantConfig,
+    layer_key_prefix,
+    linear_key,
+)
 from teal_quant.compression.calibrate.layer import (
     LayerRunner,
     allocate,
@@ -40,7 +49,7 @@ from teal_quant.compression.calibrate.layer import (
     capture_histograms,
     predicted_sparsity,
 )
-from teal_quant.compression.quantize.rtn import QuantSpec, dequantize
+from teal_quant.compression.quantize.rtn import QuantSpec, dequantize_codes
 from teal_quant.devices import select_device
 from teal_quant.errors import ModelSourceError, TealQuantError, first_line
 from teal_quant.kernels import pack
@@ -169,11 +178,11 @@ class SyntheticLayers:
         """Embeddings (std 1), the final norm (~1) and lm_head (std 1/sqrt(hidden)), all in STORAGE_DTYPE."""
         c = self.config
         out = {
-            "model.embed_tokens.weight": self._randn(c.vocab_size, c.hidden_size),
+            EMBEDDING_KEY: self._randn(c.vocab_size, c.hidden_size),
             "model.norm.weight": self._randn(c.hidden_size, std=0.05, mean=1.0),
         }
         if not getattr(c, "tie_word_embeddings", False):
-            out["lm_head.weight"] = self._randn(c.vocab_size, c.hidden_size, std=1.0 / math.sqrt(c.hidden_size))
+            out[LM_HEAD_KEY] = self._randn(c.vocab_size, c.hidden_size, std=1.0 / math.sqrt(c.hidden_size))
         return out
 
     @torch.no_grad()
@@ -192,7 +201,7 @@ class SyntheticLayers:
         for i in range(c.num_hidden_layers):
             layer = skeleton.model.layers[i]
             layer.to_empty(device=device)
-            prefix = f"model.layers.{i}."
+            prefix = layer_key_prefix(i)
             tensors: dict[str, torch.Tensor] = {}
             projection_params = set()
             for proj, path in PROJECTIONS.items():
@@ -200,13 +209,14 @@ class SyntheticLayers:
                 q, scales, zeros = random_projection(linear.in_features, linear.out_features,
                                                      projection_std(proj, linear.in_features, c.num_hidden_layers),
                                                      qspec, self.generator, device)
-                linear.weight.copy_(dequantize(q, scales, zeros, qspec).t())
-                tensors.update({f"{prefix}{path}.qweight": pack(q, spec.bits), f"{prefix}{path}.scales": scales,
-                                f"{prefix}{path}.zeros": zeros})
+                linear.weight.copy_(dequantize_codes(q, scales, zeros, qspec).t())
+                linear_name = prefix + path
+                tensors.update({linear_key(linear_name, "qweight"): pack(q, spec.bits),
+                                linear_key(linear_name, "scales"): scales, linear_key(linear_name, "zeros"): zeros})
                 projection_params.add(f"{path}.weight")
                 if linear.bias is not None:
                     linear.bias.copy_(self._randn(linear.out_features, std=0.02))
-                    tensors[f"{prefix}{path}.bias"] = linear.bias.to(STORAGE_DTYPE)
+                    tensors[linear_key(linear_name, "bias")] = linear.bias.to(STORAGE_DTYPE)
                     projection_params.add(f"{path}.bias")
             for name, param in layer.named_parameters():
                 if name not in projection_params:  # norms (~1) and any other parameter (small)
@@ -221,7 +231,7 @@ class SyntheticLayers:
                                   step=0.1, last_fraction=0.5, compare_uniform=False)
             for proj, path in PROJECTIONS.items():
                 thresholds = allocation.projection_thresholds(proj)
-                tensors[f"{prefix}{path}.thresholds"] = torch.tensor(thresholds, dtype=torch.float32)
+                tensors[linear_key(prefix + path, "thresholds")] = torch.tensor(thresholds, dtype=torch.float32)
                 sims[proj].threshold = thresholds[default_index]
             hidden = runner(hidden, device)  # what layer i+1 really sees: this layer at the default level
             sizes = {p: s.weight.numel() for p, s in sims.items()}
@@ -239,6 +249,12 @@ class SyntheticLayers:
             if progress is not None:
                 progress(1)
 
+    def stream(self, progress: Callable[[int], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Every tensor of the model: the non-layer ones first, then each decoder layer's (`layers`)."""
+        non_layer = self.non_layer_tensors()
+        yield non_layer
+        yield from self.layers(non_layer[EMBEDDING_KEY], progress=progress)
+
 
 def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = SyntheticSpec(), *,
                     device: str | torch.device | None = None, overwrite: bool = False, max_shard_size: int = 5 * 10**9) -> Path:
@@ -253,12 +269,8 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
     quant = spec.quant_config()
     with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite) as writer:
         task = progress.add_task(f"synthesizing {arch}", total=config.num_hidden_layers)
-        non_layer = gen.non_layer_tensors()
-        embed = non_layer["model.embed_tokens.weight"]
-        writer.add(non_layer)
-        for tensors in gen.layers(embed, progress=lambda n: progress.advance(task, n)):
+        for tensors in gen.stream(progress=lambda n: progress.advance(task, n)):
             writer.add(tensors)
-        del non_layer, embed
         config.dtype = STORAGE_DTYPE
         config.quantization_config = quant.to_dict()
         config.save_pretrained(writer.dir)
@@ -267,51 +279,6 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
                                                       "seq_len": spec.seq_len}, "levels": quant.levels, "layers": gen.report})
         writer.write_text("README.md", _card(str(arch), spec))
         return writer.commit()
-
-
-def build_synthetic_model(arch: str | Path, spec: SyntheticSpec = SyntheticSpec(), *, device: str | torch.device | None = None,
-                          sparsity: float | None = None, progress: Callable[[int], None] | None = None):
-    """The model `teal_quant.load(write_synthetic(arch, ...))` would give, built directly on `device` (no disk).
-
-    Same dtype rule as load(): STORAGE_DTYPE on CUDA, float32 on the CPU.
-    """
-    from teal_quant.runtime.loading import replace_linears, set_sparsity
-    from teal_quant.runtime.modules import teal_linears
-
-    config = resolve_arch(arch)
-    device = select_device(device)
-    dtype = STORAGE_DTYPE if device.type == "cuda" else torch.float32
-    gen = SyntheticLayers(config, spec, device)
-    quant = spec.quant_config()
-    model = build_skeleton(config, dtype)
-    names = [f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in PROJECTIONS.values()]
-    replace_linears(model, names, quant, dtype)
-
-    def assign(tensors: dict[str, torch.Tensor]) -> None:
-        state = {n: t if (not t.is_floating_point() or n.endswith(".thresholds")) else t.to(dtype) for n, t in tensors.items()}
-        model.load_state_dict({n: t.to(device) for n, t in state.items()}, strict=False, assign=True)
-
-    non_layer = gen.non_layer_tensors()
-    embed = non_layer["model.embed_tokens.weight"]
-    assign(non_layer)
-    for tensors in gen.layers(embed, progress=progress):
-        assign(tensors)
-    del non_layer, embed
-    if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.get_input_embeddings().weight
-    for _, module in teal_linears(model):
-        module.materialize_runtime_state(device)
-    materialize_non_persistent_buffers(model, device)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise AssertionError(f"synthetic model: {leftover[0]} was never generated")
-    config.quantization_config = quant.to_dict()
-    model.config = config
-    model.teal_quant_config = quant
-    model.synthetic_report = gen.report
-    model.eval()
-    set_sparsity(model, spec.default if sparsity is None else sparsity)
-    return model
 
 
 def _card(arch: str, spec: SyntheticSpec) -> str:

@@ -3,9 +3,10 @@
 A thin adapter (after transformers' quantizer_compressed_tensors.py): `TealQuantHfConfig` (a
 QuantizationConfigMixin for quant_method "teal_quant") and `TealQuantHfQuantizer`, registered with
 transformers.quantizers.register_quantization_config / register_quantizer. Before the weights load, the quantizer
-swaps the seven projections of every decoder layer for TealLinear modules on the meta device (loading.replace_linears),
+swaps the seven projections of every decoder layer for TealLinear modules on the meta device (assemble.replace_linears),
 so the packed tensors load straight into their buffers and no dense weight is ever allocated; after, it builds the
-runtime state and selects the artifact's default level. `save_pretrained` writes the same tensors and config back.
+runtime state, checks thresholds / channel_scale / perm and selects the artifact's default level
+(assemble.finish_assembly), as teal_quant.load does. `save_pretrained` writes the same tensors and config back.
 
 Hooks used (present in transformers 5.17 and 5.24): validate_environment, update_dtype, _process_model_before_weight_loading,
 _process_model_after_weight_loading, is_serializable, is_trainable, is_qat_trainable, is_compileable.
@@ -130,30 +131,21 @@ def _classes():
             return dtype
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from teal_quant.architecture import LAYERS_PREFIX, PROJECTIONS
-            from teal_quant.runtime.loading import replace_linears
+            from teal_quant.runtime.assemble import quantized_module_names, replace_linears
 
             quant = self.quantization_config.teal_config
             dtype = kwargs.get("dtype") or model.dtype
-            names = [f"{LAYERS_PREFIX}.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in PROJECTIONS.values()]
-            names = [n for n in names if not any(n == m or n.startswith(m + ".") for m in quant.modules_to_not_convert)]
-            replace_linears(model, names, quant, dtype)
+            replace_linears(model, quantized_module_names(model.config, quant), quant, dtype)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from teal_quant.runtime.loading import check_sparsity_tensors, set_sparsity
+            from teal_quant.runtime.assemble import finish_assembly
             from teal_quant.runtime.modules import teal_linears
 
-            quant = self.quantization_config.teal_config
-            for name, module in teal_linears(model):
+            for name, module in teal_linears(model):  # transformers leaves a buffer it found no tensor for on meta
                 if module.qweight.is_meta:
                     raise ArtifactError(f"checkpoint has no packed tensors for {name} (is it a teal-quant artifact?)")
-                module.materialize_runtime_state(module.qweight.device)
-                problem = check_sparsity_tensors(module)
-                if problem:
-                    raise ArtifactError(f"{name}.{problem}")
-            model.teal_quant_config = quant
-            set_sparsity(model, quant.default)
+            finish_assembly(model, self.quantization_config.teal_config)
             return model
 
         def is_serializable(self, *args, **kwargs) -> bool:

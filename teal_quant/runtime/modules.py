@@ -212,6 +212,17 @@ def realized_sparsity(model: nn.Module, *, cumulative: bool = False) -> float:
     return num / den if den else 0.0
 
 
+def set_sparsity(model: nn.Module, level: float) -> None:
+    """Switch every TealLinear to the thresholds of `level` (one of the artifact's levels; 0 = dense activations)."""
+    quant = getattr(model, "teal_quant_config", None)  # the artifact's TealQuantConfig, set when the model is assembled
+    if quant is None:
+        raise ValueError("this model was not loaded by teal_quant.load (no teal_quant_config)")
+    index = quant.level_index(float(level))
+    for _, module in teal_linears(model):
+        module.set_level(index)
+    model.teal_sparsity = float(level)
+
+
 def reset_stats(model: nn.Module) -> None:
     for _, m in teal_linears(model):
         m.reset_stats()

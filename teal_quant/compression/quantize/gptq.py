@@ -14,7 +14,7 @@ Follows the reference algorithm (IST-DASLab gptq.py; llm-compressor's ``gptq_qua
   computed up front from the contiguous K-groups of the original order, so the codes stay in the plain group
   layout (no ``g_idx``, no permutation in the artifact).
 
-The quantization grid is rtn.py's (``compute_qparams`` / ``quantize`` / ``dequantize``), so the output is exactly
+The quantization grid is rtn.py's (``compute_qparams`` / ``quantize`` / ``dequantize_codes``), so the output is exactly
 RTN's layout: ``(q uint8 [K, N], scales fp32 [K/G, N], zeros fp32 [K/G, N])`` for a weight ``[N, K]``.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize, quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize_codes, quantize
 
 MAX_DAMP_RETRIES = 4  # damp, 10·damp, ... : beyond 10⁴·damp the Hessian carries no information worth using
 
@@ -151,7 +151,7 @@ def gptq_quantize(
             s, z = scales[k // G : k // G + 1], zeros[k // G : k // G + 1]
             q = quantize(w[None], s, z, column_spec)
             Q[:, j] = q[0]
-            w_hat = dequantize(q, s, z, column_spec)[0]
+            w_hat = dequantize_codes(q, s, z, column_spec)[0]
             d = Hinv1[i, i]
             err = (w - w_hat) / d
             loss += ((w - w_hat).double() ** 2).sum() / d.double() ** 2 / 2

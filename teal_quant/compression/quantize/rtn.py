@@ -1,4 +1,4 @@
-"""Round-to-nearest group-wise weight quantization as matched pure functions (qparams -> quantize -> dequantize).
+"""Round-to-nearest group-wise weight quantization as matched pure functions (qparams -> quantize -> dequantize_codes).
 
 Layout: we quantize W^T, shape [K, N] (K = in_features, N = out_features; nn.Linear.weight is [N, K]), because the
 TEAL kernel reads only the rows k of W^T whose input activation x[k] survives the threshold. A group is
@@ -7,7 +7,7 @@ scales and zeros are [K/G, N] fp32, and W^T[k, n] ~= (q[k, n] - zeros[k // G, n]
 
 zeros are unrounded floats. For asymmetric groups this makes the grid {min + i * scale} exact, so a weight that came
 from llama.cpp Q4_1 (w = d * q + m per block of 32) is reproduced exactly at 4 bits, group 32. GPTQ reuses
-``compute_qparams`` / ``quantize`` / ``dequantize`` column by column; packing happens once, elsewhere.
+``compute_qparams`` / ``quantize`` / ``dequantize_codes`` column by column; packing happens once, elsewhere.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def quantize(w_t: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> Ten
     return q.reshape(w_t.shape).to(torch.uint8).contiguous()
 
 
-def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> Tensor:
-    """W^T ~= (q - zero) * scale, fp32 [K, N]."""
+def dequantize_codes(q: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> Tensor:
+    """W^T ~= (q - zero) * scale, fp32 [K, N], from unpacked codes q uint8 [K, N] (kernels.dequantize takes the
+    packed qweight of an artifact instead)."""
     w, _ = _grouped(q, spec)
     return ((w - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)).reshape(q.shape).contiguous()
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from teal_quant.compression.pipeline import run
+        from teal_quant.workflow import run
         from teal_quant.compression.recipe import Recipe
 
         run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
@@ -149,7 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
     if args.command == "convert-gptq":
-        from teal_quant.compression.pipeline import run
+        from teal_quant.workflow import run
         from teal_quant.compression.recipe import convert_gptq_recipe
 
         recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,

@@ -38,7 +38,7 @@ eval:
 
 def main() -> None:
     from teal_quant import Recipe
-    from teal_quant.compression.pipeline import run
+    from teal_quant.workflow import run
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=16)

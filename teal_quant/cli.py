@@ -141,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from teal_quant.compression.pipeline import run
         from teal_quant.compression.recipe import Recipe
+        from teal_quant.workflow import run
 
         run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
         return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "convert-gptq":
-        from teal_quant.compression.pipeline import run
         from teal_quant.compression.recipe import convert_gptq_recipe
+        from teal_quant.workflow import run
 
         recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,
                                      calibration=args.calibration, allocation=args.allocation, device=args.device,

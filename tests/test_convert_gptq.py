@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from _support import CALIBRATION_DIR
 from safetensors.torch import load_file, save_file
 from test_cli import ENV, assert_one_line_error
@@ -18,6 +19,8 @@ import teal_quant
 from teal_quant.architecture import PROJECTIONS
 from teal_quant.artifact.format import read_artifact
 from teal_quant.compression.recipe import Recipe
+from teal_quant.compression.sources import open_model
+from teal_quant.compression.sources.gptq import weight_format
 from teal_quant.errors import RecipeError
 from teal_quant.runtime.modules import set_prefill_mode, teal_linears
 
@@ -218,6 +221,19 @@ def test_recipe_checks_against_the_checkpoint(tiny_llama, tmp_path):
     # the checkpoint's own values, spelled out, are accepted
     art = read_artifact(teal_quant.compress(from_checkpoint_recipe(gptq, tmp_path / "b", bits=4, group_size=32, sym=False)))
     assert art.quant.bits == 4 and "method: from_checkpoint" in art.recipe_text()
+
+
+def test_recipe_yaml_is_the_recipe_as_read(converted):
+    """config.json holds the checkpoint's format; recipe.yaml the recipe as written, which reads back as itself (the
+    format keys it left out stay out, so running it again takes the checkpoint's format again)."""
+    (bits, group_size, *_), gptq_dir, artifact, _ = converted
+    recipe = from_checkpoint_recipe(gptq_dir, artifact)
+    text = read_artifact(artifact).recipe_text()
+    again = Recipe.from_yaml_text(text)
+    assert again == recipe and not {"bits", "group_size", "sym"} & again.quantization.model_fields_set
+    assert not {"bits", "group_size", "sym"} & set(yaml.safe_load(text)["quantization"])
+    fmt = weight_format(again, open_model(str(gptq_dir)))
+    assert (fmt.bits, fmt.group_size, fmt.sym, fmt.dtype) == (bits, group_size, False, torch.float16)
 
 
 def teal_quant_cli(*args):

@@ -248,7 +248,7 @@ def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monk
     from _support import WIKITEXT, tiny_recipe_text
 
     from teal_quant import Recipe
-    from teal_quant.compression.pipeline import run
+    from teal_quant.workflow import run
 
     model = tmp_path / "base"
     shutil.copytree(tiny_llama, model)
@@ -273,7 +273,7 @@ def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monk
     assert TOKEN not in (summary.artifact / "recipe.yaml").read_text()
 
     # a failed push (wrong token): the run's artifact stays on disk, and the error (raised after the summary) names it
-    from teal_quant.compression.pipeline import _push
+    from teal_quant.workflow import _push
 
     monkeypatch.setenv("HF_TOKEN", WRONG)
     before = digest(summary.artifact)

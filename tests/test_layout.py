@@ -74,12 +74,6 @@ def imports_of(module: str) -> set[str]:
 
 
 GRAPH = {m: imports_of(m) for m in MODULES}
-# Edges still being removed while the layout settles (each names its fix); must end empty.
-KNOWN_VIOLATIONS = {
-    ("teal_quant.artifact.card", "teal_quant.compression.recipe"),  # the card takes plain facts, not a Recipe
-    ("teal_quant.compression.pipeline", "teal_quant.report"),  # summary printing moves to the top-level run
-    ("teal_quant.compression.pipeline", "teal_quant.evaluate"),
-}
 
 
 def test_the_three_parts_and_the_leaf_exist():
@@ -101,8 +95,6 @@ def test_imports_run_one_way(module):
             assert other == "kernels", f"{module} (kernels/) imports {target}: kernels/ is the leaf"
             continue
         allowed = {part, "leaf", "kernels"} | ALLOWED[part]
-        if (module, target) in KNOWN_VIOLATIONS:
-            continue
         assert other in allowed, f"{module} ({part}) imports {target} ({other})"
 
 
@@ -116,7 +108,7 @@ def test_no_import_cycle():
         if module in done:
             return
         for target in sorted(GRAPH[module]):
-            if target != "teal_quant" and (module, target) not in KNOWN_VIOLATIONS:
+            if target != "teal_quant":
                 visit(target, path + [module])
         done.add(module)
 

@@ -150,3 +150,35 @@ def test_layer_streaming_reproduces_the_full_model(tiny_llama):
         h = LayerRunner(layer, pe)(h, torch.device("cpu"))
         if i + 1 < src.num_layers:
             torch.testing.assert_close(h, want[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_llama, tmp_path):
+    """compress_recipe(evaluate=...) runs the hook on the staged directory (loadable, destination not there yet); the
+    card is written once, after it, with its rows; a failing hook still leaves the complete artifact in place."""
+    from _support import tiny_recipe_text
+
+    from teal_quant.compression.pipeline import compress_recipe
+
+    recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(tiny_llama, tmp_path / "a"))
+    seen = {}
+
+    def evaluate(staged):
+        seen["staged"], seen["in_place"] = staged, (tmp_path / "a").exists()
+        seen["levels"] = read_artifact(staged).quant.levels
+        assert not (staged / "README.md").exists()
+        return [{"model": "teal-quant", "level": lv, "perplexity": 100.0 + i, "realized_sparsity": lv, "tokens": 64,
+                 "seconds": 0.0} for i, lv in enumerate(seen["levels"])]
+
+    result = compress_recipe(recipe, evaluate=evaluate)
+    assert seen["staged"] != result.artifact and not seen["in_place"] and not seen["staged"].exists()
+    assert result.eval_rows[-1]["perplexity"] == 103.0 and seen["levels"] == result.levels
+    card = (result.artifact / "README.md").read_text()
+    assert "| 0.5 | " in card and " 103.00 | 0.500 |" in card
+
+    def broken(staged):
+        raise teal_quant.DataError("eval text: no such file")
+
+    with pytest.raises(teal_quant.DataError, match="no such file"):
+        compress_recipe(recipe, tmp_path / "b", evaluate=broken)
+    assert read_artifact(tmp_path / "b").quant.levels == result.levels
+    assert "eval perplexity" not in (tmp_path / "b" / "README.md").read_text()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from teal_quant.artifact.format import TealQuantConfig
-from teal_quant.compression.recipe import Recipe
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
@@ -46,55 +46,59 @@ def base_model_license(model_dir: str | Path, gguf_file: str | None = None) -> s
     return None
 
 
-def model_card(
-    recipe: Recipe,
-    quant: TealQuantConfig,
-    report_layers: list[dict],
-    *,
-    license: str | None = None,
-    repo_id: str | None = None,
-    eval_rows: list[dict] | None = None,
-) -> str:
-    """README.md of an artifact. `repo_id` (when it will be pushed) goes into the usage snippet; `eval_rows`
-    (teal_quant.evaluate rows, when the recipe had `eval`) add measured perplexity per level."""
-    base = recipe.model.source
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the model card states, as plain data built by the caller (the pipeline)."""
+
+    base_model: str  # the recipe's model.source
+    quant: TealQuantConfig  # the artifact's quantization_config
+    quantization: dict  # method and options, as in calibration_report.json ("quantization")
+    calibration_sparsity: list[float]  # per level of quant.levels: size-weighted, mean over layers
+    name: str | None = None  # the recipe's name (the title; default: the base model)
+    license: str | None = None  # the base model's (base_model_license)
+    repo_id: str | None = None  # where it will be pushed: goes into the usage snippet
+    eval_rows: list[dict] = field(default_factory=list)  # teal_quant.evaluate rows: measured perplexity per level
+    eval_window: int | None = None  # the evaluation's window length, when there are eval rows
+
+
+def model_card(facts: CardFacts) -> str:
+    """README.md of an artifact."""
+    quant, base = facts.quant, facts.base_model
     metadata = {}
-    if license:
-        metadata["license"] = license
+    if facts.license:
+        metadata["license"] = facts.license
     metadata.update({
         "base_model": base,
         "base_model_relation": "quantized",
         "library_name": "teal-quant",
         "tags": ["teal-quant", "teal", "activation-sparsity", f"int{quant.bits}", quant.quantizer],
     })
-    n = len(report_layers)
-    evals = {round(r["level"], 6): r for r in (eval_rows or []) if r.get("level") is not None}
+    evals = {round(r["level"], 6): r for r in facts.eval_rows if r.get("level") is not None}
     header = "| sparsity level | size-weighted sparsity on the calibration text |"
     rule = "|---|---|"
     if evals:
         header += " eval perplexity | eval realized sparsity |"
         rule += "---|---|"
     rows = []
-    for j, level in enumerate(quant.levels):
-        cal = sum(r["calibration_sparsity"][j] for r in report_layers) / n
+    for level, cal in zip(quant.levels, facts.calibration_sparsity):
         row = f"| {level:g}{' (default)' if level == quant.default else ''} | {cal:.3f} |"
         if evals:
             r = evals.get(round(level, 6))
             row += f" {r['perplexity']:.2f} | {r['realized_sparsity']:.3f} |" if r else " | |"
         rows.append(row)
     eval_note = ""
-    if evals and recipe.eval is not None:
+    if evals and facts.eval_window is not None:
         first = next(iter(evals.values()))
-        eval_note = (f"\nPerplexity: {first['tokens']} tokens of the recipe's `eval` text, windows of {recipe.eval.window}, "
+        eval_note = (f"\nPerplexity: {first['tokens']} tokens of the recipe's `eval` text, windows of {facts.eval_window}, "
                      "every token sparsified (as in decode).\n")
     group = "per-channel" if quant.group_size == -1 else f"group size {quant.group_size}"
-    method_note = _quantizer_note(recipe)
-    location = repo_id or "path/or/repo-id"
+    method_note = _quantizer_note(facts.quantization)
+    location = facts.repo_id or "path/or/repo-id"
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
 
-# {recipe.name or base} — teal-quant int{quant.bits} + TEAL sparsity
+# {facts.name or base} — teal-quant int{quant.bits} + TEAL sparsity
 
 `{base}` compressed by [teal-quant](https://pypi.org/project/teal-quant/): {quant.quantizer.upper()} int{quant.bits}
 weights ({group}, {'symmetric' if quant.sym else 'asymmetric'}), and TEAL activation-sparsity thresholds for
@@ -121,13 +125,13 @@ The recipe that produced this artifact is in `recipe.yaml`; per-layer allocation
 """
 
 
-def _quantizer_note(recipe: Recipe) -> str:
-    """One sentence on how GPTQ ran (empty for RTN): its options, as recorded in calibration_report.json too."""
-    q = recipe.quantization
-    if q.gptq is None:
+def _quantizer_note(quantization: dict) -> str:
+    """One sentence on how GPTQ ran (empty otherwise): its options, as recorded in calibration_report.json too."""
+    if quantization.get("method") != "gptq":
         return ""
-    samples = q.gptq.samples or recipe.calibration.samples
-    aware = (f"; each projection's Hessian from its input thresholded as at sparsity level {q.sparsity_aware:g} "
-             "(sparsity-aware)" if q.sparsity_aware is not None else "")
-    return (f"\nGPTQ: block size {q.gptq.block_size}, damp {q.gptq.damp:g}, act-order {'on (static groups)' if q.gptq.act_order else 'off'}, "
-            f"Hessians from {samples} calibration samples{aware}.")
+    aware = quantization.get("sparsity_aware")
+    aware = (f"; each projection's Hessian from its input thresholded as at sparsity level {aware:g} "
+             "(sparsity-aware)" if aware is not None else "")
+    act_order = "on (static groups)" if quantization["act_order"] else "off"
+    return (f"\nGPTQ: block size {quantization['block_size']}, damp {quantization['damp']:g}, act-order {act_order}, "
+            f"Hessians from {quantization['samples']} calibration samples{aware}.")

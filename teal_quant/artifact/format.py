@@ -29,6 +29,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "calibration_report.json"
+CARD_FILE = "README.md"
 PACKING = {4: "int4-n8", 8: "int8"}
 
 # Tensor keys: a transformers model's state_dict keys, with each quantized linear P (e.g.
@@ -182,8 +183,11 @@ class ArtifactWriter:
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self._finished = False
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._finished:
+            raise RuntimeError("ArtifactWriter.add after finish_tensors")
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
             if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
@@ -206,8 +210,11 @@ class ArtifactWriter:
     def write_text(self, name: str, text: str) -> None:
         (self.dir / name).write_text(text)
 
-    def commit(self) -> Path:
-        """Finish the shards and the index, then move the directory into place in one rename."""
+    def finish_tensors(self) -> Path:
+        """Write the last shard, give the shards their final names and write the index: from here on `self.dir` is a
+        complete artifact that read_artifact / load accept (it can be evaluated before `commit`); no tensor may follow."""
+        if self._finished:
+            return self.dir
         if self._pending:
             self._flush()
         n = len(self._shards)
@@ -217,6 +224,12 @@ class ArtifactWriter:
             os.replace(self.dir / tmp_name, self.dir / final)
             weight_map.update({t: final for t in names})
         self.write_json(INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        self._finished = True
+        return self.dir
+
+    def commit(self) -> Path:
+        """Finish the tensors (if not done yet), then move the directory into place in one rename."""
+        self.finish_tensors()
         if self.destination.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.old-", dir=self.destination.parent))
             os.replace(self.destination, old / "artifact")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,9 @@ from teal_quant.architecture import (
     check_shapes,
     materialize_non_persistent_buffers,
 )
+from teal_quant.artifact.card import CardFacts, base_model_license, model_card
 from teal_quant.artifact.format import (
+    CARD_FILE,
     EMBEDDING_KEY,
     RECIPE_FILE,
     REPORT_FILE,
@@ -52,25 +55,29 @@ from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.compression.recipe import GeneratedSource, Recipe, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
-from teal_quant.compression.sources.gptq import checkpoint_recipe
+from teal_quant.compression.sources.gptq import weight_format
 from teal_quant.devices import resolve_dtype, select_device
 from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
 
 @dataclass
-class RunSummary:
+class Compression:
+    """What a run of the pipeline produced: the artifact and the numbers its summary shows (nothing is printed)."""
+
     artifact: Path
     levels: list[float]
     default_level: float
-    calibration_sparsity: list[float]
-    block_error: dict[str, list[float]]
+    calibration_sparsity: list[float]  # per level: size-weighted, mean over layers
+    block_error: dict[str, list[float]]  # per kind of error, per level: mean over layers
     artifact_bytes: int
     dense_bytes: int
-    seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    eval_rows: list[dict] = field(default_factory=list)
-    push: str | None = None  # the commit URL when the recipe has a `hub` section and the push succeeded
+    eval_rows: list[dict] = field(default_factory=list)  # what the `evaluate` hook returned (and the card shows)
+
+
+# Called on the complete artifact directory before it is moved into place; returns teal_quant.evaluate rows.
+Evaluate = Callable[[Path], list[dict]]
 
 
 def quantization_summary(recipe: Recipe) -> dict:
@@ -99,11 +106,15 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
 
 
 def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
-    """Run a recipe end to end and return the artifact directory."""
-    return run(recipe, output_dir, overwrite=overwrite).artifact
+    """Run a recipe's compression and return the artifact directory."""
+    return compress_recipe(recipe, output_dir, overwrite=overwrite).artifact
 
 
-def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> RunSummary:
+def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
+                    evaluate: Evaluate | None = None) -> Compression:
+    """Compress `recipe` into one artifact. The recipe is read, never rewritten: the format of the weights is resolved
+    from it and the source once (sources.gptq.weight_format). `evaluate`, when given, runs on the complete artifact
+    directory before it is moved into place, so the model card is written once, with its rows."""
     t0 = time.time()
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
@@ -117,13 +128,12 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
         src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
         progress.update(task, total=1, completed=1)
-        recipe = checkpoint_recipe(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype from the checkpoint
-        q = recipe.quantization
-        spec = QuantSpec(bits=q.bits, group_size=q.group_size, sym=q.sym)
+        weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
+        spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
         # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
-        quantizer = None if q.method == "from_checkpoint" else QUANTIZERS[q.method]
+        quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
         check_shapes(src.config, spec.group_size)
-        dtype = resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None))
+        dtype = weights.dtype
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
         tokenizer = src.tokenizer()
         stages["load"] = time.time() - t0
@@ -148,69 +158,35 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
             dense_params += sum(t.numel() for t in non_layer.values())
             writer.add({n: t.to(dtype) for n, t in non_layer.items()})
             _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-            path = writer.commit()
-        stages["compress"] = time.time() - t
+            staged = writer.finish_tensors()
+            stages["compress"] = time.time() - t
+            progress.stop()  # the evaluation shows its own progress
 
-    cal_sparsity = [sum(r["calibration_sparsity"][j] for r in report_layers) / len(report_layers) for j in range(len(levels))]
-    errors = {k: [sum(r["block_error"][k][j] for r in report_layers) / len(report_layers) for j in range(len(levels))]
-              for k in report_layers[0]["block_error"]}
-    summary = RunSummary(
-        artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=cal_sparsity, block_error=errors,
+            calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+            card = CardFacts(base_model=recipe.model.source, name=recipe.name, quant=quant,
+                             quantization=quantization_summary(recipe), calibration_sparsity=calibration_sparsity,
+                             license=base_model_license(src.path, src.gguf_file),
+                             repo_id=recipe.hub.repo_id if recipe.hub else None)
+            eval_rows: list[dict] = []
+            try:
+                if evaluate is not None:
+                    eval_rows = evaluate(staged)
+                    card = replace(card, eval_rows=eval_rows, eval_window=recipe.eval.window if recipe.eval else None)
+            finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+                writer.write_text(CARD_FILE, model_card(card))
+                path = writer.commit()
+
+    block_layers = [r["block_error"] for r in report_layers]
+    return Compression(
+        artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
+        block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), seconds=0.0, stage_seconds=stages,
+        dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
     )
-    if recipe.eval is not None:
-        from teal_quant.evaluate import evaluate_artifact
-
-        t = time.time()
-        summary.eval_rows = evaluate_artifact(path, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
-                                              levels=levels, device=device)
-        stages["eval"] = time.time() - t
-        _rewrite_card(path, recipe, quant, report_layers, src, summary.eval_rows)
-    push_error = None
-    if recipe.hub is not None:
-        push_error = _push(summary, recipe, stages)
-    summary.seconds = time.time() - t0
-    from teal_quant.progress import console
-    from teal_quant.report import print_run_summary
-
-    print_run_summary(summary)
-    if summary.push:
-        console.print(f"pushed to {recipe.hub.repo_id}: {summary.push}")
-    if push_error is not None:
-        raise push_error
-    return summary
 
 
-def _push(summary: RunSummary, recipe: Recipe, stages: dict[str, float]):
-    """Push after a successful run; a failure leaves the artifact in place and is returned (raised after the summary)."""
-    from teal_quant.artifact.hub import push
-    from teal_quant.errors import HubError
-
-    hub = recipe.hub
-    t = time.time()
-    try:
-        result = push(summary.artifact, hub.repo_id, private=hub.private, revision=hub.revision, endpoint=hub.endpoint)
-    except HubError as e:
-        return HubError(f"{e} [the artifact is complete at '{summary.artifact}'; push it again with "
-                        f"`teal-quant push {summary.artifact} {hub.repo_id}`]")
-    finally:
-        stages["push"] = time.time() - t
-    summary.push = str(result) if result.changed else f"{result} (unchanged: no new commit)"
-    return None
-
-
-def _rewrite_card(path: Path, recipe: Recipe, quant: TealQuantConfig, report_layers, src: ModelSource, eval_rows) -> None:
-    """The card again, now with the measured perplexity (the eval reads the finished artifact, so it comes after)."""
-    import os
-
-    from teal_quant.artifact.card import base_model_license, model_card
-
-    text = model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
-                      repo_id=recipe.hub.repo_id if recipe.hub else None, eval_rows=eval_rows)
-    tmp = path / ".README.md.partial"
-    tmp.write_text(text)
-    os.replace(tmp, path / "README.md")
+def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
+    return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
 
 
 def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
@@ -338,9 +314,9 @@ def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidde
 
 
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> None:
+    """Everything but the tensors and the model card: config (with the resolved quantization_config), generation
+    config, tokenizer, the recipe as it was read, and the calibration report."""
     from transformers import GenerationConfig
-
-    from teal_quant.artifact.card import base_model_license, model_card
 
     config = src.config
     config.dtype = dtype
@@ -355,5 +331,3 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
     writer.write_json(REPORT_FILE, {"teal_quant_version": __version__, "levels": quant.levels,
                                     "quantization": quantization_summary(recipe), "layers": report_layers})
-    writer.write_text("README.md", model_card(recipe, quant, report_layers, license=base_model_license(src.path, src.gguf_file),
-                                              repo_id=recipe.hub.repo_id if recipe.hub else None))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from teal_quant.errors import RecipeError
 
 RECIPE_VERSION = 1
+FORMAT_KEYS = ("bits", "group_size", "sym")  # quantization keys that from_checkpoint takes from the checkpoint
 
 
 class _Section(BaseModel):
@@ -266,7 +267,15 @@ class Recipe(_Section):
             raise RecipeError(f"{origin}: {format_validation_error(e)}") from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The recipe with every default spelled out (the artifact's recipe.yaml), except the format keys a
+        from_checkpoint recipe leaves out: they mean "the checkpoint's", so the file reads back as the same recipe."""
+        data = self.model_dump(mode="json")
+        q = self.quantization
+        if q.method == "from_checkpoint":
+            for key in FORMAT_KEYS:
+                if key not in q.model_fields_set:
+                    del data["quantization"][key]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 class _ItemError(ValueError):

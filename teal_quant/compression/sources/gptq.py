@@ -32,7 +32,9 @@ from typing import Iterable
 import torch
 
 from teal_quant.architecture import LAYERS_PREFIX, PROJECTIONS, build_skeleton
+from teal_quant.compression.recipe import FORMAT_KEYS
 from teal_quant.compression.sources.base import ModelSource
+from teal_quant.devices import resolve_dtype
 from teal_quant.errors import ModelSourceError, RecipeError
 from teal_quant.kernels import dequantize, pack
 
@@ -256,32 +258,42 @@ def open_gptq(path: Path, config, settings: dict, *, source: str, revision: str 
     return src
 
 
-def checkpoint_recipe(recipe, src: ModelSource):
-    """Check `quantization.method` against the source and, for from_checkpoint, fill in the checkpoint's bits,
-    group_size and sym (a recipe that sets different ones is an error naming the key)."""
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the artifact stores its weights, resolved once from the recipe and the source (the recipe stays as read):
+    the integer format of the projections and the float dtype of everything else (scales and zeros included)."""
+
+    bits: int
+    group_size: int  # -1: per-channel
+    sym: bool
+    dtype: torch.dtype
+
+
+def weight_format(recipe, src: ModelSource) -> WeightFormat:
+    """The recipe's quantization format, checked against the source. A float model takes the recipe's bits,
+    group_size and sym; a GPTQ checkpoint (quantization.method from_checkpoint) its own, and the dtype of its scales
+    for model.dtype auto. A recipe that sets a different one is an error naming the key."""
     q = recipe.quantization
     if not isinstance(src, GPTQSource):
         if q.method == "from_checkpoint":
             raise RecipeError(f"quantization.method: from_checkpoint needs a GPTQ checkpoint as model.source; "
                               f"'{recipe.model.source}' is a float model (use rtn or gptq)")
-        return recipe
+        return WeightFormat(bits=q.bits, group_size=q.group_size, sym=q.sym,
+                            dtype=resolve_dtype(recipe.model.dtype, getattr(src.config, "dtype", None)))
     if q.method != "from_checkpoint":
         raise RecipeError(f"quantization.method: '{recipe.model.source}' is a GPTQ checkpoint; {q.method} would "
                           "quantize it again: use from_checkpoint")
     fmt = src.fmt
-    for key, value in (("bits", fmt.bits), ("group_size", fmt.group_size), ("sym", fmt.sym)):
+    for key in FORMAT_KEYS:
+        value = getattr(fmt, key)
         if key in q.model_fields_set and getattr(q, key) != value:
             raise RecipeError(f"quantization.{key}: {getattr(q, key)} differs from the checkpoint's {value} "
                               "(from_checkpoint keeps the checkpoint's format; leave it out)")
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(recipe.model.dtype)
-    if dtype is not None and dtype != src.scales_dtype:
+    dtype = resolve_dtype(recipe.model.dtype, src.scales_dtype)
+    if recipe.model.dtype != "auto" and dtype != src.scales_dtype:
         raise RecipeError(f"model.dtype: {recipe.model.dtype} would round the checkpoint's {src.scales_dtype} scales; "
                           "use auto")
-    update = {"quantization": q.model_copy(update={"bits": fmt.bits, "group_size": fmt.group_size, "sym": fmt.sym})}
-    if recipe.model.dtype == "auto":
-        name = str(src.scales_dtype).replace("torch.", "")
-        update["model"] = recipe.model.model_copy(update={"dtype": name})
-    return recipe.model_copy(update=update)
+    return WeightFormat(bits=fmt.bits, group_size=fmt.group_size, sym=fmt.sym, dtype=dtype)
 
 
 def _read_json(file: Path, where: str) -> dict:

@@ -393,6 +393,13 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), {gpu}")
 
 
+def resolved_device(opts: Options) -> str:
+    """cpu or cuda: where --device auto runs."""
+    import torch
+
+    return "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -426,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=d.source, help=f"model source (default {d.source})")
     p.add_argument("--gguf-file", default=d.gguf_file, help=f"GGUF file in the source, '' for none (default {d.gguf_file})")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality",
-                   help="output path without suffix: writes OUT.json and OUT.md")
+    p.add_argument("--out", type=Path, help="output path without suffix: writes OUT.json and OUT.md "
+                   "(default benchmarks/results/quality_cpu, or quality_cuda when the run is on a GPU)")
     p.add_argument("--cache", type=Path, default=ROOT / "outputs" / "quality-cache",
                    help="compressed artifacts, one per distinct recipe, reused by a rerun")
     args = p.parse_args(argv)
@@ -438,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows(opts):
             print(f"{r.id:32s} {r.label}")
         return 0
-    report = run_report(opts, row_patterns=args.rows, cache=args.cache, out=args.out)
+    out = args.out or ROOT / "benchmarks" / "results" / f"quality_{resolved_device(opts)}"
+    report = run_report(opts, row_patterns=args.rows, cache=args.cache, out=out)
     print(markdown(report))
     return 0
 

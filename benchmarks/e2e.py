@@ -10,7 +10,7 @@ whole run stays under ~8 minutes on an H200. Targets reported against (issue 6):
   llama3-8b  w4 s50: >= 3x bf16 tok/s and >= 1.8x dense int4 tok/s
   llama3-70b w4 s40: >= 100 tok/s (bf16 70B does not fit in one H200: extrapolated from 2 and 6 layers)
 and llama3-8b once more with transformers' eager RMSNorm / SiLU-and-mul / rotary (`--eager-elementwise`), to show
-what the one-launch elementwise kernels (teal_quant/elementwise.py) buy every variant.
+what the one-launch elementwise kernels (teal_quant/runtime/elementwise.py) buy every variant.
 """
 
 from __future__ import annotations

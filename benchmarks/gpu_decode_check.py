@@ -1,5 +1,5 @@
 """GPU check of the decode path: fused q/k/v + gate/up launches and one-launch RMSNorm / SiLU-and-mul / rotary
-(teal_quant/elementwise.py), the CUDA-graph Decoder, and their cost. "fused" below means both fusions, "unfused"
+(teal_quant/runtime/elementwise.py), the CUDA-graph Decoder, and their cost. "fused" below means both fusions, "unfused"
 transformers' eager modules with one launch per projection.
 
     python benchmarks/gpu_decode_check.py [--out DIR] [--json FILE]                 # on CUDA: the checks below

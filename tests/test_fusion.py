@@ -154,7 +154,8 @@ def test_fuse_and_unfuse_are_idempotent_and_reversible():
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
     want = call_all(plain, x)
     assert fuse_projections(fused) == 1 and fuse_projections(fused) == 0
-    assert len(fused_groups(fused)) == 1 and fused_groups(fused)[0].members == [fused.q_proj, fused.k_proj, fused.v_proj]
+    (group,) = fused_groups(fused)
+    assert group.members == [fused.q_proj, fused.k_proj, fused.v_proj]
     assert unfuse_projections(fused) == 1 and unfuse_projections(fused) == 0
     assert fused_groups(fused) == [] and all(m.qweight.is_contiguous() for _, m in teal_linears(fused))
     for w, got in zip(want, call_all(fused, x)):

@@ -103,7 +103,8 @@ def test_last_half_prefill_mode_thresholds_only_the_second_half():
     K, N, G = 64, 32, 32
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (K, N), generator=g)
-    scales, zeros = torch.rand(K // G, N, generator=g) * 0.1 + 0.01, torch.randint(0, 16, (K // G, N), generator=g).float()
+    scales = torch.rand(K // G, N, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (K // G, N), generator=g).float()
     lin = TealLinear(K, N, bits=4, group_size=G, n_levels=2, dtype=torch.float32, prefill="sparse_last_half")
     lin.load_state_dict({"qweight": kernels.pack(q, 4), "scales": scales, "zeros": zeros,
                          "thresholds": torch.tensor([0.0, 0.7])}, strict=False)

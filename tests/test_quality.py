@@ -1,5 +1,6 @@
-"""The quality report (benchmarks/quality.py, run as a script like a user runs it), CI-sized: real SmolLM2-135M, a short WikiText-2 evaluation, few
-calibration windows. Asserts the orderings the full report is about, each with a stated bound:
+"""The quality report (benchmarks/quality.py, run as a script like a user runs it), CI-sized: real SmolLM2-135M, a
+short WikiText-2 evaluation, few calibration windows. Asserts the orderings the full report is about, each with a
+stated bound:
 
 - RTN w8 per-channel within 1 % of dense perplexity;
 - TEAL uniform on RTN w4: perplexity and realized sparsity rise with the level (s25 < s40 < s50), s50 at least 10 %
@@ -156,7 +157,8 @@ def test_unaccepted_recipe_fails_its_rows_with_the_recipe_line(tmp_path):
 
 
 def test_rows_selection_by_id_and_pattern():
-    assert listed("--rows", "dense,w8_greedy_*_s60") == ["dense", "w8_greedy_magnitude_s60", "w8_greedy_weight_aware_s60"]
+    assert listed("--rows", "dense,w8_greedy_*_s60") == [
+        "dense", "w8_greedy_magnitude_s60", "w8_greedy_weight_aware_s60"]
     result = quality("--list", "--rows", "dense,nope")
     assert result.returncode != 0 and "'nope' matches no row" in result.stderr
     ids = listed()  # --list checks that every row's build is defined before it prints

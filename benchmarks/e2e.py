@@ -10,7 +10,7 @@ whole run stays under ~8 minutes on an H200. Targets reported against (issue 6):
   llama3-8b  w4 s50: >= 3x bf16 tok/s and >= 1.8x dense int4 tok/s
   llama3-70b w4 s40: >= 100 tok/s (bf16 70B does not fit in one H200: extrapolated from 2 and 6 layers)
 and llama3-8b once more with transformers' eager RMSNorm / SiLU-and-mul / rotary (`--eager-elementwise`), to show
-what the one-launch elementwise kernels (teal_quant/elementwise.py) buy every variant.
+what the one-launch elementwise kernels (teal_quant/runtime/elementwise.py) buy every variant.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from teal_quant.bench import check_targets, markdown_lines, targets_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 _8B = ["--sparsity", "0.5", "--levels", "0.25,0.4,0.5", "--default", "0.5"]
@@ -88,16 +90,6 @@ def run_one(bench_args: list[str], limit: int) -> dict:
             "seconds": round(seconds, 1), "result": result, "stderr_tail": tail}
 
 
-def check_targets(result: dict | None, targets: dict) -> dict:
-    """{target: {want, got, met}}; got is None when the variants it needs failed."""
-    out = {}
-    ours = next((v for v in (result or {}).get("variants", []) if v["variant"] == "ours" and v["status"] == "ok"), None)
-    for key, want in targets.items():
-        got = ours["tokens_per_s"] if key == "ours_tokens_per_s" and ours else (result or {}).get("ratios", {}).get(key)
-        out[key] = {"want": want, "got": got, "met": None if got is None else got >= want}
-    return out
-
-
 def environment() -> dict:
     import torch
 
@@ -131,50 +123,12 @@ def markdown(report: dict) -> str:
     ]
     for name, run in report["runs"].items():
         lines += [f"## {name}", "", f"`{run['command']}` — {run['status']} in {run['seconds']:.0f} s", ""]
-        result = run.get("result")
-        if result:
-            lines += ["| variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step (GB) "
-                      "| GB/s | peak memory (GB) | linear / attention / other (eager ms) |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for v in result["variants"]:
-                label = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
-                if v["status"] != "ok":
-                    lines.append(f"| {label} | | failed: {v.get('error', '?')} | | | | | | | |")
-                    continue
-                b = v["breakdown"]
-                lines.append(
-                    f"| {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
-                    f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
-                    f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
-                    f"{_breakdown(b)} |")
-            for v in result["variants"]:
-                if v.get("extrapolated"):
-                    pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token" for p in v["extrapolated"]["points"])
-                    lines += ["", f"{v['variant']} is extrapolated: {v['extrapolated']['method']} ({pts})."]
-            lines += ["", "ratios (tok/s): " + ", ".join(f"{k} {val:.2f}x" for k, val in result.get("ratios", {}).items())]
-            ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
-            top = (ours or {}).get("breakdown", {}).get("top_other") or []
-            if top:
-                lines += ["", "largest 'other' kernels of ours (eager profile, ms per step / calls per step): " + "; ".join(
-                    f"`{t['name']}` {t['ms']:.3f} / {t['calls']:g}" for t in top)]
+        if run.get("result"):
+            lines += markdown_lines(run["result"])
         if run["stderr_tail"] and run["status"] != "ok":
             lines += ["", "```", *run["stderr_tail"], "```"]
-        lines += ["", "targets: " + ("none (a comparison run)" if not run["targets"] else "; ".join(
-            f"{k} >= {t['want']:g}: got {_fmt(t['got'], '.2f')} -> {'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
-            for k, t in run["targets"].items())), ""]
+        lines += ["", targets_markdown(run["targets"]), ""]
     return "\n".join(lines) + "\n"
-
-
-def _breakdown(b: dict) -> str:
-    if b.get("linear_ms") is None:
-        return f"n/a ({b.get('error', '?')})"
-    launches = b.get("launches_per_step")
-    return (f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
-            + (f" ({launches:.0f} kernels)" if launches is not None else ""))
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _text(data) -> str:

@@ -1,12 +1,9 @@
 """Decode GEMV benchmark on one GPU: cuBLAS bf16 F.linear vs torch int4 tinygemm vs teal_quant's sparse GEMV.
 
-    PYTHONPATH=. python benchmarks/gemv.py --out benchmarks/results [--variants]
+    PYTHONPATH=. python benchmarks/gemv.py [--out benchmarks/results --tag gemv_h200 --models 8B,70B --batches 1,4]
 
 ``ours`` is kernels.gemv_triton.sparse_gemv with its default dispatch and launch shape (M = 1: the CUDA-core
-one-launch kernel; M >= 2: the tensor-core kernel where pick_mma picks it, else the CUDA-core kernel). Variants
-(--variants, on the 70B q_o and gate_up shapes): ``v1_two_launch`` is the first kernel (benchmarks/gemv_v1_kernels.py:
-compaction launch + gathered-row GEMV with split-K atomics; batch 4 there is the same tl.dot path that M > 4 still
-uses), ``fp32_unpack`` the one-launch kernel with the fp32 exponent-trick unpack instead of fp16 pairs.
+one-launch kernel; M >= 2: the tensor-core kernel where pick_mma picks it, else the CUDA-core kernel).
 
 Method: every call is captured in a CUDA graph that cycles through enough copies of the weight to defeat the
 60 MB L2; a replay is timed with CUDA events (median of several replays) and divided by the calls in it.
@@ -30,9 +27,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-import gemv_v1_kernels as v1  # noqa: E402
-
 from kernels import gemv_triton, reference  # noqa: E402
 
 L2_BYTES = 60 * 2**20
@@ -87,7 +81,7 @@ def make_tinygemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     return w_int4, sz.contiguous()
 
 
-def bench_shape(model, proj, n, k, batches, sparsities, results, variants=None):
+def bench_shape(model, proj, n, k, batches, sparsities, results):
     dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
@@ -131,48 +125,24 @@ def bench_shape(model, proj, n, k, batches, sparsities, results, variants=None):
             union = 1 - active.float().mean().item()
             groups_touched = active.view(-1, GROUP).any(1).sum().item()
             touched = int(active.sum().item()) * n // 2 + groups_touched * n * 4 + io_bytes + k * 8
-            configs = [("ours", None)] + list((variants or {}).get(m, []))
-            for name, fn in configs:
-                if fn is None:
-                    def fn(x, c, t):
-                        return gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
-                try:
-                    us = time_graph([lambda c=c, fn=fn: fn(x, c, t) for c in ours], reps)
-                except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
-                    print(f"variant {name} failed: {e!r}"[:300])
-                    continue
-                cfg = None
-                if name == "ours":  # the launch shape the dispatch takes (tensor-core kernel for M >= 2, if picked)
-                    cfg = gemv_triton.pick_mma(m, n, k, 4, GROUP, x.device) or gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device)
-                r = {**row, "method": name, "sparsity": sp, "union_sparsity": round(union, 4), "us": us, "bytes": touched,
-                     "tbps": touched / us / 1e6, "speedup_vs_cublas": t_bf16 / us}
-                if t_tg:
-                    r["speedup_vs_tinygemm"] = t_tg / us
-                if cfg is not None:
-                    r["config"] = {"kernel": type(cfg).__name__, **cfg.__dict__}
-                results.append(r)
-                print(f"{model:4s} {proj:8s} N={n:6d} K={k:6d} M={m} s={sp:2d} {name:24s} {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
-                      f"x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f}) x{(t_tg or float('nan')) / us:5.2f} vs tinygemm ({t_tg or float('nan'):.1f})",
-                      flush=True)
+            us = time_graph([lambda c=c: gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
+                             for c in ours], reps)
+            # the launch shape the dispatch takes (tensor-core kernel for M >= 2, if picked)
+            cfg = gemv_triton.pick_mma(m, n, k, 4, GROUP, x.device) or gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device)
+            r = {**row, "method": "ours", "sparsity": sp, "union_sparsity": round(union, 4), "us": us, "bytes": touched,
+                 "tbps": touched / us / 1e6, "speedup_vs_cublas": t_bf16 / us}
+            if t_tg:
+                r["speedup_vs_tinygemm"] = t_tg / us
+            if cfg is not None:
+                r["config"] = {"kernel": type(cfg).__name__, **cfg.__dict__}
+            results.append(r)
+            print(f"{model:4s} {proj:8s} N={n:6d} K={k:6d} M={m} s={sp:2d} ours {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
+                  f"x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f}) x{(t_tg or float('nan')) / us:5.2f} vs tinygemm ({t_tg or float('nan'):.1f})",
+                  flush=True)
     del bf16_copies, ours
     if tg_ok:
         del tg_copies
     torch.cuda.empty_cache()
-
-
-def variant_table(n, k):
-    """name -> fn(x, (qweight, scales, zeros), threshold) for batch 1 and 4 (see the module docstring)."""
-    dev = torch.device("cuda")
-
-    def v1_call(x, c, t):
-        return v1.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
-
-    def f32_call(x, c, t):
-        cfg = gemv_triton.pick_fused(x.shape[0], n, k, 4, GROUP, dev)
-        cfg = gemv_triton.FusedConfig(**{**cfg.__dict__, "f16": False})
-        return gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, config=cfg)
-
-    return {1: [("v1_two_launch", v1_call), ("fp32_unpack", f32_call)], 4: [("v1_two_launch", v1_call), ("fp32_unpack", f32_call)]}
 
 
 def markdown(results, meta):
@@ -200,11 +170,6 @@ def markdown(results, meta):
             if r["method"] == "ours":
                 lines.append(f"| {r['sparsity']} | {r['union_sparsity']:.2f} | {r['us']:.1f} | {r['tbps']:.2f} | "
                              f"{r['speedup_vs_cublas']:.2f}x | {r.get('speedup_vs_tinygemm', float('nan')):.2f}x |")
-        var = [r for r in rs if r["method"] not in ("ours", "cublas_bf16", "tinygemm_int4")]
-        if var:
-            lines.append("")
-            lines.append("Variants: " + "; ".join(
-                f"{r['method']} s{r['sparsity']}: {r['us']:.1f} µs" for r in var))
         cfgs = [r["config"] for r in rs if r["method"] == "ours" and "config" in r]
         if cfgs:
             lines.append("")
@@ -219,7 +184,6 @@ def main():
     ap.add_argument("--models", default="8B,70B")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    ap.add_argument("--variants", action="store_true", help="also time kernel variants on the 70B q_o and gate_up shapes")
     ap.add_argument("--tag", default="gemv_h200")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -240,8 +204,7 @@ def main():
     results = []
     for model in args.models.split(","):
         for proj, (n, k) in SHAPES[model].items():
-            variants = variant_table(n, k) if args.variants and model == "70B" and proj in ("q_o", "gate_up") else None
-            bench_shape(model, proj, n, k, batches, sparsities, results, variants)
+            bench_shape(model, proj, n, k, batches, sparsities, results)
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -1,5 +1,5 @@
 """GPU check of the decode path: fused q/k/v + gate/up launches and one-launch RMSNorm / SiLU-and-mul / rotary
-(teal_quant/elementwise.py), the CUDA-graph Decoder, and their cost. "fused" below means both fusions, "unfused"
+(teal_quant/runtime/elementwise.py), the CUDA-graph Decoder, and their cost. "fused" below means both fusions, "unfused"
 transformers' eager modules with one launch per projection.
 
     python benchmarks/gpu_decode_check.py [--out DIR] [--json FILE]                 # on CUDA: the checks below
@@ -33,21 +33,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import teal_quant
+from teal_quant import kernels
+from teal_quant.compression.quantize.rtn import QuantSpec, rtn_quantize
+from teal_quant.runtime.decoding import Decoder
+from teal_quant.runtime.elementwise import fuse_elementwise, unfuse_elementwise
+from teal_quant.runtime.fusion import fuse_projections, fused_groups, unfuse_projections
+from teal_quant.runtime.modules import TealLinear, teal_linears, track_sparsity
+from teal_quant.testing import tiny_recipe_text, write_tiny_llama
 
-import teal_quant  # noqa: E402
-from teal_quant import kernels  # noqa: E402
-from teal_quant.compression.quantize.rtn import QuantSpec, rtn_quantize  # noqa: E402
-from teal_quant.runtime.decoding import Decoder  # noqa: E402
-from teal_quant.runtime.elementwise import fuse_elementwise, unfuse_elementwise  # noqa: E402
-from teal_quant.runtime.fusion import fuse_projections, fused_groups, unfuse_projections  # noqa: E402
-from teal_quant.runtime.modules import TealLinear, teal_linears, track_sparsity  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+# TEAL_QUANT_SHARED_DATA: where ../shared/data is when the check runs elsewhere (e.g. a GPU machine)
+SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TINYSHAKESPEARE = SHARED_DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
 
 SMOLLM2_PROMPT = "The Bennets lived at Longbourn, and Mr. Darcy"
 
@@ -197,12 +201,10 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
 
 
 def tiny_artifact(out: Path) -> Path:
-    from _support import tiny_recipe_text, write_tiny_llama
-
-    model_dir = write_tiny_llama(out / "tiny-llama", vocab_size=512, hidden=512, intermediate=1024, layers=2,
-                                 heads=8, kv_heads=4)
+    model_dir = write_tiny_llama(out / "tiny-llama", TINYSHAKESPEARE.read_text()[:200_000], vocab_size=512,
+                                 hidden=512, intermediate=1024, layers=2, heads=8, kv_heads=4)
     recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
-        model_dir, out / "artifact",
+        model_dir, out / "artifact", TINYSHAKESPEARE,
         model=f"model: {{source: '{model_dir}', dtype: bfloat16}}",
         quantization="quantization: {bits: 4, group_size: 64}",
         sparsity="sparsity: {levels: [0.25, 0.4, 0.5], default: 0.4, greedy: {step: 0.05, tokens: 256}}",

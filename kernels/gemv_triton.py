@@ -99,7 +99,7 @@ MMA_SMALL = MmaConfig(block_n=256, block_k=64, warps=4, k_range=128, stages=1, m
 
 def pick_mma(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> MmaConfig | None:
     """Launch shape of the tensor-core kernel, None where the CUDA-core kernel (pick_fused) or the two-launch path is
-    used. Measured on an H200 (benchmarks/results/gemv_mma_sweep_h200_run{1,2}.json, batch 4): faster than the
+    used. Measured on an H200 (launch-shape sweeps at batch 4, docs/kernels.md "Round 3"): faster than the
     CUDA-core kernel only on layers with few programs (k/v, 8B q/o: -25 to -30 %), slower on large layers
     (70B q/o 57 vs 52 µs, gate/up 186 vs 166 µs); at batch 8/16 (70B q/o) 6-9 % faster than the two-launch path, not
     adopted there yet (one shape measured, that launch shape not checked on the GPU at M > 4)."""
@@ -114,7 +114,7 @@ def pick_mma(m: int, n: int, k: int, bits: int, group_size: int, device: torch.d
 
 
 def pick_fused(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, n_parts: int = 1) -> FusedConfig | None:
-    """Shape-based choice for the one-launch kernel (measured on an H200: benchmarks/results/gemv_probe_h200*);
+    """Shape-based choice for the one-launch kernel (measured on an H200: docs/kernels.md "Launch shapes");
     None when the shape needs the two-launch path (M > 4, or no K-range of >= 16 rows divides the group)."""
     if m > FUSED_MAX_M:
         return None
@@ -396,8 +396,9 @@ def _sgemv_kernel(
     Program (pid_n, pid_k) owns BLOCK_N = 32 * VEC * (32 // BITS) columns (each thread VEC int32 words = 4 * VEC bytes
     of a row) and the KR rows k0 = pid_k * KR ... (inside one quantization group). W warps split the active rows
     (warp w takes compacted slots w, w + W, ...), R rows per warp per step are unrolled so their loads are in flight
-    together. PROBE (measurement only, benchmarks/gemv_probe.py): 1 partials stored instead of the split-K reduction
-    (wrong y), 2 contiguous rows instead of the compacted list (wrong y), 3 no unpack/FMA (wrong y)."""
+    together. PROBE (measurement only; the probe script is in git history, benchmarks/gemv_probe.py at d0ecadf):
+    1 partials stored instead of the split-K reduction (wrong y), 2 contiguous rows instead of the compacted list
+    (wrong y), 3 no unpack/FMA (wrong y)."""
     PER: tl.constexpr = 32 // BITS
     NB: tl.constexpr = 32 * VEC
     BLOCK_N: tl.constexpr = NB * PER

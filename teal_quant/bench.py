@@ -576,7 +576,66 @@ def print_bench(result: dict) -> None:
         console.print(f"breakdown: {ours['breakdown']['method']}")
 
 
-def _breakdown_text(b: dict) -> str:
+def _breakdown_text(b: dict, launches: bool = False) -> str:
     if b.get("linear_ms") is None:
         return f"n/a ({b.get('error', '?')})"
-    return f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+    text = f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+    if launches and b.get("launches_per_step") is not None:
+        text += f" ({b['launches_per_step']:.0f} kernels)"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def check_targets(result: dict | None, targets: dict[str, float]) -> dict:
+    """Targets of a bench result: {name: {want, got, met}}. A name is `ours_tokens_per_s` (ours' tok/s) or a key of
+    the result's ratios (`ours_over_bf16`, `ours_over_int4`); met is got >= want, None (and got None) when the
+    variants it needs failed or the result is missing."""
+    out = {}
+    ours = next((v for v in (result or {}).get("variants", []) if v["variant"] == "ours" and v["status"] == "ok"), None)
+    for key, want in targets.items():
+        got = ours["tokens_per_s"] if key == "ours_tokens_per_s" and ours else (result or {}).get("ratios", {}).get(key)
+        out[key] = {"want": want, "got": got, "met": None if got is None else got >= want}
+    return out
+
+
+def targets_markdown(checked: dict) -> str:
+    """One line for check_targets' answer; no targets: a comparison run."""
+    if not checked:
+        return "targets: none (a comparison run)"
+    return "targets: " + "; ".join(
+        f"{k} >= {t['want']:g}: got {_fmt(t['got'], '.2f')} -> "
+        f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}" for k, t in checked.items())
+
+
+def markdown_lines(result: dict) -> list[str]:
+    """A bench result as markdown: one table row per variant (kernels per eager step with the breakdown), the
+    extrapolation of a variant that needed it, the ratios, and the largest 'other' kernels of ours."""
+    lines = ["| variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step (GB) "
+             "| GB/s | peak memory (GB) | linear / attention / other (eager ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in result["variants"]:
+        label = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
+        if v["status"] != "ok":
+            lines.append(f"| {label} | | failed: {v.get('error', '?')} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
+            f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
+            f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
+            f"{_breakdown_text(v['breakdown'], launches=True)} |")
+    for v in result["variants"]:
+        if v.get("extrapolated"):
+            pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token"
+                            for p in v["extrapolated"]["points"])
+            lines += ["", f"{v['variant']} is extrapolated: {v['extrapolated']['method']} ({pts})."]
+    lines += ["", "ratios (tok/s): " + ", ".join(f"{k} {val:.2f}x" for k, val in result.get("ratios", {}).items())]
+    ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
+    top = (ours or {}).get("breakdown", {}).get("top_other") or []
+    if top:
+        lines += ["", "largest 'other' kernels of ours (eager profile, ms per step / calls per step): " + "; ".join(
+            f"`{t['name']}` {t['ms']:.3f} / {t['calls']:g}" for t in top)]
+    return lines
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: data paths, a tiny random Llama with a real BPE tokenizer, recipes.
+"""Helpers shared by the test modules: data paths, teal_quant.testing's tiny Llama and recipe on the test data.
 
 (Named _support, not conftest: tests/kernels has its own conftest, and two modules named conftest collide.)"""
 
@@ -24,46 +24,18 @@ def smollm2_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def write_tiny_llama(path: Path, *, vocab_size: int = 512, hidden: int = 64, intermediate: int = 128, layers: int = 2,
-                     heads: int = 4, kv_heads: int = 2, model_type: str = "llama", seed: int = 0) -> Path:
-    """A random Llama-architecture checkpoint (safetensors) with a BPE tokenizer trained on calibration text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def write_tiny_llama(path: Path, **kwargs) -> Path:
+    """teal_quant.testing.write_tiny_llama with its tokenizer trained on 200,000 characters of Tiny Shakespeare."""
+    from teal_quant import testing
 
-    path.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()[:200_000]
-    bpe.train_from_iterator([text], trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
-    tok.save_pretrained(path)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return testing.write_tiny_llama(path, (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()[:200_000], **kwargs)
 
 
 def tiny_recipe_text(model_dir: Path, output_dir: Path, **overrides: str) -> str:
-    parts = {
-        "model": f"model: {{source: '{model_dir}', dtype: float32}}",
-        "calibration": "calibration:\n  source: {kind: text_files, paths: ['" + str(CALIBRATION_DIR / "tinyshakespeare.txt")
-        + "']}\n  samples: 8\n  seq_len: 64",
-        "quantization": "quantization: {bits: 4, group_size: 32}",
-        "sparsity": "sparsity: {levels: [0.25, 0.4, 0.5], default: 0.4, greedy: {step: 0.1, tokens: 128}}",
-        "output": f"output: {{dir: '{output_dir}', max_shard_size: 100KB}}",
-    }
-    parts.update(overrides)
-    return "\n".join(v for v in parts.values() if v) + "\n"
+    """teal_quant.testing.tiny_recipe_text calibrated on Tiny Shakespeare."""
+    from teal_quant import testing
 
-
+    return testing.tiny_recipe_text(model_dir, output_dir, CALIBRATION_DIR / "tinyshakespeare.txt", **overrides)
 
 
 def open_skeleton(model_dir, **open_kwargs):

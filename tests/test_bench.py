@@ -151,3 +151,45 @@ def test_operator_groups():
     assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
                                         "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
         ["linear", "linear", "linear", "attention", "other", "other"]
+
+
+# --- reports of a bench result: targets met or not, markdown rows (benchmarks/e2e.py writes them for the GPU runs,
+# benchmarks/results/e2e_h200.*); a bench-shaped result (the keys checked above) goes through check_targets and
+# markdown_lines.
+
+
+def variant(name, ms, level=None, top=None):
+    return {"variant": name, "level": level, "status": "ok", "realized_sparsity": level, "prefill_ms": 10.0,
+            "decode_ms_per_token": ms, "tokens_per_s": 1000.0 / ms, "weight_bytes_per_step": 3e9,
+            "bandwidth_gb_s": 3e9 / ms / 1e6, "peak_memory_bytes": 6e9, "extrapolated": None,
+            "breakdown": {"linear_ms": 1.0, "attention_ms": 0.2, "other_ms": 1.0, "launches_per_step": 836.0,
+                          "top_other": top or []}}
+
+
+def bench_result(ours_ms, int4_ms, bf16_ms):
+    rows = [variant("ours", ours_ms, 0.5, [{"name": "_rms_norm_kernel", "ms": 0.105, "calls": 65}]),
+            variant("int4", int4_ms, 0.0), variant("bf16", bf16_ms)]
+    return {"variants": rows, "ratios": {"ours_over_bf16": bf16_ms / ours_ms, "ours_over_int4": int4_ms / ours_ms}}
+
+
+def test_targets_are_met_only_at_or_above_the_wanted_value():
+    from teal_quant.bench import check_targets
+
+    targets = {"ours_over_bf16": 3.0, "ours_over_int4": 1.8, "ours_tokens_per_s": 300.0}
+    got = check_targets(bench_result(3.321, 3.872, 6.143), targets)
+    assert got["ours_over_bf16"] == {"want": 3.0, "got": pytest.approx(6.143 / 3.321), "met": False}
+    assert got["ours_over_int4"]["met"] is False
+    assert got["ours_tokens_per_s"]["got"] == pytest.approx(301.1, abs=0.1) and got["ours_tokens_per_s"]["met"] is True
+    assert check_targets(bench_result(2.0, 3.6, 6.0), targets)["ours_over_bf16"]["met"] is True
+    assert check_targets(None, targets)["ours_over_bf16"] == {"want": 3.0, "got": None, "met": None}
+
+
+def test_markdown_states_rows_kernels_targets_and_comparison_runs():
+    from teal_quant.bench import check_targets, markdown_lines, targets_markdown
+
+    r = bench_result(3.321, 3.872, 6.143)
+    text = "\n".join(markdown_lines(r))
+    assert "| ours | 0.5 | 0.500 | 10.0 | 3.321 | 301.1 |" in text
+    assert "(836 kernels)" in text and "`_rms_norm_kernel` 0.105 / 65" in text
+    assert "ours_over_bf16 >= 3: got 1.85 -> NOT met" in targets_markdown(check_targets(r, {"ours_over_bf16": 3.0}))
+    assert targets_markdown(check_targets(r, {})) == "targets: none (a comparison run)"

@@ -1,5 +1,6 @@
-"""The quality report (benchmarks/quality.py), CI-sized: real SmolLM2-135M, a short WikiText-2 evaluation, few
-calibration windows. Asserts the orderings the full report is about, each with a stated bound:
+"""The quality report (benchmarks/quality.py, run as a script like a user runs it), CI-sized: real SmolLM2-135M, a
+short WikiText-2 evaluation, few calibration windows. Asserts the orderings the full report is about, each with a
+stated bound:
 
 - RTN w8 per-channel within 1 % of dense perplexity;
 - TEAL uniform on RTN w4: perplexity and realized sparsity rise with the level (s25 < s40 < s50), s50 at least 10 %
@@ -8,31 +9,24 @@ calibration windows. Asserts the orderings the full report is about, each with a
 - GPTQ w4 at least 2 % below RTN w4 (same group size);
 - the default `sparsity.criterion` no more than 1 % worse than the other criterion at s50 (uniform, w8 weights).
 
-The GPTQ and criterion tests fail (with the RecipeError line of the row) until those recipe keys exist.
+The GPTQ and criterion tests fail (with the RecipeError line of the row) until those recipe keys exist. The report's
+own machinery (row selection, failed builds, the markdown of failed rows and unmet goals, the cache) is checked
+through the script's options too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
-import torch
 from _support import ROOT
 
 TOKENS = 2048  # two windows of 1,024 (2,046 predicted tokens)
-
-
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality_report", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_quality()
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+# the report's CI size: calibration windows and the w4 group
+SMALL = ["--tokens", str(TOKENS), "--samples", "8", "--seq-len", "256", "--group-size", "64", "--device", "cpu"]
 
 CI_ROWS = ",".join([
     "dense", "rtn_w8", "rtn_w4", "gptq_w4", "rtn_w4_u_s25", "rtn_w4_u_s40", "rtn_w4_u_s50", "rtn_w4_u_s40_last_half",
@@ -40,12 +34,24 @@ CI_ROWS = ",".join([
 ])
 
 
+def quality(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=3600)
+
+
+def listed(*args) -> list[str]:
+    """Row ids `--list` prints (with the given options)."""
+    result = quality("--list", *args)
+    assert result.returncode == 0, result.stderr
+    return [line.split()[0] for line in result.stdout.splitlines()]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
-    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=256, group_size=64, device="cpu")
-    report = quality.run_report(opts, row_patterns=CI_ROWS, cache=tmp / "cache", out=tmp / "quality",
-                                command="pytest tests/test_quality.py")
+    result = quality("--rows", CI_ROWS, *SMALL, "--cache", tmp / "cache", "--out", tmp / "quality")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp / "quality.json").read_text())
     report["_out"] = tmp / "quality"
     return report
 
@@ -63,9 +69,10 @@ def row(report: dict, row_id: str) -> dict:
 def test_report_files_name_the_run_and_every_row(report):
     data = json.loads(report["_out"].with_suffix(".json").read_text())
     md = report["_out"].with_suffix(".md").read_text()
-    assert data["command"] == "pytest tests/test_quality.py"
+    assert "quality.py --rows " + CI_ROWS in data["command"] and f"--tokens {TOKENS}" in data["command"]
+    assert f"- command: `{data['command']}`" in md
     assert data["git_commit"] and data["machine"] and data["date"]
-    assert [r["id"] for r in data["rows"]] == [r.id for r in quality.select(quality.rows(quality.Options()), CI_ROWS)]
+    assert [r["id"] for r in data["rows"]] == listed("--rows", CI_ROWS)
     assert f"first {TOKENS} tokens" in data["protocol"]["evaluation"]
     for r in data["rows"]:
         assert f"| {r['id']} |" in md
@@ -80,11 +87,15 @@ def test_report_files_name_the_run_and_every_row(report):
 
 def test_rerun_reuses_the_cached_artifacts(report, tmp_path):
     cache = report["_out"].parent / "cache"
-    opts = quality.Options(tokens=TOKENS, samples=8, seq_len=256, group_size=64, device="cpu")
-    recipe = quality.recipe_dict(quality.builds(opts)["rtn_w8"], opts)
-    again = quality.compress_cached("rtn_w8", recipe, cache)
-    assert again["status"] == "ok" and again["cached"] is True
+    artifacts = sorted(p.name for p in cache.iterdir())
+    result = quality("--rows", "rtn_w8", *SMALL, "--cache", cache, "--out", tmp_path / "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "build rtn_w8: ok (cached)" in result.stdout
+    again = row(json.loads((tmp_path / "again.json").read_text()), "rtn_w8")
+    assert again["compress_cached"] is True and "(cached)" in (tmp_path / "again.md").read_text()
     assert again["compress_seconds"] == row(report, "rtn_w8")["compress_seconds"]
+    assert again["perplexity"] == row(report, "rtn_w8")["perplexity"]
+    assert sorted(p.name for p in cache.iterdir()) == artifacts  # nothing compressed or evaluated anew
 
 
 def test_rtn_w8_within_one_percent_of_dense(report):
@@ -118,12 +129,13 @@ def test_gptq_w4_beats_rtn_w4(report):
 
 
 def test_default_criterion_no_worse_than_the_other_at_s50(report):
+    from teal_quant.architecture import CRITERIA
     from teal_quant.compression.recipe import SparsitySpec
 
     field = SparsitySpec.model_fields.get("criterion")
     assert field is not None, "sparsity.criterion is not a recipe key in this version"
     default = field.default
-    other = next(c for c in quality.CRITERIA if c != default)
+    other = next(c for c in CRITERIA if c != default)
     assert ppl(report, f"w8_uniform_{default}_s50") <= 1.01 * ppl(report, f"w8_uniform_{other}_s50")
 
 
@@ -131,27 +143,29 @@ def test_default_criterion_no_worse_than_the_other_at_s50(report):
 
 
 def test_unaccepted_recipe_fails_its_rows_with_the_recipe_line(tmp_path):
-    opts = quality.Options()
-    recipe = quality.recipe_dict({"quantization": {"method": "rtn", "bits": 4, "colour": "blue"}}, opts)
-    state = quality.compress_cached("broken", recipe, tmp_path)
-    assert state == {"status": "failed", "error": "build broken: quantization.colour: unknown key"}
-    rows = [quality.Row("x_s40", "x", "broken", 0.4)]
-    assert quality.evaluate_rows(rows, {"broken": state}, opts) == {"x_s40": {"error": state["error"]}}
-    assert not any(tmp_path.iterdir())  # nothing half-written in the cache
+    """A build whose recipe teal-quant refuses fails its rows (and the dense row that needs it) with the recipe's
+    line; the report still comes out, and nothing half-written stays in the cache."""
+    result = quality("--rows", "rtn_w4_u_s40", "--samples", "0", "--cache", tmp_path / "cache", "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    line = "build rtn_w4: calibration.samples: Input should be greater than or equal to 1"
+    assert f"build rtn_w4: FAILED: {line}" in result.stdout
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert row(data, "rtn_w4_u_s40")["error"] == line
+    assert row(data, "dense")["error"] == "dense baseline needs build rtn_w8: " + line.replace("rtn_w4", "rtn_w8")
+    assert f"| rtn_w4_u_s40 | RTN w4 g64 + uniform s40 | 0.4 | FAILED: {line} |" in (tmp_path / "q.md").read_text()
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-written in the cache
 
 
 def test_rows_selection_by_id_and_pattern():
-    all_rows = quality.rows(quality.Options())
-    assert [r.id for r in quality.select(all_rows, "dense,w8_greedy_*_s60")] == [
+    assert listed("--rows", "dense,w8_greedy_*_s60") == [
         "dense", "w8_greedy_magnitude_s60", "w8_greedy_weight_aware_s60"]
-    with pytest.raises(SystemExit, match="'nope' matches no row"):
-        quality.select(all_rows, "dense,nope")
-    ids = [r.id for r in all_rows]
-    assert len(ids) == len(set(ids))
-    assert all(r.build is None or r.build in quality.builds(quality.Options()) for r in all_rows)
+    result = quality("--list", "--rows", "dense,nope")
+    assert result.returncode != 0 and "'nope' matches no row" in result.stderr
+    ids = listed()  # --list checks that every row's build is defined before it prints
+    assert len(ids) == len(set(ids)) and {"dense", "rtn_w4", "gptq_w4_sa_u_s50", "rtn_w4_u_s50_last_half"} <= set(ids)
 
 
-def test_markdown_marks_failed_rows_and_unmet_goals():
+def test_markdown_marks_failed_rows_and_unmet_goals(tmp_path):
     report = {"title": "t", "command": "c", "machine": "m", "date": "d", "git_commit": "g", "wall_seconds": 1.0,
               "protocol": {"evaluation": "e"},
               "rows": [{"id": "dense", "label": "dense", "build": None, "level": None, "perplexity": 20.0,
@@ -165,35 +179,12 @@ def test_markdown_marks_failed_rows_and_unmet_goals():
                          "met": False},
                         {"goal": "sparsity-aware GPTQ <= plain GPTQ at s40", "rows": ["gptq_w4_sa_u_s40", "gptq_w4_u_s40"],
                          "target": 1.0, "unit": "ratio", "value": None, "met": None, "not_run": ["gptq_w4_sa_u_s40"]}]}
-    md = quality.markdown(report)
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(report))
+    result = quality("--render", saved)
+    assert result.returncode == 0, result.stderr
+    md = result.stdout
     assert "| gptq_w4 | GPTQ | 0 | FAILED: build gptq_w4: quantization.method: gptq is not available |" in md
     assert "| RTN w8 <= +0.5 % | rtn_w8 | 0.5 % | +0.7 % | NO |" in md
     assert "| GPTQ w4 g64 <= +12 % | gptq_w4 | 12 % | - | n/a (rows failed) |" in md
     assert "| - | n/a (not run: gptq_w4_sa_u_s40) |" in md  # a row left out by --rows is not a failure
-
-
-def test_last_half_prefill_mode_thresholds_only_the_second_half():
-    """TealLinear in 'sparse_last_half' vs a float64 reference: positions < T//2 dense, the rest thresholded."""
-    from teal_quant.kernels import pack
-
-    from teal_quant.compression.quantize import QuantSpec, rtn_quantize
-    from teal_quant.compression.quantize.rtn import dequantize_codes
-    from teal_quant.runtime.modules import TealLinear, realized_sparsity
-
-    torch.manual_seed(0)
-    K, N, G = 64, 32, 32
-    spec = QuantSpec(bits=4, group_size=G, sym=False)
-    q, scales, zeros = rtn_quantize(torch.randn(N, K), spec)
-    lin = TealLinear(K, N, bits=4, group_size=G, n_levels=2, dtype=torch.float32, prefill="sparse_last_half")
-    lin.load_state_dict({"qweight": pack(q, 4), "scales": scales, "zeros": zeros,
-                         "thresholds": torch.tensor([0.0, 0.7])}, strict=False)
-    lin.set_level(1)
-    x = torch.randn(2, 7, K)
-    y = lin(x)
-    w_t = dequantize_codes(q, scales, zeros, spec).double()
-    x_ref = x.double().clone()
-    x_ref[:, 3:] *= (x_ref[:, 3:].abs() > 0.7)
-    torch.testing.assert_close(y.double(), x_ref @ w_t, rtol=1e-5, atol=1e-5)
-    expected = float((x[:, 3:].abs() <= 0.7).sum()) / x.numel()
-    assert realized_sparsity(lin) == pytest.approx(expected, rel=1e-6)
-    assert not torch.allclose(y[:, 3:].double(), x[:, 3:].double() @ w_t, atol=1e-3)  # the threshold did act

@@ -7,7 +7,7 @@ import pytest
 from teal_quant import Recipe, RecipeError
 from teal_quant.compression.recipe import parse_size
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 BASE = "model: {source: org/model}\ncalibration: {source: {kind: generated}}\n"
 
 

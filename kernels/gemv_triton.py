@@ -232,6 +232,17 @@ def _tile_columns(pid_n, N, END0, END1, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(N, END0, END1, KR: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's column tile and K-range: (pid_n, pid_k, part, first column, end column, first row k0)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK_N)
+    return pid_n, pid_k, part, start, end, pid_k * KR
+
+
+@triton.jit
 def _store_or_reduce(y, y_ptr, ws_ptr, lock_ptr, out_off, ws_off, out_ok, pid_n,
                      SPLIT_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """SPLIT_K == 1: store. Else: fp32 atomics into the workspace, and the last program of the tile stores."""
@@ -312,6 +323,75 @@ def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
         else:
             v = w_hi & (255 << (8 * (J - 2)))
     return (v | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constexpr):
+    """The tile's columns and the scales / zeros of the group holding rows k0..: independent of x, issued first."""
+    cols = start + tl.arange(0, BLOCK_N)
+    n_ok = cols < end
+    soff = (k0 // G) * stride_sg + cols
+    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    return cols, n_ok, sc, zr
+
+
+@triton.jit
+def _threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
+                    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
+    """x[:, k0 .. k0 + KR] of every batch row and which entries survive |x| > t: (mm, m_ok, act, x * act).
+    T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds.
+    NaN compares False: dropped."""
+    mm = tl.arange(0, M_P)
+    m_ok = mm < M
+    rk = tl.arange(0, KR)
+    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(xv) > t
+    else:
+        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
+        act = tl.abs(xv) > t[None, :]
+    act = act & m_ok[:, None]
+    return mm, m_ok, act, tl.where(act, xv, 0.0)
+
+
+@triton.jit
+def _compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P: tl.constexpr, KR: tl.constexpr,
+                  STORE: tl.constexpr):
+    """The union over the batch of the active rows k0 .. k0 + KR, compacted into the scratch lists (row index and
+    x column per slot; every column tile of a part writes the same values to the same slots, so sharing the scratch
+    between programs is benign) -> (active count, scratch base). STORE False: measurement probe only."""
+    rk = tl.arange(0, KR)
+    any_row = tl.max(act.to(tl.int32), axis=0)
+    pos = tl.cumsum(any_row, axis=0) - 1
+    c = tl.sum(any_row, axis=0)
+    keep = any_row > 0
+    ibase = part * K + k0
+    if STORE:
+        tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
+        tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
+        tl.debug_barrier()
+    return c, ibase
+
+
+@triton.jit
+def _reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, n_ksplit, SPLIT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Not SPLIT: store y. SPLIT: fp32 atomics into a workspace that is zero before the call; the last program of
+    the column tile reads the sum, writes y and leaves workspace and counter zero again (no memset launch)."""
+    if SPLIT:
+        tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+        if arrived == n_ksplit - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at L2
+            tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
+            tl.store(ws_ptrs, tl.zeros_like(y), mask=out_ok)
+            tl.store(lock_ptr, 0)
+    else:
+        tl.store(y_ptrs, y.to(OUT_DTYPE), mask=out_ok)
 
 
 @triton.jit
@@ -402,44 +482,13 @@ def _sgemv_kernel(
     PER: tl.constexpr = 32 // BITS
     NB: tl.constexpr = 32 * VEC
     BLOCK_N: tl.constexpr = NB * PER
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK_N)
-    k0 = pid_k * KR
+    pid_n, pid_k, part, start, end, k0 = _program_tile(N, END0, END1, KR, BLOCK_N, ALIGNED)
     # 1. scales / zeros of this K-range's group: independent of x, issued first
-    cols = start + tl.arange(0, BLOCK_N)
-    n_ok = cols < end
-    soff = (k0 // G) * stride_sg + cols
-    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-    # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x); every column tile of a part writes
-    #    the same values to the same scratch slots, so sharing the scratch between programs is benign
-    mm = tl.arange(0, M_P)
-    m_ok = mm < M
-    rk = tl.arange(0, KR)
-    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    if T_MODE == 0:  # python float
-        act = tl.abs(xv) > t_value
-    elif T_MODE == 1:  # 0-dim (or per-part scalar) tensor
-        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
-        act = tl.abs(xv) > t
-    else:  # [K] per-input-channel thresholds
-        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
-        act = tl.abs(xv) > t[None, :]
-    act = act & m_ok[:, None]
-    xm = tl.where(act, xv, 0.0)  # NaN compares False: dropped
+    cols, n_ok, sc, zr = _tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
+    # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
+    mm, m_ok, act, xm = _threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
     xsum = tl.sum(xm, axis=1)
-    any_row = tl.max(act.to(tl.int32), axis=0)
-    pos = tl.cumsum(any_row, axis=0) - 1
-    c = tl.sum(any_row, axis=0)
-    keep = any_row > 0
-    ibase = part * K + k0
-    if PROBE != 2:
-        tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
-        tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
-        tl.debug_barrier()
+    c, ibase = _compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR, PROBE != 2)
     # 3. gathered rows
     word = start // PER + tl.arange(0, NB)
     w_ok = word < end // PER
@@ -515,19 +564,24 @@ def _sgemv_kernel(
     ws_off = mm[:, None] * N + cols[None, :]
     if PROBE == 1:
         tl.store(ws_ptr + pid_k * M * N + ws_off, y, mask=out_ok)
-    elif SPLIT:
-        # split-K: fp32 atomics into a workspace that is zero before the call; the last program of the column tile
-        # reads the sum, writes y and leaves workspace and counter zero again for the next call (no memset launch)
-        tl.atomic_add(ws_ptr + ws_off, y, mask=out_ok, sem="relaxed")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == n_ksplit - 1:
-            total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at L2
-            tl.store(y_ptr + mm[:, None] * stride_ym + cols[None, :], total.to(OUT_DTYPE), mask=out_ok)
-            tl.store(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok)
-            tl.store(lock_ptr + pid_n, 0)
     else:
-        tl.store(y_ptr + mm[:, None] * stride_ym + cols[None, :], y.to(OUT_DTYPE), mask=out_ok)
+        _reduce_split_k(y, y_ptr + mm[:, None] * stride_ym + cols[None, :], ws_ptr + ws_off, lock_ptr + pid_n, out_ok,
+                        n_ksplit, SPLIT, OUT_DTYPE)
+
+
+def _unpack8_dot_asm(magic: int) -> tl.constexpr:
+    """PTX for ``_unpack8_dot``: ``lop3 (w >> 4i) & 0x000F000F | magic`` for i = 0..3, halves to the 8 outputs."""
+    lops = "\n".join(f"            lop3.b32 t{i}, {src}, 0x000F000F, 0x{magic:08X}, 0xEA;"
+                     for i, src in enumerate(("$8", "w4", "w8", "w12")))
+    movs = "\n".join(f"            mov.b32 {{${i}, ${i + 4}}}, t{i};" for i in range(4))
+    return tl.constexpr("{\n            .reg .b32 t0, t1, t2, t3, w4, w8, w12;\n"
+                        "            shr.u32 w4, $8, 4;\n            shr.u32 w8, $8, 8;\n            shr.u32 w12, $8, 12;\n"
+                        f"{lops}\n{movs}\n            }}")
+
+
+_UNPACK8_DOT_ASM_BF16 = _unpack8_dot_asm(0x43004300)  # bf16 128 + q
+_UNPACK8_DOT_ASM_F16 = _unpack8_dot_asm(0x64006400)  # fp16 1024 + q
+
 
 @triton.jit
 def _unpack8_dot(wd, BF16: tl.constexpr, EMULATE: tl.constexpr):
@@ -545,44 +599,13 @@ def _unpack8_dot(wd, BF16: tl.constexpr, EMULATE: tl.constexpr):
         v5 = (off + ((wd >> 20) & 15)).to(tl.float32)
         v6 = (off + ((wd >> 24) & 15)).to(tl.float32)
         v7 = (off + ((wd >> 28) & 15)).to(tl.float32)
-    elif BF16:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1, t2, t3, w4, w8, w12;
-            shr.u32 w4, $8, 4;
-            shr.u32 w8, $8, 8;
-            shr.u32 w12, $8, 12;
-            lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 t1, w4, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 t2, w8, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 t3, w12, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 {$0, $4}, t0;
-            mov.b32 {$1, $5}, t1;
-            mov.b32 {$2, $6}, t2;
-            mov.b32 {$3, $7}, t3;
-            }""",
-            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
-            args=[wd],
-            dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
-            is_pure=True,
-            pack=1,
-        )
     else:
+        if BF16:
+            asm: tl.constexpr = _UNPACK8_DOT_ASM_BF16
+        else:
+            asm: tl.constexpr = _UNPACK8_DOT_ASM_F16
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1, t2, t3, w4, w8, w12;
-            shr.u32 w4, $8, 4;
-            shr.u32 w8, $8, 8;
-            shr.u32 w12, $8, 12;
-            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 t1, w4, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 t3, w12, 0x000F000F, 0x64006400, 0xEA;
-            mov.b32 {$0, $4}, t0;
-            mov.b32 {$1, $5}, t1;
-            mov.b32 {$2, $6}, t2;
-            mov.b32 {$3, $7}, t3;
-            }""",
+            asm=asm,
             constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
             args=[wd],
             dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
@@ -609,39 +632,10 @@ def _sgemv_mma_kernel(
     y = s * (acc - (z + OFF) * sum x), then the split-K reduction of ``_sgemv_kernel``."""
     NW: tl.constexpr = BLOCK_N // 8
     OFF: tl.constexpr = 128.0 if BF16 else 1024.0
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    part, start, end = _tile_columns(pid_n, N, END0, END1, BLOCK_N)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK_N)
-    k0 = pid_k * KR
-    cols = start + tl.arange(0, BLOCK_N)
-    n_ok = cols < end
-    soff = (k0 // G) * stride_sg + cols
-    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-    mm = tl.arange(0, M_P)
-    m_ok = mm < M
-    rk = tl.arange(0, KR)
-    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    if T_MODE == 0:
-        act = tl.abs(xv) > t_value
-    elif T_MODE == 1:
-        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
-        act = tl.abs(xv) > t
-    else:
-        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
-        act = tl.abs(xv) > t[None, :]
-    act = act & m_ok[:, None]
-    xm = tl.where(act, xv, 0.0)
-    any_row = tl.max(act.to(tl.int32), axis=0)
-    pos = tl.cumsum(any_row, axis=0) - 1
-    c = tl.sum(any_row, axis=0)
-    keep = any_row > 0
-    ibase = part * K + k0
-    tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
-    tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
-    tl.debug_barrier()
+    pid_n, pid_k, part, start, end, k0 = _program_tile(N, END0, END1, KR, BLOCK_N, ALIGNED)
+    cols, n_ok, sc, zr = _tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
+    mm, m_ok, act, xm = _threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+    c, ibase = _compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR, True)
     md = tl.arange(0, M_D)
     md_ok = md < M
     word = start // 8 + tl.arange(0, NW)
@@ -668,17 +662,8 @@ def _sgemv_mma_kernel(
     y = sc[None, :] * (acc - (zr[None, :] + OFF) * xsum[:, None])
     out_ok = md_ok[:, None] & n_ok[None, :]
     ws_off = md[:, None] * N + cols[None, :]
-    if SPLIT:
-        tl.atomic_add(ws_ptr + ws_off, y, mask=out_ok, sem="relaxed")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == n_ksplit - 1:
-            total = tl.atomic_add(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at L2
-            tl.store(y_ptr + md[:, None] * stride_ym + cols[None, :], total.to(OUT_DTYPE), mask=out_ok)
-            tl.store(ws_ptr + ws_off, tl.zeros_like(y), mask=out_ok)
-            tl.store(lock_ptr + pid_n, 0)
-    else:
-        tl.store(y_ptr + md[:, None] * stride_ym + cols[None, :], y.to(OUT_DTYPE), mask=out_ok)
+    _reduce_split_k(y, y_ptr + md[:, None] * stride_ym + cols[None, :], ws_ptr + ws_off, lock_ptr + pid_n, out_ok,
+                    n_ksplit, SPLIT, OUT_DTYPE)
 
 
 @triton.jit
@@ -856,9 +841,51 @@ def _split_buffers(device: torch.device, ws_numel: int, n_locks: int) -> tuple[T
     return ws, locks
 
 
+@dataclass
+class _Buffers:
+    """What a compacting launch (``_sgemv_kernel``, ``_sgemv_mma_kernel``) needs besides the weights: the part ends,
+    the column-tile count, the scratch lists, the split-K workspace and counters, the output."""
+
+    m_p: int
+    n_ksplit: int
+    end0: int
+    end1: int
+    tiles: int
+    split: bool
+    scr_i: torch.Tensor
+    scr_x: torch.Tensor
+    ws: torch.Tensor
+    locks: torch.Tensor
+    y: torch.Tensor
+    t_ptr: torch.Tensor
+
+    @staticmethod
+    def make(x, t_tensor, ends, block_n, kr, m, n, k, probe_ws=None) -> "_Buffers":
+        m_p = triton.next_power_of_2(m)
+        n_ksplit = k // kr
+        end0 = ends[0]
+        end1 = ends[1] if len(ends) > 1 else end0
+        tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
+        dev = x.device
+        scr_i = _empty(len(ends) * k, dtype=torch.int32, device=dev)
+        scr_x = _empty(len(ends) * k * m_p, dtype=torch.float32, device=dev)
+        y = _empty(m, n, dtype=x.dtype, device=dev)
+        split = n_ksplit > 1
+        if probe_ws is not None:
+            ws, locks = probe_ws
+        elif split and dev.type == "cuda":
+            ws, locks = _split_buffers(dev, m * n, tiles)
+        elif split:  # interpreter: a fresh zeroed pair each call
+            ws = torch.zeros(m * n, dtype=torch.float32, device=dev)
+            locks = torch.zeros(tiles, dtype=torch.int32, device=dev)
+        else:
+            ws = locks = scr_i
+        t_ptr = t_tensor if t_tensor is not None else scr_x  # unused pointer when T_MODE == 0
+        return _Buffers(m_p, n_ksplit, end0, end1, tiles, split, scr_i, scr_x, ws, locks, y, t_ptr)
+
+
 def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, bits, group_size,
                   cfg: FusedConfig, m, n, k, probe_ws=None):
-    n_parts = len(ends)
     if bits == 8:
         qw = qweight.view(torch.int32)  # 4 values per word, like int4's 8 (raises if misaligned: caller falls back)
     else:
@@ -870,26 +897,9 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
         raise ValueError(f"k_range {kr} must divide group_size {group_size}")
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
-    m_p = triton.next_power_of_2(m)
-    n_ksplit = k // kr
-    end0 = ends[0]
-    end1 = ends[1] if n_parts > 1 else end0
-    tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
-    dev = x.device
-    scr_i = _empty(n_parts * k, dtype=torch.int32, device=dev)
-    scr_x = _empty(n_parts * k * m_p, dtype=torch.float32, device=dev)
-    y = _empty(m, n, dtype=x.dtype, device=dev)
-    split = n_ksplit > 1
-    if probe_ws is not None:
-        ws, locks = probe_ws
-    elif split and dev.type == "cuda":
-        ws, locks = _split_buffers(dev, m * n, tiles)
-    elif split:  # interpreter: a fresh zeroed pair each call
-        ws = torch.zeros(m * n, dtype=torch.float32, device=dev)
-        locks = torch.zeros(tiles, dtype=torch.int32, device=dev)
-    else:
-        ws = locks = scr_i
-    t_ptr = t_tensor if t_tensor is not None else scr_x  # unused pointer when T_MODE == 0
+    b = _Buffers.make(x, t_tensor, ends, block_n, kr, m, n, k, probe_ws)
+    m_p, n_ksplit, end0, end1, tiles, split = b.m_p, b.n_ksplit, b.end0, b.end1, b.tiles, b.split
+    scr_i, scr_x, ws, locks, y, t_ptr = b.scr_i, b.scr_x, b.ws, b.locks, b.y, b.t_ptr
     global LAST_COMPILED
     LAST_COMPILED = _sgemv_kernel[(tiles, n_ksplit)](
         x, x.stride(0), t_ptr, t_value, t_stride_part,
@@ -905,30 +915,14 @@ def _launch_fused(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride
 
 def _launch_mma(x, qweight, scales, zeros, t_mode, t_tensor, t_value, t_stride_part, ends, group_size,
                 cfg: MmaConfig, m, n, k):
-    n_parts = len(ends)
     kr, block_n = cfg.k_range, cfg.block_n
     if x.dtype not in (torch.float16, torch.bfloat16) or qweight.dtype != torch.int32:
         raise ValueError("the tensor-core kernel takes int4 weights and fp16/bf16 x")
     if group_size % kr != 0 or k % kr != 0 or cfg.block_k > kr or block_n % 8 != 0:
         raise ValueError(f"MmaConfig {cfg} does not fit group_size {group_size}, K={k}")
-    m_p = triton.next_power_of_2(m)
-    n_ksplit = k // kr
-    end0 = ends[0]
-    end1 = ends[1] if n_parts > 1 else end0
-    tiles = sum(triton.cdiv(e - b, block_n) for b, e in zip((0,) + tuple(ends[:-1]), ends))
-    dev = x.device
-    scr_i = _empty(n_parts * k, dtype=torch.int32, device=dev)
-    scr_x = _empty(n_parts * k * m_p, dtype=torch.float32, device=dev)
-    y = _empty(m, n, dtype=x.dtype, device=dev)
-    split = n_ksplit > 1
-    if split and dev.type == "cuda":
-        ws, locks = _split_buffers(dev, m * n, tiles)
-    elif split:
-        ws = torch.zeros(m * n, dtype=torch.float32, device=dev)
-        locks = torch.zeros(tiles, dtype=torch.int32, device=dev)
-    else:
-        ws = locks = scr_i
-    t_ptr = t_tensor if t_tensor is not None else scr_x
+    b = _Buffers.make(x, t_tensor, ends, block_n, kr, m, n, k)
+    m_p, n_ksplit, end0, end1, tiles, split = b.m_p, b.n_ksplit, b.end0, b.end1, b.tiles, b.split
+    scr_i, scr_x, ws, locks, y, t_ptr = b.scr_i, b.scr_x, b.ws, b.locks, b.y, b.t_ptr
     bf16 = x.dtype == torch.bfloat16
     dot_dtype = tl.float32 if INTERPRET or x.dtype == torch.float32 else _TL_DTYPE[x.dtype]
     global LAST_COMPILED

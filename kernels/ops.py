@@ -45,16 +45,8 @@ def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_
 
 
 @torch.library.custom_op("teal_quant::sparse_gemv_fused", mutates_args=())
-def sparse_gemv_fused_op(
-    x: Tensor,
-    qweight: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
-    thresholds: Tensor,
-    split_sizes: list[int],
-    bits: int,
-    group_size: int,
-) -> Tensor:
+def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor,
+                         split_sizes: list[int], bits: int, group_size: int) -> Tensor:
     if use_triton(x):
         from . import gemv_triton
 

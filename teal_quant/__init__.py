@@ -7,7 +7,7 @@ from teal_quant.errors import ArtifactError, DataError, HubError, ModelSourceErr
 from teal_quant.runtime.hf import install as _install_transformers_integration  # noqa: E402
 
 # AutoModelForCausalLM.from_pretrained(artifact) works after `import teal_quant`: the quantizer is registered when
-# transformers' quantizer registry is imported (at once if it already is); see teal_quant/hf.py.
+# transformers' quantizer registry is imported (at once if it already is); see teal_quant/runtime/hf.py.
 _install_transformers_integration()
 
 

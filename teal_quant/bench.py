@@ -7,7 +7,7 @@ One harness for every variant, in one process, on one model:
         (for an artifact its real weights, for an ARCH the synthetic random ones). When that dense model does not
         fit in GPU memory (70B: 141 GB), it is measured at two reduced depths of the real layer shape and every
         number is extrapolated linearly in the layer count (t(L) = a + b * L); the result says so.
-Per variant, with the pinned `teal_quant.decoding.Decoder`:
+Per variant, with the pinned `teal_quant.runtime.decoding.Decoder`:
   1. an eager decoder warms the kernels, then a few eager steps run under torch.profiler: kernel time grouped by
      name into linear / attention / other, and the realized sparsity of every TealLinear (its counters);
   2. a fresh decoder (CUDA graphs on CUDA) times the prefill, warms up, then times `new_tokens` decode steps
@@ -57,7 +57,7 @@ class BenchOptions:
     baselines: tuple[str, ...] = BASELINES
     device: str | None = None
     cuda_graph: bool | None = None  # None: on for CUDA, off on the CPU (the Decoder's rule)
-    fuse_elementwise: bool = True  # one-launch RMSNorm / SiLU-and-mul / rotary on CUDA (teal_quant/elementwise.py)
+    fuse_elementwise: bool = True  # one-launch RMSNorm / SiLU-and-mul / rotary on CUDA (teal_quant/runtime/elementwise.py)
     warmup: int = 8
     profile_steps: int = 4
     seed: int = 0
@@ -461,7 +461,7 @@ def _dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace every TealLinear by an nn.Linear with its dequantized weights, one at a time (the packed buffers
     are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
-    (teal_quant.fusion, made by the Decoder on CUDA) are split back first."""
+    (teal_quant.runtime.fusion, made by the Decoder on CUDA) are split back first."""
     if importlib.util.find_spec(f"{__package__}.fusion") is not None:
         from teal_quant.runtime.fusion import unfuse_projections
 

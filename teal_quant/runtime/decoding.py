@@ -30,8 +30,8 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 class Decoder:
     """Greedy decoder over a static cache; `cuda_graph=None` means on for CUDA, off on the CPU.
 
-    On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (teal_quant/fusion.py) and its
-    Llama-style RMSNorm, SiLU-and-mul and rotary take one-launch kernels (teal_quant/elementwise.py; dense models
+    On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (teal_quant/runtime/fusion.py) and its
+    Llama-style RMSNorm, SiLU-and-mul and rotary take one-launch kernels (teal_quant/runtime/elementwise.py; dense models
     too). `fuse=False` keeps the eager calls, `fuse_elementwise=False` only the eager elementwise ops (both for
     comparisons)."""
 

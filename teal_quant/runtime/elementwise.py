@@ -66,7 +66,7 @@ def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def _mlp_forward(self, x: Tensor) -> Tensor:
-    # gate before up: a fused gate/up group computes both parts on the first call (teal_quant/fusion.py)
+    # gate before up: a fused gate/up group computes both parts on the first call (teal_quant/runtime/fusion.py)
     return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -150,7 +150,7 @@ def fuse_projections(model: nn.Module) -> int:
 
 def fuse_for_decode(model: nn.Module, *, projections: bool = True, elementwise: bool = True) -> None:
     """What `teal_quant.load` and the Decoder do on CUDA: fuse q/k/v and gate/up, and route the Llama-style RMSNorm,
-    SiLU-and-mul and rotary to one-launch kernels (teal_quant/elementwise.py)."""
+    SiLU-and-mul and rotary to one-launch kernels (teal_quant/runtime/elementwise.py)."""
     if projections:
         fuse_projections(model)
     if elementwise:

@@ -170,4 +170,4 @@ def __getattr__(name: str):
     if name in ("TealQuantHfConfig", "TealQuantHfQuantizer"):
         config_cls, quantizer_cls = _classes()
         return config_cls if name == "TealQuantHfConfig" else quantizer_cls
-    raise AttributeError(f"module 'teal_quant.hf' has no attribute {name!r}")
+    raise AttributeError(f"module 'teal_quant.runtime.hf' has no attribute {name!r}")

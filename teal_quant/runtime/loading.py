@@ -21,7 +21,7 @@ __all__ = ["load", "set_sparsity", "realized_sparsity", "resolve_artifact"]
 
 
 def resolve_artifact(path_or_repo_id: str | Path, revision: str | None = None) -> Artifact:
-    """A local artifact directory, or a Hub repo id fetched through huggingface_hub's cache (teal_quant.hub)."""
+    """A local artifact directory, or a Hub repo id fetched through huggingface_hub's cache (teal_quant.artifact.hub)."""
     source = str(path_or_repo_id)
     path = Path(source).expanduser()
     if not path.is_dir():
@@ -64,7 +64,7 @@ def load(
                      quantized=artifact.quantized_modules(), level=sparsity, where=f"artifact '{artifact.path}'")
     if (artifact.path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(artifact.path)
-    if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/fusion.py)
+    if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/runtime/fusion.py)
         from teal_quant.runtime.fusion import fuse_for_decode
 
         fuse_for_decode(model)

@@ -7,8 +7,8 @@ buffer that `set_level` overwrites in place, so switching levels never reallocat
 keeps working) and never recompiles: 0-dim under the magnitude criterion; [K] under the weight-aware one
 (WINA), where input k is kept when |x_k| * channel_scale[k] > t, i.e. |x_k| > t / channel_scale[k].
 
-On CUDA, `teal_quant.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
-gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/fusion.py).
+On CUDA, `teal_quant.runtime.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
+gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/runtime/fusion.py).
 The realized-sparsity counters cost a few small kernels per call: `track_sparsity(model, False)` turns them off
 (docs/decoding.md has the measured cost).
 """
@@ -87,7 +87,7 @@ class TealLinear(nn.Module):
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
         self.track = True  # count realized sparsity (track_sparsity switches it)
-        self._fused_group = None  # teal_quant.fusion.FusedGroup when fused with its siblings
+        self._fused_group = None  # teal_quant.runtime.fusion.FusedGroup when fused with its siblings
         self._fused_part = 0
         self._init_runtime_state(device)
         self._register_state_dict_hook(_contiguous_state)

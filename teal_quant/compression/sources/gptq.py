@@ -18,9 +18,8 @@ stored in the order perm = stable argsort(g_idx), which makes every group contig
 (TealLinear computes x[..., perm] @ W^T_stored, the same product since thresholding is elementwise).
 
 :class:`GPTQSource` is a :class:`~teal_quant.compression.sources.base.ModelSource` whose projections read as the
-float weights the
-checkpoint really computes (so the pipeline calibrates thresholds on the model as it is), and whose
-:meth:`GPTQSource.packed` gives the checkpoint's codes, repacked, for the artifact.
+float weights the checkpoint really computes (so the pipeline calibrates thresholds on the model as it is), and
+whose :meth:`GPTQSource.packed` gives the checkpoint's codes, repacked, for the artifact.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """teal-quant command line: argument parsing and exit codes only; the work is done by library functions.
 
-Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted.
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted (Ctrl-C,
+SIGINT), 143 terminated (SIGTERM); after either signal the staged output is removed (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -118,16 +119,25 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from teal_quant.errors import TealQuantError
+    import signal
 
+    args = build_parser().parse_args(argv)
+    from teal_quant.errors import TealQuantError, Terminated
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return _dispatch(args)
+    except Terminated:
+        print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        return 143
     except TealQuantError as e:
         print(f"teal-quant: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("teal-quant: interrupted", file=sys.stderr)
+        print("teal-quant: interrupted; partial output removed", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

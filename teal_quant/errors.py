@@ -25,6 +25,11 @@ class HubError(TealQuantError):
     """A Hub operation (push, download) failed: network, authentication, permissions, repo type, offline mode."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler, `kill`): raised in the main thread like KeyboardInterrupt, so every `with` block
+    cleans up (a staged artifact is removed); the CLI exits 143."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span pages)."""
     text = str(error).strip()

@@ -156,6 +156,8 @@ class TealQuantConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: quantization_config is incomplete ({first_line(e)})") from None
+        if cfg.group_size != -1 and (cfg.group_size <= 0 or cfg.group_size & (cfg.group_size - 1)):
+            raise ArtifactError(f"{where}: group_size {cfg.group_size} must be a positive power of two or -1 (per-channel)")
         if cfg.bits not in PACKING or d.get("packing") != cfg.packing:
             raise ArtifactError(f"{where}: bits {cfg.bits} / packing {d.get('packing')!r} not supported")
         if not cfg.levels or cfg.levels[0] != 0.0 or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
@@ -564,8 +566,72 @@ def read_artifact(path: str | Path) -> Artifact:
         if (linear_key(module, PERM_SUFFIX) in weight_map) != quant.act_order:
             problem = "is missing (act_order is true)" if quant.act_order else "is present but act_order is not set"
             raise ArtifactError(f"artifact '{path}': tensor {linear_key(module, PERM_SUFFIX)} {problem}")
+    _check_quantized_tensors(artifact)
     _check_channel_scales(artifact)
     return artifact
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_QWEIGHT_DTYPE = {4: "I32", 8: "U8"}
+_DTYPE_NAMES = {"I32": "int32", "U8": "uint8", "F32": "float32"}
+
+
+def _headers(artifact: Artifact, names: Iterable[str]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), from the shard headers only (one open per shard)."""
+    from safetensors import safe_open
+
+    names = set(names)
+    out = {}
+    for file in sorted({artifact.weight_map[n] for n in names}):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for n in names:
+                if artifact.weight_map[n] == file:
+                    info = f.get_slice(n)
+                    out[n] = (info.get_dtype(), list(info.get_shape()))
+    return out
+
+
+def _check_quantized_tensors(artifact: Artifact) -> None:
+    """Every quantized linear, before anything is loaded: its four tensors present with the format's dtypes and
+    consistent shapes (qweight int32 [K, N/8] for 4 bits, uint8 [K, N] for 8; scales and zeros floating [K/G, N] with
+    G a power of two dividing K; thresholds float32 [len(levels)]), and finite scales and zeros (read one tensor at a
+    time). One ArtifactError naming the tensor for the first problem."""
+    from safetensors import safe_open
+
+    quant, where = artifact.quant, f"artifact '{artifact.path}'"
+    modules = artifact.quantized_modules()
+    names = [linear_key(m, s) for m in modules for s in QUANT_SUFFIXES]
+    missing = [n for n in names if n not in artifact.weight_map]
+    if missing:
+        raise ArtifactError(f"{where}: tensor {missing[0]} is missing")
+    headers = _headers(artifact, names)
+    per_word = 8 if quant.bits == 4 else 1
+    for m in modules:
+        name = linear_key(m, "qweight")
+        dtype, shape = headers[name]
+        want = _QWEIGHT_DTYPE[quant.bits]
+        if dtype != want or len(shape) != 2 or 0 in shape:
+            raise ArtifactError(f"{where}: {name} must be {_DTYPE_NAMES[want]} [K, N{'/8' if per_word > 1 else ''}] "
+                                f"for {quant.bits}-bit weights, got {dtype} {shape}")
+        k, n = shape[0], shape[1] * per_word
+        g = quant.group_size_for(k)
+        if k % g:
+            raise ArtifactError(f"{where}: group_size {quant.group_size} does not divide in_features {k} of {name}")
+        for suffix in ("scales", "zeros"):
+            key = linear_key(m, suffix)
+            dtype, shape = headers[key]
+            if dtype not in _FLOAT_DTYPES or shape != [k // g, n]:
+                raise ArtifactError(f"{where}: {key} must be floating [{k // g}, {n}], got {dtype} {shape}")
+        key = linear_key(m, "thresholds")
+        dtype, shape = headers[key]
+        if dtype != "F32" or shape != [len(quant.levels)]:
+            raise ArtifactError(f"{where}: {key} must be float32 [{len(quant.levels)}], got {dtype} {shape}")
+    scale_names = [linear_key(m, s) for m in modules for s in ("scales", "zeros")]
+    for file in sorted({artifact.weight_map[n] for n in scale_names}):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for key in scale_names:
+                if artifact.weight_map[key] == file and not torch.isfinite(f.get_tensor(key)).all():
+                    raise ArtifactError(f"{where}: {key} has non-finite values (inf or NaN)")
 
 
 def check_perm(perm: torch.Tensor, in_features: int, where: str) -> None:

@@ -122,12 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
-    from teal_quant.errors import TealQuantError, Terminated
+    from teal_quant.errors import Interrupted, TealQuantError, Terminated
 
     def terminate(signum, frame):
         raise Terminated()
 
+    def interrupt(signum, frame):
+        raise Interrupted()
+
     previous = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled already
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return _dispatch(args)
     except Terminated:
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

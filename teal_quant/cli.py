@@ -1,6 +1,7 @@
 """teal-quant command line: argument parsing and exit codes only; the work is done by library functions.
 
-Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted.
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted (Ctrl-C,
+SIGINT), 143 terminated (SIGTERM); after either signal the staged output is removed (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -118,16 +119,31 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from teal_quant.errors import TealQuantError
+    import signal
 
+    args = build_parser().parse_args(argv)
+    from teal_quant.errors import Interrupted, TealQuantError, Terminated
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled already
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return _dispatch(args)
+    except Terminated:
+        print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        return 143
     except TealQuantError as e:
         print(f"teal-quant: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("teal-quant: interrupted", file=sys.stderr)
+        print("teal-quant: interrupted; partial output removed", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
@@ -137,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

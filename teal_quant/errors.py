@@ -25,6 +25,17 @@ class HubError(TealQuantError):
     """A Hub operation (push, download) failed: network, authentication, permissions, repo type, offline mode."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler, `kill`): raised in the main thread like KeyboardInterrupt, so every `with` block
+    cleans up (a staged artifact is removed); the CLI exits 143."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C), raised by the CLI's own handler: a subclass, so that a KeyboardInterrupt seen on its way
+    through C code is not taken by the interpreter for an unhandled one (which would end the process with SIGINT
+    instead of the CLI's exit code 130)."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span pages)."""
     text = str(error).strip()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -154,6 +156,8 @@ class TealQuantConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: quantization_config is incomplete ({first_line(e)})") from None
+        if cfg.group_size != -1 and (cfg.group_size <= 0 or cfg.group_size & (cfg.group_size - 1)):
+            raise ArtifactError(f"{where}: group_size {cfg.group_size} must be a positive power of two or -1 (per-channel)")
         if cfg.bits not in PACKING or d.get("packing") != cfg.packing:
             raise ArtifactError(f"{where}: bits {cfg.bits} / packing {d.get('packing')!r} not supported")
         if not cfg.levels or cfg.levels[0] != 0.0 or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
@@ -169,15 +173,171 @@ class TealQuantConfig:
         return cfg
 
 
-class ArtifactWriter:
-    """Streams tensors into size-bounded shards inside a temp dir; `commit()` renames it into place."""
+STAGED_MARK = ".partial-"  # .NAME.partial-XXXX: a run's staging folder beside its destination
+ASIDE_MARK = ".old-"  # .NAME.old-XXXX: an artifact moved aside by --overwrite, removed once the new one is in place
+OWNER_FILE = ".teal-quant-writer.json"  # in a staging folder: the pid and host of the run that writes it
 
-    def __init__(self, destination: Path, *, max_shard_size: int, overwrite: bool = False):
-        self.destination = Path(destination).resolve()
-        if self.destination.exists() and not overwrite:
-            raise ArtifactError(f"output '{self.destination}' already exists (set output.overwrite: true or pass --overwrite)")
-        self.destination.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.partial-", dir=self.destination.parent))
+
+class DestinationError(ArtifactError):
+    """The output path cannot be written (exists, is not an artifact, is the model source, parent not writable...)."""
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """A teal-quant artifact, the only thing --overwrite may replace: a real directory (not a symlink) whose config.json
+    has quantization_config.quant_method teal_quant, with its weights (index or model.safetensors) and only files."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        config = json.loads((path / "config.json").read_text())
+        entries = list(path.iterdir())
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return False
+    if not ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()):
+        return False
+    return all(e.is_file() and not e.is_symlink() for e in entries)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_destination(destination: str | Path, *, overwrite: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """Every rule on an output path, checked before any work starts; returns the resolved path.
+
+    Refused (DestinationError, one line): the destination is, contains or lies inside a model source; its parent is
+    a file or not writable; it exists and overwrite is off; it exists, overwrite is on, and it is not a teal-quant
+    artifact (is_artifact_dir): --overwrite never replaces a user's folder or file."""
+    raw = Path(destination).expanduser()
+    try:
+        dest = raw.resolve()
+    except (OSError, RuntimeError) as e:
+        raise DestinationError(f"output '{raw}': cannot be resolved ({first_line(e)})") from None
+    for source in sources:
+        src = Path(source).expanduser().resolve()
+        if dest == src or src in dest.parents or dest in src.parents:
+            raise DestinationError(f"output '{dest}' is the model source or overlaps it ('{src}'); choose another output")
+    if dest.parent == dest:
+        raise DestinationError(f"output '{dest}': not a folder an artifact can be written to")
+    ancestor = dest.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DestinationError(f"output '{dest}': '{ancestor}' is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DestinationError(f"output '{dest}': '{ancestor}' is not writable")
+    if raw.is_symlink() or dest.exists():
+        if not overwrite:
+            raise DestinationError(f"output '{dest}' already exists (set output.overwrite: true or pass --overwrite)")
+        if not is_artifact_dir(raw if raw.is_symlink() else dest):
+            kind = "a file" if dest.is_file() else "a symlink" if raw.is_symlink() else "a folder that is not a teal-quant artifact"
+            raise DestinationError(f"output '{dest}' is {kind}; --overwrite replaces only a teal-quant artifact, "
+                                   "remove it yourself or choose another output")
+    return dest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def stale_partials(destination: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Staging / aside folders of `destination` left by earlier runs: (removable: their writer, on this host, is no
+    longer running), (kept: with why: the writer may still be running, or the folder names no writer)."""
+    removable, kept = [], []
+    prefixes = (f".{destination.name}{STAGED_MARK}", f".{destination.name}{ASIDE_MARK}")
+    try:
+        entries = list(destination.parent.iterdir())
+    except OSError:
+        return [], []
+    for p in sorted(entries):
+        if not p.name.startswith(prefixes) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            owner = json.loads((p / OWNER_FILE).read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            kept.append((p, "it names no writing process"))
+            continue
+        if host == socket.gethostname() and not _pid_alive(pid):
+            removable.append(p)
+        else:
+            kept.append((p, f"process {pid} on {host} may still be writing it"))
+    return removable, kept
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` only if nothing is at `dst` (Linux renameat2 RENAME_NOREPLACE; elsewhere a check right
+    before os.rename, which cannot replace a non-empty folder). FileExistsError when something is there."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        AT_FDCWD = -100
+        rc = renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "exists", str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS):  # file systems without the flag fall through
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+
+
+class ArtifactWriter:
+    """Streams tensors into size-bounded shards inside a staging folder beside the destination; `commit()` moves it
+    into place in one rename that never replaces what it did not expect (docs/safety.md).
+
+    The destination rules (check_destination) run first, before anything is written; staging folders of the same
+    destination left by a killed run are removed when their process is gone, and reported otherwise (`notes`)."""
+
+    def __init__(self, destination: Path, *, max_shard_size: int, overwrite: bool = False,
+                 sources: Iterable[str | Path] = ()):
+        self.destination = check_destination(destination, overwrite=overwrite, sources=sources)
+        self.overwrite = overwrite
+        self._expected = _identity(self.destination)  # what commit may replace: exactly this folder, or nothing
+        self.notes: list[str] = []
+        removable, kept = stale_partials(self.destination)
+        for p in removable:
+            shutil.rmtree(p, ignore_errors=True)
+            self.notes.append(f"removed '{p}', left by an earlier run that was killed")
+        for p, why in kept:
+            self.notes.append(f"'{p}' is left from another run ({why}); remove it once no run is writing it")
+        for note in self.notes:
+            print(f"teal-quant: note: {note}", file=sys.stderr)
+        self.destination.parent.mkdir(parents=True, exist_ok=True, mode=0o777)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}{STAGED_MARK}", dir=self.destination.parent))
+        self._umask = _umask()
+        os.chmod(self.dir, 0o777 & ~self._umask)  # mkdtemp's 0700 -> what mkdir would give
+        (self.dir / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         self.max_shard_size = max_shard_size
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -228,19 +388,68 @@ class ArtifactWriter:
         return self.dir
 
     def commit(self) -> Path:
-        """Finish the tensors (if not done yet), then move the directory into place in one rename."""
+        """Finish the tensors (if not done yet), then move the folder into place in one rename.
+
+        Without overwrite it is renamed only onto nothing; with overwrite it replaces only the artifact checked when
+        the writer was made (same inode, still an artifact), which is moved aside first and removed only once the new
+        one is in place. Anything else at the destination is left alone: DestinationError, and the new artifact is
+        kept under a name the message gives."""
         self.finish_tensors()
-        if self.destination.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.old-", dir=self.destination.parent))
-            os.replace(self.destination, old / "artifact")
-            os.replace(self.dir, self.destination)
-            shutil.rmtree(old, ignore_errors=True)
+        self._chmod_files()
+        dest = self.destination
+        current = _identity(dest)
+        if current is not None:
+            if self._expected is None or current != self._expected or not is_artifact_dir(dest):
+                self._keep("appeared while this run was going" if self._expected is None else
+                           "was replaced while this run was going")
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}{ASIDE_MARK}", dir=dest.parent))
+            (aside / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+            try:
+                os.rename(dest, aside / "artifact")
+            except OSError as e:
+                shutil.rmtree(aside, ignore_errors=True)
+                self._keep(f"could not be moved aside ({first_line(e)})")
+            try:
+                rename_noreplace(self.dir, dest)
+            except OSError:
+                try:  # someone put something there in between: put the old artifact back if we can
+                    rename_noreplace(aside / "artifact", dest)
+                    shutil.rmtree(aside, ignore_errors=True)
+                except OSError:
+                    pass
+                self._keep("appeared while this run was going")
+            shutil.rmtree(aside, ignore_errors=True)
         else:
-            os.replace(self.dir, self.destination)
-        return self.destination
+            try:
+                rename_noreplace(self.dir, dest)
+            except FileExistsError:
+                self._keep("appeared while this run was going")
+        (dest / OWNER_FILE).unlink(missing_ok=True)
+        return dest
+
+    def _chmod_files(self) -> None:
+        mode = 0o666 & ~self._umask
+        for f in self.dir.iterdir():
+            if f.is_file() and f.name != OWNER_FILE:
+                os.chmod(f, mode)
+
+    def _keep(self, what: str) -> None:
+        """Something unexpected is at the destination: leave it, keep the new artifact under a visible name, raise."""
+        kept = self.destination.with_name(f"{self.destination.name}.teal-quant-{os.getpid()}")
+        try:
+            rename_noreplace(self.dir, kept)
+            (kept / OWNER_FILE).unlink(missing_ok=True)
+        except OSError:
+            kept = self.dir
+            (kept / OWNER_FILE).unlink(missing_ok=True)  # no owner: the next run reports it, never removes it
+        self.dir = kept
+        self._kept = True
+        raise DestinationError(f"output '{self.destination}' {what}; it was left as it is and the new artifact is "
+                               f"complete at '{kept}'")
 
     def abort(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not getattr(self, "_kept", False):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -293,6 +502,26 @@ class Artifact:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
 
+def shard_path(folder: Path, name: object, where: str, error: type[Exception] = ArtifactError) -> Path:
+    """The file an index's weight_map names, refused unless it lies inside `folder`: a relative path without `..`,
+    whose target after resolving symlinks is in the folder (or, for a huggingface_hub snapshot, in the same repo's
+    blobs/ folder, where the cache keeps the files the snapshot links to). One check for artifacts and base models."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise error(f"{where}: {INDEX_FILE} names a shard {name!r} that is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or name.startswith("~"):
+        raise error(f"{where}: {INDEX_FILE} names shard '{name}' outside the folder; refused")
+    path = folder / rel
+    root = folder.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if folder.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/file -> ../../blobs/<hash>
+        allowed.append((folder.parent.parent / "blobs").resolve())
+    if not any(target == a or a in target.parents for a in allowed):
+        raise error(f"{where}: shard '{name}' resolves outside the folder ('{target}'); refused")
+    return path
+
+
 def read_artifact(path: str | Path) -> Artifact:
     """Open and validate an artifact directory (metadata, index, shard headers) without reading tensors."""
     path = Path(path)
@@ -310,10 +539,15 @@ def read_artifact(path: str | Path) -> Artifact:
         except Exception as e:
             raise ArtifactError(f"artifact '{path}': {SINGLE_FILE} is corrupt or truncated ({first_line(e)})") from None
     else:
+        if not (path / INDEX_FILE).is_file() and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+            raise ArtifactError(f"artifact '{path}': holds pickle weights (.bin/.pt) but no safetensors; a teal-quant "
+                                "artifact is read from safetensors only")
         index = _read_json(path / INDEX_FILE, path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ArtifactError(f"artifact '{path}': {INDEX_FILE} has no weight_map")
+    for file in set(weight_map.values()):
+        shard_path(path, file, f"artifact '{path}'")
 
     for file in sorted(set(weight_map.values())):
         shard = path / file
@@ -332,8 +566,72 @@ def read_artifact(path: str | Path) -> Artifact:
         if (linear_key(module, PERM_SUFFIX) in weight_map) != quant.act_order:
             problem = "is missing (act_order is true)" if quant.act_order else "is present but act_order is not set"
             raise ArtifactError(f"artifact '{path}': tensor {linear_key(module, PERM_SUFFIX)} {problem}")
+    _check_quantized_tensors(artifact)
     _check_channel_scales(artifact)
     return artifact
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_QWEIGHT_DTYPE = {4: "I32", 8: "U8"}
+_DTYPE_NAMES = {"I32": "int32", "U8": "uint8", "F32": "float32"}
+
+
+def _headers(artifact: Artifact, names: Iterable[str]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), from the shard headers only (one open per shard)."""
+    from safetensors import safe_open
+
+    names = set(names)
+    out = {}
+    for file in sorted({artifact.weight_map[n] for n in names}):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for n in names:
+                if artifact.weight_map[n] == file:
+                    info = f.get_slice(n)
+                    out[n] = (info.get_dtype(), list(info.get_shape()))
+    return out
+
+
+def _check_quantized_tensors(artifact: Artifact) -> None:
+    """Every quantized linear, before anything is loaded: its four tensors present with the format's dtypes and
+    consistent shapes (qweight int32 [K, N/8] for 4 bits, uint8 [K, N] for 8; scales and zeros floating [K/G, N] with
+    G a power of two dividing K; thresholds float32 [len(levels)]), and finite scales and zeros (read one tensor at a
+    time). One ArtifactError naming the tensor for the first problem."""
+    from safetensors import safe_open
+
+    quant, where = artifact.quant, f"artifact '{artifact.path}'"
+    modules = artifact.quantized_modules()
+    names = [linear_key(m, s) for m in modules for s in QUANT_SUFFIXES]
+    missing = [n for n in names if n not in artifact.weight_map]
+    if missing:
+        raise ArtifactError(f"{where}: tensor {missing[0]} is missing")
+    headers = _headers(artifact, names)
+    per_word = 8 if quant.bits == 4 else 1
+    for m in modules:
+        name = linear_key(m, "qweight")
+        dtype, shape = headers[name]
+        want = _QWEIGHT_DTYPE[quant.bits]
+        if dtype != want or len(shape) != 2 or 0 in shape:
+            raise ArtifactError(f"{where}: {name} must be {_DTYPE_NAMES[want]} [K, N{'/8' if per_word > 1 else ''}] "
+                                f"for {quant.bits}-bit weights, got {dtype} {shape}")
+        k, n = shape[0], shape[1] * per_word
+        g = quant.group_size_for(k)
+        if k % g:
+            raise ArtifactError(f"{where}: group_size {quant.group_size} does not divide in_features {k} of {name}")
+        for suffix in ("scales", "zeros"):
+            key = linear_key(m, suffix)
+            dtype, shape = headers[key]
+            if dtype not in _FLOAT_DTYPES or shape != [k // g, n]:
+                raise ArtifactError(f"{where}: {key} must be floating [{k // g}, {n}], got {dtype} {shape}")
+        key = linear_key(m, "thresholds")
+        dtype, shape = headers[key]
+        if dtype != "F32" or shape != [len(quant.levels)]:
+            raise ArtifactError(f"{where}: {key} must be float32 [{len(quant.levels)}], got {dtype} {shape}")
+    scale_names = [linear_key(m, s) for m in modules for s in ("scales", "zeros")]
+    for file in sorted({artifact.weight_map[n] for n in scale_names}):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for key in scale_names:
+                if artifact.weight_map[key] == file and not torch.isfinite(f.get_tensor(key)).all():
+                    raise ArtifactError(f"{where}: {key} has non-finite values (inf or NaN)")
 
 
 def check_perm(perm: torch.Tensor, in_features: int, where: str) -> None:

@@ -38,6 +38,7 @@ from teal_quant.artifact.format import (
     REPORT_FILE,
     ArtifactWriter,
     TealQuantConfig,
+    check_destination,
     layer_key_prefix,
     linear_key,
 )
@@ -123,6 +124,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     sp = recipe.sparsity
     levels = sp.all_levels
     default_index = levels.index(sp.default) if sp.default in levels else 0
+    # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
+    check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
 
     with Progress() as progress:
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
@@ -149,7 +152,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
         )
-        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite)
+        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
+                                sources=[src.path])
         with writer:
             report_layers, dense_params = _compress_layers(
                 recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
@@ -183,6 +187,19 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
     )
+
+
+def _local_source(source: str) -> list[Path]:
+    """The model's folder when it is already on this machine (a Hub id is resolved only when the model is opened)."""
+    from teal_quant.compression.sources.base import PACKAGE_PREFIX, resolve_local_path
+
+    if source.startswith(PACKAGE_PREFIX):
+        try:
+            return [resolve_local_path(source)]
+        except Exception:
+            return []
+    path = Path(source).expanduser()
+    return [path] if path.exists() else []
 
 
 def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:

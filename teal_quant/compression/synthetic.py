@@ -261,13 +261,17 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
     """Write a synthetic artifact of `arch` to `output` (temp dir + rename); teal_quant.load reads it."""
     from transformers import GenerationConfig
 
+    from teal_quant.artifact.format import check_destination
     from teal_quant.progress import Progress
 
+    local_arch = [Path(arch)] if Path(arch).exists() else []
+    check_destination(output, overwrite=overwrite, sources=local_arch)  # before any weight is drawn
     config = resolve_arch(arch)
     device = select_device(device)
     gen = SyntheticLayers(config, spec, device)
     quant = spec.quant_config()
-    with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+    with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite,
+                                                  sources=local_arch) as writer:
         task = progress.add_task(f"synthesizing {arch}", total=config.num_hidden_layers)
         for tensors in gen.stream(progress=lambda n: progress.advance(task, n)):
             writer.add(tensors)

@@ -133,6 +133,14 @@ def _classes():
         def _process_model_before_weight_loading(self, model, **kwargs):
             from teal_quant.runtime.assemble import quantized_module_names, replace_linears
 
+            # A teal-quant artifact loads from safetensors only: pickle checkpoints are never torch.load-ed.
+            files = kwargs.get("checkpoint_files") or []
+            pickled = [f for f in files if not str(f).endswith(".safetensors")]
+            if pickled or not files:
+                name = pickled[0] if pickled else "no safetensors file"
+                raise ArtifactError(f"teal-quant artifact: refusing '{name}': a teal-quant artifact is read from "
+                                    "safetensors only (model.safetensors or model.safetensors.index.json)")
+
             quant = self.quantization_config.teal_config
             dtype = kwargs.get("dtype") or model.dtype
             replace_linears(model, quantized_module_names(model.config, quant), quant, dtype)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.artifact.format import shard_path
 from teal_quant.artifact.hub import download, looks_like_local_path
 from teal_quant.errors import HubError, ModelSourceError, first_line
 
@@ -145,7 +146,8 @@ def index_safetensors(path: Path, source: str) -> dict[str, Path]:
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        files = {file: shard_path(path, file, f"model '{source}'", ModelSourceError) for file in set(weight_map.values())}
+        return {name: files[file] for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open

@@ -19,8 +19,10 @@ def _levels(text: str) -> list[float]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's usage dump -> one line, exit 2
-        sys.stderr.write(f"teal-quant: error: {message}\n")
+    def error(self, message: str):  # argparse's usage dump -> one line, exit 2 (a huge argument is not echoed whole)
+        from teal_quant.errors import quote
+
+        sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
         raise SystemExit(2)
 
 
@@ -119,12 +121,12 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from teal_quant.errors import TealQuantError
+    from teal_quant.errors import TealQuantError, scrub
 
     try:
         return _dispatch(args)
-    except TealQuantError as e:
-        print(f"teal-quant: error: {e}", file=sys.stderr)
+    except TealQuantError as e:  # one line, scrubbed of any token
+        print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("teal-quant: interrupted", file=sys.stderr)
@@ -134,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from teal_quant.errors import first_line
 
-        print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"teal-quant: internal error: {type(e).__name__}: {scrub(first_line(e))} "
+              "(TEAL_QUANT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or "error"
 
 
 def _dispatch(args: argparse.Namespace) -> int:

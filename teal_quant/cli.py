@@ -219,13 +219,19 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from teal_quant.compression.recipe import TextFilesSource
-    from teal_quant.errors import TealQuantError
+    from teal_quant.devices import select_device
+    from teal_quant.errors import TealQuantError, quote
     from teal_quant.evaluate import evaluate_artifact
     from teal_quant.report import print_eval_table
     from teal_quant.runtime.loading import resolve_artifact
 
     if args.tokens < 16 or args.window < 8:
         raise TealQuantError("--tokens must be >= 16 and --window >= 8")
+    if args.levels is not None and not args.levels:
+        raise TealQuantError("--levels: no level given (e.g. --levels 0,0.4; leave it out for all of the artifact's)")
+    select_device(args.device, option="--device")  # checked before any work
+    if args.json is not None and not args.json.parent.is_dir():  # found now, not after the whole evaluation
+        raise TealQuantError(f"--json: folder '{quote(args.json.parent)}' does not exist")
     artifact = resolve_artifact(args.artifact)
     levels = args.levels
     if levels is not None:

@@ -45,3 +45,7 @@ class Progress(_RichProgress):
         if exc_type is not None and not err_console.is_terminal:
             self.live.transient = True
         super().__exit__(exc_type, exc_val, exc_tb)
+
+    def stop(self) -> None:
+        # rich's Progress.stop() ends a non-interactive console's output with a blank line; a log needs none.
+        self.live.stop()

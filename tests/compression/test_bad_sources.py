@@ -111,3 +111,16 @@ def test_broken_base_model_is_one_line_and_exit_2(break_it, tiny_llama, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("teal-quant: error: ") and expected in lines[0], lines
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_failing_run_with_progress_bars_leaves_one_line_on_a_non_terminal_stderr(tiny_llama, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    expected = _inf_weight(model)  # found at layer 1, after layer 0's bars were drawn
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(model, tmp_path / "out"))
+    env = {k: v for k, v in ENV.items() if k not in ("TEAL_QUANT_QUIET", "CI")}
+    result = subprocess.run([sys.executable, "-m", "teal_quant.cli", "run", str(recipe)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr

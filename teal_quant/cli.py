@@ -20,8 +20,10 @@ def _levels(text: str) -> list[float]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's usage dump -> one line, exit 2
-        sys.stderr.write(f"teal-quant: error: {message}\n")
+    def error(self, message: str):  # argparse's usage dump -> one line, exit 2 (a huge argument is not echoed whole)
+        from teal_quant.errors import quote
+
+        sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
         raise SystemExit(2)
 
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
-    from teal_quant.errors import Interrupted, TealQuantError, Terminated
+    from teal_quant.errors import Interrupted, TealQuantError, Terminated, scrub
 
     def terminate(signum, frame):
         raise Terminated()
@@ -139,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
         return 143
-    except TealQuantError as e:
-        print(f"teal-quant: error: {e}", file=sys.stderr)
+    except TealQuantError as e:  # one line, scrubbed of any token
+        print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("teal-quant: interrupted; partial output removed", file=sys.stderr)
@@ -150,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from teal_quant.errors import first_line
 
-        print(f"teal-quant: internal error: {type(e).__name__}: {first_line(e)} (TEAL_QUANT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"teal-quant: internal error: {type(e).__name__}: {scrub(first_line(e))} "
+              "(TEAL_QUANT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or "error"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -232,13 +238,19 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from teal_quant.compression.recipe import TextFilesSource
-    from teal_quant.errors import TealQuantError
+    from teal_quant.devices import select_device
+    from teal_quant.errors import TealQuantError, quote
     from teal_quant.evaluate import evaluate_artifact
     from teal_quant.report import print_eval_table
     from teal_quant.runtime.loading import resolve_artifact
 
     if args.tokens < 16 or args.window < 8:
         raise TealQuantError("--tokens must be >= 16 and --window >= 8")
+    if args.levels is not None and not args.levels:
+        raise TealQuantError("--levels: no level given (e.g. --levels 0,0.4; leave it out for all of the artifact's)")
+    select_device(args.device, option="--device")  # checked before any work
+    if args.json is not None and not args.json.parent.is_dir():  # found now, not after the whole evaluation
+        raise TealQuantError(f"--json: folder '{quote(args.json.parent)}' does not exist")
     artifact = resolve_artifact(args.artifact)
     levels = args.levels
     if levels is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from teal_quant.artifact.format import REPORT_FILE
+from teal_quant.errors import ArtifactError, first_line
 from teal_quant.progress import console
 from teal_quant.report import human_bytes
 from teal_quant.runtime.loading import resolve_artifact
@@ -32,11 +34,16 @@ def inspect_artifact(path_or_repo_id: str) -> dict:
         table.add_column(p, justify="right")
     table.add_column("layer (size-weighted)", justify="right")
     rows = []
-    for layer in (report or {}).get("layers", []):
-        sp = layer["sparsity"][default_index]
-        eff = layer["calibration_sparsity"][default_index]
-        rows.append({"layer": layer["layer"], **sp, "effective": eff})
-        table.add_row(str(layer["layer"]), *[f"{sp.get(p, 0):.2f}" for p in _PROJ_ORDER], f"{eff:.3f}")
+    try:
+        for layer in (report or {}).get("layers", []):
+            sp = layer["sparsity"][default_index]
+            eff = float(layer["calibration_sparsity"][default_index])
+            cells = [f"{float(sp.get(p, 0)):.2f}" for p in _PROJ_ORDER]
+            rows.append({"layer": layer["layer"], **sp, "effective": eff})
+            table.add_row(str(layer["layer"]), *cells, f"{eff:.3f}")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"artifact '{artifact.path}': {REPORT_FILE} is malformed ({type(e).__name__}: "
+                            f"{first_line(e)})") from None
     if rows:
         console.print(table)
     else:

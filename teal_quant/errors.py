@@ -40,3 +40,50 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span pages)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+_HF_TOKEN_SHAPE = r"hf_[A-Za-z0-9_\-]{6,}"
+_BEARER = r"(?i)(bearer\s+)[^\s'\",;)\]}]+"
+
+
+def known_tokens(*extra: str | None) -> set[str]:
+    """Every form a Hub token can take here: the given ones, HF_TOKEN / HUGGING_FACE_HUB_TOKEN and the `hf auth login`
+    file (raw and stripped the way huggingface_hub strips them)."""
+    import os
+
+    raw = [*extra, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import constants
+
+        for path in (constants.HF_TOKEN_PATH,):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    raw.append(f.read(4096))
+            except OSError:
+                pass
+    except ImportError:
+        pass
+    found: set[str] = set()
+    for value in raw:
+        if not value:
+            continue
+        for form in (value, value.strip(), value.replace("\r", "").replace("\n", "").strip()):
+            if len(form) >= 4:
+                found.add(form)
+    return found
+
+
+def scrub(text: str, *tokens: str | None) -> str:
+    """`text` with every known token, `Bearer <anything>` and anything shaped like `hf_...` replaced by ***."""
+    import re
+
+    for secret in sorted(known_tokens(*tokens), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = re.sub(_BEARER, r"\1***", text)
+    return re.sub(_HF_TOKEN_SHAPE, "hf_***", text)
+
+
+def quote(text: object, limit: int = 200) -> str:
+    """A user-given value for an error line: at most `limit` characters (a 10 MB argument is never echoed whole)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

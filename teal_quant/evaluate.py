@@ -10,6 +10,7 @@ import torch
 
 from teal_quant.compression.data import evaluation_windows, read_text
 from teal_quant.devices import select_device
+from teal_quant.errors import ArtifactError, first_line
 from teal_quant.progress import Progress
 from teal_quant.runtime.modules import realized_sparsity, reset_stats, set_prefill_mode
 
@@ -56,9 +57,13 @@ def evaluate_artifact(
 
     artifact = resolve_artifact(artifact).path
     device = select_device(device)
-    model = load(artifact, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    try:  # before the model: a missing tokenizer is found in a second, not after loading the weights
+        tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    except Exception as e:  # noqa: BLE001 - missing or corrupt tokenizer files: the artifact's problem, one line
+        raise ArtifactError(f"artifact '{artifact}': cannot load its tokenizer ({first_line(e)}); evaluation "
+                            "needs the tokenizer files the artifact was written with") from None
     windows = evaluation_windows(tokenizer, read_text(source), tokens, window)
+    model = load(artifact, device=device)
     n_tokens = windows[:, 1:].numel()
     set_prefill_mode(model, prefill)
     rows = []

@@ -38,3 +38,14 @@ class Progress(_RichProgress):
             transient=False,
             disable=bool(quiet),
         )
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        # On a failure with stderr not a terminal (a log, CI, a pipe), leave no bar behind: the error is then the
+        # only line on stderr. A terminal keeps the bar (it is redrawn in place, not appended).
+        if exc_type is not None and not err_console.is_terminal:
+            self.live.transient = True
+        super().__exit__(exc_type, exc_val, exc_tb)
+
+    def stop(self) -> None:
+        # rich's Progress.stop() ends a non-interactive console's output with a blank line; a log needs none.
+        self.live.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 from teal_quant.compression.pipeline import Compression, compress_recipe
 from teal_quant.compression.recipe import Recipe
 from teal_quant.devices import select_device
-from teal_quant.errors import HubError
+from teal_quant.errors import HubError, TealQuantError, quote
 
 
 @dataclass
@@ -45,6 +45,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
             eval_seconds["eval"] = time.time() - t
             return rows
 
+    check_output_name(Path(output_dir) if output_dir is not None else Path(recipe.output.dir))
     compression = compress_recipe(recipe, output_dir, overwrite=overwrite, evaluate=evaluate)
     summary = RunSummary(**{f.name: getattr(compression, f.name) for f in fields(Compression)})
     summary.stage_seconds.update(eval_seconds)
@@ -56,6 +57,32 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     if push_error is not None:
         raise push_error
     return summary
+
+
+STAGING_SUFFIX_BYTES = 32  # the staging folder is ".NAME.partial-XXXXXXXX" beside the destination
+
+
+def check_output_name(out: Path) -> None:
+    """An output folder name the file system can hold (with room for the staging folder's prefix and suffix), checked
+    before any work; the error quotes at most 200 characters of it."""
+    import os
+
+    name_bytes = len(out.name.encode("utf-8", "surrogateescape"))
+    parent = out.parent
+    try:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in out.parts[:-1]:
+        if len(part.encode("utf-8", "surrogateescape")) > limit:
+            raise TealQuantError(f"output '{quote(out)}': a folder name in the path is longer than the file system "
+                                 f"allows ({limit} bytes)")
+    if name_bytes + STAGING_SUFFIX_BYTES > limit:
+        raise TealQuantError(f"output '{quote(out)}': the folder name is {name_bytes} bytes; this file system allows "
+                             f"{limit - STAGING_SUFFIX_BYTES} here (names are limited to {limit} bytes and the staging "
+                             "folder adds a prefix and a suffix)")
 
 
 def _push(summary: RunSummary, recipe: Recipe, stages: dict[str, float]) -> HubError | None:

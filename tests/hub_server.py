@@ -74,6 +74,7 @@ class HubServer:
         self.requests: list[str] = []  # "METHOD path" of every request, for assertions
         self.lock = threading.Lock()
         self._die_on_upload = False
+        self.echo_authorization = False  # error bodies quote the request's Authorization header (a careless server)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._dying: threading.Thread | None = None
@@ -182,6 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: str | None = None, *, head: bool = False):
+        if self.server_hub.echo_authorization:
+            message = f"{message} (you sent Authorization: {self.headers.get('Authorization')!r})"
         headers = {"X-Error-Message": message}
         if code:
             headers["X-Error-Code"] = code

@@ -121,3 +121,92 @@ def test_corrupt_and_truncated_artifacts(tiny_artifact, tmp_path):
     (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert_one_line_error(teal_quant("inspect", broken), "not a teal-quant artifact")
     assert_one_line_error(teal_quant("inspect", tmp_path / "nope"), "no such directory")
+
+
+def _stderr_is_short(result, limit: int = 1000):
+    assert len(result.stderr) < limit, f"{len(result.stderr)} characters on stderr: {result.stderr[:300]}"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "a binary file, not a YAML recipe"),
+    (b"model: {source: '\xff\xfe caf\xe9'}\n", "not UTF-8 text"),
+])
+def test_a_recipe_that_is_not_utf8_text_is_one_line(content, expected, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    assert_one_line_error(teal_quant("run", recipe), expected)
+
+
+def test_names_longer_than_the_file_system_allows_are_one_short_line(tiny_llama, tmp_path):
+    long_recipe = tmp_path / ("r" * 300 + ".yaml")
+    result = teal_quant("run", long_recipe)
+    assert_one_line_error(result, "cannot read recipe")
+    _stderr_is_short(result)
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_llama, out, model="model: {source: '" + "m" * 100_000 + "'}"))
+    result = teal_quant("run", recipe)
+    assert_one_line_error(result, "model 'mmm")
+    _stderr_is_short(result)
+
+    recipe.write_text(tiny_recipe_text(tiny_llama, out))
+    for name in ("o" * 250, "o" * 100_000):
+        result = teal_quant("run", recipe, "--output", tmp_path / name)
+        assert_one_line_error(result, "output '")
+        _stderr_is_short(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_eval_rejects_bad_options_before_evaluating(tiny_artifact, tmp_path):
+    import torch
+
+    cases = [
+        (["--levels", ""], "--levels: no level given"),
+        (["--json", tmp_path / "no-such-folder" / "rows.json"], "--json: folder"),
+        (["--device", "foo"], "--device: 'foo' is not a device"),
+        (["--device", "meta"], "--device: 'meta' is not supported"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device: cuda requested but no CUDA device is available"))
+    for extra, expected in cases:
+        assert_one_line_error(teal_quant("eval", tiny_artifact, "--text", WIKITEXT, *extra), expected)
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_inspect_and_eval_on_a_damaged_artifact_are_one_line(tiny_artifact, tmp_path):
+    import shutil
+
+    def damaged(name):
+        path = tmp_path / name
+        shutil.copytree(tiny_artifact, path)
+        return path
+
+    art = damaged("report-not-json")
+    (art / "calibration_report.json").write_text("{\"layers\": [")
+    assert_one_line_error(teal_quant("inspect", art), "calibration_report.json is not valid JSON")
+    art = damaged("report-wrong-shape")
+    (art / "calibration_report.json").write_text(json.dumps({"layers": [{"layer": 0, "sparsity": 3}]}))
+    assert_one_line_error(teal_quant("inspect", art), "calibration_report.json is malformed")
+
+    for field, value, expected in [("bits", 4.0, "bits must be an integer"),
+                                   ("format_version", "1", "format_version '1' is not supported")]:
+        art = damaged(f"config-{field}")
+        config = json.loads((art / "config.json").read_text())
+        config["quantization_config"][field] = value
+        (art / "config.json").write_text(json.dumps(config))
+        assert_one_line_error(teal_quant("inspect", art), expected)
+    art = damaged("config-list")
+    (art / "config.json").write_text("[1, 2]")
+    assert_one_line_error(teal_quant("inspect", art), "config.json is not a JSON object")
+
+    art = damaged("no-tokenizer")
+    for f in art.glob("tokenizer*"):
+        f.unlink()
+    for f in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+        (art / f).unlink(missing_ok=True)
+    assert_one_line_error(teal_quant("eval", art, "--text", WIKITEXT), "cannot load its tokenizer")
+    art = damaged("bad-generation-config")
+    (art / "generation_config.json").write_text("{\"max_length\": ")
+    assert_one_line_error(teal_quant("eval", art, "--text", WIKITEXT, "--tokens", 64, "--window", 32),
+                          "generation_config.json cannot be read")

@@ -10,6 +10,7 @@ interrupted run never leaves a half-written artifact under the final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -137,8 +138,17 @@ class TealQuantConfig:
             raise ArtifactError(f"{where}: no quantization_config, not a teal-quant artifact")
         if d.get("quant_method") != QUANT_METHOD:
             raise ArtifactError(f"{where}: quant_method is {d.get('quant_method')!r}, not a teal-quant artifact")
-        if d.get("format_version") != FORMAT_VERSION:
+        version = d.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ArtifactError(f"{where}: format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        for key in ("bits", "group_size"):
+            if key in d and type(d[key]) is not int:
+                raise ArtifactError(f"{where}: {key} must be an integer, got {d[key]!r}")
+        sp = d.get("sparsity")
+        if isinstance(sp, dict):
+            values = [*(sp.get("levels") or []), sp.get("default", 0.0)]
+            if any(type(v) not in (int, float) or not math.isfinite(v) for v in values):
+                raise ArtifactError(f"{where}: sparsity levels and default must be finite numbers")
         try:
             sp = d["sparsity"]
             cfg = cls(
@@ -495,8 +505,9 @@ class Artifact:
         return p.read_text() if p.is_file() else None
 
     def report(self) -> dict | None:
+        """The calibration report (None when the artifact has none); malformed JSON is an ArtifactError."""
         p = self.path / REPORT_FILE
-        return json.loads(p.read_text()) if p.is_file() else None
+        return _read_json(p, self.path) if p.is_file() else None
 
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
@@ -677,7 +688,10 @@ def _read_json(file: Path, artifact: Path) -> dict:
     if not file.is_file():
         raise ArtifactError(f"artifact '{artifact}': {file.name} is missing")
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"artifact '{artifact}': {file.name} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"artifact '{artifact}': {file.name} is not a JSON object")
+    return data
 

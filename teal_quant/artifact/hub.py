@@ -15,12 +15,13 @@ The only module of teal-quant that touches the network; everything goes through 
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from teal_quant.errors import HubError, first_line
+from teal_quant.errors import HubError, first_line, scrub
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_TYPE = "model"
@@ -73,6 +74,7 @@ def push(
     from teal_quant.artifact.format import read_artifact
 
     artifact = read_artifact(artifact_dir)  # ArtifactError before any network traffic
+    token = token.strip() or None if token else token  # as huggingface_hub strips HF_TOKEN and the login file
     endpoint = resolve_endpoint(endpoint)
     branch = revision or "main"
     where = f"push to '{repo_id}' on {endpoint}"
@@ -111,6 +113,7 @@ def download(
 ) -> Path:
     """A snapshot of a model repo in the huggingface_hub cache (only the cache when HF_HUB_OFFLINE is set)."""
     endpoint = resolve_endpoint(endpoint)
+    token = token.strip() or None if token else token
     where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "") + f" from {endpoint}"
     is_offline = offline()
     with _hub_errors(f"download {where}", token, offline=is_offline):
@@ -144,7 +147,9 @@ def _check_model_repo(api, repo_id: str, endpoint: str) -> None:
 
 @contextmanager
 def _hub_errors(where: str, token: str | None, *, offline: bool = False) -> Iterator[None]:
-    """Translate huggingface_hub / network exceptions into one HubError line, scrubbed of the token."""
+    """Translate huggingface_hub / network exceptions into one HubError line, scrubbed of the token; log records of
+    the HTTP stack (which at DEBUG level quote request headers) are scrubbed too."""
+    _scrub_log_records(token)
     try:
         yield
     except HubError as e:
@@ -232,8 +237,42 @@ def _root_cause(chain: list[BaseException]) -> str:
     return f"{type(last).__name__}: {first_line(last)}"
 
 
+_LOGGERS = ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "requests", "filelock")
+
+
+class _ScrubFilter(logging.Filter):
+    """Replaces a record's message by its scrubbed text (the token in any form, `Bearer ...`, hf_...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg, record.args = scrub(record.getMessage(), *self.tokens), ()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped rather than shown raw
+            return False
+        return True
+
+
+_SCRUB_FILTER = _ScrubFilter()
+
+
+def _scrub_log_records(token: str | None) -> None:
+    """Attach the scrubbing filter to every logger of the HTTP stack (a logger's filter sees only its own records,
+    so each existing child logger gets it too)."""
+    if token:
+        _SCRUB_FILTER.tokens.add(token)
+    import huggingface_hub  # noqa: F401 - its import creates the loggers of the client it uses
+
+    for name in [*_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in _LOGGERS:
+            logger = logging.getLogger(name)
+            if _SCRUB_FILTER not in logger.filters:
+                logger.addFilter(_SCRUB_FILTER)
+
+
 def _scrub(text: str, token: str | None) -> str:
-    for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    """The token in every form it can take (argument, HF_TOKEN raw or stripped, the login file, `Bearer ...`,
+    anything shaped like hf_...) replaced by ***."""
+    return scrub(text, token)

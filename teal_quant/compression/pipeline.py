@@ -58,6 +58,7 @@ from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
 from teal_quant.devices import resolve_dtype, select_device
+from teal_quant.errors import ModelSourceError
 from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
@@ -202,6 +203,22 @@ def _local_source(source: str) -> list[Path]:
     return [path] if path.exists() else []
 
 
+def _check_layer_state(src, i: int, layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor the decoder layer needs is there, with the shape its config gives: one line naming the tensor."""
+    prefix = layer_key_prefix(i)
+    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' is missing from the checkpoint")
+        if tuple(state[name].shape) != shape:
+            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' has shape {tuple(state[name].shape)}, "
+                                   f"the config gives {shape}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{extra[0]}' is not part of a "
+                               f"{src.config.model_type} decoder layer")
+
+
 def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
 
@@ -229,6 +246,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         layer = skeleton.model.layers[i]
         layer.to_empty(device=device)
         state = src.layer_tensors(i)
+        _check_layer_state(src, i, layer, state)
         dense_params += sum(t.numel() for t in state.values())
         layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
         layer.eval()

@@ -237,13 +237,23 @@ class Recipe(_Section):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         """Read and validate a recipe file; any problem raises RecipeError with one clear line."""
+        from teal_quant.errors import quote
+
         path = Path(path)
         try:
-            text = path.read_text()
+            if path.is_dir():
+                raise RecipeError(f"{quote(path)}: is a directory, not a recipe file")
+            data = path.read_bytes()
         except FileNotFoundError:
-            raise RecipeError(f"{path}: recipe file not found") from None
-        except OSError as e:
-            raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+            raise RecipeError(f"{quote(path)}: recipe file not found") from None
+        except OSError as e:  # a name too long for the file system, permissions, ...
+            raise RecipeError(f"{quote(path)}: cannot read recipe ({e.strerror})") from None
+        if b"\x00" in data:
+            raise RecipeError(f"{quote(path)}: a binary file, not a YAML recipe")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{quote(path)}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
         return cls.from_yaml_text(text, origin=str(path))
 
     @classmethod

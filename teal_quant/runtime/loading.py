@@ -49,10 +49,17 @@ def load(
     """Load an artifact as a transformers model, at `sparsity` (default: the artifact's default level).
 
     dtype defaults to the artifact's dtype on CUDA and float32 on the CPU (CPU half-precision matmuls are slow).
+    A `sparsity` that is not one of the artifact's levels, a corrupt generation_config.json or any other artifact
+    problem raises ArtifactError (one line) before the weights are read.
     """
     from transformers import AutoConfig, GenerationConfig
 
     artifact = resolve_artifact(path_or_repo_id, revision)
+    if sparsity is not None:
+        try:
+            artifact.quant.level_index(sparsity)
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"artifact '{artifact.path}': {first_line(e)}") from None
     device = select_device(device)
     try:
         config = AutoConfig.from_pretrained(artifact.path)
@@ -63,7 +70,11 @@ def load(
     model = assemble(config, artifact.quant, artifact.tensors("cpu"), device=device, dtype=dtype,
                      quantized=artifact.quantized_modules(), level=sparsity, where=f"artifact '{artifact.path}'")
     if (artifact.path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(artifact.path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(artifact.path)
+        except Exception as e:  # noqa: BLE001 - invalid JSON or values: the artifact's problem, said in one line
+            raise ArtifactError(f"artifact '{artifact.path}': generation_config.json cannot be read "
+                                f"({first_line(e)})") from None
     if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/runtime/fusion.py)
         from teal_quant.runtime.fusion import fuse_for_decode
 

@@ -344,3 +344,25 @@ def test_pickle_only_artifact_is_refused(tmp_path):
     torch.save({"x": torch.ones(1)}, dest / "pytorch_model.bin")
     with pytest.raises(ArtifactError, match="safetensors only"):
         read_artifact(dest)
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("format_version", 1.0, "format_version 1.0 is not supported"),
+    ("format_version", "1", "format_version '1' is not supported"),
+    ("format_version", True, "format_version True is not supported"),
+    ("bits", 8.0, "bits must be an integer, got 8.0"),
+    ("bits", "8", "bits must be an integer"),
+    ("bits", True, "bits must be an integer"),
+    ("group_size", 32.5, "group_size must be an integer"),
+    ("levels", [0.0, float("nan")], "must be finite numbers"),
+    ("levels", [0.0, float("inf")], "must be finite numbers"),
+    ("levels", [0.0, "0.4"], "must be finite numbers"),
+])
+def test_quant_config_schema_is_strict(field, value, msg):
+    d = _quant(group_size=-1, bits=8).to_dict()
+    if field == "levels":
+        d = {**d, "sparsity": {**d["sparsity"], "levels": value}}
+    else:
+        d = {**d, field: value}
+    with pytest.raises(ArtifactError, match=msg):
+        TealQuantConfig.from_dict(d)

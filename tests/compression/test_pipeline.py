@@ -180,11 +180,9 @@ def test_layer_streaming_reproduces_the_full_model(tiny_llama):
 def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_llama, tmp_path):
     """compress_recipe(evaluate=...) runs the hook on the staged directory (loadable, destination not there yet); the
     card is written once, after it, with its rows; a failing hook still leaves the complete artifact in place."""
-    from _support import tiny_recipe_text
+    from _support import WIKITEXT, tiny_recipe_text
 
     from teal_quant.compression.pipeline import compress_recipe
-
-    from _support import WIKITEXT
 
     recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
         tiny_llama, tmp_path / "a", eval=f"eval: {{source: {{kind: text_files, paths: ['{WIKITEXT}']}}, window: 32}}"))

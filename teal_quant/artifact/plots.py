@@ -39,21 +39,21 @@ def _pyplot():
 
 
 def allocation_heatmap(report: dict, path: str | Path) -> Path:
-    """Layers x projections sparsity, one panel per level (levels of report["levels"])."""
+    """Layers x projections sparsity, one panel per level above 0 (level 0 is dense everywhere)."""
     plt = _pyplot()
     layers = report["layers"]
-    levels = report["levels"]
-    n = len(levels)
+    shown = [(j, lv) for j, lv in enumerate(report["levels"]) if lv > 0] or list(enumerate(report["levels"]))
+    n = len(shown)
     fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.4 * n, max(3.2, 1.6 + 0.22 * len(layers))), squeeze=False, sharey=True,
                              layout="constrained")
     image = None
-    for j, (level, ax) in enumerate(zip(levels, axes[0])):
+    for first, ((j, level), ax) in enumerate(zip(shown, axes[0])):
         grid = [[layer["sparsity"][j].get(p, 0.0) for p in PROJECTIONS] for layer in layers]
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"level {level:g}")
         ax.set_xticks(range(len(PROJECTIONS)), PROJECTIONS, rotation=90)
         ax.set_xlabel("projection")
-        if j == 0:
+        if first == 0:
             ax.set_ylabel("decoder layer")
             step = max(1, len(layers) // 16)
             ticks = list(range(0, len(layers), step))

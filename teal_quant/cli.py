@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="describe an artifact: format, levels, allocation, bytes")
     ins.add_argument("artifact")
+    ins.add_argument("--json", action="store_true", help="print what inspect shows as JSON (nothing else on stdout)")
+    ins.add_argument("--plot", type=Path, metavar="DIR",
+                     help="write PNG plots into DIR: allocation heatmap, activation histograms, perplexity vs sparsity "
+                          "(needs pip install 'teal-quant[plots]')")
+    ins.add_argument("--layers", type=_layer_list, default=[0], help="layers whose activation histograms --plot draws (default 0; e.g. 0,5)")
 
     push = sub.add_parser("push", help="upload an artifact to a Hub model repo (token: HF_TOKEN or `hf auth login`)")
     push.add_argument("artifact", type=Path)
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     push.add_argument("--revision", help="branch to push to (created from main when missing)")
     push.add_argument("--message", help="commit message")
+    push.add_argument("--delete-extra", action="store_true",
+                      help="delete remote files the artifact lacks (default: leave them, e.g. a README edited on the Hub)")
     push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
 
     syn = sub.add_parser("synthesize", help="a synthetic artifact of a real architecture: random weights, calibrated thresholds")
@@ -101,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _names(text: str) -> list[str]:
     return [] if text.strip() == "none" else [x for x in text.replace(" ", ",").split(",") if x]
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of layer numbers like 0,5")
+    return layers
 
 
 def _two_ints(text: str) -> tuple[int, int]:
@@ -185,13 +202,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from teal_quant.describe import inspect_artifact
 
-        inspect_artifact(args.artifact)
+        inspect_artifact(args.artifact, as_json=args.json, plot_dir=args.plot, plot_layers=args.layers)
         return 0
     if args.command == "push":
         from teal_quant.artifact.hub import push
 
         result = push(args.artifact, args.repo_id, private=not args.public, revision=args.revision, message=args.message,
-                      endpoint=args.endpoint)
+                      endpoint=args.endpoint, delete_extra=args.delete_extra)
         print(result if result.changed else f"{result} (unchanged: no new commit)")
         return 0
     if args.command == "synthesize":

@@ -87,3 +87,7 @@ def quote(text: object, limit: int = 200) -> str:
     """A user-given value for an error line: at most `limit` characters (a 10 MB argument is never echoed whole)."""
     text = str(text)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class MissingExtraError(TealQuantError):
+    """An optional feature whose extra is not installed (e.g. plots without matplotlib)."""

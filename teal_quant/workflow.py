@@ -92,7 +92,8 @@ def _push(summary: RunSummary, recipe: Recipe, stages: dict[str, float]) -> HubE
     hub = recipe.hub
     t = time.time()
     try:
-        result = push(summary.artifact, hub.repo_id, private=hub.private, revision=hub.revision, endpoint=hub.endpoint)
+        result = push(summary.artifact, hub.repo_id, private=hub.private, revision=hub.revision, endpoint=hub.endpoint,
+                      delete_extra=hub.delete_extra)
     except HubError as e:
         return HubError(f"{e} [the artifact is complete at '{summary.artifact}'; push it again with "
                         f"`teal-quant push {summary.artifact} {hub.repo_id}`]")

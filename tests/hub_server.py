@@ -12,7 +12,7 @@ Routes (huggingface_hub 2.x with HF_HUB_DISABLE_XET=1 / no hf_xet, i.e. the plai
   POST /api/{type}s/{repo}/preupload/{rev}                 upload modes + remote oids (no-op detection)
   POST /api/{type}s/{repo}/commit/{rev}                    NDJSON commit (header, file, lfsFile, deletedFile)
   POST /api/{type}s/{repo}/branch/{branch}                 create_branch
-  POST /api/validate-yaml                                  model card metadata check (accepts everything)
+  POST /api/validate-yaml                                  model card metadata check (base_model, as the Hub does)
   POST /{repo}.git/info/lfs/objects/batch                  LFS batch: upload actions for unknown objects
   PUT  /lfs-upload/{repo}/{sha256}                         LFS basic transfer (no auth, like a presigned URL)
   HEAD/GET /{repo}/resolve/{rev}/{path}                    file metadata (X-Repo-Commit, ETag, size) + content
@@ -34,6 +34,31 @@ from urllib.parse import unquote, urlsplit
 LFS_THRESHOLD = 10_000  # bytes; the Hub's is 10 MB, ours is small so that tiny test shards go through LFS
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
 TYPES = ("model", "dataset", "space")
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?(?:/[A-Za-z0-9_.-]{1,96})?$")
+
+
+def metadata_errors(card: str) -> list[str]:
+    """What the Hub says about a model card's YAML metadata, for the part it checks that we model: `base_model`
+    must be model repo ids (a commit of such a README.md is refused with 400, like on huggingface.co)."""
+    import yaml
+
+    m = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", card, re.DOTALL)
+    if not m:
+        return []
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as e:
+        return [f"YAML metadata does not parse: {e}"]
+    if not isinstance(meta, dict):
+        return ["YAML metadata is not a mapping"]
+    errors = []
+    base = meta.get("base_model")
+    for value in ([base] if isinstance(base, str) else base or []) if base is not None else []:
+        if not isinstance(value, str) or not _REPO_ID.match(value) or "--" in value or ".." in value:
+            errors.append(f'"base_model" with value "{value}" is not valid. Use a model id from https://hf.co/models.')
+    return errors
 
 
 def git_oid(data: bytes) -> str:
@@ -185,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, code: str | None = None, *, head: bool = False):
         if self.server_hub.echo_authorization:
             message = f"{message} (you sent Authorization: {self.headers.get('Authorization')!r})"
-        headers = {"X-Error-Message": message}
+        headers = {"X-Error-Message": message.replace("\n", " ")}  # a header is one line
         if code:
             headers["X-Error-Code"] = code
         self._send(status, {"error": message}, headers, head=head)
@@ -334,6 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
                 key, value = item["key"], item["value"]
                 if key == "file":
                     data = base64.b64decode(value["content"])
+                    if value["path"] == "README.md" and (errors := metadata_errors(data.decode(errors="replace"))):
+                        return self._error(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
                     files[value["path"]] = StoredFile(hub.store(data), len(data), git_oid(data), lfs=False)
                 elif key == "lfsFile":
                     if value["oid"] not in repo.lfs_objects:
@@ -358,8 +385,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def validate_yaml(self, auth):
-        self._body()
-        self._send(200, {"errors": [], "warnings": []})
+        payload = json.loads(self._body() or b"{}")
+        errors = metadata_errors(payload.get("content", ""))
+        if errors and "text/plain" in (self.headers.get("Accept") or ""):  # ModelCard.validate: the text is its error
+            return self._send(400, "\n".join(f"- {e}" for e in errors).encode(), {"Content-Type": "text/plain"})
+        # upload_folder / upload_file of a README.md: JSON, errors as [{message}] (400 when there are any)
+        self._send(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
 
     def lfs_batch(self, auth, repo_id):
         payload = json.loads(self._body() or b"{}")

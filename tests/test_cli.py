@@ -210,3 +210,63 @@ def test_inspect_and_eval_on_a_damaged_artifact_are_one_line(tiny_artifact, tmp_
     (art / "generation_config.json").write_text("{\"max_length\": ")
     assert_one_line_error(teal_quant("eval", art, "--text", WIKITEXT, "--tokens", 64, "--window", 32),
                           "generation_config.json cannot be read")
+
+
+@pytest.fixture
+def artifact_with_eval(tiny_artifact, tmp_path):
+    """tiny_artifact with eval rows in its report, as `teal-quant run` with an `eval` section leaves them."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    report = json.loads((art / "calibration_report.json").read_text())
+    report["eval"] = {"window": 64, "dataset": {"type": "text", "name": "wiki.test.raw"}, "rows": [
+        {"model": "dense base", "level": None, "perplexity": 400.0, "realized_sparsity": None, "tokens": 252}] + [
+        {"model": "teal-quant", "level": lv, "perplexity": 410.0 + 10 * i, "realized_sparsity": lv, "tokens": 252}
+        for i, lv in enumerate(report["levels"])]}
+    (art / "calibration_report.json").write_text(json.dumps(report))
+    return art
+
+
+def test_inspect_json_and_plots(artifact_with_eval, tmp_path):
+    import matplotlib.image
+
+    art = artifact_with_eval
+    report = json.loads((art / "calibration_report.json").read_text())
+    result = teal_quant("inspect", art, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)  # nothing but the JSON on stdout
+    default = report["levels"].index(data["quantization"]["sparsity"]["default"])
+    assert [r["layer"] for r in data["layers"]] == [0, 1]
+    assert data["layers"][1]["down"] == report["layers"][1]["sparsity"][default]["down"]
+    assert data["eval"]["rows"] == report["eval"]["rows"] and data["config"]["num_hidden_layers"] == 2
+    assert data["bytes"] == sum(f.stat().st_size for f in art.iterdir())
+
+    plots = tmp_path / "plots"
+    result = teal_quant("inspect", art, "--plot", plots, "--layers", "0,1", "--json")
+    assert result.returncode == 0, result.stderr
+    names = ["allocation.png", "histograms_layer0.png", "histograms_layer1.png", "perplexity.png"]
+    assert json.loads(result.stdout)["plots"] == [str(plots / n) for n in names]
+    assert sorted(p.name for p in plots.iterdir()) == sorted(names)
+    for name in names:
+        image = matplotlib.image.imread(plots / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image[..., :3].std() > 0.05, name  # drawn, not blank
+    # one panel per distinct histogram (q/k/v, o, gate/up, down): the histogram figure is taller than it is wide
+    hist = matplotlib.image.imread(plots / "histograms_layer0.png")
+    assert hist.shape[0] > hist.shape[1]
+
+    result = teal_quant("inspect", art, "--plot", plots)  # no --layers: layer 0; no --json: the tables and the paths
+    assert result.returncode == 0 and f"wrote {plots / 'perplexity.png'}" in result.stdout
+
+    assert_one_line_error(teal_quant("inspect", art, "--plot", plots, "--layers", "7"), "--layers: layer 7 is not in")
+    assert_one_line_error(teal_quant("inspect", art, "--plot", plots, "--layers", "a"), "is not a list of layer numbers")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(teal_quant("inspect", art, "--plot", tmp_path / "file"), "exists and is not a directory")
+
+
+def test_plot_without_matplotlib_names_the_extra(tiny_artifact, tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from teal_quant.cli import main; "
+            f"sys.exit(main(['inspect', {str(tiny_artifact)!r}, '--plot', {str(tmp_path / 'p')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert_one_line_error(result, "plots need matplotlib, which is not installed: pip install 'teal-quant[plots]'")
+    assert result.stdout == "" and not (tmp_path / "p").exists()

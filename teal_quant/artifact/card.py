@@ -10,6 +10,8 @@ import yaml
 
 from teal_quant.artifact.format import TealQuantConfig
 
+PACKAGE_PREFIX = "package:"  # a model shipped inside a Python package (compression.sources): never a Hub id
+
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
 
@@ -50,29 +52,68 @@ def base_model_license(model_dir: str | Path, gguf_file: str | None = None) -> s
 class CardFacts:
     """Everything the model card states, as plain data built by the caller (the pipeline)."""
 
-    base_model: str  # the recipe's model.source
+    source: str  # the recipe's model.source, as written (a Hub id, `package:NAME` or a local path)
     quant: TealQuantConfig  # the artifact's quantization_config
     quantization: dict  # method and options, as in calibration_report.json ("quantization")
     calibration_sparsity: list[float]  # per level of quant.levels: size-weighted, mean over layers
+    base_model: str | None = None  # the base model's Hub repo id (metadata `base_model`); None when not on the Hub
     name: str | None = None  # the recipe's name (the title; default: the base model)
     license: str | None = None  # the base model's (base_model_license)
     repo_id: str | None = None  # where it will be pushed: goes into the usage snippet
     eval_rows: list[dict] = field(default_factory=list)  # teal_quant.evaluate rows: measured perplexity per level
     eval_window: int | None = None  # the evaluation's window length, when there are eval rows
+    eval_dataset: dict | None = None  # {type, name, config?, split?}: what the eval text is (model-index `dataset`)
+    allocation_plot: str | None = None  # file name of the allocation heatmap inside the artifact, when one was drawn
+
+
+def is_repo_id(value: str) -> bool:
+    """True for a Hub model id (`name` or `namespace/name`), as huggingface_hub validates it offline."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.startswith(PACKAGE_PREFIX) or value.startswith((".", "/", "~")) or "\\" in value:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def card_metadata(facts: CardFacts):
+    """The card's YAML metadata as huggingface_hub's ModelCardData (eval results become the `model-index`)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    quant = facts.quant
+    title = facts.name or facts.repo_id or f"{facts.base_model or Path(facts.source).name} (teal-quant)"
+    eval_results = None
+    rows = [r for r in facts.eval_rows if r.get("level") is not None]
+    if rows and facts.eval_dataset:
+        ds = facts.eval_dataset
+        eval_results = [
+            EvalResult(task_type="text-generation", task_name="Language modeling", dataset_type=ds["type"],
+                       dataset_name=ds["name"], dataset_config=ds.get("config"), dataset_split=ds.get("split"),
+                       metric_type="perplexity", metric_value=round(float(r["perplexity"]), 4),
+                       metric_name=f"perplexity at sparsity {r['level']:g}",
+                       metric_config=f"sparsity={r['level']:g}")
+            for r in rows
+        ]
+    return ModelCardData(
+        license=facts.license,
+        base_model=facts.base_model,
+        base_model_relation="quantized" if facts.base_model else None,
+        library_name="teal-quant",
+        pipeline_tag="text-generation",
+        tags=["teal-quant", "teal", "activation-sparsity", f"int{quant.bits}", quant.quantizer],
+        model_name=title if eval_results else None,
+        eval_results=eval_results,
+    )
 
 
 def model_card(facts: CardFacts) -> str:
-    """README.md of an artifact."""
-    quant, base = facts.quant, facts.base_model
-    metadata = {}
-    if facts.license:
-        metadata["license"] = facts.license
-    metadata.update({
-        "base_model": base,
-        "base_model_relation": "quantized",
-        "library_name": "teal-quant",
-        "tags": ["teal-quant", "teal", "activation-sparsity", f"int{quant.bits}", quant.quantizer],
-    })
+    """README.md of an artifact, built with huggingface_hub's ModelCard (metadata checked as it builds)."""
+    from huggingface_hub import ModelCard
+
+    quant, base = facts.quant, facts.base_model or facts.source
     evals = {round(r["level"], 6): r for r in facts.eval_rows if r.get("level") is not None}
     header = "| sparsity level | size-weighted sparsity on the calibration text |"
     rule = "|---|---|"
@@ -89,18 +130,22 @@ def model_card(facts: CardFacts) -> str:
     eval_note = ""
     if evals and facts.eval_window is not None:
         first = next(iter(evals.values()))
+        baseline = next((r for r in facts.eval_rows if r.get("level") is None), None)
+        base_note = f" The unquantized base model: perplexity {baseline['perplexity']:.2f}." if baseline else ""
         eval_note = (f"\nPerplexity: {first['tokens']} tokens of the recipe's `eval` text, windows of {facts.eval_window}, "
-                     "every token sparsified (as in decode).\n")
+                     f"every token sparsified (as in decode).{base_note}\n")
+    plot = ""
+    if facts.allocation_plot:
+        plot = (f"\n![Sparsity per layer and projection at each level]({facts.allocation_plot})\n\n"
+                "Sparsity chosen for each projection of each decoder layer, per level.\n")
     group = "per-channel" if quant.group_size == -1 else f"group size {quant.group_size}"
     method_note = _quantizer_note(facts.quantization)
     location = facts.repo_id or "path/or/repo-id"
-    return f"""---
-{yaml.safe_dump(metadata, sort_keys=False).strip()}
----
-
+    source_note = "" if facts.source == base else f" (read from `{facts.source}`)"
+    body = f"""
 # {facts.name or base} — teal-quant int{quant.bits} + TEAL sparsity
 
-`{base}` compressed by [teal-quant](https://pypi.org/project/teal-quant/): {quant.quantizer.upper()} int{quant.bits}
+`{base}`{source_note} compressed by [teal-quant](https://pypi.org/project/teal-quant/): {quant.quantizer.upper()} int{quant.bits}
 weights ({group}, {'symmetric' if quant.sym else 'asymmetric'}), and TEAL activation-sparsity thresholds for
 every linear layer at the levels below ({quant.allocation} allocation across the projections of each block,
 {quant.criterion.replace("_", "-")} criterion). Decoding skips the weight rows whose input activation is below the threshold.{method_note}
@@ -108,7 +153,7 @@ every linear layer at the levels below ({quant.allocation} allocation across the
 {header}
 {rule}
 {chr(10).join(rows)}
-{eval_note}
+{eval_note}{plot}
 ## Usage
 
 ```python
@@ -123,6 +168,8 @@ teal_quant.set_sparsity(model, {quant.levels[-1]:g})   # any level above; 0 keep
 The recipe that produced this artifact is in `recipe.yaml`; per-layer allocations and thresholds are in
 `calibration_report.json`.
 """
+    metadata = card_metadata(facts)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}", ignore_metadata_errors=False))
 
 
 def _quantizer_note(quantization: dict) -> str:

@@ -33,6 +33,8 @@ SINGLE_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "calibration_report.json"
 CARD_FILE = "README.md"
+SHARD_PATTERNS = ("model-*-of-*.safetensors", SINGLE_FILE)  # the weight files an artifact may have (stale after a re-shard)
+ALLOCATION_PLOT_FILE = "allocation.png"  # the allocation heatmap the card embeds (when matplotlib is installed)
 PACKING = {4: "int4-n8", 8: "int8"}
 
 # Tensor keys: a transformers model's state_dict keys, with each quantized linear P (e.g.

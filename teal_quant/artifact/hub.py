@@ -7,6 +7,9 @@ The only module of teal-quant that touches the network; everything goes through 
   `hf auth login` file). The token is never printed, logged or written: error messages are scrubbed of it.
 - Every failure (network, 401/403, a repo of another type, a server dying mid-upload, offline mode) becomes one
   `HubError` line. A push never writes into the local artifact.
+- A push uploads the artifact's files (replacing the remote copies of those names, README.md included) and removes
+  only stale weight shards of an earlier push; every other remote file stays unless `delete_extra`, which makes the
+  remote revision mirror the artifact.
 - Pushing is idempotent: huggingface_hub asks the server for the remote oid of every file before uploading and
   drops unchanged files; when nothing changed, no commit is made and the result names the existing head commit
   (`PushResult.changed` is False). Files already stored on the server (e.g. uploaded before a connection broke)
@@ -66,12 +69,15 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     message: str | None = None,
+    delete_extra: bool = False,
 ) -> PushResult:
     """Upload a validated artifact directory to a model repo (created when missing, private by default).
 
-    `revision` is a branch (created from main when missing). Returns the commit URL (a `PushResult`).
+    `revision` is a branch (created from main when missing). Remote files the artifact does not have (an edited
+    README, a file added on the Hub) are left alone unless `delete_extra`, which makes the revision mirror the
+    artifact (stale shards of an earlier push removed too). Returns the commit URL (a `PushResult`).
     """
-    from teal_quant.artifact.format import read_artifact
+    from teal_quant.artifact.format import SHARD_PATTERNS, read_artifact
 
     artifact = read_artifact(artifact_dir)  # ArtifactError before any network traffic
     token = token.strip() or None if token else token  # as huggingface_hub strips HF_TOKEN and the login file
@@ -97,7 +103,9 @@ def push(
             repo_type=REPO_TYPE,
             revision=branch,
             commit_message=message or default_message,
-            delete_patterns=["*"],  # the remote revision mirrors the artifact (stale shards removed)
+            # default: only weight shards of an earlier push that this artifact no longer has (the index names none of
+            # them); every other remote file stays. delete_extra: the revision mirrors the artifact.
+            delete_patterns=["*"] if delete_extra else list(SHARD_PATTERNS),
         )
     return PushResult(info.commit_url, oid=info.oid, changed=info.oid != before, repo_url=repo_url)
 
@@ -192,6 +200,8 @@ def _reason(error: BaseException, offline: bool) -> str | None:
         chain.append(e)
         e = e.__cause__ or e.__context__
     for e in chain:
+        if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md"):
+            return "the Hub refused the model card's metadata (" + " ".join(str(e).split("\n")[1:]).strip() + ")"
         if isinstance(e, HFValidationError):
             return f"not a valid repo id ({first_line(e)})"
         if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or (offline and isinstance(e, FileNotFoundError)):

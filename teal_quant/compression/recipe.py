@@ -31,6 +31,18 @@ class ModelSpec(_Section):
     gguf_file: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # the base model's Hub repo id, for the model card's `base_model` metadata when `source` is a local directory or
+    # `package:NAME` (a Hub id source names itself)
+    base_model: str | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        from teal_quant.artifact.card import is_repo_id
+
+        if v is not None and not is_repo_id(v):
+            raise ValueError(f"'{v}' is not a Hub model id (namespace/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+        return v
 
 
 class TextFilesSource(_Section):
@@ -198,6 +210,7 @@ class HubSpec(_Section):
     private: bool = True
     revision: str | None = None
     endpoint: str | None = None
+    delete_extra: bool = False  # also delete remote files the artifact lacks (default: leave them, e.g. an edited README)
 
     @model_validator(mode="before")
     @classmethod

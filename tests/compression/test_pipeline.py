@@ -50,12 +50,37 @@ def test_artifact_follows_the_contract(tiny_artifact):
             assert th[0] == 0 and bool((th[1:] >= th[:-1]).all()) and float(th[-1]) > 0
     card = (tiny_artifact / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model_relation"] == "quantized" and meta["library_name"] == "teal-quant" and meta["base_model"]
-    assert "teal-quant" in meta["tags"]
+    assert meta["library_name"] == "teal-quant" and "teal-quant" in meta["tags"]
+    assert "base_model" not in meta  # the source is a local directory and the recipe names no model.base_model
+    assert "![Sparsity per layer and projection at each level](allocation.png)" in card
+    assert (tiny_artifact / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tiny_artifact / "calibration_report.json").read_text())
     for layer in report["layers"]:
         for j, level in enumerate(report["levels"]):
             assert layer["calibration_sparsity"][j] == pytest.approx(level, abs=0.02)
+        # compact histograms: q/k/v share one (magnitude criterion), gate/up another; each holds every token's score
+        groups = layer["histograms"]
+        assert [g["projections"] for g in groups] == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+        for g in groups:
+            assert 1 <= len(g["counts"]) <= 256 and g["log10_step"] > 0
+            assert sum(g["counts"]) + g["zeros"] + g["below"] + g["above"] == 8 * 64 * (128 if g["projections"] == ["down"] else 64)
+            # the stored thresholds lie inside the histogram's range: the inverse CDF of the same counts
+            edges = (10 ** g["log10_low"], 10 ** (g["log10_low"] + len(g["counts"]) * g["log10_step"]))
+            for t in [t for t in layer["thresholds"][g["projections"][0]] if t > 0]:  # 0: sparsity 0 at that level
+                assert edges[0] <= t <= edges[1]
+
+
+def test_base_model_from_the_recipe_names_a_local_source(tiny_llama, tmp_path):
+    from _support import tiny_recipe_text
+
+    import teal_quant
+
+    text = tiny_recipe_text(tiny_llama, tmp_path / "a", model=f"model: {{source: '{tiny_llama}', dtype: float32, "
+                            "base_model: HuggingFaceTB/SmolLM2-135M-Instruct}", sparsity="sparsity: {levels: [0.5], "
+                            "default: 0.5, allocation: uniform}")
+    card = (teal_quant.compress(teal_quant.Recipe.from_yaml_text(text)) / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "quantized"
 
 
 def test_level_zero_equals_the_dequantized_float_model(tiny_artifact, tiny_llama):
@@ -155,11 +180,12 @@ def test_layer_streaming_reproduces_the_full_model(tiny_llama):
 def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_llama, tmp_path):
     """compress_recipe(evaluate=...) runs the hook on the staged directory (loadable, destination not there yet); the
     card is written once, after it, with its rows; a failing hook still leaves the complete artifact in place."""
-    from _support import tiny_recipe_text
+    from _support import WIKITEXT, tiny_recipe_text
 
     from teal_quant.compression.pipeline import compress_recipe
 
-    recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(tiny_llama, tmp_path / "a"))
+    recipe = teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
+        tiny_llama, tmp_path / "a", eval=f"eval: {{source: {{kind: text_files, paths: ['{WIKITEXT}']}}, window: 32}}"))
     seen = {}
 
     def evaluate(staged):
@@ -174,6 +200,12 @@ def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_lla
     assert result.eval_rows[-1]["perplexity"] == 103.0 and seen["levels"] == result.levels
     card = (result.artifact / "README.md").read_text()
     assert "| 0.5 | " in card and " 103.00 | 0.500 |" in card
+    meta = yaml.safe_load(card.split("---")[1])  # perplexity per level as the model-index's eval results
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == [100.0, 101.0, 102.0, 103.0]
+    assert meta["model-index"][0]["results"][0]["dataset"] == {"name": "wiki.test.raw", "type": "text"}
+    report = json.loads((result.artifact / "calibration_report.json").read_text())
+    assert report["eval"]["rows"] == result.eval_rows and report["eval"]["window"] == recipe.eval.window
 
     def broken(staged):
         raise teal_quant.DataError("eval text: no such file")

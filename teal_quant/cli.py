@@ -1,6 +1,8 @@
 """teal-quant command line: argument parsing and exit codes only; the work is done by library functions.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted.
+Output: summaries and tables on stdout; progress bars and the library's `logging` messages (logger "teal_quant") on
+stderr. --verbose shows debug messages, --quiet only warnings and errors, and no progress bars.
 """
 
 from __future__ import annotations
@@ -24,12 +26,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _verbosity_args(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--verbose", "-v", dest="verbosity", action="store_const", const="verbose", default=default,
+                       help="also show debug messages")
+    group.add_argument("--quiet", "-q", dest="verbosity", action="store_const", const="quiet", default=default,
+                       help="only warnings and errors; no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="teal-quant", description="int4/int8 weights + TEAL activation sparsity in one artifact")
     from teal_quant import __version__
 
     parser.add_argument("--version", action="version", version=f"teal-quant {__version__}")
+    _verbosity_args(parser, default="normal")
+    common = argparse.ArgumentParser(add_help=False)  # also accepted after the command: `teal-quant run r.yaml -q`
+    _verbosity_args(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
     run = sub.add_parser("run", help="run a recipe: calibrate, quantize, write the artifact")
     run.add_argument("recipe", type=Path)
@@ -117,12 +132,28 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _setup_logging(verbosity: str) -> None:
+    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose."""
+    import logging
+
+    logger = logging.getLogger("teal_quant")
+    if not any(getattr(h, "_teal_quant_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("teal-quant: %(message)s"))
+        handler._teal_quant_cli = True
+        logger.addHandler(handler)
+    logger.setLevel({"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from teal_quant.errors import TealQuantError
+    from teal_quant.progress import show_progress
 
+    _setup_logging(args.verbosity)
     try:
-        return _dispatch(args)
+        with show_progress(args.verbosity != "quiet"):
+            return _dispatch(args)
     except TealQuantError as e:
         print(f"teal-quant: error: {e}", file=sys.stderr)
         return 2
@@ -142,20 +173,22 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
+        from teal_quant.report import print_run_summary
         from teal_quant.workflow import run
 
-        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
+        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite, report=print_run_summary)
         return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "convert-gptq":
         from teal_quant.compression.recipe import convert_gptq_recipe
+        from teal_quant.report import print_run_summary
         from teal_quant.workflow import run
 
         recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,
                                      calibration=args.calibration, allocation=args.allocation, device=args.device,
                                      overwrite=args.overwrite)
-        run(recipe)
+        run(recipe, report=print_run_summary)
         return 0
     if args.command == "inspect":
         from teal_quant.describe import inspect_artifact

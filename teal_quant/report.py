@@ -1,4 +1,5 @@
-"""Summary tables printed at the end of a run, an eval or an inspect."""
+"""Summary tables the command line prints at the end of a run, an eval or an inspect (library calls print nothing:
+they return the numbers, teal_quant.cli prints them with these functions)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def print_run_summary(summary) -> None:
         f"artifact {human_bytes(summary.artifact_bytes)} on disk vs dense {human_bytes(summary.dense_bytes)} "
         f"({ratio:.2f}x); wall time {summary.seconds:.0f}s ({stages})"
     )
+    if getattr(summary, "push", None):
+        console.print(f"pushed: {summary.push}")
 
 
 def print_eval_table(title: str, rows: list[dict]) -> None:

@@ -237,17 +237,28 @@ class Recipe(_Section):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         """Read and validate a recipe file; any problem raises RecipeError with one clear line."""
+        return cls.from_dict(cls.read_yaml_data(path), origin=str(path))
+
+    @staticmethod
+    def read_yaml_data(path: str | Path) -> dict[str, Any]:
+        """A recipe file's YAML mapping, not yet validated (teal_quant.compress merges overrides into it first)."""
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise RecipeError(f"{path}: recipe file not found") from None
+        except IsADirectoryError:
+            raise RecipeError(f"{path}: is a directory, expected a recipe YAML file") from None
         except OSError as e:
             raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-        return cls.from_yaml_text(text, origin=str(path))
+        return Recipe._yaml_mapping(text, str(path))
 
     @classmethod
     def from_yaml_text(cls, text: str, origin: str = "<recipe>") -> "Recipe":
+        return cls.from_dict(cls._yaml_mapping(text, origin), origin=origin)
+
+    @staticmethod
+    def _yaml_mapping(text: str, origin: str) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -257,10 +268,12 @@ class Recipe(_Section):
             raise RecipeError(f"{origin}: malformed YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
-        return cls.from_dict(data, origin=origin)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<recipe>") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: a recipe must be a mapping, got {type(data).__name__}")
         try:
             return cls.model_validate(data)
         except ValidationError as e:

@@ -42,6 +42,7 @@ def register() -> None:
     with _lock:
         if _registered:
             return
+        import transformers.quantizers.auto as auto
         from transformers.quantizers.auto import (
             AUTO_QUANTIZATION_CONFIG_MAPPING,
             AUTO_QUANTIZER_MAPPING,
@@ -50,8 +51,6 @@ def register() -> None:
         )
 
         from teal_quant.artifact.format import QUANT_METHOD
-
-        import transformers.quantizers.auto as auto
 
         config_cls, quantizer_cls = _classes()
         # A user's TealQuantConfig(sparsity=..., prefill=...) passed to from_pretrained is merged into the artifact's

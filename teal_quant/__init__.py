@@ -6,11 +6,15 @@ import logging as _logging  # noqa: E402
 
 from teal_quant.compression.recipe import Recipe  # noqa: E402
 from teal_quant.errors import ArtifactError, DataError, HubError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
+from teal_quant.harness import install as _install_lm_eval_integration  # noqa: E402
 from teal_quant.runtime.hf import install as _install_transformers_integration  # noqa: E402
 
 # AutoModelForCausalLM.from_pretrained(artifact) works after `import teal_quant`: the quantizer is registered when
 # transformers' quantizer registry is imported (at once if it already is); see teal_quant/hf.py.
 _install_transformers_integration()
+
+# lm-evaluation-harness finds the model type `teal` once lm_eval's model registry is imported (teal_quant/harness.py).
+_install_lm_eval_integration()
 
 # What the library reports goes to the standard logger "teal_quant" (module loggers teal_quant.*); it prints nothing.
 _logging.getLogger("teal_quant").addHandler(_logging.NullHandler())

@@ -55,3 +55,13 @@ def print_eval_table(title: str, rows: list[dict]) -> None:
             "-" if r["realized_sparsity"] is None else f"{r['realized_sparsity']:.3f}", str(r["tokens"]), f"{r['seconds']:.0f}",
         )
     console.print(table)
+
+
+def print_task_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for col in ("task", "metric", "level", "value", "stderr", "realized sparsity"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for r in rows:
+        table.add_row(r["task"], r["metric"], f"{r['level']:g}", f"{r['value']:.4f}",
+                      "" if r["stderr"] is None else f"{r['stderr']:.4f}", f"{r['realized_sparsity']:.3f}")
+    console.print(table)

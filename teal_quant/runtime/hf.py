@@ -30,10 +30,7 @@ _registered = False
 
 def install() -> None:
     """Make transformers load teal-quant artifacts: now if its quantizer registry is loaded, else when it is."""
-    if _REGISTRY_MODULE in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegistryImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegistryImportHook())
+    after_import(_REGISTRY_MODULE, register)
 
 
 def register() -> None:
@@ -64,11 +61,15 @@ def register() -> None:
         _registered = True
 
 
-class _RegistryImportHook(importlib.abc.MetaPathFinder):
-    """Wraps the loader of transformers.quantizers.auto so that `register()` runs right after it executes."""
+class AfterImportHook(importlib.abc.MetaPathFinder):
+    """Wraps the loader of module `fullname` so that `callback()` runs right after the module first executes.
+    Also used by teal_quant.harness for lm-evaluation-harness's model registry."""
+
+    def __init__(self, fullname: str, callback) -> None:
+        self.fullname, self.callback = fullname, callback
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _REGISTRY_MODULE:
+        if fullname != self.fullname:
             return None
         sys.meta_path.remove(self)  # find the real spec without ourselves; one shot
         spec = importlib.util.find_spec(fullname)
@@ -76,13 +77,22 @@ class _RegistryImportHook(importlib.abc.MetaPathFinder):
             return spec
         loader = spec.loader
         original_exec = loader.exec_module
+        callback = self.callback
 
         def exec_module(module):
             original_exec(module)
-            register()
+            callback()
 
         loader.exec_module = exec_module
         return spec
+
+
+def after_import(fullname: str, callback) -> None:
+    """Run `callback()` now if module `fullname` is imported, else right after it is first imported."""
+    if fullname in sys.modules:
+        callback()
+    elif not any(isinstance(f, AfterImportHook) and f.fullname == fullname for f in sys.meta_path):
+        sys.meta_path.insert(0, AfterImportHook(fullname, callback))
 
 
 _CLASSES = None

@@ -1,12 +1,16 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(artifact_or_repo_id)` after `import teal_quant`.
 
-A thin adapter (after transformers' quantizer_compressed_tensors.py): `TealQuantHfConfig` (a
-QuantizationConfigMixin for quant_method "teal_quant") and `TealQuantHfQuantizer`, registered with
+A thin adapter (after transformers' quantizer_compressed_tensors.py): `TealQuantConfig` (a
+QuantizationConfigMixin for quant_method "teal_quant", also the user's load-time options:
+`from_pretrained(path, quantization_config=teal_quant.TealQuantConfig(sparsity=0.5, prefill="sparse"))`; transformers
+merges its get_loading_attributes() into the artifact's config once the class is in
+transformers.quantizers.auto.LOADING_ATTRIBUTES_CONFIG_TYPES, which register() extends) and `TealQuantHfQuantizer`,
+registered with
 transformers.quantizers.register_quantization_config / register_quantizer. Before the weights load, the quantizer
 swaps the seven projections of every decoder layer for TealLinear modules on the meta device (assemble.replace_linears),
 so the packed tensors load straight into their buffers and no dense weight is ever allocated; after, it builds the
 runtime state, checks thresholds / channel_scale / perm and selects the artifact's default level
-(assemble.finish_assembly), as teal_quant.load does. `save_pretrained` writes the same tensors and config back.
+(assemble.finish_assembly), as teal_quant.load does, then applies the load-time sparsity / prefill. `save_pretrained` writes the same tensors and config back.
 
 Hooks used (present in transformers 5.17 and 5.24): validate_environment, update_dtype, _process_model_before_weight_loading,
 _process_model_after_weight_loading, is_serializable, is_trainable, is_qat_trainable, is_compileable.

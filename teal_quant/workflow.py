@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 class RunSummary(Compression):
     """The pipeline's numbers, plus the whole run's wall time and the push.
 
-    Usable where a path was expected: `os.fspath(summary)`, `str(summary)`, `Path(summary)` and `summary / "config.json"`
-    all mean the artifact directory (`summary.artifact`)."""
+    Usable where a path was expected (compress() returned a pathlib.Path before): `os.fspath(summary)`, `str(summary)`,
+    `Path(summary)`, `summary / "config.json"` and Path's methods (`summary.iterdir()`) all mean the artifact directory
+    (`summary.artifact`)."""
 
     seconds: float = 0.0
     push: str | None = None  # the commit URL when the recipe has a `hub` section and the push succeeded
@@ -45,6 +46,13 @@ class RunSummary(Compression):
 
     def __truediv__(self, other: str | os.PathLike) -> Path:
         return Path(self.artifact) / other
+
+    def __getattr__(self, name: str):
+        # compress() returned a pathlib.Path before: Path's public methods and properties (glob, iterdir, exists,
+        # name, ...) still work on the result and mean the artifact directory's
+        if not name.startswith("_") and hasattr(Path, name) and "artifact" in self.__dict__:
+            return getattr(Path(self.artifact), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def rows(self) -> list[dict]:

@@ -79,3 +79,14 @@ def test_library_modules_do_not_print():
         if "print(" in text or "console" in text:
             offenders.append(str(file.relative_to(root)))
     assert offenders == []
+
+
+def test_the_result_still_works_as_the_path_compress_used_to_return(tiny_llama, tmp_path):
+    from teal_quant.workflow import RunSummary
+
+    summary = RunSummary(artifact=tmp_path, levels=[0.0], default_level=0.0, calibration_sparsity=[0.0], block_error={},
+                         artifact_bytes=0, dense_bytes=0)
+    (tmp_path / "x.json").write_text("{}")
+    assert [p.name for p in summary.iterdir()] == ["x.json"] and summary.exists() and summary.name == tmp_path.name
+    with pytest.raises(AttributeError):
+        summary.no_such_thing

@@ -85,4 +85,5 @@ def test_lm_eval_command_line_runs_the_teal_model(tiny_artifact, tmp_path):
     results = list((tmp_path / "out").rglob("results_*.json"))
     assert len(results) == 1
     saved = json.loads(results[0].read_text())
-    assert saved["config"]["model"] == "teal" and "sparsity=0.5" in str(saved["config"]["model_args"])
+    assert saved["config"]["model"] == "teal"
+    assert saved["config"]["model_args"] == {"pretrained": str(tiny_artifact), "sparsity": 0.5}

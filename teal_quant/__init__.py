@@ -2,26 +2,43 @@
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
 from teal_quant.compression.recipe import Recipe  # noqa: E402
 from teal_quant.errors import ArtifactError, DataError, HubError, ModelSourceError, RecipeError, TealQuantError  # noqa: E402
+from teal_quant.harness import install as _install_lm_eval_integration  # noqa: E402
 from teal_quant.runtime.hf import install as _install_transformers_integration  # noqa: E402
 
 # AutoModelForCausalLM.from_pretrained(artifact) works after `import teal_quant`: the quantizer is registered when
 # transformers' quantizer registry is imported (at once if it already is); see teal_quant/runtime/hf.py.
 _install_transformers_integration()
 
+# lm-evaluation-harness finds the model type `teal` once lm_eval's model registry is imported (teal_quant/harness.py).
+_install_lm_eval_integration()
+
+# What the library reports goes to the standard logger "teal_quant" (module loggers teal_quant.*); it prints nothing.
+_logging.getLogger("teal_quant").addHandler(_logging.NullHandler())
+
 
 def __getattr__(name: str):
     # Heavy entry points (transformers, the pipeline) are imported on first use, so `import teal_quant`
     # and the CLI's argument errors stay fast.
-    if name == "compress":
-        from teal_quant.compression.pipeline import compress
+    if name in ("compress", "RunSummary"):
+        from teal_quant import workflow
 
-        return compress
+        return getattr(workflow, name)
     if name in ("load", "set_sparsity", "realized_sparsity"):
         from teal_quant.runtime import loading
 
         return getattr(loading, name)
+    if name == "set_prefill_mode":
+        from teal_quant.runtime.modules import set_prefill_mode
+
+        return set_prefill_mode
+    if name == "TealQuantConfig":  # transformers' QuantizationConfigMixin: imports transformers on first use
+        from teal_quant.runtime.hf import TealQuantConfig
+
+        return TealQuantConfig
     if name in ("generate", "Decoder"):
         from teal_quant.runtime import decoding
 
@@ -42,9 +59,12 @@ __all__ = [
     "ArtifactError",
     "HubError",
     "compress",
+    "RunSummary",
+    "TealQuantConfig",
     "load",
     "set_sparsity",
     "realized_sparsity",
+    "set_prefill_mode",
     "push",
     "generate",
     "Decoder",

@@ -2,6 +2,8 @@
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an internal error, 130 interrupted (Ctrl-C,
 SIGINT), 143 terminated (SIGTERM); after either signal the staged output is removed (docs/safety.md).
+Output: summaries and tables on stdout; progress bars and the library's `logging` messages (logger "teal_quant") on
+stderr. --verbose shows debug messages, --quiet only warnings and errors, and no progress bars.
 """
 
 from __future__ import annotations
@@ -27,27 +29,55 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _verbosity_args(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--verbose", "-v", dest="verbosity", action="store_const", const="verbose", default=default,
+                       help="also show debug messages")
+    group.add_argument("--quiet", "-q", dest="verbosity", action="store_const", const="quiet", default=default,
+                       help="only warnings and errors; no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="teal-quant", description="int4/int8 weights + TEAL activation sparsity in one artifact")
     from teal_quant import __version__
 
     parser.add_argument("--version", action="version", version=f"teal-quant {__version__}")
+    _verbosity_args(parser, default="normal")
+    common = argparse.ArgumentParser(add_help=False)  # also accepted after the command: `teal-quant run r.yaml -q`
+    _verbosity_args(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
     run = sub.add_parser("run", help="run a recipe: calibrate, quantize, write the artifact")
     run.add_argument("recipe", type=Path)
     run.add_argument("--output", "-o", type=Path, help="artifact directory (overrides output.dir)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing artifact")
 
-    ev = sub.add_parser("eval", help="perplexity and realized sparsity of an artifact, level by level")
+    ev = sub.add_parser("eval", help="perplexity (--text) or lm-evaluation-harness tasks (--tasks) of an artifact, "
+                                     "with realized sparsity, level by level")
     ev.add_argument("artifact")
-    ev.add_argument("--text", required=True, nargs="+", help="text file(s) or globs to evaluate on")
-    ev.add_argument("--tokens", type=int, default=16384)
-    ev.add_argument("--window", type=int, default=1024)
-    ev.add_argument("--levels", type=_levels, help="levels to evaluate (default: all of the artifact's)")
-    ev.add_argument("--baseline", action="store_true", help="also evaluate the float base model named in recipe.yaml")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", nargs="+", help="text file(s) or globs: perplexity over windows of them")
+    what.add_argument("--tasks", type=_names, help="lm-eval tasks, comma separated (wikitext,lambada_openai,...; "
+                                                   "needs the [eval] extra)")
+    ev.add_argument("--levels", "--sparsity", dest="levels", type=_levels,
+                    help="levels to evaluate (default: all of the artifact's with --text, its default with --tasks)")
+    ev.add_argument("--prefill", choices=("sparse", "dense", "sparse_last_half"), default="sparse",
+                    help="sparse (default): every token thresholded, so the numbers measure TEAL")
+    ev.add_argument("--tokens", type=int, default=16384, help="--text: tokens to evaluate")
+    ev.add_argument("--window", type=int, default=1024, help="--text: window length")
+    ev.add_argument("--baseline", action="store_true", help="--text: also evaluate the float base model named in recipe.yaml")
+    ev.add_argument("--limit", type=float, help="--tasks: documents per task (a fraction when < 1)")
+    ev.add_argument("--batch-size", default="1", help="--tasks: lm-eval batch size (a number or 'auto')")
+    ev.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples")
+    ev.add_argument("--include-path", action="append", help="--tasks: a folder of extra lm-eval task YAMLs")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's own command line with the model type `teal` registered "
+                                   "(lm-eval run --model teal --model_args pretrained=ARTIFACT,sparsity=0.4 ...)",
+                   add_help=False)
 
     conv = sub.add_parser("convert-gptq", help="import a GPTQ checkpoint: calibrate TEAL thresholds, keep its weights")
     conv.add_argument("source", help="GPTQ checkpoint (local directory or Hub repo id)")
@@ -137,11 +167,35 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _setup_logging(verbosity: str) -> None:
+    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose."""
+    import logging
+
+    logger = logging.getLogger("teal_quant")
+    if not any(getattr(h, "_teal_quant_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("teal-quant: %(message)s"))
+        handler._teal_quant_cli = True
+        logger.addHandler(handler)
+    logger.setLevel({"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO))
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
+        from teal_quant.errors import TealQuantError, scrub
+        from teal_quant.harness import run_cli
+
+        try:
+            return run_cli(argv[1:])
+        except TealQuantError as e:
+            print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     from teal_quant.errors import Interrupted, TealQuantError, Terminated, scrub
+    from teal_quant.progress import show_progress
 
     def terminate(signum, frame):
         raise Terminated()
@@ -149,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     def interrupt(signum, frame):
         raise Interrupted()
 
+    _setup_logging(args.verbosity)
     previous = signal.signal(signal.SIGTERM, terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled already
         signal.signal(signal.SIGINT, interrupt)
     try:
-        return _dispatch(args)
+        with show_progress(args.verbosity != "quiet"):
+            return _dispatch(args)
     except Terminated:
         print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
         return 143
@@ -184,20 +240,22 @@ def _one_line(text: str) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
+        from teal_quant.report import print_run_summary
         from teal_quant.workflow import run
 
-        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite)
+        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite, report=print_run_summary)
         return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "convert-gptq":
         from teal_quant.compression.recipe import convert_gptq_recipe
+        from teal_quant.report import print_run_summary
         from teal_quant.workflow import run
 
         recipe = convert_gptq_recipe(args.source, args.output, levels=args.levels, default=args.default,
                                      calibration=args.calibration, allocation=args.allocation, device=args.device,
                                      overwrite=args.overwrite)
-        run(recipe)
+        run(recipe, report=print_run_summary)
         return 0
     if args.command == "inspect":
         from teal_quant.describe import inspect_artifact
@@ -261,6 +319,11 @@ def _eval(args: argparse.Namespace) -> int:
     from teal_quant.report import print_eval_table
     from teal_quant.runtime.loading import resolve_artifact
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    for option in ("limit", "num_fewshot", "include_path"):
+        if getattr(args, option) is not None:
+            raise TealQuantError(f"--{option.replace('_', '-')} is an option of --tasks (lm-eval), not of --text")
     if args.tokens < 16 or args.window < 8:
         raise TealQuantError("--tokens must be >= 16 and --window >= 8")
     if args.levels is not None and not args.levels:
@@ -277,11 +340,46 @@ def _eval(args: argparse.Namespace) -> int:
             except ValueError as e:
                 raise TealQuantError(f"--levels: {e}") from None
     rows = evaluate_artifact(artifact.path, TextFilesSource(kind="text_files", paths=args.text), tokens=args.tokens,
-                             window=args.window, levels=levels, device=args.device, baseline=args.baseline)
+                             window=args.window, levels=levels, device=args.device, baseline=args.baseline,
+                             prefill=args.prefill)
     print_eval_table(f"{artifact.path}: {rows[0]['tokens']} tokens, windows of {args.window}", rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    from teal_quant.errors import TealQuantError
+    from teal_quant.harness import evaluate_tasks
+    from teal_quant.report import print_task_table
+
+    if args.baseline:
+        raise TealQuantError("--baseline is an option of --text; for lm-eval run the base model with `lm-eval --model hf`")
+    if not args.tasks:
+        raise TealQuantError("--tasks: name at least one lm-eval task")
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    batch_size = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size, "--batch-size")
+    rows = evaluate_tasks(args.artifact, args.tasks, levels=args.levels, prefill=args.prefill, limit=limit,
+                          batch_size=batch_size, device=args.device, include_path=args.include_path,
+                          num_fewshot=args.num_fewshot)
+    print_task_table(f"{args.artifact}: lm-eval, {args.prefill} prefill", rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _positive_int(text: str, option: str) -> int:
+    from teal_quant.errors import TealQuantError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TealQuantError(f"{option}: expected a positive integer or 'auto', got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

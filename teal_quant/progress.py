@@ -1,7 +1,13 @@
-"""Progress bars for every step a user waits for (rich, on stderr so stdout keeps the summary)."""
+"""Progress bars for every step a user waits for (rich, on stderr so stdout keeps the summary).
+
+Library calls draw nothing unless asked: bars are shown only inside `show_progress()` (the CLI turns it on unless
+--quiet; `teal_quant.compress(..., progress=True)` turns it on for one call).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
 
@@ -20,13 +26,30 @@ from rich.progress import Progress as _RichProgress
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("teal_quant_progress", default=False)
+
+
+def progress_enabled() -> bool:
+    return _enabled.get()
+
+
+@contextlib.contextmanager
+def show_progress(enabled: bool = True):
+    """Draw progress bars for the library calls made inside this block (nested blocks may turn them off again)."""
+    token = _enabled.set(enabled)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
 
 class Progress(_RichProgress):
-    """rich Progress with the project's columns; silent when TEAL_QUANT_QUIET=1 or stderr is not a terminal
-    and CI is set (progress redraws would flood CI logs)."""
+    """rich Progress with the project's columns; silent outside `show_progress()`, when TEAL_QUANT_QUIET=1, or when
+    stderr is not a terminal and CI is set (progress redraws would flood CI logs)."""
 
     def __init__(self) -> None:
-        quiet = os.environ.get("TEAL_QUANT_QUIET") == "1" or (os.environ.get("CI") and not sys.stderr.isatty())
+        quiet = (not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1"
+                 or (os.environ.get("CI") and not sys.stderr.isatty()))
         super().__init__(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),

@@ -1,4 +1,5 @@
-"""Summary tables printed at the end of a run, an eval or an inspect."""
+"""Summary tables the command line prints at the end of a run, an eval or an inspect (library calls print nothing:
+they return the numbers, teal_quant.cli prints them with these functions)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def print_run_summary(summary) -> None:
         f"artifact {human_bytes(summary.artifact_bytes)} on disk vs dense {human_bytes(summary.dense_bytes)} "
         f"({ratio:.2f}x); wall time {summary.seconds:.0f}s ({stages})"
     )
+    if getattr(summary, "push", None):
+        console.print(f"pushed: {summary.push}")
 
 
 def print_eval_table(title: str, rows: list[dict]) -> None:
@@ -51,4 +54,14 @@ def print_eval_table(title: str, rows: list[dict]) -> None:
             r.get("model", "teal-quant"), "-" if r["level"] is None else f"{r['level']:g}", f"{r['perplexity']:.3f}",
             "-" if r["realized_sparsity"] is None else f"{r['realized_sparsity']:.3f}", str(r["tokens"]), f"{r['seconds']:.0f}",
         )
+    console.print(table)
+
+
+def print_task_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for col in ("task", "metric", "level", "value", "stderr", "realized sparsity"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for r in rows:
+        table.add_row(r["task"], r["metric"], f"{r['level']:g}", f"{r['value']:.4f}",
+                      "" if r["stderr"] is None else f"{r['stderr']:.4f}", f"{r['realized_sparsity']:.3f}")
     console.print(table)

@@ -2,35 +2,123 @@
 
 The pipeline (teal_quant.compression.pipeline) only compresses. When the recipe has `eval`, this module hands it an
 evaluation of the complete artifact directory, which runs before the artifact is moved into place, so the model
-card is written once with the measured perplexity. Then, with a `hub` section, the artifact is pushed, and the run
-summary is printed. A failed push leaves the artifact in place; its error is raised after the summary.
+card is written once with the measured perplexity. Then, with a `hub` section, the artifact is pushed. A failed
+push leaves the artifact in place; its error is raised after the summary was handed to `report`.
+
+Nothing here prints: `compress()` (the Python API, `teal_quant.compress`) returns a RunSummary, the CLI prints it
+(teal_quant.report), and what the library has to say goes to the standard `logging` logger "teal_quant.workflow".
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from teal_quant.compression.pipeline import Compression, compress_recipe
 from teal_quant.compression.recipe import Recipe
 from teal_quant.devices import select_device
-from teal_quant.errors import HubError, TealQuantError, quote
+from teal_quant.errors import HubError, RecipeError, TealQuantError, quote
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RunSummary(Compression):
-    """The pipeline's numbers, plus the whole run's wall time and the push."""
+    """The pipeline's numbers, plus the whole run's wall time and the push.
+
+    Usable where a path was expected (compress() returned a pathlib.Path before): `os.fspath(summary)`, `str(summary)`,
+    `Path(summary)`, `summary / "config.json"` and Path's methods (`summary.iterdir()`) all mean the artifact directory
+    (`summary.artifact`)."""
 
     seconds: float = 0.0
     push: str | None = None  # the commit URL when the recipe has a `hub` section and the push succeeded
 
+    def __fspath__(self) -> str:
+        return os.fspath(self.artifact)
 
-def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> RunSummary:
-    """Compress `recipe` (evaluating the artifact when it has `eval`), push it when it has `hub`, print the summary."""
-    from teal_quant.progress import console
-    from teal_quant.report import print_run_summary
+    def __str__(self) -> str:
+        return str(self.artifact)
 
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return Path(self.artifact) / other
+
+    def __getattr__(self, name: str):
+        # compress() returned a pathlib.Path before: Path's public methods and properties (glob, iterdir, exists,
+        # name, ...) still work on the result and mean the artifact directory's
+        if not name.startswith("_") and hasattr(Path, name) and "artifact" in self.__dict__:
+            return getattr(Path(self.artifact), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def rows(self) -> list[dict]:
+        """One dict per level: level, default, calibration_sparsity, block_error_<kind>, and perplexity /
+        realized_sparsity when the recipe has `eval`."""
+        evals = {round(r["level"], 6): r for r in self.eval_rows if r.get("level") is not None}
+        out = []
+        for j, level in enumerate(self.levels):
+            row = {"level": level, "default": abs(level - self.default_level) < 1e-9,
+                   "calibration_sparsity": self.calibration_sparsity[j]}
+            row.update({f"block_error_{k}": v[j] for k, v in self.block_error.items()})
+            r = evals.get(round(level, 6))
+            if r is not None:
+                row.update(perplexity=r["perplexity"], realized_sparsity=r["realized_sparsity"])
+            out.append(row)
+        return out
+
+
+def compress(recipe: Recipe | dict | str | os.PathLike, /, *, progress: bool = False, **overrides: Any) -> RunSummary:
+    """Run a recipe as `teal-quant run` does (compress; evaluate when it has `eval`; push when it has `hub`), print
+    nothing, and return the RunSummary (artifact path, levels, per-level rows, eval rows).
+
+    `recipe` is a YAML path, a dict, or a Recipe. Each keyword override names a top-level recipe section and is
+    merged into it before validation: a dict is merged key by key (nested dicts recursively), anything else, None
+    included, replaces the value: `compress("r.yaml", output={"dir": "out", "overwrite": True}, eval=None)`.
+    Bad input raises a TealQuantError subclass (RecipeError for the recipe). `progress=True` draws progress bars
+    on stderr."""
+    from teal_quant.progress import show_progress
+
+    resolved = resolve_recipe(recipe, overrides)
+    with show_progress(progress):
+        return run(resolved)
+
+
+def resolve_recipe(recipe: Recipe | dict | str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A Recipe from a path, dict or Recipe, with `overrides` (section -> dict or value) merged before validation."""
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        import yaml
+
+        data, origin = yaml.safe_load(recipe.to_yaml()), "<recipe>"
+    elif isinstance(recipe, dict):
+        data, origin = copy.deepcopy(recipe), "<recipe dict>"
+    elif isinstance(recipe, (str, os.PathLike)):
+        data, origin = Recipe.read_yaml_data(recipe), os.fspath(recipe)
+    else:
+        raise RecipeError(f"a recipe is a YAML path, a dict or a Recipe, got {type(recipe).__name__}")
+    for key, value in (overrides or {}).items():
+        data[key] = _merge(data.get(key), value)
+    return Recipe.from_dict(data, origin=origin + (" with overrides" if overrides else ""))
+
+
+def _merge(base: Any, value: Any) -> Any:
+    if isinstance(base, dict) and isinstance(value, dict):
+        out = dict(base)
+        for k, v in value.items():
+            out[k] = _merge(base.get(k), v)
+        return out
+    return copy.deepcopy(value)
+
+
+def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
+        report: Callable[[RunSummary], None] | None = None) -> RunSummary:
+    """Compress `recipe` (evaluating the artifact when it has `eval`), push it when it has `hub`; `report` (the CLI's
+    printer) receives the summary before a failed push's error is raised."""
     t0 = time.time()
     eval_seconds: dict[str, float] = {}
     evaluate = None
@@ -51,9 +139,11 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     summary.stage_seconds.update(eval_seconds)
     push_error = _push(summary, recipe, summary.stage_seconds) if recipe.hub is not None else None
     summary.seconds = time.time() - t0
-    print_run_summary(summary)
+    logger.info("artifact written to %s in %.0fs", summary.artifact, summary.seconds)
     if summary.push:
-        console.print(f"pushed to {recipe.hub.repo_id}: {summary.push}")
+        logger.info("pushed to %s: %s", recipe.hub.repo_id, summary.push)
+    if report is not None:
+        report(summary)
     if push_error is not None:
         raise push_error
     return summary

@@ -36,7 +36,7 @@ def tiny_artifact(tiny_llama, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-w4"
     recipe = Recipe.from_yaml_text(tiny_recipe_text(tiny_llama, out))
-    return compress(recipe)
+    return compress(recipe).artifact
 
 
 @pytest.fixture(scope="session")

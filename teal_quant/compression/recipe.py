@@ -250,6 +250,11 @@ class Recipe(_Section):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         """Read and validate a recipe file; any problem raises RecipeError with one clear line."""
+        return cls.from_dict(cls.read_yaml_data(path), origin=str(path))
+
+    @staticmethod
+    def read_yaml_data(path: str | Path) -> dict[str, Any]:
+        """A recipe file's YAML mapping, not yet validated (teal_quant.compress merges overrides into it first)."""
         from teal_quant.errors import quote
 
         path = Path(path)
@@ -267,10 +272,14 @@ class Recipe(_Section):
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise RecipeError(f"{quote(path)}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-        return cls.from_yaml_text(text, origin=str(path))
+        return Recipe._yaml_mapping(text, str(path))
 
     @classmethod
     def from_yaml_text(cls, text: str, origin: str = "<recipe>") -> "Recipe":
+        return cls.from_dict(cls._yaml_mapping(text, origin), origin=origin)
+
+    @staticmethod
+    def _yaml_mapping(text: str, origin: str) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -280,10 +289,12 @@ class Recipe(_Section):
             raise RecipeError(f"{origin}: malformed YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
-        return cls.from_dict(data, origin=origin)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<recipe>") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: a recipe must be a mapping, got {type(data).__name__}")
         try:
             return cls.model_validate(data)
         except ValidationError as e:

@@ -34,7 +34,7 @@ print(len(linears), type(model.config.quantization_config).__name__, model.teal_
     env = {**os.environ, "TEAL_QUANT_QUIET": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["14", "TealQuantHfConfig", "0.4"]
+    assert result.stdout.split() == ["14", "TealQuantConfig", "0.4"]
 
 
 def test_from_pretrained_matches_teal_quant_load(tiny_artifact):
@@ -96,11 +96,65 @@ def test_from_pretrained_refuses_to_quantize_on_the_fly(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     import teal_quant  # noqa: F401
-    from teal_quant.runtime.hf import TealQuantHfConfig
+    from teal_quant import TealQuantConfig
 
-    config = TealQuantHfConfig(**{
+    config = TealQuantConfig(**{
         "quant_method": "teal_quant", "format_version": 1, "bits": 4, "group_size": 32, "sym": False,
         "packing": "int4-n8", "quantizer": "rtn", "modules_to_not_convert": ["lm_head"],
         "sparsity": {"method": "teal", "allocation": "greedy", "levels": [0.0, 0.4], "default": 0.4}})
     with pytest.raises(ValueError, match="pre-quantized"):  # transformers' own check (requires_calibration)
         AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
+
+
+def test_load_time_options_override_the_artifacts_level_and_prefill(tiny_artifact):
+    """from_pretrained(..., quantization_config=TealQuantConfig(sparsity=, prefill=)) selects the level and the prefill
+    mode; the model computes exactly what teal_quant.load + set_sparsity + set_prefill_mode compute."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from teal_quant import TealQuantConfig, load, realized_sparsity, set_prefill_mode, set_sparsity
+    from teal_quant.runtime.modules import reset_stats, teal_linears
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: "loading attributes ... will be overwritten" (what we want)
+        model = AutoModelForCausalLM.from_pretrained(tiny_artifact, quantization_config=TealQuantConfig(sparsity=0.5,
+                                                                                                        prefill="sparse"))
+    assert model.teal_sparsity == 0.5
+    assert {m.prefill for _, m in teal_linears(model)} == {"sparse"}
+    reference = load(tiny_artifact, device="cpu")
+    assert reference.teal_sparsity == 0.4 and {m.prefill for _, m in teal_linears(reference)} == {"dense"}
+    set_sparsity(reference, 0.5)
+    set_prefill_mode(reference, "sparse")
+    assert torch.equal(logits(model), logits(reference))
+    reset_stats(model)
+    logits(model)  # an 8-token prompt: sparse prefill thresholds it
+    assert realized_sparsity(model, cumulative=True) > 0.25
+
+    # the default load keeps the artifact's default level and dense prefill: prompts see no sparsity
+    default = AutoModelForCausalLM.from_pretrained(tiny_artifact)
+    assert default.teal_sparsity == 0.4
+    reset_stats(default)
+    logits(default)
+    assert realized_sparsity(default, cumulative=True) == 0.0
+    # the saved config is the artifact's, without the load-time options
+    assert "prefill" not in model.config.quantization_config.to_dict()
+    assert model.config.quantization_config.to_dict() == default.config.quantization_config.to_dict()
+
+
+def test_load_time_options_are_checked(tiny_artifact):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from teal_quant import TealQuantConfig
+
+    with pytest.raises(ValueError, match="prefill"):
+        TealQuantConfig(prefill="half")
+    with pytest.raises(ValueError, match="sparsity"):
+        TealQuantConfig(sparsity=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="not in this artifact"):
+            AutoModelForCausalLM.from_pretrained(tiny_artifact, quantization_config=TealQuantConfig(sparsity=0.33))
+    assert repr(TealQuantConfig(sparsity=0.5)) == "TealQuantConfig(sparsity=0.5)"

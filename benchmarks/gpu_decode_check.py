@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -49,9 +48,9 @@ from teal_quant.runtime.modules import TealLinear, teal_linears, track_sparsity
 from teal_quant.testing import tiny_recipe_text, write_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-# TEAL_QUANT_SHARED_DATA: where ../shared/data is when the check runs elsewhere (e.g. a GPU machine)
-SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TINYSHAKESPEARE = SHARED_DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
+# The texts the project ships in the repository (data/README.md: sources, licenses, sha256)
+DATA = ROOT / "data"
+TINYSHAKESPEARE = DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
 
 SMOLLM2_PROMPT = "The Bennets lived at Longbourn, and Mr. Darcy"
 

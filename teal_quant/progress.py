@@ -1,7 +1,14 @@
-"""Progress bars for every step a user waits for (rich, on stderr so stdout keeps the summary).
+"""Progress for every step a user waits for.
 
-Library calls draw nothing unless asked: bars are shown only inside `show_progress()` (the CLI turns it on unless
---quiet; `teal_quant.compress(..., progress=True)` turns it on for one call).
+Library calls show nothing unless asked: progress appears only inside `show_progress()` (the CLI turns it on unless
+--quiet; `teal_quant.compress(..., progress=True)` for one call); TEAL_QUANT_QUIET=1 silences it everywhere.
+On a terminal: rich bars on stderr. When stdout is not a terminal (a pipe, a log file, CI): plain lines on stdout,
+one when a stage starts and when it ends, and for step tasks (layers, evaluation batches) one per step with elapsed
+time and ETA, e.g. ``compressing layers: 3/30, elapsed 25s, ETA 3m45s``; stderr then carries nothing but errors, so
+a failing run's stderr is exactly its one error line.
+
+Each task says how it shows in plain mode with ``add_task(..., plain=...)``: "stage" (default: a start and a done
+line), "steps" (a line per advance) or None (nothing: inner tasks such as one layer's greedy search).
 """
 
 from __future__ import annotations
@@ -10,12 +17,14 @@ import contextlib
 import contextvars
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -43,13 +52,31 @@ def show_progress(enabled: bool = True):
         _enabled.reset(token)
 
 
+def duration(seconds: float) -> str:
+    """45s, 3m05s, 1h02m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def plain_line(text: str) -> None:
+    """One line on stdout, flushed (readable in a pipe as it happens)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 class Progress(_RichProgress):
-    """rich Progress with the project's columns; silent outside `show_progress()`, when TEAL_QUANT_QUIET=1, or when
-    stderr is not a terminal and CI is set (progress redraws would flood CI logs)."""
+    """rich Progress with the project's columns on a terminal; plain lines on stdout when it is not one; silent
+    outside `show_progress()` or when TEAL_QUANT_QUIET=1."""
 
     def __init__(self) -> None:
-        quiet = (not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1"
-                 or (os.environ.get("CI") and not sys.stderr.isatty()))
+        quiet = not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1"
+        self.plain = not quiet and not (sys.stdout.isatty() and sys.stderr.isatty())
+        self._plain_tasks: dict[TaskID, tuple[str | None, float]] = {}
+        self._plain_done: set[TaskID] = set()
         super().__init__(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -59,7 +86,7 @@ class Progress(_RichProgress):
             TimeRemainingColumn(),
             console=err_console,
             transient=False,
-            disable=bool(quiet),
+            disable=quiet or self.plain,
         )
 
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
@@ -72,3 +99,38 @@ class Progress(_RichProgress):
     def stop(self) -> None:
         # rich's Progress.stop() ends a non-interactive console's output with a blank line; a log needs none.
         self.live.stop()
+
+    def add_task(self, description: str, *args, plain: str | None = "stage", **kwargs) -> TaskID:
+        task = super().add_task(description, *args, **kwargs)
+        if self.plain:
+            self._plain_tasks[task] = (plain, time.monotonic())
+            if plain == "stage":
+                plain_line(f"{description} ...")
+            elif plain == "steps" and self._tasks[task].total:
+                plain_line(f"{description}: 0/{self._tasks[task].total:g}")
+        return task
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._plain_report(task_id, step=True)
+
+    def update(self, task_id: TaskID, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._plain_report(task_id, step=False)
+
+    def _plain_report(self, task_id: TaskID, *, step: bool) -> None:
+        if not self.plain or task_id not in self._plain_tasks or task_id in self._plain_done:
+            return
+        kind, start = self._plain_tasks[task_id]
+        task = self._tasks[task_id]
+        elapsed = time.monotonic() - start
+        finished = task.total is not None and task.completed >= task.total
+        if kind == "steps" and step:
+            line = f"{task.description}: {task.completed:g}/{task.total:g}, elapsed {duration(elapsed)}"
+            if not finished and task.completed > 0:
+                line += f", ETA {duration(elapsed / task.completed * (task.total - task.completed))}"
+            plain_line(line)
+        elif kind == "stage" and finished:
+            plain_line(f"{task.description}: done in {duration(elapsed)}")
+        if finished:
+            self._plain_done.add(task_id)

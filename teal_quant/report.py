@@ -22,19 +22,30 @@ def print_run_summary(summary) -> None:
     table.add_column("calibration sparsity", justify="right")
     for kind in summary.block_error:
         table.add_column(f"block rel. error ({kind})", justify="right")
-    evals = {round(r["level"], 6): r for r in summary.eval_rows}
+    evals = {round(r["level"], 6): r for r in summary.eval_rows if r.get("level") is not None}
+    # the float base model on the same eval tokens (teal_quant.evaluate's baseline row), for comparison
+    dense = next((r for r in summary.eval_rows if r.get("level") is None), None)
     if evals:
         table.add_column("eval perplexity", justify="right")
+        if dense is not None:
+            table.add_column("vs dense", justify="right")
         table.add_column("eval realized sparsity", justify="right")
+    if dense is not None:
+        table.add_row(*(["dense float", "-"] + ["-" for _ in summary.block_error]
+                        + [f"{dense['perplexity']:.2f}", "", "-"]))
     for j, level in enumerate(summary.levels):
         mark = " (default)" if abs(level - summary.default_level) < 1e-9 else ""
         row = [f"{level:g}{mark}", f"{summary.calibration_sparsity[j]:.3f}"]
         row += [f"{summary.block_error[k][j]:.4f}" for k in summary.block_error]
         if evals:
             r = evals.get(round(level, 6))
-            row += [f"{r['perplexity']:.2f}", f"{r['realized_sparsity']:.3f}"] if r else ["", ""]
+            ratio = [f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.1f} %"] if r and dense is not None else [""] * (dense is not None)
+            row += [f"{r['perplexity']:.2f}", *ratio, f"{r['realized_sparsity']:.3f}"] if r else [""] * (2 + len(ratio))
         table.add_row(*row)
     console.print(table)
+    if dense is not None:
+        console.print(f"eval: the same {dense['tokens']} predicted tokens for every row; dense float: the base model "
+                      f"({dense['model'].removeprefix('dense ')}) in float32, unquantized, no sparsity")
     ratio = summary.artifact_bytes / summary.dense_bytes if summary.dense_bytes else float("nan")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary.stage_seconds.items())
     console.print(

@@ -128,7 +128,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
 
             t = time.time()
             rows = evaluate_artifact(staged, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
-                                     levels=recipe.sparsity.all_levels,
+                                     levels=recipe.sparsity.all_levels, baseline=True,
                                      device=select_device(recipe.runtime.device, option="runtime.device"))
             eval_seconds["eval"] = time.time() - t
             return rows

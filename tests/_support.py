@@ -5,16 +5,15 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# TEAL_QUANT_SHARED_DATA: where ../shared/data is when the tests run elsewhere (e.g. a GPU machine)
-SHARED_DATA = Path(os.environ.get("TEAL_QUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-WIKITEXT = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
-CALIBRATION_DIR = SHARED_DATA / "calibration"
+# The texts the project ships in the repository (data/README.md: sources, licenses, sha256)
+DATA = ROOT / "data"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+CALIBRATION_DIR = DATA / "calibration"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -28,6 +28,31 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
+def check_text_files(source: TextFilesSource, role: str) -> None:
+    """Before any model is opened: every path or glob names a readable file that looks like text (its first 4 KB
+    decode as UTF-8 and hold no NUL byte). `role` ("calibration", "eval") names the recipe section in the error."""
+    for path in _expand(source.paths, role):
+        try:
+            with path.open("rb") as f:
+                head = f.read(4096)
+        except OSError as e:
+            raise DataError(f"{role} text file '{path}': cannot read ({e.strerror})") from None
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:  # a multi-byte character cut at the 4 KB boundary is fine
+                raise DataError(f"{role} text file '{path}': not UTF-8 text (byte {e.start})") from None
+        if b"\0" in head:
+            raise DataError(f"{role} text file '{path}': binary, not text (NUL byte)")
+
+
+def _expand(patterns: list[str], role: str) -> list[Path]:
+    try:
+        return expand_paths(patterns)
+    except DataError as e:
+        raise DataError(f"{role} {e} (relative paths are relative to the working directory '{Path.cwd()}')") from None
+
+
 def read_text(source: TextFilesSource | HFDatasetSource) -> str:
     """The whole text of a file or dataset source, documents separated by blank lines."""
     if isinstance(source, TextFilesSource):

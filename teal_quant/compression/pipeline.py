@@ -15,6 +15,8 @@ Only the current layer's float weights are on the compute device; hidden states 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from teal_quant.architecture import (
     build_skeleton,
     check_shapes,
     materialize_non_persistent_buffers,
+    projection_shapes,
 )
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
@@ -52,15 +55,15 @@ from teal_quant.compression.calibrate.layer import (
     capture_histograms,
     predicted_sparsity,
 )
-from teal_quant.compression.data import generate_samples, random_windows, read_text, tokenize_stream
+from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
 from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
 from teal_quant.compression.quantize.rtn import dequantize_codes
-from teal_quant.compression.recipe import GeneratedSource, Recipe, parse_size
+from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ModelSourceError
+from teal_quant.errors import ArtifactError, ModelSourceError
 from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
@@ -97,7 +100,7 @@ def quantization_summary(recipe: Recipe) -> dict:
 def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtype, progress: Progress) -> torch.Tensor:
     cal = recipe.calibration
     if isinstance(cal.source, GeneratedSource):
-        task = progress.add_task("generating calibration text", total=cal.samples)
+        task = progress.add_task("generating calibration text", total=cal.samples, plain="steps")
         model = src.load_full_model(dtype, device)
         tokens = generate_samples(model, tokenizer, cal.source, cal.samples, cal.seq_len, cal.seed, device,
                                   progress=lambda n: progress.advance(task, n))
@@ -107,6 +110,48 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
     stream = tokenize_stream(tokenizer, read_text(cal.source))
     progress.update(task, total=1, completed=1)
     return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
+
+
+def check_inputs(recipe: Recipe, out: Path, overwrite: bool) -> None:
+    """What can be checked before the model is opened: the calibration and eval text files exist and are readable
+    text, and the output location is free (or overwrite is on) and writable. Each failure is one TealQuantError."""
+    if isinstance(recipe.calibration.source, TextFilesSource):
+        check_text_files(recipe.calibration.source, "calibration")
+    if recipe.eval is not None and isinstance(recipe.eval.source, TextFilesSource):
+        check_text_files(recipe.eval.source, "eval")
+    out = out.resolve()
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"output '{out}' already exists (set output.overwrite: true or pass --overwrite)")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output '{out}' exists and is not a directory")
+    parent = _existing_ancestor(out.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"output '{out}': cannot write under '{parent}' (permission denied)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
+    """A rough size of the artifact from the model config alone: the seven projections of every layer at `bits`
+    per weight plus a scale and a zero point (model dtype) per group, the embedding (and an untied LM head) in the
+    model dtype, plus 5 % and 16 MB for norms, thresholds, tokenizer and metadata."""
+    linear = config.num_hidden_layers * sum(k * n for k, n in projection_shapes(config).values())
+    quantized = linear * bits / 8 + linear / (group_size if group_size > 0 else config.hidden_size) * 2 * dtype_bytes
+    embedding = config.vocab_size * config.hidden_size * dtype_bytes * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return int((quantized + embedding) * 1.05) + 16 * 2**20
+
+
+def check_disk_space(out: Path, needed: int) -> None:
+    """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
+    where = _existing_ancestor(out.resolve().parent)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise ArtifactError(f"output '{out}': about {needed / 1e9:.2f} GB needed (estimated from the model config), "
+                            f"only {free / 1e9:.2f} GB free on '{where}'")
 
 
 def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
@@ -130,6 +175,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
     check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
 
+    check_inputs(recipe, out, overwrite)
+
     with Progress() as progress:
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
         src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
@@ -140,6 +187,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
         check_shapes(src.config, spec.group_size)
         dtype = weights.dtype
+        check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
+                                                       torch.empty((), dtype=dtype).element_size()))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
         tokenizer = src.tokenizer()
         stages["load"] = time.time() - t0
@@ -274,7 +323,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
     position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
     n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
     report, dense_params = [], 0
-    layers_task = progress.add_task("compressing layers", total=src.num_layers)
+    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
     for i in range(src.num_layers):
         layer = skeleton.model.layers[i]
         layer.to_empty(device=device)
@@ -287,7 +336,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         runner = LayerRunner(layer, position_embeddings)
 
         hists = capture_histograms(runner, sims, hidden, device)
-        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0)
+        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
         allocation = allocate(
             layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
             step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
@@ -300,7 +349,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
             hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
                                        None if aware_index is None else
                                        {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
-        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS))
+        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS), plain=None)
         tensors, quant_stats = {}, {}
         prefix = layer_key_prefix(i)
         for proj, module_path in PROJECTIONS.items():

@@ -272,7 +272,7 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
     quant = spec.quant_config()
     with Progress() as progress, ArtifactWriter(Path(output), max_shard_size=max_shard_size, overwrite=overwrite,
                                                   sources=local_arch) as writer:
-        task = progress.add_task(f"synthesizing {arch}", total=config.num_hidden_layers)
+        task = progress.add_task(f"synthesizing {arch}", total=config.num_hidden_layers, plain="steps")
         for tensors in gen.stream(progress=lambda n: progress.advance(task, n)):
             writer.add(tensors)
         config.dtype = STORAGE_DTYPE

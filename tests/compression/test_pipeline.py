@@ -8,7 +8,11 @@ import yaml
 from safetensors import safe_open
 
 import teal_quant
-from teal_quant.architecture import PROJECTIONS, build_skeleton, materialize_non_persistent_buffers
+from teal_quant.architecture import (
+    PROJECTIONS,
+    build_skeleton,
+    materialize_non_persistent_buffers,
+)
 from teal_quant.artifact.format import read_artifact
 from teal_quant.compression.calibrate.layer import LayerRunner
 from teal_quant.compression.sources import open_model
@@ -214,3 +218,57 @@ def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_lla
         compress_recipe(recipe, tmp_path / "b", evaluate=broken)
     assert read_artifact(tmp_path / "b").quant.levels == result.levels
     assert "eval perplexity" not in (tmp_path / "b" / "README.md").read_text()
+
+
+# --- inputs checked before the model is opened (issue 15) ---
+
+def _recipe(tmp_path, **overrides):
+    from teal_quant import Recipe
+    from tests._support import tiny_recipe_text
+
+    return Recipe.from_yaml_text(tiny_recipe_text(tmp_path / "no-such-model", tmp_path / "out", **overrides))
+
+
+def test_missing_eval_file_is_found_before_the_model_is_opened(tmp_path):
+    from teal_quant.compression.pipeline import compress_recipe
+    from teal_quant.errors import DataError
+
+    # the model does not exist either: the eval file must be the error, so nothing was opened
+    recipe = _recipe(tmp_path, eval=f"eval: {{source: {{kind: text_files, paths: ['{tmp_path}/missing.raw']}}, tokens: 64, window: 32}}")
+    with pytest.raises(DataError, match="eval text file .*missing.raw.*no such file"):
+        compress_recipe(recipe)
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_calibration_file_and_taken_output_are_rejected_before_the_model_is_opened(tmp_path):
+    from teal_quant.compression.pipeline import compress_recipe
+    from teal_quant.errors import ArtifactError, DataError
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    recipe = _recipe(tmp_path, calibration=f"calibration: {{source: {{kind: text_files, paths: ['{binary}']}}}}")
+    with pytest.raises(DataError, match="calibration text file .*weights.bin"):
+        compress_recipe(recipe)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArtifactError, match="already exists"):
+        compress_recipe(_recipe(tmp_path))
+
+
+def test_artifact_size_estimate_is_close_to_the_real_size(tiny_artifact):
+    from transformers import AutoConfig
+
+    from teal_quant.compression.pipeline import estimated_artifact_bytes
+
+    config = AutoConfig.from_pretrained(str(tiny_artifact))
+    real = sum(f.stat().st_size for f in tiny_artifact.glob("*.safetensors"))
+    estimate = estimated_artifact_bytes(config, 4, 32, 4) - 16 * 2**20  # without the fixed metadata allowance
+    assert 0.8 * real <= estimate <= 1.5 * real, (estimate, real)
+
+
+def test_disk_space_check_names_what_is_needed(tmp_path):
+    from teal_quant.compression.pipeline import check_disk_space
+    from teal_quant.errors import ArtifactError
+
+    check_disk_space(tmp_path / "out", 1)
+    with pytest.raises(ArtifactError, match="GB needed .* GB free"):
+        check_disk_space(tmp_path / "out", 2**62)

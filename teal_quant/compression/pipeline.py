@@ -112,27 +112,13 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
     return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
 
 
-def check_inputs(recipe: Recipe, out: Path, overwrite: bool) -> None:
-    """What can be checked before the model is opened: the calibration and eval text files exist and are readable
-    text, and the output location is free (or overwrite is on) and writable. Each failure is one TealQuantError."""
+def check_inputs(recipe: Recipe) -> None:
+    """What can be checked before the model is opened besides the destination (artifact.format.check_destination):
+    the calibration and eval text files exist and are readable text. Each failure is one TealQuantError."""
     if isinstance(recipe.calibration.source, TextFilesSource):
         check_text_files(recipe.calibration.source, "calibration")
     if recipe.eval is not None and isinstance(recipe.eval.source, TextFilesSource):
         check_text_files(recipe.eval.source, "eval")
-    out = out.resolve()
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output '{out}' already exists (set output.overwrite: true or pass --overwrite)")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output '{out}' exists and is not a directory")
-    parent = _existing_ancestor(out.parent)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"output '{out}': cannot write under '{parent}' (permission denied)")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
@@ -175,7 +161,7 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
     check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
 
-    check_inputs(recipe, out, overwrite)
+    check_inputs(recipe)
 
     with Progress() as progress:
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
@@ -260,8 +246,11 @@ def _local_source(source: str) -> list[Path]:
             return [resolve_local_path(source)]
         except Exception:
             return []
-    path = Path(source).expanduser()
-    return [path] if path.exists() else []
+    try:
+        path = Path(source).expanduser()
+        return [path] if path.exists() else []
+    except (OSError, ValueError):  # a name the file system cannot hold: open_model says so in one line
+        return []
 
 
 def _check_layer_state(src, i: int, layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -286,7 +275,7 @@ def hub_base_model(model) -> str | None:
     if model.base_model:
         return model.base_model
     source = model.source
-    if Path(source).expanduser().exists() or not is_repo_id(source):
+    if _local_source(source) or not is_repo_id(source):
         return None
     return source
 

@@ -121,6 +121,12 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
     """A rough size of the artifact from the model config alone: the seven projections of every layer at `bits`
     per weight plus a scale and a zero point (model dtype) per group, the embedding (and an untied LM head) in the

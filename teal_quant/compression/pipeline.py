@@ -15,7 +15,6 @@ Only the current layer's float weights are on the compute device; hidden states 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace

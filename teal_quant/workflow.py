@@ -71,20 +71,22 @@ class RunSummary(Compression):
         return out
 
 
-def compress(recipe: Recipe | dict | str | os.PathLike, /, *, progress: bool = False, **overrides: Any) -> RunSummary:
+def compress(recipe: Recipe | dict | str | os.PathLike, output_dir: str | os.PathLike | None = None, /, *,
+             overwrite: bool | None = None, progress: bool = False, **overrides: Any) -> RunSummary:
     """Run a recipe as `teal-quant run` does (compress; evaluate when it has `eval`; push when it has `hub`), print
     nothing, and return the RunSummary (artifact path, levels, per-level rows, eval rows).
 
     `recipe` is a YAML path, a dict, or a Recipe. Each keyword override names a top-level recipe section and is
     merged into it before validation: a dict is merged key by key (nested dicts recursively), anything else, None
     included, replaces the value: `compress("r.yaml", output={"dir": "out", "overwrite": True}, eval=None)`.
-    Bad input raises a TealQuantError subclass (RecipeError for the recipe). `progress=True` draws progress bars
-    on stderr."""
+    `output_dir` and `overwrite` (the documented contract `compress(recipe, output_dir=None)`) take precedence over
+    the recipe's `output` section, as `teal-quant run --output DIR --overwrite` does.
+    Bad input raises a TealQuantError subclass (RecipeError for the recipe). `progress=True` draws progress."""
     from teal_quant.progress import show_progress
 
     resolved = resolve_recipe(recipe, overrides)
     with show_progress(progress):
-        return run(resolved)
+        return run(resolved, output_dir, overwrite=overwrite)
 
 
 def resolve_recipe(recipe: Recipe | dict | str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:

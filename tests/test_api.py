@@ -32,7 +32,9 @@ def test_compress_a_path_with_overrides_is_silent_and_returns_a_summary(tiny_lla
     art = read_artifact(result)
     assert art.quant.levels == [0.0, 0.5] and art.quant.group_size == 32  # override merged into `sparsity` only
     assert [r["level"] for r in result.rows] == [0.0, 0.5] and result.rows[1]["default"]
-    assert len(result.eval_rows) == 2
+    assert sorted(r["level"] for r in result.eval_rows if r["level"] is not None) == [0.0, 0.5]
+    dense = [r for r in result.eval_rows if r["level"] is None]  # the base model on the same tokens
+    assert len(dense) == 1 and dense[0]["model"].startswith("dense") and dense[0]["perplexity"] > 1
     for row in result.rows:
         assert row["perplexity"] > 1 and 0 <= row["calibration_sparsity"] < 1
     assert result.rows[0]["realized_sparsity"] == 0.0 and result.rows[1]["realized_sparsity"] > 0.3

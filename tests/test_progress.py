@@ -1,11 +1,12 @@
-"""Progress in a pipe (stderr not a terminal): plain lines, one per step with elapsed and ETA, stages start/done."""
+"""Progress in a pipe (stdout not a terminal): plain lines, one per step with elapsed and ETA, stages start/done."""
 
-from teal_quant.progress import Progress, duration
+from teal_quant.progress import Progress, duration, show_progress
 
 
-def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+def test_plain_lines_on_stdout_when_it_is_not_a_terminal(capsys, monkeypatch):
+    """In a pipe or a log: plain lines on stdout (stderr keeps only errors, so a failing run's stderr is one line)."""
     monkeypatch.delenv("TEAL_QUANT_QUIET", raising=False)
-    with Progress() as progress:  # pytest's captured stderr is not a terminal
+    with show_progress(), Progress() as progress:  # pytest's captured stdout is not a terminal
         assert progress.plain
         stage = progress.add_task("opening model", total=None)
         progress.update(stage, total=1, completed=1)
@@ -14,7 +15,9 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
         progress.update(inner, completed=0.25)
         for _ in range(3):
             progress.advance(layers)
-    lines = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
     assert lines[0] == "opening model ..."
     assert lines[1].startswith("opening model: done in ")
     assert lines[2] == "compressing layers: 0/3"
@@ -25,9 +28,12 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
 
 def test_quiet_prints_nothing(capsys, monkeypatch):
     monkeypatch.setenv("TEAL_QUANT_QUIET", "1")
-    with Progress() as progress:
+    with show_progress(), Progress() as progress:
         progress.advance(progress.add_task("compressing layers", total=2, plain="steps"))
-    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("TEAL_QUANT_QUIET")
+    with Progress() as progress:  # a library call outside show_progress(): nothing either
+        progress.advance(progress.add_task("compressing layers", total=2, plain="steps"))
+    assert capsys.readouterr() == ("", "")
 
 
 def test_duration():

@@ -151,12 +151,12 @@ def test_shard_paths_outside_the_folder_exit_2(tiny_llama, tiny_artifact, tmp_pa
     assert_one_line_error(teal_quant("inspect", art), "resolves outside the folder")
 
 
-def test_pickle_only_artifact_never_reaches_torch_load(tiny_artifact, tmp_path):
+def test_pickle_only_artifact_never_reaches_torch_load(tiny_artifact, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import teal_quant
+    import teal_quant as tq
 
     art = tmp_path / "pickled"
     shutil.copytree(tiny_artifact, art)
@@ -166,18 +166,13 @@ def test_pickle_only_artifact_never_reaches_torch_load(tiny_artifact, tmp_path):
         f.unlink()
     (art / "model.safetensors.index.json").unlink()
     torch.save(state, art / "pytorch_model.bin")
-    assert_one_line_error(teal_quant_cli := teal_quant("inspect", art), "safetensors only")
-    del teal_quant_cli
+    assert_one_line_error(teal_quant("inspect", art), "safetensors only")
 
     def no_torch_load(*args, **kwargs):
         raise AssertionError("torch.load was called on a teal-quant artifact")
 
-    original = torch.load
-    torch.load = no_torch_load
-    try:
-        with pytest.raises(teal_quant.ArtifactError, match="safetensors only"):
-            teal_quant.load(art)
-        with pytest.raises(teal_quant.ArtifactError, match="safetensors only"):
-            AutoModelForCausalLM.from_pretrained(art)
-    finally:
-        torch.load = original
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    with pytest.raises(tq.ArtifactError, match="safetensors only"):
+        tq.load(art)
+    with pytest.raises(tq.ArtifactError, match="safetensors only"):
+        AutoModelForCausalLM.from_pretrained(art)

@@ -10,11 +10,11 @@ interrupted run never leaves a half-written artifact under the final name.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ import torch
 from teal_quant import __version__
 from teal_quant.architecture import CRITERIA, LAYERS_PREFIX
 from teal_quant.errors import ArtifactError, first_line
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "teal_quant"
@@ -344,7 +346,7 @@ class ArtifactWriter:
         for p, why in kept:
             self.notes.append(f"'{p}' is left from another run ({why}); remove it once no run is writing it")
         for note in self.notes:
-            print(f"teal-quant: note: {note}", file=sys.stderr)
+            logger.warning(note)
         self.destination.parent.mkdir(parents=True, exist_ok=True, mode=0o777)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}{STAGED_MARK}", dir=self.destination.parent))
         self._umask = _umask()

@@ -343,10 +343,10 @@ class ArtifactWriter:
         for p in removable:
             shutil.rmtree(p, ignore_errors=True)
             self.notes.append(f"removed '{p}', left by an earlier run that was killed")
-        for p, why in kept:
+            logger.warning(self.notes[-1])
+        for p, why in kept:  # possibly a live run's (or --resume's): said with --verbose, so a failing run's stderr
             self.notes.append(f"'{p}' is left from another run ({why}); remove it once no run is writing it")
-        for note in self.notes:
-            logger.warning(note)
+            logger.debug(self.notes[-1])  # stays one line
         self.destination.parent.mkdir(parents=True, exist_ok=True, mode=0o777)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}{STAGED_MARK}", dir=self.destination.parent))
         self._umask = _umask()

@@ -1,4 +1,5 @@
-"""TealLinear: a packed int4/int8 linear layer that thresholds its input (TEAL) before the product.
+"""TealLinear: a packed int4/int8 linear layer that thresholds its input (TEAL) before the product; QuantLinear: the
+same storage without a threshold (a quantized lm_head).
 
 Decode (one token per sequence) goes through `teal_quant.kernels.sparse_gemv`, which reads only the
 rows of W^T whose input activation survives the threshold. Prefill goes through the dense int4/int8
@@ -7,9 +8,15 @@ buffer that `set_level` overwrites in place, so switching levels never reallocat
 keeps working) and never recompiles: 0-dim under the magnitude criterion; [K] under the weight-aware one
 (WINA), where input k is kept when |x_k| * channel_scale[k] > t, i.e. |x_k| > t / channel_scale[k].
 
+On the CPU (when the kernels would run their pure-torch reference) both modules keep W^T dequantized once, in
+float32, beside the packed tensors (`cpu_weight`; 4 bytes per weight, dropped when the module moves to another
+device): decode multiplies the thresholded input with it, prefill is one float32 matmul. Per-call dequantization
+cost 1.7 s per SmolLM2 token on 2 cores; docs/decoding.md ("The CPU path") has the measured alternatives.
+
 On CUDA, `teal_quant.runtime.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
 gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/runtime/fusion.py).
-The realized-sparsity counters cost a few small kernels per call: `track_sparsity(model, False)` turns them off
+The realized-sparsity counters cost a few small kernels per call: they are on in a plain forward and off in the
+decode fast path (`teal_quant.generate` / the Decoder) unless `track_sparsity(model, True)` asks for them
 (docs/decoding.md has the measured cost).
 """
 
@@ -25,6 +32,7 @@ from teal_quant import kernels
 # "sparse_last_half" is an evaluation mode (the TEAL paper's perplexity protocol): in a multi-token forward only the
 # last half of each sequence is thresholded, the first half stays dense like a prompt.
 PREFILL_MODES = ("dense", "sparse", "sparse_last_half")
+DECODE_ROWS = 16  # a forward with one token per sequence and at most this many rows takes the GEMV (decode) path
 
 
 def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
@@ -40,7 +48,71 @@ def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> 
     return torch.where(positive, per_channel, never)
 
 
-class TealLinear(nn.Module):
+class PackedLinear(nn.Module):
+    """W^T [K, N] stored packed (docs/artifact-format.md): the buffers TealLinear and QuantLinear share, and the
+    float32 copy of W^T that their CPU path multiplies with."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__()
+        if group_size == -1:
+            group_size = in_features
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if out_features % 8:
+            raise ValueError(f"out_features {out_features} is not a multiple of 8")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        packed = (in_features, out_features // 8) if bits == 4 else (in_features, out_features)
+        packed_dtype = torch.int32 if bits == 4 else torch.uint8
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(packed, dtype=packed_dtype, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self._cpu_weight: torch.Tensor | None = None  # float32 W^T on the CPU, built on first use
+        self._cpu_key: tuple | None = None
+
+    @property
+    def weight_size(self) -> int:
+        return self.in_features * self.out_features
+
+    def stored_weight_t(self) -> torch.Tensor:
+        """W^T [K, N] as stored (rows in stored order), in scales.dtype."""
+        return kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+
+    def cpu_weight(self) -> torch.Tensor:
+        """W^T [K, N] in float32 (the values the reference kernels compute), dequantized once and kept while the
+        packed tensors are unchanged (in-place writes bump their version: the copy is rebuilt)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.zeros))
+        if self._cpu_weight is None or self._cpu_key != key:
+            with torch.no_grad():
+                self._cpu_weight = dequantize_float32(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+            self._cpu_key = key
+        return self._cpu_weight
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cpu_weight = self._cpu_key = None  # a move or cast: the copy would be stale (and would hold memory)
+        return super()._apply(fn, recurse)
+
+
+def dequantize_float32(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """W^T [K, N] float32 = (q - zeros) * scales per group: the reference kernels' arithmetic (bit for bit), built in
+    place (one [K, N] float32 tensor, no repeated scale / zero tensors)."""
+    q = kernels.unpack(qweight, bits)
+    k, n = q.shape
+    w = q.to(torch.float32)
+    grouped = w.view(k // group_size, group_size, n)
+    grouped.sub_(zeros.float().unsqueeze(1)).mul_(scales.float().unsqueeze(1))
+    return w
+
+
+def cpu_path(x: torch.Tensor) -> bool:
+    """True where the kernels would run their pure-torch reference (a CPU tensor, no Triton interpreter)."""
+    return not kernels.use_triton(x)
+
+
+class TealLinear(PackedLinear):
     """y = (x * (|x| > t)) @ W^T + b with W^T stored packed (see docs/artifact-format.md).
 
     With `channel_scale=True` (weight-aware criterion) the module holds a float32 [K] `channel_scale` buffer
@@ -62,22 +134,8 @@ class TealLinear(nn.Module):
         channel_scale: bool = False,
         perm: bool = False,
     ):
-        super().__init__()
-        if group_size == -1:
-            group_size = in_features
-        if in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-        if out_features % 8:
-            raise ValueError(f"out_features {out_features} is not a multiple of 8")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
+        super().__init__(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
         self.prefill = prefill
-        packed = (in_features, out_features // 8) if bits == 4 else (in_features, out_features)
-        packed_dtype = torch.int32 if bits == 4 else torch.uint8
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(packed, dtype=packed_dtype, device=device))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("thresholds", torch.zeros(n_levels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer(
@@ -86,7 +144,7 @@ class TealLinear(nn.Module):
         # act-order GPTQ import: W^T rows stored in perm order, so the layer computes x[..., perm] @ W^T_stored
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
-        self.track = True  # count realized sparsity (track_sparsity switches it)
+        self.track = True  # count realized sparsity (track_sparsity switches it; the Decoder sets it per forward)
         self._fused_group = None  # teal_quant.runtime.fusion.FusedGroup when fused with its siblings
         self._fused_part = 0
         self._init_runtime_state(device)
@@ -104,10 +162,6 @@ class TealLinear(nn.Module):
         """After a meta-device build + load_state_dict(assign=True): real runtime buffers on `device`."""
         self._init_runtime_state(device)
         self.set_level(self.level_index)
-
-    @property
-    def weight_size(self) -> int:
-        return self.in_features * self.out_features
 
     def set_level(self, index: int) -> None:
         """Make level `index` active by overwriting the threshold buffer in place (same storage)."""
@@ -139,9 +193,11 @@ class TealLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
             x2 = x2.index_select(1, self.perm)
-        decode = tokens_per_sequence == 1 and x2.shape[0] <= 16
+        decode = tokens_per_sequence == 1 and x2.shape[0] <= DECODE_ROWS
         if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
             y = self._fused_group.output(self, x, x2, decode)
+        elif cpu_path(x2):
+            y = self._cpu_forward(x2, lead, tokens_per_sequence, decode)
         elif decode:
             if self.track:  # one launch on CUDA (kernels.count_inactive), no host sync
                 kernels.count_inactive(x2, self.threshold, self.zero_count, self.input_count, self.last_sparsity)
@@ -166,9 +222,25 @@ class TealLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def _cpu_forward(self, x2: torch.Tensor, lead: torch.Size, tokens_per_sequence: int, decode: bool) -> torch.Tensor:
+        """The CPU path: the thresholded input times the float32 W^T (cpu_weight), in float32 like the reference
+        kernels. |x| > t is compared in float32; an input under it (or NaN) contributes exactly 0."""
+        xf = x2.to(torch.float32)
+        if decode or self.prefill == "sparse" or tokens_per_sequence == 1:
+            active = xf.abs() > self.threshold
+        elif self.prefill == "sparse_last_half":
+            active = (xf.abs() > self.threshold).reshape(*lead, self.in_features)
+            active[..., : tokens_per_sequence // 2, :] = True
+            active = active.reshape(-1, self.in_features)
+        else:  # dense prefill
+            return (xf @ self.cpu_weight()).to(x2.dtype)
+        if self.track:
+            self._record(active)
+        return sparse_product_cpu(xf, active, self.cpu_weight()).to(x2.dtype)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The dense [out, in] weight this module represents (for checks and export, not for inference)."""
-        w_t = kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        w_t = self.stored_weight_t()
         if self.perm is not None:  # stored row j is input channel perm[j]
             w_t = torch.empty_like(w_t).index_copy_(0, self.perm.long(), w_t)
         return w_t.t()
@@ -180,6 +252,45 @@ class TealLinear(nn.Module):
             f"criterion={'magnitude' if self.channel_scale is None else 'weight_aware'}"
             + (", perm=True" if self.perm is not None else "")
         )
+
+
+def sparse_product_cpu(x: torch.Tensor, active: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """(x * active) @ W^T on the CPU, float32 x [M, K], bool active [M, K], W^T [K, N]."""
+    return torch.where(active, x, 0.0) @ w_t
+
+
+class QuantLinear(PackedLinear):
+    """y = x @ W^T + b with W^T packed int4/int8 and no threshold: a quantized lm_head (recipe
+    `quantization.lm_head: int8 | int4`). Decode rows take the int GEMV at threshold 0 (every nonzero input is
+    read: a dense product), prompts the dense int GEMM, the CPU the float32 W^T."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
+        x2 = x.reshape(-1, self.in_features)
+        if cpu_path(x2):
+            y = (x2.to(torch.float32) @ self.cpu_weight()).to(x2.dtype)
+        elif tokens_per_sequence == 1 and x2.shape[0] <= DECODE_ROWS:
+            y = kernels.sparse_gemv(x2, self.qweight, self.scales, self.zeros, 0.0, bits=self.bits,
+                                    group_size=self.group_size)
+        else:
+            y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight (for checks and the dense baseline)."""
+        return self.stored_weight_t().t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"group_size={self.group_size}, threshold=none"
 
 
 def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -23,6 +23,8 @@ decode fast path (`teal_quant.generate` / the Decoder) unless `track_sparsity(mo
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -303,10 +305,35 @@ def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_m
 
 
 def track_sparsity(model: nn.Module, enabled: bool) -> None:
-    """Switch the realized-sparsity counters of every TealLinear (default on: `realized_sparsity` reports the last
-    forward). Off saves a few small kernels per projection and token (docs/decoding.md has the cost)."""
+    """Switch the realized-sparsity counters of every TealLinear and make that the model's explicit choice.
+
+    Without a call, a plain forward counts (`realized_sparsity` reports it) and the decode fast path
+    (`teal_quant.generate`, the Decoder) does not; after `track_sparsity(model, True)` the fast path counts too,
+    after `track_sparsity(model, False)` nothing does (docs/decoding.md has the cost)."""
     for _, m in teal_linears(model):
         m.track = bool(enabled)
+    model.teal_track_sparsity = bool(enabled)
+
+
+def decode_tracking(model: nn.Module, requested: bool | None = None) -> bool:
+    """Whether the decode fast path counts: `requested` when given, else the model's `track_sparsity` choice, else
+    off (the counters are a few small kernels per projection and token)."""
+    if requested is not None:
+        return bool(requested)
+    return bool(getattr(model, "teal_track_sparsity", False))
+
+
+@contextmanager
+def counting(modules: list[TealLinear], enabled: bool) -> Iterator[None]:
+    """Counters of `modules` on / off for the forwards inside the block, their own setting restored after."""
+    saved = [m.track for m in modules]
+    for m in modules:
+        m.track = enabled
+    try:
+        yield
+    finally:
+        for m, track in zip(modules, saved):
+            m.track = track
 
 
 def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:
@@ -314,7 +341,10 @@ def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:
 
 
 def realized_sparsity(model: nn.Module, *, cumulative: bool = False) -> float:
-    """Size-weighted fraction of weight rows skipped: of the last forward, or since reset_stats."""
+    """Size-weighted fraction of weight rows skipped: of the last forward that counted, or since reset_stats.
+
+    A forward with the counters off (the decode fast path by default, see `track_sparsity`) changes nothing: the
+    value is that of the last counted forward, 0.0 when none has counted since the model was built or reset."""
     num = den = 0.0
     for _, m in teal_linears(model):
         frac = (m.zero_count / m.input_count.clamp(min=1)) if cumulative else m.last_sparsity

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from teal_quant.runtime.modules import counting, decode_tracking, teal_linears
+from teal_quant.runtime.modules import counting, decode_tracking
 
 MAX_EOS_IDS = 8  # EOS ids a generation may stop on (a static buffer, so a captured graph serves any set)
 
@@ -76,7 +76,6 @@ class Decoder:
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=dev)  # -1: no id
         self._pad = torch.full((), -1, dtype=torch.long, device=dev)  # what a finished row emits
         self._next_token = next_token  # None: greedy (argmax)
-        self._counted = [m for _, m in teal_linears(model)]
         self.track_sparsity = decode_tracking(model, track_sparsity)  # counters in the decode steps and prefill
         self._graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None  # why capture failed, if it did (then steps run eagerly)
@@ -96,7 +95,7 @@ class Decoder:
             kwargs["cache_position"] = positions
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        with counting(self._counted, self.track_sparsity):
+        with counting(self.track_sparsity):
             out = self.model(input_ids=input_ids, **kwargs)
         return out.logits[:, -1, :]
 

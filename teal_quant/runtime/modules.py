@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from teal_quant import kernels
@@ -85,10 +87,12 @@ class PackedLinear(nn.Module):
     def cpu_weight(self) -> torch.Tensor:
         """W^T [K, N] in float32 (the values the reference kernels compute), dequantized once and kept while the
         packed tensors are unchanged (in-place writes bump their version: the copy is rebuilt)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.zeros))
-        if self._cpu_weight is None or self._cpu_key != key:
+        buffers = self._buffers  # direct: this runs on every CPU call
+        q, s, z = buffers["qweight"], buffers["scales"], buffers["zeros"]
+        key = (q.data_ptr(), q._version, s.data_ptr(), s._version, z.data_ptr(), z._version)
+        if self._cpu_key != key:
             with torch.no_grad():
-                self._cpu_weight = dequantize_float32(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+                self._cpu_weight = dequantize_float32(q, s, z, self.bits, self.group_size)
             self._cpu_key = key
         return self._cpu_weight
 
@@ -146,11 +150,22 @@ class TealLinear(PackedLinear):
         # act-order GPTQ import: W^T rows stored in perm order, so the layer computes x[..., perm] @ W^T_stored
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
-        self.track = True  # count realized sparsity (track_sparsity switches it; the Decoder sets it per forward)
+        self._track = True  # count realized sparsity (track_sparsity switches it; see `track`)
         self._fused_group = None  # teal_quant.runtime.fusion.FusedGroup when fused with its siblings
         self._fused_part = 0
         self._init_runtime_state(device)
         self._register_state_dict_hook(_contiguous_state)
+
+    @property
+    def track(self) -> bool:
+        """Whether a forward updates the realized-sparsity counters: the module's own setting, unless a `counting`
+        block (the Decoder's forwards) decides for every module at once."""
+        override = _COUNTING.get()
+        return self._track if override is None else override
+
+    @track.setter
+    def track(self, enabled: bool) -> None:
+        self._track = bool(enabled)
 
     def _init_runtime_state(self, device: torch.device | str | None) -> None:
         """Buffers that are not saved: the active threshold ([K] when weight-aware) and the realized-sparsity counters."""
@@ -190,6 +205,8 @@ class TealLinear(PackedLinear):
         self.last_sparsity.copy_(zeros / max(active.numel(), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_group is None and cpu_path(x):
+            return self._cpu_forward(x)
         lead = x.shape[:-1]
         tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
         x2 = x.reshape(-1, self.in_features)
@@ -198,8 +215,6 @@ class TealLinear(PackedLinear):
         decode = tokens_per_sequence == 1 and x2.shape[0] <= DECODE_ROWS
         if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
             y = self._fused_group.output(self, x, x2, decode)
-        elif cpu_path(x2):
-            y = self._cpu_forward(x2, lead, tokens_per_sequence, decode)
         elif decode:
             if self.track:  # one launch on CUDA (kernels.count_inactive), no host sync
                 kernels.count_inactive(x2, self.threshold, self.zero_count, self.input_count, self.last_sparsity)
@@ -224,21 +239,52 @@ class TealLinear(PackedLinear):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
-    def _cpu_forward(self, x2: torch.Tensor, lead: torch.Size, tokens_per_sequence: int, decode: bool) -> torch.Tensor:
-        """The CPU path: the thresholded input times the float32 W^T (cpu_weight), in float32 like the reference
-        kernels. |x| > t is compared in float32; an input under it (or NaN) contributes exactly 0."""
-        xf = x2.to(torch.float32)
-        if decode or self.prefill == "sparse" or tokens_per_sequence == 1:
-            active = xf.abs() > self.threshold
-        elif self.prefill == "sparse_last_half":
-            active = (xf.abs() > self.threshold).reshape(*lead, self.in_features)
-            active[..., : tokens_per_sequence // 2, :] = True
-            active = active.reshape(-1, self.in_features)
-        else:  # dense prefill
-            return (xf @ self.cpu_weight()).to(x2.dtype)
-        if self.track:
-            self._record(active)
-        return sparse_product_cpu(xf, active, self.cpu_weight()).to(x2.dtype)
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU path, in float32 like the reference kernels: the thresholded input times cpu_weight (W^T float32).
+        |x| > t is compared in float32; an input under it (or NaN) contributes exactly 0. One decode row reads only
+        the active rows of W^T (`sparse_row_product`); several decode rows or a prompt multiply the masked input with
+        the whole matrix (one matmul reads W^T once: the union of several rows' active sets is nearly all of it)."""
+        k = self.in_features
+        w_t = self.cpu_weight()
+        buffers = self._buffers
+        perm, bias = buffers["perm"], buffers["bias"]
+        if x.numel() == k and x.dtype == torch.float32 and perm is None:  # one decode row: the common case, lean
+            x1 = x.reshape(k)
+            y = sparse_row_product(x1, x1.abs() > buffers["threshold"], w_t, self if self.track else None)
+            if bias is not None:
+                y = y + bias
+            return y.view(*x.shape[:-1], self.out_features)
+        lead = x.shape[:-1]
+        tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
+        xf = x.reshape(-1, k)
+        if xf.dtype != torch.float32:
+            xf = xf.to(torch.float32)
+        if perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
+            xf = xf.index_select(1, perm)
+        if xf.shape[0] == 1 and tokens_per_sequence == 1:
+            x1 = xf.view(k)
+            y = sparse_row_product(x1, x1.abs() > self.threshold, w_t, self if self.track else None).view(1, -1)
+        else:
+            decode = tokens_per_sequence == 1 and xf.shape[0] <= DECODE_ROWS
+            if decode or self.prefill == "sparse":
+                active = xf.abs() > self.threshold
+            elif self.prefill == "sparse_last_half":
+                active = (xf.abs() > self.threshold).reshape(*lead, k)
+                active[..., : tokens_per_sequence // 2, :] = True
+                active = active.reshape(-1, k)
+            else:  # dense prefill
+                active = None
+            if active is None:
+                y = xf @ w_t
+            else:
+                if self.track:
+                    self._record(active)
+                y = torch.where(active, xf, 0.0) @ w_t
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The dense [out, in] weight this module represents (for checks and export, not for inference)."""
@@ -256,9 +302,28 @@ class TealLinear(PackedLinear):
         )
 
 
-def sparse_product_cpu(x: torch.Tensor, active: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """(x * active) @ W^T on the CPU, float32 x [M, K], bool active [M, K], W^T [K, N]."""
-    return torch.where(active, x, 0.0) @ w_t
+_BAG_OFFSETS = torch.zeros(1, dtype=torch.long)  # one bag starting at 0 (embedding_bag's 1-D form)
+GATHER_BELOW = 0.85  # active fraction under which one decode row gathers its rows (above it, one dense matvec)
+
+
+def sparse_row_product(x: torch.Tensor, active: torch.Tensor, w_t: torch.Tensor,
+                       counters: TealLinear | None = None) -> torch.Tensor:
+    """(x * active) @ W^T for one row on the CPU: x float32 [K], active bool [K], W^T [K, N] float32 -> [N].
+
+    Reads only the active rows of W^T: torch's embedding_bag computes sum_k x_k W^T[k] over them without copying
+    them (docs/decoding.md has the measured alternatives); nearly dense rows (level 0) take one matvec instead.
+    `counters`: a TealLinear whose realized-sparsity counters this call updates (the count is free here)."""
+    rows = active.nonzero(as_tuple=True)[0]
+    n, k = rows.numel(), x.shape[0]
+    if counters is not None:
+        counters.zero_count.add_(k - n)
+        counters.input_count.add_(k)
+        counters.last_sparsity.fill_((k - n) / max(k, 1))
+    if n >= GATHER_BELOW * k:
+        return torch.where(active, x, 0.0) @ w_t
+    # torch.embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode=0 (sum), sparse, per_sample_weights,
+    # include_last_offset, padding_idx): the builtin, without F.embedding_bag's argument checks
+    return torch.embedding_bag(w_t, rows, _BAG_OFFSETS, False, 0, False, x.index_select(0, rows), False, None)[0]
 
 
 class QuantLinear(PackedLinear):
@@ -323,17 +388,20 @@ def decode_tracking(model: nn.Module, requested: bool | None = None) -> bool:
     return bool(getattr(model, "teal_track_sparsity", False))
 
 
+# Set by `counting`: None (each module's own `track`), or True / False for every TealLinear at once. A context
+# variable, so one decoder's setting never leaks into another thread's forwards.
+_COUNTING: ContextVar[bool | None] = ContextVar("teal_quant_counting", default=None)
+
+
 @contextmanager
-def counting(modules: list[TealLinear], enabled: bool) -> Iterator[None]:
-    """Counters of `modules` on / off for the forwards inside the block, their own setting restored after."""
-    saved = [m.track for m in modules]
-    for m in modules:
-        m.track = enabled
+def counting(enabled: bool) -> Iterator[None]:
+    """Every TealLinear counts (or not) in the forwards inside the block, whatever its own setting (two context
+    variable writes per forward, not one attribute write per module)."""
+    token = _COUNTING.set(bool(enabled))
     try:
         yield
     finally:
-        for m, track in zip(modules, saved):
-            m.track = track
+        _COUNTING.reset(token)
 
 
 def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:

@@ -35,7 +35,7 @@ def test_fusion_shares_memory_and_uses_one_launch(tiny_artifact, monkeypatch):
 
     calls = {"fused": 0, "single": 0}
     # an unfused member on the CPU takes the module's own CPU path (float32 W^T), not kernels.sparse_gemv
-    real_fused, real_single = kernels.sparse_gemv_fused, modules.sparse_product_cpu
+    real_fused, real_single = kernels.sparse_gemv_fused, modules.TealLinear._cpu_forward
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -44,7 +44,7 @@ def test_fusion_shares_memory_and_uses_one_launch(tiny_artifact, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(kernels, "sparse_gemv_fused", count("fused", real_fused))
-    monkeypatch.setattr(modules, "sparse_product_cpu", count("single", real_single))
+    monkeypatch.setattr(modules.TealLinear, "_cpu_forward", count("single", real_single))
     with torch.no_grad():
         model(PROMPT[:, :1])
     assert calls == {"fused": 4, "single": 4}  # per layer: qkv + gate/up fused, o and down alone

@@ -28,7 +28,6 @@ from contextvars import ContextVar
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from teal_quant import kernels
@@ -241,16 +240,18 @@ class TealLinear(PackedLinear):
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The CPU path, in float32 like the reference kernels: the thresholded input times cpu_weight (W^T float32).
-        |x| > t is compared in float32; an input under it (or NaN) contributes exactly 0. One decode row reads only
+        |x| > t is compared in float32; an input under it contributes exactly 0 (a NaN input gives a NaN output, as in
+        a dense product and in y = (x * (|x| > t)) @ W^T; the CUDA kernels drop it instead). One decode row reads only
         the active rows of W^T (`sparse_row_product`); several decode rows or a prompt multiply the masked input with
         the whole matrix (one matmul reads W^T once: the union of several rows' active sets is nearly all of it)."""
         k = self.in_features
         w_t = self.cpu_weight()
         buffers = self._buffers
         perm, bias = buffers["perm"], buffers["bias"]
-        if x.numel() == k and x.dtype == torch.float32 and perm is None:  # one decode row: the common case, lean
-            x1 = x.reshape(k)
-            y = sparse_row_product(x1, x1.abs() > buffers["threshold"], w_t, self if self.track else None)
+        threshold = buffers["threshold"]
+        if x.numel() == k and x.dtype == torch.float32 and perm is None and threshold.dim() == 0:
+            # one decode row, magnitude criterion: the common case, kept to four tensor ops
+            y = sparse_row_product(x.reshape(k).hardshrink(threshold.item()), w_t, self if self.track else None)
             if bias is not None:
                 y = y + bias
             return y.view(*x.shape[:-1], self.out_features)
@@ -263,7 +264,8 @@ class TealLinear(PackedLinear):
             xf = xf.index_select(1, perm)
         if xf.shape[0] == 1 and tokens_per_sequence == 1:
             x1 = xf.view(k)
-            y = sparse_row_product(x1, x1.abs() > self.threshold, w_t, self if self.track else None).view(1, -1)
+            x1 = x1 * (x1.abs() > threshold)  # per-channel thresholds ([K]) too; NaN stays NaN, as in hardshrink
+            y = sparse_row_product(x1, w_t, self if self.track else None).view(1, -1)
         else:
             decode = tokens_per_sequence == 1 and xf.shape[0] <= DECODE_ROWS
             if decode or self.prefill == "sparse":
@@ -279,7 +281,7 @@ class TealLinear(PackedLinear):
             else:
                 if self.track:
                     self._record(active)
-                y = torch.where(active, xf, 0.0) @ w_t
+                y = (xf * active) @ w_t
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if bias is not None:
@@ -306,21 +308,20 @@ _BAG_OFFSETS = torch.zeros(1, dtype=torch.long)  # one bag starting at 0 (embedd
 GATHER_BELOW = 0.85  # active fraction under which one decode row gathers its rows (above it, one dense matvec)
 
 
-def sparse_row_product(x: torch.Tensor, active: torch.Tensor, w_t: torch.Tensor,
-                       counters: TealLinear | None = None) -> torch.Tensor:
-    """(x * active) @ W^T for one row on the CPU: x float32 [K], active bool [K], W^T [K, N] float32 -> [N].
+def sparse_row_product(x: torch.Tensor, w_t: torch.Tensor, counters: TealLinear | None = None) -> torch.Tensor:
+    """x @ W^T for one thresholded row on the CPU: x float32 [K] (zero where inactive), W^T [K, N] float32 -> [N].
 
-    Reads only the active rows of W^T: torch's embedding_bag computes sum_k x_k W^T[k] over them without copying
-    them (docs/decoding.md has the measured alternatives); nearly dense rows (level 0) take one matvec instead.
+    Reads only the rows of W^T where x is nonzero: torch's embedding_bag computes sum_k x_k W^T[k] over them without
+    copying them (docs/decoding.md has the measured alternatives); a nearly dense row (level 0) takes one matvec.
     `counters`: a TealLinear whose realized-sparsity counters this call updates (the count is free here)."""
-    rows = active.nonzero(as_tuple=True)[0]
+    rows = x.nonzero(as_tuple=True)[0]
     n, k = rows.numel(), x.shape[0]
     if counters is not None:
         counters.zero_count.add_(k - n)
         counters.input_count.add_(k)
         counters.last_sparsity.fill_((k - n) / max(k, 1))
     if n >= GATHER_BELOW * k:
-        return torch.where(active, x, 0.0) @ w_t
+        return x @ w_t
     # torch.embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode=0 (sum), sparse, per_sample_weights,
     # include_last_offset, padding_idx): the builtin, without F.embedding_bag's argument checks
     return torch.embedding_bag(w_t, rows, _BAG_OFFSETS, False, 0, False, x.index_select(0, rows), False, None)[0]

@@ -224,9 +224,10 @@ def compress_cached(name: str, recipe: dict[str, Any], cache: Path) -> dict[str,
     return {**info, "artifact": str(artifact), "cached": False}
 
 
-def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options) -> dict[str, dict]:
+def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options,
+                  baseline_build: str = "rtn_w8") -> dict[str, dict]:
     """Row id -> {perplexity, realized_sparsity, eval_seconds} or {error}: one evaluate_artifact call per
-    (artifact, prefill mode); the dense row is evaluate_artifact's float baseline on the w8 artifact."""
+    (artifact, prefill mode); the dense row is evaluate_artifact's float baseline on `baseline_build`'s artifact."""
     from teal_quant.compression.recipe import TextFilesSource
     from teal_quant.errors import TealQuantError, first_line
     from teal_quant.evaluate import evaluate_artifact
@@ -235,7 +236,7 @@ def evaluate_rows(selected: list[Row], built: dict[str, dict], opts: Options) ->
     out: dict[str, dict] = {}
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in selected:
-        groups.setdefault((row.build or "rtn_w8", row.prefill), []).append(row)
+        groups.setdefault((row.build or baseline_build, row.prefill), []).append(row)
     for (build, prefill), group in groups.items():
         info = built[build]
         if info["status"] != "ok":
@@ -297,7 +298,9 @@ def run_report(opts: Options, *, row_patterns: str | None = None, cache: Path, o
     if any(r.id != "dense" for r in selected) and not any(r.id == "dense" for r in selected):
         selected = [next(r for r in all_rows if r.id == "dense")] + selected  # every delta is vs dense
     specs = builds(opts)
-    needed = list(dict.fromkeys(r.build or "rtn_w8" for r in selected))
+    # the dense row is evaluate_artifact's float baseline: any artifact of the run serves (same model, same tokens)
+    baseline_build = next((r.build for r in selected if r.build), "rtn_w8")
+    needed = list(dict.fromkeys(r.build or baseline_build for r in selected))
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     built: dict[str, dict] = {}
@@ -310,7 +313,7 @@ def run_report(opts: Options, *, row_patterns: str | None = None, cache: Path, o
         else:
             done = "ok (cached)" if state["cached"] else f"ok ({state['compress_seconds']} s)"
         print(f"build {name}: {done}", flush=True)
-    measured = evaluate_rows(selected, built, opts)
+    measured = evaluate_rows(selected, built, opts, baseline_build)
     dense_ppl = measured.get("dense", {}).get("perplexity")
     results: dict[str, dict] = {}
     for row in selected:

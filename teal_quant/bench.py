@@ -33,13 +33,15 @@ from torch import nn
 from teal_quant.compression.synthetic import SyntheticSpec
 from teal_quant.devices import select_device
 from teal_quant.errors import TealQuantError, first_line
-from teal_quant.runtime.modules import reset_stats, teal_linears
+from teal_quant.runtime.modules import QuantLinear, reset_stats, teal_linears
 
 BASELINES = ("bf16", "int4")
 # Kernel name -> group, first match wins (attention first: FlashAttention/cutlass fmha names contain "cutlass").
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
 LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
-LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
+# CPU: TealLinear's decode row is aten::hardshrink -> nonzero -> embedding_bag (teal_quant/runtime/modules.py)
+LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::", "aten::embedding_bag",
+              "aten::hardshrink", "aten::nonzero")
 ATTENTION_OPS = ("attention",)
 TOP_OTHER = 10  # the largest "other" kernels listed in the breakdown
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
@@ -424,6 +426,8 @@ def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
     for name, m in teal_linears(model):
         total += (1.0 - sparsity.get(name, fallback)) * _nbytes(m.qweight) + _nbytes(m.scales) + _nbytes(m.zeros)
         total += _nbytes(m.bias) if m.bias is not None else 0
+    for m in _quantized_heads(model):  # a quantized lm_head (QuantLinear): every packed byte, no threshold
+        total += sum(_nbytes(t) for t in (m.qweight, m.scales, m.zeros, m.bias) if t is not None)
     embed = model.get_input_embeddings().weight
     tied = _tied(model)
     seen = set()
@@ -442,7 +446,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
+    return out is not None and getattr(out, "weight", None) is model.get_input_embeddings().weight
+
+
+def _quantized_heads(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -453,20 +461,22 @@ def _element_size(dtype: torch.dtype) -> int:
 def _dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the dense model (all parameters in `dtype`, the embedding table included), before building it."""
     size = _element_size(dtype)
-    n = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for _, m in teal_linears(model))
+    n = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+            for m in [*(m for _, m in teal_linears(model)), *_quantized_heads(model)])
     n += sum({id(p): p.numel() for p in model.parameters()}.values())
     return n * size
 
 
 def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every TealLinear by an nn.Linear with its dequantized weights, one at a time (the packed buffers
+    """Replace every TealLinear (and a quantized lm_head) by an nn.Linear with its dequantized weights, one at a time (the packed buffers
     are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
     (teal_quant.runtime.fusion, made by the Decoder on CUDA) are split back first."""
     if importlib.util.find_spec(f"{__package__}.fusion") is not None:
         from teal_quant.runtime.fusion import unfuse_projections
 
         unfuse_projections(model)
-    for name in [n for n, _ in teal_linears(model)]:
+    packed = [n for n, _ in teal_linears(model)] + [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in packed:
         m = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         with torch.device("meta"):

@@ -177,6 +177,8 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
     parser.add_argument("--group-size", type=int, default=128, help="-1: per-channel" + note)
     parser.add_argument("--levels", type=_levels, default=[0.25, 0.4, 0.5], help="sparsity levels" + note)
     parser.add_argument("--default", type=float, default=0.4, help="default level" + note)
+    parser.add_argument("--lm-head", choices=("dense", "int8", "int4"), default="dense",
+                        help="the output projection: dense, or quantized (RTN, --group-size)" + note)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -305,7 +307,7 @@ def _synthetic_spec(args: argparse.Namespace):
     from teal_quant.compression.synthetic import SyntheticSpec
 
     return SyntheticSpec(bits=args.bits, group_size=args.group_size, levels=tuple(args.levels), default=args.default,
-                         seed=args.seed)
+                         seed=args.seed, lm_head=args.lm_head)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -38,7 +38,6 @@ from teal_quant.artifact.format import (
     ALLOCATION_PLOT_FILE,
     CARD_FILE,
     EMBEDDING_KEY,
-    HEAD_FORMATS,
     HEAD_MODULE,
     LM_HEAD_KEY,
     RECIPE_FILE,
@@ -58,9 +57,9 @@ from teal_quant.compression.calibrate.layer import (
     predicted_sparsity,
 )
 from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
+from teal_quant.compression.head import check_head_shape, head_bits, quantized_head
 from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import QuantSpec as RtnSpec
-from teal_quant.compression.quantize.rtn import dequantize_codes, rtn_quantize
+from teal_quant.compression.quantize.rtn import dequantize_codes
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
@@ -140,22 +139,6 @@ def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: in
     return int((quantized + embedding) * 1.05) + 16 * 2**20
 
 
-def check_head_shape(config, head_bits: int | None) -> None:
-    """A quantized lm_head packs the vocabulary along N: it must be a multiple of 8 (int4 words, GEMV tiles)."""
-    vocab = int(config.vocab_size)
-    if head_bits is not None and vocab % 8:
-        raise ModelSourceError(f"quantization.lm_head: int{head_bits} needs a vocabulary that is a multiple of 8, "
-                               f"this model has {vocab} tokens (use lm_head: dense)")
-
-
-def quantized_head(weight: torch.Tensor, spec: RtnSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """lm_head.qweight / scales / zeros of the output projection `weight` [vocab, hidden] (RTN, any recipe method:
-    the head has no calibrated Hessian here), scales and zeros rounded to the artifact dtype."""
-    q, scales, zeros = rtn_quantize(weight.float(), spec)
-    return {linear_key(HEAD_MODULE, "qweight"): pack(q, spec.bits),
-            linear_key(HEAD_MODULE, "scales"): scales.to(dtype), linear_key(HEAD_MODULE, "zeros"): zeros.to(dtype)}
-
-
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
     where = _existing_ancestor(out.resolve().parent)
@@ -197,8 +180,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
         quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
         check_shapes(src.config, spec.group_size)
-        head_bits = HEAD_FORMATS[recipe.quantization.lm_head]
-        check_head_shape(src.config, head_bits)
+        head = head_bits(recipe.quantization.lm_head)
+        check_head_shape(src.config, head)
         dtype = weights.dtype
         check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
                                                        torch.empty((), dtype=dtype).element_size()))
@@ -216,8 +199,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             quantizer="gptq" if quantizer is None else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
-            lm_head_bits=head_bits, lm_head_group_size=None if head_bits is None else spec.group_size,
-            modules_to_not_convert=[] if head_bits is not None else [HEAD_MODULE],
+            lm_head_bits=head, lm_head_group_size=None if head is None else spec.group_size,
+            modules_to_not_convert=[] if head is not None else [HEAD_MODULE],
         )
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
                                 sources=[src.path])
@@ -227,10 +210,10 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             )
             non_layer = src.tensors(src.non_layer_tensor_names())
             dense_params += sum(t.numel() for t in non_layer.values())
-            if head_bits is not None:  # the head's own packed tensors (a tied head: a quantized copy of the embedding)
-                head = non_layer.pop(LM_HEAD_KEY, None)
-                writer.add(quantized_head(non_layer[EMBEDDING_KEY] if head is None else head,
-                                          RtnSpec(bits=head_bits, group_size=spec.group_size, sym=spec.sym), dtype))
+            if head is not None:  # the head's own packed tensors (a tied head: a quantized copy of the embedding)
+                weight = non_layer.pop(LM_HEAD_KEY, None)
+                writer.add(quantized_head(non_layer[EMBEDDING_KEY] if weight is None else weight,
+                                          QuantSpec(bits=head, group_size=spec.group_size, sym=spec.sym), dtype))
             writer.add({n: t.to(dtype) for n, t in non_layer.items()})
             report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
             plot = None

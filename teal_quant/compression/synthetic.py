@@ -35,6 +35,7 @@ from teal_quant.architecture import (
 )
 from teal_quant.artifact.format import (
     EMBEDDING_KEY,
+    HEAD_FORMATS,
     LM_HEAD_KEY,
     REPORT_FILE,
     ArtifactWriter,
@@ -49,6 +50,7 @@ from teal_quant.compression.calibrate.layer import (
     capture_histograms,
     predicted_sparsity,
 )
+from teal_quant.compression.head import check_head_shape, quantized_head
 from teal_quant.compression.quantize.rtn import QuantSpec, dequantize_codes
 from teal_quant.devices import select_device
 from teal_quant.errors import ModelSourceError, TealQuantError, first_line
@@ -71,6 +73,7 @@ class SyntheticSpec:
     seed: int = 0
     samples: int = 4  # random sequences the thresholds are calibrated on
     seq_len: int = 256
+    lm_head: str = "dense"  # dense | int8 | int4: the output projection quantized with RTN (group_size as above)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -84,6 +87,8 @@ class SyntheticSpec:
             raise TealQuantError(f"default level {self.default} is not one of the levels {levels}")
         if self.samples < 1 or self.seq_len < 2:
             raise TealQuantError("calibration needs at least 1 sample of 2 tokens")
+        if self.lm_head not in HEAD_FORMATS:
+            raise TealQuantError(f"lm_head must be one of {', '.join(HEAD_FORMATS)}, got {self.lm_head!r}")
 
     @property
     def all_levels(self) -> list[float]:
@@ -94,8 +99,11 @@ class SyntheticSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=False)
 
     def quant_config(self) -> TealQuantConfig:
+        head = HEAD_FORMATS[self.lm_head]
         return TealQuantConfig(bits=self.bits, group_size=self.group_size, sym=False, quantizer="synthetic",
-                               levels=self.all_levels, default=float(self.default), allocation="uniform")
+                               levels=self.all_levels, default=float(self.default), allocation="uniform",
+                               lm_head_bits=head, lm_head_group_size=None if head is None else self.group_size,
+                               modules_to_not_convert=[] if head is not None else ["lm_head"])
 
 
 def resolve_arch(arch: str | Path):
@@ -183,6 +191,12 @@ class SyntheticLayers:
         }
         if not getattr(c, "tie_word_embeddings", False):
             out[LM_HEAD_KEY] = self._randn(c.vocab_size, c.hidden_size, std=1.0 / math.sqrt(c.hidden_size))
+        bits = HEAD_FORMATS[self.spec.lm_head]
+        if bits is not None:  # its own packed tensors (from the tied embedding when there is no head of its own)
+            check_head_shape(c, bits)
+            weight = out.pop(LM_HEAD_KEY, out[EMBEDDING_KEY])
+            out.update(quantized_head(weight.to(self.device), QuantSpec(bits, self.spec.group_size, sym=False),
+                                      STORAGE_DTYPE))
         return out
 
     @torch.no_grad()
@@ -277,6 +291,8 @@ def write_synthetic(arch: str | Path, output: str | Path, spec: SyntheticSpec = 
             writer.add(tensors)
         config.dtype = STORAGE_DTYPE
         config.quantization_config = quant.to_dict()
+        if quant.head_quantized:
+            config.tie_word_embeddings = False
         config.save_pretrained(writer.dir)
         GenerationConfig.from_model_config(config).save_pretrained(writer.dir)
         writer.write_json(REPORT_FILE, {"synthetic": {"arch": str(arch), "seed": spec.seed, "samples": spec.samples,

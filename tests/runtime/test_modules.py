@@ -81,6 +81,66 @@ def test_decode_equals_the_float64_reference_at_every_level(bits, bias):
         previous = y3
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_decode_row_equals_the_float64_reference(bits, bias):
+    """One row (x [1, 1, K] or [K]: the CPU path's gathered-row product) at every level, with the counters of that
+    row; the dense level takes the matvec branch, the others the row gather."""
+    module, w_t, b = make_linear(bits=bits, bias=bias)
+    for level, t in enumerate(THRESHOLDS):
+        module.set_level(level)
+        for seed, shape in ((8, (1, 1, 128)), (9, (128,)), (10, (1, 128))):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+            reset_stats(module)
+            with torch.no_grad():
+                y = module(x)
+            assert y.shape == (*shape[:-1], 64)
+            torch.testing.assert_close(y.double(), reference(x, w_t, t, b), **TOL)
+            assert float(module.last_sparsity) == pytest.approx(float((x.abs() <= t).float().mean()), abs=1e-6)
+
+
+def test_one_decode_row_with_per_channel_thresholds_and_perm():
+    """The one-row path of a weight-aware (per-channel thresholds) act-order (perm) layer: x gathered by perm,
+    each channel against its own threshold."""
+    module, w_t, _ = make_linear()
+    k = 128
+    scale = torch.rand(k, generator=torch.Generator().manual_seed(11)) + 0.5
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(12)).to(torch.int32)
+    wa = TealLinear(k, 64, bits=4, group_size=32, n_levels=len(THRESHOLDS), dtype=torch.float32, channel_scale=True,
+                    perm=True)
+    wa.load_state_dict({**{n: getattr(module, n) for n in ("qweight", "scales", "zeros", "thresholds")},
+                        "channel_scale": scale, "perm": perm})
+    wa.set_level(1)
+    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        y = wa(x)
+    xp = x.double()[..., perm.long()]  # stored row j is input channel perm[j]
+    t = (THRESHOLDS[1] / scale.double())[perm.long()]
+    torch.testing.assert_close(y.double(), (xp * (xp.abs() > t)) @ w_t, **TOL)
+
+
+def test_cpu_weight_is_built_once_and_follows_in_place_changes():
+    module, w_t, _ = make_linear()
+    first = module.cpu_weight()
+    assert module.cpu_weight() is first and first.dtype == torch.float32 and first.shape == (128, 64)
+    torch.testing.assert_close(first.double(), w_t, **TOL)
+    with torch.no_grad():
+        module.scales.mul_(2)  # an in-place write: the copy is rebuilt
+    torch.testing.assert_close(module.cpu_weight().double(), 2 * w_t, **TOL)
+    module.to(torch.device("cpu"), torch.float64)  # a cast drops it (and the next call rebuilds from the buffers)
+    assert module._cpu_weight is None
+
+
+def test_nan_input_gives_nan_output_on_the_cpu_path():
+    """On the CPU a NaN input propagates, as in (x * (|x| > t)) @ W^T (the CUDA kernels drop it instead)."""
+    module, _, _ = make_linear()
+    module.set_level(1)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(14))
+    x[..., 3] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(module(x)).all()
+
+
 def test_prefill_dense_ignores_the_threshold_and_sparse_applies_it():
     module, w_t, _ = make_linear()
     x = torch.randn(2, 7, 128, generator=torch.Generator().manual_seed(3))

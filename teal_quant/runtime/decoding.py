@@ -223,11 +223,6 @@ class Decoder:
             if isinstance(cum, Tensor):
                 cum.copy_(length.reshape(()))
 
-    @property
-    def finished(self) -> Tensor:
-        """[B] bool on the device: rows that have emitted an EOS id (reading it on the host is a sync)."""
-        return self._finished
-
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None) -> Tensor:

@@ -14,7 +14,6 @@ Only the current layer's float weights are on the compute device; hidden states 
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -24,14 +23,7 @@ from typing import Callable
 import torch
 
 from teal_quant import __version__
-from teal_quant.architecture import (
-    ACTIVATION_POINTS,
-    PROJECTIONS,
-    build_skeleton,
-    check_shapes,
-    materialize_non_persistent_buffers,
-    projection_shapes,
-)
+from teal_quant.architecture import check_shapes, projection_shapes
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
 from teal_quant.artifact.format import (
@@ -43,27 +35,18 @@ from teal_quant.artifact.format import (
     ArtifactWriter,
     TealQuantConfig,
     check_destination,
-    layer_key_prefix,
-    linear_key,
-)
-from teal_quant.compression.calibrate.layer import (
-    LayerRunner,
-    SimulatedLinear,
-    allocate,
-    attach_simulated,
-    capture_histograms,
-    predicted_sparsity,
 )
 from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
-from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import dequantize_codes
+from teal_quant.compression.hidden import HiddenStates
+from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
+from teal_quant.compression.quantize.layer import MethodQuantizer
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
+from teal_quant.compression.stream import LayerQuantizer, StreamSettings, compress_layers
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, ModelSourceError
-from teal_quant.kernels import pack
+from teal_quant.errors import ArtifactError
 from teal_quant.progress import Progress
 
 
@@ -162,7 +145,6 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
-    default_index = levels.index(sp.default) if sp.default in levels else 0
     # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
     check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
 
@@ -174,10 +156,9 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         progress.update(task, total=1, completed=1)
         weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
         spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
-        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
-        quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
         check_shapes(src.config, spec.group_size)
         dtype = weights.dtype
+        quantizer = layer_quantizer(recipe, src, spec, dtype)
         check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
                                                        torch.empty((), dtype=dtype).element_size()))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
@@ -191,17 +172,33 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         t = time.time()
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-            quantizer="gptq" if quantizer is None else recipe.quantization.method,
+            quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
         )
+        settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
                                 sources=[src.path])
         with writer:
-            report_layers, dense_params = _compress_layers(
-                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
-            )
-            non_layer = src.tensors(src.non_layer_tensor_names())
+            hidden = embed_calibration_tokens(src, tokens, compute_dtype, writer, dtype)
+            report_layers, dense_params = [], hidden.dense_params
+            layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
+            greedy = {}
+
+            def on_stage(i: int, name: str) -> None:
+                if name == "allocate":
+                    greedy[i] = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0,
+                                                  plain=None)
+                elif i in greedy:
+                    progress.remove_task(greedy.pop(i))
+
+            for result in compress_layers(src.config, src, quantizer, hidden.states, settings, on_stage=on_stage,
+                                          greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
+                writer.add(result.tensors)
+                report_layers.append(result.report)
+                dense_params += result.dense_params
+                progress.advance(layers_task)
+            non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
             dense_params += sum(t.numel() for t in non_layer.values())
             writer.add({n: t.to(dtype) for n, t in non_layer.items()})
             report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
@@ -242,6 +239,44 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     )
 
 
+def layer_quantizer(recipe: Recipe, src: ModelSource, spec: QuantSpec, dtype: torch.dtype) -> LayerQuantizer:
+    """The recipe's method as the layer loop's quantizer: a GPTQ checkpoint's own codes (from_checkpoint), else the
+    QUANTIZERS table's entry."""
+    qz = recipe.quantization
+    if qz.method == "from_checkpoint":
+        return src.quantizer()
+    return MethodQuantizer(QUANTIZERS[qz.method], spec, dtype, options=qz.quantizer_options(),
+                           hessian_samples=qz.gptq.samples if qz.gptq else None,
+                           sparsity_aware_level=qz.sparsity_aware)
+
+
+def stream_settings(recipe: Recipe, levels: list[float], compute_dtype: torch.dtype, dtype: torch.dtype,
+                    device: torch.device) -> StreamSettings:
+    sp = recipe.sparsity
+    return StreamSettings(levels=levels, default_level=sp.default, allocation=sp.allocation, step=sp.greedy.step,
+                          greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction,
+                          compute_dtype=compute_dtype, storage_dtype=dtype, device=device, criterion=sp.criterion)
+
+
+@dataclass
+class _Embedded:
+    states: HiddenStates
+    dense_params: int
+
+
+def embed_calibration_tokens(src: ModelSource, tokens: torch.Tensor, compute_dtype: torch.dtype,
+                             writer: ArtifactWriter, dtype: torch.dtype) -> _Embedded:
+    """The hidden states entering layer 0 (the embeddings of the calibration tokens), in the one buffer the layers
+    update in place; the embedding goes into the artifact right away and is then freed."""
+    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+    samples, seq_len = tokens.shape
+    states = HiddenStates.in_memory((samples, seq_len, embed.shape[1]), compute_dtype)
+    for start in range(0, samples, 8):
+        states.write_input(start, embed[tokens[start:start + 8]])
+    writer.add({EMBEDDING_KEY: embed.to(dtype)})
+    return _Embedded(states, embed.numel())
+
+
 def _local_source(source: str) -> list[Path]:
     """The model's folder when it is already on this machine (a Hub id is resolved only when the model is opened)."""
     from teal_quant.compression.sources.base import PACKAGE_PREFIX, resolve_local_path
@@ -256,22 +291,6 @@ def _local_source(source: str) -> list[Path]:
         return [path] if path.exists() else []
     except (OSError, ValueError):  # a name the file system cannot hold: open_model says so in one line
         return []
-
-
-def _check_layer_state(src, i: int, layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every tensor the decoder layer needs is there, with the shape its config gives: one line naming the tensor."""
-    prefix = layer_key_prefix(i)
-    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in state:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' is missing from the checkpoint")
-        if tuple(state[name].shape) != shape:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' has shape {tuple(state[name].shape)}, "
-                                   f"the config gives {shape}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{extra[0]}' is not part of a "
-                               f"{src.config.model_type} decoder layer")
 
 
 def hub_base_model(model) -> str | None:
@@ -297,146 +316,6 @@ def eval_dataset(source) -> dict:
 
 def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
-
-
-def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
-    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
-    sp = recipe.sparsity
-    qz = recipe.quantization
-    options = qz.quantizer_options()
-    aware_index = None if qz.sparsity_aware is None else min(
-        range(len(levels)), key=lambda j: abs(levels[j] - qz.sparsity_aware))
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, compute_dtype)
-    materialize_non_persistent_buffers(skeleton, device)
-    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
-    hidden = torch.nn.functional.embedding(tokens, embed.to(compute_dtype))  # [S, T, D] in host memory
-    seq_len = hidden.shape[1]
-    positions = torch.arange(seq_len, device=device)[None]
-    position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
-    n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
-    report, dense_params = [], 0
-    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
-    for i in range(src.num_layers):
-        layer = skeleton.model.layers[i]
-        layer.to_empty(device=device)
-        state = src.layer_tensors(i)
-        _check_layer_state(src, i, layer, state)
-        dense_params += sum(t.numel() for t in state.values())
-        layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
-        layer.eval()
-        sims = attach_simulated(layer, sp.criterion)
-        runner = LayerRunner(layer, position_embeddings)
-
-        hists = capture_histograms(runner, sims, hidden, device)
-        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
-        allocation = allocate(
-            layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
-            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
-            progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
-        )
-        progress.remove_task(greedy_task)
-
-        hessians = None
-        if quantizer is not None and quantizer.needs_hessian:
-            hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
-                                       None if aware_index is None else
-                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
-        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS), plain=None)
-        tensors, quant_stats = {}, {}
-        prefix = layer_key_prefix(i)
-        for proj, module_path in PROJECTIONS.items():
-            sim = sims[proj]
-            name = prefix + module_path
-            if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
-                tensors.update({linear_key(name, key): t for key, t in src.packed(name).items()})
-            else:
-                stats: dict = {}
-                q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
-                                             stats=stats, **options)
-                if stats:
-                    quant_stats[proj] = stats
-                scales, zeros = scales.to(dtype), zeros.to(dtype)
-                tensors[linear_key(name, "qweight")] = pack(q, spec.bits)
-                tensors[linear_key(name, "scales")] = scales
-                tensors[linear_key(name, "zeros")] = zeros
-                # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-                w_t = dequantize_codes(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
-                sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
-            progress.advance(quant_task)
-            tensors[linear_key(name, "thresholds")] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
-            if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
-                tensors[linear_key(name, "channel_scale")] = sim.channel_scale.to(torch.float32)
-            if sim.bias is not None:
-                tensors[linear_key(name, "bias")] = sim.bias.detach().to(dtype)
-            sim.threshold = allocation.projection_thresholds(proj)[default_index]
-        progress.remove_task(quant_task)
-        del hessians
-        projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
-        for key, t in state.items():
-            if key not in projection_keys:
-                tensors[prefix + key] = t.to(dtype)
-        writer.add(tensors)
-
-        hidden = runner(hidden, device)
-        sizes = {p: s.weight.numel() for p, s in sims.items()}
-        report.append({
-            "layer": i,
-            "levels": levels,
-            "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
-            "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
-            "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
-            "block_error": allocation.errors,
-            "histograms": _compact_histograms(hists),
-            **({"quantizer": quant_stats} if quant_stats else {}),
-        })
-        layer.to("meta")
-        del sims, runner, state
-        progress.advance(layers_task)
-    return report, dense_params
-
-
-def _compact_histograms(hists: dict) -> list[dict]:
-    """Each distinct activation-score histogram of a layer, compacted (256 log bins), with the projections it feeds
-    (q, k, v share one under the magnitude criterion)."""
-    groups: list[tuple[object, list[str]]] = []
-    for proj in PROJECTIONS:
-        for h, projs in groups:
-            if h is hists[proj]:
-                projs.append(proj)
-                break
-        else:
-            groups.append((hists[proj], [proj]))
-    return [{"projections": projs, **h.compact()} for h, projs in groups]
-
-
-def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidden: torch.Tensor, device,
-                    thresholds: dict[str, float] | None) -> dict[str, torch.Tensor]:
-    """Each projection's input Hessian 2/n Σ x xᵀ from one pass of the float layer over `hidden`.
-
-    thresholds None: dense inputs, one Hessian per activation point (q/k/v read the same input, and gate/up).
-    Otherwise (sparsity-aware GPTQ) the layer runs with every projection at its threshold, as it will decode at
-    that level, and each projection gets the Hessian of its own thresholded input (sim.sparsify).
-    """
-    accumulators: dict[str, HessianAccumulator] = {}
-    try:
-        if thresholds is None:
-            for projs in ACTIVATION_POINTS.values():
-                first = sims[projs[0]]
-                acc = HessianAccumulator(first.weight.shape[1], device)
-                first.observer = acc.update
-                accumulators.update({p: acc for p in projs})
-        else:
-            for proj, sim in sims.items():
-                sim.threshold = thresholds[proj]
-                acc = accumulators[proj] = HessianAccumulator(sim.weight.shape[1], device)
-                sim.observer = lambda x, _sim=sim, _acc=acc: _acc.update(_sim.sparsify(x))
-        runner(hidden, device)
-    finally:
-        for sim in sims.values():
-            sim.observer, sim.threshold = None, 0.0
-    return {p: acc.hessian for p, acc in accumulators.items()}
 
 
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> dict:

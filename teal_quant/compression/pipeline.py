@@ -14,6 +14,8 @@ Only the current layer's float weights are on the compute device; hidden states 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 
 from teal_quant import __version__
-from teal_quant.architecture import check_shapes, projection_shapes
+from teal_quant.architecture import check_shapes
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
 from teal_quant.artifact.format import (
@@ -38,15 +40,23 @@ from teal_quant.artifact.format import (
 )
 from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
 from teal_quant.compression.hidden import HiddenStates
+from teal_quant.compression.plan import existing_ancestor, plan_run
 from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
 from teal_quant.compression.quantize.layer import MethodQuantizer
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
-from teal_quant.compression.stream import LayerQuantizer, StreamSettings, compress_layers
+from teal_quant.compression.stream import (
+    SINGLE_PROCESS,
+    LayerQuantizer,
+    Peaks,
+    Reducer,
+    StreamSettings,
+    compress_layers,
+)
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError
+from teal_quant.errors import ArtifactError, TealQuantError
 from teal_quant.progress import Progress
 
 
@@ -63,6 +73,10 @@ class Compression:
     dense_bytes: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_rows: list[dict] = field(default_factory=list)  # what the `evaluate` hook returned (and the card shows)
+    layer_seconds: list[float] = field(default_factory=list)  # per decoder layer, writing and checkpoint included
+    peak_host_bytes: int | None = None  # the process's peak resident set (ru_maxrss)
+    peak_gpu_bytes: int | None = None  # torch's peak allocated GPU memory (None on the CPU)
+    resumed_from_layer: int = 0  # --resume: the layers an interrupted run had finished
 
 
 # Called on the complete artifact directory before it is moved into place; returns teal_quant.evaluate rows.
@@ -103,41 +117,31 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
-    """A rough size of the artifact from the model config alone: the seven projections of every layer at `bits`
-    per weight plus a scale and a zero point (model dtype) per group, the embedding (and an untied LM head) in the
-    model dtype, plus 5 % and 16 MB for norms, thresholds, tokenizer and metadata."""
-    linear = config.num_hidden_layers * sum(k * n for k, n in projection_shapes(config).values())
-    quantized = linear * bits / 8 + linear / (group_size if group_size > 0 else config.hidden_size) * 2 * dtype_bytes
-    embedding = config.vocab_size * config.hidden_size * dtype_bytes * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return int((quantized + embedding) * 1.05) + 16 * 2**20
-
-
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
-    where = _existing_ancestor(out.resolve().parent)
+    where = existing_ancestor(out.resolve().parent)
     free = shutil.disk_usage(where).free
     if free < needed:
         raise ArtifactError(f"output '{out}': about {needed / 1e9:.2f} GB needed (estimated from the model config), "
                             f"only {free / 1e9:.2f} GB free on '{where}'")
 
 
-def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
+def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
+             resume: bool = False) -> Path:
     """Run a recipe's compression and return the artifact directory."""
-    return compress_recipe(recipe, output_dir, overwrite=overwrite).artifact
+    return compress_recipe(recipe, output_dir, overwrite=overwrite, resume=resume).artifact
 
 
 def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
-                    evaluate: Evaluate | None = None) -> Compression:
+                    evaluate: Evaluate | None = None, resume: bool = False,
+                    reducer: Reducer = SINGLE_PROCESS) -> Compression:
     """Compress `recipe` into one artifact. The recipe is read, never rewritten: the format of the weights is resolved
     from it and the source once (sources.gptq.weight_format). `evaluate`, when given, runs on the complete artifact
-    directory before it is moved into place, so the model card is written once, with its rows."""
+    directory before it is moved into place, so the model card is written once, with its rows.
+
+    Every finished layer is checkpointed in the staging folder (its packed tensors and the hidden states entering the
+    next layer, with a fingerprint of the run); a run that fails or is stopped keeps them, and `resume=True`
+    continues from the last finished layer, giving the same artifact bytes as an uninterrupted run."""
     t0 = time.time()
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
@@ -152,24 +156,22 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
 
     with Progress() as progress:
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
-        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
+        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision,
+                         keep_download=recipe.model.keep_download)
         progress.update(task, total=1, completed=1)
         weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
         spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
         check_shapes(src.config, spec.group_size)
         dtype = weights.dtype
         quantizer = layer_quantizer(recipe, src, spec, dtype)
-        check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
-                                                       torch.empty((), dtype=dtype).element_size()))
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+        hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
+        if not resume:  # disk, host and GPU memory, from the config (a resumed run has already written part of it)
+            plan_run(recipe, out, src=src, timing=False).check()
         tokenizer = src.tokenizer()
+        fingerprint = run_fingerprint(recipe, src)
         stages["load"] = time.time() - t0
 
-        t = time.time()
-        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
-        stages["calibration data"] = time.time() - t
-
-        t = time.time()
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
             quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
@@ -178,65 +180,255 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
         )
         settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
-                                sources=[src.path])
-        with writer:
-            hidden = embed_calibration_tokens(src, tokens, compute_dtype, writer, dtype)
-            report_layers, dense_params = [], hidden.dense_params
-            layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
-            greedy = {}
+                                sources=[src.path], fingerprint=fingerprint, resume=resume)
+        state = writer.resumed or {}
+        try:
+            with writer, _disk_full_is_an_error(out):
+                t = time.time()
+                if state:
+                    report_layers, dense_params = list(state["report"]), int(state["dense_params"])
+                    hidden = _restore_hidden(state, writer, recipe, hidden_dtype)
+                else:
+                    tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
+                    hidden = _new_hidden(recipe, writer, (*tokens.shape, src.config.hidden_size), hidden_dtype)
+                    dense_params = embed_tokens(src, tokens, hidden, writer, dtype)
+                    del tokens
+                    report_layers = []
+                stages["calibration data"] = time.time() - t
 
-            def on_stage(i: int, name: str) -> None:
-                if name == "allocate":
-                    greedy[i] = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0,
-                                                  plain=None)
-                elif i in greedy:
-                    progress.remove_task(greedy.pop(i))
+                t = time.time()
+                if not state.get("non_layer_done"):
+                    dense_params = _compress_all_layers(src, quantizer, hidden, settings, writer, report_layers,
+                                                        dense_params, progress, reducer)
+                    non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
+                    dense_params += sum(t.numel() for t in non_layer.values())
+                    writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+                    del non_layer
+                    writer.checkpoint(_progress_state(report_layers, dense_params, hidden, non_layer_done=True),
+                                      summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
+                    src.release_remaining()
+                hidden.close()
+                report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
+                plot = None
+                if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
+                    plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
+                    plot = ALLOCATION_PLOT_FILE
+                staged = writer.finish_tensors()
+                stages["compress"] = time.time() - t
+                progress.stop()  # the evaluation shows its own progress
 
-            for result in compress_layers(src.config, src, quantizer, hidden.states, settings, on_stage=on_stage,
-                                          greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
-                writer.add(result.tensors)
-                report_layers.append(result.report)
-                dense_params += result.dense_params
-                progress.advance(layers_task)
-            non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
-            dense_params += sum(t.numel() for t in non_layer.values())
-            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
-            report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-            plot = None
-            if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
-                plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
-                plot = ALLOCATION_PLOT_FILE
-            staged = writer.finish_tensors()
-            stages["compress"] = time.time() - t
-            progress.stop()  # the evaluation shows its own progress
-
-            calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
-            card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
-                             quant=quant, quantization=quantization_summary(recipe),
-                             calibration_sparsity=calibration_sparsity,
-                             license=base_model_license(src.path, src.gguf_file),
-                             repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
-            eval_rows: list[dict] = []
-            try:
-                if evaluate is not None:
-                    eval_rows = evaluate(staged)
-                    window = recipe.eval.window if recipe.eval else None
-                    dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
-                    card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
-                    if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
-                        writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
-                                                                           "dataset": dataset}})
-            finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
-                writer.write_text(CARD_FILE, model_card(card))
-                path = writer.commit()
+                calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+                card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
+                                 quant=quant, quantization=quantization_summary(recipe),
+                                 calibration_sparsity=calibration_sparsity,
+                                 license=base_model_license(src.path, src.gguf_file),
+                                 repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
+                eval_rows: list[dict] = []
+                try:
+                    if evaluate is not None:
+                        eval_rows = evaluate(staged)
+                        window = recipe.eval.window if recipe.eval else None
+                        dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
+                        card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
+                        if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
+                            writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
+                                                                               "dataset": dataset}})
+                finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+                    writer.write_text(CARD_FILE, model_card(card))
+                    path = writer.commit()
+        except BaseException as e:
+            _note_kept_work(e, writer)
+            raise
 
     block_layers = [r["block_error"] for r in report_layers]
+    peaks = Peaks(device).snapshot()
     return Compression(
         artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
         block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
+        layer_seconds=[r.get("seconds", 0.0) for r in report_layers], peak_host_bytes=peaks["host_rss_bytes"],
+        peak_gpu_bytes=peaks.get("gpu_allocated_bytes"), resumed_from_layer=int(state.get("layers_done", 0)),
     )
+
+
+def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: HiddenStates, settings: StreamSettings,
+                         writer: ArtifactWriter, report_layers: list[dict], dense_params: int, progress: Progress,
+                         reducer: Reducer) -> int:
+    """The layer loop from the first unfinished layer: each layer's tensors into the writer, then a checkpoint (its
+    tensors spilled, the hidden states entering the next layer, the report so far); one plain line per layer in a log."""
+    levels, default_index = settings.levels, settings.default_index
+    first = len(report_layers)
+    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps", completed=first)
+    greedy: dict[int, object] = {}
+
+    def on_stage(i: int, name: str) -> None:
+        if name == "allocate":
+            greedy[i] = progress.add_task(f"layer {i}: {settings.allocation} allocation", total=levels[-1] or 1.0,
+                                          plain=None)
+        elif i in greedy:
+            progress.remove_task(greedy.pop(i))
+
+    for result in compress_layers(src.config, src, quantizer, hidden, settings, first_layer=first, reducer=reducer,
+                                  on_stage=on_stage,
+                                  greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
+        t = time.perf_counter()
+        i = result.index
+        writer.add(result.tensors)
+        result.tensors = {}
+        dense_params += result.dense_params
+        report_layers.append(result.report)
+        if hidden.on_disk_mode:
+            files = _hidden_files(hidden)
+        else:
+            files = [f"hidden-{i % 2}.bin"]
+            hidden.save(writer.resume_file(files[0]))
+        write = time.perf_counter() - t
+        result.report["stage_seconds"]["write"] = round(write, 4)
+        result.report["seconds"] = round(result.report["seconds"] + write, 3)
+        writer.checkpoint(_progress_state(report_layers, dense_params, hidden, files=files),
+                          summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
+        errors = result.report["block_error"].get(settings.allocation) or next(iter(result.report["block_error"].values()))
+        peaks = result.report["peaks"]
+        gpu = f", GPU {peaks['gpu_allocated_bytes'] / 1e9:.1f} GB" if "gpu_allocated_bytes" in peaks else ""
+        progress.advance(layers_task, note=f"layer {i}: {result.report['seconds']:.1f}s, block error "
+                                           f"{errors[default_index]:.4f} at {levels[default_index]:g}, peak host "
+                                           f"{peaks['host_rss_bytes'] / 1e9:.1f} GB{gpu}")
+    return dense_params
+
+
+def _progress_state(report_layers: list[dict], dense_params: int, hidden: HiddenStates, *,
+                    files: list[str] | None = None, non_layer_done: bool = False) -> dict:
+    """What --resume needs besides the writer's tensors: the layers done (their report rows), the dense parameter
+    count, and where the hidden states entering the next layer are."""
+    hidden_state = {"shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch."),
+                    "storage": "disk" if hidden.on_disk_mode else "memory"}
+    if hidden.on_disk_mode:
+        hidden_state["current"] = hidden.current
+    elif files:
+        hidden_state["file"] = files[0]
+    return {"layers_done": len(report_layers), "dense_params": dense_params, "report": report_layers,
+            "hidden": hidden_state, "non_layer_done": non_layer_done}
+
+
+def _hidden_files(hidden: HiddenStates) -> list[str]:
+    return [f.name for f in hidden.files] if hidden.on_disk_mode else []
+
+
+def _new_hidden(recipe: Recipe, writer: ArtifactWriter, shape: tuple[int, int, int], dtype: torch.dtype) -> HiddenStates:
+    if recipe.runtime.hidden_storage == "disk":
+        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype)
+    return HiddenStates.in_memory(shape, dtype)
+
+
+def _restore_hidden(state: dict, writer: ArtifactWriter, recipe: Recipe, dtype: torch.dtype) -> HiddenStates:
+    """The hidden states entering the first unfinished layer, as the interrupted run checkpointed them."""
+    saved = state["hidden"]
+    shape = tuple(int(x) for x in saved["shape"])
+    if saved["dtype"] != str(dtype).removeprefix("torch.") or saved["storage"] != recipe.runtime.hidden_storage:
+        raise ArtifactError(f"--resume: the interrupted run kept its hidden states as {saved['storage']} "
+                            f"{saved['dtype']}; this recipe asks for {recipe.runtime.hidden_storage} {dtype}")
+    if saved["storage"] == "disk":
+        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype, current=int(saved["current"]))
+    hidden = HiddenStates.in_memory(shape, dtype)
+    if not state.get("non_layer_done"):
+        hidden.load(writer.resume_file(saved["file"]))
+    return hidden
+
+
+def embed_tokens(src: ModelSource, tokens: torch.Tensor, hidden: HiddenStates, writer: ArtifactWriter,
+                 dtype: torch.dtype) -> int:
+    """Fill `hidden` with the embeddings of the calibration tokens (the input of layer 0), batch by batch; the
+    embedding goes into the artifact right away and is freed. Returns its parameter count."""
+    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+    for start in range(0, tokens.shape[0], 8):
+        hidden.write_input(start, embed[tokens[start:start + 8]])
+    writer.add({EMBEDDING_KEY: embed.to(dtype)})
+    n = embed.numel()
+    del embed
+    src.release(-1)  # a Hub shard that held only the embedding (keep_download false)
+    return n
+
+
+def run_fingerprint(recipe: Recipe, src: ModelSource) -> dict[str, str]:
+    """What must not change between a run and its --resume: the recipe (less output.overwrite, eval and hub, which
+    do not touch the tensors), the source's files (config, index, shard names and sizes) and the code (teal-quant's
+    and the kernels' sources, torch, transformers and safetensors versions)."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    import json
+
+    data = recipe.model_dump(mode="json")
+    data["output"].pop("overwrite", None)
+    data.pop("eval", None)
+    data.pop("hub", None)
+    recipe_hash = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "quantize_config.json"):
+        f = src.path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    files = sorted(set(src._index.values()) | ({src.path / src.gguf_file} if src.gguf_file else set()))
+    for f in files:
+        size = f.stat().st_size if f.exists() else -1  # a Hub shard not downloaded yet: its name (index) is enough
+        h.update(f"{f.name}:{size}".encode())
+    source_hash = h.hexdigest()
+
+    code = hashlib.sha256()
+    roots = {Path(__file__).resolve().parents[1]}
+    spec = importlib.util.find_spec("teal_quant.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        roots |= {Path(p).resolve() for p in spec.submodule_search_locations}
+    seen = set()
+    for root in sorted(roots):
+        for f in sorted(root.rglob("*.py")):
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            code.update(f.name.encode() + b"\0" + f.read_bytes())
+    for package in ("torch", "transformers", "safetensors"):
+        try:
+            code.update(f"{package}={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"recipe": recipe_hash, "model source": source_hash, "code version": code.hexdigest()}
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "StorageFull" in str(e):  # safetensors' Rust I/O errors
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: Path):
+    """A full disk while writing is the user's to fix: one ArtifactError line (exit 2), not an internal error."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        where = existing_ancestor(out.parent)
+        free = shutil.disk_usage(where).free
+        raise ArtifactError(f"output '{out}': the disk is full ({free / 1e9:.2f} GB free on '{where}')") from None
+
+
+def _note_kept_work(error: BaseException, writer: ArtifactWriter) -> None:
+    """An interrupted run kept its finished layers: say where in the error's one line (the CLI prints `resume_note`;
+    a TealQuantError's own message carries it for API callers)."""
+    note = writer.kept_note()
+    if not note:
+        return
+    error.resume_note = note
+    if isinstance(error, TealQuantError) and error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}; {note}", *error.args[1:])
 
 
 def layer_quantizer(recipe: Recipe, src: ModelSource, spec: QuantSpec, dtype: torch.dtype) -> LayerQuantizer:
@@ -256,25 +448,6 @@ def stream_settings(recipe: Recipe, levels: list[float], compute_dtype: torch.dt
     return StreamSettings(levels=levels, default_level=sp.default, allocation=sp.allocation, step=sp.greedy.step,
                           greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction,
                           compute_dtype=compute_dtype, storage_dtype=dtype, device=device, criterion=sp.criterion)
-
-
-@dataclass
-class _Embedded:
-    states: HiddenStates
-    dense_params: int
-
-
-def embed_calibration_tokens(src: ModelSource, tokens: torch.Tensor, compute_dtype: torch.dtype,
-                             writer: ArtifactWriter, dtype: torch.dtype) -> _Embedded:
-    """The hidden states entering layer 0 (the embeddings of the calibration tokens), in the one buffer the layers
-    update in place; the embedding goes into the artifact right away and is then freed."""
-    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
-    samples, seq_len = tokens.shape
-    states = HiddenStates.in_memory((samples, seq_len, embed.shape[1]), compute_dtype)
-    for start in range(0, samples, 8):
-        states.write_input(start, embed[tokens[start:start + 8]])
-    writer.add({EMBEDDING_KEY: embed.to(dtype)})
-    return _Embedded(states, embed.numel())
 
 
 def _local_source(source: str) -> list[Path]:

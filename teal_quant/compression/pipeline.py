@@ -38,7 +38,13 @@ from teal_quant.artifact.format import (
     TealQuantConfig,
     check_destination,
 )
-from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
+from teal_quant.compression.data import (
+    POOL_FACTOR,
+    calibration_stream,
+    check_text_files,
+    generate_samples,
+    random_windows,
+)
 from teal_quant.compression.hidden import HiddenStates
 from teal_quant.compression.plan import existing_ancestor, plan_run
 from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
@@ -103,7 +109,7 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
         del model
         return tokens
     task = progress.add_task("tokenizing calibration text", total=None)
-    stream = tokenize_stream(tokenizer, read_text(cal.source))
+    stream = calibration_stream(tokenizer, cal.source, POOL_FACTOR * cal.samples * cal.seq_len)
     progress.update(task, total=1, completed=1)
     return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
 

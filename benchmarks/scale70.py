@@ -167,13 +167,14 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def resume_check(model: Path, work: Path, samples: int, deadline: float) -> dict:
+def resume_check(base: dict, work: Path, samples: int, deadline: float) -> dict:
     """Uninterrupted vs SIGKILL after layer 2 + --resume, same output path, every file compared."""
     out = work / "resume-art"
     recipe = work / "resume.yaml"
-    data = shipped_recipe(model, out, calibration={"samples": samples},
-                          sparsity={"greedy": {"step": 0.05, "tokens": 4096}})
-    data["sparsity"]["greedy"] = {"step": 0.05, "tokens": 4096}
+    data = json.loads(json.dumps(base))
+    data["output"]["dir"] = str(out)
+    data["calibration"]["samples"] = samples
+    data["sparsity"]["greedy"] = {"step": 0.05, "tokens": min(4096, samples * data["calibration"]["seq_len"])}
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     env = dict(os.environ, TEAL_QUANT_QUIET="1")
     t = time.time()
@@ -235,6 +236,8 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dry-run-calibration", type=int, nargs=3, metavar=("SAMPLES", "SEQ_LEN", "GREEDY_TOKENS"),
+                        help="CPU dry run of this script: a smaller calibration than the recipe's (and greedy step 0.1)")
     args = parser.parse_args()
     start = time.time()
     work = args.workdir
@@ -256,6 +259,10 @@ def main() -> int:
     recipe_data = shipped_recipe(model, out)
     if args.device == "cpu":
         recipe_data["runtime"]["device"] = "cpu"
+    if args.dry_run_calibration:
+        samples, seq_len, tokens = args.dry_run_calibration
+        recipe_data["calibration"].update(samples=samples, seq_len=seq_len)
+        recipe_data["sparsity"]["greedy"].update(tokens=tokens, step=0.1)
     recipe_file = work / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe_data, sort_keys=False))
     results["recipe"] = recipe_data
@@ -289,7 +296,7 @@ def main() -> int:
         shutil.rmtree(p, ignore_errors=True)
 
     if time.time() - start < args.budget_s + args.resume_budget_s - 30:
-        results["resume"] = resume_check(model, work, args.resume_samples, time.time() + args.resume_budget_s)
+        results["resume"] = resume_check(recipe_data, work, args.resume_samples, time.time() + args.resume_budget_s)
     else:
         results["resume"] = {"error": "not run: no time left in this call"}
     print("resume:", results["resume"], flush=True)

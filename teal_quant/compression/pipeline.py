@@ -333,7 +333,7 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
         allocation = allocate(
             layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
-            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
+            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction, search=sp.greedy.search,
             progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
         )
         progress.remove_task(greedy_task)

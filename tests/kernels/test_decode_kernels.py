@@ -3,10 +3,10 @@ eager attention), and the greedy tail. CUDA when there is one, else the Triton i
 
 import pytest
 import torch
-
-from teal_quant import kernels
 from teal_quant.kernels.attention import decode_attention_ref
 from teal_quant.kernels.elementwise import add_rms_norm_ref, greedy_advance_ref
+
+from teal_quant import kernels
 
 pytest.importorskip("triton")
 

@@ -181,7 +181,7 @@ def _decode_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(ws_ptr, out_ptr, stride_ob, rows,
+def _attention_combine_kernel(ws_ptr, out_ptr, stride_ob, rows,
                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                     DTYPE: tl.constexpr):
     bh = tl.program_id(0)
@@ -216,6 +216,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
         DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" and not k_cache.is_cuda, num_warps=4, num_stages=2,
     )
     if not fused_reduce:
-        _combine_kernel[(b * hkv,)](workspace, out, out.stride(0), rows, HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits,
+        _attention_combine_kernel[(b * hkv,)](workspace, out, out.stride(0), rows, HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits,
                                     DTYPE=dtype, num_warps=4)
     return out

@@ -91,11 +91,23 @@ def _projections(modules: list[nn.Module]) -> Callable[[Tensor], tuple[Tensor, .
     """One call giving every projection of a shared input: a fusion.SharedProjection's single product split, else
     the modules called in order (a fused TealLinear group computes all parts on the first call)."""
     from teal_quant.runtime.fusion import ProjectionPart
+    from teal_quant.runtime.modules import TealLinear
 
     shared = getattr(modules[0], "shared", None)
     if (all(isinstance(m, ProjectionPart) and m.shared is shared for m in modules)
             and [m.index for m in modules] == list(range(len(shared.split_sizes)))):
         return lambda x: shared.inner(x).split(shared.split_sizes, dim=-1)
+    group = getattr(modules[0], "_fused_group", None)
+    if (group is not None and all(isinstance(m, TealLinear) for m in modules) and list(group.members) == list(modules)
+            and all(m.bias is None for m in modules)):
+        def fused(x: Tensor) -> tuple[Tensor, ...]:
+            if modules[0].track or x.shape[0] > 16:  # counters, or a batch past the decode kernel: the modules' path
+                return tuple(m(x) for m in modules)
+            y = kernels.sparse_gemv_fused(x, group.qweight, group.scales, group.zeros, group.thresholds,
+                                          group.split_sizes, bits=group.bits, group_size=group.group_size)
+            return y.split(group.split_sizes, dim=-1)
+
+        return fused
     return lambda x: tuple(m(x) for m in modules)
 
 

@@ -154,6 +154,16 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
         bound = 1.5 * e["cpu_low_precision_vs_cpu_fp32"] + 1e-2
         if e["fused_vs_cpu_fp32"] > bound:
             failures.append(f"{name} level {idx}: CUDA vs CPU fp32 rel err {e['fused_vs_cpu_fp32']:.3g} > {bound:.3g}")
+    # at level 0 (no threshold decision to flip) the fused decode step must give the transformers forward's logits
+    # within the model's own low-precision error (the bound of fused vs unfused at that level)
+    set_level(gpu, levels[0])
+    forced0 = torch.randint(3, vocab, (4, 8), generator=g)
+    fs0, tf0 = forced_logits(gpu, ids, forced0, True), forced_logits(gpu, ids, forced0, True, fused_step=False)
+    e0 = rel(fs0, tf0)
+    r["level0_forced_fused_step_vs_transformers_logits_rel_err"] = e0
+    r["level0_forced_fused_step_vs_transformers_argmax_agreement"] = float((fs0.argmax(-1) == tf0.argmax(-1)).float().mean())
+    if e0 > noise[levels[0]]:
+        failures.append(f"{name} level 0: fused step vs transformers forward logits rel err {e0:.3g} > {noise[levels[0]]:.3g}")
     set_level(gpu, levels[-1])
     set_level(unfused, levels[-1])
     for b in (1, 4):

@@ -533,6 +533,11 @@ def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
     for name, m in teal_linears(model):
         total += (1.0 - sparsity.get(name, fallback)) * _nbytes(m.qweight) + _nbytes(m.scales) + _nbytes(m.zeros)
         total += _nbytes(m.bias) if m.bias is not None else 0
+    from teal_quant.runtime.baselines import TinyGemmLinear
+
+    for m in model.modules():  # the tinygemm baseline's weights are buffers: every byte is read
+        if isinstance(m, TinyGemmLinear):
+            total += _nbytes(m.packed) + _nbytes(m.scales_and_zeros)
     embed = model.get_input_embeddings().weight
     tied = _tied(model)
     seen = set()

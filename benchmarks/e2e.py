@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = run_one(bench_args, limit)
         runs[name]["targets"] = check_targets(runs[name].get("result"), targets)
         print(f"[e2e] {name}: {runs[name]['status']} in {runs[name]['seconds']:.0f}s; targets {runs[name]['targets']}", flush=True)
-    report = {**meta, "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(report))
-    print(f"[e2e] wrote {args.out / args.name}.json and .md", flush=True)
+        report = {**meta, "runs": runs}  # written after every model: a run cut short keeps what it measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(report))
+        print(f"[e2e] wrote {args.out / args.name}.json and .md", flush=True)
     return 0 if all(r["status"] == "ok" for r in runs.values()) else 1
 
 

@@ -12,6 +12,7 @@ import teal_quant
 from teal_quant.runtime.decode_step import fused_step_support
 from teal_quant.runtime.decoding import Decoder
 from teal_quant.runtime.fusion import ProjectionPart, fuse_linear_projections, fuse_projections
+from teal_quant.runtime.modules import track_sparsity
 
 PROMPT = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 2], [1, 77, 8, 300, 64, 21, 99, 13]])
 
@@ -63,6 +64,10 @@ def test_fused_step_on_the_artifact_fused_and_unfused(tiny_artifact):
     assert fuse_projections(model) == 4  # q/k/v and gate/up of 2 layers: one launch each in the fused step
     fused, _ = forced_logits(model, ref[:, 8:], fused_step=True)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    track_sparsity(model, False)  # counters off: the step launches the fused group's product itself
+    direct, _ = forced_logits(model, ref[:, 8:], fused_step=True)
+    torch.testing.assert_close(direct, plain, rtol=1e-5, atol=1e-5)
+    track_sparsity(model, True)
     assert torch.equal(Decoder(model, batch_size=2, max_length=20, fused_step=True).generate(PROMPT, 12), ref)
 
 

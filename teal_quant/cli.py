@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--output", "-o", type=Path, help="artifact directory (overrides output.dir)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing artifact")
+    when = run.add_mutually_exclusive_group()
+    when.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run of this recipe from its last finished layer")
+    when.add_argument("--plan", action="store_true",
+                      help="print the predicted disk, host and GPU memory and time per layer (nothing is run); "
+                           "exit 2 when this machine cannot hold the run")
 
     ev = sub.add_parser("eval", help="perplexity (--text) or lm-evaluation-harness tasks (--tasks) of an artifact, "
                                      "with realized sparsity, level by level")
@@ -224,26 +230,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with show_progress(args.verbosity != "quiet"):
             return _dispatch(args)
-    except Terminated:
-        print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
+    except Terminated as e:
+        print(f"teal-quant: terminated (SIGTERM); {_kept(e) or 'partial output removed'}", file=sys.stderr)
         return 143
     except TealQuantError as e:  # one line, scrubbed of any token
         print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("teal-quant: interrupted; partial output removed", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"teal-quant: interrupted; {_kept(e) or 'partial output removed'}", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
             raise
         from teal_quant.errors import first_line
 
+        kept = f"; {_kept(e)}" if _kept(e) else ""
         print(f"teal-quant: internal error: {type(e).__name__}: {scrub(first_line(e))} "
-              "(TEAL_QUANT_DEBUG=1 shows the traceback)", file=sys.stderr)
+              f"(TEAL_QUANT_DEBUG=1 shows the traceback){kept}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def _kept(error: BaseException) -> str:
+    """Where an interrupted run kept its finished layers (pipeline: `resume_note`), or ''."""
+    return getattr(error, "resume_note", "") or ""
 
 
 def _one_line(text: str) -> str:
@@ -253,10 +265,16 @@ def _one_line(text: str) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
-        from teal_quant.report import print_run_summary
-        from teal_quant.workflow import run
+        from teal_quant.report import print_plan, print_run_summary
+        from teal_quant.workflow import plan, run
 
-        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite, report=print_run_summary)
+        recipe = Recipe.from_yaml(args.recipe)
+        if args.plan:
+            predicted = plan(recipe, args.output)
+            print_plan(predicted)
+            predicted.check(strict=True)
+            return 0
+        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary, resume=args.resume)
         return 0
     if args.command == "eval":
         return _eval(args)

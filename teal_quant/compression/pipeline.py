@@ -14,7 +14,8 @@ Only the current layer's float weights are on the compute device; hidden states 
 
 from __future__ import annotations
 
-import math
+import contextlib
+import errno
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -24,14 +25,7 @@ from typing import Callable
 import torch
 
 from teal_quant import __version__
-from teal_quant.architecture import (
-    ACTIVATION_POINTS,
-    PROJECTIONS,
-    build_skeleton,
-    check_shapes,
-    materialize_non_persistent_buffers,
-    projection_shapes,
-)
+from teal_quant.architecture import check_shapes
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
 from teal_quant.artifact.format import (
@@ -43,27 +37,26 @@ from teal_quant.artifact.format import (
     ArtifactWriter,
     TealQuantConfig,
     check_destination,
-    layer_key_prefix,
-    linear_key,
-)
-from teal_quant.compression.calibrate.layer import (
-    LayerRunner,
-    SimulatedLinear,
-    allocate,
-    attach_simulated,
-    capture_histograms,
-    predicted_sparsity,
 )
 from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
-from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import dequantize_codes
+from teal_quant.compression.hidden import HiddenStates
+from teal_quant.compression.plan import existing_ancestor, plan_run
+from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
+from teal_quant.compression.quantize.layer import MethodQuantizer
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
+from teal_quant.compression.stream import (
+    SINGLE_PROCESS,
+    LayerQuantizer,
+    Peaks,
+    Reducer,
+    StreamSettings,
+    compress_layers,
+)
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, ModelSourceError
-from teal_quant.kernels import pack
+from teal_quant.errors import ArtifactError, TealQuantError
 from teal_quant.progress import Progress
 
 
@@ -80,6 +73,10 @@ class Compression:
     dense_bytes: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_rows: list[dict] = field(default_factory=list)  # what the `evaluate` hook returned (and the card shows)
+    layer_seconds: list[float] = field(default_factory=list)  # per decoder layer, writing and checkpoint included
+    peak_host_bytes: int | None = None  # the process's peak resident set (ru_maxrss)
+    peak_gpu_bytes: int | None = None  # torch's peak allocated GPU memory (None on the CPU)
+    resumed_from_layer: int = 0  # --resume: the layers an interrupted run had finished
 
 
 # Called on the complete artifact directory before it is moved into place; returns teal_quant.evaluate rows.
@@ -120,41 +117,31 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
-    """A rough size of the artifact from the model config alone: the seven projections of every layer at `bits`
-    per weight plus a scale and a zero point (model dtype) per group, the embedding (and an untied LM head) in the
-    model dtype, plus 5 % and 16 MB for norms, thresholds, tokenizer and metadata."""
-    linear = config.num_hidden_layers * sum(k * n for k, n in projection_shapes(config).values())
-    quantized = linear * bits / 8 + linear / (group_size if group_size > 0 else config.hidden_size) * 2 * dtype_bytes
-    embedding = config.vocab_size * config.hidden_size * dtype_bytes * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return int((quantized + embedding) * 1.05) + 16 * 2**20
-
-
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
-    where = _existing_ancestor(out.resolve().parent)
+    where = existing_ancestor(out.resolve().parent)
     free = shutil.disk_usage(where).free
     if free < needed:
         raise ArtifactError(f"output '{out}': about {needed / 1e9:.2f} GB needed (estimated from the model config), "
                             f"only {free / 1e9:.2f} GB free on '{where}'")
 
 
-def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
+def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
+             resume: bool = False) -> Path:
     """Run a recipe's compression and return the artifact directory."""
-    return compress_recipe(recipe, output_dir, overwrite=overwrite).artifact
+    return compress_recipe(recipe, output_dir, overwrite=overwrite, resume=resume).artifact
 
 
 def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
-                    evaluate: Evaluate | None = None) -> Compression:
+                    evaluate: Evaluate | None = None, resume: bool = False,
+                    reducer: Reducer = SINGLE_PROCESS) -> Compression:
     """Compress `recipe` into one artifact. The recipe is read, never rewritten: the format of the weights is resolved
     from it and the source once (sources.gptq.weight_format). `evaluate`, when given, runs on the complete artifact
-    directory before it is moved into place, so the model card is written once, with its rows."""
+    directory before it is moved into place, so the model card is written once, with its rows.
+
+    Every finished layer is checkpointed in the staging folder (its packed tensors and the hidden states entering the
+    next layer, with a fingerprint of the run); a run that fails or is stopped keeps them, and `resume=True`
+    continues from the last finished layer, giving the same artifact bytes as an uninterrupted run."""
     t0 = time.time()
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
@@ -162,7 +149,6 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
-    default_index = levels.index(sp.default) if sp.default in levels else 0
     # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
     check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
 
@@ -170,76 +156,298 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
 
     with Progress() as progress:
         task = progress.add_task(f"opening {recipe.model.source}", total=None)
-        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
+        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision,
+                         keep_download=recipe.model.keep_download)
         progress.update(task, total=1, completed=1)
         weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
         spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
-        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
-        quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
         check_shapes(src.config, spec.group_size)
         dtype = weights.dtype
-        check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
-                                                       torch.empty((), dtype=dtype).element_size()))
+        quantizer = layer_quantizer(recipe, src, spec, dtype)
         compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+        hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
+        if not resume:  # disk, host and GPU memory, from the config (a resumed run has already written part of it)
+            plan_run(recipe, out, src=src, timing=False).check()
         tokenizer = src.tokenizer()
+        fingerprint = run_fingerprint(recipe, src)
         stages["load"] = time.time() - t0
 
-        t = time.time()
-        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
-        stages["calibration data"] = time.time() - t
-
-        t = time.time()
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-            quantizer="gptq" if quantizer is None else recipe.quantization.method,
+            quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
         )
+        settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
         writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
-                                sources=[src.path])
-        with writer:
-            report_layers, dense_params = _compress_layers(
-                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
-            )
-            non_layer = src.tensors(src.non_layer_tensor_names())
-            dense_params += sum(t.numel() for t in non_layer.values())
-            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
-            report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-            plot = None
-            if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
-                plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
-                plot = ALLOCATION_PLOT_FILE
-            staged = writer.finish_tensors()
-            stages["compress"] = time.time() - t
-            progress.stop()  # the evaluation shows its own progress
+                                sources=[src.path], fingerprint=fingerprint, resume=resume)
+        state = writer.resumed or {}
+        try:
+            with writer, _disk_full_is_an_error(out):
+                t = time.time()
+                if state:
+                    report_layers, dense_params = list(state["report"]), int(state["dense_params"])
+                    hidden = _restore_hidden(state, writer, recipe, hidden_dtype)
+                else:
+                    tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
+                    hidden = _new_hidden(recipe, writer, (*tokens.shape, src.config.hidden_size), hidden_dtype)
+                    dense_params = embed_tokens(src, tokens, hidden, writer, dtype)
+                    del tokens
+                    report_layers = []
+                stages["calibration data"] = time.time() - t
 
-            calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
-            card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
-                             quant=quant, quantization=quantization_summary(recipe),
-                             calibration_sparsity=calibration_sparsity,
-                             license=base_model_license(src.path, src.gguf_file),
-                             repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
-            eval_rows: list[dict] = []
-            try:
-                if evaluate is not None:
-                    eval_rows = evaluate(staged)
-                    window = recipe.eval.window if recipe.eval else None
-                    dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
-                    card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
-                    if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
-                        writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
-                                                                           "dataset": dataset}})
-            finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
-                writer.write_text(CARD_FILE, model_card(card))
-                path = writer.commit()
+                t = time.time()
+                if not state.get("non_layer_done"):
+                    dense_params = _compress_all_layers(src, quantizer, hidden, settings, writer, report_layers,
+                                                        dense_params, progress, reducer)
+                    non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
+                    dense_params += sum(t.numel() for t in non_layer.values())
+                    writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+                    del non_layer
+                    writer.checkpoint(_progress_state(report_layers, dense_params, hidden, non_layer_done=True),
+                                      summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
+                    src.release_remaining()
+                hidden.close()
+                report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
+                plot = None
+                if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
+                    plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
+                    plot = ALLOCATION_PLOT_FILE
+                staged = writer.finish_tensors()
+                stages["compress"] = time.time() - t
+                progress.stop()  # the evaluation shows its own progress
+
+                calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+                card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
+                                 quant=quant, quantization=quantization_summary(recipe),
+                                 calibration_sparsity=calibration_sparsity,
+                                 license=base_model_license(src.path, src.gguf_file),
+                                 repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
+                eval_rows: list[dict] = []
+                try:
+                    if evaluate is not None:
+                        eval_rows = evaluate(staged)
+                        window = recipe.eval.window if recipe.eval else None
+                        dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
+                        card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
+                        if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
+                            writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
+                                                                               "dataset": dataset}})
+                finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+                    writer.write_text(CARD_FILE, model_card(card))
+                    path = writer.commit()
+        except BaseException as e:
+            _note_kept_work(e, writer)
+            raise
 
     block_layers = [r["block_error"] for r in report_layers]
+    peaks = Peaks(device).snapshot()
     return Compression(
         artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
         block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
+        layer_seconds=[r.get("seconds", 0.0) for r in report_layers], peak_host_bytes=peaks["host_rss_bytes"],
+        peak_gpu_bytes=peaks.get("gpu_allocated_bytes"), resumed_from_layer=int(state.get("layers_done", 0)),
     )
+
+
+def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: HiddenStates, settings: StreamSettings,
+                         writer: ArtifactWriter, report_layers: list[dict], dense_params: int, progress: Progress,
+                         reducer: Reducer) -> int:
+    """The layer loop from the first unfinished layer: each layer's tensors into the writer, then a checkpoint (its
+    tensors spilled, the hidden states entering the next layer, the report so far); one plain line per layer in a log."""
+    levels, default_index = settings.levels, settings.default_index
+    first = len(report_layers)
+    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps", completed=first)
+    greedy: dict[int, object] = {}
+
+    def on_stage(i: int, name: str) -> None:
+        if name == "allocate":
+            greedy[i] = progress.add_task(f"layer {i}: {settings.allocation} allocation", total=levels[-1] or 1.0,
+                                          plain=None)
+        elif i in greedy:
+            progress.remove_task(greedy.pop(i))
+
+    for result in compress_layers(src.config, src, quantizer, hidden, settings, first_layer=first, reducer=reducer,
+                                  on_stage=on_stage,
+                                  greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
+        t = time.perf_counter()
+        i = result.index
+        writer.add(result.tensors)
+        result.tensors = {}
+        dense_params += result.dense_params
+        report_layers.append(result.report)
+        if hidden.on_disk_mode:
+            files = _hidden_files(hidden)
+        else:
+            files = [f"hidden-{i % 2}.bin"]
+            hidden.save(writer.resume_file(files[0]))
+        write = time.perf_counter() - t
+        result.report["stage_seconds"]["write"] = round(write, 4)
+        result.report["seconds"] = round(result.report["seconds"] + write, 3)
+        writer.checkpoint(_progress_state(report_layers, dense_params, hidden, files=files),
+                          summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
+        errors = result.report["block_error"].get(settings.allocation) or next(iter(result.report["block_error"].values()))
+        peaks = result.report["peaks"]
+        gpu = f", GPU {peaks['gpu_allocated_bytes'] / 1e9:.1f} GB" if "gpu_allocated_bytes" in peaks else ""
+        progress.advance(layers_task, note=f"layer {i}: {result.report['seconds']:.1f}s, block error "
+                                           f"{errors[default_index]:.4f} at {levels[default_index]:g}, peak host "
+                                           f"{peaks['host_rss_bytes'] / 1e9:.1f} GB{gpu}")
+    return dense_params
+
+
+def _progress_state(report_layers: list[dict], dense_params: int, hidden: HiddenStates, *,
+                    files: list[str] | None = None, non_layer_done: bool = False) -> dict:
+    """What --resume needs besides the writer's tensors: the layers done (their report rows), the dense parameter
+    count, and where the hidden states entering the next layer are."""
+    hidden_state = {"shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch."),
+                    "storage": "disk" if hidden.on_disk_mode else "memory"}
+    if hidden.on_disk_mode:
+        hidden_state["current"] = hidden.current
+    elif files:
+        hidden_state["file"] = files[0]
+    return {"layers_done": len(report_layers), "dense_params": dense_params, "report": report_layers,
+            "hidden": hidden_state, "non_layer_done": non_layer_done}
+
+
+def _hidden_files(hidden: HiddenStates) -> list[str]:
+    return [f.name for f in hidden.files] if hidden.on_disk_mode else []
+
+
+def _new_hidden(recipe: Recipe, writer: ArtifactWriter, shape: tuple[int, int, int], dtype: torch.dtype) -> HiddenStates:
+    if recipe.runtime.hidden_storage == "disk":
+        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype)
+    return HiddenStates.in_memory(shape, dtype)
+
+
+def _restore_hidden(state: dict, writer: ArtifactWriter, recipe: Recipe, dtype: torch.dtype) -> HiddenStates:
+    """The hidden states entering the first unfinished layer, as the interrupted run checkpointed them."""
+    saved = state["hidden"]
+    shape = tuple(int(x) for x in saved["shape"])
+    if saved["dtype"] != str(dtype).removeprefix("torch.") or saved["storage"] != recipe.runtime.hidden_storage:
+        raise ArtifactError(f"--resume: the interrupted run kept its hidden states as {saved['storage']} "
+                            f"{saved['dtype']}; this recipe asks for {recipe.runtime.hidden_storage} {dtype}")
+    if saved["storage"] == "disk":
+        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype, current=int(saved["current"]))
+    hidden = HiddenStates.in_memory(shape, dtype)
+    if not state.get("non_layer_done"):
+        hidden.load(writer.resume_file(saved["file"]))
+    return hidden
+
+
+def embed_tokens(src: ModelSource, tokens: torch.Tensor, hidden: HiddenStates, writer: ArtifactWriter,
+                 dtype: torch.dtype) -> int:
+    """Fill `hidden` with the embeddings of the calibration tokens (the input of layer 0), batch by batch; the
+    embedding goes into the artifact right away and is freed. Returns its parameter count."""
+    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+    for start in range(0, tokens.shape[0], 8):
+        hidden.write_input(start, embed[tokens[start:start + 8]])
+    writer.add({EMBEDDING_KEY: embed.to(dtype)})
+    n = embed.numel()
+    del embed
+    src.release(-1)  # a Hub shard that held only the embedding (keep_download false)
+    return n
+
+
+def run_fingerprint(recipe: Recipe, src: ModelSource) -> dict[str, str]:
+    """What must not change between a run and its --resume: the recipe (less output.overwrite, eval and hub, which
+    do not touch the tensors), the source's files (config, index, shard names and sizes) and the code (teal-quant's
+    and the kernels' sources, torch, transformers and safetensors versions)."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    import json
+
+    data = recipe.model_dump(mode="json")
+    data["output"].pop("overwrite", None)
+    data.pop("eval", None)
+    data.pop("hub", None)
+    recipe_hash = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "quantize_config.json"):
+        f = src.path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    files = sorted(set(src._index.values()) | ({src.path / src.gguf_file} if src.gguf_file else set()))
+    for f in files:
+        size = f.stat().st_size if f.exists() else -1  # a Hub shard not downloaded yet: its name (index) is enough
+        h.update(f"{f.name}:{size}".encode())
+    source_hash = h.hexdigest()
+
+    code = hashlib.sha256()
+    roots = {Path(__file__).resolve().parents[1]}
+    spec = importlib.util.find_spec("teal_quant.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        roots |= {Path(p).resolve() for p in spec.submodule_search_locations}
+    seen = set()
+    for root in sorted(roots):
+        for f in sorted(root.rglob("*.py")):
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            code.update(f.name.encode() + b"\0" + f.read_bytes())
+    for package in ("torch", "transformers", "safetensors"):
+        try:
+            code.update(f"{package}={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"recipe": recipe_hash, "model source": source_hash, "code version": code.hexdigest()}
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "StorageFull" in str(e):  # safetensors' Rust I/O errors
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: Path):
+    """A full disk while writing is the user's to fix: one ArtifactError line (exit 2), not an internal error."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        where = existing_ancestor(out.parent)
+        free = shutil.disk_usage(where).free
+        raise ArtifactError(f"output '{out}': the disk is full ({free / 1e9:.2f} GB free on '{where}')") from None
+
+
+def _note_kept_work(error: BaseException, writer: ArtifactWriter) -> None:
+    """An interrupted run kept its finished layers: say where in the error's one line (the CLI prints `resume_note`;
+    a TealQuantError's own message carries it for API callers)."""
+    note = writer.kept_note()
+    if not note:
+        return
+    error.resume_note = note
+    if isinstance(error, TealQuantError) and error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}; {note}", *error.args[1:])
+
+
+def layer_quantizer(recipe: Recipe, src: ModelSource, spec: QuantSpec, dtype: torch.dtype) -> LayerQuantizer:
+    """The recipe's method as the layer loop's quantizer: a GPTQ checkpoint's own codes (from_checkpoint), else the
+    QUANTIZERS table's entry."""
+    qz = recipe.quantization
+    if qz.method == "from_checkpoint":
+        return src.quantizer()
+    return MethodQuantizer(QUANTIZERS[qz.method], spec, dtype, options=qz.quantizer_options(),
+                           hessian_samples=qz.gptq.samples if qz.gptq else None,
+                           sparsity_aware_level=qz.sparsity_aware)
+
+
+def stream_settings(recipe: Recipe, levels: list[float], compute_dtype: torch.dtype, dtype: torch.dtype,
+                    device: torch.device) -> StreamSettings:
+    sp = recipe.sparsity
+    return StreamSettings(levels=levels, default_level=sp.default, allocation=sp.allocation, step=sp.greedy.step,
+                          greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction,
+                          compute_dtype=compute_dtype, storage_dtype=dtype, device=device, criterion=sp.criterion)
 
 
 def _local_source(source: str) -> list[Path]:
@@ -256,22 +464,6 @@ def _local_source(source: str) -> list[Path]:
         return [path] if path.exists() else []
     except (OSError, ValueError):  # a name the file system cannot hold: open_model says so in one line
         return []
-
-
-def _check_layer_state(src, i: int, layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every tensor the decoder layer needs is there, with the shape its config gives: one line naming the tensor."""
-    prefix = layer_key_prefix(i)
-    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in state:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' is missing from the checkpoint")
-        if tuple(state[name].shape) != shape:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' has shape {tuple(state[name].shape)}, "
-                                   f"the config gives {shape}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{extra[0]}' is not part of a "
-                               f"{src.config.model_type} decoder layer")
 
 
 def hub_base_model(model) -> str | None:
@@ -297,146 +489,6 @@ def eval_dataset(source) -> dict:
 
 def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
-
-
-def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
-    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
-    sp = recipe.sparsity
-    qz = recipe.quantization
-    options = qz.quantizer_options()
-    aware_index = None if qz.sparsity_aware is None else min(
-        range(len(levels)), key=lambda j: abs(levels[j] - qz.sparsity_aware))
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, compute_dtype)
-    materialize_non_persistent_buffers(skeleton, device)
-    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
-    hidden = torch.nn.functional.embedding(tokens, embed.to(compute_dtype))  # [S, T, D] in host memory
-    seq_len = hidden.shape[1]
-    positions = torch.arange(seq_len, device=device)[None]
-    position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
-    n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
-    report, dense_params = [], 0
-    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
-    for i in range(src.num_layers):
-        layer = skeleton.model.layers[i]
-        layer.to_empty(device=device)
-        state = src.layer_tensors(i)
-        _check_layer_state(src, i, layer, state)
-        dense_params += sum(t.numel() for t in state.values())
-        layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
-        layer.eval()
-        sims = attach_simulated(layer, sp.criterion)
-        runner = LayerRunner(layer, position_embeddings)
-
-        hists = capture_histograms(runner, sims, hidden, device)
-        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
-        allocation = allocate(
-            layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
-            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
-            progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
-        )
-        progress.remove_task(greedy_task)
-
-        hessians = None
-        if quantizer is not None and quantizer.needs_hessian:
-            hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
-                                       None if aware_index is None else
-                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
-        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS), plain=None)
-        tensors, quant_stats = {}, {}
-        prefix = layer_key_prefix(i)
-        for proj, module_path in PROJECTIONS.items():
-            sim = sims[proj]
-            name = prefix + module_path
-            if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
-                tensors.update({linear_key(name, key): t for key, t in src.packed(name).items()})
-            else:
-                stats: dict = {}
-                q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
-                                             stats=stats, **options)
-                if stats:
-                    quant_stats[proj] = stats
-                scales, zeros = scales.to(dtype), zeros.to(dtype)
-                tensors[linear_key(name, "qweight")] = pack(q, spec.bits)
-                tensors[linear_key(name, "scales")] = scales
-                tensors[linear_key(name, "zeros")] = zeros
-                # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-                w_t = dequantize_codes(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
-                sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
-            progress.advance(quant_task)
-            tensors[linear_key(name, "thresholds")] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
-            if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
-                tensors[linear_key(name, "channel_scale")] = sim.channel_scale.to(torch.float32)
-            if sim.bias is not None:
-                tensors[linear_key(name, "bias")] = sim.bias.detach().to(dtype)
-            sim.threshold = allocation.projection_thresholds(proj)[default_index]
-        progress.remove_task(quant_task)
-        del hessians
-        projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
-        for key, t in state.items():
-            if key not in projection_keys:
-                tensors[prefix + key] = t.to(dtype)
-        writer.add(tensors)
-
-        hidden = runner(hidden, device)
-        sizes = {p: s.weight.numel() for p, s in sims.items()}
-        report.append({
-            "layer": i,
-            "levels": levels,
-            "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
-            "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
-            "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
-            "block_error": allocation.errors,
-            "histograms": _compact_histograms(hists),
-            **({"quantizer": quant_stats} if quant_stats else {}),
-        })
-        layer.to("meta")
-        del sims, runner, state
-        progress.advance(layers_task)
-    return report, dense_params
-
-
-def _compact_histograms(hists: dict) -> list[dict]:
-    """Each distinct activation-score histogram of a layer, compacted (256 log bins), with the projections it feeds
-    (q, k, v share one under the magnitude criterion)."""
-    groups: list[tuple[object, list[str]]] = []
-    for proj in PROJECTIONS:
-        for h, projs in groups:
-            if h is hists[proj]:
-                projs.append(proj)
-                break
-        else:
-            groups.append((hists[proj], [proj]))
-    return [{"projections": projs, **h.compact()} for h, projs in groups]
-
-
-def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidden: torch.Tensor, device,
-                    thresholds: dict[str, float] | None) -> dict[str, torch.Tensor]:
-    """Each projection's input Hessian 2/n Σ x xᵀ from one pass of the float layer over `hidden`.
-
-    thresholds None: dense inputs, one Hessian per activation point (q/k/v read the same input, and gate/up).
-    Otherwise (sparsity-aware GPTQ) the layer runs with every projection at its threshold, as it will decode at
-    that level, and each projection gets the Hessian of its own thresholded input (sim.sparsify).
-    """
-    accumulators: dict[str, HessianAccumulator] = {}
-    try:
-        if thresholds is None:
-            for projs in ACTIVATION_POINTS.values():
-                first = sims[projs[0]]
-                acc = HessianAccumulator(first.weight.shape[1], device)
-                first.observer = acc.update
-                accumulators.update({p: acc for p in projs})
-        else:
-            for proj, sim in sims.items():
-                sim.threshold = thresholds[proj]
-                acc = accumulators[proj] = HessianAccumulator(sim.weight.shape[1], device)
-                sim.observer = lambda x, _sim=sim, _acc=acc: _acc.update(_sim.sparsify(x))
-        runner(hidden, device)
-    finally:
-        for sim in sims.values():
-            sim.observer, sim.threshold = None, 0.0
-    return {p: acc.hessian for p, acc in accumulators.items()}
 
 
 def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> dict:

@@ -38,7 +38,13 @@ from teal_quant.artifact.format import (
     TealQuantConfig,
     check_destination,
 )
-from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
+from teal_quant.compression.data import (
+    POOL_FACTOR,
+    calibration_stream,
+    check_text_files,
+    generate_samples,
+    random_windows,
+)
 from teal_quant.compression.hidden import HiddenStates
 from teal_quant.compression.plan import existing_ancestor, plan_run
 from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
@@ -103,7 +109,7 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
         del model
         return tokens
     task = progress.add_task("tokenizing calibration text", total=None)
-    stream = tokenize_stream(tokenizer, read_text(cal.source))
+    stream = calibration_stream(tokenizer, cal.source, POOL_FACTOR * cal.samples * cal.seq_len)
     progress.update(task, total=1, completed=1)
     return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
 
@@ -188,6 +194,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
                 if state:
                     report_layers, dense_params = list(state["report"]), int(state["dense_params"])
                     hidden = _restore_hidden(state, writer, recipe, hidden_dtype)
+                    if src.hub is not None:  # shards the interrupted run downloaded are this run's to delete too
+                        src.hub.adopt(state.get("hub_downloaded") or [])
                 else:
                     tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
                     hidden = _new_hidden(recipe, writer, (*tokens.shape, src.config.hidden_size), hidden_dtype)
@@ -204,7 +212,7 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
                     dense_params += sum(t.numel() for t in non_layer.values())
                     writer.add({n: t.to(dtype) for n, t in non_layer.items()})
                     del non_layer
-                    writer.checkpoint(_progress_state(report_layers, dense_params, hidden, non_layer_done=True),
+                    writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, non_layer_done=True),
                                       summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
                     src.release_remaining()
                 hidden.close()
@@ -286,7 +294,7 @@ def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: Hi
         write = time.perf_counter() - t
         result.report["stage_seconds"]["write"] = round(write, 4)
         result.report["seconds"] = round(result.report["seconds"] + write, 3)
-        writer.checkpoint(_progress_state(report_layers, dense_params, hidden, files=files),
+        writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, files=files),
                           summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
         errors = result.report["block_error"].get(settings.allocation) or next(iter(result.report["block_error"].values()))
         peaks = result.report["peaks"]
@@ -297,10 +305,10 @@ def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: Hi
     return dense_params
 
 
-def _progress_state(report_layers: list[dict], dense_params: int, hidden: HiddenStates, *,
+def _progress_state(report_layers: list[dict], dense_params: int, hidden: HiddenStates, src: ModelSource, *,
                     files: list[str] | None = None, non_layer_done: bool = False) -> dict:
     """What --resume needs besides the writer's tensors: the layers done (their report rows), the dense parameter
-    count, and where the hidden states entering the next layer are."""
+    count, where the hidden states entering the next layer are, and the Hub shards this run downloaded."""
     hidden_state = {"shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch."),
                     "storage": "disk" if hidden.on_disk_mode else "memory"}
     if hidden.on_disk_mode:
@@ -308,7 +316,8 @@ def _progress_state(report_layers: list[dict], dense_params: int, hidden: Hidden
     elif files:
         hidden_state["file"] = files[0]
     return {"layers_done": len(report_layers), "dense_params": dense_params, "report": report_layers,
-            "hidden": hidden_state, "non_layer_done": non_layer_done}
+            "hidden": hidden_state, "non_layer_done": non_layer_done,
+            "hub_downloaded": list(src.hub.downloaded) if src.hub is not None else []}
 
 
 def _hidden_files(hidden: HiddenStates) -> list[str]:
@@ -371,8 +380,8 @@ def run_fingerprint(recipe: Recipe, src: ModelSource) -> dict[str, str]:
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes())
     files = sorted(set(src._index.values()) | ({src.path / src.gguf_file} if src.gguf_file else set()))
-    for f in files:
-        size = f.stat().st_size if f.exists() else -1  # a Hub shard not downloaded yet: its name (index) is enough
+    for f in files:  # a Hub model's shards come and go (keep_download): its index and the revision name them
+        size = f.stat().st_size if src.hub is None else src.hub.revision
         h.update(f"{f.name}:{size}".encode())
     source_hash = h.hexdigest()
 

@@ -6,6 +6,7 @@ tensor by tensor (base.py), or an existing GPTQ checkpoint whose packed codes ar
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from teal_quant.architecture import SUPPORTED_MODEL_TYPES
@@ -20,9 +21,11 @@ from teal_quant.compression.sources.base import (
 )
 from teal_quant.compression.sources.gptq import gptq_settings, open_gptq
 from teal_quant.compression.sources.hub import HubShards
-from teal_quant.errors import HubError, ModelSourceError, RecipeError, first_line
+from teal_quant.errors import HubError, ModelSourceError, first_line
 
 __all__ = ["ModelSource", "open_model"]
+
+logger = logging.getLogger(__name__)
 
 
 METADATA_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt"]  # what a Hub model's first download fetches
@@ -38,8 +41,8 @@ def open_model(source: str, *, gguf_file: str | None = None, revision: str | Non
 
     from_hub = is_hub_id(source)
     if not keep_download and not from_hub:
-        raise RecipeError(f"model.keep_download: false deletes the shards a run downloads from the Hub; "
-                          f"'{source}' is not a Hub id, and teal-quant never deletes a local model's files")
+        logger.info("model.keep_download: false deletes only shards a run downloads from the Hub; '%s' is local, and "
+                    "teal-quant never deletes a local model's files", source)
     patterns = METADATA_PATTERNS + ([gguf_file] if gguf_file else [] if from_hub else ["*.safetensors"])
     path = resolve_local_path(source, revision, allow_patterns=patterns)
     if from_hub and not gguf_file:

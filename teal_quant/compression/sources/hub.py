@@ -63,6 +63,12 @@ class HubShards:
             path.symlink_to(got)
         self.downloaded.append(path.name)
 
+    def adopt(self, files: list[str]) -> None:
+        """Shards an interrupted run of this same output downloaded (--resume): this run may delete them too."""
+        for f in files:
+            if f in self.last_use and f not in self.downloaded and (self.folder / f).exists():
+                self.downloaded.append(f)
+
     def release(self, step: int) -> None:
         """Every layer up to `step` is done: delete the shards this run downloaded that nothing later reads."""
         if self.keep:

@@ -125,14 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", help="an artifact directory, llama3-8b, llama3-70b, or a config.json (synthetic, in memory)")
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=_batches, default=(1,), help="batch size, or several: 1,4,16")
     bench.add_argument("--sparsity", type=float, help="level to measure (default: the artifact's default level)")
-    bench.add_argument("--baselines", type=_names, default=["bf16", "int4"], help="comma list of bf16,int4 (or 'none')")
+    bench.add_argument("--baselines", type=_names, default=None,
+                       help="comma list of bf16,int4,tinygemm (or 'none'; default: all three on CUDA, bf16,int4 on the CPU)")
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on CUDA)")
     bench.add_argument("--eager-elementwise", action="store_true",
                        help="keep transformers' eager RMSNorm / SiLU-and-mul / rotary (default on CUDA: one launch each)")
+    bench.add_argument("--no-fused-step", action="store_true",
+                       help="run transformers' forward each step instead of the fused decode step (CUDA default)")
     bench.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     bench.add_argument("--profile-steps", type=int, default=4, help="eager decode steps under torch.profiler")
     bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
@@ -140,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--extrapolate-layers", type=_two_ints, default=(2, 6), help="the two reduced depths (default 2,6)")
     _synthetic_args(bench, arch_only=True)
     return parser
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a batch size or a list of them like 1,4,16")
+    return sizes
 
 
 def _names(text: str) -> list[str]:
@@ -312,9 +325,10 @@ def _bench(args: argparse.Namespace) -> int:
     from teal_quant.progress import err_console
 
     options = BenchOptions(
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
-        baselines=tuple(args.baselines), device=args.device, cuda_graph=False if args.eager else None, warmup=args.warmup,
-        fuse_elementwise=not args.eager_elementwise,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch if len(args.batch) > 1 else args.batch[0], sparsity=args.sparsity,
+        baselines=None if args.baselines is None else tuple(args.baselines), device=args.device,
+        cuda_graph=False if args.eager else None, warmup=args.warmup,
+        fuse_elementwise=not args.eager_elementwise, fused_step=not args.no_fused_step,
         profile_steps=args.profile_steps,
         seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
         synthetic=_synthetic_spec(args),

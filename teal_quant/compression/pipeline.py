@@ -455,7 +455,7 @@ def stream_settings(recipe: Recipe, levels: list[float], compute_dtype: torch.dt
                     device: torch.device) -> StreamSettings:
     sp = recipe.sparsity
     return StreamSettings(levels=levels, default_level=sp.default, allocation=sp.allocation, step=sp.greedy.step,
-                          greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction,
+                          greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction, search=sp.greedy.search,
                           compute_dtype=compute_dtype, storage_dtype=dtype, device=device, criterion=sp.criterion)
 
 

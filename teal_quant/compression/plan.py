@@ -192,7 +192,8 @@ def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: in
     return int((quantized + embedding) * 1.05) + 16 * 2**20
 
 
-def greedy_evaluation_counts(sizes: dict[str, int], levels: list[float], step: float) -> tuple[int, int]:
+def greedy_evaluation_counts(sizes: dict[str, int], levels: list[float], step: float,
+                             search: str = "exact") -> tuple[int, int]:
     """(block evaluations that change an attention threshold, ones that change only an MLP threshold) of the greedy
     search, counted by running the real search on a stand-in error (sum of size * sparsity^2)."""
     from teal_quant.compression.calibrate.allocation import greedy_allocation
@@ -215,11 +216,11 @@ def greedy_evaluation_counts(sizes: dict[str, int], levels: list[float], step: f
             counts[0 if changed & attention or not changed else 1] += 1
         step_calls.clear()
 
-    def error(alloc) -> float:
-        step_calls.append(dict(alloc))
-        return sum(sizes[p] * alloc[p] ** 2 for p in alloc) / sum(sizes.values())
+    def block_errors(allocs) -> list[float]:
+        step_calls.extend(dict(a) for a in allocs)
+        return [sum(sizes[p] * a[p] ** 2 for p in a) / sum(sizes.values()) for a in allocs]
 
-    greedy_allocation(error, sizes, positive, step, progress=lambda _effective: classify())
+    greedy_allocation(block_errors, sizes, positive, step, progress=lambda _effective: classify(), search=search)
     classify()
     return counts[0], counts[1]
 
@@ -319,7 +320,7 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
     evaluations = 0
     greedy_seconds = 0.0
     if sp.allocation == "greedy":
-        attn_evals, mlp_evals = greedy_evaluation_counts(sizes_p, sp.all_levels, sp.greedy.step)
+        attn_evals, mlp_evals = greedy_evaluation_counts(sizes_p, sp.all_levels, sp.greedy.step, sp.greedy.search)
         evaluations = attn_evals + mlp_evals
         greedy_seconds = (attn_evals * (sub_attn + tail_mlp) + mlp_evals * tail_mlp) / rate
     final_evals = len(sp.all_levels) * (2 if sp.allocation == "greedy" else 1)

@@ -141,11 +141,14 @@ class QuantizationSpec(_Section):
 
 
 class GreedySpec(_Section):
-    """TEAL's block-wise greedy search: step size, and how many calibration tokens each block error uses."""
+    """TEAL's block-wise greedy search: step size, how many calibration tokens each block error uses (the error counts
+    the last fraction of each sequence), and which candidates each step measures (search: "lazy" re-measures only
+    the promising ones, "exact" all of them; see calibrate.allocation.greedy_allocation)."""
 
     step: float = Field(default=0.05, gt=0, le=0.5)
     tokens: int = Field(default=2048, ge=16)
     last_fraction: float = Field(default=0.25, gt=0, le=1)
+    search: Literal["lazy", "exact"] = "lazy"
 
 
 class SparsitySpec(_Section):

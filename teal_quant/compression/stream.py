@@ -126,6 +126,7 @@ class StreamSettings:
     criterion: str = "magnitude"
     compare_uniform: bool = True  # also measure the uniform allocation's block error (report)
     batch_size: int = 8
+    search: str = "lazy"  # greedy candidates: lazy (re-measure the promising) | exact (all); calibrate.allocation
 
     @property
     def default_index(self) -> int:
@@ -275,7 +276,7 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
         subset = hidden.read(0, min(n_subset, hidden.samples), device, dtype)
         allocation = allocate(
             layer, sims, hists, subset, position_embeddings, levels, method=settings.allocation, step=settings.step,
-            last_fraction=settings.last_fraction, compare_uniform=settings.compare_uniform,
+            last_fraction=settings.last_fraction, search=settings.search, compare_uniform=settings.compare_uniform,
             progress=None if greedy_progress is None else (lambda eff, _i=i: greedy_progress(_i, eff)),
         )
         del subset

@@ -15,6 +15,12 @@ Per variant, with the pinned `teal_quant.runtime.decoding.Decoder`:
   3. bytes of weights one decode step reads (ours: only the surviving rows of W^T at the realized sparsity, plus
      every scale/zero, lm_head and the norms; the embedding reads one row and is not counted), and bytes / time.
 Peak GPU memory is torch.cuda.max_memory_allocated over the variant. Results: a rich table and a JSON dict.
+
+Tensor parallel (`--tp N` under `torchrun --nproc-per-node N`): every rank builds or loads the same model and keeps its
+shard (teal_quant/runtime/tensor_parallel.py); all ranks run the same steps in lock-step (the all-reduces after o and
+down synchronize them) and rank 0 reports. Bytes, bandwidth and peak memory are per rank (one GPU's share); the
+breakdown has an all-reduce group (NCCL kernels on CUDA, the gloo all-reduce operator on the CPU). A variant that
+fails under --tp ends the run (the other ranks would wait in an all-reduce it never reaches).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
 LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
 ATTENTION_OPS = ("attention",)
+ALLREDUCE_NAMES = ("nccl", "allreduce", "all_reduce")  # tensor parallel: kernels (CUDA) and operators (CPU)
 TOP_OTHER = 10  # the largest "other" kernels listed in the breakdown
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
 FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
@@ -64,6 +71,7 @@ class BenchOptions:
     bf16_extrapolate: bool | None = None  # None: only when the dense model does not fit in GPU memory
     extrapolate_layers: tuple[int, int] = (2, 6)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    tp: int = 1  # tensor-parallel ranks: the WORLD_SIZE of the torchrun job
 
     def validate(self) -> None:
         for name in ("prompt_len", "new_tokens", "batch"):
@@ -79,23 +87,48 @@ class BenchOptions:
             raise TealQuantError(f"--extrapolate-layers: need two layer counts 1 <= a < b, got {a},{b}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise TealQuantError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.tp < 1:
+            raise TealQuantError(f"--tp must be >= 1, got {self.tp}")
+
+
+def join_tensor_parallel(options: BenchOptions, device: torch.device) -> tuple[torch.device, int]:
+    """(this rank's device, rank): `--tp N` must run as the N ranks of a torchrun job, and a torchrun job of N
+    ranks must say --tp N (N independent benchmarks of one GPU each would all write the same results)."""
+    from teal_quant import distributed
+
+    launched = distributed.env_world_size()
+    if launched != options.tp:
+        if options.tp == 1:
+            raise TealQuantError(f"launched as {launched} processes (WORLD_SIZE={launched}): pass --tp {launched} "
+                                 "for tensor-parallel decoding")
+        raise TealQuantError(f"--tp {options.tp}: run it as `torchrun --nproc-per-node {options.tp} -m teal_quant.cli "
+                             f"bench ... --tp {options.tp}` (WORLD_SIZE is {launched})")
+    if options.tp == 1:
+        return device, 0
+    world = distributed.init(device)
+    return world.local_device(device), world.rank
 
 
 def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], None] | None = None) -> dict:
     """Benchmark `target` (an artifact directory, llama3-8b | llama3-70b, or a config.json) and return the results."""
-    options.validate()
-    say = report or (lambda _msg: None)
-    device = select_device(options.device, option="--device")
-    t0 = time.time()
-    model, source = open_target(target, options, device)
-    level = float(model.teal_sparsity)
-    config = model.config
-    if "bf16" in options.baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
-        raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
-                             f"{config.num_hidden_layers} layers")
-    needed = options.prompt_len + options.warmup + max(options.new_tokens, options.profile_steps) + 1
-    if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
-        raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
+    from teal_quant.distributed import agreement
+
+    with agreement("preparing the benchmark"):  # under torchrun: an error on any rank stops every rank, said once
+        options.validate()
+        device = select_device(options.device, option="--device")
+        device, rank = join_tensor_parallel(options, device)
+        say = report if report is not None and rank == 0 else (lambda _msg: None)
+        t0 = time.time()
+        model, source = open_target(target, options, device)
+        level = float(model.teal_sparsity)
+        config = model.config
+        if "bf16" in options.baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
+            raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
+                                 f"{config.num_hidden_layers} layers")
+        needed = options.prompt_len + options.warmup + max(options.new_tokens, options.profile_steps) + 1
+        if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
+            raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings "
+                                 f"{config.max_position_embeddings}")
     generator = torch.Generator().manual_seed(options.seed)
     prompt = torch.randint(0, config.vocab_size, (options.batch, options.prompt_len), generator=generator).to(device)
     result = {
@@ -105,15 +138,18 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
         "elementwise": "fused" if options.fuse_elementwise and device.type == "cuda" else "eager",
         "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": options.batch,
         "sparsity": level, "warmup_steps": options.warmup, "profile_steps": options.profile_steps,
+        "tensor_parallel": options.tp,
         "versions": _versions(), "setup_seconds": round(time.time() - t0, 2), "variants": [],
     }
     plan = [("ours", level)] + ([("int4", 0.0)] if "int4" in options.baselines else [])
     for name, lv in plan:
         say(f"measuring {name} (level {lv:g})")
-        result["variants"].append(_guarded(name, lv, lambda lv=lv: _measure_quantized(model, lv, prompt, options, device)))
+        result["variants"].append(_guarded(name, lv, lambda lv=lv: _measure_quantized(model, lv, prompt, options, device),
+                                           fatal=options.tp > 1))
     if "bf16" in options.baselines:
         say("measuring bf16")
-        result["variants"].append(_guarded("bf16", None, lambda: _measure_dense(model, prompt, options, device)))
+        result["variants"].append(_guarded("bf16", None, lambda: _measure_dense(model, prompt, options, device),
+                                           fatal=options.tp > 1))
     del model
     _free(device)
     result["ratios"] = _ratios(result["variants"])
@@ -135,7 +171,8 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
             quant.level_index(level)
         except ValueError as e:
             raise TealQuantError(f"--sparsity: {e}") from None
-        return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
+        return (load(path, sparsity=level, device=device, tp=options.tp > 1),
+                {"kind": "artifact", "path": str(path.resolve())})
     from dataclasses import replace
 
     from teal_quant.compression.synthetic import resolve_arch
@@ -146,6 +183,10 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
         spec = replace(spec, levels=tuple(sorted({*spec.levels, options.sparsity})))
     level = spec.default if options.sparsity is None else options.sparsity
     model = build_synthetic_model(target, spec, device=device, sparsity=level)
+    if options.tp > 1:  # every rank drew the same weights (same seed): each keeps its shard
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        shard_for_tensor_parallel(model)
     return model, {"kind": "synthetic", "arch": str(target), "bits": spec.bits, "group_size": spec.group_size,
                    "levels": spec.all_levels, "seed": spec.seed}
 
@@ -276,10 +317,13 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     for _ in range(options.warmup):
         token = decoder.step(token)
 
+    generated: list[torch.Tensor] = []
+
     def decode() -> torch.Tensor:
         t = token
         for _ in range(options.new_tokens):
             t = decoder.step(t)
+            generated.append(t)  # no host sync: read after the timing
         return t
 
     _, decode_total_ms = _timed(decode, cuda)
@@ -294,17 +338,22 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         "weight_bytes_per_step": nbytes, "bandwidth_gb_s": nbytes / (ms / 1000.0) / 1e9,
         "realized_sparsity": realized, "sparsity_measured_modules": f"{len(sparsity)}/{len(teal_linears(model))}",
         "breakdown": breakdown, "cuda_graph_error": graph_error, "extrapolated": None,
+        # the greedy tokens of the timed decode (row 0; compare a --tp run with one GPU's)
+        "tokens": torch.stack(generated, 1)[0].tolist() if generated else [],
     }
 
 
-def _guarded(name: str, level: float | None, fn: Callable[[], dict]) -> dict:
-    """A variant that fails is reported as failed (one line); the others still run."""
+def _guarded(name: str, level: float | None, fn: Callable[[], dict], *, fatal: bool = False) -> dict:
+    """A variant that fails is reported as failed (one line); the others still run. `fatal` (tensor parallel): the
+    failure ends the run, since the other ranks wait in a collective this rank will not reach."""
     try:
         row = fn()
         status = "ok"
     except TealQuantError:
         raise
     except Exception as e:  # noqa: BLE001 - an OOM or kernel failure of one variant must not lose the others
+        if fatal:
+            raise
         row, status = {"error": f"{type(e).__name__}: {first_line(e)}"}, "failed"
     return {"variant": name, "level": level, "status": status, **{k: v for k, v in row.items() if k != "level"}}
 
@@ -342,7 +391,7 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1000.0 / steps
-    groups = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    groups = {"linear": 0.0, "attention": 0.0, "allreduce": 0.0, "other": 0.0}
     other: dict[str, list[float]] = {}  # name -> [ms per step, calls per step] of the "other" group
     launches = 0
     for event in prof.events():
@@ -375,16 +424,21 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
 
 
 def kernel_group(name: str) -> str:
-    """'attention' | 'linear' | 'other' for a GPU kernel name (attention first: fmha names contain "cutlass")."""
+    """'allreduce' | 'attention' | 'linear' | 'other' for a GPU kernel name (NCCL's kernels are the tensor-parallel
+    all-reduces; attention before linear: fmha names contain "cutlass")."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if any(k in name for k in ATTENTION_KERNELS):
         return "attention"
     return "linear" if any(k in name for k in LINEAR_KERNELS) else "other"
 
 
 def operator_group(name: str) -> str:
-    """'linear' | 'attention' | 'other' for a top-level CPU operator name."""
+    """'linear' | 'attention' | 'allreduce' | 'other' for a top-level CPU operator name."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if name.startswith(LINEAR_OPS):
         return "linear"
     return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
@@ -545,9 +599,12 @@ def print_bench(result: dict) -> None:
     title = (f"teal-quant bench: {result['target']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}) on "
              f"{result['device']}, batch {result['batch']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
              f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}")
+    tp = result.get("tensor_parallel", 1)
+    if tp > 1:
+        title += f", tensor parallel over {tp} ranks (bytes, GB/s and memory per rank)"
     table = Table(title=title)
     for col in ("variant", "level", "realized sparsity", "prefill ms", "decode ms/token", "tok/s", "weights read/step",
-                "GB/s", "peak memory", "linear / attention / other (eager, ms)", "ours is"):
+                "GB/s", "peak memory", f"{_breakdown_header(tp)} (eager, ms)", "ours is"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
     for v in result["variants"]:
@@ -563,7 +620,7 @@ def print_bench(result: dict) -> None:
             f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
             human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
             "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
-            _breakdown_text(b), speedup,
+            _breakdown_text(b, allreduce=tp > 1), speedup,
         )
     console.print(table)
     for v in result["variants"]:
@@ -576,10 +633,15 @@ def print_bench(result: dict) -> None:
         console.print(f"breakdown: {ours['breakdown']['method']}")
 
 
-def _breakdown_text(b: dict, launches: bool = False) -> str:
+def _breakdown_header(tp: int) -> str:
+    return "linear / attention / all-reduce / other" if tp > 1 else "linear / attention / other"
+
+
+def _breakdown_text(b: dict, launches: bool = False, allreduce: bool = False) -> str:
     if b.get("linear_ms") is None:
         return f"n/a ({b.get('error', '?')})"
-    text = f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+    text = f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / "
+    text += (f"{b.get('allreduce_ms', 0.0):.2f} / " if allreduce else "") + f"{b['other_ms']:.2f}"
     if launches and b.get("launches_per_step") is not None:
         text += f" ({b['launches_per_step']:.0f} kernels)"
     return text
@@ -610,8 +672,9 @@ def targets_markdown(checked: dict) -> str:
 def markdown_lines(result: dict) -> list[str]:
     """A bench result as markdown: one table row per variant (kernels per eager step with the breakdown), the
     extrapolation of a variant that needed it, the ratios, and the largest 'other' kernels of ours."""
+    tp = result.get("tensor_parallel", 1)
     lines = ["| variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step (GB) "
-             "| GB/s | peak memory (GB) | linear / attention / other (eager ms) |",
+             f"| GB/s | peak memory (GB) | {_breakdown_header(tp)} (eager ms) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for v in result["variants"]:
         label = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
@@ -622,7 +685,7 @@ def markdown_lines(result: dict) -> list[str]:
             f"| {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
             f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
             f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
-            f"{_breakdown_text(v['breakdown'], launches=True)} |")
+            f"{_breakdown_text(v['breakdown'], launches=True, allreduce=tp > 1)} |")
     for v in result["variants"]:
         if v.get("extrapolated"):
             pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token"

@@ -2,8 +2,9 @@
 between ranks, and the few collectives the pipeline, tensor-parallel decoding and `bench --tp` need. In one process
 (no torchrun, or WORLD_SIZE=1) every collective here is a no-op, so callers never branch on the world size.
 
-- `init(device)` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-  MASTER_ADDR/PORT): NCCL when the work runs on CUDA (each rank on cuda:LOCAL_RANK), gloo on the CPU, plus a gloo
+- `init()` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR/PORT): gloo for CPU tensors and, on a machine with GPUs, NCCL for CUDA tensors (one default group,
+  "cpu:gloo,cuda:nccl"; each rank on cuda:LOCAL_RANK; NCCL connects on the first CUDA collective only), plus a gloo
   group with a long timeout for small control messages (agreements, the run's result), so waiting for rank 0 to
   write and evaluate the artifact never trips the data group's timeout. A group the caller made already is reused.
 - `split(n)`: the global sequence indices this rank owns, strided (rank r: r, r + W, r + 2W, ...), so every prefix of
@@ -43,7 +44,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    backend: str | None = None  # "nccl" | "gloo" | None (one process)
+    backend: str | None = None  # "gloo", "cpu:gloo,cuda:nccl", "nccl" ...; None: one process
     group: Any = None  # the data process group (None: the default group)
     control: Any = None  # gloo group for agreements and objects
 
@@ -102,7 +103,8 @@ def current() -> World:
 
 
 def init(device: torch.device | str | None = None) -> World:
-    """Join the job torchrun started (idempotent): NCCL when `device` is CUDA, else gloo. One process: SINGLE."""
+    """Join the job torchrun started (idempotent; `device` only checks that a CUDA run has a GPU for this rank).
+    One process: SINGLE."""
     global _world, _owned
     import torch.distributed as dist
 
@@ -121,15 +123,14 @@ def init(device: torch.device | str | None = None) -> World:
             raise TealQuantError(f"WORLD_SIZE={size} but {name} is not set: launch several processes with "
                                  "`torchrun --nproc-per-node N -m teal_quant.cli ...`")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    cuda = device is not None and torch.device(device).type == "cuda"
-    if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise TealQuantError(f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} CUDA device(s) here "
-                                 "(one GPU per process: --nproc-per-node at most the GPU count)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is not None and torch.device(device).type == "cuda" and local_rank >= gpus:
+        raise TealQuantError(f"LOCAL_RANK {local_rank}: only {gpus} CUDA device(s) here (one GPU per process: "
+                             "--nproc-per-node at most the GPU count)")
+    if local_rank < gpus:
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if cuda else "gloo"
-    kwargs = {"device_id": torch.device("cuda", local_rank)} if cuda else {}
-    dist.init_process_group(backend=backend, **kwargs)
+    backend = "cpu:gloo,cuda:nccl" if local_rank < gpus else "gloo"
+    dist.init_process_group(backend=backend)
     _owned = True
     atexit.register(shutdown)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
@@ -144,7 +145,7 @@ def _wrap_existing(control_group: bool) -> World:
     import torch.distributed as dist
 
     backend = str(dist.get_backend())
-    make = control_group and backend != "gloo"
+    make = control_group and backend != "gloo"  # gloo alone: the default group carries the control messages too
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if make else None
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, backend=backend,
@@ -171,9 +172,13 @@ class PeerLost(RuntimeError):
 
 
 def _backend_device(world: World, tensor: torch.Tensor) -> torch.device:
-    if world.backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a collective on `tensor` can run: where it is, unless the group lacks that device's backend."""
+    backend = world.backend or ""
+    if tensor.device.type == "cuda" and "nccl" in backend:
+        return tensor.device
+    if "gloo" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_reduce_(tensor: torch.Tensor, world: World | None = None, *, what: str = "a sum over the ranks") -> torch.Tensor:
@@ -200,8 +205,7 @@ def all_reduce_floats(values: Sequence[float], world: World | None = None, *, wh
     world = world or current()
     if not world.distributed:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                     device=device if device is not None else _backend_device(world, torch.empty(0)))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or "cpu")
     return [float(v) for v in all_reduce_(t, world, what=what).tolist()]
 
 

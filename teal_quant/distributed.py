@@ -64,6 +64,15 @@ class World:
         """How many of the first `n_global` global sequences this rank holds (they are its first ones)."""
         return len(range(self.rank, max(0, n_global), self.size))
 
+    @property
+    def world_size(self) -> int:
+        return self.size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks, in place (and returned); nothing to do in one process. A World is the
+        reducer the layer-streaming loop takes, and `all_reduce` the `reduce` of the greedy search."""
+        return all_reduce_(tensor, self)
+
     def local_device(self, device: torch.device) -> torch.device:
         """cuda -> cuda:LOCAL_RANK when distributed (one GPU per rank); the CPU stays the CPU."""
         if device.type == "cuda" and self.distributed:

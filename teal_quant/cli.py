@@ -271,10 +271,9 @@ def _one_line(text: str) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
+        from teal_quant.distributed import agreement, env_rank
         from teal_quant.report import print_run_summary
         from teal_quant.workflow import run
-
-        from teal_quant.distributed import agreement, env_rank
 
         with agreement("reading the recipe"):
             recipe = Recipe.from_yaml(args.recipe)

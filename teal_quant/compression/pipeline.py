@@ -10,10 +10,17 @@ Per layer (llm-compressor's sequential pipeline, with TEAL in it):
   4. propagate: run the compressed layer (dequantized weights, default-level thresholds on every token)
      so layer i+1 is calibrated on the activations it will really see.
 Only the current layer's float weights are on the compute device; hidden states wait in host memory.
+
+Under torchrun (docs/distributed.md) every rank runs this loop on its share of the calibration sequences (strided,
+teal_quant.distributed): histogram counts, the greedy search's sums of squared errors and GPTQ's Hessians are summed
+over the ranks, so every rank takes the same decisions; each rank propagates its own hidden states; rank 0 alone
+writes the artifact (and evaluates it) while the others wait, and every rank returns rank 0's result. Errors are
+agreed on (distributed.agreement) at the checks, at each layer's read and write and at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -23,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from teal_quant import __version__
+from teal_quant import __version__, distributed
 from teal_quant.architecture import (
     ACTIVATION_POINTS,
     PROJECTIONS,
@@ -62,7 +69,7 @@ from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, ModelSourceError
+from teal_quant.errors import ArtifactError, DataError, ModelSourceError
 from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
@@ -159,33 +166,47 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
     default_index = levels.index(sp.default) if sp.default in levels else 0
-    # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
-    check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
-
-    check_inputs(recipe)
+    world = distributed.current()
+    with distributed.agreement("checking the inputs", world):
+        device = select_device(recipe.runtime.device, option="runtime.device")
+        world = distributed.init(device)  # torchrun: join the job (no-op in one process or when joined already)
+        device = world.local_device(device)
+        if world.is_main:  # the output's rules before the model is opened (again, with the resolved source, below)
+            check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
+        check_inputs(recipe)
+        _check_world(recipe, world)
 
     with Progress() as progress:
-        task = progress.add_task(f"opening {recipe.model.source}", total=None)
-        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
-        progress.update(task, total=1, completed=1)
-        weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
-        spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
-        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
-        quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
-        check_shapes(src.config, spec.group_size)
-        dtype = weights.dtype
-        check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
-                                                       torch.empty((), dtype=dtype).element_size()))
-        compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
-        tokenizer = src.tokenizer()
+        # distributed: rank 0 opens (downloads) the model first, then the others find it in the cache
+        for opening in ((True, False) if world.distributed else (True,)):
+            with distributed.agreement("opening the model", world):
+                if world.is_main == opening:
+                    task = progress.add_task(f"opening {recipe.model.source}", total=None)
+                    src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
+                    progress.update(task, total=1, completed=1)
+        with distributed.agreement("checking the model", world):
+            weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
+            spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
+            # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
+            quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
+            check_shapes(src.config, spec.group_size)
+            dtype = weights.dtype
+            if world.is_main:  # only rank 0 writes
+                check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
+                                                               torch.empty((), dtype=dtype).element_size()))
+            compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+            tokenizer = src.tokenizer()
         stages["load"] = time.time() - t0
 
         t = time.time()
-        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
+        with distributed.agreement("reading the calibration data", world):  # rank 0's tokens, the same on every rank
+            tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress) if world.is_main else None
+        tokens = distributed.broadcast_object(tokens, world)
+        ranks = distributed.gather_objects(_calibrated_on(tokens, world), world)
+        tokens = tokens[world.split(tokens.shape[0])]  # this rank's sequences (all of them in one process)
         stages["calibration data"] = time.time() - t
 
         t = time.time()
@@ -195,51 +216,78 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
         )
-        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
-                                sources=[src.path])
-        with writer:
+        with distributed.agreement("creating the output", world):  # only rank 0 writes
+            writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
+                                    sources=[src.path]) if world.is_main else None
+        with writer if writer is not None else contextlib.nullcontext():
             report_layers, dense_params = _compress_layers(
-                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
+                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress,
+                world,
             )
-            non_layer = src.tensors(src.non_layer_tensor_names())
-            dense_params += sum(t.numel() for t in non_layer.values())
-            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
-            report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-            plot = None
-            if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
-                plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
-                plot = ALLOCATION_PLOT_FILE
-            staged = writer.finish_tensors()
-            stages["compress"] = time.time() - t
-            progress.stop()  # the evaluation shows its own progress
+            # rank 0 writes, evaluates and commits; the others wait here for its result
+            with distributed.agreement("writing the artifact", world):
+                if world.is_main:
+                    non_layer = src.tensors(src.non_layer_tensor_names())
+                    dense_params += sum(t.numel() for t in non_layer.values())
+                    writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+                    report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers, ranks)
+                    plot = None
+                    if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
+                        plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
+                        plot = ALLOCATION_PLOT_FILE
+                    staged = writer.finish_tensors()
+                    stages["compress"] = time.time() - t
+                    progress.stop()  # the evaluation shows its own progress
 
-            calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
-            card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
-                             quant=quant, quantization=quantization_summary(recipe),
-                             calibration_sparsity=calibration_sparsity,
-                             license=base_model_license(src.path, src.gguf_file),
-                             repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
-            eval_rows: list[dict] = []
-            try:
-                if evaluate is not None:
-                    eval_rows = evaluate(staged)
-                    window = recipe.eval.window if recipe.eval else None
-                    dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
-                    card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
-                    if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
-                        writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
-                                                                           "dataset": dataset}})
-            finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
-                writer.write_text(CARD_FILE, model_card(card))
-                path = writer.commit()
+                    calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+                    card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
+                                     quant=quant, quantization=quantization_summary(recipe),
+                                     calibration_sparsity=calibration_sparsity,
+                                     license=base_model_license(src.path, src.gguf_file),
+                                     repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
+                    eval_rows: list[dict] = []
+                    try:
+                        if evaluate is not None:
+                            eval_rows = evaluate(staged)
+                            window = recipe.eval.window if recipe.eval else None
+                            dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
+                            card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
+                            if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
+                                writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
+                                                                                   "dataset": dataset}})
+                    finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+                        writer.write_text(CARD_FILE, model_card(card))
+                        path = writer.commit()
 
+    if not world.is_main:
+        return distributed.broadcast_object(None, world)  # rank 0's result, the same on every rank
     block_layers = [r["block_error"] for r in report_layers]
-    return Compression(
+    return distributed.broadcast_object(Compression(
         artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
         block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
-    )
+    ), world)
+
+
+def _check_world(recipe: Recipe, world: distributed.World) -> None:
+    """Distributed: every rank needs at least one calibration sequence (and, with GPTQ, one of its samples)."""
+    if not world.distributed:
+        return
+    samples = recipe.calibration.samples
+    if samples < world.size:
+        raise DataError(f"calibration.samples {samples} is fewer than the {world.size} processes of this job: each "
+                        "rank calibrates on its own sequences (raise calibration.samples or use fewer processes)")
+    gptq = recipe.quantization.gptq
+    if gptq is not None and gptq.samples and gptq.samples < world.size:
+        raise DataError(f"quantization.gptq.samples {gptq.samples} is fewer than the {world.size} processes of this "
+                        "job: each rank accumulates the Hessians of its own samples")
+
+
+def _calibrated_on(tokens: torch.Tensor, world: distributed.World) -> dict:
+    """What this rank calibrates on (calibration_report.json's `ranks`): its global sequence indices and tokens."""
+    sequences = list(range(tokens.shape[0]))[world.split(tokens.shape[0])]
+    return {"rank": world.rank, "sequences": sequences, "tokens": len(sequences) * int(tokens.shape[1])}
 
 
 def _local_source(source: str) -> list[Path]:
@@ -299,8 +347,11 @@ def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
 
 
-def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
-    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
+def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress,
+                     world: distributed.World = distributed.SINGLE):
+    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen.
+
+    distributed: `tokens` are this rank's sequences, `writer` is None except on rank 0; marked below."""
     sp = recipe.sparsity
     qz = recipe.quantization
     options = qz.quantizer_options()
@@ -316,13 +367,15 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
     positions = torch.arange(seq_len, device=device)[None]
     position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
     n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
+    n_subset = world.local_count(n_subset)  # distributed: this rank's share of the greedy search's first sequences
     report, dense_params = [], 0
     layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
     for i in range(src.num_layers):
         layer = skeleton.model.layers[i]
         layer.to_empty(device=device)
-        state = src.layer_tensors(i)
-        _check_layer_state(src, i, layer, state)
+        with distributed.agreement(f"reading layer {i}", world):
+            state = src.layer_tensors(i)
+            _check_layer_state(src, i, layer, state)
         dense_params += sum(t.numel() for t in state.values())
         layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
         layer.eval()
@@ -330,19 +383,24 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         runner = LayerRunner(layer, position_embeddings)
 
         hists = capture_histograms(runner, sims, hidden, device)
+        for hist in {id(h): h for h in hists.values()}.values():  # distributed: counts over every rank's tokens
+            world.all_reduce(hist.counts)
         greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
         allocation = allocate(
             layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
             step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
             progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
+            reduce=world.all_reduce if world.distributed else None,  # distributed: sums of squared errors
         )
         progress.remove_task(greedy_task)
 
         hessians = None
         if quantizer is not None and quantizer.needs_hessian:
-            hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
+            samples = world.local_count(qz.gptq.samples) if qz.gptq and qz.gptq.samples else None  # distributed
+            hessians = _input_hessians(runner, sims, hidden[:samples] if samples is not None else hidden, device,
                                        None if aware_index is None else
-                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
+                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS},
+                                       world)
         quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS), plain=None)
         tensors, quant_stats = {}, {}
         prefix = layer_key_prefix(i)
@@ -377,7 +435,9 @@ def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, defau
         for key, t in state.items():
             if key not in projection_keys:
                 tensors[prefix + key] = t.to(dtype)
-        writer.add(tensors)
+        with distributed.agreement(f"writing layer {i}", world):
+            if writer is not None:  # distributed: rank 0 writes
+                writer.add(tensors)
 
         hidden = runner(hidden, device)
         sizes = {p: s.weight.numel() for p, s in sims.items()}
@@ -412,7 +472,8 @@ def _compact_histograms(hists: dict) -> list[dict]:
 
 
 def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidden: torch.Tensor, device,
-                    thresholds: dict[str, float] | None) -> dict[str, torch.Tensor]:
+                    thresholds: dict[str, float] | None,
+                    world: distributed.World = distributed.SINGLE) -> dict[str, torch.Tensor]:
     """Each projection's input Hessian 2/n Σ x xᵀ from one pass of the float layer over `hidden`.
 
     thresholds None: dense inputs, one Hessian per activation point (q/k/v read the same input, and gate/up).
@@ -436,12 +497,22 @@ def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidde
     finally:
         for sim in sims.values():
             sim.observer, sim.threshold = None, 0.0
+    if world.distributed:  # H = 2/n sum x x^T over every rank's tokens: sum n_r * H_r and n_r, then divide
+        for acc in {id(a): a for a in accumulators.values()}.values():
+            count = torch.tensor([float(acc.count)], dtype=torch.float64)
+            acc.hessian.mul_(acc.count)
+            world.all_reduce(acc.hessian)
+            world.all_reduce(count)
+            acc.count = int(count.item())
+            acc.hessian.div_(max(acc.count, 1))
     return {p: acc.hessian for p, acc in accumulators.items()}
 
 
-def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> dict:
+def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers,
+                    ranks: list[dict]) -> dict:
     """Everything but the tensors and the model card: config (with the resolved quantization_config), generation
-    config, tokenizer, the recipe as it was read, and the calibration report."""
+    config, tokenizer, the recipe as it was read, and the calibration report (with the processes that calibrated:
+    `world_size` and, per rank, the sequences and tokens it calibrated on)."""
     from transformers import GenerationConfig
 
     config = src.config
@@ -456,6 +527,6 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     tokenizer.save_pretrained(writer.dir)
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
     report = {"teal_quant_version": __version__, "levels": quant.levels, "quantization": quantization_summary(recipe),
-              "layers": report_layers}
+              "world_size": len(ranks), "ranks": ranks, "layers": report_layers}
     writer.write_json(REPORT_FILE, report)
     return report

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from teal_quant.kernels import pack
 
 from teal_quant.errors import TealQuantError
-from teal_quant.kernels import pack
 from teal_quant.runtime.modules import TealLinear
 from teal_quant.runtime.tensor_parallel import check_tensor_parallel, shard_module
 from teal_quant.testing import run_ranks

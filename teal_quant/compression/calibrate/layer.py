@@ -209,6 +209,10 @@ class LayerAllocation:
         return out
 
 
+# Sums over this process's calibration tokens -> sums over every process's (torch.distributed all-reduce).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 def allocate(
     layer: nn.Module,
     sims: Mapping[str, SimulatedLinear],
@@ -222,23 +226,34 @@ def allocate(
     last_fraction: float,
     compare_uniform: bool = True,
     progress: Callable[[float], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> LayerAllocation:
     """Sparsity allocation of one layer for every level ('greedy': TEAL block-wise search; 'uniform').
 
     The block error of an allocation is ||Y - Y_hat||^2 / ||Y||^2 over the last fraction of each sequence of
-    `subset` (on the compute device), Y being the dense output of the float layer.
+    `subset` (on the compute device), Y being the dense output of the float layer. Both are plain sums over tokens:
+    `reduce`, when given, turns a float64 tensor of this process's sums into the sums over all processes, so every
+    process of a distributed run takes the same decisions (a process whose share of `subset` is empty adds zeros).
     """
     sizes = {p: s.weight.numel() for p, s in sims.items()}
     zero = {p: 0.0 for p in sizes}
     set_thresholds(sims, zero)
-    block = TailBlock(layer, sims, subset, position_embeddings, last_fraction)
-    reference = block().float()
-    ref_norm = float(reference.pow(2).sum()) or 1.0
+    empty = subset.shape[0] == 0
+    block = None if empty else TailBlock(layer, sims, subset, position_embeddings, last_fraction)
+    reference = None if empty else block().float()
+
+    def summed(local: torch.Tensor) -> float:
+        local = local.reshape(1).to(torch.float64)
+        return float((reduce(local) if reduce is not None else local)[0])
+
+    ref_norm = summed(torch.zeros(()) if empty else reference.pow(2).sum(dtype=torch.float64)) or 1.0
     memo: dict[tuple[int, float], float] = {}
 
     def error_of(allocation: Mapping[str, float]) -> float:
         set_thresholds(sims, thresholds_for(allocation, hists, memo))
-        return float((block().float() - reference).pow(2).sum()) / ref_norm
+        if empty:
+            return summed(torch.zeros(())) / ref_norm
+        return summed((block().float() - reference).pow(2).sum(dtype=torch.float64)) / ref_norm
 
     for sim in sims.values():
         sim.reuse = True

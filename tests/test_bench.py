@@ -137,6 +137,7 @@ def test_bench_rejects_bad_input(args, expected, bench_artifact):
         ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),  # RMSNorm
         ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
         ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>", "other"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "allreduce"),  # --tp
     ],
 )
 def test_kernel_groups(kernel, group):
@@ -149,8 +150,9 @@ def test_operator_groups():
     from teal_quant.bench import operator_group
 
     assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
-                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
-        ["linear", "linear", "linear", "attention", "other", "other"]
+                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_",
+                                        "c10d::allreduce_")] == \
+        ["linear", "linear", "linear", "attention", "other", "other", "allreduce"]
 
 
 # --- reports of a bench result: targets met or not, markdown rows (benchmarks/e2e.py writes them for the GPU runs,

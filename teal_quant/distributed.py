@@ -299,6 +299,12 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
+def mark_agreed(error: BaseException) -> BaseException:
+    """Mark an error that every rank raises and rank 0 reports (other ranks stay quiet); returns it."""
+    setattr(error, _AGREED, True)
+    return error
+
+
 def reported_by_main(error: BaseException, world: World | None = None) -> bool:
     """True on ranks other than 0 for an error every rank raised after an `agreement` (rank 0 prints it)."""
     world = world or current()

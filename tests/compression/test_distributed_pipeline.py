@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,13 @@ from teal_quant.testing import run_ranks
 THRESHOLD_RTOL = 1e-5
 
 
-def torchrun(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m teal_quant.cli ARGS` with this interpreter."""
+def torchrun(args: list[str], cwd: Path, timeout: float = 180, *, script: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m teal_quant.cli ARGS` with this interpreter; script=True:
+    `torchrun ... --no-python teal-quant ARGS` (the installed command)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "teal_quant.cli", *args]
+    entry = ["--no-python", shutil.which("teal-quant", path=str(Path(sys.executable).parent))] if script else \
+        ["-m", "teal_quant.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -70,13 +73,14 @@ def test_torchrun_run_writes_the_one_process_artifact(tiny_llama, tiny_artifact,
 
 
 def test_torchrun_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, tmp_path):
-    """2 calibration samples for... 1: fewer sequences than ranks. Both ranks find it; rank 0 says it once."""
+    """1 calibration sample for 2 ranks (through the `teal-quant` command under torchrun): both ranks find it, rank 0
+    says it once, each exits 2, nothing is written."""
     out = tmp_path / "never"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(tiny_recipe_text(tiny_llama, out, calibration="calibration:\n  source: {kind: text_files, paths: ['"
                                        + str(Path(__file__).resolve().parents[2] / "data/calibration/tinyshakespeare.txt")
                                        + "']}\n  samples: 1\n  seq_len: 64"))
-    proc = torchrun(["run", str(recipe)], tmp_path, timeout=120)
+    proc = torchrun(["run", str(recipe)], tmp_path, timeout=120, script=True)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("teal-quant")]
     assert ours == ["teal-quant: error: calibration.samples 1 is fewer than the 2 processes of this job: each rank "
                     "calibrates on its own sequences (raise calibration.samples or use fewer processes)"]

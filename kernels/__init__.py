@@ -34,6 +34,11 @@ __all__ = [
     "rms_norm",
     "silu_mul",
     "rotary",
+    "add_rms_norm",
+    "decode_attention",
+    "attention_workspace_sizes",
+    "greedy_advance",
+    "greedy_workspace_size",
     "sparse_gemv_ref",
     "dense_gemm_ref",
     "dequantize",
@@ -109,22 +114,70 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """transformers' LlamaRMSNorm in one launch: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), x [..., N].
     Custom op ``teal_quant::rms_norm``."""
-    from . import ops
+    from . import elementwise
 
-    return ops.rms_norm_op(x, weight, float(eps))
+    return elementwise.rms_norm_op(x, weight, float(eps))
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """A decoder layer's residual add and the next RMSNorm in one launch: residual <- residual + x (in place, rounded
+    to its dtype like `residual + hidden_states`), returns rms_norm(residual, weight, eps). Custom op
+    ``teal_quant::add_rms_norm``."""
+    from . import elementwise
+
+    return elementwise.add_rms_norm_op(x, residual, weight, float(eps))
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up in one launch (the Llama MLP's activation); gate, up [..., N] may be column slices of one
     fused gate/up output. Custom op ``teal_quant::silu_mul``."""
-    from . import ops
+    from . import elementwise
 
-    return ops.silu_mul_op(gate, up)
+    return elementwise.silu_mul_op(gate, up)
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """transformers' apply_rotary_pos_emb (unsqueeze_dim=1) for q [B, Hq, S, D] and k [B, Hk, S, D] with cos, sin
     [B, S, D], one launch for both. Custom op ``teal_quant::rotary``."""
-    from . import ops
+    from . import elementwise
 
-    return ops.rotary_op(q, k, cos, sin)
+    return elementwise.rotary_op(q, k, cos, sin)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
+                     v_cache: Tensor, workspace: Tensor, counter: Tensor, scale: float, *, fused_reduce: bool = True) -> Tensor:
+    """One decode step of a GQA attention layer over a static cache, read in place: rotary of q and k, the cache write
+    of k and v at `pos`, attention over positions 0..pos. q [B, Hq*D], k, v [B, Hkv*D] (row strides free), cos, sin
+    [L, D], pos int64 [1], caches [B, Hkv, L, D]; workspace / counter from :func:`attention_workspace_sizes`
+    (zeros). Returns [B, Hq*D]. Custom op ``teal_quant::decode_attention`` (kernels/attention.py)."""
+    from . import attention
+
+    return attention.decode_attention_op(q, k, v, cos, sin, pos, k_cache, v_cache, workspace, counter, float(scale),
+                                         bool(fused_reduce))
+
+
+def attention_workspace_sizes(batch: int, q_heads: int, kv_heads: int, max_length: int, head_dim: int, device) -> tuple[int, int]:
+    """(float32 workspace elements, int32 counters) that :func:`decode_attention` needs for these shapes."""
+    import torch
+
+    from . import attention
+
+    return attention.workspace_sizes(batch, q_heads, kv_heads, max_length, head_dim, torch.device(device))
+
+
+def greedy_advance(logits: Tensor, tokens: Tensor, finished: Tensor, eos: Tensor, out: Tensor, pos: Tensor,
+                   workspace: Tensor) -> None:
+    """The greedy decode loop's tail, on the device, in place: nxt = argmax(logits [B, V]) (lowest index on ties);
+    finished rows emit eos instead; finished |= nxt == eos; tokens [B, 1] = nxt; pos += 1; out[:, pos] = nxt.
+    workspace: float32 of :func:`greedy_workspace_size` elements. Two launches on CUDA. Custom op
+    ``teal_quant::greedy_advance``."""
+    from . import elementwise
+
+    elementwise.greedy_advance_op(logits, tokens, finished, eos, out, pos, workspace)
+
+
+def greedy_workspace_size(batch: int, vocab: int) -> int:
+    """float32 elements :func:`greedy_advance` needs as workspace."""
+    from . import elementwise
+
+    return elementwise.greedy_workspace_size(batch, vocab)

@@ -76,45 +76,5 @@ def dense_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bit
 def _(x, qweight, scales, zeros, bits, group_size):
     return x.new_empty(*x.shape[:-1], _n_of(qweight, bits))
 
-
-# -- elementwise ops of a Llama-family decoder layer (kernels.elementwise_triton) ------------------------------------
-@torch.library.custom_op("teal_quant::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    if use_triton(x):
-        from . import elementwise_triton
-
-        return elementwise_triton.rms_norm(x, weight, eps)
-    return reference.rms_norm_ref(x, weight, eps)
-
-
-@rms_norm_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-
-
-@torch.library.custom_op("teal_quant::silu_mul", mutates_args=())
-def silu_mul_op(gate: Tensor, up: Tensor) -> Tensor:
-    if use_triton(gate):
-        from . import elementwise_triton
-
-        return elementwise_triton.silu_mul(gate, up)
-    return reference.silu_mul_ref(gate, up)
-
-
-@silu_mul_op.register_fake
-def _(gate, up):
-    return gate.new_empty(gate.shape)
-
-
-@torch.library.custom_op("teal_quant::rotary", mutates_args=())
-def rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if use_triton(q):
-        from . import elementwise_triton
-
-        return elementwise_triton.rotary(q, k, cos, sin)
-    return reference.rotary_ref(q, k, cos, sin)
-
-
-@rotary_op.register_fake
-def _(q, k, cos, sin):
-    return torch.empty_like(q), torch.empty_like(k)
+# The elementwise ops (rms_norm, add_rms_norm, silu_mul, rotary, greedy_advance) are in kernels.elementwise and
+# decode attention in kernels.attention: each family keeps its custom ops and fakes beside it.

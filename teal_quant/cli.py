@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--output", "-o", type=Path, help="artifact directory (overrides output.dir)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing artifact")
+    when = run.add_mutually_exclusive_group()
+    when.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run of this recipe from its last finished layer")
+    when.add_argument("--plan", action="store_true",
+                      help="print the predicted disk, host and GPU memory and time per layer (nothing is run); "
+                           "exit 2 when this machine cannot hold the run")
 
     ev = sub.add_parser("eval", help="perplexity (--text) or lm-evaluation-harness tasks (--tasks) of an artifact, "
                                      "with realized sparsity, level by level")
@@ -124,14 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", help="an artifact directory, llama3-8b, llama3-70b, or a config.json (synthetic, in memory)")
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=_batches, default=(1,), help="batch size, or several: 1,4,16")
     bench.add_argument("--sparsity", type=float, help="level to measure (default: the artifact's default level)")
-    bench.add_argument("--baselines", type=_names, default=["bf16", "int4"], help="comma list of bf16,int4 (or 'none')")
+    bench.add_argument("--baselines", type=_names, default=None,
+                       help="comma list of bf16,int4,tinygemm (or 'none'; default: all three on CUDA, bf16,int4 on the CPU)")
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on CUDA)")
     bench.add_argument("--eager-elementwise", action="store_true",
                        help="keep transformers' eager RMSNorm / SiLU-and-mul / rotary (default on CUDA: one launch each)")
+    bench.add_argument("--no-fused-step", action="store_true",
+                       help="run transformers' forward each step instead of the fused decode step (CUDA default)")
     bench.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     bench.add_argument("--profile-steps", type=int, default=4, help="eager decode steps under torch.profiler")
     bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
@@ -141,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tensor-parallel ranks; run as `torchrun --nproc-per-node N -m teal_quant.cli bench ... --tp N`")
     _synthetic_args(bench, arch_only=True)
     return parser
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a batch size or a list of them like 1,4,16")
+    return sizes
 
 
 def _names(text: str) -> list[str]:
@@ -234,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("run", "bench") and distributed.env_world_size() > 1:
                 distributed.init()  # torchrun: join the job first, so the ranks agree on every error after this
             return _dispatch(args)
-    except Terminated:
-        say(f"teal-quant: {prefix}terminated (SIGTERM); partial output removed")
+    except Terminated as e:
+        say(f"teal-quant: {prefix}terminated (SIGTERM); {_kept(e) or 'partial output removed'}")
         return 143
     except TealQuantError as e:  # one line, scrubbed of any token
         say(f"teal-quant: error: {prefix if not distributed.reported_by_main(e) else ''}{_one_line(scrub(str(e)))}", e)
         return 2
-    except KeyboardInterrupt:
-        say(f"teal-quant: {prefix}interrupted; partial output removed")
+    except KeyboardInterrupt as e:
+        say(f"teal-quant: {prefix}interrupted; {_kept(e) or 'partial output removed'}")
         return 130
     except distributed.PeerLost as e:  # another rank stopped; its own line says why
         say(f"teal-quant: error: {_one_line(scrub(str(e)))}", e)
@@ -255,13 +274,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from teal_quant.errors import first_line
 
+        kept = f"; {_kept(e)}" if _kept(e) else ""
         say(f"teal-quant: internal error: {prefix}{type(e).__name__}: {scrub(first_line(e))} "
-            "(TEAL_QUANT_DEBUG=1 shows the traceback)", e)
+            f"(TEAL_QUANT_DEBUG=1 shows the traceback){kept}", e)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         distributed.shutdown()
+
+
+def _kept(error: BaseException) -> str:
+    """Where an interrupted run kept its finished layers (pipeline: `resume_note`), or ''."""
+    return getattr(error, "resume_note", "") or ""
 
 
 def _one_line(text: str) -> str:
@@ -272,12 +297,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
         from teal_quant.distributed import agreement, env_rank
-        from teal_quant.report import print_run_summary
-        from teal_quant.workflow import run
+        from teal_quant.report import print_plan, print_run_summary
+        from teal_quant.workflow import plan, run
 
         with agreement("reading the recipe"):
             recipe = Recipe.from_yaml(args.recipe)
-        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary if env_rank() == 0 else None)
+        if args.plan:
+            with agreement("planning the run"):  # the plan of one process; under torchrun rank 0 prints it
+                if env_rank() == 0:
+                    predicted = plan(recipe, args.output)
+                    print_plan(predicted)
+                    predicted.check(strict=True)
+            return 0
+        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary if env_rank() == 0 else None,
+            resume=args.resume)
         return 0
     if args.command == "eval":
         return _eval(args)
@@ -328,9 +361,10 @@ def _bench(args: argparse.Namespace) -> int:
     from teal_quant.progress import err_console
 
     options = BenchOptions(
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
-        baselines=tuple(args.baselines), device=args.device, cuda_graph=False if args.eager else None, warmup=args.warmup,
-        fuse_elementwise=not args.eager_elementwise,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch if len(args.batch) > 1 else args.batch[0], sparsity=args.sparsity,
+        baselines=None if args.baselines is None else tuple(args.baselines), device=args.device,
+        cuda_graph=False if args.eager else None, warmup=args.warmup,
+        fuse_elementwise=not args.eager_elementwise, fused_step=not args.no_fused_step,
         profile_steps=args.profile_steps,
         seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
         synthetic=_synthetic_spec(args), tp=args.tp,

@@ -8,6 +8,11 @@ position and the mask: the host does no work per token but `graph.replay()`, and
 EOS: finished rows keep emitting `eos_token_id` (on the device); the host looks whether every row is finished
 only every `eos_check_every` tokens.
 
+On CUDA a Llama-family model's step is `teal_quant.runtime.decode_step.FusedDecodeStep` (residual add + RMSNorm in
+one launch, rotary + cache write + GQA attention over the static cache in one launch, no mask, no copies) and the
+step's tail (argmax, EOS, token / output / position updates) is `kernels.greedy_advance` (two launches); other
+models, and `fused_step=False`, run the transformers forward and the tail in torch ops.
+
 Works for any transformers causal LM with a static cache (a dense bf16 model as well as a teal_quant one).
 transformers 5.24 takes `cache=` and tracks cache positions inside the cache; 5.17 takes `past_key_values=` and
 `cache_position=`: the forward's signature decides which keywords are passed (`_forward_kwargs`).
@@ -22,6 +27,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from teal_quant import kernels
+
 
 def _forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
@@ -33,10 +40,14 @@ class Decoder:
     On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (teal_quant/runtime/fusion.py) and its
     Llama-style RMSNorm, SiLU-and-mul and rotary take one-launch kernels (teal_quant/runtime/elementwise.py; dense models
     too). `fuse=False` keeps the eager calls, `fuse_elementwise=False` only the eager elementwise ops (both for
-    comparisons)."""
+    comparisons). `fused_step=None` runs the fused decode step (teal_quant/runtime/decode_step.py) on CUDA whenever
+    the model qualifies (`fused_step_error` says why not), True requires it (on the CPU too: the kernels' references),
+    False keeps the transformers forward; `fused_step_options` go to FusedDecodeStep (glue / attention variants for
+    benchmarks)."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_length: int, cuda_graph: bool | None = None,
-                 eos_check_every: int = 8, fuse: bool = True, fuse_elementwise: bool | None = None):
+                 eos_check_every: int = 8, fuse: bool = True, fuse_elementwise: bool | None = None,
+                 fused_step: bool | None = None, fused_step_options: dict | None = None):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
@@ -70,6 +81,20 @@ class Decoder:
         self.graph_error: str | None = None  # why capture failed, if it did (then steps run eagerly)
         self.length = 0  # tokens in the cache + the pending one in self._tokens (host-side count, no sync)
         self._logits: Tensor | None = None
+        self._fused = None  # the FusedDecodeStep, when the step runs fused
+        self.fused_step_error: str | None = None  # why the step is not fused, when fused_step=None found it cannot be
+        if fused_step or (fused_step is None and self.device.type == "cuda"):
+            from teal_quant.runtime.decode_step import FusedDecodeStep, fused_step_support
+
+            reason = fused_step_support(model)
+            if reason is None:
+                self._fused = FusedDecodeStep(model, self.cache, batch_size=b, max_length=self.max_length,
+                                              **(fused_step_options or {}))
+            elif fused_step:
+                raise ValueError(f"fused_step=True: {reason}")
+            else:
+                self.fused_step_error = reason
+        self._greedy_workspace: Tensor | None = None
 
     @property
     def logits(self) -> Tensor | None:
@@ -94,13 +119,28 @@ class Decoder:
     def _step_body(self) -> None:
         """One decode step on the static buffers only (what the CUDA graph captures)."""
         pos = self._pos
+        if self._fused is not None:
+            logits = self._logits = self._fused(self._tokens, pos)
+            self._advance(logits)
+            return
         self._mask.index_fill_(1, pos, 1)
         logits = self._logits = self._forward(self._tokens, pos, self._mask)
+        self._advance(logits)
+
+    def _advance(self, logits: Tensor) -> None:
+        """The step's tail: next tokens, EOS, token / output / position buffers (two launches on the fused path)."""
+        if self._fused is not None:
+            need = kernels.greedy_workspace_size(*logits.shape)
+            if self._greedy_workspace is None or self._greedy_workspace.numel() < need:
+                self._greedy_workspace = torch.empty(need, dtype=torch.float32, device=logits.device)
+            kernels.greedy_advance(logits, self._tokens, self._finished, self._eos, self._out, self._pos,
+                                   self._greedy_workspace)
+            return
         nxt = self._next(logits)
         self._finished |= nxt == self._eos
         self._tokens.copy_(nxt.unsqueeze(1))
-        pos.add_(1)
-        self._out.index_copy_(1, pos, nxt.unsqueeze(1))
+        self._pos.add_(1)
+        self._out.index_copy_(1, self._pos, nxt.unsqueeze(1))
 
     # -- public API --------------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -9,9 +9,11 @@ Per decoder layer, over the W ranks of a process group:
   groups of scales/zeros that cover them (the slice must start and end on a group boundary). Each rank thresholds
   its own slice of x with the same per-projection threshold, so the union of the ranks' surviving rows is exactly
   the one-process set, and each reads only its rows.
-- the partial outputs of o (the attention block) and down (the MLP) are summed by one all-reduce each, in forward
-  hooks on the attention and MLP modules (so the dense baseline of `bench`, which swaps the projections for
-  nn.Linear, keeps them); a bias of a row-parallel projection is kept by rank 0 only.
+- the partial outputs of o and down are summed by one all-reduce each: the shard sits inside an `AllReduceOutput`
+  module at o_proj / down_proj, so transformers' attention and MLP code, the fused decode step
+  (runtime/decode_step.py, which calls o_proj and down_proj itself) and the bench's baselines (which swap the
+  TealLinear inside for nn.Linear or tinygemm) all sum the same way; a bias of a row-parallel projection is kept by
+  rank 0 only.
 Embeddings, norms and lm_head are replicated; every rank computes the same logits and the same greedy tokens.
 The KV cache holds only the local heads (transformers' static cache sizes its layers from the first keys it sees).
 """
@@ -30,7 +32,6 @@ from teal_quant.runtime.modules import TealLinear
 
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 ROW_PARALLEL = ("o", "down")
-REDUCED_MODULES = ("self_attn", "mlp")  # their outputs are the partial sums of o and down
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class TensorParallel:
 
 def shard_for_tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
     """Shard a teal_quant model (from `teal_quant.load`) in place over the ranks of `group` (default: the default
-    process group) and return it. Every rank calls it on the same model; a world of one leaves the model unchanged.
+    process group) and return it; o_proj and down_proj become `AllReduceOutput` modules around their shards. Every rank calls it on the same model; a world of one leaves the model unchanged.
 
     Raises TealQuantError when the shapes do not split: heads and KV heads must divide by the world size, column
     slices must hold whole int4 words, and row slices whole quantization groups. Fused q/k/v and gate/up groups are
@@ -69,9 +70,8 @@ def shard_for_tensor_parallel(model: nn.Module, group: Any = None) -> nn.Module:
             module = layer.get_submodule(path)
             parent_path, _, child = path.rpartition(".")
             style = "column" if proj in COLUMN_PARALLEL else "row"
-            setattr(layer.get_submodule(parent_path), child, shard_module(module, style, rank, size, name=path))
-        for name in REDUCED_MODULES:
-            layer.get_submodule(name).register_forward_hook(_AllReduceOutput(group))
+            shard = shard_module(module, style, rank, size, name=path)
+            setattr(layer.get_submodule(parent_path), child, AllReduceOutput(shard, group) if style == "row" else shard)
     if was_fused:
         fuse_projections(model)
     model.tensor_parallel = TensorParallel(rank=rank, size=size, group=group)
@@ -182,15 +182,26 @@ def _shard_dense_linear(m: nn.Linear, style: str, rank: int, size: int) -> nn.Li
     return local
 
 
-class _AllReduceOutput:
-    """Forward hook: sum the module's output (or its first element) over the group, in place."""
+class AllReduceOutput(nn.Module):
+    """A row-parallel projection: `inner` (this rank's rows) applied to this rank's slice of x, then the partial
+    outputs summed over the group in place (one all-reduce; CUDA-graph capturable with NCCL)."""
 
-    def __init__(self, group: Any):
+    def __init__(self, inner: nn.Module, group: Any = None):
+        super().__init__()
+        self.inner = inner
         self.group = group
 
-    def __call__(self, module: nn.Module, args, output):
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        tensor = output[0] if isinstance(output, tuple) else output
-        dist.all_reduce(tensor, group=self.group)
-        return output
+        y = self.inner(x)
+        dist.all_reduce(y, group=self.group)
+        return y

@@ -108,29 +108,38 @@ def _tiny_layer(seed: int = 0):
 def _shared_sums_rank() -> dict:
     """Each rank computes the one-process answer on all 5 sequences, then its distributed share (strided)."""
     from teal_quant import distributed
-    from teal_quant.compression.calibrate.layer import LayerRunner, allocate, capture_histograms
-    from teal_quant.compression.pipeline import _input_hessians
+    from teal_quant.compression.calibrate.layer import allocate, capture_histograms
+    from teal_quant.compression.hidden import HiddenStates
+    from teal_quant.compression.quantize.layer import input_hessians
+    from teal_quant.compression.stream import SINGLE_PROCESS, LayerPasses, LayerWork, _summed, distinct_histograms
 
     world = distributed.init()
     layer, sims, hidden, pe = _tiny_layer()
-    runner = LayerRunner(layer, pe)
     mine = hidden[world.split(hidden.shape[0])]
+
+    def passes_over(h: torch.Tensor) -> LayerPasses:
+        buffer = HiddenStates.in_memory(tuple(h.shape), torch.float32)
+        buffer.write_input(0, h)
+        return LayerPasses(layer, pe, buffer, torch.device("cpu"), torch.float32, batch_size=2)
+
     out = {}
-    hists = capture_histograms(runner, sims, hidden, "cpu")
-    local_hists = capture_histograms(runner, sims, mine, "cpu")
-    for h in {id(h): h for h in local_hists.values()}.values():
+    hists = capture_histograms(passes_over(hidden), sims, hidden, "cpu")
+    local_hists = capture_histograms(passes_over(mine), sims, mine, "cpu")
+    for h in distinct_histograms(local_hists):
         world.all_reduce(h.counts)
     out["hist_equal"] = all(torch.equal(hists[p].counts, local_hists[p].counts) for p in hists)
-    # greedy over the first 1 sequence: rank 1 holds none of it and adds zeros to the sums
+    # greedy over the first sequence (rank 1 holds none of it and adds zeros to the sums), then over the first 3
     levels = [0.0, 0.25, 0.5]
     for n_subset in (1, 3):
-        one = allocate(layer, sims, hists, hidden[:n_subset], pe, levels, method="greedy", step=0.25, last_fraction=0.5)
-        dist = allocate(layer, sims, hists, mine[: world.local_count(n_subset)], pe, levels, method="greedy", step=0.25,
-                        last_fraction=0.5, reduce=world.all_reduce)
+        kwargs = dict(method="greedy", step=0.25, last_fraction=0.5, search="exact")
+        one = allocate(layer, sims, hists, hidden[:n_subset], pe, levels, **kwargs)
+        dist = allocate(layer, sims, hists, mine[: world.local_count(n_subset)], pe, levels, reduce=_summed(world),
+                        **kwargs)
         out[f"greedy_{n_subset}"] = {"same_sparsity": one.sparsities == dist.sparsities,
                                      "errors": (one.errors, dist.errors), "local": world.local_count(n_subset)}
-    h_one = _input_hessians(runner, sims, hidden, "cpu", None)
-    h_dist = _input_hessians(runner, sims, mine, "cpu", None, world)
+    # GPTQ's Hessians over the first 3 global samples: H = 2/n sum x x^T, the ranks' sums added
+    h_one = input_hessians(LayerWork(0, layer, sims, one, levels, passes_over(hidden), SINGLE_PROCESS), None, 3)
+    h_dist = input_hessians(LayerWork(0, layer, sims, one, levels, passes_over(mine), world), None, 3)
     out["hessian_rel"] = max(float((h_dist[p] - h_one[p]).norm() / h_one[p].norm()) for p in h_one)
     return out
 

@@ -257,7 +257,7 @@ def test_binary_calibration_file_and_taken_output_are_rejected_before_the_model_
 def test_artifact_size_estimate_is_close_to_the_real_size(tiny_artifact):
     from transformers import AutoConfig
 
-    from teal_quant.compression.pipeline import estimated_artifact_bytes
+    from teal_quant.compression.plan import estimated_artifact_bytes
 
     config = AutoConfig.from_pretrained(str(tiny_artifact))
     real = sum(f.stat().st_size for f in tiny_artifact.glob("*.safetensors"))

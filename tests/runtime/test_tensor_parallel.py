@@ -87,11 +87,12 @@ PROMPT = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 2], [1, 77, 8, 300, 64, 21, 99, 1
 NEW_TOKENS = 6
 
 
-def _decode(model, prompt, steps):
-    """Greedy tokens and the logits of the prefill and of every step (float32)."""
+def _decode(model, prompt, steps, fused_step=False):
+    """Greedy tokens and the logits of the prefill and of every step (float32); fused_step: the step through
+    runtime/decode_step.py (the CUDA decode path, here with the kernels' references)."""
     from teal_quant.runtime.decoding import Decoder
 
-    dec = Decoder(model, batch_size=prompt.shape[0], max_length=prompt.shape[1] + steps + 1)
+    dec = Decoder(model, batch_size=prompt.shape[0], max_length=prompt.shape[1] + steps + 1, fused_step=fused_step)
     tokens = [dec.prefill(prompt)]
     logits = [dec.logits.clone()]
     for _ in range(steps):
@@ -110,6 +111,8 @@ def _tp_rank(artifact: str, levels: tuple[float, ...]) -> dict:
     for level in levels:
         teal_quant.set_sparsity(one, level)
         reference[level] = _decode(one, PROMPT, NEW_TOKENS)
+    teal_quant.set_sparsity(one, levels[0])
+    reference["fused"] = _decode(one, PROMPT, NEW_TOKENS, fused_step=True)
     del one
     model = teal_quant.load(artifact, device="cpu", tp=True)
     layer = model.model.layers[0]
@@ -129,13 +132,19 @@ def _tp_rank(artifact: str, levels: tuple[float, ...]) -> dict:
             "tokens": tokens.tolist(), "ref_tokens": ref_tokens.tolist(),
             "sparsity": teal_quant.realized_sparsity(model),
         }
+    teal_quant.set_sparsity(model, levels[0])
+    tokens, logits = _decode(model, PROMPT, NEW_TOKENS, fused_step=True)
+    ref_tokens, ref_logits = reference["fused"]
+    out["fused"] = {"max_logit_diff": float((logits - ref_logits).abs().max()), "tokens": tokens.tolist(),
+                    "ref_tokens": ref_tokens.tolist()}
     return out
 
 
 def test_tensor_parallel_decoding_matches_one_process(tiny_artifact):
     """2 gloo processes, each `teal_quant.load(..., tp=True)`: every rank holds half the heads and half the MLP,
     reads half of o's and down's rows, and produces the one-process logits within 1e-4 and the same greedy
-    tokens, at the default level (sparse decode) and at level 0."""
+    tokens, at the default level (sparse decode) and at level 0, through transformers' forward and through the fused
+    decode step (runtime/decode_step.py, the CUDA path: local heads, o and down summed in their modules)."""
     results = run_ranks(_tp_rank, 2, str(tiny_artifact), (0.4, 0.0), timeout=120)
     for rank, r in enumerate(results):
         assert (r["rank"], r["world"], r["tp"]) == (rank, 2, 2)
@@ -147,5 +156,7 @@ def test_tensor_parallel_decoding_matches_one_process(tiny_artifact):
             assert got["tokens"] == got["ref_tokens"]
             if level > 0:  # each rank counts its own slice of o's and down's inputs
                 assert 0.2 < got["sparsity"] < 0.7
+        assert r["fused"]["max_logit_diff"] < 1e-4, r["fused"]
+        assert r["fused"]["tokens"] == r["fused"]["ref_tokens"]
     assert results[0]["levels"] == results[1]["levels"] or all(
         results[0]["levels"][lv]["tokens"] == results[1]["levels"][lv]["tokens"] for lv in (0.4, 0.0))

@@ -43,6 +43,10 @@ def __getattr__(name: str):
         from teal_quant.runtime import decoding
 
         return getattr(decoding, name)
+    if name == "shard_for_tensor_parallel":
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        return shard_for_tensor_parallel
     if name == "push":
         from teal_quant.artifact.hub import push
 
@@ -68,4 +72,5 @@ __all__ = [
     "push",
     "generate",
     "Decoder",
+    "shard_for_tensor_parallel",
 ]

@@ -310,7 +310,8 @@ def allocate(
     `subset` (on the compute device), Y being the dense output of the layer in its dtype (the sums in float64).
     Both are plain sums over tokens: `reduce`, when given, turns a float64 tensor of this process's sums into the
     sums over all processes (one call per greedy step in the exact search, per evaluation in the lazy one), so
-    every process takes the same decisions. `search`: see greedy_allocation.
+    every process takes the same decisions (a process whose share of `subset` is empty adds zeros). `search`: see
+    greedy_allocation.
     """
     sizes = {p: s.weight.numel() for p, s in sims.items()}
     zero = {p: 0.0 for p in sizes}
@@ -318,9 +319,11 @@ def allocate(
     for sim in sims.values():
         sim.reuse = 3  # the current threshold, a candidate's, and one spare
     try:
-        block = BlockEvaluator(layer, sims, subset, position_embeddings, last_fraction)
-        reference = block().float()
-        ref_sum = reference.pow(2).sum(dtype=torch.float64).reshape(1)
+        empty = subset.shape[0] == 0  # distributed: this process holds none of the greedy sequences
+        block = None if empty else BlockEvaluator(layer, sims, subset, position_embeddings, last_fraction)
+        reference = None if empty else block().float()
+        ref_sum = torch.zeros(1, dtype=torch.float64, device=subset.device) if empty else \
+            reference.pow(2).sum(dtype=torch.float64).reshape(1)
         ref_norm = float((reduce(ref_sum) if reduce else ref_sum)[0]) or 1.0
         memo: dict[tuple[int, float], float] = {}
         evaluations = 0
@@ -329,7 +332,7 @@ def allocate(
             sums = []
             for allocation in allocations:
                 set_thresholds(sims, thresholds_for(allocation, hists, memo))
-                sums.append((block().float() - reference).pow(2).sum(dtype=torch.float64))
+                sums.append(ref_sum[0] * 0 if empty else (block().float() - reference).pow(2).sum(dtype=torch.float64))
             total = torch.stack(sums)
             return (((reduce(total) if reduce else total)) / ref_norm).tolist()
 

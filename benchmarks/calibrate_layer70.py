@@ -169,7 +169,8 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
     quantizer = QUANTIZERS[qz.method]
     hidden = hidden.to(dtype)
     seq_len = hidden.shape[1]
-    rotary = LlamaRotaryEmbedding(config, device=device)
+    with torch.device(device):
+        rotary = LlamaRotaryEmbedding(config)
     pe = rotary(hidden[:1].to(device), torch.arange(seq_len, device=device)[None])
     n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
     layers = []
@@ -338,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hidden states {tuple(hidden.shape)} bf16 in host memory: {time.perf_counter() - t:.1f} s", flush=True)
     sp, qz = recipe.sparsity, recipe.quantization
     report = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
-                                              if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0])]
-                                        + (argv if argv is not None else sys.argv[1:])),
+        "command": "python benchmarks/calibrate_layer70.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(), "levels": sp.all_levels,

@@ -315,6 +315,9 @@ def main() -> int:
     for p in work.glob(".art.*"):
         shutil.rmtree(p, ignore_errors=True)
 
+    results["resume"] = {"error": "not finished in this call"}
+    results["total_seconds"] = time.time() - start
+    write_results(results, args.result)  # what the main run measured, in case the resume check runs out of time
     if time.time() - start < args.budget_s + args.resume_budget_s - 30:
         results["resume"] = resume_check(recipe_data, work, args.resume_samples, time.time() + args.resume_budget_s)
     else:

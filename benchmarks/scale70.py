@@ -99,13 +99,13 @@ def shipped_recipe(model: Path, out: Path, **override) -> dict:
     return data
 
 
-def plan_full_model(model: Path, work: Path, recipe_data: dict):
+def plan_full_model(model: Path, work: Path, recipe_data: dict, machine):
     """--plan of the same recipe on all 80 layers: a folder with the 80-layer config.json, the tokenizer and an index
-    naming every tensor (no weights: --plan reads none)."""
+    naming every tensor (no weights: --plan reads none); the machine as probed for the N-layer plan."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from teal_quant.compression.plan import plan_run
     from teal_quant.compression.recipe import Recipe
-    from teal_quant.workflow import plan
 
     folder = work / "model-80-config-only"
     folder.mkdir(exist_ok=True)
@@ -120,7 +120,7 @@ def plan_full_model(model: Path, work: Path, recipe_data: dict):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     data = json.loads(json.dumps(recipe_data))
     data["model"]["source"] = str(folder)
-    return plan(Recipe.from_dict(data))
+    return plan_run(Recipe.from_dict(data), machine=machine)
 
 
 def cli(*args: str) -> list[str]:
@@ -205,14 +205,33 @@ def resume_check(base: dict, work: Path, samples: int, deadline: float) -> dict:
         return {"error": f"--resume failed: {resumed.stderr[-800:]}"}
     a, b = files_of(out), files_of(reference)
     differ = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    detail = first_difference(json.loads(a["calibration_report.json"]), json.loads(b["calibration_report.json"])) \
+        if "calibration_report.json" in differ else None
     result = {"samples": samples, "seq_len": data["calibration"]["seq_len"], "greedy": data["sparsity"]["greedy"],
               "killed_after_layers": killed_at, "uninterrupted_seconds": uninterrupted,
               "resume_seconds": time.time() - t, "files": len(a), "differing_files": differ,
               "weight_bytes": sum(len(v) for k, v in a.items() if k.endswith(".safetensors")),
-              "identical": not differ}
+              "identical": not differ, "report_difference": detail}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(reference, ignore_errors=True)
     return result
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """The first JSON path where two reports differ, with both values (short)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {str(a)[:80]} vs {str(b)[:80]}"
 
 
 def git_commit() -> str:
@@ -276,7 +295,7 @@ def main() -> int:
     results["plan"]["seconds_to_plan"] = time.time() - t
     print(f"plan: {predicted.seconds_per_layer:.1f}s/layer, host {predicted.host_bytes / 1e9:.1f} GB, "
           f"GPU {predicted.gpu_bytes / 1e9:.1f} GB, disk {predicted.disk_bytes / 1e9:.1f} GB", flush=True)
-    full = plan_full_model(model, work, recipe_data)
+    full = plan_full_model(model, work, recipe_data, predicted.machine)
     results["plan_80_layers"] = full.as_dict()
     print(f"plan, 80 layers: host {full.host_bytes / 1e9:.1f} GB, GPU {full.gpu_bytes / 1e9:.1f} GB, "
           f"disk {full.disk_bytes / 1e9:.1f} GB, {full.total_seconds / 60:.0f} min", flush=True)
@@ -290,11 +309,15 @@ def main() -> int:
     results["run"]["stage_seconds"] = [r["stage_seconds"] for r in rows]
     results["run"]["peaks"] = [r["peaks"] for r in rows]
     results["run"]["block_error"] = [r["block_error"] for r in rows]
+    results["run"]["greedy_evaluations"] = [r.get("greedy_evaluations") for r in rows]
     print("run:", {k: results["run"][k] for k in ("returncode", "seconds", "layers_done", "layer_seconds")}, flush=True)
     shutil.rmtree(out, ignore_errors=True)
     for p in work.glob(".art.*"):
         shutil.rmtree(p, ignore_errors=True)
 
+    results["resume"] = {"error": "not finished in this call"}
+    results["total_seconds"] = time.time() - start
+    write_results(results, args.result)  # what the main run measured, in case the resume check runs out of time
     if time.time() - start < args.budget_s + args.resume_budget_s - 30:
         results["resume"] = resume_check(recipe_data, work, args.resume_samples, time.time() + args.resume_budget_s)
     else:
@@ -352,8 +375,11 @@ def write_results(r: dict, result: Path) -> None:
     for i, st in enumerate(run["stage_seconds"]):
         lines.append(f"| {i} | " + " | ".join(f"{v:.1f}" for v in st.values()) + f" | {secs[i]:.1f} |")
     plan_parts = ", ".join(f"{k} {v:.1f}s" for k, v in plan["layer_seconds"].items())
-    lines += ["", f"--plan's time per layer: {plan_parts} ({plan['greedy_evaluations']} greedy block evaluations; "
-              f"matmul probe {plan['machine']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, disk write "
+    measured_evals = ", ".join(str(n) for n in run.get("greedy_evaluations", []))
+    lines += ["", f"--plan's time per layer: {plan_parts} ({plan['greedy_evaluations']} greedy block evaluations "
+              f"predicted, measured per layer: {measured_evals}; "
+              f"matmul probe {plan['machine']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, histogram probe "
+              f"{plan['machine']['histogram_elements_per_s'] / 1e9:.1f} G elements/s, disk write "
               f"{plan['machine']['disk_write_bytes_per_s'] / 1e9:.1f} GB/s).", ""]
     full = r.get("plan_80_layers")
     if full:
@@ -374,7 +400,9 @@ def write_results(r: dict, result: Path) -> None:
                      f"SIGKILLed after {res['killed_after_layers']} checkpointed layers, then `--resume` "
                      f"({res['resume_seconds']:.0f} s). {res['files']} files compared byte for byte "
                      f"({res['weight_bytes'] / 1e9:.2f} GB of weights; calibration_report.json without its measured "
-                     f"seconds and peaks): **{'identical' if res['identical'] else 'DIFFERENT: ' + ', '.join(res['differing_files'])}**.")
+                     f"seconds and peaks): **{'identical' if res['identical'] else 'DIFFERENT: ' + ', '.join(res['differing_files'])}**"
+                     + (f" (first difference: {res['report_difference']})" if res.get("report_difference") else "")
+                     + ".")
     result.with_suffix(".md").write_text("\n".join(line for line in lines if line is not None) + "\n")
 
 

@@ -331,6 +331,7 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
             "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
             "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
             "block_error": allocation.errors,
+            "greedy_evaluations": allocation.evaluations,
             "histograms": compact_histograms(hists),
             **({"quantizer": quant_stats} if quant_stats else {}),
             "seconds": round(time.perf_counter() - t0, 3),

@@ -3,6 +3,7 @@ the ranks share (greedy block errors, GPTQ Hessians) equal the one-process sums 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,9 +63,11 @@ def test_torchrun_run_writes_the_one_process_artifact(tiny_llama, tiny_artifact,
     assert sum(k.endswith(".qweight") for k in one) == 14
     report = json.loads((out / "calibration_report.json").read_text())
     assert report["world_size"] == 2
+    assert all(r.pop("peaks")["host_rss_bytes"] > 0 for r in report["ranks"])  # each rank's own peak memory
     assert report["ranks"] == [{"rank": 0, "sequences": [0, 2, 4, 6], "tokens": 4 * 64},
                                {"rank": 1, "sequences": [1, 3, 5, 7], "tokens": 4 * 64}]
     single = json.loads((tiny_artifact / "calibration_report.json").read_text())
+    assert [r.pop("peaks") is not None for r in single["ranks"]] == [True]
     assert single["world_size"] == 1 and single["ranks"] == [{"rank": 0, "sequences": list(range(8)), "tokens": 512}]
     for a, b in zip(single["layers"], report["layers"]):
         assert a["sparsity"] == b["sparsity"]
@@ -156,3 +159,65 @@ def test_greedy_errors_histograms_and_hessians_summed_over_ranks_equal_one_proce
             for kind in one:
                 assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in zip(one[kind], dist[kind]))
         assert r["hessian_rel"] < 1e-6
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first listed before theirs."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def _layers_done(out: Path) -> int:
+    for p in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        try:
+            return json.loads((p / ".resume" / "state.json").read_text())["progress"]["layers_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return 0
+
+
+def test_torchrun_killed_after_a_layer_resumes_to_the_same_artifact(tiny_llama, tiny_artifact, tmp_path):
+    """SIGKILL the whole torchrun job once layer 0 is checkpointed (rank 0's tensors and state, rank 1's hidden states
+    in the staging folder's .resume/rank-1), then `--resume` under torchrun: the one-process artifact again."""
+    import signal
+    import time
+
+    out = tmp_path / "tp-out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_llama, out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "teal_quant.cli",
+           "run", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while _layers_done(out) < 1:
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before layer 0"
+            time.sleep(0.01)
+    finally:  # the agent and both ranks (torchrun starts each rank in a session of its own)
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not (out / "config.json").exists()
+    partial = next(out.parent.glob(f".{out.name}.partial-*"))
+    assert (partial / ".resume" / "rank-1").is_dir()
+    proc = torchrun(["run", str(recipe), "--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = artifact_tensors(tiny_artifact), artifact_tensors(out)
+    assert one.keys() == two.keys()
+    for key, t in one.items():
+        if key.endswith(".thresholds"):
+            torch.testing.assert_close(two[key], t, rtol=THRESHOLD_RTOL, atol=0, msg=key)
+        else:
+            assert torch.equal(t, two[key]), key
+    assert json.loads((out / "calibration_report.json").read_text())["world_size"] == 2

@@ -3,9 +3,13 @@
 Imports only torch at import time (triton is imported lazily, on first use of a Triton path), does no device work
 at import, and never imports teal_quant.*.
 
-Dispatch (one function, :func:`.dispatch.use_triton`, which the custom ops of :mod:`.ops` share): CUDA tensors ->
-Triton kernels; CPU tensors -> the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` is set and triton
-imports, else the pure-torch reference (:mod:`.reference`), which on the CPU is the product's decode path.
+Files, one per kernel family: gemv_triton.py (sparse GEMV on CUDA cores, batch 1), gemv_mma_triton.py (sparse GEMV on
+tensor cores, batch 2-16), gemm_triton.py (prefill), elementwise_triton.py (RMSNorm, SiLU-and-mul, rotary),
+counters_triton.py (realized-sparsity counters); gemv.py is the sparse GEMV's entry and gemv_common.py what its two
+families share. dispatch.py holds the backend switch (:func:`.dispatch.use_triton`: CUDA tensors -> Triton kernels;
+CPU tensors -> the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` is set and triton imports, else
+the pure-torch reference :mod:`.reference`, which on the CPU is the product's decode path) and the per-GPU
+launch-shape tables (configs/*.json). ops.py registers the custom ops.
 
 Layouts and semantics: see :mod:`.reference` and docs/kernels.md.
 """
@@ -99,9 +103,9 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
     (float64, float64, float32), e.g. 0-dim buffers for one part. One Triton launch on CUDA, no host sync."""
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x2):
-        from . import gemv_triton
+        from . import counters_triton
 
-        gemv_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
+        counters_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
     else:
         count_inactive_ref(x2, thresholds, zero_count, input_count, last_sparsity)
 

@@ -1,6 +1,8 @@
 """torch.library custom ops (namespace ``teal_quant``) with fake implementations, so that torch.compile and
 CUDA-graph capture see one opaque op per call. The real implementation picks the backend through
-``dispatch.use_triton`` (CUDA -> Triton; CPU -> Triton interpreter under TRITON_INTERPRET=1, else reference).
+``dispatch.use_triton`` (CUDA -> Triton; CPU -> Triton interpreter under TRITON_INTERPRET=1, else reference); the
+sparse GEMV then picks its kernel family and launch shape from the GPU's table (kernels/gemv.py, kernels/dispatch.py).
+This module imports no triton, so the ops exist (running the reference) where triton is not installed.
 
 Thresholds cross the op boundary as ``(threshold_tensor or None, threshold_value)`` because a custom-op schema
 has no float-or-tensor union: a python float threshold travels as ``threshold_value``; a 0-dim or [K] tensor as
@@ -33,9 +35,9 @@ def sparse_gemv_op(
 ) -> Tensor:
     threshold = threshold_tensor if threshold_tensor is not None else threshold_value
     if use_triton(x):
-        from . import gemv_triton
+        from . import gemv
 
-        return gemv_triton.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+        return gemv.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
     return reference.sparse_gemv_ref(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
 
 
@@ -48,9 +50,9 @@ def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_
 def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor,
                          split_sizes: list[int], bits: int, group_size: int) -> Tensor:
     if use_triton(x):
-        from . import gemv_triton
+        from . import gemv
 
-        return gemv_triton.sparse_gemv_fused(
+        return gemv.sparse_gemv_fused(
             x, qweight, scales, zeros, thresholds, split_sizes, bits=bits, group_size=group_size
         )
     return reference.sparse_gemv_fused_ref(

@@ -56,6 +56,7 @@ class CoreShape:
     f16: bool = True  # int4: unpack through fp16 pairs (else the fp32 exponent trick)
     pipe: bool = False  # rows == 4 only: the next step's row indices and x are loaded before this step's FMAs
     evict_first: bool = False  # weight loads marked evict-first (the scratch lists and x stay in the L2)
+    wide: bool = False  # M = 1: the R x W rows of a step gathered by one load (all in flight; else ptxas may sink some)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
     kernel = "core"
 
@@ -89,8 +90,12 @@ def shape_from_dict(d: dict) -> GemvShape:
     return cls(**d)
 
 
-def shape_to_dict(shape: GemvShape) -> dict:
-    return {"kernel": shape.kernel, **asdict(shape)}
+def shape_to_dict(shape: GemvShape, defaults: bool = True) -> dict:
+    """``{"kernel": ..., launch parameters}``; defaults False leaves out the parameters at their default."""
+    d = asdict(shape)
+    if not defaults:
+        d = {f.name: d[f.name] for f in fields(shape) if d[f.name] != f.default}
+    return {"kernel": shape.kernel, **d}
 
 
 def table_name(device: torch.device) -> str:

@@ -73,29 +73,27 @@ class KernelCall:
     y: Tensor
 
 
-_SPLIT_BUFFERS: dict = {}
+_BUFFERS: dict = {}
 _RETIRED: list = []  # buffers replaced by larger ones stay alive: captured CUDA graphs may still point at them
 
 
-def _split_buffers(device: torch.device, ws_numel: int, n_locks: int) -> tuple[Tensor, Tensor]:
-    """fp32 workspace and int32 tile counters for the split-K reduction, zero between calls: every call leaves them
-    zero again, so no memset launch is needed. One pair per device, shared by eager calls and CUDA graphs captured
+def _device_buffer(key: tuple, device: torch.device, numel: int, dtype: torch.dtype, zero: bool) -> Tensor:
+    """A buffer kept per device and purpose, grown when a call needs more. Zeroed ones are split-K workspaces and
+    counters that every call leaves zero again (no memset launch). Shared by eager calls and the CUDA graphs captured
     after it exists: calls must not run concurrently on several streams of one device (decode runs them in order on
-    one stream). A call captured before any eager call of that size gets its own pair, zero-filled in the capture."""
-    capturing = torch.cuda.is_current_stream_capturing()
-    ws, locks = _SPLIT_BUFFERS.get(device.index, (None, None))
-    if ws is None or ws.numel() < ws_numel or locks.numel() < n_locks:
+    one stream). A call captured before any eager call of that size gets its own buffer, allocated in the capture."""
+    buf = _BUFFERS.get((key, device))
+    if buf is None or buf.numel() < numel:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        new_numel = numel if capturing else max(numel, 1 << 16)
+        new = torch.zeros(new_numel, dtype=dtype, device=device) if zero else _empty(new_numel, dtype=dtype, device=device)
         if capturing:
-            ws = torch.zeros(ws_numel, dtype=torch.float32, device=device)
-            locks = torch.zeros(n_locks, dtype=torch.int32, device=device)
-            _RETIRED.append((ws, locks))
-            return ws, locks
-        if ws is not None:
-            _RETIRED.append((ws, locks))
-        ws = torch.zeros(max(ws_numel, 1 << 16), dtype=torch.float32, device=device)
-        locks = torch.zeros(max(n_locks, 1024), dtype=torch.int32, device=device)
-        _SPLIT_BUFFERS[device.index] = (ws, locks)
-    return ws, locks
+            _RETIRED.append(new)
+            return new
+        if buf is not None:
+            _RETIRED.append(buf)
+        _BUFFERS[(key, device)] = buf = new
+    return buf
 
 
 def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int = 1, qweight: Tensor | None = None) -> KernelCall:
@@ -110,17 +108,15 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
     span = block_n * tiles_per_program
     tiles = sum(triton.cdiv(e - b, span) for b, e in zip(starts, p.ends))
     dev = p.x.device
-    scr_i = _empty(len(p.ends) * k, dtype=torch.int32, device=dev)
-    scr_x = _empty(len(p.ends) * k * m_p, dtype=torch.float32, device=dev)
+    # scratch lists: every slot a program reads was written by it in this call
+    scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
+    scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
     y = _empty(m, n, dtype=p.x.dtype, device=dev)
     split = n_ksplit > 1
-    ws_numel = m * n * (n_ksplit if p.deterministic else 1)
-    n_locks = tiles * tiles_per_program  # one counter per column tile
-    if split and dev.type == "cuda":
-        ws, locks = _split_buffers(dev, ws_numel, n_locks)
-    elif split:  # interpreter: a fresh zeroed pair each call
-        ws = torch.zeros(ws_numel, dtype=torch.float32, device=dev)
-        locks = torch.zeros(n_locks, dtype=torch.int32, device=dev)
+    det = p.deterministic
+    if split:  # the deterministic slots are not left zero: a workspace of their own
+        ws = _device_buffer(("workspace", det), dev, m * n * (n_ksplit if det else 1), torch.float32, zero=not det)
+        locks = _device_buffer(("counters", det), dev, tiles * tiles_per_program, torch.int32, zero=True)
     else:
         ws = locks = scr_i
     qw = p.qweight if qweight is None else qweight

@@ -164,6 +164,37 @@ def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, 
 
 
 @triton.jit
+def _wide_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr):
+    """``_row_fma`` for the words of R rows per warp at once ([R, W, NB], x [R, W, 1]): the sum over the R rows stays
+    in each thread (R products chained into FMAs, then one add into the accumulator)."""
+    if BITS == 4:
+        w_hi = wd >> 12
+    else:
+        w_hi = wd >> 16
+    if F16:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
+        a0 += tl.sum(xr * v0, axis=0)
+        a1 += tl.sum(xr * v1, axis=0)
+        a2 += tl.sum(xr * v2, axis=0)
+        a3 += tl.sum(xr * v3, axis=0)
+        a4 += tl.sum(xr * v4, axis=0)
+        a5 += tl.sum(xr * v5, axis=0)
+        a6 += tl.sum(xr * v6, axis=0)
+        a7 += tl.sum(xr * v7, axis=0)
+    else:
+        a0 += tl.sum(xr * _unpack(wd, w_hi, magic, 0, BITS), axis=0)
+        a1 += tl.sum(xr * _unpack(wd, w_hi, magic, 1, BITS), axis=0)
+        a2 += tl.sum(xr * _unpack(wd, w_hi, magic, 2, BITS), axis=0)
+        a3 += tl.sum(xr * _unpack(wd, w_hi, magic, 3, BITS), axis=0)
+        if BITS == 4:
+            a4 += tl.sum(xr * _unpack(wd, w_hi, magic, 4, BITS), axis=0)
+            a5 += tl.sum(xr * _unpack(wd, w_hi, magic, 5, BITS), axis=0)
+            a6 += tl.sum(xr * _unpack(wd, w_hi, magic, 6, BITS), axis=0)
+            a7 += tl.sum(xr * _unpack(wd, w_hi, magic, 7, BITS), axis=0)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
@@ -171,7 +202,7 @@ def _sgemv_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr,
+    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -219,6 +250,25 @@ def _sgemv_kernel(
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             q0, q1, q2, q3 = n0, n1, n2, n3
+    elif WIDE and M_P == 1:  # one gather of all R x W rows of a step: their loads are issued together
+        rr = tl.arange(0, R)
+        for j in range(0, c, W * R):
+            slot = j + rr[:, None] * W + wv[None, :]
+            ok = slot < c
+            row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
+            xr = tl.load(scr_x_ptr + ibase + slot, mask=ok, other=0.0)[:, :, None]
+            ptrs = qw_ptr + row[:, :, None] * stride_qk + word[None, None, :]
+            if ALIGNED:
+                if EVICT:
+                    wd = tl.load(ptrs, eviction_policy="evict_first")
+                else:
+                    wd = tl.load(ptrs)
+            else:
+                if EVICT:
+                    wd = tl.load(ptrs, mask=w_ok[None, None, :], eviction_policy="evict_first")
+                else:
+                    wd = tl.load(ptrs, mask=w_ok[None, None, :])
+            a0, a1, a2, a3, a4, a5, a6, a7 = _wide_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, F16, EMULATE)
     else:
         for j in range(0, c, W * R):
             for r in tl.static_range(R):
@@ -276,7 +326,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
-        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe,
+        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, WIDE=shape.wide,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -44,7 +44,8 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 8, 8, 128, wide=True, maxnreg=128),
     CoreShape(4, 4, 8, 64, wide=True, maxnreg=128),
     CoreShape(4, 4, 16, 128, wide=True),
-    CoreShape(1, 4, 16, 128, wide=True),
+    CoreShape(4, 4, 8, 128, wide=True, pipe=True),
+    CoreShape(4, 2, 8, 64, wide=True, maxnreg=128),
     CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape
 ]
 MMA = [

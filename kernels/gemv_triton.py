@@ -164,6 +164,15 @@ def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, 
 
 
 @triton.jit
+def _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c):
+    """Row indices [R, W] and x [R, W, 1] of compacted slots (M = 1); past the end: row k0, x = 0."""
+    ok = slot < c
+    row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
+    xr = tl.load(scr_x_ptr + ibase + slot, mask=ok, other=0.0)
+    return row, xr[:, :, None]
+
+
+@triton.jit
 def _wide_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr):
     """``_row_fma`` for the words of R rows per warp at once ([R, W, NB], x [R, W, 1]): the sum over the R rows stays
     in each thread (R products chained into FMAs, then one add into the accumulator)."""
@@ -202,7 +211,7 @@ def _sgemv_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
+    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr, WPIPE: tl.constexpr,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -252,11 +261,15 @@ def _sgemv_kernel(
             q0, q1, q2, q3 = n0, n1, n2, n3
     elif WIDE and M_P == 1:  # one gather of all R x W rows of a step: their loads are issued together
         rr = tl.arange(0, R)
+        slot0 = rr[:, None] * W + wv[None, :]
+        if WPIPE:  # this step's row indices and x were loaded during the previous step
+            row_n, xr_n = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, slot0, c)
         for j in range(0, c, W * R):
-            slot = j + rr[:, None] * W + wv[None, :]
-            ok = slot < c
-            row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
-            xr = tl.load(scr_x_ptr + ibase + slot, mask=ok, other=0.0)[:, :, None]
+            if WPIPE:
+                row, xr = row_n, xr_n
+                row_n, xr_n = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, j + W * R + slot0, c)
+            else:
+                row, xr = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, j + slot0, c)
             ptrs = qw_ptr + row[:, :, None] * stride_qk + word[None, None, :]
             if ALIGNED:
                 if EVICT:
@@ -322,11 +335,12 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
-    pipe = shape.pipe and shape.rows == 4
+    pipe = shape.pipe and shape.rows == 4 and not (shape.wide and p.m == 1)
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, WIDE=shape.wide,
+        WPIPE=shape.wide and shape.pipe,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

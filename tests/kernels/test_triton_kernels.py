@@ -157,7 +157,7 @@ def test_cuda_graph_replay_with_new_threshold(device):
 
 
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0, 0, 0), (2, 2, 3, 32, 0, 1, 0), (4, 4, 2, 64, 0, 0, 1), (1, 4, 1, 128, 0, 1, 0),
-                                 (2, 2, 4, 32, 1, 0, 0), (1, 2, 8, 32, 0, 0, 1)],
+                                 (2, 2, 4, 32, 1, 0, 0), (1, 2, 8, 32, 0, 0, 1), (1, 2, 4, 32, 1, 0, 1)],
                          ids=lambda c: "v%dw%dr%dkr%dpipe%devict%dwide%d" % c)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])

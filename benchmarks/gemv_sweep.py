@@ -37,28 +37,23 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 4, 128),  # the previous large-layer shape
     CoreShape(4, 8, 4, 128, f16=False, pipe=True),  # the previous 8B q/o shape
     CoreShape(1, 4, 8, 64, f16=False),  # the previous k/v shape
-    CoreShape(4, 4, 8, 128, wide=True, maxnreg=128),
-    CoreShape(4, 4, 8, 128, wide=True),
-    CoreShape(4, 4, 8, 128, wide=True, maxnreg=128, evict_first=True),
-    CoreShape(4, 4, 4, 128, wide=True),
-    CoreShape(4, 8, 8, 128, wide=True, maxnreg=128),
-    CoreShape(4, 4, 8, 64, wide=True, maxnreg=128),
-    CoreShape(4, 4, 16, 128, wide=True),
-    CoreShape(4, 4, 8, 128, wide=True, pipe=True),
-    CoreShape(4, 2, 8, 64, wide=True, maxnreg=128),
-    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape
+    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape (55 registers: 9 programs per SM)
+    CoreShape(4, 4, 4, 128, evict_first=True),
+    CoreShape(4, 4, 6, 128),
+    CoreShape(4, 4, 4, 64),
+    CoreShape(2, 4, 4, 64),
+    CoreShape(4, 4, 4, 128, f16=False),
 ]
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape
     MmaShape(256, 64, 4, 128, swap=True),
     MmaShape(128, 64, 4, 128, swap=True),
-    MmaShape(256, 32, 4, 128, stages=2, swap=True),
-    MmaShape(256, 64, 4, 128, stages=2, swap=True),
+    MmaShape(128, 32, 4, 64, swap=True),
     MmaShape(256, 64, 4, 128, swap=True, tiles=2),
     MmaShape(128, 64, 4, 128, swap=True, tiles=4),
+    MmaShape(128, 64, 4, 128, swap=True, tiles=8),
     MmaShape(512, 32, 8, 128, swap=True),
     MmaShape(256, 64, 8, 128, swap=True),
-    MmaShape(128, 32, 4, 64, swap=True),
 ]
 if bench.SMOKE:
     CORE, MMA = CORE[:1] + CORE[3:4], MMA[:2]
@@ -68,7 +63,7 @@ CLASSES = {1: (1, 1), 4: (2, 4), 16: (5, 16)}
 
 
 def candidates(m: int) -> list:
-    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or not c.wide)]
+    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)]
     return core + MMA
 
 

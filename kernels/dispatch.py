@@ -54,9 +54,8 @@ class CoreShape:
     rows: int  # rows per warp per step, unrolled: their loads are in flight together
     k_range: int  # rows of W^T per program (divides the group size)
     f16: bool = True  # int4: unpack through fp16 pairs (else the fp32 exponent trick)
-    pipe: bool = False  # the next step's row indices and x are loaded before this step's FMAs (rows == 4, or wide)
+    pipe: bool = False  # rows == 4 only: the next step's row indices and x are loaded before this step's FMAs
     evict_first: bool = False  # weight loads marked evict-first (the scratch lists and x stay in the L2)
-    wide: bool = False  # M = 1: the R x W rows of a step gathered by one load (all in flight; else ptxas may sink some)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
     kernel = "core"
 
@@ -130,7 +129,7 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
     if kr < 16 or group_size % kr or k % kr:
         return False
     if isinstance(shape, CoreShape):
-        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4 or shape.wide)
+        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4)
     return shape.block_k <= kr and shape.block_n % 8 == 0
 
 

@@ -133,7 +133,7 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
 
 # -- jit pieces -----------------------------------------------------------------------------------------------------
 @triton.jit
-def program_tile(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: tl.constexpr):
+def program_tile(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: tl.constexpr, HINT: tl.constexpr = True):
     """This program's column span and K-range: (pid_n, pid_k, part, first column, end column of its part, first row).
     Parts end at END0, END1, N; each part's columns are cut into spans of SPAN."""
     pid_n = tl.program_id(0)
@@ -145,7 +145,7 @@ def program_tile(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: t
     part = in1.to(tl.int32) + in2.to(tl.int32)
     start = tl.where(in2, END1 + (pid_n - t0 - t1) * SPAN, tl.where(in1, END0 + (pid_n - t0) * SPAN, pid_n * SPAN))
     end = tl.where(in2, N, tl.where(in1, END1, END0))
-    if ALIGNED:
+    if ALIGNED and HINT:
         start = tl.multiple_of(start, SPAN)
     return pid_n, pid_k, part, start, end, pid_k * KR
 
@@ -157,8 +157,8 @@ def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constex
     cols = start + tl.arange(0, BLOCK_N)
     n_ok = cols < end
     soff = (k0 // G) * stride_sg + cols
-    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0)
-    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0)
+    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
     return cols, n_ok, sc, zr
 
 

@@ -164,46 +164,6 @@ def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, 
 
 
 @triton.jit
-def _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c):
-    """Row indices [R, W] and x [R, W, 1] of compacted slots (M = 1); past the end: row k0, x = 0."""
-    ok = slot < c
-    row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
-    xr = tl.load(scr_x_ptr + ibase + slot, mask=ok, other=0.0)
-    return row, xr[:, :, None]
-
-
-@triton.jit
-def _wide_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr):
-    """``_row_fma`` for the words of R rows per warp at once ([R, W, NB], x [R, W, 1]): the sum over the R rows stays
-    in each thread (R products chained into FMAs, then one add into the accumulator)."""
-    if BITS == 4:
-        w_hi = wd >> 12
-    else:
-        w_hi = wd >> 16
-    if F16:
-        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
-        a0 += tl.sum(xr * v0, axis=0)
-        a1 += tl.sum(xr * v1, axis=0)
-        a2 += tl.sum(xr * v2, axis=0)
-        a3 += tl.sum(xr * v3, axis=0)
-        a4 += tl.sum(xr * v4, axis=0)
-        a5 += tl.sum(xr * v5, axis=0)
-        a6 += tl.sum(xr * v6, axis=0)
-        a7 += tl.sum(xr * v7, axis=0)
-    else:
-        a0 += tl.sum(xr * _unpack(wd, w_hi, magic, 0, BITS), axis=0)
-        a1 += tl.sum(xr * _unpack(wd, w_hi, magic, 1, BITS), axis=0)
-        a2 += tl.sum(xr * _unpack(wd, w_hi, magic, 2, BITS), axis=0)
-        a3 += tl.sum(xr * _unpack(wd, w_hi, magic, 3, BITS), axis=0)
-        if BITS == 4:
-            a4 += tl.sum(xr * _unpack(wd, w_hi, magic, 4, BITS), axis=0)
-            a5 += tl.sum(xr * _unpack(wd, w_hi, magic, 5, BITS), axis=0)
-            a6 += tl.sum(xr * _unpack(wd, w_hi, magic, 6, BITS), axis=0)
-            a7 += tl.sum(xr * _unpack(wd, w_hi, magic, 7, BITS), axis=0)
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
@@ -211,13 +171,16 @@ def _sgemv_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr, WPIPE: tl.constexpr,
+    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
     NB: tl.constexpr = 32 * VEC
     BLOCK_N: tl.constexpr = NB * PER
-    pid_n, pid_k, part, start, end, k0 = program_tile(N, END0, END1, BLOCK_N, KR, ALIGNED)
+    # no multiple-of hint on the tile start: the weight rows are then loaded as 8-byte pieces (a [2, 2] warp layout),
+    # and ptxas issues all R rows' loads before the first FMA; with the hint (16-byte loads, one warp per row) it
+    # sinks half of them below the FMAs of the first rows (triton 3.6 SASS; measured 25 % slower, docs/kernels.md)
+    pid_n, pid_k, part, start, end, k0 = program_tile(N, END0, END1, BLOCK_N, KR, ALIGNED, False)
     # 1. scales / zeros of this K-range's group: independent of x, issued first
     cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
     # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
@@ -259,29 +222,6 @@ def _sgemv_kernel(
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             q0, q1, q2, q3 = n0, n1, n2, n3
-    elif WIDE and M_P == 1:  # one gather of all R x W rows of a step: their loads are issued together
-        rr = tl.arange(0, R)
-        slot0 = rr[:, None] * W + wv[None, :]
-        if WPIPE:  # this step's row indices and x were loaded during the previous step
-            row_n, xr_n = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, slot0, c)
-        for j in range(0, c, W * R):
-            if WPIPE:
-                row, xr = row_n, xr_n
-                row_n, xr_n = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, j + W * R + slot0, c)
-            else:
-                row, xr = _wide_slots(scr_i_ptr, scr_x_ptr, ibase, k0, j + slot0, c)
-            ptrs = qw_ptr + row[:, :, None] * stride_qk + word[None, None, :]
-            if ALIGNED:
-                if EVICT:
-                    wd = tl.load(ptrs, eviction_policy="evict_first")
-                else:
-                    wd = tl.load(ptrs)
-            else:
-                if EVICT:
-                    wd = tl.load(ptrs, mask=w_ok[None, None, :], eviction_policy="evict_first")
-                else:
-                    wd = tl.load(ptrs, mask=w_ok[None, None, :])
-            a0, a1, a2, a3, a4, a5, a6, a7 = _wide_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, F16, EMULATE)
     else:
         for j in range(0, c, W * R):
             for r in tl.static_range(R):
@@ -335,12 +275,11 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
-    pipe = shape.pipe and shape.rows == 4 and not (shape.wide and p.m == 1)
+    pipe = shape.pipe and shape.rows == 4
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
-        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, WIDE=shape.wide,
-        WPIPE=shape.wide and shape.pipe,
+        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -175,20 +175,24 @@ def test_core_kernel_shapes(device, poison, cfg, bits, m):
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
-MMA_SHAPES = [MmaShape(32, 16, 4, 32), MmaShape(64, 32, 4, 64), MmaShape(128, 16, 2, 128, stages=2),
-              MmaShape(32, 16, 4, 32, swap=True), MmaShape(32, 16, 4, 64, tiles=3), MmaShape(64, 32, 4, 32, swap=True, tiles=2)]
+MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list
+    (MmaShape(32, 16, 4, 32), torch.float16), (MmaShape(64, 32, 4, 64), torch.bfloat16),
+    (MmaShape(128, 16, 2, 128, stages=2), torch.bfloat16), (MmaShape(32, 16, 4, 32, swap=True), torch.float16),
+    (MmaShape(32, 16, 4, 64, tiles=3), torch.bfloat16), (MmaShape(64, 32, 4, 32, swap=True, tiles=2), torch.bfloat16)]
 if ON_GPU:
-    MMA_SHAPES += [MmaShape(256, 64, 4, 128, maxnreg=128), MmaShape(256, 64, 4, 128, swap=True),
-                   MmaShape(128, 64, 4, 128, tiles=4, maxnreg=128)]
+    MMA_SHAPES += [(MmaShape(256, 64, 4, 128, maxnreg=128), dt) for dt in (torch.float16, torch.bfloat16)]
+    MMA_SHAPES += [(MmaShape(256, 64, 4, 128, swap=True), torch.bfloat16), (MmaShape(128, 64, 4, 128, swap=True, tiles=4), torch.float16),
+                   (MmaShape(128, 32, 4, 64, swap=True), torch.bfloat16), (MmaShape(512, 32, 8, 128, swap=True), torch.float16)]
 
 
-@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda c: "n%dk%dw%dkr%ds%dr%d%s%s" % (
-    c.block_n, c.block_k, c.warps, c.k_range, c.stages, c.maxnreg, "-swap" if c.swap else "", f"-t{c.tiles}"))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MMA_SHAPES, ids=lambda c: "n%dk%dw%dkr%ds%dr%d%s%s-%s" % (
+    c[0].block_n, c[0].block_k, c[0].warps, c[0].k_range, c[0].stages, c[0].maxnreg, "-swap" if c[0].swap else "",
+    f"-t{c[0].tiles}", str(c[1])[6:]))
 @pytest.mark.parametrize("m", [2, 16])
-def test_mma_kernel_shapes(device, poison, shape, dtype, m):
+def test_mma_kernel_shapes(device, poison, case, m):
     """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages, maxnreg, swap, tiles),
     twice in a row (the split-K workspace must be left zero), unaligned N, per-channel thresholds on the second call."""
+    shape, dtype = case
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, 4, dtype, device, seed=11)
     for seed, sp in ((1, 0.5), (2, 0.0)):

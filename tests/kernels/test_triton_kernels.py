@@ -54,7 +54,7 @@ def test_sparse_gemv(device, poison, shape, bits, m, dtype, sparsity):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 8])
 def test_float32_inputs_keep_float32_precision(device, poison, shape, bits, m):
-    """fp32 x (M = 1: one-launch kernel; M = 8: the two-launch tl.dot path, also prefill of short prompts) within
+    """fp32 x (M = 1: the CUDA-core kernel; M = 8: the tensor-core kernel, also prefill of short prompts) within
     1e-5 of max|truth|: Triton's default fp32 tl.dot on NVIDIA rounds operands to TF32 (~5e-4 relative), which
     fails this bound, and flipped threshold decisions downstream in a real model (SmolLM2, level 0.4)."""
     k, n, g = shape

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gemv.py [--out benchmarks/results --tag gemv_h200 --models 8B,70B --batches 1,2,4,8,16]
 
-``ours`` is kernels.gemv.sparse_gemv with the dispatch of the device's launch-shape table (kernels/configs/<gpu>.json);
+``ours`` is kernels.gemv_launch.sparse_gemv with the dispatch of the device's launch-shape table (kernels/configs/<gpu>.json);
 ``ours_det`` the same under ``torch.use_deterministic_algorithms(True)`` (ordered split-K reduction, no fp32 atomics).
 Baselines: ``cublas_bf16`` (F.linear on the dequantized bf16 weight), ``tinygemm_int4`` (torch._weight_int4pack_mm,
 the same int4 values, group 128). gemlite is not measured: it is no dependency of this project and the device has no
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import dispatch, gemv  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels import gemv_launch as gemv  # noqa: E402
 
 L2_BYTES = 60 * 2**20
 GROUP = 128

@@ -30,7 +30,7 @@ import gemv as bench  # noqa: E402  (benchmarks/gemv.py: the timing method, laye
 from gemv import GROUP, SHAPES, activations, git_commit, make_layer, n_copies, threshold_for, time_graph, touched_bytes  # noqa: E402
 
 from kernels import dispatch  # noqa: E402
-from kernels import gemv as kernel  # noqa: E402
+from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape  # noqa: E402
 
 CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)

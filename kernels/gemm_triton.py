@@ -2,7 +2,7 @@
 
     x [..., K] fp16/bf16/fp32 -> y [..., N] in x.dtype
 
-M <= 16 rows reuse the sparse GEMV (kernels/gemv.py) with every row active (threshold -inf: the weight is read once, at
+M <= 16 rows reuse the sparse GEMV (kernels/gemv_launch.py) with every row active (threshold -inf: the weight is read once, at
 the GEMV's bandwidth). Larger M dequantizes W^T once into x.dtype with a Triton kernel and multiplies with cuBLAS
 (torch.matmul): the dequantization writes K*N*2 bytes, small next to an M >= 16 GEMM's time for prefill-sized M.
 A fused dequantize-in-the-GEMM Triton kernel (gemlite-style) would remove that pass; not done yet.
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gemv, gemv_common
+from . import gemv_common, gemv_launch
 from .gemv_common import TL_DTYPE
 
 SMALL_M = 16
@@ -63,7 +63,7 @@ def dense_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bit
     if m == 0:
         return x.new_zeros(*lead, n)
     if m <= SMALL_M:
-        y = gemv.sparse_gemv(x2.contiguous(), qweight, scales, zeros, float("-inf"), bits=bits, group_size=group_size)
+        y = gemv_launch.sparse_gemv(x2.contiguous(), qweight, scales, zeros, float("-inf"), bits=bits, group_size=group_size)
         return y.reshape(*lead, n)
     w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, dtype=x.dtype)
     return (x2 @ w).reshape(*lead, n)

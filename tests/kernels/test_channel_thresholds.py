@@ -15,7 +15,7 @@ from _kernel_helpers import make_layer, tol, truth
 from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
-from teal_quant.kernels import gemv  # noqa: E402
+from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
 from teal_quant.kernels.dispatch import MmaShape  # noqa: E402
 
 

@@ -15,7 +15,8 @@ from teal_quant.kernels import reference
 from teal_quant import kernels
 
 pytest.importorskip("triton")
-from teal_quant.kernels import gemv, gemv_triton  # noqa: E402
+from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
+from teal_quant.kernels import gemv_triton  # noqa: E402
 from teal_quant.kernels.dispatch import CoreShape, MmaShape  # noqa: E402
 
 # (K, N, group_size): N a multiple of 8 but not of the block, per-channel, several group sizes

@@ -1,0 +1,382 @@
+"""Profile one Llama-3-70B-width decoder layer through the project's per-layer calibration (issue 14, item 1).
+
+    python benchmarks/calibrate_layer70.py                          # full width on CUDA (one H200)
+    python benchmarks/calibrate_layer70.py --tiny --device cpu      # the same steps at small widths (debugging)
+
+The layer is a random-weight transformers LlamaDecoderLayer at Llama-3-70B widths (hidden 8192, intermediate 28672,
+64 heads, 8 KV heads, head_dim 128; weights bf16 with std 1/sqrt(K), o/down further / sqrt(160), q/k x2 like
+teal_quant.compression.synthetic), fed random hidden states (bf16, per-channel scales log-normal so the activation
+histograms have tails). The settings are the shipped recipe's (recipes/llama3_70b_w4_s40.yaml): calibration samples
+x seq_len, levels, greedy step / tokens / last_fraction / search, RTN bits / group / sym, runtime dtype. Each stage
+is the pipeline's own code: capture_histograms, allocate, the quantizer + pack + dequantize, LayerRunner
+(propagation), ArtifactWriter (writing). Stage seconds are wall seconds with the device synchronized.
+
+Variants, side by side in one process:
+  after          the recipe as shipped (runtime.dtype and greedy.search from the recipe)
+  after-exact    the same with greedy.search: exact (every candidate every step)
+  before         the code before this change: float32 layer, exact search, and the old TailBlock (attention recomputed
+                 for every candidate on every token, MLP on the tail). Its histogram, quantization, propagation and
+                 writing stages are measured; its greedy stage is measured per candidate evaluation (a full greedy
+                 search at float32 takes minutes of device time) and multiplied by the number of evaluations the
+                 exact search makes on this layer (after-exact's count: the same search).
+
+Writes OUT.json and OUT.md (default benchmarks/results/calibrate_layer70_<device>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "llama3_70b_w4_s40.yaml"
+STAGES = ("histograms", "allocation", "quantization", "propagation", "writing")
+
+
+def layer_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    config = json.loads((ROOT / "teal_quant" / "configs" / "llama3_70b.json").read_text())
+    if tiny:
+        config.update(hidden_size=256, intermediate_size=896, num_attention_heads=8, num_key_value_heads=2)
+    config.pop("torch_dtype", None)
+    config = LlamaConfig(**config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_layer(config, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A random LlamaDecoderLayer in `dtype` (weights drawn in bf16, the 70B checkpoint's dtype, then cast)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from teal_quant.architecture import PROJECTIONS
+    from teal_quant.compression.synthetic import projection_std
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        layer = LlamaDecoderLayer(config, layer_idx=0).to(dtype)
+    with torch.no_grad():
+        for proj, path in PROJECTIONS.items():
+            w = layer.get_submodule(path).weight
+            std = projection_std(proj, w.shape[1], config.num_hidden_layers)
+            w.copy_((torch.randn(w.shape, generator=gen, device=device) * std).to(torch.bfloat16))
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 + 0.05 * torch.randn(p.shape, generator=gen, device=device)).to(torch.bfloat16))
+    return layer.eval()
+
+
+def random_hidden(samples: int, seq_len: int, width: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outlier channels)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scale = torch.exp(0.7 * torch.randn(width, generator=gen, device=device))
+    out = torch.empty(samples, seq_len, width, dtype=torch.bfloat16)
+    for i in range(samples):
+        out[i] = (torch.randn(seq_len, width, generator=gen, device=device) * scale).to(torch.bfloat16).cpu()
+    return out
+
+
+class LegacyTailBlock:
+    """The block evaluation before this change (teal_quant/compression/calibrate/layer.py TailBlock at commit 18f965e):
+    attention (norm, q, k, v, o) recomputed on every token of the subset whenever q/k/v/o thresholds change, the MLP
+    on the tail with the projections' own reuse of an unchanged output. Kept here only to time the old cost."""
+
+    def __init__(self, layer, sims, hidden, position_embeddings, last_fraction: float, cache_size: int = 16):
+        self.layer, self.sims, self.hidden = layer, sims, hidden
+        self.position_embeddings = position_embeddings
+        self.start = int(hidden.shape[1] * (1 - last_fraction))
+        self.cache: dict = {}
+        self.cache_size = cache_size
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        key = tuple(self.sims[p].threshold for p in ("q", "k", "v", "o"))
+        cached = self.cache.get(key)
+        if cached is None:
+            layer, h = self.layer, self.hidden
+            attn = layer.self_attn(layer.input_layernorm(h), position_embeddings=self.position_embeddings,
+                                   attention_mask=None)[0]
+            h2 = (h + attn)[:, self.start:]
+            if len(self.cache) >= self.cache_size:
+                self.cache.pop(next(iter(self.cache)))
+            cached = self.cache[key] = (h2, self.layer.post_attention_layernorm(h2))
+        h2, normed = cached
+        return h2 + self.layer.mlp(normed)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                sync(timer.device)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(timer.device)
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.t
+
+        return _Stage()
+
+
+def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.device, out_dir: Path,
+              n_layers: int = 1) -> dict:
+    """The pipeline's per-layer steps on the random layer, `n_layers` times in a row (layer i+1 calibrated on layer i's
+    output); returns per-stage seconds of the last layer (and of each), peak GPU memory, evaluations, block errors."""
+    from teal_quant.kernels import pack
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from teal_quant.architecture import PROJECTIONS
+    from teal_quant.artifact.format import ArtifactWriter, layer_key_prefix, linear_key
+    from teal_quant.compression.calibrate.layer import (
+        LayerRunner,
+        allocate,
+        attach_simulated,
+        capture_histograms,
+        set_thresholds,
+        thresholds_for,
+    )
+    from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
+    from teal_quant.compression.quantize.rtn import dequantize_codes
+    from teal_quant.devices import resolve_dtype
+
+    sp, qz = recipe.sparsity, recipe.quantization
+    before = variant == "before"
+    dtype = torch.float32 if before else resolve_dtype(recipe.runtime.dtype, torch.float32)
+    search = "exact" if variant in ("before", "after-exact") else sp.greedy.search
+    levels = sp.all_levels
+    default_index = levels.index(sp.default)
+    spec = QuantSpec(bits=qz.bits, group_size=qz.group_size, sym=qz.sym)
+    quantizer = QUANTIZERS[qz.method]
+    hidden = hidden.to(dtype)
+    seq_len = hidden.shape[1]
+    with torch.device(device):
+        rotary = LlamaRotaryEmbedding(config)
+    pe = rotary(hidden[:1].to(device), torch.arange(seq_len, device=device)[None])
+    n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
+    layers = []
+    for i in range(n_layers):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timer = Timer(device)
+        layer = build_layer(config, dtype, device, seed=i)
+        sims = attach_simulated(layer, sp.criterion)
+        runner = LayerRunner(layer, pe)
+        with timer("histograms"):
+            hists = capture_histograms(runner, sims, hidden, device)
+        row: dict = {}
+        with timer("allocation"):
+            subset = hidden[:n_subset].to(device)
+            if before:
+                row.update(legacy_greedy_cost(layer, sims, hists, subset, pe, sp, device))
+                # the allocation the exact search finds is the same at float32 (after-exact's, up to rounding):
+                # the thresholds of the uniform allocation stand in for the stages after this one
+                allocation = allocate(layer, sims, hists, subset, pe, levels, method="uniform", step=sp.greedy.step,
+                                      last_fraction=sp.greedy.last_fraction, compare_uniform=False)
+            else:
+                allocation = allocate(layer, sims, hists, subset, pe, levels, method=sp.allocation,
+                                      step=sp.greedy.step, last_fraction=sp.greedy.last_fraction, search=search)
+            del subset
+        with timer("quantization"):
+            tensors = {}
+            prefix = layer_key_prefix(i)
+            for proj, path in PROJECTIONS.items():
+                sim = sims[proj]
+                name = prefix + path
+                q, scales, zeros = quantizer(sim.weight.detach().float(), spec)
+                scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+                tensors[linear_key(name, "qweight")] = pack(q, spec.bits)
+                tensors[linear_key(name, "scales")] = scales
+                tensors[linear_key(name, "zeros")] = zeros
+                w_t = dequantize_codes(q, scales, zeros, spec)
+                sim.weight = torch.nn.Parameter(w_t.t().to(dtype).contiguous(), requires_grad=False)
+                thresholds = allocation.projection_thresholds(proj)
+                tensors[linear_key(name, "thresholds")] = torch.tensor(thresholds, dtype=torch.float32)
+                sim.threshold = thresholds[default_index]
+            del q, scales, zeros, w_t
+        with timer("propagation"):
+            hidden = runner(hidden, device)
+        with timer("writing"):
+            writer = ArtifactWriter(out_dir / f"{variant}-{i}", max_shard_size=5 * 10**9, overwrite=True)
+            writer.add(tensors)
+            writer.finish_tensors()
+        row.update(seconds={s: round(timer.seconds.get(s, 0.0), 3) for s in STAGES},
+                   evaluations=allocation.evaluations, block_error=allocation.errors,
+                   sparsities=[{p: round(s, 4) for p, s in a.items()} for a in allocation.sparsities],
+                   peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+        if before:  # the measured per-evaluation cost stands in for the greedy search (see the module docstring)
+            row["seconds"]["allocation_measured_part"] = row["seconds"]["allocation"]
+        row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
+        layers.append(row)
+        set_thresholds(sims, thresholds_for({p: 0.0 for p in sims}, hists))
+        del layer, sims, runner, hists, tensors, writer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "search": search, "layers": layers}
+
+
+def legacy_greedy_cost(layer, sims, hists, subset, pe, sp, device, steps: int = 2) -> dict:
+    """Seconds per candidate evaluation of the old TailBlock: `steps` greedy steps' worth of candidates (each
+    projection raised by one step from the allocation after the previous), as the old search evaluated them."""
+    from teal_quant.compression.calibrate.layer import set_thresholds, thresholds_for
+
+    for sim in sims.values():
+        sim.reuse = 1  # the old SimulatedLinear kept one output
+    block = LegacyTailBlock(layer, sims, subset, pe, sp.greedy.last_fraction)
+    current = {p: 0.0 for p in sims}
+    set_thresholds(sims, thresholds_for(current, hists))
+    reference = block().float()
+    sync(device)
+    t, n = time.perf_counter(), 0
+    for _ in range(steps):
+        best = None
+        for p in sims:
+            candidate = {**current, p: current[p] + sp.greedy.step}
+            set_thresholds(sims, thresholds_for(candidate, hists))
+            error = float((block().float() - reference).pow(2).sum())
+            n += 1
+            if best is None or error < best[0]:
+                best = (error, candidate)
+        current = best[1]
+    sync(device)
+    seconds = time.perf_counter() - t
+    for sim in sims.values():
+        sim.forget()
+    return {"legacy_seconds_per_evaluation": round(seconds / n, 4), "legacy_evaluations_timed": n}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render(report: dict) -> str:
+    lines = ["# One Llama-3-70B-width decoder layer: calibration + allocation + quantization + propagation + writing",
+             "", f"`{report['command']}`", "",
+             f"- device: {report['device']}; torch {report['torch']}; date {report['date']}; commit {report['commit']}",
+             f"- recipe: {report['recipe_settings']}", ""]
+    lines += ["| variant | dtype | search | " + " | ".join(STAGES) + " | total s | evaluations | peak GPU GiB |",
+              "|---|---|---|" + "---:|" * (len(STAGES) + 3)]
+    for v in report["variants"]:
+        for j, row in enumerate(v["layers"]):
+            s = row["seconds"]
+            name = v["variant"] + (f" (layer {j})" if len(v["layers"]) > 1 else "")
+            lines.append(f"| {name} | {v['dtype']} | {v['search']} | " + " | ".join(f"{s[x]:.2f}" for x in STAGES)
+                         + f" | {s['total']:.2f} | {row['evaluations']} | {row['peak_gpu_gib']} |")
+    lines.append("")
+    for v in report["variants"]:
+        row = v["layers"][-1]
+        if "legacy_seconds_per_evaluation" in row:
+            lines.append(f"- before: {row['legacy_seconds_per_evaluation']:.4f} s per candidate evaluation "
+                         f"({row['legacy_evaluations_timed']} timed); see the allocation estimate below.")
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append("")
+    lines.append("Block error (relative, ||Y - Y_hat||^2 / ||Y||^2 on the greedy tokens' tail) per level:")
+    lines.append("")
+    lines.append("| variant | " + " | ".join(f"{lv:g}" for lv in report["levels"]) + " |")
+    lines.append("|---|" + "---:|" * len(report["levels"]))
+    for v in report["variants"]:
+        for kind, errs in v["layers"][0]["block_error"].items():
+            lines.append(f"| {v['variant']} ({kind}) | " + " | ".join(f"{e:.5f}" for e in errs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small widths (hidden 256) for a CPU check of the steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", default="after,after-exact,before")
+    p.add_argument("--layers", type=int, default=1, help="layers in a row per variant (after variants)")
+    p.add_argument("--samples", type=int, help="override calibration.samples (default: the recipe's)")
+    p.add_argument("--seq-len", type=int, help="override calibration.seq_len")
+    p.add_argument("--greedy-tokens", type=int, help="override sparsity.greedy.tokens")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    from teal_quant.compression.recipe import Recipe
+
+    recipe = Recipe.from_yaml(RECIPE)
+    cal = recipe.calibration
+    updates = {}
+    if args.samples:
+        updates["samples"] = args.samples
+    if args.seq_len:
+        updates["seq_len"] = args.seq_len
+    if updates:
+        recipe = recipe.model_copy(update={"calibration": cal.model_copy(update=updates)})
+    if args.greedy_tokens:
+        sp = recipe.sparsity
+        recipe = recipe.model_copy(update={"sparsity": sp.model_copy(
+            update={"greedy": sp.greedy.model_copy(update={"tokens": args.greedy_tokens})})})
+    device = torch.device(args.device)
+    config = layer_config(args.tiny)
+    cal = recipe.calibration
+    t = time.perf_counter()
+    hidden = random_hidden(cal.samples, cal.seq_len, config.hidden_size, device)
+    print(f"hidden states {tuple(hidden.shape)} bf16 in host memory: {time.perf_counter() - t:.1f} s", flush=True)
+    sp, qz = recipe.sparsity, recipe.quantization
+    report = {
+        "command": "python benchmarks/calibrate_layer70.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(), "levels": sp.all_levels,
+        "recipe_settings": (f"{cal.samples} x {cal.seq_len} calibration tokens; greedy step {sp.greedy.step}, "
+                            f"{sp.greedy.tokens} tokens (last {sp.greedy.last_fraction:g}), search "
+                            f"{sp.greedy.search}; levels {sp.levels}; {qz.method} w{qz.bits} g{qz.group_size} "
+                            f"sym={qz.sym}; runtime.dtype {recipe.runtime.dtype}; width {config.hidden_size}/"
+                            f"{config.intermediate_size}"),
+        "variants": [], "notes": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            n = 1 if variant == "before" else args.layers
+            result = run_layer(variant, recipe, config, hidden, device, Path(tmp), n_layers=n)
+            report["variants"].append(result)
+            for j, row in enumerate(result["layers"]):
+                print(variant, j, json.dumps(row["seconds"]), row["evaluations"], row["peak_gpu_gib"],
+                      {k: [round(e, 5) for e in v] for k, v in row["block_error"].items()}, flush=True)
+    exact = next((v for v in report["variants"] if v["variant"] == "after-exact"), None)
+    before = next((v for v in report["variants"] if v["variant"] == "before"), None)
+    if exact and before:  # the old greedy stage: its cost per evaluation x the exact search's evaluations
+        row = before["layers"][0]
+        evaluations = exact["layers"][0]["evaluations"]
+        estimate = row["legacy_seconds_per_evaluation"] * evaluations
+        row["seconds"]["allocation"] = round(estimate, 3)
+        row["evaluations"] = evaluations
+        row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
+        report["notes"].append(f"before's allocation = {row['legacy_seconds_per_evaluation']:.4f} s per evaluation x "
+                               f"{evaluations} evaluations (the exact search's count on this layer) = {estimate:.1f} s "
+                               f"(estimated; every other stage of before measured)")
+    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{'h200' if device.type == 'cuda' else 'cpu'}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

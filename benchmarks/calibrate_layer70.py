@@ -77,7 +77,7 @@ def build_layer(config, dtype: torch.dtype, device: torch.device, seed: int = 0)
 
 
 def random_hidden(samples: int, seq_len: int, width: int, device: torch.device, seed: int = 1) -> torch.Tensor:
-    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outlier channels)."""
+    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outliers)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     scale = torch.exp(0.7 * torch.randn(width, generator=gen, device=device))
     out = torch.empty(samples, seq_len, width, dtype=torch.bfloat16)
@@ -222,14 +222,16 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
         row.update(seconds={s: round(timer.seconds.get(s, 0.0), 3) for s in STAGES},
                    evaluations=allocation.evaluations, block_error=allocation.errors,
                    sparsities=[{p: round(s, 4) for p, s in a.items()} for a in allocation.sparsities],
-                   peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+                   peak_gpu_gib=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                 if device.type == "cuda" else None))
         if before:  # the measured per-evaluation cost stands in for the greedy search (see the module docstring)
             row["seconds"]["allocation_measured_part"] = row["seconds"]["allocation"]
         row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
         params = sum(sims[p].weight.numel() for p in sims)
         tokens = hidden.shape[0] * hidden.shape[1]
         row.update(params=params, tokens=tokens, tflops={
-            stage: round(2 * params * tokens / max(timer.seconds[stage], 1e-9) / 1e12, 1) for stage in ("histograms", "propagation")})
+            stage: round(2 * params * tokens / max(timer.seconds[stage], 1e-9) / 1e12, 1)
+            for stage in ("histograms", "propagation")})
         layers.append(row)
         set_thresholds(sims, thresholds_for({p: 0.0 for p in sims}, hists))
         del layer, sims, runner, hists, tensors, writer
@@ -325,7 +327,8 @@ def render(report: dict) -> str:
     for v in report["variants"]:
         row = v["layers"][-1]
         if "legacy_seconds_per_evaluation" in row:
-            lines.append(f"- before ({v['dtype']}): {row['legacy_seconds_per_evaluation']:.4f} s per candidate evaluation "
+            lines.append(f"- before ({v['dtype']}): {row['legacy_seconds_per_evaluation']:.4f} s per candidate "
+                         "evaluation "
                          f"with the old TailBlock, {row['evaluator_seconds_per_evaluation']:.4f} s with today's "
                          f"BlockEvaluator (same layer, same dtype, {row['legacy_evaluations_timed']} candidates each; "
                          f"outputs differ by {row['evaluator_vs_legacy_max_rel_diff']:.1e} of their max)")
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{config.intermediate_size}"),
         "variants": [], "notes": [], "matmul_tflops": matmul, "greedy_step": sp.greedy.step,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{'h200' if device.type == 'cuda' else 'cpu'}"
+    kind = "h200" if device.type == "cuda" else "cpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{kind}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):

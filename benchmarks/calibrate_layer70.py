@@ -77,7 +77,7 @@ def build_layer(config, dtype: torch.dtype, device: torch.device, seed: int = 0)
 
 
 def random_hidden(samples: int, seq_len: int, width: int, device: torch.device, seed: int = 1) -> torch.Tensor:
-    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outlier channels)."""
+    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outliers)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     scale = torch.exp(0.7 * torch.randn(width, generator=gen, device=device))
     out = torch.empty(samples, seq_len, width, dtype=torch.bfloat16)
@@ -222,14 +222,16 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
         row.update(seconds={s: round(timer.seconds.get(s, 0.0), 3) for s in STAGES},
                    evaluations=allocation.evaluations, block_error=allocation.errors,
                    sparsities=[{p: round(s, 4) for p, s in a.items()} for a in allocation.sparsities],
-                   peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+                   peak_gpu_gib=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                 if device.type == "cuda" else None))
         if before:  # the measured per-evaluation cost stands in for the greedy search (see the module docstring)
             row["seconds"]["allocation_measured_part"] = row["seconds"]["allocation"]
         row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
         params = sum(sims[p].weight.numel() for p in sims)
         tokens = hidden.shape[0] * hidden.shape[1]
         row.update(params=params, tokens=tokens, tflops={
-            stage: round(2 * params * tokens / max(timer.seconds[stage], 1e-9) / 1e12, 1) for stage in ("histograms", "propagation")})
+            stage: round(2 * params * tokens / max(timer.seconds[stage], 1e-9) / 1e12, 1)
+            for stage in ("histograms", "propagation")})
         layers.append(row)
         set_thresholds(sims, thresholds_for({p: 0.0 for p in sims}, hists))
         del layer, sims, runner, hists, tensors, writer
@@ -325,7 +327,8 @@ def render(report: dict) -> str:
     for v in report["variants"]:
         row = v["layers"][-1]
         if "legacy_seconds_per_evaluation" in row:
-            lines.append(f"- before ({v['dtype']}): {row['legacy_seconds_per_evaluation']:.4f} s per candidate evaluation "
+            lines.append(f"- before ({v['dtype']}): {row['legacy_seconds_per_evaluation']:.4f} s per candidate "
+                         "evaluation "
                          f"with the old TailBlock, {row['evaluator_seconds_per_evaluation']:.4f} s with today's "
                          f"BlockEvaluator (same layer, same dtype, {row['legacy_evaluations_timed']} candidates each; "
                          f"outputs differ by {row['evaluator_vs_legacy_max_rel_diff']:.1e} of their max)")
@@ -363,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy-tokens", type=int, help="override sparsity.greedy.tokens")
     p.add_argument("--out", type=Path)
     p.add_argument("--commit", help="the commit measured (the GPU machine's .git is stale); default: git rev-parse")
+    p.add_argument("--render", type=Path, metavar="OUT.json", help="finish and render a saved report, then exit")
+    p.add_argument("--note", action="append", default=[], help="with --render: a line for the notes")
     args = p.parse_args(argv)
+    if args.render:
+        return render_saved(args.render, args.note)
 
     from teal_quant.compression.recipe import Recipe
 
@@ -398,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"{sp.greedy.search}; levels {sp.levels}; {qz.method} w{qz.bits} g{qz.group_size} "
                             f"sym={qz.sym}; runtime.dtype {recipe.runtime.dtype}; width {config.hidden_size}/"
                             f"{config.intermediate_size}"),
-        "variants": [], "notes": [], "matmul_tflops": matmul,
+        "variants": [], "notes": [], "matmul_tflops": matmul, "greedy_step": sp.greedy.step,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{'h200' if device.type == 'cuda' else 'cpu'}"
+    kind = "h200" if device.type == "cuda" else "cpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{kind}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
@@ -411,21 +419,49 @@ def main(argv: list[str] | None = None) -> int:
                 print(variant, j, json.dumps(row["seconds"]), row["evaluations"], row["peak_gpu_gib"],
                       {k: [f"{e:.4g}" for e in v] for k, v in row["block_error"].items()}, flush=True)
             out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far (a run cut short)
-    exact = next((v for v in report["variants"] if v["variant"] == "after-exact"), None)
-    before = next((v for v in report["variants"] if v["variant"] == "before"), None)
-    if before:  # the old greedy stage: its cost per evaluation x the exact search's evaluations
-        row = before["layers"][0]
-        # the exact search's count on this layer, else the count issue 14 gives for these settings
-        evaluations = exact["layers"][0]["evaluations"] if exact else 1671
-        estimate = row["legacy_seconds_per_evaluation"] * evaluations
-        row["seconds"]["allocation"] = round(estimate, 3)
-        row["evaluations"] = evaluations
-        row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
-        report["notes"].append(f"before's allocation = {row['legacy_seconds_per_evaluation']:.4f} s per evaluation x "
-                               f"{evaluations} evaluations ({'the exact search' if exact else 'issue 14'}'s count) = {estimate:.1f} s "
-                               f"(estimated; every other stage of before measured)")
+    finish(report)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def finish(report: dict) -> None:
+    """before's greedy stage: its measured seconds per evaluation x the exact search's evaluations on this layer
+    (after-exact's count; issue 14's count for these settings, 1,671, when after-exact did not run)."""
+    exact = next((v for v in report["variants"] if v["variant"] == "after-exact"), None)
+    before = next((v for v in report["variants"] if v["variant"] == "before"), None)
+    if before is None or "allocation_estimated_from" in before["layers"][0]:
+        return
+    row = before["layers"][0]
+    after = next((v for v in report["variants"] if v["variant"] == "after"), None)
+    if exact:
+        evaluations, source = exact["layers"][0]["evaluations"], "after-exact's evaluations on this layer"
+    elif after:  # the exact search measures each of the 7 projections at each step of the greedy path
+        top = after["layers"][0]["sparsities"][-1]
+        steps = math.ceil(sum(top.values()) / report["greedy_step"] - 1e-9)
+        evaluations = 7 * steps + 1
+        source = (f"7 candidates x {steps} steps + 1: the greedy path to the top level, sum of after's sparsities / "
+                  "step; issue 14 counted 1,671 for these settings")
+    else:
+        evaluations, source = 1671, "issue 14's count for these settings"
+    estimate = row["legacy_seconds_per_evaluation"] * evaluations
+    row["seconds"]["allocation"] = round(estimate, 3)
+    row["evaluations"] = evaluations
+    row["allocation_estimated_from"] = source
+    row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
+    report["notes"].append(f"before's allocation = {row['legacy_seconds_per_evaluation']:.4f} s per evaluation x "
+                           f"{evaluations} evaluations ({row['allocation_estimated_from']}) = {estimate:.1f} s "
+                           "(estimated; every other stage of before measured)")
+
+
+def render_saved(path: Path, notes: list[str]) -> int:
+    """--render: finish and render a saved (possibly partial) report, adding notes; rewrites its JSON and MD."""
+    report = json.loads(path.read_text())
+    finish(report)
+    report["notes"] += [n for n in notes if n not in report["notes"]]
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(report))
     print(render(report))
     return 0
 

@@ -78,6 +78,34 @@ def test_block_error_of_a_bfloat16_layer_matches_float32(tiny_llama):
         assert e16 == pytest.approx(e32, rel=0.03)
 
 
+def test_allocate_reduces_plain_sums_of_squared_errors(tiny_llama):
+    """`reduce` sees float64 sums over this process's tokens (the reference norm, then one tensor per batch of
+    candidates) and what it returns is used: tripling every sum, as three processes with the same tokens would,
+    changes no decision; the exact search makes one reduction per greedy step."""
+    src, skeleton, layer = load_layer(tiny_llama)
+    hidden = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
+    pe = skeleton.model.rotary_emb(hidden[:1], torch.arange(32)[None])
+    sims = attach_simulated(layer)
+    hists = capture_histograms(LayerRunner(layer, pe), sims, hidden, "cpu")
+    seen = []
+
+    def triple(sums: torch.Tensor) -> torch.Tensor:
+        assert sums.dtype == torch.float64 and sums.ndim == 1
+        seen.append(sums.clone())
+        return sums * 3
+
+    steps = []
+    kwargs = dict(method="greedy", step=0.1, last_fraction=0.5, search="exact", compare_uniform=False)
+    plain = allocate(layer, sims, hists, hidden, pe, [0.0, 0.3], **kwargs)
+    reduced = allocate(layer, sims, hists, hidden, pe, [0.0, 0.3], reduce=triple, progress=steps.append, **kwargs)
+    assert reduced.sparsities == plain.sparsities
+    assert reduced.errors["greedy"] == pytest.approx(plain.errors["greedy"], rel=1e-12)
+    assert reduced.evaluations == plain.evaluations > 0
+    # the reference, the start, one batch per step, and the reported errors
+    assert len(seen) == 1 + 1 + len(steps) + 1
+    assert all((s >= 0).all() for s in seen)
+
+
 @pytest.mark.slow
 def test_greedy_beats_uniform_on_a_real_smollm2_layer(smollm2_source, calibration_hidden):
     """At equal effective sparsity, TEAL's greedy allocation gives a lower block output error than uniform."""

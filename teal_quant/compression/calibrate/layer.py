@@ -193,17 +193,18 @@ class _Recent(OrderedDict):
 
 
 class BlockEvaluator:
-    """The layer's output on the last fraction of each sequence, for the greedy search's many evaluations,
+    """The layer's update on the last fraction of each sequence, for the greedy search's many evaluations,
     recomputing only the sub-blocks whose thresholds changed.
 
     A pre-norm decoder layer is h2 = h + o(attn(q, k, v of norm1(h))); y = h2 + mlp(norm2(h2)). The error only
     counts the last fraction of each sequence (where decode happens); attention needs every position for its
     keys and values, but everything after it is per token. So: norm1(h) is computed once; q runs on the tail rows
-    only; attention's output on the tail is kept per (q, k, v) thresholds and h2 per (q, k, v, o) thresholds; and
-    each projection returns its kept output when its input and threshold are ones it has just seen (raising only
-    down recomputes down alone; raising gate recomputes gate and down; raising o recomputes o and the MLP).
-    Exact: h + update equals layer(h)[:, start:] with every projection at its threshold. Works on the transformers module
-    itself (its attention kernel, rotary, q/k norms and biases), so every supported family is covered.
+    only; attention's output on the tail is kept per (q, k, v) thresholds and the MLP's input per (q, k, v, o)
+    thresholds; and each projection returns its kept output when its input and threshold are ones it has just
+    seen (raising only down recomputes down alone; raising gate recomputes gate and down; raising o recomputes o
+    and the MLP). Exact: h + update equals layer(h)[:, start:] with every projection at its threshold. It runs the
+    transformers module itself (its attention kernel, rotary, q/k norms and biases), so every supported family is
+    covered.
     """
 
     def __init__(self, layer: nn.Module, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor,
@@ -216,7 +217,7 @@ class BlockEvaluator:
         self.residual = hidden[:, self.start :]
         self._q_rows = _TailRows(sims["q"], self.start)
         self._attention = _Recent(cache_size)  # (tq, tk, tv) -> o's input on the tail
-        self._mlp_input = _Recent(cache_size)  # (tq, tk, tv, to) -> (h2, norm2(h2)) on the tail
+        self._mlp_input = _Recent(cache_size)  # (tq, tk, tv, to) -> (o's output in fp32, norm2(h2)) on the tail
 
     def _attend(self) -> torch.Tensor:
         attn = self.layer.self_attn
@@ -242,7 +243,8 @@ class BlockEvaluator:
         otherwise add noise comparable to the small errors the search compares."""
         key = tuple(self.sims[p].threshold for p in ("q", "k", "v"))
         attended = self._attention.get_or(key, self._attend)
-        attn, normed = self._mlp_input.get_or(key + (self.sims["o"].threshold,), lambda: self._after_attention(attended))
+        attn, normed = self._mlp_input.get_or(key + (self.sims["o"].threshold,),
+                                              lambda: self._after_attention(attended))
         return attn + self.layer.mlp(normed).float()
 
 

@@ -285,8 +285,9 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
                                               summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
                             src.release_remaining()
                 hidden.close()
-                for row, rank_peaks in zip(ranks, distributed.gather_objects(Peaks(device).snapshot(), world)):
-                    row["peaks"] = rank_peaks  # distributed: every rank's peak memory, in the report
+                if world.distributed:  # every rank's peak memory, in the report (one process: the layers' peaks)
+                    for row, rank_peaks in zip(ranks, distributed.gather_objects(Peaks(device).snapshot(), world)):
+                        row["peaks"] = rank_peaks
                 # distributed: rank 0 writes, evaluates and commits; the others wait here for its outcome
                 with distributed.agreement("writing the artifact", world):
                     if writer is not None:

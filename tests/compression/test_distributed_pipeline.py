@@ -67,7 +67,6 @@ def test_torchrun_run_writes_the_one_process_artifact(tiny_llama, tiny_artifact,
     assert report["ranks"] == [{"rank": 0, "sequences": [0, 2, 4, 6], "tokens": 4 * 64},
                                {"rank": 1, "sequences": [1, 3, 5, 7], "tokens": 4 * 64}]
     single = json.loads((tiny_artifact / "calibration_report.json").read_text())
-    assert [r.pop("peaks") is not None for r in single["ranks"]] == [True]
     assert single["world_size"] == 1 and single["ranks"] == [{"rank": 0, "sequences": list(range(8)), "tokens": 512}]
     for a, b in zip(single["layers"], report["layers"]):
         assert a["sparsity"] == b["sparsity"]

@@ -13,8 +13,9 @@ From config.json, the safetensors index (or the shard files' sizes) and the reci
   counted by running the real search on a stand-in error, a GPTQ Hessian pass, propagation) at the matmul rate
   measured on this machine for a second, plus the hidden-state checkpoint at the disk's measured write rate.
 
-The constants below were fitted once to measured runs (benchmarks/results/scale70_h200.md shows predicted beside
-measured); the plan is an estimate, said as one.
+The constants below were fitted to one measured run on an H200 (benchmarks/results/scale70_h200.md shows the
+predictions beside the measurements); on a CPU the per-evaluation overhead is larger than on a GPU, so its time is an
+underestimate. The plan is an estimate, said as one.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ GB = 1e9
 PROCESS_HOST_BYTES = 1.2 * GB  # python, torch, transformers, tokenizer
 CUDA_HOST_BYTES = 1.5 * GB  # the CUDA context and libraries' host side
 CUDA_CONTEXT_BYTES = 0.6 * GB  # on the GPU, outside torch's allocator
-MATMUL_EFFICIENCY = 0.55  # of the probe's rate: a layer's matmuls are smaller, and elementwise work sits between them
+# Fitted to the H200 measurement of benchmarks/results/scale70_h200.md (the constants a later run tests):
+MATMUL_EFFICIENCY = 0.55  # dense passes, of the probe's rate: batches of 16k tokens with norms, rotary, attention between
+GREEDY_MATMUL_EFFICIENCY = 0.75  # greedy evaluations: a few large tail matmuls each (4k x 8k x 28k at 70B width)
 EVALUATION_OVERHEAD_S = 2e-3  # per greedy block evaluation: kernel launches, thresholds, the error sum
+HOST_SLACK = 1.45  # measured peak RSS / the sum of the terms below (23.4 / 16.2 GB): allocator and page-cache slack
 FALLBACK_WRITE_BYTES_PER_S = 1.0 * GB
 
 
@@ -261,7 +265,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, machine: Machine | None = None,
-             timing: bool = True) -> RunPlan:
+             timing: bool = True, device: torch.device | None = None) -> RunPlan:
     """The predicted needs of `recipe` on this machine. `src` (an opened ModelSource) is used when given; otherwise
     the model is opened for its config and index only (a Hub model: its metadata is downloaded, no shard).
     `timing` False skips the probes the time per layer needs (the check before a run only needs the bytes)."""
@@ -272,7 +276,8 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
                          keep_download=recipe.model.keep_download)
     config = src.config
     out = Path(output_dir or recipe.output.dir)
-    device = select_device(recipe.runtime.device, option="runtime.device")
+    # `device`: plan for that device instead of the recipe's (with `machine`, e.g. to replan a measured run elsewhere)
+    device = device or select_device(recipe.runtime.device, option="runtime.device")
     compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
     hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
     source_dtype = torch.float32 if src.gguf_file else resolve_dtype("auto", getattr(config, "dtype", None))
@@ -323,8 +328,9 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
     if device.type == "cpu":  # the layer, its activations and the greedy subset live in host memory too
         cpu_compute = _gpu_working_set(config, params_per_layer, recipe, b_c)
     start_phase = embed_bytes * 2 + memory_hidden + cal.samples * cal.seq_len * 8 * 16
-    layer_phase = memory_hidden + 2 * pending_bytes + layer_read + cpu_compute
-    host_bytes = int(base + max(start_phase, layer_phase))
+    layer_phase = memory_hidden + pending_bytes + 2 * layer_read + cpu_compute  # a layer as read and as copied
+    end_phase = memory_hidden + pending_bytes + 2 * embed_bytes  # lm_head read while the last shard is pending
+    host_bytes = int((base + max(start_phase, layer_phase, end_phase)) * HOST_SLACK)
     gpu_bytes = int(CUDA_CONTEXT_BYTES + _gpu_working_set(config, params_per_layer, recipe, b_c)) if device.type == "cuda" else 0
 
     # time per layer
@@ -367,6 +373,7 @@ def layer_seconds(config, recipe: Recipe, machine: Machine, hidden_bytes: int, a
     bookkeeping; the writes (hidden-state checkpoint, the layer's share of the artifact) at the probed disk rate."""
     cal, sp, qz = recipe.calibration, recipe.sparsity, recipe.quantization
     rate = machine.matmul_flops_per_s * MATMUL_EFFICIENCY
+    greedy_rate = machine.matmul_flops_per_s * GREEDY_MATMUL_EFFICIENCY
     shapes = projection_shapes(config)
     d, inter = config.hidden_size, config.intermediate_size
     tokens = cal.samples * cal.seq_len
@@ -391,9 +398,9 @@ def layer_seconds(config, recipe: Recipe, machine: Machine, hidden_bytes: int, a
         counts = greedy_evaluation_counts({p: k * n for p, (k, n) in shapes.items()}, sp.all_levels, sp.greedy.step,
                                           sp.greedy.search)
         evaluations = sum(counts.values())
-        allocate = sum(cost[p] * n for p, n in counts.items()) / rate + evaluations * EVALUATION_OVERHEAD_S
+        allocate = sum(cost[p] * n for p, n in counts.items()) / greedy_rate + evaluations * EVALUATION_OVERHEAD_S
     finals = len(sp.all_levels) * (2 if sp.allocation == "greedy" else 1)  # the reported errors, every level
-    allocate += finals * (cost["first"] / rate + EVALUATION_OVERHEAD_S)
+    allocate += finals * (cost["first"] / greedy_rate + EVALUATION_OVERHEAD_S)
     hessian = dense_pass * min(1.0, (qz.gptq.samples or cal.samples) / cal.samples) if qz.method == "gptq" else 0.0
     io = (layer_read_bytes + hidden_bytes + artifact_bytes / config.num_hidden_layers) / machine.disk_write_bytes_per_s
     return {"capture": capture, "allocate": allocate, "hessian": hessian, "propagate": dense_pass, "io": io}, evaluations

@@ -78,11 +78,11 @@ def decode_logits(model, ids: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forced_logits(model, ids: torch.Tensor, forced: torch.Tensor, cuda_graph: bool) -> torch.Tensor:
+def forced_logits(model, ids: torch.Tensor, forced: torch.Tensor, cuda_graph: bool, fused_step=None) -> torch.Tensor:
     """Decoder logits [B, n, V] when the tokens `forced` [B, n] are fed step by step (teacher forcing), so the graph
     and the eager loop see the same inputs even where a near-tie flips an argmax."""
     dec = Decoder(model, batch_size=ids.shape[0], max_length=ids.shape[1] + forced.shape[1] + 1,
-                  cuda_graph=cuda_graph, fuse=False)
+                  cuda_graph=cuda_graph, fuse=False, fused_step=fused_step)
     dev = next(model.parameters()).device
     dec.prefill(ids.to(dev))
     out = []
@@ -113,8 +113,9 @@ def time_decode(model, ids: torch.Tensor, steps: int, cuda_graph: bool) -> float
     return start.elapsed_time(end) / steps
 
 
-def tokens(model, ids, n, cuda_graph, eos=None) -> tuple[torch.Tensor, Decoder]:
-    dec = Decoder(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n, cuda_graph=cuda_graph, fuse=False)
+def tokens(model, ids, n, cuda_graph, eos=None, fused_step=None) -> tuple[torch.Tensor, Decoder]:
+    dec = Decoder(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n, cuda_graph=cuda_graph, fuse=False,
+                  fused_step=fused_step)
     return dec.generate(ids.to(next(model.parameters()).device), n, eos_token_id=eos).cpu(), dec
 
 
@@ -153,6 +154,16 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
         bound = 1.5 * e["cpu_low_precision_vs_cpu_fp32"] + 1e-2
         if e["fused_vs_cpu_fp32"] > bound:
             failures.append(f"{name} level {idx}: CUDA vs CPU fp32 rel err {e['fused_vs_cpu_fp32']:.3g} > {bound:.3g}")
+    # at level 0 (no threshold decision to flip) the fused decode step must give the transformers forward's logits
+    # within the model's own low-precision error (the bound of fused vs unfused at that level)
+    set_level(gpu, levels[0])
+    forced0 = torch.randint(3, vocab, (4, 8), generator=g)
+    fs0, tf0 = forced_logits(gpu, ids, forced0, True), forced_logits(gpu, ids, forced0, True, fused_step=False)
+    e0 = rel(fs0, tf0)
+    r["level0_forced_fused_step_vs_transformers_logits_rel_err"] = e0
+    r["level0_forced_fused_step_vs_transformers_argmax_agreement"] = float((fs0.argmax(-1) == tf0.argmax(-1)).float().mean())
+    if e0 > noise[levels[0]]:
+        failures.append(f"{name} level 0: fused step vs transformers forward logits rel err {e0:.3g} > {noise[levels[0]]:.3g}")
     set_level(gpu, levels[-1])
     set_level(unfused, levels[-1])
     for b in (1, 4):
@@ -169,6 +180,20 @@ def check_model(name: str, gpu, unfused, cpu_ref, cpu_low, vocab: int, levels: l
         e = rel(fg, fe)
         r[f"batch{b}_forced_graph_vs_eager_logits_rel_err"] = e
         r[f"batch{b}_forced_argmax_agreement"] = float((fg.argmax(-1) == fe.argmax(-1)).float().mean())
+        # the fused decode step (teal_quant/runtime/decode_step.py, the CUDA default for Llama models) against the
+        # transformers forward in the same Decoder, teacher-forced on the same tokens; free-running tokens reported
+        r[f"batch{b}_fused_step"] = dec._fused is not None
+        if dec._fused is None:
+            failures.append(f"{name} batch {b}: the decode step is not fused ({dec.fused_step_error})")
+        ft = forced_logits(gpu, ids[:b], forced, True, fused_step=False)
+        e = rel(fg, ft)
+        r[f"batch{b}_forced_fused_step_vs_transformers_logits_rel_err"] = e
+        r[f"batch{b}_forced_fused_step_vs_transformers_argmax_agreement"] = float((fg.argmax(-1) == ft.argmax(-1)).float().mean())
+        if e > noise[levels[-1]]:
+            failures.append(f"{name} batch {b}: fused step vs transformers forward logits rel err {e:.3g} > "
+                            f"{noise[levels[-1]]:.3g}")
+        plain, _ = tokens(gpu, ids[:b], 32, True, fused_step=False)
+        r[f"batch{b}_free_running_fused_step_token_agreement"] = float((plain[:, 24:] == graph[:, 24:]).float().mean())
         if e > noise[levels[-1]]:
             failures.append(f"{name} batch {b}: teacher-forced graph vs eager logits rel err {e:.3g} > "
                             f"{noise[levels[-1]]:.3g}")

@@ -16,6 +16,13 @@ rounding step (rsqrt / exp approximations; the tests state the tolerance). The p
     silu_mul   gate, up [M, N] (row strides free) -> silu(gate).to(dtype) * up, in gate's dtype
     rotary     q [B, Hq, S, D], k [B, Hk, S, D] (any strides, unit stride along D), cos, sin [B, S, D]
                -> q * cos + rotate_half(q) * sin (and k), each product rounded like the eager code
+    add_rms_norm  x [M, N], residual [M, N] (updated in place), weight [N] -> y [M, N]
+               residual <- (residual + x).to(dtype); y = rms_norm(residual): the decoder layer's residual add and
+               the next norm in one launch (one read of each, one write of each)
+    greedy_advance  logits [B, V] -> the decode loop's tail: argmax (lowest index on ties, like torch), EOS
+               handling, token / output / position updates, in two launches (a split argmax, then one program)
+
+The custom ops that call these launchers, with their fakes, are in :mod:`kernels.elementwise`.
 """
 
 from __future__ import annotations
@@ -145,3 +152,88 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
             HALF=half, DTYPE=_TL_DTYPES[q.dtype], BLOCK=triton.next_power_of_2(half), num_warps=1,
         )
     return q_out, k_out
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_y, N, eps,
+                         X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    h = (r + x).to(X_DTYPE)  # `residual + hidden_states` in the activation dtype
+    tl.store(r_ptr + row * stride_r + cols, h, mask=ok)
+    h = h.to(tl.float32)
+    mean_sq = tl.sum(h * h, axis=0) / N
+    normed = (h * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """residual <- residual + x (in place, rounded to its dtype); returns RMSNorm(residual) * weight. x, residual
+    [..., N] of one dtype; residual must have a unit column stride (its rows are written in place)."""
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    r2 = residual.view(-1, n)
+    out_dtype = torch.promote_types(residual.dtype, weight.dtype)
+    y = torch.empty(r2.shape, dtype=out_dtype, device=x.device)
+    if r2.shape[0]:
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(r2.shape[0],)](
+            x2, r2, weight.contiguous(), y, x2.stride(0), r2.stride(0), y.stride(0), n, float(eps),
+            X_DTYPE=_TL_DTYPES[residual.dtype], Y_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    return y.reshape(residual.shape)
+
+
+ARGMAX_CHUNK = 4096
+
+
+@triton.jit
+def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUNK: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where(x == best, offs, V), axis=0)  # the lowest index holding the maximum
+    tl.store(val_ptr + row * CHUNKS + chunk, best)
+    tl.store(idx_ptr + row * CHUNKS + chunk, first)
+
+
+@triton.jit
+def _advance_kernel(val_ptr, idx_ptr, tokens_ptr, finished_ptr, eos_ptr, out_ptr, pos_ptr, stride_t, stride_o,
+                    B, V, CHUNKS, CP: tl.constexpr):
+    # one program for the whole batch, so the position is advanced after every row has read it
+    pos = tl.load(pos_ptr)
+    eos = tl.load(eos_ptr)
+    c = tl.arange(0, CP)
+    for b in range(B):
+        vals = tl.load(val_ptr + b * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+        idxs = tl.load(idx_ptr + b * CHUNKS + c, mask=c < CHUNKS, other=V)
+        best = tl.max(vals, axis=0)
+        nxt = tl.min(tl.where(vals == best, idxs, V), axis=0).to(tl.int64)
+        done = tl.load(finished_ptr + b) != 0
+        nxt = tl.where(done, eos, nxt)
+        tl.store(finished_ptr + b, (done | (nxt == eos)).to(tl.int8))
+        tl.store(tokens_ptr + b * stride_t, nxt)
+        tl.store(out_ptr + b * stride_o + pos + 1, nxt)
+    tl.store(pos_ptr, pos + 1)
+
+
+def greedy_advance(logits: Tensor, tokens: Tensor, finished: Tensor, eos: Tensor, out: Tensor, pos: Tensor,
+                   workspace: Tensor) -> None:
+    """The decode loop's tail in two launches (see kernels.elementwise.greedy_advance for the semantics).
+    workspace: float32, at least 2 * B * ceil(V / ARGMAX_CHUNK) elements."""
+    b, v = logits.shape
+    chunks = triton.cdiv(v, ARGMAX_CHUNK)
+    if workspace.numel() < 2 * b * chunks:
+        raise ValueError("greedy_advance: workspace too small (need 2 * B * ceil(V / 4096) float32)")
+    vals = workspace[: b * chunks]
+    idxs = workspace[b * chunks : 2 * b * chunks].view(torch.int32)
+    _argmax_chunk_kernel[(b, chunks)](logits, vals, idxs, logits.stride(0), v, chunks, CHUNK=ARGMAX_CHUNK, num_warps=4)
+    _advance_kernel[(1,)](vals, idxs, tokens, finished.view(torch.int8), eos, out, pos, tokens.stride(0), out.stride(0),
+                          b, v, chunks, CP=triton.next_power_of_2(chunks), num_warps=1)

@@ -47,6 +47,10 @@ def __getattr__(name: str):
         from teal_quant.runtime.decoding import Decoder
 
         return Decoder
+    if name == "shard_for_tensor_parallel":
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        return shard_for_tensor_parallel
     if name == "push":
         from teal_quant.artifact.hub import push
 
@@ -73,4 +77,5 @@ __all__ = [
     "push",
     "generate",
     "Decoder",
+    "shard_for_tensor_parallel",
 ]

@@ -3,18 +3,27 @@
 One harness for every variant, in one process, on one model:
   ours  the TealLinear model at the sparsity level;
   int4  the very same model at level 0 (every weight row read: dense int4);
+  tinygemm  the same int4 weights through torch._weight_int4pack_mm (gpt-fast's / torchao's int4 kernel), in
+        the same decoder (CUDA only);
   bf16  the same model with every TealLinear replaced in place by an nn.Linear holding its dequantized weights
         (for an artifact its real weights, for an ARCH the synthetic random ones). When that dense model does not
         fit in GPU memory (70B: 141 GB), it is measured at two reduced depths of the real layer shape and every
         number is extrapolated linearly in the layer count (t(L) = a + b * L); the result says so.
-Per variant, with the pinned `teal_quant.runtime.decoding.Decoder`:
-  1. an eager decoder warms the kernels, then a few eager steps run under torch.profiler: kernel time grouped by
-     name into linear / attention / other, and the realized sparsity of every TealLinear (its counters);
+Per variant and batch size (`--batch 1,4,16`), with the pinned `teal_quant.runtime.decoding.Decoder`:
+  1. an eager decoder warms the kernels, measures the realized sparsity of every TealLinear (its counters) over a
+     few steps, then runs a few steps with the counters off (as timed) under torch.profiler: kernel time grouped by
+     name into linear / attention / norm+rotary / other;
   2. a fresh decoder (CUDA graphs on CUDA) times the prefill, warms up, then times `new_tokens` decode steps
      between two CUDA events (perf_counter on the CPU): ms per step, tokens/s = batch * 1000 / ms;
   3. bytes of weights one decode step reads (ours: only the surviving rows of W^T at the realized sparsity, plus
      every scale/zero, lm_head and the norms; the embedding reads one row and is not counted), and bytes / time.
 Peak GPU memory is torch.cuda.max_memory_allocated over the variant. Results: a rich table and a JSON dict.
+
+Tensor parallel (`--tp N` under `torchrun --nproc-per-node N`): every rank builds or loads the same model and keeps its
+shard (teal_quant/runtime/tensor_parallel.py); all ranks run the same steps in lock-step (the all-reduces after o and
+down synchronize them) and rank 0 reports. Bytes, bandwidth and peak memory are per rank (one GPU's share); the
+breakdown has an all-reduce group (NCCL kernels on CUDA, the gloo all-reduce operator on the CPU). A variant that
+fails under --tp ends the run (the other ranks would wait in an all-reduce it never reaches).
 """
 
 from __future__ import annotations
@@ -35,14 +44,17 @@ from teal_quant.devices import select_device
 from teal_quant.errors import TealQuantError, first_line
 from teal_quant.runtime.modules import QuantLinear, reset_stats, teal_linears
 
-BASELINES = ("bf16", "int4")
+BASELINES = ("bf16", "int4", "tinygemm")
+CPU_BASELINES = ("bf16", "int4")  # the default on the CPU (tinygemm is a CUDA kernel)
 # Kernel name -> group, first match wins (attention first: FlashAttention/cutlass fmha names contain "cutlass").
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn", "softmax")
 LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk", "_compact_kernel", "_dequantize_kernel", "cublas")
+NORM_ROTARY_KERNELS = ("rms_norm", "layer_norm", "layernorm", "rotary")
 # CPU: TealLinear's decode row is aten::hardshrink -> nonzero -> embedding_bag (teal_quant/runtime/modules.py)
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::", "aten::embedding_bag",
               "aten::hardshrink", "aten::nonzero")
 ATTENTION_OPS = ("attention",)
+ALLREDUCE_NAMES = ("nccl", "allreduce", "all_reduce")  # tensor parallel: kernels (CUDA) and operators (CPU)
 TOP_OTHER = 10  # the largest "other" kernels listed in the breakdown
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
 FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
@@ -54,26 +66,36 @@ class BenchOptions:
 
     prompt_len: int = 128
     new_tokens: int = 128
-    batch: int = 1
+    batch: int | tuple[int, ...] = 1  # one batch size or several (each variant is measured at each)
     sparsity: float | None = None  # default: the artifact's default level (an ARCH: the synthetic spec's)
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] | None = None  # None: bf16, int4 and (on CUDA) tinygemm
     device: str | None = None
     cuda_graph: bool | None = None  # None: on for CUDA, off on the CPU (the Decoder's rule)
     fuse_elementwise: bool = True  # one-launch RMSNorm / SiLU-and-mul / rotary on CUDA (teal_quant/runtime/elementwise.py)
+    fused_step: bool = True  # the fused decode step on CUDA (teal_quant/runtime/decode_step.py); False: transformers' forward
     warmup: int = 8
     profile_steps: int = 4
     seed: int = 0
     bf16_extrapolate: bool | None = None  # None: only when the dense model does not fit in GPU memory
     extrapolate_layers: tuple[int, int] = (2, 6)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    tp: int = 1  # tensor-parallel ranks: the WORLD_SIZE of the torchrun job
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return (self.batch,) if isinstance(self.batch, int) else tuple(self.batch)
 
     def validate(self) -> None:
-        for name in ("prompt_len", "new_tokens", "batch"):
+        for name in ("prompt_len", "new_tokens"):
             if getattr(self, name) < 1:
                 raise TealQuantError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.batches or min(self.batches) < 1:
+            raise TealQuantError(f"--batch must be >= 1, got {','.join(map(str, self.batches))}")
+        if len(set(self.batches)) != len(self.batches):
+            raise TealQuantError(f"--batch: each size once, got {','.join(map(str, self.batches))}")
         if self.warmup < 1 or self.profile_steps < 1:
             raise TealQuantError("warm-up and profile steps must be >= 1")
-        unknown = [b for b in self.baselines if b not in BASELINES]
+        unknown = [b for b in (self.baselines or ()) if b not in BASELINES]
         if unknown:
             raise TealQuantError(f"--baselines: unknown baseline '{unknown[0]}' (choose from {', '.join(BASELINES)})")
         a, b = self.extrapolate_layers
@@ -81,44 +103,89 @@ class BenchOptions:
             raise TealQuantError(f"--extrapolate-layers: need two layer counts 1 <= a < b, got {a},{b}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise TealQuantError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.tp < 1:
+            raise TealQuantError(f"--tp must be >= 1, got {self.tp}")
+
+
+def join_tensor_parallel(options: BenchOptions, device: torch.device) -> tuple[torch.device, int]:
+    """(this rank's device, rank): `--tp N` must run as the N ranks of a torchrun job, and a torchrun job of N
+    ranks must say --tp N (N independent benchmarks of one GPU each would all write the same results)."""
+    from teal_quant import distributed
+
+    launched = distributed.env_world_size()
+    if launched != options.tp:
+        if options.tp == 1:
+            raise TealQuantError(f"launched as {launched} processes (WORLD_SIZE={launched}): pass --tp {launched} "
+                                 "for tensor-parallel decoding")
+        raise TealQuantError(f"--tp {options.tp}: run it as `torchrun --nproc-per-node {options.tp} -m teal_quant.cli "
+                             f"bench ... --tp {options.tp}` (WORLD_SIZE is {launched})")
+    if options.tp == 1:
+        return device, 0
+    world = distributed.init(device)
+    return world.local_device(device), world.rank
 
 
 def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], None] | None = None) -> dict:
     """Benchmark `target` (an artifact directory, llama3-8b | llama3-70b, or a config.json) and return the results."""
-    options.validate()
-    say = report or (lambda _msg: None)
-    device = select_device(options.device, option="--device")
-    t0 = time.time()
-    model, source = open_target(target, options, device)
-    level = float(model.teal_sparsity)
-    config = model.config
-    if "bf16" in options.baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
-        raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
-                             f"{config.num_hidden_layers} layers")
-    needed = options.prompt_len + options.warmup + max(options.new_tokens, options.profile_steps) + 1
-    if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
-        raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
+    from teal_quant.distributed import agreement
+
+    with agreement("preparing the benchmark"):  # under torchrun: an error on any rank stops every rank, said once
+        options.validate()
+        device = select_device(options.device, option="--device")
+        device, rank = join_tensor_parallel(options, device)
+        say = report if report is not None and rank == 0 else (lambda _msg: None)
+        t0 = time.time()
+        model, source = open_target(target, options, device)
+        level = float(model.teal_sparsity)
+        config = model.config
+        baselines = options.baselines
+        if baselines is None:
+            baselines = BASELINES if device.type == "cuda" else CPU_BASELINES
+        if "tinygemm" in baselines:
+            from teal_quant.runtime.baselines import tinygemm_unsupported
+
+            reason = tinygemm_unsupported(model)
+            if reason is not None:
+                raise TealQuantError(f"--baselines tinygemm: {reason}")
+        if "bf16" in baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
+            raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
+                                 f"{config.num_hidden_layers} layers")
+        needed = options.prompt_len + options.warmup + max(options.new_tokens, 2 * options.profile_steps) + 1
+        if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
+            raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
+    batches = options.batches
     generator = torch.Generator().manual_seed(options.seed)
-    prompt = torch.randint(0, config.vocab_size, (options.batch, options.prompt_len), generator=generator).to(device)
+    prompt = torch.randint(0, config.vocab_size, (max(batches), options.prompt_len), generator=generator).to(device)
+    prompts = {b: prompt[:b] for b in batches}
     result = {
         "target": str(target), "source": source, "arch": _arch_summary(config),
         "device": _device_name(device), "dtype": str(_model_dtype(model)).replace("torch.", ""),
         "cuda_graph": (device.type == "cuda") if options.cuda_graph is None else options.cuda_graph,
         "elementwise": "fused" if options.fuse_elementwise and device.type == "cuda" else "eager",
-        "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": options.batch,
+        "fused_step": bool(options.fused_step and device.type == "cuda"),
+        "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": batches[0],
+        "batches": list(batches), "baselines": list(baselines),
         "sparsity": level, "warmup_steps": options.warmup, "profile_steps": options.profile_steps,
+        "tensor_parallel": options.tp,
         "versions": _versions(), "setup_seconds": round(time.time() - t0, 2), "variants": [],
     }
-    plan = [("ours", level)] + ([("int4", 0.0)] if "int4" in options.baselines else [])
-    for name, lv in plan:
-        say(f"measuring {name} (level {lv:g})")
-        result["variants"].append(_guarded(name, lv, lambda lv=lv: _measure_quantized(model, lv, prompt, options, device)))
-    if "bf16" in options.baselines:
-        say("measuring bf16")
-        result["variants"].append(_guarded("bf16", None, lambda: _measure_dense(model, prompt, options, device)))
-    del model
+
+    def run(name: str, lv: float | None, fn: Callable[[torch.Tensor], dict]) -> None:
+        for b in batches:
+            say(f"measuring {name}" + ("" if lv is None else f" (level {lv:g})") + f", batch {b}")
+            row = _guarded(name, lv, lambda b=b: fn(prompts[b]), fatal=options.tp > 1)
+            result["variants"].append({**row, "batch": b})
+
+    run("ours", level, lambda p: _measure_quantized(model, level, p, options, device))
+    if "int4" in baselines:
+        run("int4", 0.0, lambda p: _measure_quantized(model, 0.0, p, options, device))
+    if "tinygemm" in baselines:
+        _measure_tinygemm(model, run, options, device)
+    if "bf16" in baselines:
+        _measure_dense(model, run, options, device, say)
     _free(device)
-    result["ratios"] = _ratios(result["variants"])
+    result["ratios_by_batch"] = {str(b): _ratios([v for v in result["variants"] if v["batch"] == b]) for b in batches}
+    result["ratios"] = result["ratios_by_batch"][str(batches[0])]
     result["seconds"] = round(time.time() - t0, 2)
     return result
 
@@ -137,7 +204,8 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
             quant.level_index(level)
         except ValueError as e:
             raise TealQuantError(f"--sparsity: {e}") from None
-        return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
+        return (load(path, sparsity=level, device=device, tp=options.tp > 1),
+                {"kind": "artifact", "path": str(path.resolve())})
     from dataclasses import replace
 
     from teal_quant.compression.synthetic import resolve_arch
@@ -148,6 +216,10 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
         spec = replace(spec, levels=tuple(sorted({*spec.levels, options.sparsity})))
     level = spec.default if options.sparsity is None else options.sparsity
     model = build_synthetic_model(target, spec, device=device, sparsity=level)
+    if options.tp > 1:  # every rank drew the same weights (same seed): each keeps its shard
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        shard_for_tensor_parallel(model)
     return model, {"kind": "synthetic", "arch": str(target), "bits": spec.bits, "group_size": spec.group_size,
                    "levels": spec.all_levels, "seed": spec.seed}
 
@@ -189,8 +261,44 @@ def _measure_quantized(model: nn.Module, level: float, prompt: torch.Tensor, opt
     return row
 
 
-def _measure_dense(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
-    """Destructive: turns `model` into the dense model (last variant). Extrapolates when it does not fit."""
+def _measure_tinygemm(model: nn.Module, run, options: BenchOptions, device) -> None:
+    """The int4 weights through tinygemm (q/k/v and gate/up one product each), every batch; the TealLinear modules
+    are put back afterwards. The conversion is checked on one projection first (a wrong packing would otherwise
+    only show as a fast, wrong model)."""
+    from teal_quant.runtime.baselines import TinyGemmLinear, swap_to_tinygemm
+
+    def fail(_p) -> dict:
+        raise RuntimeError(error)
+
+    error = None
+    try:
+        name, probe = teal_linears(model)[0]
+        with torch.no_grad():
+            x = torch.randn(4, probe.in_features, device=device, dtype=torch.bfloat16)
+            want = x.float() @ probe.dequantized_weight().float().t()
+            got = TinyGemmLinear.from_quantized(probe.qweight, probe.scales, probe.zeros, probe.group_size)(x).float()
+        err = float((got - want).norm() / want.norm())
+        if not err < 2e-2:
+            error = f"tinygemm conversion check failed on {name}: rel err {err:.3g}"
+        restore = swap_to_tinygemm(model) if error is None else None
+    except Exception as e:  # noqa: BLE001 - reported as a failed variant, the others still run
+        error, restore = f"{type(e).__name__}: {first_line(e)}", None
+    if error is not None:
+        run("tinygemm", None, fail)
+        return
+    try:
+        _free(device)
+        run("tinygemm", None, lambda p: _measure(model, p, options, device))
+    finally:
+        restore()
+        _free(device)
+
+
+def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) -> None:
+    """Destructive: turns `model` into the dense model (the last variant), q/k/v and gate/up fused into one
+    nn.Linear each (like gpt-fast's wqkv), and measures every batch. Extrapolates when it does not fit."""
+    from teal_quant.runtime.fusion import fuse_linear_projections
+
     dtype = torch.bfloat16 if device.type == "cuda" else _model_dtype(model)
     full_layers = int(model.config.num_hidden_layers)
     full_bytes = _dense_bytes(model, dtype)
@@ -199,44 +307,76 @@ def _measure_dense(model: nn.Module, prompt: torch.Tensor, options: BenchOptions
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         extrapolate = total is not None and full_bytes + HEADROOM_BYTES > FIT_FRACTION * total
     if not extrapolate:
-        _to_dense(model, dtype)
-        row = _measure(model, prompt, options, device)
-        row["dtype"] = str(dtype).replace("torch.", "")
-        return row
+        def dense(p):
+            if not getattr(model, "_bench_dense", False):
+                _to_dense(model, dtype)
+                fuse_linear_projections(model)
+                model._bench_dense = True
+            row = _measure(model, p, options, device)
+            row["dtype"] = str(dtype).replace("torch.", "")
+            return row
+
+        run("bf16", None, dense)
+        return
     small, big = options.extrapolate_layers
     if big >= full_layers:
         raise TealQuantError(f"--extrapolate-layers {small},{big}: the model has only {full_layers} layers")
-    points = []
+    tied = _tied(model)
+    embed_bytes = model.get_input_embeddings().weight.numel() * _element_size(dtype)
+    points: dict[int, list[dict]] = {}
+    rows: dict[int, dict] = {}
     for n in (big, small):  # the larger first: truncating further is free, growing back is not
         _truncate(model, n)
         _to_dense(model, dtype)
+        fuse_linear_projections(model)
         _free(device)
-        row = _measure(model, prompt, options, device)
-        points.append({"layers": n, **{k: row[k] for k in ("prefill_ms", "decode_ms_per_token", "peak_memory_bytes")}})
-    points.sort(key=lambda p: p["layers"])
+        for b in options.batches:
+            say(f"measuring bf16 at {n} layers, batch {b}")
+            try:
+                row = _measure(model, _bench_prompt(model, options, b, device), options, device)
+            except Exception as e:  # noqa: BLE001
+                if options.tp > 1:  # the other ranks wait in an all-reduce this rank will not reach
+                    raise
+                rows[b] = {"error": f"{type(e).__name__}: {first_line(e)}"}
+                continue
+            points.setdefault(b, []).append({"layers": n, **{k: row[k] for k in ("prefill_ms", "decode_ms_per_token",
+                                                                                   "peak_memory_bytes")}})
+            rows[b] = row
 
-    def fit(key: str) -> float | None:
-        (l0, y0), (l1, y1) = [(p["layers"], p[key]) for p in points]
-        if y0 is None or y1 is None:
-            return None
-        slope = (y1 - y0) / (l1 - l0)
-        return y0 + slope * (full_layers - l0)
+    def extrapolated(p) -> dict:
+        b = p.shape[0]
+        pts = sorted(points.get(b, []), key=lambda q: q["layers"])
+        if len(pts) != 2:
+            raise RuntimeError(rows.get(b, {}).get("error", "a reduced-depth measurement failed"))
 
-    decode_ms = fit("decode_ms_per_token")
-    read_bytes = full_bytes - (0 if _tied(model) else model.get_input_embeddings().weight.numel() * _element_size(dtype))
-    return {
-        "prefill_ms": fit("prefill_ms"), "decode_ms_per_token": decode_ms,
-        "tokens_per_s": options.batch * 1000.0 / decode_ms,
-        "peak_memory_bytes": None if fit("peak_memory_bytes") is None else int(fit("peak_memory_bytes")),
-        "weight_bytes_per_step": read_bytes, "bandwidth_gb_s": read_bytes / (decode_ms / 1000.0) / 1e9,
-        "realized_sparsity": None, "breakdown": row["breakdown"], "dtype": str(dtype).replace("torch.", ""),
-        "extrapolated": {
-            "method": f"linear in the layer count, t(L) = a + b*L, fitted on {small} and {big} layers of the real "
-                      f"shape and evaluated at L = {full_layers} (the dense model does not fit in GPU memory); "
-                      f"the breakdown is the {small}-layer model's",
-            "points": points,
-        },
-    }
+        def fit(key: str) -> float | None:
+            (l0, y0), (l1, y1) = [(q["layers"], q[key]) for q in pts]
+            if y0 is None or y1 is None:
+                return None
+            return y0 + (y1 - y0) / (l1 - l0) * (full_layers - l0)
+
+        decode_ms = fit("decode_ms_per_token")
+        read_bytes = full_bytes - (0 if tied else embed_bytes)
+        return {
+            "prefill_ms": fit("prefill_ms"), "decode_ms_per_token": decode_ms, "tokens_per_s": b * 1000.0 / decode_ms,
+            "peak_memory_bytes": None if fit("peak_memory_bytes") is None else int(fit("peak_memory_bytes")),
+            "weight_bytes_per_step": read_bytes, "bandwidth_gb_s": read_bytes / (decode_ms / 1000.0) / 1e9,
+            "realized_sparsity": None, "breakdown": rows[b]["breakdown"], "dtype": str(dtype).replace("torch.", ""),
+            "extrapolated": {
+                "method": f"linear in the layer count, t(L) = a + b*L, fitted on {small} and {big} layers of the real "
+                          f"shape and evaluated at L = {full_layers} (the dense model does not fit in GPU memory); "
+                          f"the breakdown is the {small}-layer model's",
+                "points": pts,
+            },
+        }
+
+    run("bf16", None, extrapolated)
+
+
+def _bench_prompt(model: nn.Module, options: BenchOptions, batch: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(options.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (max(options.batches), options.prompt_len), generator=generator)
+    return prompt[:batch].to(device)
 
 
 def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, device) -> dict:
@@ -252,41 +392,50 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         from teal_quant.runtime.elementwise import unfuse_elementwise
 
         unfuse_elementwise(model)
-    _track_sparsity(model, True)
-    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.profile_steps + 1, cuda_graph=False,
-                    fuse_elementwise=options.fuse_elementwise)
+    fused_step = None if options.fused_step else False
+    eager = Decoder(model, batch_size=batch, max_length=plen + options.warmup + 2 * options.profile_steps + 1,
+                    cuda_graph=False, fuse_elementwise=options.fuse_elementwise, fused_step=fused_step)
     state = {"token": eager.prefill(prompt)}
     for _ in range(options.warmup):
         state["token"] = eager.step(state["token"])
-    reset_stats(model)
 
     def eager_step() -> None:
         state["token"] = eager.step(state["token"])
 
+    # the realized sparsity over a few steps with the counters on, then the profile with them off (as timed)
+    reset_stats(model)
+    _track_sparsity(model, True)
+    for _ in range(options.profile_steps):
+        eager_step()
+    sparsity = _module_sparsity(model)
+    _track_sparsity(model, False)
     try:
         breakdown = _profile(eager_step, options.profile_steps, cuda)
     except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing still counts, the breakdown is missing
-        breakdown = {"linear_ms": None, "attention_ms": None, "other_ms": None, "error": f"{type(e).__name__}: {first_line(e)}"}
-    sparsity = _module_sparsity(model)
-    del eager, state
-    _track_sparsity(model, False)
+        breakdown = {"linear_ms": None, "attention_ms": None, "norm_rotary_ms": None, "allreduce_ms": None, "other_ms": None,
+                     "error": f"{type(e).__name__}: {first_line(e)}"}
+    fused = getattr(eager, "_fused", None) is not None
+    eager = state = None  # free the eager decoder's cache before the timed one
     _free(device)
 
     decoder = Decoder(model, batch_size=batch, max_length=plen + options.warmup + options.new_tokens + 1,
-                      cuda_graph=options.cuda_graph, fuse_elementwise=options.fuse_elementwise)
+                      cuda_graph=options.cuda_graph, fuse_elementwise=options.fuse_elementwise, fused_step=fused_step)
     token, prefill_ms = _timed(lambda: decoder.prefill(prompt), cuda)
     for _ in range(options.warmup):
         token = decoder.step(token)
+
+    generated: list[torch.Tensor] = []
 
     def decode() -> torch.Tensor:
         t = token
         for _ in range(options.new_tokens):
             t = decoder.step(t)
+            generated.append(t)  # no host sync: read after the timing
         return t
 
     _, decode_total_ms = _timed(decode, cuda)
     graph_error = getattr(decoder, "graph_error", None)  # the Decoder falls back to eager steps when capture fails
-    del decoder
+    decoder = None  # free its cache and graph
     ms = decode_total_ms / options.new_tokens
     nbytes = _weight_bytes(model, sparsity)
     realized = _size_weighted(model, sparsity)
@@ -295,18 +444,23 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         "tokens_per_s": batch * 1000.0 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "weight_bytes_per_step": nbytes, "bandwidth_gb_s": nbytes / (ms / 1000.0) / 1e9,
         "realized_sparsity": realized, "sparsity_measured_modules": f"{len(sparsity)}/{len(teal_linears(model))}",
-        "breakdown": breakdown, "cuda_graph_error": graph_error, "extrapolated": None,
+        "breakdown": breakdown, "cuda_graph_error": graph_error, "fused_step": fused, "extrapolated": None,
+        # the greedy tokens of the timed decode (row 0; compare a --tp run with one GPU's)
+        "tokens": torch.stack(generated, 1)[0].tolist() if generated else [],
     }
 
 
-def _guarded(name: str, level: float | None, fn: Callable[[], dict]) -> dict:
-    """A variant that fails is reported as failed (one line); the others still run."""
+def _guarded(name: str, level: float | None, fn: Callable[[], dict], *, fatal: bool = False) -> dict:
+    """A variant that fails is reported as failed (one line); the others still run. `fatal` (tensor parallel): the
+    failure ends the run, since the other ranks wait in a collective this rank will not reach."""
     try:
         row = fn()
         status = "ok"
     except TealQuantError:
         raise
     except Exception as e:  # noqa: BLE001 - an OOM or kernel failure of one variant must not lose the others
+        if fatal:
+            raise
         row, status = {"error": f"{type(e).__name__}: {first_line(e)}"}, "failed"
     return {"variant": name, "level": level, "status": status, **{k: v for k, v in row.items() if k != "level"}}
 
@@ -344,7 +498,7 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1000.0 / steps
-    groups = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    groups = {"linear": 0.0, "attention": 0.0, "norm_rotary": 0.0, "allreduce": 0.0, "other": 0.0}
     other: dict[str, list[float]] = {}  # name -> [ms per step, calls per step] of the "other" group
     launches = 0
     for event in prof.events():
@@ -377,16 +531,24 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
 
 
 def kernel_group(name: str) -> str:
-    """'attention' | 'linear' | 'other' for a GPU kernel name (attention first: fmha names contain "cutlass")."""
+    """'allreduce' | 'attention' | 'linear' | 'norm_rotary' | 'other' for a GPU kernel name (NCCL's kernels are the
+    tensor-parallel all-reduces; attention before linear: fmha names contain "cutlass"). transformers' eager norms and
+    rotary are generic elementwise kernels: they count as other."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if any(k in name for k in ATTENTION_KERNELS):
         return "attention"
-    return "linear" if any(k in name for k in LINEAR_KERNELS) else "other"
+    if any(k in name for k in LINEAR_KERNELS):
+        return "linear"
+    return "norm_rotary" if any(k in name for k in NORM_ROTARY_KERNELS) else "other"
 
 
 def operator_group(name: str) -> str:
-    """'linear' | 'attention' | 'other' for a top-level CPU operator name."""
+    """'linear' | 'attention' | 'allreduce' | 'other' for a top-level CPU operator name."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if name.startswith(LINEAR_OPS):
         return "linear"
     return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
@@ -428,6 +590,11 @@ def _weight_bytes(model: nn.Module, sparsity: dict[str, float]) -> int:
         total += _nbytes(m.bias) if m.bias is not None else 0
     for m in _quantized_heads(model):  # a quantized lm_head (QuantLinear): every packed byte, no threshold
         total += sum(_nbytes(t) for t in (m.qweight, m.scales, m.zeros, m.bias) if t is not None)
+    from teal_quant.runtime.baselines import TinyGemmLinear
+
+    for m in model.modules():  # the tinygemm baseline's weights are buffers: every byte is read
+        if isinstance(m, TinyGemmLinear):
+            total += _nbytes(m.packed) + _nbytes(m.scales_and_zeros)
     embed = model.get_input_embeddings().weight
     tied = _tied(model)
     seen = set()
@@ -555,25 +722,30 @@ def print_bench(result: dict) -> None:
     title = (f"teal-quant bench: {result['target']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}) on "
              f"{result['device']}, batch {result['batch']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
              f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}")
+    tp = result.get("tensor_parallel", 1)
+    if tp > 1:
+        title += f", tensor parallel over {tp} ranks (bytes, GB/s and memory per rank)"
     table = Table(title=title)
-    for col in ("variant", "level", "realized sparsity", "prefill ms", "decode ms/token", "tok/s", "weights read/step",
-                "GB/s", "peak memory", "linear / attention / other (eager, ms)", "ours is"):
+    for col in ("batch", "variant", "level", "realized sparsity", "prefill ms", "decode ms/token", "tok/s", "weights read/step",
+                "GB/s", "peak memory", f"{_breakdown_header(tp)} (eager, ms)", "ours is"):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
+    ours_at = {v.get("batch"): v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"}
+    ours = ours_at.get(result["batch"])
     for v in result["variants"]:
         name = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
         if v["status"] != "ok":
-            table.add_row(name, "", f"[red]failed: {v['error']}[/red]", *[""] * 8)
+            table.add_row(str(v.get("batch", "")), name, "", f"[red]failed: {v['error']}[/red]", *[""] * 8)
             continue
         b = v["breakdown"]
-        speedup = "" if ours is None or v is ours else f"{ours['tokens_per_s'] / v['tokens_per_s']:.2f}x"
+        mine = ours_at.get(v.get("batch"))
+        speedup = "" if mine is None or v is mine else f"{mine['tokens_per_s'] / v['tokens_per_s']:.2f}x"
         table.add_row(
-            name, "-" if v["level"] is None else f"{v['level']:g}",
+            str(v.get("batch", "")), name, "-" if v["level"] is None else f"{v['level']:g}",
             "-" if v["realized_sparsity"] is None else f"{v['realized_sparsity']:.3f}",
             f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
             human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
             "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
-            _breakdown_text(b), speedup,
+            _breakdown_text(b, allreduce=tp > 1), speedup,
         )
     console.print(table)
     for v in result["variants"]:
@@ -586,10 +758,16 @@ def print_bench(result: dict) -> None:
         console.print(f"breakdown: {ours['breakdown']['method']}")
 
 
-def _breakdown_text(b: dict, launches: bool = False) -> str:
+def _breakdown_header(tp: int) -> str:
+    return ("linear / attention / norm+rotary / all-reduce / other" if tp > 1
+            else "linear / attention / norm+rotary / other")
+
+
+def _breakdown_text(b: dict, launches: bool = False, allreduce: bool = False) -> str:
     if b.get("linear_ms") is None:
         return f"n/a ({b.get('error', '?')})"
-    text = f"{b['linear_ms']:.2f} / {b['attention_ms']:.2f} / {b['other_ms']:.2f}"
+    text = (f"{b['linear_ms']:.3f} / {b['attention_ms']:.3f} / {b.get('norm_rotary_ms') or 0.0:.3f} / "
+            + (f"{b.get('allreduce_ms') or 0.0:.3f} / " if allreduce else "") + f"{b['other_ms']:.3f}")
     if launches and b.get("launches_per_step") is not None:
         text += f" ({b['launches_per_step']:.0f} kernels)"
     return text
@@ -597,14 +775,32 @@ def _breakdown_text(b: dict, launches: bool = False) -> str:
 
 # ---------------------------------------------------------------------------------------------- reports
 def check_targets(result: dict | None, targets: dict[str, float]) -> dict:
-    """Targets of a bench result: {name: {want, got, met}}. A name is `ours_tokens_per_s` (ours' tok/s) or a key of
-    the result's ratios (`ours_over_bf16`, `ours_over_int4`); met is got >= want, None (and got None) when the
-    variants it needs failed or the result is missing."""
+    """Targets of a bench result: {name: {want, got, met}}. A name is METRIC or METRIC@BATCH (default: the first
+    batch) with METRIC one of `<variant>_tokens_per_s` (e.g. ours_tokens_per_s, tinygemm_tokens_per_s), a ratio
+    `ours_over_<baseline>`, or `ours_nonlinear_ms` (attention + norm+rotary + other kernel ms per eager step: an
+    upper bound). met is got >= want (got <= want for *_ms), None (and got None) when the variants it needs failed
+    or the result is missing."""
     out = {}
-    ours = next((v for v in (result or {}).get("variants", []) if v["variant"] == "ours" and v["status"] == "ok"), None)
+    result = result or {}
     for key, want in targets.items():
-        got = ours["tokens_per_s"] if key == "ours_tokens_per_s" and ours else (result or {}).get("ratios", {}).get(key)
-        out[key] = {"want": want, "got": got, "met": None if got is None else got >= want}
+        metric, _, at = key.partition("@")
+        batch = int(at) if at else result.get("batch")
+        rows = {v["variant"]: v for v in result.get("variants", []) if v.get("batch", result.get("batch")) == batch
+                and v["status"] == "ok"}
+        got = None
+        if metric.endswith("_tokens_per_s") and metric[: -len("_tokens_per_s")] in rows:
+            got = rows[metric[: -len("_tokens_per_s")]]["tokens_per_s"]
+        elif metric.startswith("ours_over_"):
+            ratios = (result.get("ratios_by_batch") or {}).get(str(batch)) or (
+                result.get("ratios", {}) if batch == result.get("batch") else {})
+            got = ratios.get(metric)
+        elif metric == "ours_nonlinear_ms" and "ours" in rows:
+            b = rows["ours"]["breakdown"]
+            parts = [b.get(k) for k in ("attention_ms", "norm_rotary_ms", "other_ms")]
+            got = None if b.get("attention_ms") is None else sum(x or 0.0 for x in parts)
+        upper = metric.endswith("_ms")
+        out[key] = {"want": want, "got": got, "bound": "<=" if upper else ">=",
+                    "met": None if got is None else (got <= want if upper else got >= want)}
     return out
 
 
@@ -613,36 +809,40 @@ def targets_markdown(checked: dict) -> str:
     if not checked:
         return "targets: none (a comparison run)"
     return "targets: " + "; ".join(
-        f"{k} >= {t['want']:g}: got {_fmt(t['got'], '.2f')} -> "
+        f"{k} {t.get('bound', '>=')} {t['want']:g}: got {_fmt(t['got'], '.2f')} -> "
         f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}" for k, t in checked.items())
 
 
 def markdown_lines(result: dict) -> list[str]:
     """A bench result as markdown: one table row per variant (kernels per eager step with the breakdown), the
     extrapolation of a variant that needed it, the ratios, and the largest 'other' kernels of ours."""
-    lines = ["| variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step (GB) "
-             "| GB/s | peak memory (GB) | linear / attention / other (eager ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    tp = result.get("tensor_parallel", 1)
+    lines = ["| batch | variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step "
+             f"(GB) | GB/s | peak memory (GB) | {_breakdown_header(tp)} (eager kernel ms per step) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in result["variants"]:
         label = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
         if v["status"] != "ok":
-            lines.append(f"| {label} | | failed: {v.get('error', '?')} | | | | | | | |")
+            lines.append(f"| {v.get('batch', '')} | {label} | | failed: {v.get('error', '?')} | | | | | | | |")
             continue
         lines.append(
-            f"| {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
+            f"| {v.get('batch', '')} | {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
             f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
             f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
-            f"{_breakdown_text(v['breakdown'], launches=True)} |")
+            f"{_breakdown_text(v['breakdown'], launches=True, allreduce=tp > 1)} |")
     for v in result["variants"]:
         if v.get("extrapolated"):
             pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token"
                             for p in v["extrapolated"]["points"])
             lines += ["", f"{v['variant']} is extrapolated: {v['extrapolated']['method']} ({pts})."]
-    lines += ["", "ratios (tok/s): " + ", ".join(f"{k} {val:.2f}x" for k, val in result.get("ratios", {}).items())]
+    by_batch = result.get("ratios_by_batch") or {str(result.get("batch", 1)): result.get("ratios", {})}
+    lines += [""] + [f"ratios (tok/s) at batch {b}: " + ", ".join(f"{k} {val:.2f}x" for k, val in r.items())
+                     for b, r in by_batch.items()]
     ours = next((v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"), None)
     top = (ours or {}).get("breakdown", {}).get("top_other") or []
     if top:
-        lines += ["", "largest 'other' kernels of ours (eager profile, ms per step / calls per step): " + "; ".join(
+        lines += ["", f"largest 'other' kernels of ours at batch {ours.get('batch')} (eager profile, ms per step / "
+                  "calls per step): " + "; ".join(
             f"`{t['name']}` {t['ms']:.3f} / {t['calls']:g}" for t in top)]
     return lines
 

@@ -4,6 +4,9 @@ Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an inte
 SIGINT), 143 terminated (SIGTERM); after either signal the staged output is removed (docs/safety.md).
 Output: summaries and tables on stdout; progress bars and the library's `logging` messages (logger "teal_quant") on
 stderr. --verbose shows debug messages, --quiet only warnings and errors, and no progress bars.
+Under torchrun (`torchrun --nproc-per-node N -m teal_quant.cli run|bench ...`) only rank 0 shows progress, summaries
+and tables; the other ranks show warnings only (prefixed with their rank). An error every rank knows of (checked in
+an agreement, teal_quant/distributed.py) is printed once, by rank 0; another rank's own error names the rank.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ def _levels(text: str) -> list[float]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage dump -> one line, exit 2 (a huge argument is not echoed whole)
+        from teal_quant.distributed import env_rank
         from teal_quant.errors import quote
 
-        sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
+        if env_rank() == 0:  # under torchrun every rank parses the same arguments: rank 0 says what is wrong
+            sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
         raise SystemExit(2)
 
 
@@ -53,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--output", "-o", type=Path, help="artifact directory (overrides output.dir)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing artifact")
+    when = run.add_mutually_exclusive_group()
+    when.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run of this recipe from its last finished layer")
+    when.add_argument("--plan", action="store_true",
+                      help="print the predicted disk, host and GPU memory and time per layer (nothing is run); "
+                           "exit 2 when this machine cannot hold the run")
 
     ev = sub.add_parser("eval", help="perplexity (--text) or lm-evaluation-harness tasks (--tasks) of an artifact, "
                                      "with realized sparsity, level by level")
@@ -119,19 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", help="an artifact directory, llama3-8b, llama3-70b, or a config.json (synthetic, in memory)")
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=_batches, default=(1,), help="batch size, or several: 1,4,16")
     bench.add_argument("--sparsity", type=float, help="level to measure (default: the artifact's default level)")
-    bench.add_argument("--baselines", type=_names, default=["bf16", "int4"], help="comma list of bf16,int4 (or 'none')")
+    bench.add_argument("--baselines", type=_names, default=None,
+                       help="comma list of bf16,int4,tinygemm (or 'none'; default: all three on CUDA, bf16,int4 on the CPU)")
     bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on CUDA)")
     bench.add_argument("--eager-elementwise", action="store_true",
                        help="keep transformers' eager RMSNorm / SiLU-and-mul / rotary (default on CUDA: one launch each)")
+    bench.add_argument("--no-fused-step", action="store_true",
+                       help="run transformers' forward each step instead of the fused decode step (CUDA default)")
     bench.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     bench.add_argument("--profile-steps", type=int, default=4, help="eager decode steps under torch.profiler")
     bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
                        help="measure bf16 at two reduced depths and extrapolate (default: only when it does not fit)")
     bench.add_argument("--extrapolate-layers", type=_two_ints, default=(2, 6), help="the two reduced depths (default 2,6)")
+    bench.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks; run as `torchrun --nproc-per-node N -m teal_quant.cli bench ... --tp N`")
     _synthetic_args(bench, arch_only=True)
 
     gen = sub.add_parser("generate", help="generate text from an artifact, streamed as it decodes; then tok/s and "
@@ -147,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        sizes = ()
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a batch size or a list of them like 1,4,16")
+    return sizes
 
 
 def _names(text: str) -> list[str]:
@@ -182,17 +208,23 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _setup_logging(verbosity: str) -> None:
-    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose."""
+def _setup_logging(verbosity: str, rank: int = 0) -> None:
+    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose
+    (ranks other than 0 of a torchrun job: warnings only, prefixed with their rank)."""
     import logging
 
     logger = logging.getLogger("teal_quant")
     if not any(getattr(h, "_teal_quant_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("teal-quant: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"teal-quant: {_rank_prefix(rank)}%(message)s"))
         handler._teal_quant_cli = True
         logger.addHandler(handler)
-    logger.setLevel({"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO))
+    level = {"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO)
+    logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank {rank}: " if rank else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +241,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    from teal_quant import distributed
     from teal_quant.errors import Interrupted, TealQuantError, Terminated, scrub
     from teal_quant.progress import show_progress
+
+    rank = distributed.env_rank()
+    prefix = _rank_prefix(rank)
+
+    def say(line: str, error: BaseException | None = None) -> None:
+        if error is None or not distributed.reported_by_main(error):  # an agreed error: rank 0 prints it
+            print(line, file=sys.stderr)
 
     def terminate(signum, frame):
         raise Terminated()
@@ -218,34 +258,50 @@ def main(argv: list[str] | None = None) -> int:
     def interrupt(signum, frame):
         raise Interrupted()
 
-    _setup_logging(args.verbosity)
+    _setup_logging(args.verbosity, rank)
     previous = signal.signal(signal.SIGTERM, terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled already
         signal.signal(signal.SIGINT, interrupt)
     try:
-        with show_progress(args.verbosity != "quiet"):
+        with show_progress(args.verbosity != "quiet" and rank == 0):
+            if args.command in ("run", "bench") and distributed.env_world_size() > 1:
+                distributed.init()  # torchrun: join the job first, so the ranks agree on every error after this
             return _dispatch(args)
-    except Terminated:
-        print("teal-quant: terminated (SIGTERM); partial output removed", file=sys.stderr)
+    except Terminated as e:
+        say(f"teal-quant: {prefix}terminated (SIGTERM); {_kept(e) or 'partial output removed'}")
         return 143
     except TealQuantError as e:  # one line, scrubbed of any token
-        print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
+        say(f"teal-quant: error: {prefix if not distributed.reported_by_main(e) else ''}{_one_line(scrub(str(e)))}", e)
         return 2
-    except KeyboardInterrupt:
-        print("teal-quant: interrupted; partial output removed", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        say(f"teal-quant: {prefix}interrupted; {_kept(e) or 'partial output removed'}")
         return 130
+    except distributed.PeerLost as e:  # another rank stopped; its own line says why
+        say(f"teal-quant: error: {_one_line(scrub(str(e)))}", e)
+        return 1
+    except distributed.PeerInternalError as e:  # another rank's internal error, agreed: rank 0 prints it
+        say(f"teal-quant: internal error: {_one_line(scrub(str(e)))} (TEAL_QUANT_DEBUG=1 on that rank shows the "
+            "traceback)", e)
+        return 1
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
             raise
         from teal_quant.errors import first_line
 
-        print(f"teal-quant: internal error: {type(e).__name__}: {scrub(first_line(e))} "
-              "(TEAL_QUANT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        kept = f"; {_kept(e)}" if _kept(e) else ""
+        say(f"teal-quant: internal error: {prefix}{type(e).__name__}: {scrub(first_line(e))} "
+            f"(TEAL_QUANT_DEBUG=1 shows the traceback){kept}", e)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+        distributed.shutdown()
+
+
+def _kept(error: BaseException) -> str:
+    """Where an interrupted run kept its finished layers (pipeline: `resume_note`), or ''."""
+    return getattr(error, "resume_note", "") or ""
 
 
 def _one_line(text: str) -> str:
@@ -255,10 +311,21 @@ def _one_line(text: str) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
-        from teal_quant.report import print_run_summary
-        from teal_quant.workflow import run
+        from teal_quant.distributed import agreement, env_rank
+        from teal_quant.report import print_plan, print_run_summary
+        from teal_quant.workflow import plan, run
 
-        run(Recipe.from_yaml(args.recipe), args.output, overwrite=args.overwrite, report=print_run_summary)
+        with agreement("reading the recipe"):
+            recipe = Recipe.from_yaml(args.recipe)
+        if args.plan:
+            with agreement("planning the run"):  # the plan of one process; under torchrun rank 0 prints it
+                if env_rank() == 0:
+                    predicted = plan(recipe, args.output)
+                    print_plan(predicted)
+                    predicted.check(strict=True)
+            return 0
+        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary if env_rank() == 0 else None,
+            resume=args.resume)
         return 0
     if args.command == "eval":
         return _eval(args)
@@ -317,14 +384,19 @@ def _bench(args: argparse.Namespace) -> int:
     from teal_quant.progress import err_console
 
     options = BenchOptions(
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, sparsity=args.sparsity,
-        baselines=tuple(args.baselines), device=args.device, cuda_graph=False if args.eager else None, warmup=args.warmup,
-        fuse_elementwise=not args.eager_elementwise,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch if len(args.batch) > 1 else args.batch[0], sparsity=args.sparsity,
+        baselines=None if args.baselines is None else tuple(args.baselines), device=args.device,
+        cuda_graph=False if args.eager else None, warmup=args.warmup,
+        fuse_elementwise=not args.eager_elementwise, fused_step=not args.no_fused_step,
         profile_steps=args.profile_steps,
         seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
-        synthetic=_synthetic_spec(args),
+        synthetic=_synthetic_spec(args), tp=args.tp,
     )
+    from teal_quant.distributed import env_rank
+
     result = run_bench(args.target, options, report=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    if env_rank() != 0:  # tensor parallel: rank 0 reports for every rank
+        return 0 if all(v["status"] == "ok" for v in result["variants"]) else 1
     print_bench(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ from rich.progress import (
 )
 from rich.progress import Progress as _RichProgress
 
+from teal_quant.distributed import env_rank
+
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column default, which wraps the headers.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -73,9 +75,10 @@ class Progress(_RichProgress):
     outside `show_progress()` or when TEAL_QUANT_QUIET=1."""
 
     def __init__(self) -> None:
-        quiet = not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1"
+        # torchrun: only rank 0 of a job shows progress (the other ranks run the same steps)
+        quiet = not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1" or env_rank() != 0
         self.plain = not quiet and not (sys.stdout.isatty() and sys.stderr.isatty())
-        self._plain_tasks: dict[TaskID, tuple[str | None, float]] = {}
+        self._plain_tasks: dict[TaskID, tuple[str | None, float, float]] = {}
         self._plain_done: set[TaskID] = set()
         super().__init__(
             SpinnerColumn(),
@@ -103,32 +106,39 @@ class Progress(_RichProgress):
     def add_task(self, description: str, *args, plain: str | None = "stage", **kwargs) -> TaskID:
         task = super().add_task(description, *args, **kwargs)
         if self.plain:
-            self._plain_tasks[task] = (plain, time.monotonic())
+            done = self._tasks[task].completed
+            self._plain_tasks[task] = (plain, time.monotonic(), done)
             if plain == "stage":
                 plain_line(f"{description} ...")
             elif plain == "steps" and self._tasks[task].total:
-                plain_line(f"{description}: 0/{self._tasks[task].total:g}")
+                plain_line(f"{description}: {done:g}/{self._tasks[task].total:g}")
         return task
 
-    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+    def advance(self, task_id: TaskID, advance: float = 1, note: str | None = None) -> None:
+        """Advance a task; `note` (e.g. one layer's time and error) ends its plain line, or is printed above the bars
+        on a terminal."""
         super().advance(task_id, advance)
-        self._plain_report(task_id, step=True)
+        self._plain_report(task_id, step=True, note=note)
+        if note and not self.plain and not self.disable:
+            self.console.print(f"[dim]{self._tasks[task_id].description}: {note}[/dim]")
 
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)
         self._plain_report(task_id, step=False)
 
-    def _plain_report(self, task_id: TaskID, *, step: bool) -> None:
+    def _plain_report(self, task_id: TaskID, *, step: bool, note: str | None = None) -> None:
         if not self.plain or task_id not in self._plain_tasks or task_id in self._plain_done:
             return
-        kind, start = self._plain_tasks[task_id]
+        kind, start, done_before = self._plain_tasks[task_id]
         task = self._tasks[task_id]
         elapsed = time.monotonic() - start
         finished = task.total is not None and task.completed >= task.total
         if kind == "steps" and step:
             line = f"{task.description}: {task.completed:g}/{task.total:g}, elapsed {duration(elapsed)}"
-            if not finished and task.completed > 0:
-                line += f", ETA {duration(elapsed / task.completed * (task.total - task.completed))}"
+            if not finished and task.completed > done_before:  # the rate of this run (a resumed run starts later)
+                line += f", ETA {duration(elapsed / (task.completed - done_before) * (task.total - task.completed))}"
+            if note:
+                line += f", {note}"
             plain_line(line)
         elif kind == "stage" and finished:
             plain_line(f"{task.description}: done in {duration(elapsed)}")

@@ -52,8 +52,44 @@ def print_run_summary(summary) -> None:
         f"artifact {human_bytes(summary.artifact_bytes)} on disk vs dense {human_bytes(summary.dense_bytes)} "
         f"({ratio:.2f}x); wall time {summary.seconds:.0f}s ({stages})"
     )
+    if summary.layer_seconds:
+        mean = sum(summary.layer_seconds) / len(summary.layer_seconds)
+        resumed = f" ({summary.resumed_from_layer} before --resume)" if summary.resumed_from_layer else ""
+        peaks = f"peak host memory {human_bytes(summary.peak_host_bytes)}" if summary.peak_host_bytes else ""
+        if summary.peak_gpu_bytes:
+            peaks += f", peak GPU memory {human_bytes(summary.peak_gpu_bytes)}"
+        console.print(f"layers: {len(summary.layer_seconds)}{resumed}, {mean:.1f}s per layer; {peaks}")
     if getattr(summary, "push", None):
         console.print(f"pushed: {summary.push}")
+
+
+def print_plan(plan) -> None:
+    """`teal-quant run RECIPE --plan`: the predicted needs beside what this machine has."""
+    from teal_quant.progress import duration
+
+    m = plan.machine
+    table = Table(title=f"teal-quant run --plan: {plan.model}, {plan.layers} layers, "
+                        f"{plan.samples} x {plan.seq_len} calibration tokens")
+    for col in ("", "predicted", "this machine"):
+        table.add_column(col, justify="left" if not col else "right")
+    gpu = "-" if m.gpu_total is None else f"{human_bytes(m.gpu_total)} ({m.gpu_name})"
+    cache = f"; Hub cache: {human_bytes(m.cache_free)} free" if m.cache_free is not None else ""
+    table.add_row("disk (artifact + checkpoints + downloads)", human_bytes(plan.disk_bytes),
+                  f"{human_bytes(m.disk_free)} free{cache}")
+    table.add_row("  artifact", human_bytes(plan.artifact_bytes), "")
+    table.add_row("  hidden states (x2 for the checkpoint)", human_bytes(2 * plan.hidden_bytes), plan.hidden_storage)
+    table.add_row("  Hub download (on disk at once)", f"{human_bytes(plan.download_bytes)} "
+                  f"({human_bytes(plan.download_peak_bytes)})", "")
+    table.add_row("peak host memory", human_bytes(plan.host_bytes),
+                  f"{human_bytes(m.host_available)} available of {human_bytes(m.host_total)}")
+    table.add_row("peak GPU memory", human_bytes(plan.gpu_bytes) if plan.gpu_bytes else "-", gpu)
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in plan.layer_seconds.items())
+    table.add_row("time per layer", f"{plan.seconds_per_layer:.1f}s", f"{parts}; {plan.greedy_evaluations} greedy "
+                  f"block evaluations; matmul {m.matmul_flops_per_s / 1e12:.1f} TFLOP/s measured")
+    table.add_row("whole run", duration(plan.total_seconds), "")
+    console.print(table)
+    for problem in plan.problems:
+        console.print(f"cannot run here: {problem}")
 
 
 def print_eval_table(title: str, rows: list[dict]) -> None:

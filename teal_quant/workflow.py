@@ -19,7 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from teal_quant import distributed
 from teal_quant.compression.pipeline import Compression, compress_recipe
+from teal_quant.compression.plan import RunPlan
 from teal_quant.compression.recipe import Recipe
 from teal_quant.devices import select_device
 from teal_quant.errors import HubError, RecipeError, TealQuantError, quote
@@ -72,7 +74,8 @@ class RunSummary(Compression):
 
 
 def compress(recipe: Recipe | dict | str | os.PathLike, output_dir: str | os.PathLike | None = None, /, *,
-             overwrite: bool | None = None, progress: bool = False, **overrides: Any) -> RunSummary:
+             overwrite: bool | None = None, progress: bool = False, resume: bool = False,
+             **overrides: Any) -> RunSummary:
     """Run a recipe as `teal-quant run` does (compress; evaluate when it has `eval`; push when it has `hub`), print
     nothing, and return the RunSummary (artifact path, levels, per-level rows, eval rows).
 
@@ -81,12 +84,14 @@ def compress(recipe: Recipe | dict | str | os.PathLike, output_dir: str | os.Pat
     included, replaces the value: `compress("r.yaml", output={"dir": "out", "overwrite": True}, eval=None)`.
     `output_dir` and `overwrite` (the documented contract `compress(recipe, output_dir=None)`) take precedence over
     the recipe's `output` section, as `teal-quant run --output DIR --overwrite` does.
-    Bad input raises a TealQuantError subclass (RecipeError for the recipe). `progress=True` draws progress."""
+    Bad input raises a TealQuantError subclass (RecipeError for the recipe). `progress=True` draws progress.
+    `resume=True` continues an interrupted run of the same recipe from its last finished layer (`teal-quant run
+    --resume`)."""
     from teal_quant.progress import show_progress
 
     resolved = resolve_recipe(recipe, overrides)
     with show_progress(progress):
-        return run(resolved, output_dir, overwrite=overwrite)
+        return run(resolved, output_dir, overwrite=overwrite, resume=resume)
 
 
 def resolve_recipe(recipe: Recipe | dict | str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -117,10 +122,20 @@ def _merge(base: Any, value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def plan(recipe: Recipe, output_dir: str | Path | None = None) -> RunPlan:
+    """What `teal-quant run RECIPE --plan` prints: the run's predicted disk, host and GPU memory and time per layer on
+    this machine, from the config alone (no weight is loaded; a Hub model's metadata is downloaded)."""
+    from teal_quant.compression.plan import plan_run
+
+    out = Path(output_dir) if output_dir is not None else Path(recipe.output.dir)
+    check_output_name(out)
+    return plan_run(recipe, out)
+
+
 def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
-        report: Callable[[RunSummary], None] | None = None) -> RunSummary:
+        report: Callable[[RunSummary], None] | None = None, resume: bool = False) -> RunSummary:
     """Compress `recipe` (evaluating the artifact when it has `eval`), push it when it has `hub`; `report` (the CLI's
-    printer) receives the summary before a failed push's error is raised."""
+    printer) receives the summary before a failed push's error is raised. `resume`: continue an interrupted run."""
     t0 = time.time()
     eval_seconds: dict[str, float] = {}
     evaluate = None
@@ -136,10 +151,17 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
             return rows
 
     check_output_name(Path(output_dir) if output_dir is not None else Path(recipe.output.dir))
-    compression = compress_recipe(recipe, output_dir, overwrite=overwrite, evaluate=evaluate)
+    compression = compress_recipe(recipe, output_dir, overwrite=overwrite, evaluate=evaluate, resume=resume)
     summary = RunSummary(**{f.name: getattr(compression, f.name) for f in fields(Compression)})
     summary.stage_seconds.update(eval_seconds)
-    push_error = _push(summary, recipe, summary.stage_seconds) if recipe.hub is not None else None
+    push_error = None
+    if recipe.hub is not None:  # torchrun: rank 0 pushes, every rank learns the outcome (rank 0 reports a failure)
+        world = distributed.current()
+        push_error = _push(summary, recipe, summary.stage_seconds) if world.is_main else None
+        summary.push, message = distributed.broadcast_object(
+            (summary.push, None if push_error is None else str(push_error)), world)
+        if message is not None and not world.is_main:
+            push_error = distributed.mark_agreed(HubError(message))
     summary.seconds = time.time() - t0
     logger.info("artifact written to %s in %.0fs", summary.artifact, summary.seconds)
     if summary.push:

@@ -41,8 +41,8 @@ def check_row(row: dict) -> None:
     assert row["tokens_per_s"] == pytest.approx(1000.0 / row["decode_ms_per_token"])
     assert row["bandwidth_gb_s"] == pytest.approx(row["weight_bytes_per_step"] / row["decode_ms_per_token"] / 1e6)
     b = row["breakdown"]
-    assert b["linear_ms"] > 0 and b["attention_ms"] > 0 and b["other_ms"] >= 0
-    assert sum(b[f"{k}_share"] for k in ("linear", "attention", "other")) == pytest.approx(1.0)
+    assert b["linear_ms"] > 0 and b["attention_ms"] > 0 and b["other_ms"] >= 0 and b["norm_rotary_ms"] >= 0
+    assert sum(b[f"{k}_share"] for k in ("linear", "attention", "norm_rotary", "other")) == pytest.approx(1.0)
     assert b["launches_per_step"] >= 3  # at least the linear, attention and lm_head operators of a step
     top = [t["ms"] for t in b["top_other"]]
     assert top == sorted(top, reverse=True) and sum(top) <= b["other_ms"] + 1e-6
@@ -56,6 +56,7 @@ def test_bench_artifact_json(bench_artifact, tmp_path):
     assert "decode ms/token" in result.stdout
     r = json.loads(out.read_text())
     assert (r["prompt_len"], r["new_tokens"], r["batch"], r["sparsity"], r["cuda_graph"]) == (6, 3, 1, 0.5, False)
+    assert r["baselines"] == ["bf16", "int4"] and r["batches"] == [1]  # the CPU default: no tinygemm
     assert r["source"]["kind"] == "artifact" and r["device"] == "cpu"
     rows = {v["variant"]: v for v in r["variants"]}
     assert list(rows) == ["ours", "int4", "bf16"]
@@ -74,6 +75,22 @@ def test_bench_artifact_json(bench_artifact, tmp_path):
     assert bf16["weight_bytes_per_step"] == dense_bytes(2)
     assert r["ratios"]["ours_over_int4"] == pytest.approx(ours["tokens_per_s"] / int4["tokens_per_s"])
     assert r["ratios"]["ours_over_bf16"] == pytest.approx(ours["tokens_per_s"] / bf16["tokens_per_s"])
+    assert r["ratios_by_batch"] == {"1": r["ratios"]}
+
+
+def test_bench_several_batch_sizes(bench_artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    result = teal_quant("bench", bench_artifact, *FAST, "--batch", "1,2", "--baselines", "int4", "--json", out)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert r["batches"] == [1, 2]
+    assert [(v["variant"], v["batch"]) for v in r["variants"]] == [("ours", 1), ("ours", 2), ("int4", 1), ("int4", 2)]
+    for v in r["variants"]:
+        check_row({**v, "tokens_per_s": v["tokens_per_s"] / v["batch"]})
+        assert v["tokens_per_s"] == pytest.approx(v["batch"] * 1000.0 / v["decode_ms_per_token"])
+    rows = {(v["variant"], v["batch"]): v for v in r["variants"]}
+    assert r["ratios_by_batch"]["2"]["ours_over_int4"] == pytest.approx(
+        rows["ours", 2]["tokens_per_s"] / rows["int4", 2]["tokens_per_s"])
 
 
 def test_bench_arch_extrapolates_bf16(tmp_path):
@@ -103,6 +120,9 @@ def test_bench_arch_extrapolates_bf16(tmp_path):
     [
         (["no-such-arch"], "arch 'no-such-arch': not llama3-8b or llama3-70b"),
         (["ART", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["ART", "--batch", "1,x"], "is not a batch size or a list of them"),
+        (["ART", "--batch", "2,2"], "--batch: each size once, got 2,2"),
+        (["ART", "--baselines", "tinygemm"], "--baselines tinygemm: tinygemm (torch._weight_int4pack_mm) runs on CUDA only"),
         (["ART", "--new-tokens", "0"], "--new-tokens must be >= 1"),
         (["ART", "--baselines", "bf16,fp8"], "unknown baseline 'fp8'"),
         (["ART", "--sparsity", "0.33"], "--sparsity: sparsity level 0.33 is not in this artifact"),
@@ -137,6 +157,15 @@ def test_bench_rejects_bad_input(args, expected, bench_artifact):
         ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),  # RMSNorm
         ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
         ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>", "other"),
+        ("_rms_norm_kernel", "norm_rotary"),  # ours (Triton, teal_quant.kernels.elementwise)
+        ("_add_rms_norm_kernel", "norm_rotary"),
+        ("_rotary_kernel", "norm_rotary"),
+        ("_silu_mul_kernel", "other"),
+        ("_decode_attention_kernel", "attention"),  # rotary + cache write + attention (kernels/attention_triton.py)
+        ("_attention_combine_kernel", "attention"),
+        ("void at::native::(anonymous namespace)::tinygemm_m16n8k16_chunk_kernel<(at::native::KReductionType)0>",
+         "linear"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "allreduce"),  # --tp
     ],
 )
 def test_kernel_groups(kernel, group):
@@ -149,8 +178,9 @@ def test_operator_groups():
     from teal_quant.bench import operator_group
 
     assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
-                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
-        ["linear", "linear", "linear", "attention", "other", "other"]
+                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_",
+                                        "c10d::allreduce_")] == \
+        ["linear", "linear", "linear", "attention", "other", "other", "allreduce"]
 
 
 # --- reports of a bench result: targets met or not, markdown rows (benchmarks/e2e.py writes them for the GPU runs,
@@ -158,18 +188,20 @@ def test_operator_groups():
 # markdown_lines.
 
 
-def variant(name, ms, level=None, top=None):
-    return {"variant": name, "level": level, "status": "ok", "realized_sparsity": level, "prefill_ms": 10.0,
+def variant(name, ms, level=None, top=None, batch=1):
+    return {"variant": name, "level": level, "status": "ok", "batch": batch, "realized_sparsity": level, "prefill_ms": 10.0,
             "decode_ms_per_token": ms, "tokens_per_s": 1000.0 / ms, "weight_bytes_per_step": 3e9,
             "bandwidth_gb_s": 3e9 / ms / 1e6, "peak_memory_bytes": 6e9, "extrapolated": None,
-            "breakdown": {"linear_ms": 1.0, "attention_ms": 0.2, "other_ms": 1.0, "launches_per_step": 836.0,
+            "breakdown": {"linear_ms": 1.0, "attention_ms": 0.2, "norm_rotary_ms": 0.1, "other_ms": 1.0,
+                          "launches_per_step": 836.0,
                           "top_other": top or []}}
 
 
 def bench_result(ours_ms, int4_ms, bf16_ms):
     rows = [variant("ours", ours_ms, 0.5, [{"name": "_rms_norm_kernel", "ms": 0.105, "calls": 65}]),
             variant("int4", int4_ms, 0.0), variant("bf16", bf16_ms)]
-    return {"variants": rows, "ratios": {"ours_over_bf16": bf16_ms / ours_ms, "ours_over_int4": int4_ms / ours_ms}}
+    return {"batch": 1, "variants": rows,
+            "ratios": {"ours_over_bf16": bf16_ms / ours_ms, "ours_over_int4": int4_ms / ours_ms}}
 
 
 def test_targets_are_met_only_at_or_above_the_wanted_value():
@@ -177,11 +209,27 @@ def test_targets_are_met_only_at_or_above_the_wanted_value():
 
     targets = {"ours_over_bf16": 3.0, "ours_over_int4": 1.8, "ours_tokens_per_s": 300.0}
     got = check_targets(bench_result(3.321, 3.872, 6.143), targets)
-    assert got["ours_over_bf16"] == {"want": 3.0, "got": pytest.approx(6.143 / 3.321), "met": False}
+    assert got["ours_over_bf16"] == {"want": 3.0, "got": pytest.approx(6.143 / 3.321), "bound": ">=", "met": False}
     assert got["ours_over_int4"]["met"] is False
     assert got["ours_tokens_per_s"]["got"] == pytest.approx(301.1, abs=0.1) and got["ours_tokens_per_s"]["met"] is True
     assert check_targets(bench_result(2.0, 3.6, 6.0), targets)["ours_over_bf16"]["met"] is True
-    assert check_targets(None, targets)["ours_over_bf16"] == {"want": 3.0, "got": None, "met": None}
+    assert check_targets(None, targets)["ours_over_bf16"] == {"want": 3.0, "got": None, "bound": ">=", "met": None}
+
+
+def test_targets_per_batch_variant_speed_and_nonlinear_time():
+    from teal_quant.bench import check_targets
+
+    r = bench_result(3.321, 3.872, 6.143)
+    r["variants"] += [variant("ours", 5.0, 0.5, batch=4), variant("bf16", 4.0, batch=4)]
+    r["ratios_by_batch"] = {"1": r["ratios"], "4": {"ours_over_bf16": 4.0 / 5.0}}
+    got = check_targets(r, {"ours_over_bf16@4": 1.0, "bf16_tokens_per_s": 150.0, "tinygemm_tokens_per_s": 314.0,
+                            "ours_nonlinear_ms": 1.3, "ours_nonlinear_ms@4": 1.0})
+    assert got["ours_over_bf16@4"]["got"] == pytest.approx(0.8) and got["ours_over_bf16@4"]["met"] is False
+    assert got["bf16_tokens_per_s"]["got"] == pytest.approx(1000 / 6.143) and got["bf16_tokens_per_s"]["met"] is True
+    assert got["tinygemm_tokens_per_s"] == {"want": 314.0, "got": None, "bound": ">=", "met": None}  # no such row
+    # attention 0.2 + norm+rotary 0.1 + other 1.0 = 1.3 ms: an upper bound, met at equality
+    assert got["ours_nonlinear_ms"] == {"want": 1.3, "got": pytest.approx(1.3), "bound": "<=", "met": True}
+    assert got["ours_nonlinear_ms@4"]["met"] is False
 
 
 def test_markdown_states_rows_kernels_targets_and_comparison_runs():
@@ -189,7 +237,8 @@ def test_markdown_states_rows_kernels_targets_and_comparison_runs():
 
     r = bench_result(3.321, 3.872, 6.143)
     text = "\n".join(markdown_lines(r))
-    assert "| ours | 0.5 | 0.500 | 10.0 | 3.321 | 301.1 |" in text
+    assert "| 1 | ours | 0.5 | 0.500 | 10.0 | 3.321 | 301.1 |" in text
+    assert "1.000 / 0.200 / 0.100 / 1.000 (836 kernels)" in text
     assert "(836 kernels)" in text and "`_rms_norm_kernel` 0.105 / 65" in text
     assert "ours_over_bf16 >= 3: got 1.85 -> NOT met" in targets_markdown(check_targets(r, {"ours_over_bf16": 3.0}))
     assert targets_markdown(check_targets(r, {})) == "targets: none (a comparison run)"

@@ -8,7 +8,9 @@ import sys
 import pytest
 from _support import WIKITEXT, tiny_recipe_text
 
-ENV = {**os.environ, "TEAL_QUANT_QUIET": "1"}
+# the product's CPU path (tests/kernels/conftest.py sets TRITON_INTERPRET for the kernel tests of the same session:
+# a CLI subprocess under the interpreter would run every GEMV in it, minutes for a tiny bench)
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TEAL_QUANT_QUIET": "1"}
 
 
 def teal_quant(*args, cwd=None):

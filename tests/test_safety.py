@@ -1,7 +1,9 @@
 """What the command line promises about a user's files (docs/safety.md), checked as a user meets it: as a subprocess,
 with real signals. --overwrite replaces only a teal-quant artifact and never the model source; the destination is
 checked before any work; two runs on one output: one wins, the other exits 2 and loses nothing; SIGTERM/SIGINT clean
-up; a SIGKILL's staging folder is removed by the next run; shard paths stay inside the folder; safetensors only."""
+up (or keep the finished layers for --resume, and say where); a SIGKILL's staging folder is removed by the next run
+unless it holds finished layers, which the next run refuses to throw away; shard paths stay inside the folder;
+safetensors only."""
 
 import json
 import os
@@ -111,7 +113,13 @@ def test_sigterm_and_sigint_clean_up(deep_llama, tmp_path, sig, code, word):
     err = proc.stderr.read()
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == code and len(lines) == 1 and lines[0].startswith(f"teal-quant: {word}"), (rc, err)
-    assert not out.exists() and not _staged(tmp_path, "art")
+    assert not out.exists()
+    if "finished layers kept in" in lines[0]:  # layers were done: kept for --resume, released by the dead run
+        (kept,) = _staged(tmp_path, "art")
+        assert f"'{kept}'" in lines[0] and "--resume" in lines[0] and (kept / ".resume" / "state.json").is_file()
+        assert json.loads((kept / ".teal-quant-writer.json").read_text())["released"]
+    else:
+        assert lines[0].endswith("partial output removed") and not _staged(tmp_path, "art")
 
 
 def test_sigkill_leftover_is_removed_by_the_next_run(deep_llama, tmp_path):
@@ -121,9 +129,16 @@ def test_sigkill_leftover_is_removed_by_the_next_run(deep_llama, tmp_path):
     proc.wait(timeout=60)
     left = _staged(tmp_path, "art")
     assert len(left) == 1 and json.loads((left[0] / ".teal-quant-writer.json").read_text())["pid"] == proc.pid
-    result = teal_quant("run", _recipe(tmp_path, deep_llama, out, sparsity=""))
+    recipe = _recipe(tmp_path, deep_llama, out, sparsity="")
+    if (left[0] / ".resume" / "state.json").is_file():  # finished layers: never thrown away by a plain rerun
+        assert_one_line_error(teal_quant("run", recipe), "an interrupted run left")
+        assert (left[0] / ".resume" / "state.json").is_file()
+        shutil.rmtree(left[0])  # the user's choice: start over
+        result = teal_quant("run", recipe)
+    else:
+        result = teal_quant("run", recipe)
+        assert f"removed '{left[0]}', left by an earlier run that was killed" in result.stderr
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"removed '{left[0]}', left by an earlier run that was killed" in result.stderr
     assert not _staged(tmp_path, "art") and (out / "config.json").is_file()
 
 

@@ -221,6 +221,9 @@ def _head_fields(head, where: str) -> dict:
 STAGED_MARK = ".partial-"  # .NAME.partial-XXXX: a run's staging folder beside its destination
 ASIDE_MARK = ".old-"  # .NAME.old-XXXX: an artifact moved aside by --overwrite, removed once the new one is in place
 OWNER_FILE = ".teal-quant-writer.json"  # in a staging folder: the pid and host of the run that writes it
+RESUME_DIR = ".resume"  # in a staging folder: what `--resume` continues from (removed before the final rename)
+RESUME_STATE = "state.json"  # in RESUME_DIR: the shards written, the spilled pending tensors, the caller's progress
+RESUME_VERSION = 1
 
 
 class DestinationError(ArtifactError):
@@ -287,6 +290,11 @@ def check_destination(destination: str | Path, *, overwrite: bool, sources: Iter
     return dest
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -309,6 +317,9 @@ def stale_partials(destination: Path) -> tuple[list[Path], list[tuple[Path, str]
     for p in sorted(entries):
         if not p.name.startswith(prefixes) or p.is_symlink() or not p.is_dir():
             continue
+        if (p / RESUME_DIR / RESUME_STATE).is_file() and _writer_gone(p):
+            kept.append((p, "it holds an interrupted run's finished layers (teal-quant run --resume continues it)"))
+            continue
         try:
             owner = json.loads((p / OWNER_FILE).read_text())
             pid, host = int(owner["pid"]), str(owner["host"])
@@ -320,6 +331,57 @@ def stale_partials(destination: Path) -> tuple[list[Path], list[tuple[Path, str]
         else:
             kept.append((p, f"process {pid} on {host} may still be writing it"))
     return removable, kept
+
+
+def _writer_gone(partial: Path) -> bool:
+    """The run that wrote this staging folder is over: it released it (an exception kept its finished layers), or it
+    was a process on this host that is no longer running (SIGKILL, a crash)."""
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(owner, dict):
+        return False
+    if owner.get("released"):
+        return True
+    try:
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return host == socket.gethostname() and not _pid_alive(pid)
+
+
+@dataclass
+class Resumable:
+    """A staging folder an interrupted run left with finished work: its path and its resume state."""
+
+    path: Path
+    state: dict
+
+    @property
+    def summary(self) -> str:
+        return str(self.state.get("summary") or "finished work")
+
+
+def resumable_partials(destination: Path) -> list[Resumable]:
+    """Staging folders of `destination` whose run is over and that hold a resume state, newest first."""
+    out = []
+    prefix = f".{destination.name}{STAGED_MARK}"
+    try:
+        entries = list(destination.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        state_file = p / RESUME_DIR / RESUME_STATE
+        if not p.name.startswith(prefix) or p.is_symlink() or not state_file.is_file() or not _writer_gone(p):
+            continue
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("version") == RESUME_VERSION:
+            out.append(Resumable(p, state))
+    return sorted(out, key=lambda r: (r.path / RESUME_DIR / RESUME_STATE).stat().st_mtime, reverse=True)
 
 
 def _umask() -> int:
@@ -365,31 +427,147 @@ class ArtifactWriter:
     destination left by a killed run are removed when their process is gone, and reported otherwise (`notes`)."""
 
     def __init__(self, destination: Path, *, max_shard_size: int, overwrite: bool = False,
-                 sources: Iterable[str | Path] = ()):
+                 sources: Iterable[str | Path] = (), fingerprint: dict[str, str] | None = None, resume: bool = False):
         self.destination = check_destination(destination, overwrite=overwrite, sources=sources)
         self.overwrite = overwrite
         self._expected = _identity(self.destination)  # what commit may replace: exactly this folder, or nothing
         self.notes: list[str] = []
+        self.fingerprint = fingerprint  # set: the run checkpoints (`checkpoint`) and can be resumed
+        self.resumed: dict | None = None  # the caller's progress of the run this writer continues (--resume)
+        self.kept_partial: Path | None = None  # where an interrupted run's finished work was kept (abort)
+        self.max_shard_size = max_shard_size
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self._spills: list[tuple[str, list[str]]] = []  # RESUME_DIR files holding tensors still pending
+        self._unspilled: list[str] = []  # pending tensors added since the last checkpoint
+        self._progress: dict | None = None
+        self._summary = ""
+        self._final: dict[str, str] | None = None  # staged shard name -> final name, once finish_tensors started
+        self.total_bytes = 0
+        self._finished = False
+        self._umask = _umask()
         removable, kept = stale_partials(self.destination)
         for p in removable:
             shutil.rmtree(p, ignore_errors=True)
             self.notes.append(f"removed '{p}', left by an earlier run that was killed")
             logger.warning(self.notes[-1])
-        for p, why in kept:  # possibly a live run's (or --resume's): said with --verbose, so a failing run's stderr
+        resumables = resumable_partials(self.destination)
+        if resume:
+            self._adopt(resumables)
+            return
+        if resumables:
+            r = resumables[0]
+            raise DestinationError(f"output '{self.destination}': an interrupted run left {r.summary} in '{r.path}'; "
+                                   "continue it with --resume, or delete that folder to start over")
+        for p, why in kept:  # possibly a live run's: said with --verbose, so a failing run's stderr stays one line
             self.notes.append(f"'{p}' is left from another run ({why}); remove it once no run is writing it")
-            logger.debug(self.notes[-1])  # stays one line
+            logger.debug(self.notes[-1])
         self.destination.parent.mkdir(parents=True, exist_ok=True, mode=0o777)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}{STAGED_MARK}", dir=self.destination.parent))
-        self._umask = _umask()
         os.chmod(self.dir, 0o777 & ~self._umask)  # mkdtemp's 0700 -> what mkdir would give
-        (self.dir / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-        self.max_shard_size = max_shard_size
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-        self._finished = False
+        self._write_owner()
 
+    def _write_owner(self, **extra) -> None:
+        (self.dir / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), **extra}) + "\n")
+
+    # ------------------------------------------------------------------ resume
+    def _adopt(self, resumables: list[Resumable]) -> None:
+        """--resume: continue the newest interrupted run of this destination, if its fingerprint is this run's."""
+        if self.fingerprint is None:
+            raise DestinationError("--resume: this command cannot resume")
+        if not resumables:
+            raise DestinationError(f"--resume: no interrupted run of '{self.destination}' to continue (no "
+                                   f"'.{self.destination.name}{STAGED_MARK}*' folder with finished layers)")
+        r = resumables[0]
+        theirs = r.state.get("fingerprint") or {}
+        for key, value in self.fingerprint.items():
+            if theirs.get(key) != value:
+                raise DestinationError(f"--resume: the interrupted run in '{r.path}' was made with a different {key} "
+                                       "than this one; run it with the same ones, or delete that folder to start over")
+        self.dir = r.path
+        self._write_owner()
+        state = r.state
+        try:
+            self._shards = [(str(name), [str(n) for n in names]) for name, names in state["shards"]]
+            self._spills = [(str(name), [str(n) for n in names]) for name, names in state["spills"]]
+            self.total_bytes = int(state["total_bytes"])
+            self._final = state.get("final")
+        except (KeyError, TypeError, ValueError):
+            raise DestinationError(f"--resume: '{self.dir}' holds an unreadable resume state; delete it to start "
+                                   "over") from None
+        for name, _ in self._shards:
+            staged, final = self.dir / name, self.dir / (self._final or {}).get(name, name)
+            if not staged.is_file() and not final.is_file():
+                raise DestinationError(f"--resume: '{self.dir}' lacks {name}, which its resume state lists; delete "
+                                       "it to start over")
+        from safetensors import safe_open
+
+        for name, names in self._spills:
+            try:
+                with safe_open(str(self.dir / RESUME_DIR / name), framework="pt") as f:
+                    for n in names:
+                        t = f.get_tensor(n)
+                        self._pending[n] = t
+                        self._pending_bytes += t.numel() * t.element_size()
+            except Exception as e:
+                raise DestinationError(f"--resume: '{self.dir}': {name} is unreadable ({first_line(e)}); delete it "
+                                       "to start over") from None
+        self._progress, self._summary = state.get("progress") or {}, str(state.get("summary") or "")
+        self.resumed = self._progress
+        keep = set(state.get("files") or [])
+        self._remove_strays(keep)
+        if self._final is not None:
+            self.finish_tensors()
+
+    def _remove_strays(self, keep: set[str]) -> None:
+        """Files an interrupted checkpoint or flush left half-written (listed in no state): they would only take disk."""
+        listed = {name for name, _ in self._shards} | set((self._final or {}).values())
+        for f in self.dir.glob("shard-*.safetensors"):
+            if f.name not in listed:
+                f.unlink()
+        resume_dir = self.dir / RESUME_DIR
+        wanted = {RESUME_STATE} | {name for name, _ in self._spills} | keep
+        if resume_dir.is_dir():
+            for f in resume_dir.iterdir():
+                if f.name not in wanted and f.is_file():
+                    f.unlink()
+
+    def resume_file(self, name: str) -> Path:
+        """A file of the caller's in the staging folder's RESUME_DIR (e.g. the hidden states a resume starts from)."""
+        folder = self.dir / RESUME_DIR
+        folder.mkdir(exist_ok=True)
+        return folder / name
+
+    def checkpoint(self, progress: dict, *, summary: str, files: Iterable[str] = ()) -> None:
+        """Make everything added so far durable, with the caller's `progress` (JSON), so `--resume` can continue from
+        here: tensors still pending are spilled to RESUME_DIR (only those added since the last checkpoint), then the
+        state is replaced in one rename. `files`: the caller's RESUME_DIR files this state needs (others go)."""
+        if self.fingerprint is None:
+            raise RuntimeError("ArtifactWriter.checkpoint without a fingerprint")
+        from safetensors.torch import save_file
+
+        if self._unspilled:
+            name = f"pending-{len(self._shards):05d}-{len(self._spills):05d}.safetensors"
+            path = self.resume_file(name)
+            save_file({n: self._pending[n] for n in self._unspilled}, str(path), metadata={"format": "pt"})
+            _fsync(path)
+            self._spills.append((name, list(self._unspilled)))
+            self._unspilled = []
+        self._progress, self._summary = progress, summary
+        self._write_state(list(files))
+
+    def _write_state(self, files: list[str]) -> None:
+        state = {"version": RESUME_VERSION, "fingerprint": self.fingerprint, "summary": self._summary,
+                 "shards": self._shards, "spills": self._spills, "total_bytes": self.total_bytes,
+                 "final": self._final, "files": files, "progress": self._progress}
+        tmp = self.resume_file(RESUME_STATE + ".tmp")
+        tmp.write_text(json.dumps(state) + "\n")
+        _fsync(tmp)
+        os.replace(tmp, self.dir / RESUME_DIR / RESUME_STATE)
+        self._remove_strays(set(files))
+
+    # ------------------------------------------------------------------ tensors
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         if self._finished:
             raise RuntimeError("ArtifactWriter.add after finish_tensors")
@@ -400,14 +578,19 @@ class ArtifactWriter:
             self._pending[name] = t.detach().to("cpu").contiguous()
             self._pending_bytes += nbytes
             self.total_bytes += nbytes
+            if self.fingerprint is not None:
+                self._unspilled.append(name)
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
         name = f"shard-{len(self._shards):05d}.safetensors"
         save_file(self._pending, str(self.dir / name), metadata={"format": "pt"})
+        if self.fingerprint is not None:
+            _fsync(self.dir / name)
         self._shards.append((name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+        self._spills, self._unspilled = [], []  # all in the shard now; their files go at the next checkpoint
 
     def write_json(self, name: str, obj) -> None:
         (self.dir / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -423,14 +606,25 @@ class ArtifactWriter:
         if self._pending:
             self._flush()
         n = len(self._shards)
+        if self._final is None:
+            self._final = {tmp: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, (tmp, _) in enumerate(self._shards)}
+            if self.fingerprint is not None and self._progress is not None:  # a resume after this point renames again
+                self._write_state(self._state_files())
         weight_map = {}
-        for i, (tmp_name, names) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / tmp_name, self.dir / final)
+        for tmp_name, names in self._shards:
+            final = self._final[tmp_name]
+            if (self.dir / tmp_name).is_file():
+                os.replace(self.dir / tmp_name, self.dir / final)
             weight_map.update({t: final for t in names})
         self.write_json(INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
         self._finished = True
         return self.dir
+
+    def _state_files(self) -> list[str]:
+        try:
+            return list(json.loads((self.dir / RESUME_DIR / RESUME_STATE).read_text()).get("files") or [])
+        except (OSError, ValueError):
+            return []
 
     def commit(self) -> Path:
         """Finish the tensors (if not done yet), then move the folder into place in one rename.
@@ -440,6 +634,7 @@ class ArtifactWriter:
         one is in place. Anything else at the destination is left alone: DestinationError, and the new artifact is
         kept under a name the message gives."""
         self.finish_tensors()
+        shutil.rmtree(self.dir / RESUME_DIR, ignore_errors=True)  # an artifact holds files only
         self._chmod_files()
         dest = self.destination
         current = _identity(dest)
@@ -493,8 +688,26 @@ class ArtifactWriter:
                                f"complete at '{kept}'")
 
     def abort(self) -> None:
-        if not getattr(self, "_kept", False):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """The run failed or was stopped: a staging folder with checkpointed work is kept for --resume (released, so
+        the next run sees whose it was); anything else is removed."""
+        if getattr(self, "_kept", False):
+            return
+        if self.fingerprint is not None and (self.dir / RESUME_DIR / RESUME_STATE).is_file():
+            try:
+                self._write_owner(released=True)
+                self.kept_partial = self.dir
+                return
+            except OSError:  # a full disk: the old owner file still names this (soon dead) process
+                self.kept_partial = self.dir
+                return
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kept_note(self) -> str:
+        """What an interrupted run kept, for its error line ('' when nothing was kept)."""
+        if self.kept_partial is None:
+            return ""
+        return (f"{self._summary or 'finished work'} kept in '{self.kept_partial}': continue with "
+                "`teal-quant run RECIPE --resume`")
 
     def __enter__(self) -> "ArtifactWriter":
         return self

@@ -135,6 +135,31 @@ def download(
     return Path(path)
 
 
+def download_file(
+    repo_id: str,
+    filename: str,
+    revision: str | None = None,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """One file of a model repo in the huggingface_hub cache (found there, or downloaded once), e.g. one weight shard
+    of a model read layer by layer."""
+    endpoint = resolve_endpoint(endpoint)
+    token = token.strip() or None if token else token
+    where = f"'{filename}' of '{repo_id}'" + (f" at revision '{revision}'" if revision else "") + f" from {endpoint}"
+    is_offline = offline()
+    with _hub_errors(f"download {where}", token, offline=is_offline):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            repo_id, filename, repo_type=REPO_TYPE, revision=revision, token=token, endpoint=endpoint,
+            cache_dir=cache_dir, local_files_only=is_offline, library_name="teal-quant",
+        )
+    return Path(path)
+
+
 def _check_model_repo(api, repo_id: str, endpoint: str) -> None:
     """create_repo(exist_ok=True) also succeeds when the name is taken by a dataset or Space: say so."""
     from huggingface_hub.errors import RepositoryNotFoundError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -67,6 +67,11 @@ def read_text(source: TextFilesSource | HFDatasetSource) -> str:
 
 
 def _dataset_column(source: HFDatasetSource) -> list[str]:
+    return [t for batch in _dataset_batches(source) for t in batch]
+
+
+def _dataset_batches(source: HFDatasetSource, batch_size: int = 1000) -> Iterator[list[str]]:
+    """The dataset's text column, a batch of rows at a time (the column is never held whole in memory)."""
     try:
         import datasets
     except ImportError:
@@ -77,7 +82,57 @@ def _dataset_column(source: HFDatasetSource) -> list[str]:
         raise DataError(f"dataset '{source.name}': cannot load split '{source.split}' ({first_line(e)})") from None
     if source.column not in ds.column_names:
         raise DataError(f"dataset '{source.name}': no column '{source.column}' (columns: {', '.join(ds.column_names)})")
-    return list(ds[source.column])
+    for batch in ds.select_columns([source.column]).iter(batch_size=batch_size):
+        yield list(batch[source.column])
+
+
+# Calibration draws `samples` random windows from a pool of POOL_FACTOR x samples x seq_len tokens: enough that windows
+# rarely overlap, without tokenizing a whole corpus (wikitext-103 is ~120M tokens; 128 x 2048 windows need 4M).
+POOL_FACTOR = 16
+CHUNK_CHARS = 4_000_000  # text is tokenized in pieces of about this many characters, cut at a paragraph break
+
+
+def iter_text(source: TextFilesSource | HFDatasetSource) -> Iterator[str]:
+    """The documents of a file or dataset source, in order (what read_text joins with blank lines), read lazily."""
+    if isinstance(source, TextFilesSource):
+        for path in expand_paths(source.paths):
+            try:
+                yield path.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise DataError(f"text file '{path}': cannot read ({e.strerror})") from None
+        return
+    for batch in _dataset_batches(source):
+        for text in batch:
+            if text and text.strip():
+                yield text
+
+
+def calibration_stream(tokenizer, source: TextFilesSource | HFDatasetSource, tokens: int) -> torch.Tensor:
+    """Token ids of the source's text, tokenized piece by piece until at least `tokens` ids are there (all of it
+    when it is shorter). A text under CHUNK_CHARS is tokenized in one call, exactly as tokenize_stream(read_text())."""
+    pieces: list[torch.Tensor] = []
+    count, buffer, buffered = 0, [], 0
+
+    def flush(text: str) -> int:
+        ids = tokenize_stream(tokenizer, text)
+        pieces.append(ids)
+        return ids.numel()
+
+    for doc in iter_text(source):
+        buffer.append(doc)
+        buffered += len(doc) + 2
+        while buffered >= CHUNK_CHARS:
+            text = "\n\n".join(buffer)
+            cut = text.rfind("\n\n", 0, CHUNK_CHARS)
+            cut = cut if cut > 0 else CHUNK_CHARS
+            count += flush(text[:cut])
+            rest = text[cut:].lstrip("\n")
+            buffer, buffered = ([rest], len(rest)) if rest else ([], 0)
+            if count >= tokens:
+                return torch.cat(pieces)
+    if buffer:
+        flush("\n\n".join(buffer))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:

@@ -10,11 +10,19 @@ Per layer (llm-compressor's sequential pipeline, with TEAL in it):
   4. propagate: run the compressed layer (dequantized weights, default-level thresholds on every token)
      so layer i+1 is calibrated on the activations it will really see.
 Only the current layer's float weights are on the compute device; hidden states wait in host memory.
+
+Under torchrun (docs/distributed.md) every rank runs the layer loop on its share of the calibration sequences
+(strided, teal_quant.distributed): histogram counts, the greedy search's sums of squared errors and GPTQ's Hessians
+are summed over the ranks (the loop's reducer is the World), so every rank takes the same decisions; each rank
+propagates and checkpoints its own hidden states; rank 0 alone writes the artifact (and evaluates it) while the
+others wait, and every rank returns rank 0's result. Errors are agreed on (distributed.agreement) at the checks, at
+each layer's write and checkpoint and at the end. The places are marked `distributed:`.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import errno
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -23,15 +31,8 @@ from typing import Callable
 
 import torch
 
-from teal_quant import __version__
-from teal_quant.architecture import (
-    ACTIVATION_POINTS,
-    PROJECTIONS,
-    build_skeleton,
-    check_shapes,
-    materialize_non_persistent_buffers,
-    projection_shapes,
-)
+from teal_quant import __version__, distributed
+from teal_quant.architecture import check_shapes
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
 from teal_quant.artifact.format import (
@@ -42,31 +43,39 @@ from teal_quant.artifact.format import (
     LM_HEAD_KEY,
     RECIPE_FILE,
     REPORT_FILE,
+    RESUME_DIR,
     ArtifactWriter,
     TealQuantConfig,
     check_destination,
-    layer_key_prefix,
-    linear_key,
 )
-from teal_quant.compression.calibrate.layer import (
-    LayerRunner,
-    SimulatedLinear,
-    allocate,
-    attach_simulated,
-    capture_histograms,
-    predicted_sparsity,
+from teal_quant.compression.data import (
+    POOL_FACTOR,
+    calibration_stream,
+    check_text_files,
+    generate_samples,
+    random_windows,
 )
-from teal_quant.compression.data import check_text_files, generate_samples, random_windows, read_text, tokenize_stream
-from teal_quant.compression.head import check_head_shape, head_bits, quantized_head
-from teal_quant.compression.quantize import QUANTIZERS, HessianAccumulator, QuantSpec
-from teal_quant.compression.quantize.rtn import dequantize_codes
+from teal_quant.compression.head import check_head_shape, quantized_head
+from teal_quant.compression.head import head_bits as head_format
+from teal_quant.compression.hidden import HiddenStates
+from teal_quant.compression.plan import existing_ancestor, plan_run
+from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
+from teal_quant.compression.quantize.layer import MethodQuantizer
+from teal_quant.compression.quantize.rtn import QuantSpec as RtnSpec
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
 from teal_quant.compression.sources.gptq import weight_format
+from teal_quant.compression.stream import (
+    SINGLE_PROCESS,
+    LayerQuantizer,
+    Peaks,
+    Reducer,
+    StreamSettings,
+    compress_layers,
+)
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, ModelSourceError
-from teal_quant.kernels import pack
+from teal_quant.errors import ArtifactError, DataError, TealQuantError
 from teal_quant.progress import Progress
 
 
@@ -83,6 +92,10 @@ class Compression:
     dense_bytes: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     eval_rows: list[dict] = field(default_factory=list)  # what the `evaluate` hook returned (and the card shows)
+    layer_seconds: list[float] = field(default_factory=list)  # per decoder layer, writing and checkpoint included
+    peak_host_bytes: int | None = None  # the process's peak resident set (ru_maxrss)
+    peak_gpu_bytes: int | None = None  # torch's peak allocated GPU memory (None on the CPU)
+    resumed_from_layer: int = 0  # --resume: the layers an interrupted run had finished
 
 
 # Called on the complete artifact directory before it is moved into place; returns teal_quant.evaluate rows.
@@ -109,7 +122,7 @@ def calibration_tokens(recipe: Recipe, src: ModelSource, tokenizer, device, dtyp
         del model
         return tokens
     task = progress.add_task("tokenizing calibration text", total=None)
-    stream = tokenize_stream(tokenizer, read_text(cal.source))
+    stream = calibration_stream(tokenizer, cal.source, POOL_FACTOR * cal.samples * cal.seq_len)
     progress.update(task, total=1, completed=1)
     return random_windows(stream, cal.samples, cal.seq_len, cal.seed, tokenizer.bos_token_id)
 
@@ -123,134 +136,448 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
-    """A rough size of the artifact from the model config alone: the seven projections of every layer at `bits`
-    per weight plus a scale and a zero point (model dtype) per group, the embedding (and an untied LM head) in the
-    model dtype, plus 5 % and 16 MB for norms, thresholds, tokenizer and metadata."""
-    linear = config.num_hidden_layers * sum(k * n for k, n in projection_shapes(config).values())
-    quantized = linear * bits / 8 + linear / (group_size if group_size > 0 else config.hidden_size) * 2 * dtype_bytes
-    embedding = config.vocab_size * config.hidden_size * dtype_bytes * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return int((quantized + embedding) * 1.05) + 16 * 2**20
-
-
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
-    where = _existing_ancestor(out.resolve().parent)
+    where = existing_ancestor(out.resolve().parent)
     free = shutil.disk_usage(where).free
     if free < needed:
         raise ArtifactError(f"output '{out}': about {needed / 1e9:.2f} GB needed (estimated from the model config), "
                             f"only {free / 1e9:.2f} GB free on '{where}'")
 
 
-def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path:
+def compress(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
+             resume: bool = False) -> Path:
     """Run a recipe's compression and return the artifact directory."""
-    return compress_recipe(recipe, output_dir, overwrite=overwrite).artifact
+    return compress_recipe(recipe, output_dir, overwrite=overwrite, resume=resume).artifact
 
 
 def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool | None = None,
-                    evaluate: Evaluate | None = None) -> Compression:
+                    evaluate: Evaluate | None = None, resume: bool = False,
+                    reducer: Reducer = SINGLE_PROCESS) -> Compression:
     """Compress `recipe` into one artifact. The recipe is read, never rewritten: the format of the weights is resolved
     from it and the source once (sources.gptq.weight_format). `evaluate`, when given, runs on the complete artifact
-    directory before it is moved into place, so the model card is written once, with its rows."""
+    directory before it is moved into place, so the model card is written once, with its rows.
+
+    Every finished layer is checkpointed in the staging folder (its packed tensors and the hidden states entering the
+    next layer, with a fingerprint of the run); a run that fails or is stopped keeps them, and `resume=True`
+    continues from the last finished layer, giving the same artifact bytes as an uninterrupted run."""
     t0 = time.time()
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
-    default_index = levels.index(sp.default) if sp.default in levels else 0
-    # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
-    check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
-
-    check_inputs(recipe)
+    world = distributed.current()
+    with distributed.agreement("checking the inputs", world):  # distributed: an error on any rank stops every rank
+        device = select_device(recipe.runtime.device, option="runtime.device")
+        world = distributed.init(device)  # distributed: join torchrun's job (nothing in one process)
+        device = world.local_device(device)
+        if world.is_main:  # the output's rules before the model is opened (again, with the resolved source, below)
+            check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
+        check_inputs(recipe)
+        _check_world(recipe, world)
+    if world.distributed and reducer is SINGLE_PROCESS:
+        reducer = world  # distributed: the layer loop sums its statistics over the ranks
 
     with Progress() as progress:
-        task = progress.add_task(f"opening {recipe.model.source}", total=None)
-        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision)
-        progress.update(task, total=1, completed=1)
-        weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
-        spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
-        # None: keep the checkpoint's own codes (GPTQSource.packed), repacked bit for bit
-        quantizer = None if recipe.quantization.method == "from_checkpoint" else QUANTIZERS[recipe.quantization.method]
-        check_shapes(src.config, spec.group_size)
-        head = head_bits(recipe.quantization.lm_head)
-        check_head_shape(src.config, head)
-        dtype = weights.dtype
-        check_disk_space(out, estimated_artifact_bytes(src.config, spec.bits, spec.group_size,
-                                                       torch.empty((), dtype=dtype).element_size()))
-        compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
-        tokenizer = src.tokenizer()
+        # distributed: rank 0 opens (downloads) the model first, then the others find it in the cache; only rank 0
+        # deletes downloaded shards (keep_download false)
+        for opening in ((True, False) if world.distributed else (True,)):
+            with distributed.agreement("opening the model", world):
+                if world.is_main == opening:
+                    task = progress.add_task(f"opening {recipe.model.source}", total=None)
+                    src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision,
+                                     keep_download=recipe.model.keep_download or not world.is_main)
+                    progress.update(task, total=1, completed=1)
+        with distributed.agreement("checking the model", world):
+            weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
+            spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
+            check_shapes(src.config, spec.group_size)
+            head_bits = head_format(recipe.quantization.lm_head)
+            check_head_shape(src.config, head_bits)
+            dtype = weights.dtype
+            quantizer = layer_quantizer(recipe, src, spec, dtype)
+            compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+            hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
+            if not resume and world.is_main:  # disk, host and GPU memory, from the config (one process's plan)
+                plan_run(recipe, out, src=src, timing=False).check()
+            tokenizer = src.tokenizer()
+            fingerprint = {**run_fingerprint(recipe, src), "number of processes": str(world.size)}
         stages["load"] = time.time() - t0
 
-        t = time.time()
-        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
-        stages["calibration data"] = time.time() - t
-
-        t = time.time()
         quant = TealQuantConfig(
             bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-            quantizer="gptq" if quantizer is None else recipe.quantization.method,
+            quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
-            lm_head_bits=head, lm_head_group_size=None if head is None else spec.group_size,
-            modules_to_not_convert=[] if head is not None else [HEAD_MODULE],
+            lm_head_bits=head_bits, lm_head_group_size=None if head_bits is None else spec.group_size,
+            modules_to_not_convert=[] if head_bits is not None else [HEAD_MODULE],
         )
-        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
-                                sources=[src.path])
-        with writer:
-            report_layers, dense_params = _compress_layers(
-                recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress
-            )
-            non_layer = src.tensors(src.non_layer_tensor_names())
-            dense_params += sum(t.numel() for t in non_layer.values())
-            if head is not None:  # the head's own packed tensors (a tied head: a quantized copy of the embedding)
-                weight = non_layer.pop(LM_HEAD_KEY, None)
-                writer.add(quantized_head(non_layer[EMBEDDING_KEY] if weight is None else weight,
-                                          QuantSpec(bits=head, group_size=spec.group_size, sym=spec.sym), dtype))
-            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
-            report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-            plot = None
-            if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
-                plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
-                plot = ALLOCATION_PLOT_FILE
-            staged = writer.finish_tensors()
-            stages["compress"] = time.time() - t
-            progress.stop()  # the evaluation shows its own progress
+        settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
+        with distributed.agreement("creating the output", world):  # distributed: only rank 0 writes
+            writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
+                                    sources=[src.path], fingerprint=fingerprint, resume=resume) if world.is_main else None
+            kept = (writer.resumed or {}, str(writer.dir)) if writer is not None else None
+        state, staging = distributed.broadcast_object(kept, world)  # distributed: rank 0's resume state and folder
+        # distributed: rank r > 0 keeps its own hidden states in the staging folder's RESUME_DIR/rank-r
+        resume_file = writer.resume_file if writer is not None else _rank_resume_file(Path(staging), world.rank)
+        ranks = _calibrated_on(recipe, world)
+        path = None
+        try:
+            with writer if writer is not None else contextlib.nullcontext(), _disk_full_is_an_error(out):
+                t = time.time()
+                if state:
+                    report_layers, dense_params = list(state["report"]), int(state["dense_params"])
+                    with distributed.agreement("reading the checkpoint", world):
+                        hidden = _restore_hidden(state, resume_file, recipe, hidden_dtype, world)
+                    if src.hub is not None and world.is_main:  # shards the interrupted run downloaded: ours to delete
+                        src.hub.adopt(state.get("hub_downloaded") or [])
+                else:
+                    with distributed.agreement("reading the calibration data", world):  # rank 0's tokens, everywhere
+                        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress) \
+                            if world.is_main else None
+                    tokens = distributed.broadcast_object(tokens, world)
+                    tokens = tokens[world.split(tokens.shape[0])]  # distributed: this rank's sequences (all in one)
+                    hidden = _new_hidden(recipe, resume_file, (*tokens.shape, src.config.hidden_size), hidden_dtype)
+                    with distributed.agreement("embedding the calibration tokens", world):
+                        dense_params = embed_tokens(src, tokens, hidden, writer, dtype)
+                    del tokens
+                    report_layers = []
+                stages["calibration data"] = time.time() - t
 
-            calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
-            card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
-                             quant=quant, quantization=quantization_summary(recipe),
-                             calibration_sparsity=calibration_sparsity,
-                             license=base_model_license(src.path, src.gguf_file),
-                             repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
-            eval_rows: list[dict] = []
-            try:
-                if evaluate is not None:
-                    eval_rows = evaluate(staged)
-                    window = recipe.eval.window if recipe.eval else None
-                    dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
-                    card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
-                    if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
-                        writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
-                                                                           "dataset": dataset}})
-            finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
-                writer.write_text(CARD_FILE, model_card(card))
-                path = writer.commit()
+                t = time.time()
+                if not state.get("non_layer_done"):
+                    dense_params = _compress_all_layers(src, quantizer, hidden, settings, writer, report_layers,
+                                                        dense_params, progress, reducer, world, resume_file)
+                    with distributed.agreement("writing the last tensors", world):
+                        if writer is not None:
+                            non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
+                            dense_params += sum(t.numel() for t in non_layer.values())
+                            if head_bits is not None:  # the head's own packed tensors (tied: a quantized embedding copy)
+                                head = non_layer.pop(LM_HEAD_KEY, None)
+                                if head is None:
+                                    head = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+                                writer.add(quantized_head(head, RtnSpec(bits=head_bits, group_size=spec.group_size,
+                                                                        sym=spec.sym), dtype))
+                                del head
+                            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+                            del non_layer
+                            writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src,
+                                                              non_layer_done=True),
+                                              summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
+                            src.release_remaining()
+                hidden.close()
+                if world.distributed:  # every rank's peak memory, in the report (one process: the layers' peaks)
+                    for row, rank_peaks in zip(ranks, distributed.gather_objects(Peaks(device).snapshot(), world)):
+                        row["peaks"] = rank_peaks
+                # distributed: rank 0 writes, evaluates and commits; the others wait here for its outcome
+                with distributed.agreement("writing the artifact", world):
+                    if writer is not None:
+                        path, eval_rows, calibration_sparsity = _finish_artifact(
+                            writer, recipe, src, tokenizer, quant, dtype, report_layers, ranks, progress, evaluate)
+                        stages["compress"] = time.time() - t
+        except BaseException as e:
+            if writer is not None:
+                _note_kept_work(e, writer)
+            raise
 
+    if writer is None:
+        return distributed.broadcast_object(None, world)  # distributed: rank 0's result, on every rank
     block_layers = [r["block_error"] for r in report_layers]
-    return Compression(
+    peaks = Peaks(device).snapshot()
+    return distributed.broadcast_object(Compression(
         artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
         block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
-    )
+        layer_seconds=[r.get("seconds", 0.0) for r in report_layers], peak_host_bytes=peaks["host_rss_bytes"],
+        peak_gpu_bytes=peaks.get("gpu_allocated_bytes"), resumed_from_layer=int(state.get("layers_done", 0)),
+    ), world)
+
+
+def _finish_artifact(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant: TealQuantConfig,
+                     dtype: torch.dtype, report_layers: list[dict], ranks: list[dict], progress: Progress,
+                     evaluate: Evaluate | None) -> tuple[Path, list[dict], list[float]]:
+    """Metadata, allocation plot, the final shard names, the evaluation (when asked) and the card; then the rename.
+    Returns (artifact path, eval rows, calibration sparsity per level)."""
+    levels = quant.levels
+    report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers, ranks)
+    plot = None
+    if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
+        plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
+        plot = ALLOCATION_PLOT_FILE
+    staged = writer.finish_tensors()
+    progress.stop()  # the evaluation shows its own progress
+
+    calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+    card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
+                     quant=quant, quantization=quantization_summary(recipe),
+                     calibration_sparsity=calibration_sparsity,
+                     license=base_model_license(src.path, src.gguf_file),
+                     repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
+    eval_rows: list[dict] = []
+    try:
+        if evaluate is not None:
+            eval_rows = evaluate(staged)
+            window = recipe.eval.window if recipe.eval else None
+            dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
+            card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
+            if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
+                writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
+                                                                   "dataset": dataset}})
+    finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+        writer.write_text(CARD_FILE, model_card(card))
+        path = writer.commit()
+    return path, eval_rows, calibration_sparsity
+
+
+def _check_world(recipe: Recipe, world: distributed.World) -> None:
+    """Distributed: every rank needs at least one calibration sequence (and, with GPTQ, one of its samples)."""
+    if not world.distributed:
+        return
+    samples = recipe.calibration.samples
+    if samples < world.size:
+        raise DataError(f"calibration.samples {samples} is fewer than the {world.size} processes of this job: each "
+                        "rank calibrates on its own sequences (raise calibration.samples or use fewer processes)")
+    gptq = recipe.quantization.gptq
+    if gptq is not None and gptq.samples and gptq.samples < world.size:
+        raise DataError(f"quantization.gptq.samples {gptq.samples} is fewer than the {world.size} processes of this "
+                        "job: each rank accumulates the Hessians of its own samples")
+
+
+def _calibrated_on(recipe: Recipe, world: distributed.World) -> list[dict]:
+    """Who calibrated on what (calibration_report.json's `ranks`): each rank's global sequence indices and tokens."""
+    samples, seq_len = recipe.calibration.samples, recipe.calibration.seq_len
+    rows = []
+    for rank in range(world.size):
+        sequences = list(range(samples))[distributed.World(rank=rank, size=world.size).split(samples)]
+        rows.append({"rank": rank, "sequences": sequences, "tokens": len(sequences) * seq_len})
+    return rows
+
+
+def _rank_resume_file(staging: Path, rank: int):
+    """distributed: `ArtifactWriter.resume_file` for rank `rank` > 0: its files in RESUME_DIR/rank-<rank>."""
+    def resume_file(name: str) -> Path:
+        folder = staging / RESUME_DIR / f"rank-{rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    return resume_file
+
+
+def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: HiddenStates, settings: StreamSettings,
+                         writer: ArtifactWriter | None, report_layers: list[dict], dense_params: int, progress: Progress,
+                         reducer: Reducer, world: distributed.World = distributed.SINGLE,
+                         resume_file: Callable[[str], Path] | None = None) -> int:
+    """The layer loop from the first unfinished layer: each layer's tensors into the writer, then a checkpoint (its
+    tensors spilled, the hidden states entering the next layer, the report so far); one plain line per layer in a log.
+
+    distributed: `writer` is None except on rank 0; every rank saves its own hidden states (`resume_file`), then rank 0
+    checkpoints, so a checkpoint never names a layer whose hidden states some rank has not saved."""
+    resume_file = resume_file or writer.resume_file
+    levels, default_index = settings.levels, settings.default_index
+    first = len(report_layers)
+    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps", completed=first)
+    greedy: dict[int, object] = {}
+
+    def on_stage(i: int, name: str) -> None:
+        if name == "allocate":
+            greedy[i] = progress.add_task(f"layer {i}: {settings.allocation} allocation", total=levels[-1] or 1.0,
+                                          plain=None)
+        elif i in greedy:
+            progress.remove_task(greedy.pop(i))
+
+    for result in compress_layers(src.config, src, quantizer, hidden, settings, first_layer=first, reducer=reducer,
+                                  on_stage=on_stage,
+                                  greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
+        t = time.perf_counter()
+        i = result.index
+        with distributed.agreement(f"writing layer {i}", world):  # distributed: rank 0 writes, every rank saves
+            if writer is not None:
+                writer.add(result.tensors)
+            result.tensors = {}
+            dense_params += result.dense_params
+            report_layers.append(result.report)
+            if hidden.on_disk_mode:
+                files = _hidden_files(hidden)
+            else:
+                files = [f"hidden-{i % 2}.bin"]
+                hidden.save(resume_file(files[0]))
+        write = time.perf_counter() - t
+        result.report["stage_seconds"]["write"] = round(write, 4)
+        result.report["seconds"] = round(result.report["seconds"] + write, 3)
+        with distributed.agreement(f"checkpointing layer {i}", world):
+            if writer is not None:
+                writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, files=files),
+                                  summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
+        errors = result.report["block_error"].get(settings.allocation) or next(iter(result.report["block_error"].values()))
+        peaks = result.report["peaks"]
+        gpu = f", GPU {peaks['gpu_allocated_bytes'] / 1e9:.1f} GB" if "gpu_allocated_bytes" in peaks else ""
+        progress.advance(layers_task, note=f"layer {i}: {result.report['seconds']:.1f}s, block error "
+                                           f"{errors[default_index]:.4f} at {levels[default_index]:g}, peak host "
+                                           f"{peaks['host_rss_bytes'] / 1e9:.1f} GB{gpu}")
+    return dense_params
+
+
+def _progress_state(report_layers: list[dict], dense_params: int, hidden: HiddenStates, src: ModelSource, *,
+                    files: list[str] | None = None, non_layer_done: bool = False) -> dict:
+    """What --resume needs besides the writer's tensors: the layers done (their report rows), the dense parameter
+    count, where the hidden states entering the next layer are, and the Hub shards this run downloaded."""
+    hidden_state = {"shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch."),
+                    "storage": "disk" if hidden.on_disk_mode else "memory"}
+    if hidden.on_disk_mode:
+        hidden_state["current"] = hidden.current
+    elif files:
+        hidden_state["file"] = files[0]
+    return {"layers_done": len(report_layers), "dense_params": dense_params, "report": report_layers,
+            "hidden": hidden_state, "non_layer_done": non_layer_done,
+            "hub_downloaded": list(src.hub.downloaded) if src.hub is not None else []}
+
+
+def _hidden_files(hidden: HiddenStates) -> list[str]:
+    return [f.name for f in hidden.files] if hidden.on_disk_mode else []
+
+
+def _new_hidden(recipe: Recipe, resume_file: Callable[[str], Path], shape: tuple[int, int, int],
+                dtype: torch.dtype) -> HiddenStates:
+    """`resume_file`: ArtifactWriter.resume_file (distributed: this rank's, _rank_resume_file)."""
+    if recipe.runtime.hidden_storage == "disk":
+        return HiddenStates.on_disk(resume_file("hidden-a.bin").parent, shape, dtype)
+    return HiddenStates.in_memory(shape, dtype)
+
+
+def _restore_hidden(state: dict, resume_file: Callable[[str], Path], recipe: Recipe, dtype: torch.dtype,
+                    world: distributed.World = distributed.SINGLE) -> HiddenStates:
+    """The hidden states entering the first unfinished layer, as the interrupted run checkpointed them."""
+    saved = state["hidden"]
+    shape = tuple(int(x) for x in saved["shape"])
+    if world.distributed:  # distributed: the state is rank 0's; this rank holds its own share of the sequences
+        shape = (world.local_count(recipe.calibration.samples), *shape[1:])
+    if saved["dtype"] != str(dtype).removeprefix("torch.") or saved["storage"] != recipe.runtime.hidden_storage:
+        raise ArtifactError(f"--resume: the interrupted run kept its hidden states as {saved['storage']} "
+                            f"{saved['dtype']}; this recipe asks for {recipe.runtime.hidden_storage} {dtype}")
+    if saved["storage"] == "disk":
+        return HiddenStates.on_disk(resume_file("hidden-a.bin").parent, shape, dtype, current=int(saved["current"]))
+    hidden = HiddenStates.in_memory(shape, dtype)
+    if not state.get("non_layer_done"):
+        hidden.load(resume_file(saved["file"]))
+    return hidden
+
+
+def embed_tokens(src: ModelSource, tokens: torch.Tensor, hidden: HiddenStates, writer: ArtifactWriter | None,
+                 dtype: torch.dtype) -> int:
+    """Fill `hidden` with the embeddings of the calibration tokens (the input of layer 0), batch by batch; the
+    embedding goes into the artifact right away (distributed: rank 0's writer; `writer` None elsewhere) and is freed.
+    Returns its parameter count."""
+    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+    for start in range(0, tokens.shape[0], 8):
+        hidden.write_input(start, embed[tokens[start:start + 8]])
+    if writer is not None:
+        writer.add({EMBEDDING_KEY: embed.to(dtype)})
+    n = embed.numel()
+    del embed
+    src.release(-1)  # a Hub shard that held only the embedding (keep_download false)
+    return n
+
+
+def run_fingerprint(recipe: Recipe, src: ModelSource) -> dict[str, str]:
+    """What must not change between a run and its --resume: the recipe (less output.overwrite, eval and hub, which
+    do not touch the tensors), the source's files (config, index, shard names and sizes) and the code (teal-quant's
+    and the kernels' sources, torch, transformers and safetensors versions)."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    import json
+
+    data = recipe.model_dump(mode="json")
+    data["output"].pop("overwrite", None)
+    data.pop("eval", None)
+    data.pop("hub", None)
+    recipe_hash = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "quantize_config.json"):
+        f = src.path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    files = sorted(set(src._index.values()) | ({src.path / src.gguf_file} if src.gguf_file else set()))
+    for f in files:  # a Hub model's shards come and go (keep_download): its index and the revision name them
+        size = f.stat().st_size if src.hub is None else src.hub.revision
+        h.update(f"{f.name}:{size}".encode())
+    source_hash = h.hexdigest()
+
+    code = hashlib.sha256()
+    roots = {Path(__file__).resolve().parents[1]}
+    spec = importlib.util.find_spec("teal_quant.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        roots |= {Path(p).resolve() for p in spec.submodule_search_locations}
+    seen = set()
+    for root in sorted(roots):
+        for f in sorted(root.rglob("*.py")):
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            code.update(f.name.encode() + b"\0" + f.read_bytes())
+    for package in ("torch", "transformers", "safetensors"):
+        try:
+            code.update(f"{package}={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"recipe": recipe_hash, "model source": source_hash, "code version": code.hexdigest()}
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "StorageFull" in str(e):  # safetensors' Rust I/O errors
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: Path):
+    """A full disk while writing is the user's to fix: one ArtifactError line (exit 2), not an internal error."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        where = existing_ancestor(out.parent)
+        free = shutil.disk_usage(where).free
+        raise ArtifactError(f"output '{out}': the disk is full ({free / 1e9:.2f} GB free on '{where}')") from None
+
+
+def _note_kept_work(error: BaseException, writer: ArtifactWriter) -> None:
+    """An interrupted run kept its finished layers: say where in the error's one line (the CLI prints `resume_note`;
+    a TealQuantError's own message carries it for API callers)."""
+    note = writer.kept_note()
+    if not note:
+        return
+    error.resume_note = note
+    if isinstance(error, TealQuantError) and error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}; {note}", *error.args[1:])
+
+
+def layer_quantizer(recipe: Recipe, src: ModelSource, spec: QuantSpec, dtype: torch.dtype) -> LayerQuantizer:
+    """The recipe's method as the layer loop's quantizer: a GPTQ checkpoint's own codes (from_checkpoint), else the
+    QUANTIZERS table's entry."""
+    qz = recipe.quantization
+    if qz.method == "from_checkpoint":
+        return src.quantizer()
+    return MethodQuantizer(QUANTIZERS[qz.method], spec, dtype, options=qz.quantizer_options(),
+                           hessian_samples=qz.gptq.samples if qz.gptq else None,
+                           sparsity_aware_level=qz.sparsity_aware)
+
+
+def stream_settings(recipe: Recipe, levels: list[float], compute_dtype: torch.dtype, dtype: torch.dtype,
+                    device: torch.device) -> StreamSettings:
+    sp = recipe.sparsity
+    return StreamSettings(levels=levels, default_level=sp.default, allocation=sp.allocation, step=sp.greedy.step,
+                          greedy_tokens=sp.greedy.tokens, last_fraction=sp.greedy.last_fraction, search=sp.greedy.search,
+                          compute_dtype=compute_dtype, storage_dtype=dtype, device=device, criterion=sp.criterion)
 
 
 def _local_source(source: str) -> list[Path]:
@@ -267,22 +594,6 @@ def _local_source(source: str) -> list[Path]:
         return [path] if path.exists() else []
     except (OSError, ValueError):  # a name the file system cannot hold: open_model says so in one line
         return []
-
-
-def _check_layer_state(src, i: int, layer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every tensor the decoder layer needs is there, with the shape its config gives: one line naming the tensor."""
-    prefix = layer_key_prefix(i)
-    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in state:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' is missing from the checkpoint")
-        if tuple(state[name].shape) != shape:
-            raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{name}' has shape {tuple(state[name].shape)}, "
-                                   f"the config gives {shape}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ModelSourceError(f"model '{src.path}': tensor '{prefix}{extra[0]}' is not part of a "
-                               f"{src.config.model_type} decoder layer")
 
 
 def hub_base_model(model) -> str | None:
@@ -310,149 +621,11 @@ def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
 
 
-def _compress_layers(recipe, src, tokens, writer, spec, quantizer, levels, default_index, dtype, compute_dtype, device, progress):
-    """The layer-streaming loop; returns the per-layer report and the number of dense parameters seen."""
-    sp = recipe.sparsity
-    qz = recipe.quantization
-    options = qz.quantizer_options()
-    aware_index = None if qz.sparsity_aware is None else min(
-        range(len(levels)), key=lambda j: abs(levels[j] - qz.sparsity_aware))
-    config = src.config
-    config._attn_implementation = "sdpa"
-    skeleton = build_skeleton(config, compute_dtype)
-    materialize_non_persistent_buffers(skeleton, device)
-    embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
-    hidden = torch.nn.functional.embedding(tokens, embed.to(compute_dtype))  # [S, T, D] in host memory
-    seq_len = hidden.shape[1]
-    positions = torch.arange(seq_len, device=device)[None]
-    position_embeddings = skeleton.model.rotary_emb(hidden[:1].to(device), positions)
-    n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
-    report, dense_params = [], 0
-    layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps")
-    for i in range(src.num_layers):
-        layer = skeleton.model.layers[i]
-        layer.to_empty(device=device)
-        state = src.layer_tensors(i)
-        _check_layer_state(src, i, layer, state)
-        dense_params += sum(t.numel() for t in state.values())
-        layer.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()})
-        layer.eval()
-        sims = attach_simulated(layer, sp.criterion)
-        runner = LayerRunner(layer, position_embeddings)
-
-        hists = capture_histograms(runner, sims, hidden, device)
-        greedy_task = progress.add_task(f"layer {i}: {sp.allocation} allocation", total=levels[-1] or 1.0, plain=None)
-        allocation = allocate(
-            layer, sims, hists, hidden[:n_subset].to(device), position_embeddings, levels, method=sp.allocation,
-            step=sp.greedy.step, last_fraction=sp.greedy.last_fraction,
-            progress=lambda eff, _t=greedy_task: progress.update(_t, completed=eff),
-        )
-        progress.remove_task(greedy_task)
-
-        hessians = None
-        if quantizer is not None and quantizer.needs_hessian:
-            hessians = _input_hessians(runner, sims, hidden[:qz.gptq.samples] if qz.gptq else hidden, device,
-                                       None if aware_index is None else
-                                       {p: allocation.projection_thresholds(p)[aware_index] for p in PROJECTIONS})
-        quant_task = progress.add_task(f"layer {i}: {qz.method} quantization", total=len(PROJECTIONS), plain=None)
-        tensors, quant_stats = {}, {}
-        prefix = layer_key_prefix(i)
-        for proj, module_path in PROJECTIONS.items():
-            sim = sims[proj]
-            name = prefix + module_path
-            if quantizer is None:  # the checkpoint's weights, which sim already holds dequantized (exactly)
-                tensors.update({linear_key(name, key): t for key, t in src.packed(name).items()})
-            else:
-                stats: dict = {}
-                q, scales, zeros = quantizer(sim.weight.detach().float(), spec, hessians[proj] if hessians else None,
-                                             stats=stats, **options)
-                if stats:
-                    quant_stats[proj] = stats
-                scales, zeros = scales.to(dtype), zeros.to(dtype)
-                tensors[linear_key(name, "qweight")] = pack(q, spec.bits)
-                tensors[linear_key(name, "scales")] = scales
-                tensors[linear_key(name, "zeros")] = zeros
-                # The next layer must see this layer as it will run: dequantized weights, default-level threshold.
-                w_t = dequantize_codes(q, scales, zeros, spec)  # through the rounded (model-dtype) scales and zeros
-                sim.weight = torch.nn.Parameter(w_t.t().to(compute_dtype).contiguous(), requires_grad=False)
-            progress.advance(quant_task)
-            tensors[linear_key(name, "thresholds")] = torch.tensor(allocation.projection_thresholds(proj), dtype=torch.float32)
-            if sim.channel_scale is not None:  # weight_aware: norms of the float weight's input columns
-                tensors[linear_key(name, "channel_scale")] = sim.channel_scale.to(torch.float32)
-            if sim.bias is not None:
-                tensors[linear_key(name, "bias")] = sim.bias.detach().to(dtype)
-            sim.threshold = allocation.projection_thresholds(proj)[default_index]
-        progress.remove_task(quant_task)
-        del hessians
-        projection_keys = {f"{p}.weight" for p in PROJECTIONS.values()} | {f"{p}.bias" for p in PROJECTIONS.values()}
-        for key, t in state.items():
-            if key not in projection_keys:
-                tensors[prefix + key] = t.to(dtype)
-        writer.add(tensors)
-
-        hidden = runner(hidden, device)
-        sizes = {p: s.weight.numel() for p, s in sims.items()}
-        report.append({
-            "layer": i,
-            "levels": levels,
-            "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
-            "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
-            "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
-            "block_error": allocation.errors,
-            "histograms": _compact_histograms(hists),
-            **({"quantizer": quant_stats} if quant_stats else {}),
-        })
-        layer.to("meta")
-        del sims, runner, state
-        progress.advance(layers_task)
-    return report, dense_params
-
-
-def _compact_histograms(hists: dict) -> list[dict]:
-    """Each distinct activation-score histogram of a layer, compacted (256 log bins), with the projections it feeds
-    (q, k, v share one under the magnitude criterion)."""
-    groups: list[tuple[object, list[str]]] = []
-    for proj in PROJECTIONS:
-        for h, projs in groups:
-            if h is hists[proj]:
-                projs.append(proj)
-                break
-        else:
-            groups.append((hists[proj], [proj]))
-    return [{"projections": projs, **h.compact()} for h, projs in groups]
-
-
-def _input_hessians(runner: LayerRunner, sims: dict[str, SimulatedLinear], hidden: torch.Tensor, device,
-                    thresholds: dict[str, float] | None) -> dict[str, torch.Tensor]:
-    """Each projection's input Hessian 2/n Σ x xᵀ from one pass of the float layer over `hidden`.
-
-    thresholds None: dense inputs, one Hessian per activation point (q/k/v read the same input, and gate/up).
-    Otherwise (sparsity-aware GPTQ) the layer runs with every projection at its threshold, as it will decode at
-    that level, and each projection gets the Hessian of its own thresholded input (sim.sparsify).
-    """
-    accumulators: dict[str, HessianAccumulator] = {}
-    try:
-        if thresholds is None:
-            for projs in ACTIVATION_POINTS.values():
-                first = sims[projs[0]]
-                acc = HessianAccumulator(first.weight.shape[1], device)
-                first.observer = acc.update
-                accumulators.update({p: acc for p in projs})
-        else:
-            for proj, sim in sims.items():
-                sim.threshold = thresholds[proj]
-                acc = accumulators[proj] = HessianAccumulator(sim.weight.shape[1], device)
-                sim.observer = lambda x, _sim=sim, _acc=acc: _acc.update(_sim.sparsify(x))
-        runner(hidden, device)
-    finally:
-        for sim in sims.values():
-            sim.observer, sim.threshold = None, 0.0
-    return {p: acc.hessian for p, acc in accumulators.items()}
-
-
-def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> dict:
+def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers,
+                    ranks: list[dict]) -> dict:
     """Everything but the tensors and the model card: config (with the resolved quantization_config), generation
-    config, tokenizer, the recipe as it was read, and the calibration report."""
+    config, tokenizer, the recipe as it was read, and the calibration report (with the processes that calibrated:
+    `world_size` and, per rank, the sequences and tokens it calibrated on and its peak memory)."""
     from transformers import GenerationConfig
 
     config = src.config
@@ -469,6 +642,6 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     tokenizer.save_pretrained(writer.dir)
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
     report = {"teal_quant_version": __version__, "levels": quant.levels, "quantization": quantization_summary(recipe),
-              "layers": report_layers}
+              "world_size": len(ranks), "ranks": ranks, "layers": report_layers}
     writer.write_json(REPORT_FILE, report)
     return report

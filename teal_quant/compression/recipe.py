@@ -34,6 +34,9 @@ class ModelSpec(_Section):
     # the base model's Hub repo id, for the model card's `base_model` metadata when `source` is a local directory or
     # `package:NAME` (a Hub id source names itself)
     base_model: str | None = None
+    # a Hub source's safetensors shards are downloaded one by one as the layers need them; false: each shard this run
+    # downloaded is deleted from the cache once its layers are done (a 70B model on a 64 GB disk)
+    keep_download: bool = True
 
     @field_validator("base_model")
     @classmethod
@@ -141,11 +144,14 @@ class QuantizationSpec(_Section):
 
 
 class GreedySpec(_Section):
-    """TEAL's block-wise greedy search: step size, and how many calibration tokens each block error uses."""
+    """TEAL's block-wise greedy search: step size, how many calibration tokens each block error uses (the error counts
+    the last fraction of each sequence), and which candidates each step measures (search: "lazy" re-measures only
+    the promising ones, "exact" all of them; see calibrate.allocation.greedy_allocation)."""
 
     step: float = Field(default=0.05, gt=0, le=0.5)
     tokens: int = Field(default=2048, ge=16)
     last_fraction: float = Field(default=0.25, gt=0, le=1)
+    search: Literal["lazy", "exact"] = "lazy"
 
 
 class SparsitySpec(_Section):
@@ -203,6 +209,11 @@ class EvalSpec(_Section):
 class RuntimeSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # the calibration hidden states between layers (one buffer, samples x seq_len x hidden): their dtype (auto: the
+    # compute dtype; bfloat16 halves the buffer) and where they live (memory, or disk: two files in the staging
+    # folder, read and written a batch at a time)
+    hidden_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    hidden_storage: Literal["memory", "disk"] = "memory"
 
 
 class HubSpec(_Section):

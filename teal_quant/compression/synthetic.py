@@ -9,7 +9,8 @@ layer build only that layer (dequantized weights), capture |x| at its four activ
 allocation's thresholds for every level, propagate the hidden states at the default level, drop the layer.
 At most one float layer exists at a time, so a 70B artifact is made on one GPU.
 
-Two sinks share the per-layer generator's stream (`SyntheticLayers.stream`): `write_synthetic` here (an artifact
+The per-layer work is the pipeline's own layer loop (compression.stream), with this module's random codes as both
+the weights and the quantizer. Two sinks share the per-layer generator's stream (`SyntheticLayers.stream`): `write_synthetic` here (an artifact
 on disk, through ArtifactWriter) and teal_quant.bench.build_synthetic_model (the TealLinear model assembled directly
 on the device by runtime.assemble, for `teal-quant bench`).
 """
@@ -26,13 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from teal_quant.architecture import (
-    PROJECTIONS,
-    SUPPORTED_MODEL_TYPES,
-    build_skeleton,
-    check_shapes,
-    materialize_non_persistent_buffers,
-)
+from teal_quant.architecture import PROJECTIONS, SUPPORTED_MODEL_TYPES, build_skeleton, check_shapes
 from teal_quant.artifact.format import (
     EMBEDDING_KEY,
     HEAD_FORMATS,
@@ -40,18 +35,11 @@ from teal_quant.artifact.format import (
     REPORT_FILE,
     ArtifactWriter,
     TealQuantConfig,
-    layer_key_prefix,
-    linear_key,
-)
-from teal_quant.compression.calibrate.layer import (
-    LayerRunner,
-    allocate,
-    attach_simulated,
-    capture_histograms,
-    predicted_sparsity,
 )
 from teal_quant.compression.head import check_head_shape, quantized_head
+from teal_quant.compression.hidden import HiddenStates
 from teal_quant.compression.quantize.rtn import QuantSpec, dequantize_codes
+from teal_quant.compression.stream import StreamSettings, compress_layers
 from teal_quant.devices import select_device
 from teal_quant.errors import ModelSourceError, TealQuantError, first_line
 from teal_quant.kernels import pack
@@ -164,7 +152,10 @@ def projection_std(proj: str, in_features: int, num_layers: int) -> float:
 
 @dataclass
 class SyntheticLayers:
-    """The per-layer generator both sinks share. Tensors come out on `device`, keyed by their artifact names."""
+    """The per-layer generator both sinks share. Tensors come out on `device`, keyed by their artifact names.
+
+    For the layer loop (compression.stream.compress_layers) it is both the `LayerWeights` (each layer's random
+    codes drawn, dequantized into float weights) and the `LayerQuantizer` (the drawn codes are the packed tensors)."""
 
     config: object
     spec: SyntheticSpec
@@ -177,6 +168,8 @@ class SyntheticLayers:
         # bf16 on a GPU (what the model runs in); float32 on the CPU, where half-precision matmuls are slow.
         self.compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.generator = torch.Generator(device=self.device).manual_seed(self.spec.seed)
+        self._shapes = build_skeleton(self.config, torch.float32)  # meta: the names and shapes of every parameter
+        self._codes: dict[str, dict[str, torch.Tensor]] = {}
 
     def _randn(self, *shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
         t = torch.randn(*shape, generator=self.generator, device=self.device, dtype=torch.float32)
@@ -199,67 +192,54 @@ class SyntheticLayers:
                                       STORAGE_DTYPE))
         return out
 
+    # ---- LayerWeights
+    def layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Random codes for each projection (kept for `quantize`), dequantized into the float weights the layer is
+        calibrated with; norms (~1) and any other parameter (small) drawn in STORAGE_DTYPE."""
+        c, spec, qspec = self.config, self.spec, self.spec.quant_spec
+        layer = self._shapes.model.layers[index]
+        state: dict[str, torch.Tensor] = {}
+        for proj, path in PROJECTIONS.items():
+            linear = layer.get_submodule(path)
+            q, scales, zeros = random_projection(linear.in_features, linear.out_features,
+                                                 projection_std(proj, linear.in_features, c.num_hidden_layers),
+                                                 qspec, self.generator, self.device)
+            state[f"{path}.weight"] = dequantize_codes(q, scales, zeros, qspec).t()
+            self._codes[proj] = {"qweight": pack(q, spec.bits), "scales": scales, "zeros": zeros}
+            if linear.bias is not None:
+                state[f"{path}.bias"] = self._randn(linear.out_features, std=0.02)
+        for name, param in layer.named_parameters():
+            if name not in state:
+                state[name] = self._randn(*param.shape, std=0.05, mean=1.0 if "norm" in name else 0.0)
+        return state
+
+    def release(self, index: int) -> None:
+        self._codes = {}
+
+    # ---- LayerQuantizer
+    def prepare(self, work) -> None:
+        return None
+
+    def quantize(self, work, proj: str) -> tuple[dict[str, torch.Tensor], None]:
+        return self._codes[proj], None  # the float weight already is the codes' dequantization
+
+    def finish(self, work) -> dict:
+        return {}
+
     @torch.no_grad()
     def layers(self, embed: torch.Tensor, progress: Callable[[int], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Yield each decoder layer's tensors (packed projections, thresholds, norms), calibrated in order."""
         spec, c, device, dtype = self.spec, self.config, self.device, self.compute_dtype
-        levels = spec.all_levels
-        default_index = min(range(len(levels)), key=lambda j: abs(levels[j] - spec.default))
-        skeleton = build_skeleton(c, dtype)
-        materialize_non_persistent_buffers(skeleton, device)
         tokens = torch.randint(0, c.vocab_size, (spec.samples, spec.seq_len), generator=self.generator, device=device)
-        hidden = nn.functional.embedding(tokens, embed.to(device=device, dtype=dtype))
-        positions = torch.arange(spec.seq_len, device=device)[None]
-        position_embeddings = skeleton.model.rotary_emb(hidden[:1], positions)
-        qspec = spec.quant_spec
-        for i in range(c.num_hidden_layers):
-            layer = skeleton.model.layers[i]
-            layer.to_empty(device=device)
-            prefix = layer_key_prefix(i)
-            tensors: dict[str, torch.Tensor] = {}
-            projection_params = set()
-            for proj, path in PROJECTIONS.items():
-                linear = layer.get_submodule(path)
-                q, scales, zeros = random_projection(linear.in_features, linear.out_features,
-                                                     projection_std(proj, linear.in_features, c.num_hidden_layers),
-                                                     qspec, self.generator, device)
-                linear.weight.copy_(dequantize_codes(q, scales, zeros, qspec).t())
-                linear_name = prefix + path
-                tensors.update({linear_key(linear_name, "qweight"): pack(q, spec.bits),
-                                linear_key(linear_name, "scales"): scales, linear_key(linear_name, "zeros"): zeros})
-                projection_params.add(f"{path}.weight")
-                if linear.bias is not None:
-                    linear.bias.copy_(self._randn(linear.out_features, std=0.02))
-                    tensors[linear_key(linear_name, "bias")] = linear.bias.to(STORAGE_DTYPE)
-                    projection_params.add(f"{path}.bias")
-            for name, param in layer.named_parameters():
-                if name not in projection_params:  # norms (~1) and any other parameter (small)
-                    value = self._randn(*param.shape, std=0.05, mean=1.0 if "norm" in name else 0.0)
-                    param.copy_(value)
-                    tensors[prefix + name] = value
-            layer.eval()
-            sims = attach_simulated(layer)
-            runner = LayerRunner(layer, position_embeddings)
-            hists = capture_histograms(runner, sims, hidden, device)
-            allocation = allocate(layer, sims, hists, hidden[:1], position_embeddings, levels, method="uniform",
-                                  step=0.1, last_fraction=0.5, compare_uniform=False)
-            for proj, path in PROJECTIONS.items():
-                thresholds = allocation.projection_thresholds(proj)
-                tensors[linear_key(prefix + path, "thresholds")] = torch.tensor(thresholds, dtype=torch.float32)
-                sims[proj].threshold = thresholds[default_index]
-            hidden = runner(hidden, device)  # what layer i+1 really sees: this layer at the default level
-            sizes = {p: s.weight.numel() for p, s in sims.items()}
-            self.report.append({
-                "layer": i, "levels": levels,
-                "sparsity": [{p: round(s, 6) for p, s in a.items()} for a in allocation.sparsities],
-                "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
-                "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
-                "block_error": allocation.errors,
-                "hidden_rms": float(hidden.float().pow(2).mean().sqrt()),
-            })
-            layer.to("meta")
-            del sims, runner, hists
-            yield tensors
+        hidden = HiddenStates.in_memory((spec.samples, spec.seq_len, c.hidden_size), dtype, device)
+        hidden.write_input(0, nn.functional.embedding(tokens, embed.to(device=device, dtype=dtype)))
+        settings = StreamSettings(levels=spec.all_levels, default_level=spec.default, allocation="uniform", step=0.1,
+                                  greedy_tokens=spec.seq_len, last_fraction=0.5, compute_dtype=dtype,
+                                  storage_dtype=STORAGE_DTYPE, device=device, compare_uniform=False)
+        for result in compress_layers(c, self, self, hidden, settings):
+            result.report["hidden_rms"] = float(hidden.tensor.float().pow(2).mean().sqrt())
+            self.report.append(result.report)
+            yield result.tensors
             if progress is not None:
                 progress(1)
 

@@ -10,6 +10,12 @@ every row is finished only every `eos_check_every` tokens. `next_token` replaces
 logits [B, V] and the [1] position of the token they follow; teal_quant/runtime/generation.py's sampler), inside the
 captured step; the realized-sparsity counters are off in the step unless asked (`track_sparsity`).
 
+On CUDA a Llama-family model's step is `teal_quant.runtime.decode_step.FusedDecodeStep` (residual add + RMSNorm in
+one launch, rotary + cache write + GQA attention over the static cache in one launch, no mask, no copies); with
+greedy decoding, one EOS id and no separate pad id, the step's tail (argmax, EOS, token / output / position updates)
+is `kernels.greedy_advance` (two launches). Other models, and `fused_step=False`, run the transformers forward; other
+tails (sampling, several EOS ids) run in torch ops.
+
 Works for any transformers causal LM with a static cache (a dense bf16 model as well as a teal_quant one).
 transformers 5.24 takes `cache=` and tracks cache positions inside the cache; 5.17 takes `past_key_values=` and
 `cache_position=`: the forward's signature decides which keywords are passed (`_forward_kwargs`).
@@ -25,6 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from teal_quant import kernels
 from teal_quant.runtime.modules import counting, decode_tracking
 
 MAX_EOS_IDS = 8  # EOS ids a generation may stop on (a static buffer, so a captured graph serves any set)
@@ -40,11 +47,15 @@ class Decoder:
     On CUDA the model's q/k/v and gate/up TealLinear groups are fused first (teal_quant/runtime/fusion.py) and its
     Llama-style RMSNorm, SiLU-and-mul and rotary take one-launch kernels (teal_quant/runtime/elementwise.py; dense models
     too). `fuse=False` keeps the eager calls, `fuse_elementwise=False` only the eager elementwise ops (both for
-    comparisons)."""
+    comparisons). `fused_step=None` runs the fused decode step (teal_quant/runtime/decode_step.py) on CUDA whenever
+    the model qualifies (`fused_step_error` says why not), True requires it (on the CPU too: the kernels' references),
+    False keeps the transformers forward; `fused_step_options` go to FusedDecodeStep (glue / attention variants for
+    benchmarks)."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_length: int, cuda_graph: bool | None = None,
                  eos_check_every: int = 8, fuse: bool = True, fuse_elementwise: bool | None = None,
-                 next_token: Callable[[Tensor, Tensor], Tensor] | None = None, track_sparsity: bool | None = None):
+                 next_token: Callable[[Tensor, Tensor], Tensor] | None = None, track_sparsity: bool | None = None,
+                 fused_step: bool | None = None, fused_step_options: dict | None = None):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
@@ -81,6 +92,23 @@ class Decoder:
         self.graph_error: str | None = None  # why capture failed, if it did (then steps run eagerly)
         self.length = 0  # tokens in the cache + the pending one in self._tokens (host-side count, no sync)
         self._logits: Tensor | None = None
+        self._fused = None  # the FusedDecodeStep, when the step runs fused
+        self.fused_step_error: str | None = None  # why the step is not fused, when fused_step=None found it cannot be
+        if fused_step or (fused_step is None and self.device.type == "cuda"):
+            from teal_quant.runtime.decode_step import FusedDecodeStep, fused_step_support
+
+            reason = fused_step_support(model)
+            if reason is None:
+                self._fused = FusedDecodeStep(model, self.cache, batch_size=b, max_length=self.max_length,
+                                              **(fused_step_options or {}))
+            elif fused_step:
+                raise ValueError(f"fused_step=True: {reason}")
+            else:
+                self.fused_step_error = reason
+        # The one-kernel greedy tail: fused step, argmax, at most one EOS id that finished rows repeat (prefill
+        # switches to the torch tail, dropping a captured graph, when a generation asks for more)
+        self._kernel_tail = self._fused is not None and next_token is None
+        self._greedy_workspace: Tensor | None = None
 
     @property
     def logits(self) -> Tensor | None:
@@ -109,8 +137,24 @@ class Decoder:
     def _step_body(self) -> None:
         """One decode step on the static buffers only (what the CUDA graph captures)."""
         pos = self._pos
-        self._mask.index_fill_(1, pos, 1)
-        logits = self._logits = self._forward(self._tokens, pos, self._mask)
+        if self._fused is not None:
+            with counting(self.track_sparsity):
+                logits = self._logits = self._fused(self._tokens, pos)
+        else:
+            self._mask.index_fill_(1, pos, 1)
+            logits = self._logits = self._forward(self._tokens, pos, self._mask)
+        self._advance(logits)
+
+    def _advance(self, logits: Tensor) -> None:
+        """The step's tail: next tokens, EOS, token / output / position buffers (two launches with the kernel tail)."""
+        pos = self._pos
+        if self._kernel_tail:
+            need = kernels.greedy_workspace_size(*logits.shape)
+            if self._greedy_workspace is None or self._greedy_workspace.numel() < need:
+                self._greedy_workspace = torch.empty(need, dtype=torch.float32, device=logits.device)
+            kernels.greedy_advance(logits, self._tokens, self._finished, self._eos[0], self._out, pos,
+                                   self._greedy_workspace)
+            return
         nxt = self._next(logits, pos)
         self._finished |= self._is_eos(nxt)
         self._tokens.copy_(nxt.unsqueeze(1))
@@ -139,10 +183,13 @@ class Decoder:
             [int(t) for t in eos_token_id]
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
+        pad = pad_token_id if pad_token_id is not None else eos[0] if eos else -1
+        if self._kernel_tail and (len(eos) > 1 or (eos and pad != eos[0])):
+            self._kernel_tail, self._graph, self.graph_error = False, None, None  # the torch tail: capture again
         self.reset()
         self._eos.fill_(-1)
         self._eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
-        self._pad.fill_(pad_token_id if pad_token_id is not None else eos[0] if eos else -1)
+        self._pad.fill_(pad)
         ids = input_ids.to(self.device, torch.long)
         self._mask[:, :p] = 1
         self._out[:, :p] = ids

@@ -148,6 +148,94 @@ def fuse_projections(model: nn.Module) -> int:
     return count
 
 
+class SharedProjection(nn.Module):
+    """Projections of one input as one module (`inner`, whose output is the parts concatenated along the last dim):
+    the dense twin of FusedGroup, for nn.Linear (the bench's bf16 baseline) or any other linear implementation
+    (the bench's tinygemm baseline). Its members are `ProjectionPart` modules in place of the original projections;
+    the first one called on a tensor computes every part, its siblings return their slice."""
+
+    def __init__(self, inner: nn.Module, split_sizes: list[int]):
+        super().__init__()
+        self.inner = inner
+        self.split_sizes = [int(n) for n in split_sizes]
+        self._clear()
+
+    def _clear(self) -> None:
+        self._x: Tensor | None = None
+        self._version = -1
+        self._parts: tuple[Tensor, ...] = ()
+        self._served: set[int] = set()
+
+    def output(self, index: int, x: Tensor) -> Tensor:
+        hit = self._x is x and self._version == x._version and index not in self._served
+        if not hit:
+            self._parts = tuple(self.inner(x).split(self.split_sizes, dim=-1))
+            self._x, self._version, self._served = x, x._version, set()
+        y = self._parts[index]
+        self._served.add(index)
+        if len(self._served) == len(self.split_sizes):
+            self._clear()
+        return y
+
+
+class ProjectionPart(nn.Module):
+    """Part `index` of a SharedProjection (what q_proj / k_proj / ... become when their group is shared)."""
+
+    def __init__(self, shared: SharedProjection, index: int):
+        super().__init__()
+        self.shared = shared
+        self.index = int(index)
+        self.in_features = getattr(shared.inner, "in_features", None)
+        self.out_features = shared.split_sizes[self.index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shared.output(self.index, x)
+
+
+def share_projections(model: nn.Module, make_inner) -> int:
+    """Replace every q/k/v and gate/up group for which `make_inner(members)` returns a module (the group as one
+    product, or None to leave the group alone) by ProjectionParts of one SharedProjection; returns the number of
+    groups. The members are dropped, so their weights are freed once nothing else holds them."""
+    count = 0
+    for parent in list(model.modules()):
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if any(m is None or isinstance(m, ProjectionPart) for m in members):
+                continue
+            inner = make_inner(members)
+            if inner is None:
+                continue
+            shared = SharedProjection(inner, [m.out_features for m in members])
+            for i, name in enumerate(names):
+                setattr(parent, name, ProjectionPart(shared, i))
+            count += 1
+    return count
+
+
+def _concat_linear(members: list[nn.Module]) -> nn.Linear | None:
+    if not all(type(m) is nn.Linear for m in members):
+        return None
+    first = members[0]
+    has_bias = [m.bias is not None for m in members]
+    if (any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype
+            or m.weight.device != first.weight.device for m in members) or len(set(has_bias)) != 1):
+        return None
+    with torch.device("meta"):
+        linear = nn.Linear(first.in_features, sum(m.out_features for m in members), bias=has_bias[0],
+                           dtype=first.weight.dtype)
+    with torch.no_grad():
+        linear.weight = nn.Parameter(torch.cat([m.weight for m in members]), requires_grad=False)
+        if has_bias[0]:
+            linear.bias = nn.Parameter(torch.cat([m.bias for m in members]), requires_grad=False)
+    return linear
+
+
+def fuse_linear_projections(model: nn.Module) -> int:
+    """One nn.Linear for each q/k/v and gate/up group of plain nn.Linear modules (same input size, dtype, device,
+    all or none with a bias): what gpt-fast's fused wqkv does for a dense model. Returns the number of groups."""
+    return share_projections(model, _concat_linear)
+
+
 def fuse_for_decode(model: nn.Module, *, projections: bool = True, elementwise: bool = True) -> None:
     """What `teal_quant.load` and the Decoder do on CUDA: fuse q/k/v and gate/up, and route the Llama-style RMSNorm,
     SiLU-and-mul and rotary to one-launch kernels (teal_quant/runtime/elementwise.py)."""

@@ -261,13 +261,18 @@ def test_input_hessians_of_a_layer(tiny_llama, aware):
     """One pass of the layer: every projection's Hessian equals 2/n Σ x xᵀ (float64) of the input it reads —
     dense and shared per activation point, or (sparsity-aware) thresholded by its own threshold with the layer
     running sparsified."""
-    from teal_quant.compression.pipeline import _input_hessians
+    from teal_quant.compression.hidden import HiddenStates
+    from teal_quant.compression.quantize.layer import input_hessians
+    from teal_quant.compression.stream import SINGLE_PROCESS, LayerPasses, LayerWork
 
     layer, hidden, pe = _tiny_layer(tiny_llama)
     sims = attach_simulated(layer)
     thresholds = {"q": 0.3, "k": 0.5, "v": 0.7, "o": 0.01, "gate": 0.4, "up": 0.2, "down": 0.02} if aware else None
+    states = HiddenStates(tuple(hidden.shape), hidden.dtype, tensor=hidden.clone())
+    passes = LayerPasses(layer, pe, states, torch.device("cpu"), torch.float32, batch_size=2)
+    work = LayerWork(0, layer, sims, None, [0.0], passes, SINGLE_PROCESS)
+    got = input_hessians(work, thresholds, None)
     runner = LayerRunner(layer, pe, batch_size=2)
-    got = _input_hessians(runner, sims, hidden, "cpu", thresholds)
     assert all(s.observer is None and s.threshold == 0 for s in sims.values())
     # reference: record every projection's raw input during the same kind of pass
     seen = {p: [] for p in sims}

@@ -44,13 +44,18 @@ def uniform_allocation(sizes: Mapping[str, int], levels: Sequence[float]) -> lis
     return [{p: float(level) for p in sizes} for level in levels]
 
 
+SEARCHES = ("lazy", "exact")
+
+
 def greedy_allocation(
-    block_error: Callable[[Mapping[str, float]], float],
+    block_errors: Callable[[list[dict[str, float]]], Sequence[float]],
     sizes: Mapping[str, int],
     levels: Sequence[float],
     step: float,
     max_sparsity: float = 0.99,
     progress: Callable[[float], None] | None = None,
+    search: str = "lazy",
+    refresh: int = 3,
 ) -> list[dict[str, float]]:
     """TEAL's block-wise greedy search, returning one allocation per level (same order as ``levels``).
 
@@ -67,25 +72,42 @@ def greedy_allocation(
     which matters on CPU. When a candidate would overshoot the next level, its step is shrunk so the effective
     sparsity lands on the level exactly (then all candidates gain the same amount and the least error wins).
 
-    ``block_error(sparsities)`` gets a full dict {projection: sparsity} and returns the block output error
-    (e.g. ||Y - Y_hat||^2 on calibration tokens). It is called once at all zeros, then once per candidate per
-    accepted step (at most len(sizes) per step). ``progress(effective)`` is called after each accepted step.
-    Levels must be sorted ascending in [0, 1) and reachable, i.e. <= max_sparsity; level 0 gives all zeros.
+    ``search``: "exact" measures every candidate at every step (TEAL). "lazy" keeps each projection's last
+    measured score (lazy greedy): at each step it re-measures the candidate with the best known score until the best
+    one was measured at the current allocation with its current step, and then accepts it; a score measured before
+    other projections moved is only an estimate, and one older than ``refresh`` accepted steps is re-measured (0:
+    never). A candidate is accepted only on a score measured at the current allocation, as in "exact". On a
+    separable error (raising one projection leaves the others' marginal errors unchanged) lazy picks exactly what
+    exact picks. On the 12 SmolLM2-135M layers of docs/quality.md, refresh 3 makes ~47 % of exact's evaluations
+    for a mean block error within 0.5 % of exact's at every level (refresh 0: 30 % of the evaluations, +3 % at s50).
+
+    ``block_errors(candidates)`` gets a list of full dicts {projection: sparsity} and returns the block output
+    error of each (e.g. ||Y - Y_hat||^2 on calibration tokens); one call per step in "exact" (all candidates at
+    once), so an implementation can batch them or all-reduce their sums in one go. ``progress(effective)`` is
+    called after each accepted step. Levels must be sorted ascending in [0, 1) and reachable, i.e. <=
+    max_sparsity; level 0 gives all zeros.
     """
     if not step > 0.0:
         raise ValueError(f"step must be positive, got {step}")
     if not 0.0 < max_sparsity <= 1.0:
         raise ValueError(f"max_sparsity must be in (0, 1], got {max_sparsity}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     _check(sizes, levels, max_sparsity)
     names = list(sizes)
+    order = {p: i for i, p in enumerate(names)}
     total = float(sum(int(sizes[p]) for p in names))
     current = {p: 0.0 for p in names}
     effective = 0.0
-    error = float(block_error(dict(current))) if any(float(x) > 0.0 for x in levels) else 0.0
+    error = float(block_errors([dict(current)])[0]) if any(float(x) > 0.0 for x in levels) else 0.0
+    # per projection, the last measured (score, error, allocation it was measured at, its gain)
+    known: dict[str, tuple[float, float, dict[str, float], float]] = {}
+    measured_at: dict[str, int] = {}
+    steps = 0
     result = []
     for level in (float(x) for x in levels):
         while effective < level - _LEVEL_TOL:
-            best = None  # (score, name, new_sparsity, new_error, new_effective)
+            moves: dict[str, tuple[float, float]] = {}  # projection -> (new sparsity, effective gain)
             for p in names:
                 if current[p] >= max_sparsity:
                     continue
@@ -94,16 +116,35 @@ def greedy_allocation(
                 if effective + gain > level:  # shrink so the layer lands exactly on the level
                     new = current[p] + (level - effective) * total / sizes[p]
                     gain = level - effective
-                candidate = dict(current)
-                candidate[p] = new
-                cand_error = float(block_error(candidate))
-                score = (cand_error - error) / gain
-                if best is None or score < best[0]:
-                    best = (score, p, new, cand_error)
-            if best is None:  # unreachable given the check above, kept as a clear failure
+                moves[p] = (new, gain)
+            if not moves:  # unreachable given the check above, kept as a clear failure
                 raise ValueError(f"level {level} not reachable under max_sparsity={max_sparsity}")
-            _, p, new, error = best
-            current[p] = new
+            candidates = {p: {**current, p: new} for p, (new, _) in moves.items()}
+
+            def measure(projs: list[str]) -> None:
+                if not projs:
+                    return
+                errors = block_errors([candidates[p] for p in projs])
+                for p, e in zip(projs, errors):
+                    known[p] = ((float(e) - error) / moves[p][1], float(e), candidates[p], moves[p][1])
+                    measured_at[p] = steps
+
+            if search == "exact":
+                measure(list(moves))
+                best = min(moves, key=lambda p: (known[p][0], order[p]))
+            else:
+                # unknown, too old, or for another step size (a step shrunk onto a level gains less per unit: a
+                # full step's score is no estimate of it)
+                measure([p for p in moves if p not in known or (refresh and steps - measured_at[p] >= refresh)
+                         or known[p][3] != moves[p][1]])
+                while True:
+                    best = min(moves, key=lambda p: (known[p][0], order[p]))
+                    if known[best][2] == candidates[best]:
+                        break
+                    measure([best])
+            current = candidates[best]
+            error = known[best][1]
+            steps += 1
             effective = effective_sparsity(current, sizes)
             if progress is not None:
                 progress(effective)

@@ -7,6 +7,7 @@ an allocation is measured by running the real layer, whatever attention or norm 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -42,10 +43,10 @@ class SimulatedLinear(nn.Module):
         self.threshold = 0.0
         self.channel_scale = channel_scale
         self.observer: Callable[[torch.Tensor], None] | None = None
-        # With `reuse` on, a call on the very same input tensor at the same threshold returns the previous
-        # output: the greedy search re-evaluates the MLP with only one projection changed.
-        self.reuse = False
-        self._last: tuple[torch.Tensor, float, torch.Tensor] | None = None
+        # reuse > 0: a call on the very same input tensor at a threshold seen among the last `reuse` calls returns
+        # that call's output (the greedy search re-evaluates the block with one projection changed at a time).
+        self.reuse = 0
+        self._recent: list[tuple[torch.Tensor, float, torch.Tensor]] = []
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """What the threshold is compared with: |x|, or |x| * channel_scale (a zero-norm channel scores 0)."""
@@ -61,11 +62,18 @@ class SimulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)
-        if self.reuse and self._last is not None and self._last[0] is x and self._last[1] == self.threshold:
-            return self._last[2]
+        if self.reuse:
+            for seen, threshold, out in self._recent:
+                if seen is x and threshold == self.threshold:
+                    return out
         out = F.linear(self.sparsify(x), self.weight, self.bias)
-        self._last = (x, self.threshold, out) if self.reuse else None
+        if self.reuse:
+            self._recent = [(x, self.threshold, out)] + self._recent[: self.reuse - 1]
         return out
+
+    def forget(self) -> None:
+        """Drop the reused outputs (and stop reusing)."""
+        self.reuse, self._recent = 0, []
 
 
 def attach_simulated(layer: nn.Module, criterion: str = "magnitude") -> dict[str, SimulatedLinear]:
@@ -135,36 +143,109 @@ def capture_histograms(runner: LayerRunner, sims: Mapping[str, SimulatedLinear],
     return hists
 
 
-class TailBlock:
-    """The layer's output on the last fraction of each sequence, for the greedy search's many evaluations.
+class _TailRows(nn.Module):
+    """Stands in for q_proj while the block is evaluated: the projection of the tail rows only, zeros elsewhere.
 
-    A pre-norm decoder layer is h2 = h + attn(norm1(h)); y = h2 + mlp(norm2(h2)). Attention needs every
-    position, but the MLP is per token, and the error only counts the last fraction (where decode happens):
-    so the MLP runs on that tail only, and h2 is cached per attention-threshold setting, which makes the
-    gate/up/down candidates of a greedy step cost a tail MLP each. Exact: equal to layer(h)[:, start:].
+    A tail query attends to every earlier key and value, but nothing reads the queries of the other rows."""
+
+    def __init__(self, sim: SimulatedLinear, start: int):
+        super().__init__()
+        self.sim, self.start = sim, start
+        self._tail: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tail is None or self._tail[0] is not x:  # the same slice object each time: the sim reuses its output
+            self._tail = (x, x[:, self.start :])
+        tail = self.sim(self._tail[1])
+        out = tail.new_zeros(*x.shape[:-1], tail.shape[-1])
+        out[:, self.start :] = tail
+        return out
+
+
+class _CaptureTail(nn.Module):
+    """Stands in for o_proj while attention runs: keeps o's input on the tail rows, returns its input unchanged."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.start = start
+        self.tail: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tail = x[:, self.start :]
+        return x
+
+
+class _Recent(OrderedDict):
+    """A small LRU: the last `size` sub-block results by threshold key."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, compute: Callable[[], object]):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = compute()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class BlockEvaluator:
+    """The layer's update on the last fraction of each sequence, for the greedy search's many evaluations,
+    recomputing only the sub-blocks whose thresholds changed.
+
+    A pre-norm decoder layer is h2 = h + o(attn(q, k, v of norm1(h))); y = h2 + mlp(norm2(h2)). The error only
+    counts the last fraction of each sequence (where decode happens); attention needs every position for its
+    keys and values, but everything after it is per token. So: norm1(h) is computed once; q runs on the tail rows
+    only; attention's output on the tail is kept per (q, k, v) thresholds and the MLP's input per (q, k, v, o)
+    thresholds; and each projection returns its kept output when its input and threshold are ones it has just
+    seen (raising only down recomputes down alone; raising gate recomputes gate and down; raising o recomputes o
+    and the MLP). Exact: h + update equals layer(h)[:, start:] with every projection at its threshold. It runs the
+    transformers module itself (its attention kernel, rotary, q/k norms and biases), so every supported family is
+    covered.
     """
 
     def __init__(self, layer: nn.Module, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor,
-                 position_embeddings: tuple[torch.Tensor, torch.Tensor], last_fraction: float, cache_size: int = 16):
-        self.layer, self.sims, self.hidden = layer, sims, hidden
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor], last_fraction: float, cache_size: int = 4):
+        self.layer, self.sims = layer, sims
         self.position_embeddings = position_embeddings
         self.start = int(hidden.shape[1] * (1 - last_fraction))
-        self.cache: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cache_size = cache_size
+        with torch.no_grad():
+            self.normed = layer.input_layernorm(hidden)
+        self.residual = hidden[:, self.start :]
+        self._q_rows = _TailRows(sims["q"], self.start)
+        self._attention = _Recent(cache_size)  # (tq, tk, tv) -> o's input on the tail
+        self._mlp_input = _Recent(cache_size)  # (tq, tk, tv, to) -> (o's output in fp32, norm2(h2)) on the tail
+
+    def _attend(self) -> torch.Tensor:
+        attn = self.layer.self_attn
+        q_proj, o_proj, capture = attn.q_proj, attn.o_proj, _CaptureTail(self.start)
+        attn.q_proj, attn.o_proj = self._q_rows, capture
+        try:
+            attn(self.normed, position_embeddings=self.position_embeddings, attention_mask=None)
+        finally:
+            attn.q_proj, attn.o_proj = q_proj, o_proj
+        return capture.tail
+
+    def _after_attention(self, attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.sims["o"](attended)
+        h2 = self.residual + attn
+        return attn.float(), self.layer.post_attention_layernorm(h2)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
-        key = tuple(self.sims[p].threshold for p in ("q", "k", "v", "o"))
-        cached = self.cache.get(key)
-        if cached is None:
-            layer, h = self.layer, self.hidden
-            attn = layer.self_attn(layer.input_layernorm(h), position_embeddings=self.position_embeddings, attention_mask=None)[0]
-            h2 = (h + attn)[:, self.start :]
-            if len(self.cache) >= self.cache_size:
-                self.cache.pop(next(iter(self.cache)))
-            cached = self.cache[key] = (h2, self.layer.post_attention_layernorm(h2))
-        h2, normed = cached
-        return h2 + self.layer.mlp(normed)
+        """[S, tail, D] float32: the layer's update on the tail rows, layer(h) - h, under the current thresholds.
+
+        The update, not the output: the output's difference from the reference is the updates' difference, and in a
+        16-bit layer the rounding of h + update (the residual stream is far larger than one layer's update) would
+        otherwise add noise comparable to the small errors the search compares."""
+        key = tuple(self.sims[p].threshold for p in ("q", "k", "v"))
+        attended = self._attention.get_or(key, self._attend)
+        attn, normed = self._mlp_input.get_or(key + (self.sims["o"].threshold,),
+                                              lambda: self._after_attention(attended))
+        return attn + self.layer.mlp(normed).float()
 
 
 def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str, float]) -> None:
@@ -199,6 +280,7 @@ class LayerAllocation:
     sparsities: list[dict[str, float]]
     thresholds: list[dict[str, float]]
     errors: dict[str, list[float]] = field(default_factory=dict)  # allocation kind -> relative error per level
+    evaluations: int = 0  # block evaluations the search made (the reported errors not counted)
 
     def projection_thresholds(self, proj: str) -> list[float]:
         """Non-decreasing thresholds of one projection across levels (the artifact's P.thresholds)."""
@@ -207,6 +289,10 @@ class LayerAllocation:
             last = max(last, per_level[proj])
             out.append(last)
         return out
+
+
+# Sums over this process's calibration tokens -> sums over every process's (torch.distributed all-reduce).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def allocate(
@@ -220,47 +306,66 @@ def allocate(
     method: str,
     step: float,
     last_fraction: float,
+    search: str = "lazy",
     compare_uniform: bool = True,
     progress: Callable[[float], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> LayerAllocation:
     """Sparsity allocation of one layer for every level ('greedy': TEAL block-wise search; 'uniform').
 
     The block error of an allocation is ||Y - Y_hat||^2 / ||Y||^2 over the last fraction of each sequence of
-    `subset` (on the compute device), Y being the dense output of the float layer.
+    `subset` (on the compute device), Y being the dense output of the layer in its dtype (the sums in float64).
+    Both are plain sums over tokens: `reduce`, when given, turns a float64 tensor of this process's sums into the
+    sums over all processes (one call per greedy step in the exact search, per evaluation in the lazy one), so
+    every process takes the same decisions (a process whose share of `subset` is empty adds zeros). `search`: see
+    greedy_allocation.
     """
     sizes = {p: s.weight.numel() for p, s in sims.items()}
     zero = {p: 0.0 for p in sizes}
     set_thresholds(sims, zero)
-    block = TailBlock(layer, sims, subset, position_embeddings, last_fraction)
-    reference = block().float()
-    ref_norm = float(reference.pow(2).sum()) or 1.0
-    memo: dict[tuple[int, float], float] = {}
-
-    def error_of(allocation: Mapping[str, float]) -> float:
-        set_thresholds(sims, thresholds_for(allocation, hists, memo))
-        return float((block().float() - reference).pow(2).sum()) / ref_norm
-
     for sim in sims.values():
-        sim.reuse = True
+        sim.reuse = 3  # the current threshold, a candidate's, and one spare
+    try:
+        empty = subset.shape[0] == 0  # distributed: this process holds none of the greedy sequences
+        block = None if empty else BlockEvaluator(layer, sims, subset, position_embeddings, last_fraction)
+        reference = None if empty else block()  # the dense update; ||Y||^2 of the dense output below
+        ref_sum = torch.zeros(1, dtype=torch.float64, device=subset.device) if empty else \
+            (block.residual.float() + reference).pow(2).sum(dtype=torch.float64).reshape(1)
+        ref_norm = float((reduce(ref_sum) if reduce else ref_sum)[0]) or 1.0
+        memo: dict[tuple[int, float], float] = {}
+        evaluations = 0
 
-    positive = [lv for lv in levels if lv > 0]
-    uniform = uniform_allocation(sizes, positive)
-    if method == "greedy":
-        chosen = greedy_allocation(error_of, sizes, positive, step, progress=progress)
-    elif method == "uniform":
-        chosen = uniform
-    else:
-        raise ValueError(f"unknown allocation {method!r}")
-    by_level = [zero if lv == 0 else chosen[positive.index(lv)] for lv in levels]
-    result = LayerAllocation(
-        levels=list(levels), sparsities=by_level, thresholds=[thresholds_for(a, hists) for a in by_level]
-    )
-    result.errors[method] = [error_of(a) for a in by_level]
-    if compare_uniform and method != "uniform":
-        result.errors["uniform"] = [error_of(zero if lv == 0 else uniform[positive.index(lv)]) for lv in levels]
-    set_thresholds(sims, zero)
-    for sim in sims.values():
-        sim.reuse, sim._last = False, None
+        def block_errors(allocations: list[Mapping[str, float]]) -> list[float]:
+            sums = []
+            for allocation in allocations:
+                set_thresholds(sims, thresholds_for(allocation, hists, memo))
+                sums.append(ref_sum[0] * 0 if empty else (block() - reference).pow(2).sum(dtype=torch.float64))
+            total = torch.stack(sums)
+            return (((reduce(total) if reduce else total)) / ref_norm).tolist()
+
+        def counted(allocations: list[Mapping[str, float]]) -> list[float]:
+            nonlocal evaluations
+            evaluations += len(allocations)
+            return block_errors(allocations)
+
+        positive = [lv for lv in levels if lv > 0]
+        uniform = uniform_allocation(sizes, positive)
+        if method == "greedy":
+            chosen = greedy_allocation(counted, sizes, positive, step, progress=progress, search=search)
+        elif method == "uniform":
+            chosen = uniform
+        else:
+            raise ValueError(f"unknown allocation {method!r}")
+        by_level = [zero if lv == 0 else chosen[positive.index(lv)] for lv in levels]
+        result = LayerAllocation(levels=list(levels), sparsities=by_level,
+                                 thresholds=[thresholds_for(a, hists) for a in by_level], evaluations=evaluations)
+        result.errors[method] = block_errors(by_level)
+        if compare_uniform and method != "uniform":
+            result.errors["uniform"] = block_errors([zero if lv == 0 else uniform[positive.index(lv)] for lv in levels])
+    finally:
+        set_thresholds(sims, zero)
+        for sim in sims.values():
+            sim.forget()
     return result
 
 

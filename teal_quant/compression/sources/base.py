@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_n
 from teal_quant.artifact.format import shard_path
 from teal_quant.artifact.hub import download, looks_like_local_path
 from teal_quant.errors import HubError, ModelSourceError, first_line, quote
+
+if TYPE_CHECKING:
+    from teal_quant.compression.sources.hub import HubShards
 
 PACKAGE_PREFIX = "package:"
 
@@ -48,6 +51,16 @@ def resolve_local_path(source: str, revision: str | None = None, allow_patterns:
         raise ModelSourceError(f"model '{source}': not a local directory and not available from the Hub ({e})") from None
 
 
+def is_hub_id(source: str) -> bool:
+    """True when `source` will be looked up on the Hub (not `package:NAME`, not an existing folder)."""
+    if source.startswith(PACKAGE_PREFIX):
+        return False
+    try:
+        return not Path(source).expanduser().exists() and len(source) <= 512 and not looks_like_local_path(source)
+    except (OSError, ValueError):
+        return False
+
+
 def _package_dir(name: str) -> Path:
     import importlib.util
 
@@ -70,6 +83,8 @@ class ModelSource:
     revision: str | None = None
     _tensors: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
     _index: dict[str, Path] = field(default_factory=dict, repr=False)
+    _skeleton: nn.Module | None = field(default=None, repr=False)
+    hub: "HubShards | None" = field(default=None, repr=False)  # a Hub model's shards, fetched as layers need them
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +120,8 @@ class ModelSource:
                 raise ModelSourceError(f"model '{self.path}': tensor '{n}' is missing from the checkpoint")
             by_file.setdefault(self._index[n], []).append(n)
         for file, file_names in by_file.items():
+            if self.hub is not None:
+                self.hub.ensure(file)
             try:
                 with safe_open(file, framework="pt") as f:
                     present = set(f.keys())
@@ -129,6 +146,41 @@ class ModelSource:
             raise ModelSourceError(f"model '{self.path}': no tensors for decoder layer {i} ('{prefix}*'): the checkpoint "
                                    f"has fewer layers than its config's num_hidden_layers ({self.num_layers})")
         return {n[len(prefix):]: t for n, t in self.tensors(names).items()}
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer i's state dict, checked against the config: every tensor the layer needs is there with its
+        shape, and nothing else (one line naming the tensor). The layer loop's `LayerWeights.layer_state`."""
+        state = self.layer_tensors(i)
+        prefix = f"{LAYERS_PREFIX}.{i}."
+        expected = self._layer_shapes(i)
+        for name, shape in expected.items():
+            if name not in state:
+                raise ModelSourceError(f"model '{self.path}': tensor '{prefix}{name}' is missing from the checkpoint")
+            if tuple(state[name].shape) != shape:
+                raise ModelSourceError(f"model '{self.path}': tensor '{prefix}{name}' has shape "
+                                       f"{tuple(state[name].shape)}, the config gives {shape}")
+        extra = sorted(set(state) - set(expected))
+        if extra:
+            raise ModelSourceError(f"model '{self.path}': tensor '{prefix}{extra[0]}' is not part of a "
+                                   f"{self.config.model_type} decoder layer")
+        return state
+
+    def _layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        if self._skeleton is None:
+            self._skeleton = build_skeleton(self.config, torch.float32)
+        layer = self._skeleton.model.layers[i]
+        return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+
+    def release(self, i: int) -> None:
+        """Layer i is done (the layer loop's `LayerWeights.release`): with model.keep_download false, the Hub shards
+        this run downloaded that no later layer reads are deleted (a local checkpoint's files never are)."""
+        if self.hub is not None:
+            self.hub.release(i)
+
+    def release_remaining(self) -> None:
+        """Every tensor has been read: the remaining downloaded shards go too (keep_download false)."""
+        if self.hub is not None:
+            self.hub.release_all()
 
     def non_layer_tensor_names(self) -> list[str]:
         names = [n for n in self.tensor_names() if not n.startswith(LAYERS_PREFIX + ".")]

@@ -220,6 +220,10 @@ class GPTQSource(ModelSource):
         """The artifact tensors of linear `name` (suffix -> tensor): qweight, scales, zeros, and perm if act-order."""
         return self.repacked(name).artifact_tensors(with_perm=self.act_order)
 
+    def quantizer(self) -> "CheckpointCodes":
+        """quantization.method from_checkpoint: this checkpoint's codes as the layer loop's quantizer."""
+        return CheckpointCodes(self)
+
     def tensor_names(self) -> list[str]:
         gptq = {f"{n}.{s}" for n in self.linears for s in GPTQ_SUFFIXES}
         return sorted([n for n in self._index if n not in gptq] + [f"{n}.weight" for n in self.linears])
@@ -231,6 +235,24 @@ class GPTQSource(ModelSource):
         for n in weights:
             out[n] = self.repacked(n[: -len(".weight")]).weight(self.fmt.bits)
         return {n: out[n] for n in names}
+
+
+class CheckpointCodes:
+    """The layer loop's quantizer for from_checkpoint (compression.stream.LayerQuantizer): each projection's codes are
+    the checkpoint's, repacked bit for bit; the float weight the layer was calibrated with already is their
+    dequantization (GPTQSource.tensors), so nothing changes for propagation."""
+
+    def __init__(self, source: GPTQSource):
+        self.source = source
+
+    def prepare(self, work) -> None:
+        return None
+
+    def quantize(self, work, proj: str) -> tuple[dict[str, torch.Tensor], None]:
+        return self.source.packed(work.module_name(proj)), None
+
+    def finish(self, work) -> dict:
+        return {}
 
 
 def open_gptq(path: Path, config, settings: dict, *, source: str, revision: str | None,

@@ -1,0 +1,67 @@
+"""The sparse GEMV as torch.library custom ops (``teal_quant::sparse_gemv``, ``teal_quant::sparse_gemv_fused``), each
+with its fake beside it, so that torch.compile and CUDA-graph capture see one opaque op per call.
+
+On CUDA (or the CPU under ``TRITON_INTERPRET=1``) a call runs :mod:`.gemv_launch`, which picks the kernel family
+(:mod:`.gemv_triton`: CUDA cores, batch 1; :mod:`.gemv_mma_triton`: tensor cores, any batch) and its launch shape from
+the GPU's table (:mod:`.dispatch`, configs/*.json); on the CPU the pure-torch reference runs. This module imports
+only torch: triton is imported on first use.
+
+Thresholds cross the op boundary as ``(threshold_tensor or None, threshold_value)`` because a custom-op schema
+has no float-or-tensor union: a python float threshold travels as ``threshold_value``; a 0-dim or [K] tensor as
+``threshold_tensor`` (its value is read on the device, so changing it needs neither a recompile nor a recapture).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .dispatch import use_triton
+
+
+def _n_of(qweight: Tensor, bits: int) -> int:
+    return qweight.shape[1] * (8 if bits == 4 else 1)
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv", mutates_args=())
+def sparse_gemv_op(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    threshold_tensor: Tensor | None,
+    threshold_value: float,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    threshold = threshold_tensor if threshold_tensor is not None else threshold_value
+    if use_triton(x):
+        from . import gemv_launch
+
+        return gemv_launch.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+    return reference.sparse_gemv_ref(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+
+
+@sparse_gemv_op.register_fake
+def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size):
+    return x.new_empty(x.shape[0], _n_of(qweight, bits))
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_fused", mutates_args=())
+def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor,
+                         split_sizes: list[int], bits: int, group_size: int) -> Tensor:
+    if use_triton(x):
+        from . import gemv_launch
+
+        return gemv_launch.sparse_gemv_fused(
+            x, qweight, scales, zeros, thresholds, split_sizes, bits=bits, group_size=group_size
+        )
+    return reference.sparse_gemv_fused_ref(
+        x, qweight, scales, zeros, thresholds, split_sizes, bits=bits, group_size=group_size
+    )
+
+
+@sparse_gemv_fused_op.register_fake
+def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size):
+    return x.new_empty(x.shape[0], _n_of(qweight, bits))

@@ -18,6 +18,12 @@ Per variant and batch size (`--batch 1,4,16`), with the pinned `teal_quant.runti
   3. bytes of weights one decode step reads (ours: only the surviving rows of W^T at the realized sparsity, plus
      every scale/zero, lm_head and the norms; the embedding reads one row and is not counted), and bytes / time.
 Peak GPU memory is torch.cuda.max_memory_allocated over the variant. Results: a rich table and a JSON dict.
+
+Tensor parallel (`--tp N` under `torchrun --nproc-per-node N`): every rank builds or loads the same model and keeps its
+shard (teal_quant/runtime/tensor_parallel.py); all ranks run the same steps in lock-step (the all-reduces after o and
+down synchronize them) and rank 0 reports. Bytes, bandwidth and peak memory are per rank (one GPU's share); the
+breakdown has an all-reduce group (NCCL kernels on CUDA, the gloo all-reduce operator on the CPU). A variant that
+fails under --tp ends the run (the other ranks would wait in an all-reduce it never reaches).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ LINEAR_KERNELS = ("gemv", "gemm", "matmul", "xmma", "cutlass", "nvjet", "splitk"
 NORM_ROTARY_KERNELS = ("rms_norm", "layer_norm", "layernorm", "rotary")
 LINEAR_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "teal_quant::")
 ATTENTION_OPS = ("attention",)
+ALLREDUCE_NAMES = ("nccl", "allreduce", "all_reduce")  # tensor parallel: kernels (CUDA) and operators (CPU)
 TOP_OTHER = 10  # the largest "other" kernels listed in the breakdown
 HEADROOM_BYTES = 4 << 30  # KV cache, activations, CUDA graph pools and the allocator's slack
 FIT_FRACTION = 0.85  # of the GPU's memory the dense model may take (70B bf16, 141 GB, on a 150 GB H200: no)
@@ -70,6 +77,7 @@ class BenchOptions:
     bf16_extrapolate: bool | None = None  # None: only when the dense model does not fit in GPU memory
     extrapolate_layers: tuple[int, int] = (2, 6)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    tp: int = 1  # tensor-parallel ranks: the WORLD_SIZE of the torchrun job
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -93,32 +101,56 @@ class BenchOptions:
             raise TealQuantError(f"--extrapolate-layers: need two layer counts 1 <= a < b, got {a},{b}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise TealQuantError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.tp < 1:
+            raise TealQuantError(f"--tp must be >= 1, got {self.tp}")
+
+
+def join_tensor_parallel(options: BenchOptions, device: torch.device) -> tuple[torch.device, int]:
+    """(this rank's device, rank): `--tp N` must run as the N ranks of a torchrun job, and a torchrun job of N
+    ranks must say --tp N (N independent benchmarks of one GPU each would all write the same results)."""
+    from teal_quant import distributed
+
+    launched = distributed.env_world_size()
+    if launched != options.tp:
+        if options.tp == 1:
+            raise TealQuantError(f"launched as {launched} processes (WORLD_SIZE={launched}): pass --tp {launched} "
+                                 "for tensor-parallel decoding")
+        raise TealQuantError(f"--tp {options.tp}: run it as `torchrun --nproc-per-node {options.tp} -m teal_quant.cli "
+                             f"bench ... --tp {options.tp}` (WORLD_SIZE is {launched})")
+    if options.tp == 1:
+        return device, 0
+    world = distributed.init(device)
+    return world.local_device(device), world.rank
 
 
 def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], None] | None = None) -> dict:
     """Benchmark `target` (an artifact directory, llama3-8b | llama3-70b, or a config.json) and return the results."""
-    options.validate()
-    say = report or (lambda _msg: None)
-    device = select_device(options.device, option="--device")
-    t0 = time.time()
-    model, source = open_target(target, options, device)
-    level = float(model.teal_sparsity)
-    config = model.config
-    baselines = options.baselines
-    if baselines is None:
-        baselines = BASELINES if device.type == "cuda" else CPU_BASELINES
-    if "tinygemm" in baselines:
-        from teal_quant.runtime.baselines import tinygemm_unsupported
+    from teal_quant.distributed import agreement
 
-        reason = tinygemm_unsupported(model)
-        if reason is not None:
-            raise TealQuantError(f"--baselines tinygemm: {reason}")
-    if "bf16" in baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
-        raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
-                             f"{config.num_hidden_layers} layers")
-    needed = options.prompt_len + options.warmup + max(options.new_tokens, 2 * options.profile_steps) + 1
-    if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
-        raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
+    with agreement("preparing the benchmark"):  # under torchrun: an error on any rank stops every rank, said once
+        options.validate()
+        device = select_device(options.device, option="--device")
+        device, rank = join_tensor_parallel(options, device)
+        say = report if report is not None and rank == 0 else (lambda _msg: None)
+        t0 = time.time()
+        model, source = open_target(target, options, device)
+        level = float(model.teal_sparsity)
+        config = model.config
+        baselines = options.baselines
+        if baselines is None:
+            baselines = BASELINES if device.type == "cuda" else CPU_BASELINES
+        if "tinygemm" in baselines:
+            from teal_quant.runtime.baselines import tinygemm_unsupported
+
+            reason = tinygemm_unsupported(model)
+            if reason is not None:
+                raise TealQuantError(f"--baselines tinygemm: {reason}")
+        if "bf16" in baselines and options.bf16_extrapolate and options.extrapolate_layers[1] >= config.num_hidden_layers:
+            raise TealQuantError(f"--extrapolate-layers: {options.extrapolate_layers[1]} is not fewer than the model's "
+                                 f"{config.num_hidden_layers} layers")
+        needed = options.prompt_len + options.warmup + max(options.new_tokens, 2 * options.profile_steps) + 1
+        if getattr(config, "max_position_embeddings", None) and needed > config.max_position_embeddings:
+            raise TealQuantError(f"--prompt-len + --new-tokens exceed the model's max_position_embeddings {config.max_position_embeddings}")
     batches = options.batches
     generator = torch.Generator().manual_seed(options.seed)
     prompt = torch.randint(0, config.vocab_size, (max(batches), options.prompt_len), generator=generator).to(device)
@@ -132,13 +164,14 @@ def run_bench(target: str, options: BenchOptions, *, report: Callable[[str], Non
         "prompt_len": options.prompt_len, "new_tokens": options.new_tokens, "batch": batches[0],
         "batches": list(batches), "baselines": list(baselines),
         "sparsity": level, "warmup_steps": options.warmup, "profile_steps": options.profile_steps,
+        "tensor_parallel": options.tp,
         "versions": _versions(), "setup_seconds": round(time.time() - t0, 2), "variants": [],
     }
 
     def run(name: str, lv: float | None, fn: Callable[[torch.Tensor], dict]) -> None:
         for b in batches:
             say(f"measuring {name}" + ("" if lv is None else f" (level {lv:g})") + f", batch {b}")
-            row = _guarded(name, lv, lambda b=b: fn(prompts[b]))
+            row = _guarded(name, lv, lambda b=b: fn(prompts[b]), fatal=options.tp > 1)
             result["variants"].append({**row, "batch": b})
 
     run("ours", level, lambda p: _measure_quantized(model, level, p, options, device))
@@ -169,7 +202,8 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
             quant.level_index(level)
         except ValueError as e:
             raise TealQuantError(f"--sparsity: {e}") from None
-        return load(path, sparsity=level, device=device), {"kind": "artifact", "path": str(path.resolve())}
+        return (load(path, sparsity=level, device=device, tp=options.tp > 1),
+                {"kind": "artifact", "path": str(path.resolve())})
     from dataclasses import replace
 
     from teal_quant.compression.synthetic import resolve_arch
@@ -180,6 +214,10 @@ def open_target(target: str, options: BenchOptions, device: torch.device):
         spec = replace(spec, levels=tuple(sorted({*spec.levels, options.sparsity})))
     level = spec.default if options.sparsity is None else options.sparsity
     model = build_synthetic_model(target, spec, device=device, sparsity=level)
+    if options.tp > 1:  # every rank drew the same weights (same seed): each keeps its shard
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        shard_for_tensor_parallel(model)
     return model, {"kind": "synthetic", "arch": str(target), "bits": spec.bits, "group_size": spec.group_size,
                    "levels": spec.all_levels, "seed": spec.seed}
 
@@ -295,6 +333,8 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
             try:
                 row = _measure(model, _bench_prompt(model, options, b, device), options, device)
             except Exception as e:  # noqa: BLE001
+                if options.tp > 1:  # the other ranks wait in an all-reduce this rank will not reach
+                    raise
                 rows[b] = {"error": f"{type(e).__name__}: {first_line(e)}"}
                 continue
             points.setdefault(b, []).append({"layers": n, **{k: row[k] for k in ("prefill_ms", "decode_ms_per_token",
@@ -370,7 +410,7 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     try:
         breakdown = _profile(eager_step, options.profile_steps, cuda)
     except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing still counts, the breakdown is missing
-        breakdown = {"linear_ms": None, "attention_ms": None, "norm_rotary_ms": None, "other_ms": None,
+        breakdown = {"linear_ms": None, "attention_ms": None, "norm_rotary_ms": None, "allreduce_ms": None, "other_ms": None,
                      "error": f"{type(e).__name__}: {first_line(e)}"}
     fused = getattr(eager, "_fused", None) is not None
     eager = state = None  # free the eager decoder's cache before the timed one
@@ -382,10 +422,13 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
     for _ in range(options.warmup):
         token = decoder.step(token)
 
+    generated: list[torch.Tensor] = []
+
     def decode() -> torch.Tensor:
         t = token
         for _ in range(options.new_tokens):
             t = decoder.step(t)
+            generated.append(t)  # no host sync: read after the timing
         return t
 
     _, decode_total_ms = _timed(decode, cuda)
@@ -400,17 +443,22 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
         "weight_bytes_per_step": nbytes, "bandwidth_gb_s": nbytes / (ms / 1000.0) / 1e9,
         "realized_sparsity": realized, "sparsity_measured_modules": f"{len(sparsity)}/{len(teal_linears(model))}",
         "breakdown": breakdown, "cuda_graph_error": graph_error, "fused_step": fused, "extrapolated": None,
+        # the greedy tokens of the timed decode (row 0; compare a --tp run with one GPU's)
+        "tokens": torch.stack(generated, 1)[0].tolist() if generated else [],
     }
 
 
-def _guarded(name: str, level: float | None, fn: Callable[[], dict]) -> dict:
-    """A variant that fails is reported as failed (one line); the others still run."""
+def _guarded(name: str, level: float | None, fn: Callable[[], dict], *, fatal: bool = False) -> dict:
+    """A variant that fails is reported as failed (one line); the others still run. `fatal` (tensor parallel): the
+    failure ends the run, since the other ranks wait in a collective this rank will not reach."""
     try:
         row = fn()
         status = "ok"
     except TealQuantError:
         raise
     except Exception as e:  # noqa: BLE001 - an OOM or kernel failure of one variant must not lose the others
+        if fatal:
+            raise
         row, status = {"error": f"{type(e).__name__}: {first_line(e)}"}, "failed"
     return {"variant": name, "level": level, "status": status, **{k: v for k, v in row.items() if k != "level"}}
 
@@ -448,7 +496,7 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1000.0 / steps
-    groups = {"linear": 0.0, "attention": 0.0, "norm_rotary": 0.0, "other": 0.0}
+    groups = {"linear": 0.0, "attention": 0.0, "norm_rotary": 0.0, "allreduce": 0.0, "other": 0.0}
     other: dict[str, list[float]] = {}  # name -> [ms per step, calls per step] of the "other" group
     launches = 0
     for event in prof.events():
@@ -481,9 +529,12 @@ def _profile(step: Callable[[], None], steps: int, cuda: bool) -> dict:
 
 
 def kernel_group(name: str) -> str:
-    """'attention' | 'linear' | 'norm_rotary' | 'other' for a GPU kernel name (attention first: fmha names contain
-    "cutlass"). transformers' eager norms and rotary are generic elementwise kernels: they count as other."""
+    """'allreduce' | 'attention' | 'linear' | 'norm_rotary' | 'other' for a GPU kernel name (NCCL's kernels are the
+    tensor-parallel all-reduces; attention before linear: fmha names contain "cutlass"). transformers' eager norms and
+    rotary are generic elementwise kernels: they count as other."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if any(k in name for k in ATTENTION_KERNELS):
         return "attention"
     if any(k in name for k in LINEAR_KERNELS):
@@ -492,8 +543,10 @@ def kernel_group(name: str) -> str:
 
 
 def operator_group(name: str) -> str:
-    """'linear' | 'attention' | 'other' for a top-level CPU operator name."""
+    """'linear' | 'attention' | 'allreduce' | 'other' for a top-level CPU operator name."""
     name = name.lower()
+    if any(k in name for k in ALLREDUCE_NAMES):
+        return "allreduce"
     if name.startswith(LINEAR_OPS):
         return "linear"
     return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
@@ -659,9 +712,12 @@ def print_bench(result: dict) -> None:
     title = (f"teal-quant bench: {result['target']} ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}) on "
              f"{result['device']}, batch {result['batch']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
              f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}")
+    tp = result.get("tensor_parallel", 1)
+    if tp > 1:
+        title += f", tensor parallel over {tp} ranks (bytes, GB/s and memory per rank)"
     table = Table(title=title)
     for col in ("batch", "variant", "level", "realized sparsity", "prefill ms", "decode ms/token", "tok/s", "weights read/step",
-                "GB/s", "peak memory", "linear / attention / norm+rotary / other (eager, ms)", "ours is"):
+                "GB/s", "peak memory", f"{_breakdown_header(tp)} (eager, ms)", "ours is"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     ours_at = {v.get("batch"): v for v in result["variants"] if v["variant"] == "ours" and v["status"] == "ok"}
     ours = ours_at.get(result["batch"])
@@ -679,7 +735,7 @@ def print_bench(result: dict) -> None:
             f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
             human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
             "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
-            _breakdown_text(b), speedup,
+            _breakdown_text(b, allreduce=tp > 1), speedup,
         )
     console.print(table)
     for v in result["variants"]:
@@ -692,11 +748,16 @@ def print_bench(result: dict) -> None:
         console.print(f"breakdown: {ours['breakdown']['method']}")
 
 
-def _breakdown_text(b: dict, launches: bool = False) -> str:
+def _breakdown_header(tp: int) -> str:
+    return ("linear / attention / norm+rotary / all-reduce / other" if tp > 1
+            else "linear / attention / norm+rotary / other")
+
+
+def _breakdown_text(b: dict, launches: bool = False, allreduce: bool = False) -> str:
     if b.get("linear_ms") is None:
         return f"n/a ({b.get('error', '?')})"
     text = (f"{b['linear_ms']:.3f} / {b['attention_ms']:.3f} / {b.get('norm_rotary_ms') or 0.0:.3f} / "
-            f"{b['other_ms']:.3f}")
+            + (f"{b.get('allreduce_ms') or 0.0:.3f} / " if allreduce else "") + f"{b['other_ms']:.3f}")
     if launches and b.get("launches_per_step") is not None:
         text += f" ({b['launches_per_step']:.0f} kernels)"
     return text
@@ -745,8 +806,9 @@ def targets_markdown(checked: dict) -> str:
 def markdown_lines(result: dict) -> list[str]:
     """A bench result as markdown: one table row per variant (kernels per eager step with the breakdown), the
     extrapolation of a variant that needed it, the ratios, and the largest 'other' kernels of ours."""
+    tp = result.get("tensor_parallel", 1)
     lines = ["| batch | variant | level | realized sparsity | prefill ms | decode ms/token | tok/s | weights read/step "
-             "(GB) | GB/s | peak memory (GB) | linear / attention / norm+rotary / other (eager kernel ms per step) |",
+             f"(GB) | GB/s | peak memory (GB) | {_breakdown_header(tp)} (eager kernel ms per step) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in result["variants"]:
         label = v["variant"] + (" (extrapolated)" if v.get("extrapolated") else "")
@@ -757,7 +819,7 @@ def markdown_lines(result: dict) -> list[str]:
             f"| {v.get('batch', '')} | {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
             f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
             f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
-            f"{_breakdown_text(v['breakdown'], launches=True)} |")
+            f"{_breakdown_text(v['breakdown'], launches=True, allreduce=tp > 1)} |")
     for v in result["variants"]:
         if v.get("extrapolated"):
             pts = ", ".join(f"{p['layers']} layers: {p['decode_ms_per_token']:.3f} ms/token"

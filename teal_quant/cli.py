@@ -4,6 +4,9 @@ Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 an inte
 SIGINT), 143 terminated (SIGTERM); after either signal the staged output is removed (docs/safety.md).
 Output: summaries and tables on stdout; progress bars and the library's `logging` messages (logger "teal_quant") on
 stderr. --verbose shows debug messages, --quiet only warnings and errors, and no progress bars.
+Under torchrun (`torchrun --nproc-per-node N -m teal_quant.cli run|bench ...`) only rank 0 shows progress, summaries
+and tables; the other ranks show warnings only (prefixed with their rank). An error every rank knows of (checked in
+an agreement, teal_quant/distributed.py) is printed once, by rank 0; another rank's own error names the rank.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ def _levels(text: str) -> list[float]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage dump -> one line, exit 2 (a huge argument is not echoed whole)
+        from teal_quant.distributed import env_rank
         from teal_quant.errors import quote
 
-        sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
+        if env_rank() == 0:  # under torchrun every rank parses the same arguments: rank 0 says what is wrong
+            sys.stderr.write(f"teal-quant: error: {quote(' '.join(message.split()), 500)}\n")
         raise SystemExit(2)
 
 
@@ -141,7 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bf16-extrapolate", action="store_true", default=None,
                        help="measure bf16 at two reduced depths and extrapolate (default: only when it does not fit)")
     bench.add_argument("--extrapolate-layers", type=_two_ints, default=(2, 6), help="the two reduced depths (default 2,6)")
+    bench.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks; run as `torchrun --nproc-per-node N -m teal_quant.cli bench ... --tp N`")
     _synthetic_args(bench, arch_only=True)
+
+    gen = sub.add_parser("generate", help="generate text from an artifact, streamed as it decodes; then tok/s and "
+                                          "realized sparsity")
+    gen.add_argument("artifact", help="an artifact directory or Hub repo id")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--sparsity", type=float, help="one of the artifact's levels (default: its default level)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (with --temperature)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of probability >= p (with --temperature)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
 
 
@@ -186,17 +206,23 @@ def _synthetic_args(parser: argparse.ArgumentParser, arch_only: bool = False) ->
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _setup_logging(verbosity: str) -> None:
-    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose."""
+def _setup_logging(verbosity: str, rank: int = 0) -> None:
+    """The library logs to logger "teal_quant"; the CLI shows it on stderr at the level --verbose / --quiet choose
+    (ranks other than 0 of a torchrun job: warnings only, prefixed with their rank)."""
     import logging
 
     logger = logging.getLogger("teal_quant")
     if not any(getattr(h, "_teal_quant_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("teal-quant: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"teal-quant: {_rank_prefix(rank)}%(message)s"))
         handler._teal_quant_cli = True
         logger.addHandler(handler)
-    logger.setLevel({"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO))
+    level = {"verbose": logging.DEBUG, "quiet": logging.WARNING}.get(verbosity, logging.INFO)
+    logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank {rank}: " if rank else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    from teal_quant import distributed
     from teal_quant.errors import Interrupted, TealQuantError, Terminated, scrub
     from teal_quant.progress import show_progress
+
+    rank = distributed.env_rank()
+    prefix = _rank_prefix(rank)
+
+    def say(line: str, error: BaseException | None = None) -> None:
+        if error is None or not distributed.reported_by_main(error):  # an agreed error: rank 0 prints it
+            print(line, file=sys.stderr)
 
     def terminate(signum, frame):
         raise Terminated()
@@ -222,35 +256,45 @@ def main(argv: list[str] | None = None) -> int:
     def interrupt(signum, frame):
         raise Interrupted()
 
-    _setup_logging(args.verbosity)
+    _setup_logging(args.verbosity, rank)
     previous = signal.signal(signal.SIGTERM, terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a background job) or handled already
         signal.signal(signal.SIGINT, interrupt)
     try:
-        with show_progress(args.verbosity != "quiet"):
+        with show_progress(args.verbosity != "quiet" and rank == 0):
+            if args.command in ("run", "bench") and distributed.env_world_size() > 1:
+                distributed.init()  # torchrun: join the job first, so the ranks agree on every error after this
             return _dispatch(args)
     except Terminated as e:
-        print(f"teal-quant: terminated (SIGTERM); {_kept(e) or 'partial output removed'}", file=sys.stderr)
+        say(f"teal-quant: {prefix}terminated (SIGTERM); {_kept(e) or 'partial output removed'}")
         return 143
     except TealQuantError as e:  # one line, scrubbed of any token
-        print(f"teal-quant: error: {_one_line(scrub(str(e)))}", file=sys.stderr)
+        say(f"teal-quant: error: {prefix if not distributed.reported_by_main(e) else ''}{_one_line(scrub(str(e)))}", e)
         return 2
     except KeyboardInterrupt as e:
-        print(f"teal-quant: interrupted; {_kept(e) or 'partial output removed'}", file=sys.stderr)
+        say(f"teal-quant: {prefix}interrupted; {_kept(e) or 'partial output removed'}")
         return 130
+    except distributed.PeerLost as e:  # another rank stopped; its own line says why
+        say(f"teal-quant: error: {_one_line(scrub(str(e)))}", e)
+        return 1
+    except distributed.PeerInternalError as e:  # another rank's internal error, agreed: rank 0 prints it
+        say(f"teal-quant: internal error: {_one_line(scrub(str(e)))} (TEAL_QUANT_DEBUG=1 on that rank shows the "
+            "traceback)", e)
+        return 1
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("TEAL_QUANT_DEBUG") == "1":
             raise
         from teal_quant.errors import first_line
 
         kept = f"; {_kept(e)}" if _kept(e) else ""
-        print(f"teal-quant: internal error: {type(e).__name__}: {scrub(first_line(e))} "
-              f"(TEAL_QUANT_DEBUG=1 shows the traceback){kept}", file=sys.stderr)
+        say(f"teal-quant: internal error: {prefix}{type(e).__name__}: {scrub(first_line(e))} "
+            f"(TEAL_QUANT_DEBUG=1 shows the traceback){kept}", e)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+        distributed.shutdown()
 
 
 def _kept(error: BaseException) -> str:
@@ -265,16 +309,21 @@ def _one_line(text: str) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from teal_quant.compression.recipe import Recipe
+        from teal_quant.distributed import agreement, env_rank
         from teal_quant.report import print_plan, print_run_summary
         from teal_quant.workflow import plan, run
 
-        recipe = Recipe.from_yaml(args.recipe)
+        with agreement("reading the recipe"):
+            recipe = Recipe.from_yaml(args.recipe)
         if args.plan:
-            predicted = plan(recipe, args.output)
-            print_plan(predicted)
-            predicted.check(strict=True)
+            with agreement("planning the run"):  # the plan of one process; under torchrun rank 0 prints it
+                if env_rank() == 0:
+                    predicted = plan(recipe, args.output)
+                    print_plan(predicted)
+                    predicted.check(strict=True)
             return 0
-        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary, resume=args.resume)
+        run(recipe, args.output, overwrite=args.overwrite, report=print_run_summary if env_rank() == 0 else None,
+            resume=args.resume)
         return 0
     if args.command == "eval":
         return _eval(args)
@@ -308,6 +357,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "generate":
+        from teal_quant.textgen import generate_text
+
+        stats = generate_text(args.artifact, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                              sparsity=args.sparsity, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, device=args.device, out=sys.stdout)
+        print(stats.summary())
+        return 0
     raise AssertionError(args.command)
 
 
@@ -331,9 +388,13 @@ def _bench(args: argparse.Namespace) -> int:
         fuse_elementwise=not args.eager_elementwise, fused_step=not args.no_fused_step,
         profile_steps=args.profile_steps,
         seed=args.seed, bf16_extrapolate=args.bf16_extrapolate, extrapolate_layers=args.extrapolate_layers,
-        synthetic=_synthetic_spec(args),
+        synthetic=_synthetic_spec(args), tp=args.tp,
     )
+    from teal_quant.distributed import env_rank
+
     result = run_bench(args.target, options, report=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    if env_rank() != 0:  # tensor parallel: rank 0 reports for every rank
+        return 0 if all(v["status"] == "ok" for v in result["variants"]) else 1
     print_bench(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ from rich.progress import (
 )
 from rich.progress import Progress as _RichProgress
 
+from teal_quant.distributed import env_rank
+
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column default, which wraps the headers.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -73,7 +75,8 @@ class Progress(_RichProgress):
     outside `show_progress()` or when TEAL_QUANT_QUIET=1."""
 
     def __init__(self) -> None:
-        quiet = not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1"
+        # torchrun: only rank 0 of a job shows progress (the other ranks run the same steps)
+        quiet = not _enabled.get() or os.environ.get("TEAL_QUANT_QUIET") == "1" or env_rank() != 0
         self.plain = not quiet and not (sys.stdout.isatty() and sys.stderr.isatty())
         self._plain_tasks: dict[TaskID, tuple[str | None, float, float]] = {}
         self._plain_done: set[TaskID] = set()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from teal_quant import distributed
 from teal_quant.compression.pipeline import Compression, compress_recipe
 from teal_quant.compression.plan import RunPlan
 from teal_quant.compression.recipe import Recipe
@@ -153,7 +154,14 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     compression = compress_recipe(recipe, output_dir, overwrite=overwrite, evaluate=evaluate, resume=resume)
     summary = RunSummary(**{f.name: getattr(compression, f.name) for f in fields(Compression)})
     summary.stage_seconds.update(eval_seconds)
-    push_error = _push(summary, recipe, summary.stage_seconds) if recipe.hub is not None else None
+    push_error = None
+    if recipe.hub is not None:  # torchrun: rank 0 pushes, every rank learns the outcome (rank 0 reports a failure)
+        world = distributed.current()
+        push_error = _push(summary, recipe, summary.stage_seconds) if world.is_main else None
+        summary.push, message = distributed.broadcast_object(
+            (summary.push, None if push_error is None else str(push_error)), world)
+        if message is not None and not world.is_main:
+            push_error = distributed.mark_agreed(HubError(message))
     summary.seconds = time.time() - t0
     logger.info("artifact written to %s in %.0fs", summary.artifact, summary.seconds)
     if summary.push:

@@ -165,6 +165,7 @@ def test_bench_rejects_bad_input(args, expected, bench_artifact):
         ("_attention_combine_kernel", "attention"),
         ("void at::native::(anonymous namespace)::tinygemm_m16n8k16_chunk_kernel<(at::native::KReductionType)0>",
          "linear"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "allreduce"),  # --tp
     ],
 )
 def test_kernel_groups(kernel, group):
@@ -177,8 +178,9 @@ def test_operator_groups():
     from teal_quant.bench import operator_group
 
     assert [operator_group(n) for n in ("aten::linear", "teal_quant::sparse_gemv", "aten::mm",
-                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_")] == \
-        ["linear", "linear", "linear", "attention", "other", "other"]
+                                        "aten::scaled_dot_product_attention", "aten::mul", "aten::index_copy_",
+                                        "c10d::allreduce_")] == \
+        ["linear", "linear", "linear", "attention", "other", "other", "allreduce"]
 
 
 # --- reports of a bench result: targets met or not, markdown rows (benchmarks/e2e.py writes them for the GPU runs,

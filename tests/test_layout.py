@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"teal_quant": ROOT / "teal_quant", "teal_quant.kernels": ROOT / "kernels"}
 
-LEAF = {"teal_quant.errors", "teal_quant.architecture", "teal_quant.devices", "teal_quant.progress"}
+LEAF = {"teal_quant.errors", "teal_quant.architecture", "teal_quant.devices", "teal_quant.progress",
+        "teal_quant.distributed"}
 # part -> the parts it may import (besides itself, the leaf modules, kernels and the package root's __version__)
 ALLOWED = {
     "kernels": set(),

@@ -10,6 +10,13 @@ Per layer (llm-compressor's sequential pipeline, with TEAL in it):
   4. propagate: run the compressed layer (dequantized weights, default-level thresholds on every token)
      so layer i+1 is calibrated on the activations it will really see.
 Only the current layer's float weights are on the compute device; hidden states wait in host memory.
+
+Under torchrun (docs/distributed.md) every rank runs the layer loop on its share of the calibration sequences
+(strided, teal_quant.distributed): histogram counts, the greedy search's sums of squared errors and GPTQ's Hessians
+are summed over the ranks (the loop's reducer is the World), so every rank takes the same decisions; each rank
+propagates and checkpoints its own hidden states; rank 0 alone writes the artifact (and evaluates it) while the
+others wait, and every rank returns rank 0's result. Errors are agreed on (distributed.agreement) at the checks, at
+each layer's write and checkpoint and at the end. The places are marked `distributed:`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from teal_quant import __version__
+from teal_quant import __version__, distributed
 from teal_quant.architecture import check_shapes
 from teal_quant.artifact import plots
 from teal_quant.artifact.card import CardFacts, base_model_license, is_repo_id, model_card
@@ -32,11 +39,16 @@ from teal_quant.artifact.format import (
     ALLOCATION_PLOT_FILE,
     CARD_FILE,
     EMBEDDING_KEY,
+    HEAD_FORMATS,
+    HEAD_MODULE,
+    LM_HEAD_KEY,
     RECIPE_FILE,
     REPORT_FILE,
+    RESUME_DIR,
     ArtifactWriter,
     TealQuantConfig,
     check_destination,
+    linear_key,
 )
 from teal_quant.compression.data import (
     POOL_FACTOR,
@@ -49,6 +61,8 @@ from teal_quant.compression.hidden import HiddenStates
 from teal_quant.compression.plan import existing_ancestor, plan_run
 from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
 from teal_quant.compression.quantize.layer import MethodQuantizer
+from teal_quant.compression.quantize.rtn import QuantSpec as RtnSpec
+from teal_quant.compression.quantize.rtn import rtn_quantize
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
@@ -62,7 +76,8 @@ from teal_quant.compression.stream import (
     compress_layers,
 )
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, TealQuantError
+from teal_quant.errors import ArtifactError, DataError, ModelSourceError, TealQuantError
+from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
 
@@ -123,6 +138,22 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
+def check_head_shape(config, head_bits: int | None) -> None:
+    """A quantized lm_head packs the vocabulary along N: it must be a multiple of 8 (int4 words, GEMV tiles)."""
+    vocab = int(config.vocab_size)
+    if head_bits is not None and vocab % 8:
+        raise ModelSourceError(f"quantization.lm_head: int{head_bits} needs a vocabulary that is a multiple of 8, "
+                               f"this model has {vocab} tokens (use lm_head: dense)")
+
+
+def quantized_head(weight: torch.Tensor, spec: RtnSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """lm_head.qweight / scales / zeros of the output projection `weight` [vocab, hidden] (RTN, any recipe method:
+    the head has no calibrated Hessian here), scales and zeros rounded to the artifact dtype."""
+    q, scales, zeros = rtn_quantize(weight.float(), spec)
+    return {linear_key(HEAD_MODULE, "qweight"): pack(q, spec.bits),
+            linear_key(HEAD_MODULE, "scales"): scales.to(dtype), linear_key(HEAD_MODULE, "zeros"): zeros.to(dtype)}
+
+
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
     where = existing_ancestor(out.resolve().parent)
@@ -152,30 +183,44 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
     stages: dict[str, float] = {}
     out = Path(output_dir or recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    device = select_device(recipe.runtime.device, option="runtime.device")
     sp = recipe.sparsity
     levels = sp.all_levels
-    # The output's rules before the model is opened or calibration starts (again, with the resolved source, below)
-    check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
-
-    check_inputs(recipe)
+    world = distributed.current()
+    with distributed.agreement("checking the inputs", world):  # distributed: an error on any rank stops every rank
+        device = select_device(recipe.runtime.device, option="runtime.device")
+        world = distributed.init(device)  # distributed: join torchrun's job (nothing in one process)
+        device = world.local_device(device)
+        if world.is_main:  # the output's rules before the model is opened (again, with the resolved source, below)
+            check_destination(out, overwrite=overwrite, sources=_local_source(recipe.model.source))
+        check_inputs(recipe)
+        _check_world(recipe, world)
+    if world.distributed and reducer is SINGLE_PROCESS:
+        reducer = world  # distributed: the layer loop sums its statistics over the ranks
 
     with Progress() as progress:
-        task = progress.add_task(f"opening {recipe.model.source}", total=None)
-        src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision,
-                         keep_download=recipe.model.keep_download)
-        progress.update(task, total=1, completed=1)
-        weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
-        spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
-        check_shapes(src.config, spec.group_size)
-        dtype = weights.dtype
-        quantizer = layer_quantizer(recipe, src, spec, dtype)
-        compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
-        hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
-        if not resume:  # disk, host and GPU memory, from the config (a resumed run has already written part of it)
-            plan_run(recipe, out, src=src, timing=False).check()
-        tokenizer = src.tokenizer()
-        fingerprint = run_fingerprint(recipe, src)
+        # distributed: rank 0 opens (downloads) the model first, then the others find it in the cache; only rank 0
+        # deletes downloaded shards (keep_download false)
+        for opening in ((True, False) if world.distributed else (True,)):
+            with distributed.agreement("opening the model", world):
+                if world.is_main == opening:
+                    task = progress.add_task(f"opening {recipe.model.source}", total=None)
+                    src = open_model(recipe.model.source, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision,
+                                     keep_download=recipe.model.keep_download or not world.is_main)
+                    progress.update(task, total=1, completed=1)
+        with distributed.agreement("checking the model", world):
+            weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
+            spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
+            check_shapes(src.config, spec.group_size)
+            head_bits = HEAD_FORMATS[recipe.quantization.lm_head]
+            check_head_shape(src.config, head_bits)
+            dtype = weights.dtype
+            quantizer = layer_quantizer(recipe, src, spec, dtype)
+            compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
+            hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
+            if not resume and world.is_main:  # disk, host and GPU memory, from the config (one process's plan)
+                plan_run(recipe, out, src=src, timing=False).check()
+            tokenizer = src.tokenizer()
+            fingerprint = {**run_fingerprint(recipe, src), "number of processes": str(world.size)}
         stages["load"] = time.time() - t0
 
         quant = TealQuantConfig(
@@ -183,23 +228,37 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
+            lm_head_bits=head_bits, lm_head_group_size=None if head_bits is None else spec.group_size,
+            modules_to_not_convert=[] if head_bits is not None else [HEAD_MODULE],
         )
         settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
-        writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
-                                sources=[src.path], fingerprint=fingerprint, resume=resume)
-        state = writer.resumed or {}
+        with distributed.agreement("creating the output", world):  # distributed: only rank 0 writes
+            writer = ArtifactWriter(out, max_shard_size=parse_size(recipe.output.max_shard_size), overwrite=overwrite,
+                                    sources=[src.path], fingerprint=fingerprint, resume=resume) if world.is_main else None
+            kept = (writer.resumed or {}, str(writer.dir)) if writer is not None else None
+        state, staging = distributed.broadcast_object(kept, world)  # distributed: rank 0's resume state and folder
+        # distributed: rank r > 0 keeps its own hidden states in the staging folder's RESUME_DIR/rank-r
+        resume_file = writer.resume_file if writer is not None else _rank_resume_file(Path(staging), world.rank)
+        ranks = _calibrated_on(recipe, world)
+        path = None
         try:
-            with writer, _disk_full_is_an_error(out):
+            with writer if writer is not None else contextlib.nullcontext(), _disk_full_is_an_error(out):
                 t = time.time()
                 if state:
                     report_layers, dense_params = list(state["report"]), int(state["dense_params"])
-                    hidden = _restore_hidden(state, writer, recipe, hidden_dtype)
-                    if src.hub is not None:  # shards the interrupted run downloaded are this run's to delete too
+                    with distributed.agreement("reading the checkpoint", world):
+                        hidden = _restore_hidden(state, resume_file, recipe, hidden_dtype, world)
+                    if src.hub is not None and world.is_main:  # shards the interrupted run downloaded: ours to delete
                         src.hub.adopt(state.get("hub_downloaded") or [])
                 else:
-                    tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress)
-                    hidden = _new_hidden(recipe, writer, (*tokens.shape, src.config.hidden_size), hidden_dtype)
-                    dense_params = embed_tokens(src, tokens, hidden, writer, dtype)
+                    with distributed.agreement("reading the calibration data", world):  # rank 0's tokens, everywhere
+                        tokens = calibration_tokens(recipe, src, tokenizer, device, compute_dtype, progress) \
+                            if world.is_main else None
+                    tokens = distributed.broadcast_object(tokens, world)
+                    tokens = tokens[world.split(tokens.shape[0])]  # distributed: this rank's sequences (all in one)
+                    hidden = _new_hidden(recipe, resume_file, (*tokens.shape, src.config.hidden_size), hidden_dtype)
+                    with distributed.agreement("embedding the calibration tokens", world):
+                        dense_params = embed_tokens(src, tokens, hidden, writer, dtype)
                     del tokens
                     report_layers = []
                 stages["calibration data"] = time.time() - t
@@ -207,64 +266,133 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
                 t = time.time()
                 if not state.get("non_layer_done"):
                     dense_params = _compress_all_layers(src, quantizer, hidden, settings, writer, report_layers,
-                                                        dense_params, progress, reducer)
-                    non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
-                    dense_params += sum(t.numel() for t in non_layer.values())
-                    writer.add({n: t.to(dtype) for n, t in non_layer.items()})
-                    del non_layer
-                    writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, non_layer_done=True),
-                                      summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
-                    src.release_remaining()
+                                                        dense_params, progress, reducer, world, resume_file)
+                    with distributed.agreement("writing the last tensors", world):
+                        if writer is not None:
+                            non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
+                            dense_params += sum(t.numel() for t in non_layer.values())
+                            if head_bits is not None:  # the head's own packed tensors (tied: a quantized embedding copy)
+                                head = non_layer.pop(LM_HEAD_KEY, None)
+                                if head is None:
+                                    head = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+                                writer.add(quantized_head(head, RtnSpec(bits=head_bits, group_size=spec.group_size,
+                                                                        sym=spec.sym), dtype))
+                                del head
+                            writer.add({n: t.to(dtype) for n, t in non_layer.items()})
+                            del non_layer
+                            writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src,
+                                                              non_layer_done=True),
+                                              summary=f"all {src.num_layers} layers", files=_hidden_files(hidden))
+                            src.release_remaining()
                 hidden.close()
-                report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers)
-                plot = None
-                if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
-                    plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
-                    plot = ALLOCATION_PLOT_FILE
-                staged = writer.finish_tensors()
-                stages["compress"] = time.time() - t
-                progress.stop()  # the evaluation shows its own progress
-
-                calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
-                card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
-                                 quant=quant, quantization=quantization_summary(recipe),
-                                 calibration_sparsity=calibration_sparsity,
-                                 license=base_model_license(src.path, src.gguf_file),
-                                 repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
-                eval_rows: list[dict] = []
-                try:
-                    if evaluate is not None:
-                        eval_rows = evaluate(staged)
-                        window = recipe.eval.window if recipe.eval else None
-                        dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
-                        card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
-                        if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
-                            writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
-                                                                               "dataset": dataset}})
-                finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
-                    writer.write_text(CARD_FILE, model_card(card))
-                    path = writer.commit()
+                if world.distributed:  # every rank's peak memory, in the report (one process: the layers' peaks)
+                    for row, rank_peaks in zip(ranks, distributed.gather_objects(Peaks(device).snapshot(), world)):
+                        row["peaks"] = rank_peaks
+                # distributed: rank 0 writes, evaluates and commits; the others wait here for its outcome
+                with distributed.agreement("writing the artifact", world):
+                    if writer is not None:
+                        path, eval_rows, calibration_sparsity = _finish_artifact(
+                            writer, recipe, src, tokenizer, quant, dtype, report_layers, ranks, progress, evaluate)
+                        stages["compress"] = time.time() - t
         except BaseException as e:
-            _note_kept_work(e, writer)
+            if writer is not None:
+                _note_kept_work(e, writer)
             raise
 
+    if writer is None:
+        return distributed.broadcast_object(None, world)  # distributed: rank 0's result, on every rank
     block_layers = [r["block_error"] for r in report_layers]
     peaks = Peaks(device).snapshot()
-    return Compression(
+    return distributed.broadcast_object(Compression(
         artifact=path, levels=levels, default_level=sp.default, calibration_sparsity=calibration_sparsity,
         block_error={k: _mean_over_layers(block_layers, k, len(levels)) for k in block_layers[0]},
         artifact_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         dense_bytes=dense_params * torch.empty((), dtype=dtype).element_size(), stage_seconds=stages, eval_rows=eval_rows,
         layer_seconds=[r.get("seconds", 0.0) for r in report_layers], peak_host_bytes=peaks["host_rss_bytes"],
         peak_gpu_bytes=peaks.get("gpu_allocated_bytes"), resumed_from_layer=int(state.get("layers_done", 0)),
-    )
+    ), world)
+
+
+def _finish_artifact(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant: TealQuantConfig,
+                     dtype: torch.dtype, report_layers: list[dict], ranks: list[dict], progress: Progress,
+                     evaluate: Evaluate | None) -> tuple[Path, list[dict], list[float]]:
+    """Metadata, allocation plot, the final shard names, the evaluation (when asked) and the card; then the rename.
+    Returns (artifact path, eval rows, calibration sparsity per level)."""
+    levels = quant.levels
+    report = _write_metadata(writer, recipe, src, tokenizer, quant, dtype, report_layers, ranks)
+    plot = None
+    if plots.available():  # the card embeds the allocation heatmap (extra `[plots]`); without it, no image
+        plots.allocation_heatmap(report, writer.dir / ALLOCATION_PLOT_FILE)
+        plot = ALLOCATION_PLOT_FILE
+    staged = writer.finish_tensors()
+    progress.stop()  # the evaluation shows its own progress
+
+    calibration_sparsity = _mean_over_layers(report_layers, "calibration_sparsity", len(levels))
+    card = CardFacts(source=recipe.model.source, base_model=hub_base_model(recipe.model), name=recipe.name,
+                     quant=quant, quantization=quantization_summary(recipe),
+                     calibration_sparsity=calibration_sparsity,
+                     license=base_model_license(src.path, src.gguf_file),
+                     repo_id=recipe.hub.repo_id if recipe.hub else None, allocation_plot=plot)
+    eval_rows: list[dict] = []
+    try:
+        if evaluate is not None:
+            eval_rows = evaluate(staged)
+            window = recipe.eval.window if recipe.eval else None
+            dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
+            card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)
+            if eval_rows:  # the report keeps the measured rows too (`inspect --plot` draws them)
+                writer.write_json(REPORT_FILE, {**report, "eval": {"rows": eval_rows, "window": window,
+                                                                   "dataset": dataset}})
+    finally:  # a failed evaluation still leaves the complete artifact in place (its card without the numbers)
+        writer.write_text(CARD_FILE, model_card(card))
+        path = writer.commit()
+    return path, eval_rows, calibration_sparsity
+
+
+def _check_world(recipe: Recipe, world: distributed.World) -> None:
+    """Distributed: every rank needs at least one calibration sequence (and, with GPTQ, one of its samples)."""
+    if not world.distributed:
+        return
+    samples = recipe.calibration.samples
+    if samples < world.size:
+        raise DataError(f"calibration.samples {samples} is fewer than the {world.size} processes of this job: each "
+                        "rank calibrates on its own sequences (raise calibration.samples or use fewer processes)")
+    gptq = recipe.quantization.gptq
+    if gptq is not None and gptq.samples and gptq.samples < world.size:
+        raise DataError(f"quantization.gptq.samples {gptq.samples} is fewer than the {world.size} processes of this "
+                        "job: each rank accumulates the Hessians of its own samples")
+
+
+def _calibrated_on(recipe: Recipe, world: distributed.World) -> list[dict]:
+    """Who calibrated on what (calibration_report.json's `ranks`): each rank's global sequence indices and tokens."""
+    samples, seq_len = recipe.calibration.samples, recipe.calibration.seq_len
+    rows = []
+    for rank in range(world.size):
+        sequences = list(range(samples))[distributed.World(rank=rank, size=world.size).split(samples)]
+        rows.append({"rank": rank, "sequences": sequences, "tokens": len(sequences) * seq_len})
+    return rows
+
+
+def _rank_resume_file(staging: Path, rank: int):
+    """distributed: `ArtifactWriter.resume_file` for rank `rank` > 0: its files in RESUME_DIR/rank-<rank>."""
+    def resume_file(name: str) -> Path:
+        folder = staging / RESUME_DIR / f"rank-{rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    return resume_file
 
 
 def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: HiddenStates, settings: StreamSettings,
-                         writer: ArtifactWriter, report_layers: list[dict], dense_params: int, progress: Progress,
-                         reducer: Reducer) -> int:
+                         writer: ArtifactWriter | None, report_layers: list[dict], dense_params: int, progress: Progress,
+                         reducer: Reducer, world: distributed.World = distributed.SINGLE,
+                         resume_file: Callable[[str], Path] | None = None) -> int:
     """The layer loop from the first unfinished layer: each layer's tensors into the writer, then a checkpoint (its
-    tensors spilled, the hidden states entering the next layer, the report so far); one plain line per layer in a log."""
+    tensors spilled, the hidden states entering the next layer, the report so far); one plain line per layer in a log.
+
+    distributed: `writer` is None except on rank 0; every rank saves its own hidden states (`resume_file`), then rank 0
+    checkpoints, so a checkpoint never names a layer whose hidden states some rank has not saved."""
+    resume_file = resume_file or writer.resume_file
     levels, default_index = settings.levels, settings.default_index
     first = len(report_layers)
     layers_task = progress.add_task("compressing layers", total=src.num_layers, plain="steps", completed=first)
@@ -282,20 +410,24 @@ def _compress_all_layers(src: ModelSource, quantizer: LayerQuantizer, hidden: Hi
                                   greedy_progress=lambda i, eff: progress.update(greedy[i], completed=eff)):
         t = time.perf_counter()
         i = result.index
-        writer.add(result.tensors)
-        result.tensors = {}
-        dense_params += result.dense_params
-        report_layers.append(result.report)
-        if hidden.on_disk_mode:
-            files = _hidden_files(hidden)
-        else:
-            files = [f"hidden-{i % 2}.bin"]
-            hidden.save(writer.resume_file(files[0]))
+        with distributed.agreement(f"writing layer {i}", world):  # distributed: rank 0 writes, every rank saves
+            if writer is not None:
+                writer.add(result.tensors)
+            result.tensors = {}
+            dense_params += result.dense_params
+            report_layers.append(result.report)
+            if hidden.on_disk_mode:
+                files = _hidden_files(hidden)
+            else:
+                files = [f"hidden-{i % 2}.bin"]
+                hidden.save(resume_file(files[0]))
         write = time.perf_counter() - t
         result.report["stage_seconds"]["write"] = round(write, 4)
         result.report["seconds"] = round(result.report["seconds"] + write, 3)
-        writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, files=files),
-                          summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
+        with distributed.agreement(f"checkpointing layer {i}", world):
+            if writer is not None:
+                writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src, files=files),
+                                  summary=f"{i + 1} of {src.num_layers} finished layers", files=files)
         errors = result.report["block_error"].get(settings.allocation) or next(iter(result.report["block_error"].values()))
         peaks = result.report["peaks"]
         gpu = f", GPU {peaks['gpu_allocated_bytes'] / 1e9:.1f} GB" if "gpu_allocated_bytes" in peaks else ""
@@ -324,35 +456,42 @@ def _hidden_files(hidden: HiddenStates) -> list[str]:
     return [f.name for f in hidden.files] if hidden.on_disk_mode else []
 
 
-def _new_hidden(recipe: Recipe, writer: ArtifactWriter, shape: tuple[int, int, int], dtype: torch.dtype) -> HiddenStates:
+def _new_hidden(recipe: Recipe, resume_file: Callable[[str], Path], shape: tuple[int, int, int],
+                dtype: torch.dtype) -> HiddenStates:
+    """`resume_file`: ArtifactWriter.resume_file (distributed: this rank's, _rank_resume_file)."""
     if recipe.runtime.hidden_storage == "disk":
-        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype)
+        return HiddenStates.on_disk(resume_file("hidden-a.bin").parent, shape, dtype)
     return HiddenStates.in_memory(shape, dtype)
 
 
-def _restore_hidden(state: dict, writer: ArtifactWriter, recipe: Recipe, dtype: torch.dtype) -> HiddenStates:
+def _restore_hidden(state: dict, resume_file: Callable[[str], Path], recipe: Recipe, dtype: torch.dtype,
+                    world: distributed.World = distributed.SINGLE) -> HiddenStates:
     """The hidden states entering the first unfinished layer, as the interrupted run checkpointed them."""
     saved = state["hidden"]
     shape = tuple(int(x) for x in saved["shape"])
+    if world.distributed:  # distributed: the state is rank 0's; this rank holds its own share of the sequences
+        shape = (world.local_count(recipe.calibration.samples), *shape[1:])
     if saved["dtype"] != str(dtype).removeprefix("torch.") or saved["storage"] != recipe.runtime.hidden_storage:
         raise ArtifactError(f"--resume: the interrupted run kept its hidden states as {saved['storage']} "
                             f"{saved['dtype']}; this recipe asks for {recipe.runtime.hidden_storage} {dtype}")
     if saved["storage"] == "disk":
-        return HiddenStates.on_disk(writer.resume_file("hidden-a.bin").parent, shape, dtype, current=int(saved["current"]))
+        return HiddenStates.on_disk(resume_file("hidden-a.bin").parent, shape, dtype, current=int(saved["current"]))
     hidden = HiddenStates.in_memory(shape, dtype)
     if not state.get("non_layer_done"):
-        hidden.load(writer.resume_file(saved["file"]))
+        hidden.load(resume_file(saved["file"]))
     return hidden
 
 
-def embed_tokens(src: ModelSource, tokens: torch.Tensor, hidden: HiddenStates, writer: ArtifactWriter,
+def embed_tokens(src: ModelSource, tokens: torch.Tensor, hidden: HiddenStates, writer: ArtifactWriter | None,
                  dtype: torch.dtype) -> int:
     """Fill `hidden` with the embeddings of the calibration tokens (the input of layer 0), batch by batch; the
-    embedding goes into the artifact right away and is freed. Returns its parameter count."""
+    embedding goes into the artifact right away (distributed: rank 0's writer; `writer` None elsewhere) and is freed.
+    Returns its parameter count."""
     embed = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
     for start in range(0, tokens.shape[0], 8):
         hidden.write_input(start, embed[tokens[start:start + 8]])
-    writer.add({EMBEDDING_KEY: embed.to(dtype)})
+    if writer is not None:
+        writer.add({EMBEDDING_KEY: embed.to(dtype)})
     n = embed.numel()
     del embed
     src.release(-1)  # a Hub shard that held only the embedding (keep_download false)
@@ -500,14 +639,18 @@ def _mean_over_layers(rows: list[dict], key: str, n_levels: int) -> list[float]:
     return [sum(r[key][j] for r in rows) / len(rows) for j in range(n_levels)]
 
 
-def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers) -> dict:
+def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, tokenizer, quant, dtype, report_layers,
+                    ranks: list[dict]) -> dict:
     """Everything but the tensors and the model card: config (with the resolved quantization_config), generation
-    config, tokenizer, the recipe as it was read, and the calibration report."""
+    config, tokenizer, the recipe as it was read, and the calibration report (with the processes that calibrated:
+    `world_size` and, per rank, the sequences and tokens it calibrated on and its peak memory)."""
     from transformers import GenerationConfig
 
     config = src.config
     config.dtype = dtype
     config.quantization_config = quant.to_dict()
+    if quant.head_quantized:  # the head has tensors of its own now (the embedding stays float)
+        config.tie_word_embeddings = False
     config.save_pretrained(writer.dir)
     try:
         generation = GenerationConfig.from_pretrained(src.path)
@@ -517,6 +660,6 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     tokenizer.save_pretrained(writer.dir)
     writer.write_text(RECIPE_FILE, recipe.to_yaml())
     report = {"teal_quant_version": __version__, "levels": quant.levels, "quantization": quantization_summary(recipe),
-              "layers": report_layers}
+              "world_size": len(ranks), "ranks": ranks, "layers": report_layers}
     writer.write_json(REPORT_FILE, report)
     return report

@@ -262,6 +262,15 @@ def rotary_embeddings(config, skeleton: nn.Module, seq_len: int, device: torch.d
     return skeleton.model.rotary_emb(probe, torch.arange(seq_len, device=device)[None])
 
 
+def _summed(reducer: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """calibrate.layer.allocate's `reduce`: the tensor summed over the processes (in place), returned."""
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        reducer.all_reduce(tensor)
+        return tensor
+
+    return reduce
+
+
 def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hidden: HiddenStates,
                     settings: StreamSettings, *, first_layer: int = 0, reducer: Reducer = SINGLE_PROCESS,
                     on_stage: Callable[[int, str], None] | None = None,
@@ -276,6 +285,9 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
     materialize_non_persistent_buffers(skeleton, device)
     position_embeddings = rotary_embeddings(config, skeleton, hidden.seq_len, device, dtype)
     n_subset = max(1, math.ceil(settings.greedy_tokens / hidden.seq_len))
+    # distributed: `hidden` holds this process's strided share of the sequences (teal_quant.distributed.World.split);
+    # of the first n_subset global ones it holds its first local_count(n_subset)
+    n_subset = len(range(reducer.rank, n_subset, reducer.world_size))
     levels, default_index = settings.levels, settings.default_index
     peaks = Peaks(device)
 
@@ -314,6 +326,7 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
             last_fraction=settings.last_fraction, search=settings.search, compare_uniform=settings.compare_uniform,
             reduce=_summed(reducer) if reducer.world_size > 1 else None,
             progress=None if greedy_progress is None else (lambda eff, _i=i: greedy_progress(_i, eff)),
+            reduce=_summed(reducer) if reducer.world_size > 1 else None,  # distributed: squared errors summed
         )
         del subset
 

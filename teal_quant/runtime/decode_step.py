@@ -141,6 +141,9 @@ class FusedDecodeStep:
         self.embed, self.lm_head = inner.embed_tokens, model.lm_head
         self.final_norm, self.final_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
         self.q_heads, self.kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        tp = getattr(model, "tensor_parallel", None)  # runtime/tensor_parallel.py: this rank holds 1/size of the heads
+        if tp is not None:
+            self.q_heads, self.kv_heads = self.q_heads // tp.size, self.kv_heads // tp.size
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         weight = self.embed.weight
         device, dtype = weight.device, weight.dtype

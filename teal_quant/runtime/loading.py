@@ -45,12 +45,17 @@ def load(
     device: torch.device | str | None = None,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
+    tp: bool | object = False,
 ):
     """Load an artifact as a transformers model, at `sparsity` (default: the artifact's default level).
 
     dtype defaults to the artifact's dtype on CUDA and float32 on the CPU (CPU half-precision matmuls are slow).
     A `sparsity` that is not one of the artifact's levels, a corrupt generation_config.json or any other artifact
     problem raises ArtifactError (one line) before the weights are read.
+
+    tp: tensor-parallel decoding (docs/decoding.md). True: over every rank of the job torchrun started (the process
+    group is joined here when needed: NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU); a process group:
+    over its ranks. Every rank calls `load` and gets its shard (runtime/tensor_parallel.py). False: one process.
     """
     from transformers import AutoConfig, GenerationConfig
 
@@ -61,6 +66,13 @@ def load(
         except (ValueError, TypeError) as e:
             raise ArtifactError(f"artifact '{artifact.path}': {first_line(e)}") from None
     device = select_device(device)
+    group = None
+    if tp is True:
+        from teal_quant import distributed
+
+        device = distributed.init(device).local_device(device)
+    elif tp is not False and tp is not None:
+        group = tp
     try:
         config = AutoConfig.from_pretrained(artifact.path)
     except Exception as e:
@@ -75,6 +87,10 @@ def load(
         except Exception as e:  # noqa: BLE001 - invalid JSON or values: the artifact's problem, said in one line
             raise ArtifactError(f"artifact '{artifact.path}': generation_config.json cannot be read "
                                 f"({first_line(e)})") from None
+    if tp is not False and tp is not None:
+        from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
+
+        shard_for_tensor_parallel(model, group)
     if device.type == "cuda":  # q/k/v, gate/up, norms, SiLU-and-mul, rotary: one launch each (teal_quant/runtime/fusion.py)
         from teal_quant.runtime.fusion import fuse_for_decode
 

@@ -85,6 +85,8 @@ def input_hessians(work: "LayerWork", thresholds: dict[str, float] | None,
                 sim.threshold = thresholds[proj]
                 acc = accumulators[proj] = HessianAccumulator(sim.weight.shape[1], device)
                 sim.observer = lambda x, _sim=sim, _acc=acc: _acc.update(_sim.sparsify(x))
+        if samples is not None:  # distributed: this process's share of the first `samples` global sequences
+            samples = len(range(work.reducer.rank, samples, work.reducer.world_size))
         work.passes.run(samples)
     finally:
         for sim in sims.values():

@@ -178,14 +178,6 @@ class LayerPasses:
         self.hidden.finish_layer()
 
 
-def _summed(reducer: Reducer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """calibrate.layer.allocate's `reduce`: this process's error sums -> every process's (the same decisions)."""
-    def reduce(sums: torch.Tensor) -> torch.Tensor:
-        reducer.all_reduce(sums)
-        return sums
-    return reduce
-
-
 def distinct_histograms(hists: Mapping[str, AbsHistogram]) -> list[AbsHistogram]:
     """Each histogram object once (q/k/v share one under the magnitude criterion)."""
     out: list[AbsHistogram] = []
@@ -324,7 +316,6 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
         allocation = allocate(
             layer, sims, hists, subset, position_embeddings, levels, method=settings.allocation, step=settings.step,
             last_fraction=settings.last_fraction, search=settings.search, compare_uniform=settings.compare_uniform,
-            reduce=_summed(reducer) if reducer.world_size > 1 else None,
             progress=None if greedy_progress is None else (lambda eff, _i=i: greedy_progress(_i, eff)),
             reduce=_summed(reducer) if reducer.world_size > 1 else None,  # distributed: squared errors summed
         )

@@ -12,7 +12,9 @@ from teal_quant.compression.stream import SINGLE_PROCESS, StreamSettings, compre
 
 
 class TwoIdenticalProcesses:
-    """What all_reduce gives when a second process saw exactly the same tokens: every sum doubled."""
+    """Rank 0 of two whose shares of the sequences (strided: 0, 2, 4... and 1, 3, 5...) are the same tokens: every sum
+    doubled. The global sequences are then h0, h0, h1, h1, ...: the same histograms' quantiles, Hessians and relative
+    errors as h0, h1, ... in one process, when the greedy subset covers the same local sequences."""
 
     rank, world_size = 0, 2
 
@@ -24,7 +26,7 @@ class TwoIdenticalProcesses:
         tensor.mul_(2)
 
 
-def _run(tiny_llama, reducer, first_layer=0, hidden=None):
+def _run(tiny_llama, reducer, first_layer=0, hidden=None, greedy_tokens=32):
     src = open_model(str(tiny_llama))
     spec = QuantSpec(bits=4, group_size=32, sym=False)
     quantizer = MethodQuantizer(QUANTIZERS["gptq"], spec, torch.float32, options={"block_size": 32, "damp": 0.01,
@@ -35,7 +37,7 @@ def _run(tiny_llama, reducer, first_layer=0, hidden=None):
         hidden = HiddenStates.in_memory((4, 32, 64), torch.float32)
         hidden.write_input(0, embed[tokens])
     settings = StreamSettings(levels=[0.0, 0.3, 0.5], default_level=0.5, allocation="greedy", step=0.1,
-                              greedy_tokens=64, last_fraction=0.5, compute_dtype=torch.float32,
+                              greedy_tokens=greedy_tokens, last_fraction=0.5, compute_dtype=torch.float32,
                               storage_dtype=torch.float32, device=torch.device("cpu"))
     results = []
     for r in compress_layers(src.config, src, quantizer, hidden, settings, first_layer=first_layer, reducer=reducer):
@@ -46,7 +48,7 @@ def _run(tiny_llama, reducer, first_layer=0, hidden=None):
 def test_sums_go_through_the_reducer_and_two_identical_processes_equal_one(tiny_llama):
     one, _ = _run(tiny_llama, SINGLE_PROCESS)
     reducer = TwoIdenticalProcesses()
-    two, _ = _run(tiny_llama, reducer)
+    two, _ = _run(tiny_llama, reducer, greedy_tokens=64)  # 2 global sequences of 32 tokens: 1 on each rank
     # per layer: 4 histograms (magnitude criterion), the greedy error sums, 4 Hessians with their token counts
     assert reducer.calls >= 2 * (4 + 8 + 2)
     for (a, ra, ha), (b, rb, hb) in zip(one, two):

@@ -77,7 +77,7 @@ def build_layer(config, dtype: torch.dtype, device: torch.device, seed: int = 0)
 
 
 def random_hidden(samples: int, seq_len: int, width: int, device: torch.device, seed: int = 1) -> torch.Tensor:
-    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outlier channels)."""
+    """[samples, seq_len, width] bf16 in host memory: N(0, 1) times a log-normal per-channel scale (outliers)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     scale = torch.exp(0.7 * torch.randn(width, generator=gen, device=device))
     out = torch.empty(samples, seq_len, width, dtype=torch.bfloat16)
@@ -169,7 +169,8 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
     quantizer = QUANTIZERS[qz.method]
     hidden = hidden.to(dtype)
     seq_len = hidden.shape[1]
-    rotary = LlamaRotaryEmbedding(config, device=device)
+    with torch.device(device):
+        rotary = LlamaRotaryEmbedding(config)
     pe = rotary(hidden[:1].to(device), torch.arange(seq_len, device=device)[None])
     n_subset = max(1, math.ceil(sp.greedy.tokens / seq_len))
     layers = []
@@ -221,10 +222,16 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
         row.update(seconds={s: round(timer.seconds.get(s, 0.0), 3) for s in STAGES},
                    evaluations=allocation.evaluations, block_error=allocation.errors,
                    sparsities=[{p: round(s, 4) for p, s in a.items()} for a in allocation.sparsities],
-                   peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+                   peak_gpu_gib=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                 if device.type == "cuda" else None))
         if before:  # the measured per-evaluation cost stands in for the greedy search (see the module docstring)
             row["seconds"]["allocation_measured_part"] = row["seconds"]["allocation"]
         row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
+        params = sum(sims[p].weight.numel() for p in sims)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        row.update(params=params, tokens=tokens, tflops={
+            stage: round(2 * params * tokens / max(timer.seconds[stage], 1e-9) / 1e12, 1)
+            for stage in ("histograms", "propagation")})
         layers.append(row)
         set_thresholds(sims, thresholds_for({p: 0.0 for p in sims}, hists))
         del layer, sims, runner, hists, tensors, writer
@@ -234,33 +241,65 @@ def run_layer(variant: str, recipe, config, hidden: torch.Tensor, device: torch.
 
 
 def legacy_greedy_cost(layer, sims, hists, subset, pe, sp, device, steps: int = 2) -> dict:
-    """Seconds per candidate evaluation of the old TailBlock: `steps` greedy steps' worth of candidates (each
-    projection raised by one step from the allocation after the previous), as the old search evaluated them."""
-    from teal_quant.compression.calibrate.layer import set_thresholds, thresholds_for
+    """Seconds per candidate evaluation of the old TailBlock and of today's BlockEvaluator on the same layer and dtype:
+    `steps` greedy steps' worth of candidates (each projection raised by one step from the allocation after the
+    previous), as an exact search evaluates them; and the largest difference between the two blocks' outputs."""
+    from teal_quant.compression.calibrate.layer import BlockEvaluator, set_thresholds, thresholds_for
 
-    for sim in sims.values():
-        sim.reuse = 1  # the old SimulatedLinear kept one output
-    block = LegacyTailBlock(layer, sims, subset, pe, sp.greedy.last_fraction)
-    current = {p: 0.0 for p in sims}
-    set_thresholds(sims, thresholds_for(current, hists))
-    reference = block().float()
-    sync(device)
-    t, n = time.perf_counter(), 0
-    for _ in range(steps):
-        best = None
-        for p in sims:
-            candidate = {**current, p: current[p] + sp.greedy.step}
-            set_thresholds(sims, thresholds_for(candidate, hists))
-            error = float((block().float() - reference).pow(2).sum())
-            n += 1
-            if best is None or error < best[0]:
-                best = (error, candidate)
-        current = best[1]
-    sync(device)
-    seconds = time.perf_counter() - t
+    out = {}
+    outputs = {}
+    for name in ("legacy", "evaluator"):
+        for sim in sims.values():
+            sim.forget()
+            sim.reuse = 1 if name == "legacy" else 3  # the old SimulatedLinear kept one output
+        if name == "legacy":
+            block = LegacyTailBlock(layer, sims, subset, pe, sp.greedy.last_fraction)
+        else:
+            evaluator = BlockEvaluator(layer, sims, subset, pe, sp.greedy.last_fraction)
+            block = lambda: evaluator.residual.float() + evaluator()  # noqa: E731  (the output, as legacy gives)
+        current = {p: 0.0 for p in sims}
+        set_thresholds(sims, thresholds_for(current, hists))
+        reference = block().float()
+        sync(device)
+        t, n = time.perf_counter(), 0
+        for _ in range(steps):
+            best = None
+            for p in sims:
+                candidate = {**current, p: current[p] + sp.greedy.step}
+                set_thresholds(sims, thresholds_for(candidate, hists))
+                y = block().float()
+                error = float((y - reference).pow(2).sum())
+                n += 1
+                if best is None or error < best[0]:
+                    best = (error, candidate)
+            current = best[1]
+        sync(device)
+        out[f"{name}_seconds_per_evaluation"] = round((time.perf_counter() - t) / n, 4)
+        out[f"{name}_evaluations_timed"] = n
+        outputs[name] = y
+        del block
+    out["evaluator_vs_legacy_max_rel_diff"] = float((outputs["evaluator"] - outputs["legacy"]).abs().max()
+                                                    / outputs["legacy"].abs().max())
     for sim in sims.values():
         sim.forget()
-    return {"legacy_seconds_per_evaluation": round(seconds / n, 4), "legacy_evaluations_timed": n}
+    return out
+
+
+def matmul_tflops(device: torch.device) -> dict:
+    """The device's matrix rate on random 8192^3 products (the ceiling the stage rates compare with)."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        b = torch.randn(8192, 8192, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync(device)
+        out[str(dtype).removeprefix("torch.")] = round(5 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12, 1)
+    return out
 
 
 def git_commit() -> str:
@@ -288,8 +327,21 @@ def render(report: dict) -> str:
     for v in report["variants"]:
         row = v["layers"][-1]
         if "legacy_seconds_per_evaluation" in row:
-            lines.append(f"- before: {row['legacy_seconds_per_evaluation']:.4f} s per candidate evaluation "
-                         f"({row['legacy_evaluations_timed']} timed); see the allocation estimate below.")
+            lines.append(f"- before ({v['dtype']}): {row['legacy_seconds_per_evaluation']:.4f} s per candidate "
+                         "evaluation "
+                         f"with the old TailBlock, {row['evaluator_seconds_per_evaluation']:.4f} s with today's "
+                         f"BlockEvaluator (same layer, same dtype, {row['legacy_evaluations_timed']} candidates each; "
+                         f"outputs differ by {row['evaluator_vs_legacy_max_rel_diff']:.1e} of their max)")
+        if row.get("evaluations") and v["variant"] != "before":
+            lines.append(f"- {v['variant']}: {row['seconds']['allocation'] / row['evaluations']:.4f} s per evaluation "
+                         f"({row['evaluations']} evaluations, {v['dtype']})")
+        for j, r in enumerate(v["layers"]):
+            lines.append(f"- {v['variant']} layer {j}: histograms {r['tflops']['histograms']:.1f} TFLOP/s, propagation "
+                         f"{r['tflops']['propagation']:.1f} TFLOP/s (2 x {r['params'] / 1e6:.0f}M parameters x "
+                         f"{r['tokens']} tokens over the stage's seconds, transfers included)")
+    if report.get("matmul_tflops"):
+        lines.append(f"- ceiling: an 8192^3 matmul ran at {report['matmul_tflops']['bfloat16']:.0f} TFLOP/s in bf16, "
+                     f"{report['matmul_tflops']['float32']:.0f} in float32 on this device")
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     lines.append("")
@@ -299,7 +351,7 @@ def render(report: dict) -> str:
     lines.append("|---|" + "---:|" * len(report["levels"]))
     for v in report["variants"]:
         for kind, errs in v["layers"][0]["block_error"].items():
-            lines.append(f"| {v['variant']} ({kind}) | " + " | ".join(f"{e:.5f}" for e in errs) + " |")
+            lines.append(f"| {v['variant']} ({kind}) | " + " | ".join(f"{e:.4g}" for e in errs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,13 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="small widths (hidden 256) for a CPU check of the steps")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--variants", default="after,after-exact,before")
+    p.add_argument("--variants", default="after,before,after-exact")
     p.add_argument("--layers", type=int, default=1, help="layers in a row per variant (after variants)")
     p.add_argument("--samples", type=int, help="override calibration.samples (default: the recipe's)")
     p.add_argument("--seq-len", type=int, help="override calibration.seq_len")
     p.add_argument("--greedy-tokens", type=int, help="override sparsity.greedy.tokens")
     p.add_argument("--out", type=Path)
+    p.add_argument("--commit", help="the commit measured (the GPU machine's .git is stale); default: git rev-parse")
+    p.add_argument("--render", type=Path, metavar="OUT.json", help="finish and render a saved report, then exit")
+    p.add_argument("--note", action="append", default=[], help="with --render: a line for the notes")
     args = p.parse_args(argv)
+    if args.render:
+        return render_saved(args.render, args.note)
 
     from teal_quant.compression.recipe import Recipe
 
@@ -333,24 +390,26 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     config = layer_config(args.tiny)
     cal = recipe.calibration
+    matmul = matmul_tflops(device) if device.type == "cuda" else None
     t = time.perf_counter()
     hidden = random_hidden(cal.samples, cal.seq_len, config.hidden_size, device)
     print(f"hidden states {tuple(hidden.shape)} bf16 in host memory: {time.perf_counter() - t:.1f} s", flush=True)
     sp, qz = recipe.sparsity, recipe.quantization
     report = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
-                                              if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0])]
-                                        + (argv if argv is not None else sys.argv[1:])),
+        "command": "python benchmarks/calibrate_layer70.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(), "levels": sp.all_levels,
+        "commit": args.commit or git_commit(), "levels": sp.all_levels,
         "recipe_settings": (f"{cal.samples} x {cal.seq_len} calibration tokens; greedy step {sp.greedy.step}, "
                             f"{sp.greedy.tokens} tokens (last {sp.greedy.last_fraction:g}), search "
                             f"{sp.greedy.search}; levels {sp.levels}; {qz.method} w{qz.bits} g{qz.group_size} "
                             f"sym={qz.sym}; runtime.dtype {recipe.runtime.dtype}; width {config.hidden_size}/"
                             f"{config.intermediate_size}"),
-        "variants": [], "notes": [],
+        "variants": [], "notes": [], "matmul_tflops": matmul, "greedy_step": sp.greedy.step,
     }
+    kind = "h200" if device.type == "cuda" else "cpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{kind}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
             n = 1 if variant == "before" else args.layers
@@ -358,23 +417,51 @@ def main(argv: list[str] | None = None) -> int:
             report["variants"].append(result)
             for j, row in enumerate(result["layers"]):
                 print(variant, j, json.dumps(row["seconds"]), row["evaluations"], row["peak_gpu_gib"],
-                      {k: [round(e, 5) for e in v] for k, v in row["block_error"].items()}, flush=True)
-    exact = next((v for v in report["variants"] if v["variant"] == "after-exact"), None)
-    before = next((v for v in report["variants"] if v["variant"] == "before"), None)
-    if exact and before:  # the old greedy stage: its cost per evaluation x the exact search's evaluations
-        row = before["layers"][0]
-        evaluations = exact["layers"][0]["evaluations"]
-        estimate = row["legacy_seconds_per_evaluation"] * evaluations
-        row["seconds"]["allocation"] = round(estimate, 3)
-        row["evaluations"] = evaluations
-        row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
-        report["notes"].append(f"before's allocation = {row['legacy_seconds_per_evaluation']:.4f} s per evaluation x "
-                               f"{evaluations} evaluations (the exact search's count on this layer) = {estimate:.1f} s "
-                               f"(estimated; every other stage of before measured)")
-    out = args.out or ROOT / "benchmarks" / "results" / f"calibrate_layer70_{'h200' if device.type == 'cuda' else 'cpu'}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+                      {k: [f"{e:.4g}" for e in v] for k, v in row["block_error"].items()}, flush=True)
+            out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far (a run cut short)
+    finish(report)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def finish(report: dict) -> None:
+    """before's greedy stage: its measured seconds per evaluation x the exact search's evaluations on this layer
+    (after-exact's count; issue 14's count for these settings, 1,671, when after-exact did not run)."""
+    exact = next((v for v in report["variants"] if v["variant"] == "after-exact"), None)
+    before = next((v for v in report["variants"] if v["variant"] == "before"), None)
+    if before is None or "allocation_estimated_from" in before["layers"][0]:
+        return
+    row = before["layers"][0]
+    after = next((v for v in report["variants"] if v["variant"] == "after"), None)
+    if exact:
+        evaluations, source = exact["layers"][0]["evaluations"], "after-exact's evaluations on this layer"
+    elif after:  # the exact search measures each of the 7 projections at each step of the greedy path
+        top = after["layers"][0]["sparsities"][-1]
+        steps = math.ceil(sum(top.values()) / report["greedy_step"] - 1e-9)
+        evaluations = 7 * steps + 1
+        source = (f"7 candidates x {steps} steps + 1: the greedy path to the top level, sum of after's sparsities / "
+                  "step; issue 14 counted 1,671 for these settings")
+    else:
+        evaluations, source = 1671, "issue 14's count for these settings"
+    estimate = row["legacy_seconds_per_evaluation"] * evaluations
+    row["seconds"]["allocation"] = round(estimate, 3)
+    row["evaluations"] = evaluations
+    row["allocation_estimated_from"] = source
+    row["seconds"]["total"] = round(sum(row["seconds"][s] for s in STAGES), 3)
+    report["notes"].append(f"before's allocation = {row['legacy_seconds_per_evaluation']:.4f} s per evaluation x "
+                           f"{evaluations} evaluations ({row['allocation_estimated_from']}) = {estimate:.1f} s "
+                           "(estimated; every other stage of before measured)")
+
+
+def render_saved(path: Path, notes: list[str]) -> int:
+    """--render: finish and render a saved (possibly partial) report, adding notes; rewrites its JSON and MD."""
+    report = json.loads(path.read_text())
+    finish(report)
+    report["notes"] += [n for n in notes if n not in report["notes"]]
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(report))
     print(render(report))
     return 0
 

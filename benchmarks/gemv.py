@@ -1,16 +1,19 @@
-"""Decode GEMV benchmark on one GPU: cuBLAS bf16 F.linear vs torch int4 tinygemm vs teal_quant's sparse GEMV.
+"""Decode GEMV benchmark on one GPU: teal_quant's sparse GEMV against tinygemm int4 and cuBLAS bf16, side by side.
 
-    PYTHONPATH=. python benchmarks/gemv.py [--out benchmarks/results --tag gemv_h200 --models 8B,70B --batches 1,4]
+    PYTHONPATH=. python benchmarks/gemv.py [--out benchmarks/results --tag gemv_h200 --models 8B,70B --batches 1,2,4,8,16]
 
-``ours`` is kernels.gemv_triton.sparse_gemv with its default dispatch and launch shape (M = 1: the CUDA-core
-one-launch kernel; M >= 2: the tensor-core kernel where pick_mma picks it, else the CUDA-core kernel).
+``ours`` is kernels.gemv_launch.sparse_gemv with the dispatch of the device's launch-shape table (kernels/configs/<gpu>.json);
+``ours_det`` the same under ``torch.use_deterministic_algorithms(True)`` (ordered split-K reduction, no fp32 atomics).
+Baselines: ``cublas_bf16`` (F.linear on the dequantized bf16 weight), ``tinygemm_int4`` (torch._weight_int4pack_mm,
+the same int4 values, group 128). gemlite is not measured: it is no dependency of this project and the device has no
+network to install it (its wheel pulls a Triton build of its own).
 
-Method: every call is captured in a CUDA graph that cycles through enough copies of the weight to defeat the
-60 MB L2; a replay is timed with CUDA events (median of several replays) and divided by the calls in it.
-Touched bytes: weights read (ours: only the rows of W^T active for some row of x, plus the scales/zeros of every
-group with an active row), plus x and y. TB/s = touched bytes / time. Thresholds are 0-dim device tensors set to
-the quantile of |x| that gives the wanted sparsity (x ~ N(0, 1), one draw per batch row).
-Imports `kernels` from the repository folder (no teal_quant install needed).
+Method: every call is captured in a CUDA graph that cycles through enough copies of the weight to defeat the 60 MB
+L2; a replay is timed with CUDA events (median of 15 replays) and divided by the calls in it. Touched bytes: weights
+read (ours: only the rows of W^T active for some row of x, plus the scales/zeros of every group with an active row),
+plus x and y. TB/s = touched bytes / time. Thresholds are 0-dim device tensors set to the quantile of |x| that gives
+the wanted sparsity (x ~ N(0, 1), one draw per batch row: the union over the rows is what a batch reads; the
+``union`` column gives its inactive fraction). Weights are generated on the GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import gemv_triton, reference  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels import gemv_launch as gemv  # noqa: E402
 
 L2_BYTES = 60 * 2**20
 GROUP = 128
@@ -36,10 +40,22 @@ SHAPES = {  # name: (N, K) of y = x @ W^T, W^T [K, N]
     "70B": {"q_o": (8192, 8192), "k_v": (1024, 8192), "qkv": (10240, 8192), "gate_up": (28672, 8192), "down": (8192, 28672)},
 }
 SPARSITIES = [0, 25, 40, 50, 60, 70, 90]
+DEV = "cuda"
+SMOKE = os.environ.get("GEMV_BENCH_SMOKE") == "1"  # a logic check on the CPU under TRITON_INTERPRET=1: tiny shapes, no graphs
+if SMOKE:
+    DEV = "cpu"
+    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512)}}
+SUMMARY_BATCHES, SUMMARY_SPARSITIES = (1, 4, 16), (0, 50, 70)
 
 
-def time_graph(fn_list, reps_per_graph: int, replays: int = 15) -> float:
+def time_graph(fn_list, reps_per_graph: int = 40, replays: int = 15) -> float:
     """µs per call: capture reps_per_graph calls (cycling fn_list) in one graph, replay, median."""
+    if SMOKE:
+        import time
+
+        t0 = time.perf_counter()
+        fn_list[0]()
+        return (time.perf_counter() - t0) * 1e6
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -63,6 +79,7 @@ def time_graph(fn_list, reps_per_graph: int, replays: int = 15) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) * 1000 / reps_per_graph)
     times.sort()
+    del g
     return times[len(times) // 2]
 
 
@@ -70,149 +87,248 @@ def n_copies(bytes_one: int) -> int:
     return max(2, math.ceil(3 * L2_BYTES / bytes_one))
 
 
-def make_tinygemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
-    """torch int4 tinygemm operands from our q [K, N] (uint8), scales/zeros [K/G, N].
-    tinygemm computes (q - 8) * scale + zero_tinygemm, so zero_tinygemm = (8 - z) * scale."""
+def pack_int4_gpu(q: torch.Tensor) -> torch.Tensor:
+    """q [K, N] uint8 0..15 on the GPU -> int32 [K, N // 8] (kernels.reference.pack_int4's layout)."""
     k, n = q.shape
+    q32 = q.to(torch.int32).reshape(k, n // 8, 8)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int32)
+    return (q32 << shifts).sum(-1, dtype=torch.int32)
+
+
+def make_layer(n: int, k: int, seed: int = 0):
+    """Random int4 codes, scales, zeros on the GPU: (q uint8 [K, N], qweight, scales, zeros)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, device=DEV, dtype=torch.uint8)
+    scales = (torch.rand(k // GROUP, n, generator=gen, device=DEV) * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen, device=DEV).to(torch.bfloat16)
+    return q, pack_int4_gpu(q), scales, zeros
+
+
+def dequantized(q, scales, zeros) -> torch.Tensor:
+    """W [N, K] bf16."""
+    s = scales.float().repeat_interleave(GROUP, 0)
+    z = zeros.float().repeat_interleave(GROUP, 0)
+    return ((q.float() - z) * s).t().contiguous().to(torch.bfloat16)
+
+
+def make_tinygemm(q, scales, zeros):
+    """torch int4 tinygemm operands from our q [K, N], scales/zeros [K/G, N]: tinygemm computes
+    (q - 8) * scale + zero_tinygemm, so zero_tinygemm = (8 - z) * scale."""
     w_nk = q.t().contiguous().to(torch.int32)  # [N, K] values 0..15
     packed_u8 = (w_nk[:, ::2] << 4 | w_nk[:, 1::2]).to(torch.uint8)  # [N, K/2]
-    w_int4 = torch.ops.aten._convert_weight_to_int4pack(packed_u8.cuda(), 8)
-    sz = torch.stack([scales.float(), ((8 - zeros.float()) * scales.float())], dim=-1).to(torch.bfloat16).cuda()  # [K/G, N, 2]
+    w_int4 = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+    sz = torch.stack([scales.float(), ((8 - zeros.float()) * scales.float())], dim=-1).to(torch.bfloat16)
     return w_int4, sz.contiguous()
 
 
-def bench_shape(model, proj, n, k, batches, sparsities, results):
-    dev = "cuda"
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
-    zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen).to(torch.bfloat16)
-    qweight = reference.pack_int4(q)
+def activations(m: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=DEV).manual_seed(1000 + seed)
+    return torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
+
+
+def threshold_for(x: torch.Tensor, sparsity: int) -> float:
+    return float(torch.quantile(x.float().abs().flatten(), sparsity / 100)) if sparsity > 0 else 0.0
+
+
+def touched_bytes(x: torch.Tensor, thr: float, n: int) -> tuple[int, float]:
+    """Bytes a sparse call must touch and the union sparsity (fraction of rows of W^T no row of x needs)."""
+    m, k = x.shape
+    active = (x.float().abs() > thr).any(0)
+    groups_touched = int(active.view(-1, GROUP).any(1).sum())
+    io = m * k * 2 + m * n * 2
+    return int(active.sum()) * n // 2 + groups_touched * n * 4 + io, 1 - active.float().mean().item()
+
+
+def ours_fns(x, t, copies, deterministic=False):
+    def call(c):
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+        try:
+            return gemv.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
+        finally:
+            if deterministic:
+                torch.use_deterministic_algorithms(False)
+    return [lambda c=c: call(c) for c in copies]
+
+
+def check_layer(m: int, seed: int):
+    """A layer and input on which every launch shape compiles to the specialization it is timed with (N, K, K-splits
+    and strides multiples of 16; the batch size itself)."""
+    k, n = (2048, 4096) if not SMOKE else (256, 512)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, device=DEV, dtype=torch.uint8)
+    scales = (torch.rand(k // GROUP, n, generator=gen, device=DEV) * 0.02 + 0.002).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen, device=DEV).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
+    return q, scales, zeros, x
+
+
+def warm_one(job):
+    """Worker process: run one (launch shape, batch, deterministic) once, which compiles it into the Triton cache on
+    disk that every process shares. -> None, or the error in one line."""
+    shape_dict, m, det = job
+    q, scales, zeros, x = check_layer(m, 0)
+    torch.use_deterministic_algorithms(det)
+    try:
+        gemv.sparse_gemv(x, pack_int4_gpu(q), scales, zeros, torch.tensor(0.5, device=DEV), bits=4, group_size=GROUP,
+                         shape=dispatch.shape_from_dict(shape_dict))
+        if not SMOKE:
+            torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        return f"{shape_dict} M={m} det={det}: {e!r}"[:500]
+
+
+def precompile(jobs, workers: int) -> list:
+    """Compile many kernel variants at once (Triton compiles one at a time per process): -> the errors."""
+    import multiprocessing as mp
+
+    if SMOKE:
+        return [e for e in map(warm_one, jobs) if e]
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(jobs)))) as pool:
+        return [e for e in pool.map(warm_one, jobs, chunksize=1) if e]
+
+
+def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results, log):
+    q, qweight, scales, zeros = make_layer(n, k)
     w_bytes_bf16 = k * n * 2
     w_bytes_int4 = k * n // 2 + 2 * (k // GROUP) * n * 2
-
-    # cuBLAS bf16: W [N, K]
-    w_bf16 = reference.dequantize(qweight, scales, zeros, bits=4, group_size=GROUP).t().contiguous().to(torch.bfloat16)
-    bf16_copies = [w_bf16.cuda() for _ in range(n_copies(w_bytes_bf16))]
-    del w_bf16
-    tg_ok = True
-    try:
-        tg = make_tinygemm(q, scales, zeros)
-        tg_copies = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(n_copies(w_bytes_int4) - 1)]
-    except Exception as e:  # noqa: BLE001 - report and go on without the baseline
-        print(f"tinygemm unavailable: {e!r}")
-        tg_ok = False
-    ours = [(qweight.cuda(), scales.cuda(), zeros.cuda())]
-    ours += [tuple(t.clone() for t in ours[0]) for _ in range(n_copies(w_bytes_int4) - 1)]
-
+    w_bf16 = dequantized(q, scales, zeros)
+    bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(n_copies(w_bytes_bf16) - 1)]
+    tg = make_tinygemm(q, scales, zeros) if not SMOKE else None
+    tg_copies = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(n_copies(w_bytes_int4) - 1)] if tg else []
+    ours = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_copies(w_bytes_int4) - 1)]
+    del q
     for m in batches:
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(dev)
+        x = activations(m, k, m)
         io_bytes = m * k * 2 + m * n * 2
-        reps = 40
-        t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in bf16_copies], reps)
         row = dict(model=model, proj=proj, N=n, K=k, batch=m, group_size=GROUP)
-        results.append({**row, "method": "cublas_bf16", "sparsity": 0, "us": t_bf16, "bytes": w_bytes_bf16 + io_bytes,
-                        "tbps": (w_bytes_bf16 + io_bytes) / t_bf16 / 1e6})
-        t_tg = None
-        if tg_ok:
-            t_tg = time_graph([lambda c=c: torch._weight_int4pack_mm(x, c[0], GROUP, c[1]) for c in tg_copies], reps)
-            results.append({**row, "method": "tinygemm_int4", "sparsity": 0, "us": t_tg, "bytes": w_bytes_int4 + io_bytes,
-                            "tbps": (w_bytes_int4 + io_bytes) / t_tg / 1e6})
+        t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in bf16_copies])
+        if SMOKE:  # no tinygemm on the CPU
+            t_tg = t_bf16
+        else:
+            t_tg = time_graph([lambda c=c: torch._weight_int4pack_mm(x, c[0], GROUP, c[1]) for c in tg_copies])
+        for method, us, nbytes in (("cublas_bf16", t_bf16, w_bytes_bf16 + io_bytes), ("tinygemm_int4", t_tg, w_bytes_int4 + io_bytes)):
+            results.append({**row, "method": method, "sparsity": 0, "us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6})
+        shape = dispatch.pick_gemv(m, n, k, 4, GROUP, x.device)
         for sp in sparsities:
-            thr = float(torch.quantile(x.float().abs().flatten().cpu(), sp / 100)) if sp > 0 else 0.0
-            t = torch.tensor(thr, device=dev)
-            active = (x.float().abs() > thr).any(0)
-            union = 1 - active.float().mean().item()
-            groups_touched = active.view(-1, GROUP).any(1).sum().item()
-            touched = int(active.sum().item()) * n // 2 + groups_touched * n * 4 + io_bytes + k * 8
-            us = time_graph([lambda c=c: gemv_triton.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
-                             for c in ours], reps)
-            # the launch shape the dispatch takes (tensor-core kernel for M >= 2, if picked)
-            cfg = gemv_triton.pick_mma(m, n, k, 4, GROUP, x.device) or gemv_triton.pick_fused(m, n, k, 4, GROUP, x.device)
-            r = {**row, "method": "ours", "sparsity": sp, "union_sparsity": round(union, 4), "us": us, "bytes": touched,
-                 "tbps": touched / us / 1e6, "speedup_vs_cublas": t_bf16 / us}
-            if t_tg:
-                r["speedup_vs_tinygemm"] = t_tg / us
-            if cfg is not None:
-                r["config"] = {"kernel": type(cfg).__name__, **cfg.__dict__}
-            results.append(r)
-            print(f"{model:4s} {proj:8s} N={n:6d} K={k:6d} M={m} s={sp:2d} ours {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
-                  f"x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f}) x{(t_tg or float('nan')) / us:5.2f} vs tinygemm ({t_tg or float('nan'):.1f})",
-                  flush=True)
-    del bf16_copies, ours
-    if tg_ok:
-        del tg_copies
-    torch.cuda.empty_cache()
+            thr = threshold_for(x, sp)
+            t = torch.tensor(thr, device=DEV)
+            touched, union = touched_bytes(x, thr, n)
+            methods = [("ours", False)] + ([("ours_det", True)] if sp in det_sparsities else [])
+            for method, det in methods:
+                us = time_graph(ours_fns(x, t, ours, det))
+                results.append({**row, "method": method, "sparsity": sp, "union_sparsity": round(union, 4), "us": us,
+                                "bytes": touched, "tbps": touched / us / 1e6, "vs_cublas": t_bf16 / us, "vs_tinygemm": t_tg / us,
+                                "shape": dispatch.shape_to_dict(shape)})
+                log(f"{model:4s} {proj:8s} M={m:2d} s={sp:2d} {method:8s} {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
+                    f"x{t_tg / us:5.2f} vs tinygemm ({t_tg:.1f}) x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f})")
+    del bf16_copies, tg_copies, ours
+    if not SMOKE:
+        torch.cuda.empty_cache()
+
+
+def _fmt(r):
+    return f"{r['us']:.1f} ({r['tbps']:.2f}; {r['vs_tinygemm']:.2f}× / {r['vs_cublas']:.2f}×)"
 
 
 def markdown(results, meta):
     lines = [f"# Sparse GEMV benchmark ({meta['gpu']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- git commit: {meta['commit']}",
              f"- torch {meta['torch']}, triton {meta['triton']}; int4, group size {GROUP}, bf16 activations",
+             f"- launch shapes: kernels/configs/{meta['table']}.json",
              "- time: CUDA-graph replays over enough weight copies to defeat the 60 MB L2, µs per call (median)",
              "- TB/s: bytes the call must touch (ours: active rows of W^T + scales/zeros of touched groups + x, y) / time",
-             "- union sparsity (batch 4): fraction of rows of W^T inactive for every row of x", ""]
-    keyed = {}
+             "- union: fraction of rows of W^T inactive for every row of x (independent N(0,1) rows: a pessimistic union)",
+             "- ours_det: torch.use_deterministic_algorithms(True) (ordered split-K reduction, bit-reproducible)",
+             "- gemlite: not measured (not installable on the device: no network, and its wheel needs its own Triton)", ""]
+    keyed: dict = {}
     for r in results:
         keyed.setdefault((r["model"], r["proj"], r["batch"]), []).append(r)
+
+    def get(rs, method, sp=0):
+        return next((r for r in rs if r["method"] == method and r["sparsity"] == sp), None)
+
+    lines += ["## Summary (µs; TB/s over touched bytes; speedup vs tinygemm int4 / vs cuBLAS bf16)", "",
+              "| shape | M | kernel | cuBLAS | tinygemm | " + " | ".join(f"s{s}" for s in SUMMARY_SPARSITIES) + " |",
+              "|---|---:|---|---:|---:|" + "---|" * len(SUMMARY_SPARSITIES)]
+    for m in SUMMARY_BATCHES:
+        for (model, proj, mm), rs in keyed.items():
+            if mm != m:
+                continue
+            cb, tg, o = get(rs, "cublas_bf16"), get(rs, "tinygemm_int4"), get(rs, "ours")
+            cells = [_fmt(get(rs, "ours", s)) if get(rs, "ours", s) else "" for s in SUMMARY_SPARSITIES]
+            lines.append(f"| {model} {proj} | {m} | {o['shape']['kernel']} | {cb['us']:.1f} | {tg['us']:.1f} | " + " | ".join(cells) + " |")
+    det = [r for r in results if r["method"] == "ours_det"]
+    if det:
+        lines += ["", "## Deterministic reduction: time / atomic time (same shape, batch, sparsity)", "",
+                  "| shape | M | s | atomic µs | deterministic µs | ratio |", "|---|---:|---:|---:|---:|---:|"]
+        for r in det:
+            base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
+            lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | {r['us'] / base['us']:.2f} |")
+    lines += ["", "## Every measurement", ""]
     for (model, proj, m), rs in keyed.items():
-        base = {r["method"]: r for r in rs if r["sparsity"] == 0 and r["method"] in ("cublas_bf16", "tinygemm_int4")}
-        cb, tg = base.get("cublas_bf16"), base.get("tinygemm_int4")
-        n, k = rs[0]["N"], rs[0]["K"]
-        lines.append(f"## Llama-3-{model} {proj} (N={n}, K={k}), batch {m}")
-        lines.append("")
-        lines.append(f"cuBLAS bf16: {cb['us']:.1f} µs ({cb['tbps']:.2f} TB/s); "
-                     + (f"tinygemm int4: {tg['us']:.1f} µs ({tg['tbps']:.2f} TB/s)" if tg else "tinygemm: n/a"))
-        lines.append("")
-        lines.append("| sparsity | union | ours µs | TB/s | vs cuBLAS | vs tinygemm |")
-        lines.append("|---:|---:|---:|---:|---:|---:|")
+        cb, tg = get(rs, "cublas_bf16"), get(rs, "tinygemm_int4")
+        lines += [f"### Llama-3-{model} {proj} (N={rs[0]['N']}, K={rs[0]['K']}), batch {m}", "",
+                  f"cuBLAS bf16: {cb['us']:.1f} µs ({cb['tbps']:.2f} TB/s); tinygemm int4: {tg['us']:.1f} µs ({tg['tbps']:.2f} TB/s)", "",
+                  "| sparsity | union | ours µs | TB/s | vs tinygemm | vs cuBLAS |", "|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             if r["method"] == "ours":
                 lines.append(f"| {r['sparsity']} | {r['union_sparsity']:.2f} | {r['us']:.1f} | {r['tbps']:.2f} | "
-                             f"{r['speedup_vs_cublas']:.2f}x | {r.get('speedup_vs_tinygemm', float('nan')):.2f}x |")
-        cfgs = [r["config"] for r in rs if r["method"] == "ours" and "config" in r]
-        if cfgs:
-            lines.append("")
-            lines.append(f"Launch shape: {cfgs[0]}")
-        lines.append("")
+                             f"{r['vs_tinygemm']:.2f}x | {r['vs_cublas']:.2f}x |")
+        shape = next(r["shape"] for r in rs if r["method"] == "ours")
+        lines += ["", f"Launch shape: {shape}", ""]
     return "\n".join(lines)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--models", default="8B,70B")
-    ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    ap.add_argument("--tag", default="gemv_h200")
-    args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    batches = [int(b) for b in args.batches.split(",")]
-    sparsities = [int(s) for s in args.sparsities.split(",")]
+def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        commit = commit if commit and commit != "HEAD" else os.environ.get("GIT_COMMIT", "unknown")
     except OSError:
-        commit = "unknown"
+        commit = ""
+    return os.environ.get("GIT_COMMIT") or commit or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--models", default="70B,8B")
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    ap.add_argument("--det-sparsities", default="0,50", help="sparsities also timed with the deterministic reduction")
+    ap.add_argument("--tag", default="gemv_h200")
+    ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
     import triton
 
-    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=commit, command="PYTHONPATH=. python " + " ".join(sys.argv), torch=torch.__version__, triton=triton.__version__,
-                tinygemm_schema=str(torch.ops.aten._weight_int4pack_mm.default._schema),
-                convert_schema=str(torch.ops.aten._convert_weight_to_int4pack.default._schema))
+    meta = dict(gpu=torch.cuda.get_device_name() if not SMOKE else "cpu (smoke)", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=git_commit(), command="PYTHONPATH=. python " + " ".join(sys.argv), torch=torch.__version__,
+                triton=triton.__version__, table=dispatch.table_name(torch.device(DEV)))
     print(meta, flush=True)
-    results = []
+    batches = [int(b) for b in args.batches.split(",")]
+    det_sparsities = [int(s) for s in args.det_sparsities.split(",") if s]
+    jobs = {(json.dumps(dispatch.shape_to_dict(dispatch.pick_gemv(m, n, k, 4, GROUP, torch.device(DEV))), sort_keys=True), m, det)
+            for model in args.models.split(",") for n, k in SHAPES[model].values() for m in batches
+            for det in ((False, True) if det_sparsities else (False,))}
+    errors = precompile([(json.loads(s), m, det) for s, m, det in sorted(jobs)], args.workers)
+    print(f"precompiled {len(jobs)} kernel variants; errors: {errors}", flush=True)
+    results: list = []
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
+
+    def log(line):
+        print(line, flush=True)
+        log_file.write(line + "\n")
+
     for model in args.models.split(","):
         for proj, (n, k) in SHAPES[model].items():
-            bench_shape(model, proj, n, k, batches, sparsities, results)
-            os.makedirs(args.out, exist_ok=True)
+            bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log)
             with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
             with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
                 f.write(markdown(results, meta))
-    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
-        f.write(markdown(results, meta))
-    print(markdown(results, meta))
+    print(markdown(results, meta).split("## Every measurement")[0])
 
 
 if __name__ == "__main__":

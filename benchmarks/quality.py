@@ -41,6 +41,7 @@ DENSE_LEVELS = [0.25, 0.4, 0.5, 0.6]  # sparsity rows on (near-)dense weights
 COMBO_LEVELS = [0.25, 0.4, 0.5]  # w4 + sparsity rows
 CRITERIA = ("magnitude", "weight_aware")
 ALLOCATIONS = ("uniform", "greedy")
+HEADS = ("int8", "int4")  # quantized lm_head rows (compare with rtn_w4 and rtn_w4_u_s40, whose head is float)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
         for crit in CRITERIA:
             sp = {**uniform(DENSE_LEVELS), "allocation": alloc, "criterion": crit}
             out[f"w8_{alloc}_{crit}"] = {"quantization": {"method": "rtn", **w8}, "sparsity": sp}
+    for head in HEADS:  # quantization.lm_head: the w4 build with a quantized output projection (RTN, group g)
+        out[f"rtn_w4_head{head[3:]}"] = {"quantization": {"method": "rtn", **w4, "lm_head": head},
+                                         "sparsity": uniform(COMBO_LEVELS)}
     for level in COMBO_LEVELS:
         out[f"gptq_w4_sa{pct(level)}"] = {
             "quantization": {"method": "gptq", **w4, "sparsity_aware": level},
@@ -134,6 +138,10 @@ def rows(opts: Options) -> list[Row]:
         out.append(Row(f"gptq_w4_u_s{pct(level)}", f"GPTQ w4 g{g} + uniform s{pct(level)}", "gptq_w4", level))
         out.append(Row(f"gptq_w4_sa_u_s{pct(level)}", f"GPTQ w4 g{g} sparsity-aware@{level:g} + uniform s{pct(level)}",
                        f"gptq_w4_sa{pct(level)}", level))
+    for head in HEADS:
+        bits = head[3:]
+        out.append(Row(f"rtn_w4_head{bits}", f"RTN w4 g{g}, lm_head {head}", f"rtn_w4_head{bits}", 0.0))
+        out.append(Row(f"rtn_w4_head{bits}_u_s40", f"RTN w4 g{g}, lm_head {head} + uniform s40", f"rtn_w4_head{bits}", 0.4))
     for level in (0.4, 0.5):
         out.append(Row(f"rtn_w4_u_s{pct(level)}_last_half", f"RTN w4 g{g} + uniform s{pct(level)}, prefill last half",
                        "rtn_w4", level, prefill="sparse_last_half"))

@@ -99,28 +99,52 @@ def shipped_recipe(model: Path, out: Path, **override) -> dict:
     return data
 
 
-def plan_full_model(model: Path, work: Path, recipe_data: dict):
-    """--plan of the same recipe on all 80 layers: a folder with the 80-layer config.json, the tokenizer and an index
-    naming every tensor (no weights: --plan reads none)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def config_only_model(folder: Path, layers: int, config=None) -> Path:
+    """A folder --plan can read: config.json with `layers` layers and an index naming every tensor, no weights."""
+    from transformers import AutoModelForCausalLM
 
-    from teal_quant.compression.recipe import Recipe
-    from teal_quant.workflow import plan
+    from teal_quant.compression.synthetic import resolve_arch
 
-    folder = work / "model-80-config-only"
-    folder.mkdir(exist_ok=True)
-    config = AutoConfig.from_pretrained(model)
-    config.num_hidden_layers = 80
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = resolve_arch("llama3-70b")
+        config.dtype = torch.bfloat16
+    config.num_hidden_layers = layers
     config.save_pretrained(folder)
-    for f in model.glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
     with torch.device("meta"):
         names = list(AutoModelForCausalLM.from_config(config).state_dict())
     weight_map = {n: f"model-{i // 40 + 1:05d}-of-00030.safetensors" for i, n in enumerate(names)}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def plan_full_model(model: Path, work: Path, recipe_data: dict, machine):
+    """--plan of the same recipe on all 80 layers (no weights: --plan reads none), on the machine as probed."""
+    from transformers import AutoConfig
+
+    from teal_quant.compression.plan import plan_run
+    from teal_quant.compression.recipe import Recipe
+
+    folder = config_only_model(work / "model-80-config-only", 80, AutoConfig.from_pretrained(model))
     data = json.loads(json.dumps(recipe_data))
     data["model"]["source"] = str(folder)
-    return plan(Recipe.from_dict(data))
+    return plan_run(Recipe.from_dict(data), machine=machine)
+
+
+def replan(results: dict, work: Path) -> dict:
+    """--render: the plan of the measured run and of 80 layers again, with this checkout's constants and the machine
+    the run probed (no GPU needed), for comparing refitted predictions with what was measured."""
+    from teal_quant.compression.plan import Machine, plan_run
+    from teal_quant.compression.recipe import Recipe
+
+    machine = Machine(**{**results["plan"]["machine"], "disk_path": Path(results["plan"]["machine"]["disk_path"])})
+    out = {}
+    for name, layers in (("plan_refit", results["layers"]), ("plan_80_layers_refit", 80)):
+        data = json.loads(json.dumps(results["recipe"]))
+        data["model"]["source"] = str(config_only_model(work / f"config-{layers}", layers))
+        out[name] = plan_run(Recipe.from_dict(data), data["output"]["dir"], machine=machine,
+                             device=torch.device("cuda")).as_dict()
+    return out
 
 
 def cli(*args: str) -> list[str]:
@@ -139,8 +163,12 @@ def run_measured(recipe_file: Path, log: Path, deadline: float) -> dict:
                 stopped = True
             time.sleep(0.5)
         err = proc.stderr.read()
+    import resource
+
     return {"returncode": proc.returncode, "seconds": time.time() - t0, "stopped_at_budget": stopped,
-            "stderr": err[-1500:], "log_tail": log.read_text()[-3000:]}
+            "stderr": err[-1500:], "log_tail": log.read_text()[-3000:],
+            # the whole process's high-water mark (the end of the run included: the last shard, lm_head, metadata)
+            "process_peak_host_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
 
 def layer_rows(out: Path) -> list[dict]:
@@ -167,13 +195,14 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def resume_check(model: Path, work: Path, samples: int, deadline: float) -> dict:
+def resume_check(base: dict, work: Path, samples: int, deadline: float) -> dict:
     """Uninterrupted vs SIGKILL after layer 2 + --resume, same output path, every file compared."""
     out = work / "resume-art"
     recipe = work / "resume.yaml"
-    data = shipped_recipe(model, out, calibration={"samples": samples},
-                          sparsity={"greedy": {"step": 0.05, "tokens": 4096}})
-    data["sparsity"]["greedy"] = {"step": 0.05, "tokens": 4096}
+    data = json.loads(json.dumps(base))
+    data["output"]["dir"] = str(out)
+    data["calibration"]["samples"] = samples
+    data["sparsity"]["greedy"] = {"step": 0.05, "tokens": min(4096, samples * data["calibration"]["seq_len"])}
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     env = dict(os.environ, TEAL_QUANT_QUIET="1")
     t = time.time()
@@ -204,14 +233,33 @@ def resume_check(model: Path, work: Path, samples: int, deadline: float) -> dict
         return {"error": f"--resume failed: {resumed.stderr[-800:]}"}
     a, b = files_of(out), files_of(reference)
     differ = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    detail = first_difference(json.loads(a["calibration_report.json"]), json.loads(b["calibration_report.json"])) \
+        if "calibration_report.json" in differ else None
     result = {"samples": samples, "seq_len": data["calibration"]["seq_len"], "greedy": data["sparsity"]["greedy"],
               "killed_after_layers": killed_at, "uninterrupted_seconds": uninterrupted,
               "resume_seconds": time.time() - t, "files": len(a), "differing_files": differ,
               "weight_bytes": sum(len(v) for k, v in a.items() if k.endswith(".safetensors")),
-              "identical": not differ}
+              "identical": not differ, "report_difference": detail}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(reference, ignore_errors=True)
     return result
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """The first JSON path where two reports differ, with both values (short)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {str(a)[:80]} vs {str(b)[:80]}"
 
 
 def git_commit() -> str:
@@ -235,7 +283,16 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dry-run-calibration", type=int, nargs=3, metavar=("SAMPLES", "SEQ_LEN", "GREEDY_TOKENS"),
+                        help="CPU dry run of this script: a smaller calibration than the recipe's (and greedy step 0.1)")
+    parser.add_argument("--render", type=Path, help="re-render RESULT.md from this JSON (plans refitted, no run)")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results.update(replan(results, args.workdir))
+        results["rendered"] = "python benchmarks/scale70.py " + " ".join(sys.argv[1:])
+        write_results(results, args.result)
+        return 0
     start = time.time()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -256,6 +313,10 @@ def main() -> int:
     recipe_data = shipped_recipe(model, out)
     if args.device == "cpu":
         recipe_data["runtime"]["device"] = "cpu"
+    if args.dry_run_calibration:
+        samples, seq_len, tokens = args.dry_run_calibration
+        recipe_data["calibration"].update(samples=samples, seq_len=seq_len)
+        recipe_data["sparsity"]["greedy"].update(tokens=tokens, step=0.1)
     recipe_file = work / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe_data, sort_keys=False))
     results["recipe"] = recipe_data
@@ -269,7 +330,7 @@ def main() -> int:
     results["plan"]["seconds_to_plan"] = time.time() - t
     print(f"plan: {predicted.seconds_per_layer:.1f}s/layer, host {predicted.host_bytes / 1e9:.1f} GB, "
           f"GPU {predicted.gpu_bytes / 1e9:.1f} GB, disk {predicted.disk_bytes / 1e9:.1f} GB", flush=True)
-    full = plan_full_model(model, work, recipe_data)
+    full = plan_full_model(model, work, recipe_data, predicted.machine)
     results["plan_80_layers"] = full.as_dict()
     print(f"plan, 80 layers: host {full.host_bytes / 1e9:.1f} GB, GPU {full.gpu_bytes / 1e9:.1f} GB, "
           f"disk {full.disk_bytes / 1e9:.1f} GB, {full.total_seconds / 60:.0f} min", flush=True)
@@ -283,13 +344,17 @@ def main() -> int:
     results["run"]["stage_seconds"] = [r["stage_seconds"] for r in rows]
     results["run"]["peaks"] = [r["peaks"] for r in rows]
     results["run"]["block_error"] = [r["block_error"] for r in rows]
+    results["run"]["greedy_evaluations"] = [r.get("greedy_evaluations") for r in rows]
     print("run:", {k: results["run"][k] for k in ("returncode", "seconds", "layers_done", "layer_seconds")}, flush=True)
     shutil.rmtree(out, ignore_errors=True)
     for p in work.glob(".art.*"):
         shutil.rmtree(p, ignore_errors=True)
 
+    results["resume"] = {"error": "not finished in this call"}
+    results["total_seconds"] = time.time() - start
+    write_results(results, args.result)  # what the main run measured, in case the resume check runs out of time
     if time.time() - start < args.budget_s + args.resume_budget_s - 30:
-        results["resume"] = resume_check(model, work, args.resume_samples, time.time() + args.resume_budget_s)
+        results["resume"] = resume_check(recipe_data, work, args.resume_samples, time.time() + args.resume_budget_s)
     else:
         results["resume"] = {"error": "not run: no time left in this call"}
     print("resume:", results["resume"], flush=True)
@@ -302,10 +367,12 @@ def write_results(r: dict, result: Path) -> None:
     result.parent.mkdir(parents=True, exist_ok=True)
     result.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
     run, plan = r["run"], r["plan"]
+    refit = r.get("plan_refit") or plan  # --render: the same run planned with this checkout's constants
     secs = run["layer_seconds"]
     steady = secs[1:] if len(secs) > 1 else secs  # layer 0 also pays CUDA/kernel warm-up
     mean = sum(steady) / len(steady) if steady else float("nan")
-    host = max((p["host_rss_bytes"] for p in run["peaks"]), default=0)
+    layer_host = max((p["host_rss_bytes"] for p in run["peaks"]), default=0)
+    host = max(layer_host, run.get("process_peak_host_bytes", 0))
     gpu = max((p.get("gpu_allocated_bytes", 0) for p in run["peaks"]), default=0)
     gpu_reserved = max((p.get("gpu_reserved_bytes", 0) for p in run["peaks"]), default=0)
     projected = mean * 80
@@ -315,6 +382,9 @@ def write_results(r: dict, result: Path) -> None:
         f"- command: `{r['command']}`",
         f"- date {r['date']}, GPU {r['gpu']}, {r['cpus']} CPU cores, torch {r['torch']}; branch commit `{r['commit']}`",
         f"- calibration code measured: {r.get('calibration_code') or 'this commit'}",
+        *([f"- this page re-rendered from the JSON by `{r['rendered']}` (the '--plan refitted' column: the same run "
+           "planned with the constants plan.py now has, fitted to this measurement, on the machine this run probed)"]
+          if r.get("rendered") else []),
         f"- checkpoint: Llama-3-70B width, {r['layers']} decoder layers, random bf16 weights, save_pretrained in 5 GB "
         f"shards ({r['checkpoint']})",
         "- recipe: recipes/llama3_70b_w4_s40.yaml as shipped, two swaps: that checkpoint as model.source, "
@@ -323,16 +393,17 @@ def write_results(r: dict, result: Path) -> None:
         "",
         "## Measured vs --plan",
         "",
-        "| | --plan predicted | measured | target |",
-        "|---|---:|---:|---:|",
+        "| | --plan in this run | --plan refitted | measured | target |",
+        "|---|---:|---:|---:|---:|",
         f"| seconds per layer (layers 1.., writing and checkpoint included) | {plan['seconds_per_layer']:.1f} | "
-        f"{mean:.1f} (all: {', '.join(f'{s:.1f}' for s in secs)}) | <= 45 |",
+        f"{refit['seconds_per_layer']:.1f} | {mean:.1f} (all: {', '.join(f'{s:.1f}' for s in secs)}) | <= 45 |",
         f"| projected 80-layer run | {plan['seconds_per_layer'] * 80 / 60:.0f} min | "
-        f"{projected / 60:.0f} min | <= 60 min |",
-        f"| peak host RSS | {plan['host_bytes'] / 1e9:.1f} GB | {host / 1e9:.1f} GB | <= 48 GB |",
-        f"| peak GPU memory (torch allocated; reserved) | {plan['gpu_bytes'] / 1e9:.1f} GB | {gpu / 1e9:.1f} GB; "
-        f"{gpu_reserved / 1e9:.1f} GB | <= 40 GB |",
-        f"| disk for this {r['layers']}-layer run | {plan['disk_bytes'] / 1e9:.1f} GB | | |",
+        f"{refit['seconds_per_layer'] * 80 / 60:.0f} min | {projected / 60:.0f} min | <= 60 min |",
+        f"| peak host RSS (whole process; at the end of the last layer) | {plan['host_bytes'] / 1e9:.1f} GB | "
+        f"{refit['host_bytes'] / 1e9:.1f} GB | {host / 1e9:.1f} GB; {layer_host / 1e9:.1f} GB | <= 48 GB |",
+        f"| peak GPU memory (torch allocated; reserved) | {plan['gpu_bytes'] / 1e9:.1f} GB | "
+        f"{refit['gpu_bytes'] / 1e9:.1f} GB | {gpu / 1e9:.1f} GB; {gpu_reserved / 1e9:.1f} GB | <= 40 GB |",
+        f"| disk for this {r['layers']}-layer run | {plan['disk_bytes'] / 1e9:.1f} GB | {refit['disk_bytes'] / 1e9:.1f} GB | | |",
         "",
         f"The run: exit {run['returncode']}, {run['seconds']:.0f} s wall, {run['layers_done']} layers finished"
         + (" (stopped at the time budget with SIGTERM; finished layers kept)" if run["stopped_at_budget"] else "") + ".",
@@ -344,13 +415,18 @@ def write_results(r: dict, result: Path) -> None:
     ]
     for i, st in enumerate(run["stage_seconds"]):
         lines.append(f"| {i} | " + " | ".join(f"{v:.1f}" for v in st.values()) + f" | {secs[i]:.1f} |")
-    plan_parts = ", ".join(f"{k} {v:.1f}s" for k, v in plan["layer_seconds"].items())
-    lines += ["", f"--plan's time per layer: {plan_parts} ({plan['greedy_evaluations']} greedy block evaluations; "
-              f"matmul probe {plan['machine']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, disk write "
+    plan_parts = ", ".join(f"{k} {v:.1f}s" for k, v in refit["layer_seconds"].items())
+    measured_evals = ", ".join(str(n) for n in run.get("greedy_evaluations", []))
+    lines += ["", f"--plan's time per layer{' (refitted)' if refit is not plan else ''}: {plan_parts} "
+              f"({refit['greedy_evaluations']} greedy block evaluations "
+              f"predicted, measured per layer: {measured_evals}; "
+              f"matmul probe {plan['machine']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, histogram probe "
+              f"{plan['machine']['histogram_elements_per_s'] / 1e9:.1f} G elements/s, disk write "
               f"{plan['machine']['disk_write_bytes_per_s'] / 1e9:.1f} GB/s).", ""]
-    full = r.get("plan_80_layers")
+    full = r.get("plan_80_layers_refit") or r.get("plan_80_layers")
     if full:
-        lines += ["## --plan for the whole 80-layer model (this recipe, this machine)", "",
+        lines += ["## --plan for the whole 80-layer model (this recipe, this machine"
+                  + (", refitted constants)" if "plan_80_layers_refit" in r else ")"), "",
                   f"disk {full['disk_bytes'] / 1e9:.1f} GB (artifact {full['artifact_bytes'] / 1e9:.1f} GB, two "
                   f"hidden-state checkpoints {2 * full['hidden_bytes'] / 1e9:.1f} GB, the writer's pending shard; from "
                   f"the Hub with keep_download: false add about two 5 GB shards), host {full['host_bytes'] / 1e9:.1f} "
@@ -367,7 +443,9 @@ def write_results(r: dict, result: Path) -> None:
                      f"SIGKILLed after {res['killed_after_layers']} checkpointed layers, then `--resume` "
                      f"({res['resume_seconds']:.0f} s). {res['files']} files compared byte for byte "
                      f"({res['weight_bytes'] / 1e9:.2f} GB of weights; calibration_report.json without its measured "
-                     f"seconds and peaks): **{'identical' if res['identical'] else 'DIFFERENT: ' + ', '.join(res['differing_files'])}**.")
+                     f"seconds and peaks): **{'identical' if res['identical'] else 'DIFFERENT: ' + ', '.join(res['differing_files'])}**"
+                     + (f" (first difference: {res['report_difference']})" if res.get("report_difference") else "")
+                     + ".")
     result.with_suffix(".md").write_text("\n".join(line for line in lines if line is not None) + "\n")
 
 

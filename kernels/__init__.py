@@ -3,9 +3,14 @@
 Imports only torch at import time (triton is imported lazily, on first use of a Triton path), does no device work
 at import, and never imports teal_quant.*.
 
-Dispatch (one function, :func:`.dispatch.use_triton`, which the custom ops of :mod:`.ops` share): CUDA tensors ->
-Triton kernels; CPU tensors -> the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` is set and triton
-imports, else the pure-torch reference (:mod:`.reference`), which on the CPU is the product's decode path.
+Files, per kernel family a torch-only module with its custom ops and fakes (``<family>.py``) beside its Triton
+kernels and launchers (``<family>_triton.py``): gemv.py (sparse GEMV ops) with gemv_triton.py (CUDA cores, batch 1),
+gemv_mma_triton.py (tensor cores, any batch), gemv_launch.py (validation and dispatch) and gemv_common.py (what the
+two share); gemm.py / gemm_triton.py (prefill); elementwise.py / elementwise_triton.py; attention.py /
+attention_triton.py; counters_triton.py (realized-sparsity counters). dispatch.py holds the backend switch
+(:func:`.dispatch.use_triton`: CUDA tensors -> Triton kernels; CPU tensors -> the Triton kernels under the interpreter
+when ``TRITON_INTERPRET=1`` is set and triton imports, else the pure-torch reference :mod:`.reference`, which on the
+CPU is the product's decode path) and the per-GPU launch-shape tables (configs/*.json).
 
 Layouts and semantics: see :mod:`.reference` and docs/kernels.md.
 """
@@ -62,10 +67,10 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
     threshold: python float, 0-dim tensor on x's device (changing its value needs no recompile / graph recapture),
     or a [K] tensor of per-input-channel thresholds. Registered as the custom op ``teal_quant::sparse_gemv``.
     """
-    from . import ops
+    from . import gemv
 
     t_tensor, t_value = _split_threshold(threshold)
-    return ops.sparse_gemv_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
+    return gemv.sparse_gemv_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
 
 
 def sparse_gemv_fused(
@@ -85,16 +90,16 @@ def sparse_gemv_fused(
     Returns y [M, sum(split_sizes)]; part p is (x * (|x| > thresholds[p])) @ W_p^T. Split it with
     ``y.split(split_sizes, dim=-1)``.
     """
-    from . import ops
+    from . import gemv
 
-    return ops.sparse_gemv_fused_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size)
+    return gemv.sparse_gemv_fused_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size)
 
 
 def dense_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, group_size: int) -> Tensor:
     """x [..., K] -> x @ W^T [..., N] in x.dtype: the dense prefill path (any M). Custom op ``teal_quant::dense_gemm``."""
-    from . import ops
+    from . import gemm
 
-    return ops.dense_gemm_op(x, qweight, scales, zeros, bits, group_size)
+    return gemm.dense_gemm_op(x, qweight, scales, zeros, bits, group_size)
 
 
 def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_count: Tensor, last_sparsity: Tensor) -> None:
@@ -104,9 +109,9 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
     (float64, float64, float32), e.g. 0-dim buffers for one part. One Triton launch on CUDA, no host sync."""
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x2):
-        from . import gemv_triton
+        from . import counters_triton
 
-        gemv_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
+        counters_triton.count_inactive(x2, thresholds, zero_count, input_count, last_sparsity)
     else:
         count_inactive_ref(x2, thresholds, zero_count, input_count, last_sparsity)
 

@@ -1,16 +1,32 @@
-"""Which backend runs a kernel call: the one switch that the package's entry points (``__init__``) and its custom
-ops (``ops``) share, in a module of its own so that neither imports the other for it.
+"""Which backend and which kernel run a call, in one place.
 
-CUDA tensors -> the Triton kernels; CPU tensors -> the Triton kernels under the interpreter when
-``TRITON_INTERPRET=1`` is set and triton imports, else the pure-torch reference (:mod:`.reference`).
+* :func:`use_triton`: CUDA tensors -> the Triton kernels; CPU tensors -> the Triton kernels under the interpreter when
+  ``TRITON_INTERPRET=1`` is set and triton imports, else the pure-torch reference (:mod:`.reference`).
+* :func:`pick_gemv`: the sparse-GEMV kernel family and its launch shape, looked up in a per-GPU table kept as data
+  (``kernels/configs/<gpu>.json``, written by ``benchmarks/gemv_sweep.py`` from measurements; docs/kernels.md).
+  A table is a list of rules, first match wins; a rule matches a call by batch size ``m``, weight size ``n * k``
+  (elements) and, optionally, ``bits`` and ``n``; its ``shape`` names the kernel (``core``: the CUDA-core batch-1
+  kernel, kernels/gemv_triton.py; ``mma``: the tensor-core kernel, kernels/gemv_mma_triton.py) and its launch
+  parameters (:class:`CoreShape`, :class:`MmaShape`). A rule whose shape cannot take the call (``core`` at m > 4,
+  a K-range that does not divide the group) is skipped.
+
+Imports only torch (no triton, no device work at import).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
+import torch
 from torch import Tensor
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CORE_MAX_M = 4  # the CUDA-core kernel keeps M x 8 accumulators per word: beyond 4 rows it spills
 
 
 def triton_available() -> bool:
@@ -18,8 +34,127 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def use_triton(x: Tensor) -> bool:
     """All device/backend dispatch lives here."""
     if x.is_cuda:
         return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+    return x.device.type == "cpu" and interpreting() and triton_available()
+
+
+@dataclass(frozen=True)
+class CoreShape:
+    """Launch shape of the CUDA-core kernel (kernels/gemv_triton.py; M <= 4, made for M = 1)."""
+
+    vec: int  # int32 words per thread per row (1, 2, 4): a program owns 32 * vec * (32 // bits) columns
+    warps: int  # warps of a program; they split the active rows of its K-range
+    rows: int  # rows per warp per step, unrolled: their loads are in flight together
+    k_range: int  # rows of W^T per program (divides the group size)
+    f16: bool = True  # int4: unpack through fp16 pairs (else the fp32 exponent trick)
+    pipe: bool = False  # rows == 4 only: the next step's row indices and x are loaded before this step's FMAs
+    evict_first: bool = False  # weight loads marked evict-first (the scratch lists and x stay in the L2)
+    maxnreg: int = 0  # register cap per thread (0: ptxas decides)
+    kernel = "core"
+
+
+@dataclass(frozen=True)
+class MmaShape:
+    """Launch shape of the tensor-core kernel (kernels/gemv_mma_triton.py; any M <= 16)."""
+
+    block_n: int = 256  # columns per column tile (multiple of 8; a power of two)
+    block_k: int = 32  # compacted rows per tl.dot step (>= 16)
+    warps: int = 4
+    k_range: int = 128  # rows of W^T per program (divides the group size)
+    stages: int = 1  # num_stages of the row loop (software pipelining by triton)
+    maxnreg: int = 0  # register cap per thread (0: ptxas decides)
+    swap: bool = False  # y^T = W x^T: the weight tile is the dot's M side, the batch (padded to 8) its N side
+    tiles: int = 1  # column tiles per program: the compaction of a K-range is shared by all of them
+    kernel = "mma"
+
+
+GemvShape = CoreShape | MmaShape
+
+
+def shape_from_dict(d: dict) -> GemvShape:
+    d = dict(d)
+    kind = d.pop("kernel")
+    cls = {"core": CoreShape, "mma": MmaShape}[kind]
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {kind} launch parameters {sorted(unknown)}")
+    return cls(**d)
+
+
+def shape_to_dict(shape: GemvShape, defaults: bool = True) -> dict:
+    """``{"kernel": ..., launch parameters}``; defaults False leaves out the parameters at their default."""
+    d = asdict(shape)
+    if not defaults:
+        d = {f.name: d[f.name] for f in fields(shape) if d[f.name] != f.default}
+    return {"kernel": shape.kernel, **d}
+
+
+def table_name(device: torch.device) -> str:
+    """The table a device reads: ``interpreter`` on the CPU, ``h200`` for an H200, else ``default``."""
+    if device.type != "cuda":
+        return "interpreter"
+    name = torch.cuda.get_device_name(device).lower()
+    for key in sorted((p.stem for p in CONFIG_DIR.glob("*.json")), key=len, reverse=True):
+        if key not in ("default", "interpreter") and key in name.replace(" ", "").replace("-", ""):
+            return key
+    return "default"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(name: str) -> tuple[dict, ...]:
+    """The rules of ``configs/<name>.json`` (each with a parsed ``shape``), in order."""
+    with open(CONFIG_DIR / f"{name}.json") as f:
+        data = json.load(f)
+    rules = []
+    for rule in data["rules"]:
+        rules.append({**rule, "shape": shape_from_dict(rule["shape"])})
+    return tuple(rules)
+
+
+def _in(value: int, bounds) -> bool:
+    return bounds is None or bounds[0] <= value <= bounds[1]
+
+
+def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
+    """Whether a launch shape can take the call at all (not whether it is fast)."""
+    kr = shape.k_range
+    if kr < 16 or group_size % kr or k % kr:
+        return False
+    if isinstance(shape, CoreShape):
+        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4)
+    return shape.block_k <= kr and shape.block_n % 8 == 0
+
+
+def fit_k_range(shape: GemvShape, group_size: int) -> GemvShape:
+    """The shape with its K-range halved until it divides the group size (a table is written for group 128)."""
+    kr = shape.k_range
+    while kr > 16 and group_size % kr:
+        kr //= 2
+    if kr == shape.k_range:
+        return shape
+    changes = {"k_range": kr}
+    if isinstance(shape, MmaShape) and shape.block_k > kr:
+        changes["block_k"] = kr
+    return type(shape)(**{**asdict(shape), **changes})
+
+
+def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, table: str | None = None) -> GemvShape | None:
+    """The first rule of the device's table that matches and fits; None when none does (group sizes below 16: the
+    caller uses the reference)."""
+    for rule in load_table(table or table_name(device)):
+        if not (_in(m, rule.get("m")) and _in(n * k, rule.get("weight")) and _in(n, rule.get("n"))):
+            continue
+        if "bits" in rule and bits != rule["bits"]:
+            continue
+        shape = fit_k_range(rule["shape"], group_size)
+        if fits(shape, m, k, bits, group_size):
+            return shape
+    return None

@@ -2,8 +2,8 @@
 
     x [..., K] fp16/bf16/fp32 -> y [..., N] in x.dtype
 
-M <= 16 rows reuse the sparse GEMV kernels with every row active (threshold -inf: the weight is read once, at the
-GEMV's bandwidth). Larger M dequantizes W^T once into x.dtype with a Triton kernel and multiplies with cuBLAS
+M <= 16 rows reuse the sparse GEMV (kernels/gemv_launch.py) with every row active (threshold -inf: the weight is read once, at
+the GEMV's bandwidth). Larger M dequantizes W^T once into x.dtype with a Triton kernel and multiplies with cuBLAS
 (torch.matmul): the dequantization writes K*N*2 bytes, small next to an M >= 16 GEMM's time for prefill-sized M.
 A fused dequantize-in-the-GEMM Triton kernel (gemlite-style) would remove that pass; not done yet.
 """
@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gemv_triton
+from . import gemv_common, gemv_launch
+from .gemv_common import TL_DTYPE
 
 SMALL_M = 16
 
@@ -42,10 +43,10 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, gro
     """W^T [K, N] in ``dtype`` (Triton twin of kernels.reference.dequantize)."""
     k = qweight.shape[0]
     n = qweight.shape[1] * (8 if bits == 4 else 1)
-    w = gemv_triton._empty(k, n, dtype=dtype, device=qweight.device)
+    w = gemv_common._empty(k, n, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(k, 32), triton.cdiv(n, 128))
     _dequantize_kernel[grid](qweight, scales, zeros, w, k, n, group_size, qweight.stride(0), scales.stride(0),
-                             BITS=bits, BLOCK_K=32, BLOCK_N=128, OUT_DTYPE=gemv_triton._TL_DTYPE[dtype], num_warps=4)
+                             BITS=bits, BLOCK_K=32, BLOCK_N=128, OUT_DTYPE=TL_DTYPE[dtype], num_warps=4)
     return w
 
 
@@ -62,7 +63,7 @@ def dense_gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bit
     if m == 0:
         return x.new_zeros(*lead, n)
     if m <= SMALL_M:
-        y = gemv_triton.sparse_gemv(x2.contiguous(), qweight, scales, zeros, float("-inf"), bits=bits, group_size=group_size)
+        y = gemv_launch.sparse_gemv(x2.contiguous(), qweight, scales, zeros, float("-inf"), bits=bits, group_size=group_size)
         return y.reshape(*lead, n)
     w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, dtype=x.dtype)
     return (x2 @ w).reshape(*lead, n)

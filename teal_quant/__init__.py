@@ -31,18 +31,22 @@ def __getattr__(name: str):
         from teal_quant.runtime import loading
 
         return getattr(loading, name)
-    if name == "set_prefill_mode":
-        from teal_quant.runtime.modules import set_prefill_mode
+    if name in ("set_prefill_mode", "track_sparsity"):
+        from teal_quant.runtime import modules
 
-        return set_prefill_mode
+        return getattr(modules, name)
     if name == "TealQuantConfig":  # transformers' QuantizationConfigMixin: imports transformers on first use
         from teal_quant.runtime.hf import TealQuantConfig
 
         return TealQuantConfig
-    if name in ("generate", "Decoder"):
-        from teal_quant.runtime import decoding
+    if name == "generate":
+        from teal_quant.runtime.generation import generate
 
-        return getattr(decoding, name)
+        return generate
+    if name == "Decoder":
+        from teal_quant.runtime.decoding import Decoder
+
+        return Decoder
     if name == "shard_for_tensor_parallel":
         from teal_quant.runtime.tensor_parallel import shard_for_tensor_parallel
 
@@ -69,6 +73,7 @@ __all__ = [
     "set_sparsity",
     "realized_sparsity",
     "set_prefill_mode",
+    "track_sparsity",
     "push",
     "generate",
     "Decoder",

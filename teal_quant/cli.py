@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks; run as `torchrun --nproc-per-node N -m teal_quant.cli bench ... --tp N`")
     _synthetic_args(bench, arch_only=True)
+
+    gen = sub.add_parser("generate", help="generate text from an artifact, streamed as it decodes; then tok/s and "
+                                          "realized sparsity")
+    gen.add_argument("artifact", help="an artifact directory or Hub repo id")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--sparsity", type=float, help="one of the artifact's levels (default: its default level)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens (with --temperature)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of probability >= p (with --temperature)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
 
 
@@ -344,6 +357,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "generate":
+        from teal_quant.textgen import generate_text
+
+        stats = generate_text(args.artifact, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                              sparsity=args.sparsity, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, device=args.device, out=sys.stdout)
+        print(stats.summary())
+        return 0
     raise AssertionError(args.command)
 
 

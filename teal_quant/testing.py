@@ -13,9 +13,11 @@ import torch
 
 
 def write_tiny_llama(path: str | Path, text: str, *, vocab_size: int = 512, hidden: int = 64, intermediate: int = 128,
-                     layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+                     layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                     tie_word_embeddings: bool = False) -> Path:
     """A random Llama-architecture checkpoint (safetensors, float32) with a byte-level BPE tokenizer trained on
-    `text`, saved to `path`; returns `path`. Same arguments, same files."""
+    `text`, saved to `path`; returns `path`. Same arguments, same files. tie_word_embeddings: no lm_head.weight
+    (the head is the embedding, as in SmolLM2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -35,7 +37,7 @@ def write_tiny_llama(path: str | Path, text: str, *, vocab_size: int = 512, hidd
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path

@@ -37,7 +37,9 @@ def test_wheel_holds_every_module_the_kernels_and_the_configs_and_nothing_else(w
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "teal_quant").rglob("*.py")}
     expected |= {f"teal_quant/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "teal_quant" / "configs").glob("*.json")}
+    expected |= {f"teal_quant/kernels/configs/{p.name}" for p in (ROOT / "kernels" / "configs").glob("*.json")}
     assert len(expected) > 40 and "teal_quant/kernels/gemv_triton.py" in expected
+    assert "teal_quant/kernels/configs/h200.json" in expected
     assert "teal_quant/configs/llama3_8b.json" in expected
     files = {n for n in names if ".dist-info/" not in n}
     assert files == expected, (sorted(expected - files), sorted(files - expected))

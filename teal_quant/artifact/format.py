@@ -50,6 +50,12 @@ LINEAR_SUFFIXES = (*QUANT_SUFFIXES, "bias", CHANNEL_SCALE_SUFFIX, PERM_SUFFIX)
 FLOAT32_SUFFIXES = ("thresholds", CHANNEL_SCALE_SUFFIX)  # stored and loaded in float32 whatever the model dtype
 EMBEDDING_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"  # absent when tie_word_embeddings: lm_head is the embedding
+# A quantized lm_head (quantization_config.lm_head, recipe quantization.lm_head: int8 | int4) is stored like a
+# quantized linear without thresholds: lm_head.qweight, lm_head.scales, lm_head.zeros (no lm_head.weight), and the
+# artifact's config.json says tie_word_embeddings: false (the embedding stays in float, the head is its own tensor).
+HEAD_MODULE = "lm_head"
+HEAD_SUFFIXES = ("qweight", "scales", "zeros")
+HEAD_FORMATS = {"dense": None, "int8": 8, "int4": 4}  # recipe value -> bits
 
 
 def linear_key(module_name: str, suffix: str) -> str:
@@ -98,10 +104,16 @@ class TealQuantConfig:
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     format_version: int = FORMAT_VERSION
     act_order: bool = False  # every linear has P.perm: y = x[..., perm] @ W^T_stored
+    lm_head_bits: int | None = None  # None: lm_head dense (float, or the tied embedding); 4 | 8: lm_head.qweight...
+    lm_head_group_size: int | None = None  # with lm_head_bits; -1: per-channel
 
     @property
     def packing(self) -> str:
         return PACKING[self.bits]
+
+    @property
+    def head_quantized(self) -> bool:
+        return self.lm_head_bits is not None
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -114,6 +126,9 @@ class TealQuantConfig:
 
     def to_dict(self) -> dict:
         extra = {"act_order": True} if self.act_order else {}  # written only when true: older readers see no change
+        if self.head_quantized:  # written only for a quantized head (a dense head: no key, as before)
+            extra["lm_head"] = {"bits": self.lm_head_bits, "group_size": self.lm_head_group_size,
+                                "packing": PACKING[self.lm_head_bits]}
         return {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
@@ -167,6 +182,7 @@ class TealQuantConfig:
                 criterion=str(sp.get("criterion", "magnitude")),
                 modules_to_not_convert=list(d.get("modules_to_not_convert", [])),
                 act_order=bool(d.get("act_order", False)),
+                **_head_fields(d.get("lm_head"), where),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: quantization_config is incomplete ({first_line(e)})") from None
@@ -185,6 +201,21 @@ class TealQuantConfig:
         if cfg.criterion not in CRITERIA:
             raise ArtifactError(f"{where}: sparsity.criterion {cfg.criterion!r} must be one of {', '.join(CRITERIA)}")
         return cfg
+
+
+def _head_fields(head, where: str) -> dict:
+    """quantization_config.lm_head ({bits, group_size, packing}, or absent: a dense head) -> config fields."""
+    if head is None:
+        return {}
+    if not isinstance(head, dict) or type(head.get("bits")) is not int or type(head.get("group_size")) is not int:
+        raise ArtifactError(f"{where}: lm_head must be {{bits, group_size, packing}} with integer bits and group_size, "
+                            f"got {head!r}")
+    bits, group = head["bits"], head["group_size"]
+    if bits not in PACKING or head.get("packing") != PACKING[bits]:
+        raise ArtifactError(f"{where}: lm_head bits {bits} / packing {head.get('packing')!r} not supported")
+    if group != -1 and (group <= 0 or group & (group - 1)):
+        raise ArtifactError(f"{where}: lm_head group_size {group} must be a positive power of two or -1 (per-channel)")
+    return {"lm_head_bits": bits, "lm_head_group_size": group}
 
 
 STAGED_MARK = ".partial-"  # .NAME.partial-XXXX: a run's staging folder beside its destination
@@ -715,7 +746,8 @@ class Artifact:
         return dict(self.iter_tensors(device))
 
     def quantized_modules(self) -> list[str]:
-        return sorted(m for m in (linear_of(n, "qweight") for n in self.weight_map) if m is not None)
+        """The TealLinear projections (every linear with a .qweight but a quantized lm_head)."""
+        return sorted(m for m in (linear_of(n, "qweight") for n in self.weight_map) if m not in (None, HEAD_MODULE))
 
     def recipe_text(self) -> str | None:
         p = self.path / RECIPE_FILE
@@ -795,6 +827,7 @@ def read_artifact(path: str | Path) -> Artifact:
             problem = "is missing (act_order is true)" if quant.act_order else "is present but act_order is not set"
             raise ArtifactError(f"artifact '{path}': tensor {linear_key(module, PERM_SUFFIX)} {problem}")
     _check_quantized_tensors(artifact)
+    _check_quantized_head(artifact)
     _check_channel_scales(artifact)
     return artifact
 
@@ -860,6 +893,45 @@ def _check_quantized_tensors(artifact: Artifact) -> None:
             for key in scale_names:
                 if artifact.weight_map[key] == file and not torch.isfinite(f.get_tensor(key)).all():
                     raise ArtifactError(f"{where}: {key} has non-finite values (inf or NaN)")
+
+
+def _check_quantized_head(artifact: Artifact) -> None:
+    """lm_head.qweight / scales / zeros exist exactly when quantization_config.lm_head says so, with the format's
+    dtypes and the shapes of config.json's hidden_size x vocab_size, and no lm_head.weight beside them."""
+    quant, where, weight_map = artifact.quant, f"artifact '{artifact.path}'", artifact.weight_map
+    names = [linear_key(HEAD_MODULE, s) for s in HEAD_SUFFIXES]
+    present = [n for n in names if n in weight_map]
+    if not quant.head_quantized:
+        if present:
+            raise ArtifactError(f"{where}: tensor {present[0]} present but quantization_config has no lm_head")
+        return
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise ArtifactError(f"{where}: tensor {missing[0]} is missing (quantization_config.lm_head is set)")
+    if LM_HEAD_KEY in weight_map:
+        raise ArtifactError(f"{where}: tensor {LM_HEAD_KEY} present beside the quantized lm_head")
+    hidden, vocab = artifact.config.get("hidden_size"), artifact.config.get("vocab_size")
+    headers = _headers(artifact, names)
+    bits = quant.lm_head_bits
+    per_word = 8 if bits == 4 else 1
+    dtype, shape = headers[names[0]]
+    want = _QWEIGHT_DTYPE[bits]
+    if dtype != want or len(shape) != 2 or [shape[0], shape[1] * per_word] != [hidden, vocab]:
+        raise ArtifactError(f"{where}: {names[0]} must be {_DTYPE_NAMES[want]} [hidden_size {hidden}, vocab_size "
+                            f"{vocab}{'/8' if per_word > 1 else ''}] for a {bits}-bit head, got {dtype} {shape}")
+    group = hidden if quant.lm_head_group_size == -1 else quant.lm_head_group_size
+    if hidden % group:
+        raise ArtifactError(f"{where}: lm_head group_size {group} does not divide hidden_size {hidden}")
+    for key in names[1:]:
+        dtype, shape = headers[key]
+        if dtype not in _FLOAT_DTYPES or shape != [hidden // group, vocab]:
+            raise ArtifactError(f"{where}: {key} must be floating [{hidden // group}, {vocab}], got {dtype} {shape}")
+    from safetensors import safe_open
+
+    for key in names[1:]:
+        with safe_open(str(artifact.path / weight_map[key]), framework="pt") as f:
+            if not torch.isfinite(f.get_tensor(key)).all():
+                raise ArtifactError(f"{where}: {key} has non-finite values (inf or NaN)")
 
 
 def check_perm(perm: torch.Tensor, in_features: int, where: str) -> None:

@@ -39,12 +39,16 @@ from teal_quant.artifact.format import (
     ALLOCATION_PLOT_FILE,
     CARD_FILE,
     EMBEDDING_KEY,
+    HEAD_FORMATS,
+    HEAD_MODULE,
+    LM_HEAD_KEY,
     RECIPE_FILE,
     REPORT_FILE,
     RESUME_DIR,
     ArtifactWriter,
     TealQuantConfig,
     check_destination,
+    linear_key,
 )
 from teal_quant.compression.data import (
     POOL_FACTOR,
@@ -57,6 +61,8 @@ from teal_quant.compression.hidden import HiddenStates
 from teal_quant.compression.plan import existing_ancestor, plan_run
 from teal_quant.compression.quantize import QUANTIZERS, QuantSpec
 from teal_quant.compression.quantize.layer import MethodQuantizer
+from teal_quant.compression.quantize.rtn import QuantSpec as RtnSpec
+from teal_quant.compression.quantize.rtn import rtn_quantize
 from teal_quant.compression.recipe import GeneratedSource, Recipe, TextFilesSource, parse_size
 from teal_quant.compression.sources import open_model
 from teal_quant.compression.sources.base import ModelSource
@@ -70,7 +76,8 @@ from teal_quant.compression.stream import (
     compress_layers,
 )
 from teal_quant.devices import resolve_dtype, select_device
-from teal_quant.errors import ArtifactError, DataError, TealQuantError
+from teal_quant.errors import ArtifactError, DataError, ModelSourceError, TealQuantError
+from teal_quant.kernels import pack
 from teal_quant.progress import Progress
 
 
@@ -131,6 +138,22 @@ def check_inputs(recipe: Recipe) -> None:
         check_text_files(recipe.eval.source, "eval")
 
 
+def check_head_shape(config, head_bits: int | None) -> None:
+    """A quantized lm_head packs the vocabulary along N: it must be a multiple of 8 (int4 words, GEMV tiles)."""
+    vocab = int(config.vocab_size)
+    if head_bits is not None and vocab % 8:
+        raise ModelSourceError(f"quantization.lm_head: int{head_bits} needs a vocabulary that is a multiple of 8, "
+                               f"this model has {vocab} tokens (use lm_head: dense)")
+
+
+def quantized_head(weight: torch.Tensor, spec: RtnSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """lm_head.qweight / scales / zeros of the output projection `weight` [vocab, hidden] (RTN, any recipe method:
+    the head has no calibrated Hessian here), scales and zeros rounded to the artifact dtype."""
+    q, scales, zeros = rtn_quantize(weight.float(), spec)
+    return {linear_key(HEAD_MODULE, "qweight"): pack(q, spec.bits),
+            linear_key(HEAD_MODULE, "scales"): scales.to(dtype), linear_key(HEAD_MODULE, "zeros"): zeros.to(dtype)}
+
+
 def check_disk_space(out: Path, needed: int) -> None:
     """The artifact is staged beside `out` and moved into place; the old one (overwrite) goes only after that."""
     where = existing_ancestor(out.resolve().parent)
@@ -188,6 +211,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             weights = weight_format(recipe, src)  # from_checkpoint: bits/group_size/sym/dtype are the checkpoint's
             spec = QuantSpec(bits=weights.bits, group_size=weights.group_size, sym=weights.sym)
             check_shapes(src.config, spec.group_size)
+            head_bits = HEAD_FORMATS[recipe.quantization.lm_head]
+            check_head_shape(src.config, head_bits)
             dtype = weights.dtype
             quantizer = layer_quantizer(recipe, src, spec, dtype)
             compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
@@ -203,6 +228,8 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
             quantizer="gptq" if recipe.quantization.method == "from_checkpoint" else recipe.quantization.method,
             levels=levels, default=sp.default, allocation=sp.allocation, prefill=sp.prefill, criterion=sp.criterion,
             act_order=bool(getattr(src, "act_order", False)),
+            lm_head_bits=head_bits, lm_head_group_size=None if head_bits is None else spec.group_size,
+            modules_to_not_convert=[] if head_bits is not None else [HEAD_MODULE],
         )
         settings = stream_settings(recipe, levels, compute_dtype, dtype, device)
         with distributed.agreement("creating the output", world):  # distributed: only rank 0 writes
@@ -244,6 +271,13 @@ def compress_recipe(recipe: Recipe, output_dir: str | Path | None = None, *, ove
                         if writer is not None:
                             non_layer = src.tensors([n for n in src.non_layer_tensor_names() if n != EMBEDDING_KEY])
                             dense_params += sum(t.numel() for t in non_layer.values())
+                            if head_bits is not None:  # the head's own packed tensors (tied: a quantized embedding copy)
+                                head = non_layer.pop(LM_HEAD_KEY, None)
+                                if head is None:
+                                    head = src.tensors([EMBEDDING_KEY])[EMBEDDING_KEY]
+                                writer.add(quantized_head(head, RtnSpec(bits=head_bits, group_size=spec.group_size,
+                                                                        sym=spec.sym), dtype))
+                                del head
                             writer.add({n: t.to(dtype) for n, t in non_layer.items()})
                             del non_layer
                             writer.checkpoint(_progress_state(report_layers, dense_params, hidden, src,
@@ -615,6 +649,8 @@ def _write_metadata(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, to
     config = src.config
     config.dtype = dtype
     config.quantization_config = quant.to_dict()
+    if quant.head_quantized:  # the head has tensors of its own now (the embedding stays float)
+        config.tie_word_embeddings = False
     config.save_pretrained(writer.dir)
     try:
         generation = GenerationConfig.from_pretrained(src.path)

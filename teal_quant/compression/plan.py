@@ -13,8 +13,9 @@ From config.json, the safetensors index (or the shard files' sizes) and the reci
   counted by running the real search on a stand-in error, a GPTQ Hessian pass, propagation) at the matmul rate
   measured on this machine for a second, plus the hidden-state checkpoint at the disk's measured write rate.
 
-The constants below were fitted once to measured runs (benchmarks/results/scale70_h200.md shows predicted beside
-measured); the plan is an estimate, said as one.
+The constants below were fitted to one measured run on an H200 (benchmarks/results/scale70_h200.md shows the
+predictions beside the measurements); on a CPU the per-evaluation overhead is larger than on a GPU, so its time is an
+underestimate. The plan is an estimate, said as one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ GB = 1e9
 PROCESS_HOST_BYTES = 1.2 * GB  # python, torch, transformers, tokenizer
 CUDA_HOST_BYTES = 1.5 * GB  # the CUDA context and libraries' host side
 CUDA_CONTEXT_BYTES = 0.6 * GB  # on the GPU, outside torch's allocator
-MATMUL_EFFICIENCY = 0.55  # of the probe's rate: a layer's matmuls are smaller, and elementwise work sits between them
+# Fitted to the H200 measurement of benchmarks/results/scale70_h200.md (the constants a later run tests):
+MATMUL_EFFICIENCY = 0.55  # dense passes, of the probe's rate: batches of 16k tokens with norms, rotary, attention between
+GREEDY_MATMUL_EFFICIENCY = 0.75  # greedy evaluations: a few large tail matmuls each (4k x 8k x 28k at 70B width)
+EVALUATION_OVERHEAD_S = 2e-3  # per greedy block evaluation: kernel launches, thresholds, the error sum
+HOST_SLACK = 1.45  # measured peak RSS / the sum of the terms below (23.4 / 16.2 GB): allocator and page-cache slack
 FALLBACK_WRITE_BYTES_PER_S = 1.0 * GB
 
 
@@ -60,6 +65,7 @@ class Machine:
     cache_free: int | None  # the Hub cache's file system, when it is another one
     matmul_flops_per_s: float
     disk_write_bytes_per_s: float
+    histogram_elements_per_s: float
 
 
 @dataclass
@@ -123,6 +129,23 @@ def probe_matmul(device: torch.device, dtype: torch.dtype, seconds: float = 0.5)
     return 2.0 * n ** 3 * count / (time.perf_counter() - t0)
 
 
+def probe_histogram(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Elements/s of AbsHistogram.update (the activation histograms of the capture pass) on `device`."""
+    from teal_quant.compression.calibrate.histogram import AbsHistogram
+
+    n = 1 << (24 if device.type == "cuda" else 20)
+    x = torch.randn(n, device=device, dtype=dtype)
+    hist = AbsHistogram(device=device)
+    hist.update(x)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        hist.update(x)
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return n * count / (time.perf_counter() - t0)
+
+
 def probe_disk_write(folder: Path, nbytes: int = 64 * 2**20) -> float:
     """Bytes/s of writing `nbytes` to a temporary file in `folder` (fsync'd), or a fallback if it cannot."""
     import tempfile
@@ -179,7 +202,8 @@ def detect_machine(device: torch.device, compute_dtype: torch.dtype, out: Path, 
     return Machine(device=str(device), host_total=total, host_available=available, gpu_name=gpu_name,
                    gpu_total=gpu_total, disk_free=shutil.disk_usage(where).free, disk_path=where, cache_free=cache_free,
                    matmul_flops_per_s=probe_matmul(device, compute_dtype) if timing else math.nan,
-                   disk_write_bytes_per_s=probe_disk_write(where) if timing else math.nan)
+                   disk_write_bytes_per_s=probe_disk_write(where) if timing else math.nan,
+                   histogram_elements_per_s=probe_histogram(device, compute_dtype) if timing else math.nan)
 
 
 def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: int) -> int:
@@ -193,36 +217,37 @@ def estimated_artifact_bytes(config, bits: int, group_size: int, dtype_bytes: in
 
 
 def greedy_evaluation_counts(sizes: dict[str, int], levels: list[float], step: float,
-                             search: str = "exact") -> tuple[int, int]:
-    """(block evaluations that change an attention threshold, ones that change only an MLP threshold) of the greedy
-    search, counted by running the real search on a stand-in error (sum of size * sparsity^2)."""
-    from teal_quant.compression.calibrate.allocation import greedy_allocation
+                             search: str = "exact") -> dict[str, int]:
+    """How many block evaluations of the greedy search raise each projection ("first": the all-zero reference), counted
+    by running the real search (calibrate.allocation.greedy_allocation) on a stand-in error, sum of size * sparsity^2:
+    the count depends on the levels, the step and the search mode far more than on the error's exact values."""
+    from teal_quant.compression.calibrate.allocation import effective_sparsity, greedy_allocation
 
+    counts = {"first": 0, **{p: 0 for p in sizes}}
     positive = [lv for lv in levels if lv > 0]
     if not positive:
-        return 0, 0
-    attention = {"q", "k", "v", "o"}
-    counts = [0, 0]
-    step_calls: list[dict[str, float]] = []
-
-    def classify() -> None:
-        """The candidates of one greedy step share a base (each raises one projection): the base is the value most
-        of them hold; a candidate that changes q, k, v or o needs the attention recomputed."""
-        for alloc in step_calls:
-            if len(step_calls) == 1:
-                counts[0] += 1
-                continue
-            changed = {p for p in alloc if sum(c[p] == alloc[p] for c in step_calls) * 2 <= len(step_calls)}
-            counts[0 if changed & attention or not changed else 1] += 1
-        step_calls.clear()
+        return counts
+    base = {p: 0.0 for p in sizes}  # the search's current allocation: each candidate raises one projection of it
+    since_accept: list[tuple[float, dict[str, float]]] = []
+    total = sum(sizes.values())
 
     def block_errors(allocs) -> list[float]:
-        step_calls.extend(dict(a) for a in allocs)
-        return [sum(sizes[p] * a[p] ** 2 for p in a) / sum(sizes.values()) for a in allocs]
+        errors = [sum(sizes[p] * a[p] ** 2 for p in a) / total for a in allocs]
+        for a, e in zip(allocs, errors):
+            changed = [p for p in a if a[p] != base[p]]
+            counts[changed[0] if len(changed) == 1 else "first"] += 1
+            since_accept.append((e, dict(a)))
+        return errors
 
-    greedy_allocation(block_errors, sizes, positive, step, progress=lambda _effective: classify(), search=search)
-    classify()
-    return counts[0], counts[1]
+    def accepted(effective: float) -> None:
+        """The accepted candidate: the least-error one measured since the last step that reaches `effective`."""
+        match = [(e, a) for e, a in since_accept if abs(effective_sparsity(a, sizes) - effective) < 1e-9]
+        if match:
+            base.update(min(match, key=lambda t: t[0])[1])
+        since_accept.clear()
+
+    greedy_allocation(block_errors, sizes, positive, step, progress=accepted, search=search)
+    return counts
 
 
 def layer_flops(config, tokens: int, seq_len: int) -> tuple[float, float]:
@@ -240,7 +265,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, machine: Machine | None = None,
-             timing: bool = True) -> RunPlan:
+             timing: bool = True, device: torch.device | None = None) -> RunPlan:
     """The predicted needs of `recipe` on this machine. `src` (an opened ModelSource) is used when given; otherwise
     the model is opened for its config and index only (a Hub model: its metadata is downloaded, no shard).
     `timing` False skips the probes the time per layer needs (the check before a run only needs the bytes)."""
@@ -251,12 +276,13 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
                          keep_download=recipe.model.keep_download)
     config = src.config
     out = Path(output_dir or recipe.output.dir)
-    device = select_device(recipe.runtime.device, option="runtime.device")
+    # `device`: plan for that device instead of the recipe's (with `machine`, e.g. to replan a measured run elsewhere)
+    device = device or select_device(recipe.runtime.device, option="runtime.device")
     compute_dtype = resolve_dtype(recipe.runtime.dtype, torch.float32) if recipe.runtime.dtype != "auto" else torch.float32
     hidden_dtype = compute_dtype if recipe.runtime.hidden_dtype == "auto" else resolve_dtype(recipe.runtime.hidden_dtype, None)
     source_dtype = torch.float32 if src.gguf_file else resolve_dtype("auto", getattr(config, "dtype", None))
     artifact_dtype = resolve_dtype(recipe.model.dtype, getattr(config, "dtype", None))
-    cal, sp, qz = recipe.calibration, recipe.sparsity, recipe.quantization
+    cal, qz = recipe.calibration, recipe.quantization
     bits = qz.bits
     group = qz.group_size
     if qz.method == "from_checkpoint" and getattr(src, "fmt", None) is not None:
@@ -302,35 +328,14 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
     if device.type == "cpu":  # the layer, its activations and the greedy subset live in host memory too
         cpu_compute = _gpu_working_set(config, params_per_layer, recipe, b_c)
     start_phase = embed_bytes * 2 + memory_hidden + cal.samples * cal.seq_len * 8 * 16
-    layer_phase = memory_hidden + 2 * pending_bytes + layer_read + cpu_compute
-    host_bytes = int(base + max(start_phase, layer_phase))
+    layer_phase = memory_hidden + pending_bytes + 2 * layer_read + cpu_compute  # a layer as read and as copied
+    end_phase = memory_hidden + pending_bytes + 2 * embed_bytes  # lm_head read while the last shard is pending
+    host_bytes = int((base + max(start_phase, layer_phase, end_phase)) * HOST_SLACK)
     gpu_bytes = int(CUDA_CONTEXT_BYTES + _gpu_working_set(config, params_per_layer, recipe, b_c)) if device.type == "cuda" else 0
 
     # time per layer
     machine = machine or detect_machine(device, compute_dtype, out, cache, timing=timing)
-    rate = machine.matmul_flops_per_s * MATMUL_EFFICIENCY
-    tokens = cal.samples * cal.seq_len
-    attn, mlp = layer_flops(config, tokens, cal.seq_len)
-    dense_pass = (attn + mlp) / rate
-    n_subset = min(cal.samples, max(1, math.ceil(sp.greedy.tokens / cal.seq_len)))
-    sub_attn, sub_mlp = layer_flops(config, n_subset * cal.seq_len, cal.seq_len)
-    tail_mlp = sub_mlp * sp.greedy.last_fraction
-    shapes = projection_shapes(config)
-    sizes_p = {p: k * n for p, (k, n) in shapes.items()}
-    evaluations = 0
-    greedy_seconds = 0.0
-    if sp.allocation == "greedy":
-        attn_evals, mlp_evals = greedy_evaluation_counts(sizes_p, sp.all_levels, sp.greedy.step, sp.greedy.search)
-        evaluations = attn_evals + mlp_evals
-        greedy_seconds = (attn_evals * (sub_attn + tail_mlp) + mlp_evals * tail_mlp) / rate
-    final_evals = len(sp.all_levels) * (2 if sp.allocation == "greedy" else 1)
-    greedy_seconds += final_evals * (sub_attn + tail_mlp) / rate
-    hessian = 0.0
-    if qz.method == "gptq":
-        hessian = dense_pass * min(1.0, (qz.gptq.samples or cal.samples) / cal.samples)
-    write = (hidden_bytes + artifact_bytes / layers) / machine.disk_write_bytes_per_s
-    parts = {"capture": dense_pass, "allocate": greedy_seconds, "hessian": hessian, "propagate": dense_pass,
-             "write": write}
+    parts, evaluations = layer_seconds(config, recipe, machine, hidden_bytes, artifact_bytes, params_per_layer * b_src)
 
     problems = []
     need = {"disk": (disk_bytes if machine.cache_free is None else disk_bytes - download_peak, machine.disk_free,
@@ -355,6 +360,50 @@ def plan_run(recipe: Recipe, output_dir: str | Path | None = None, *, src=None, 
                    disk_bytes=disk_bytes, host_bytes=host_bytes, gpu_bytes=gpu_bytes,
                    seconds_per_layer=sum(parts.values()), layer_seconds=parts, greedy_evaluations=evaluations,
                    machine=machine, problems=problems)
+
+
+def layer_seconds(config, recipe: Recipe, machine: Machine, hidden_bytes: int, artifact_bytes: int,
+                  layer_read_bytes: int) -> tuple[dict[str, float], int]:
+    """Predicted seconds of one layer by stage, and the greedy search's block evaluations.
+
+    Matmul FLOPs at MATMUL_EFFICIENCY of the probed rate; histogram updates at the probed rate of
+    AbsHistogram.update; each block evaluation recomputes only what calibrate.layer.BlockEvaluator must (raising
+    down: down on the tail rows; gate or up: it and down; o: o and the MLP; q: q on the tail, attention, o and the
+    MLP; k or v: it on every row of the subset, attention, o and the MLP) plus EVALUATION_OVERHEAD_S of launches and
+    bookkeeping; the writes (hidden-state checkpoint, the layer's share of the artifact) at the probed disk rate."""
+    cal, sp, qz = recipe.calibration, recipe.sparsity, recipe.quantization
+    rate = machine.matmul_flops_per_s * MATMUL_EFFICIENCY
+    greedy_rate = machine.matmul_flops_per_s * GREEDY_MATMUL_EFFICIENCY
+    shapes = projection_shapes(config)
+    d, inter = config.hidden_size, config.intermediate_size
+    tokens = cal.samples * cal.seq_len
+    attn, mlp = layer_flops(config, tokens, cal.seq_len)
+    dense_pass = (attn + mlp) / rate
+    hist_elements = tokens * (shapes["q"][0] + shapes["o"][0] + shapes["gate"][0] + shapes["down"][0])
+    if sp.criterion == "weight_aware":  # one histogram per projection instead of per activation point
+        hist_elements = tokens * sum(k for k, _ in shapes.values())
+    capture = dense_pass + hist_elements / machine.histogram_elements_per_s
+    n_subset = min(cal.samples, max(1, math.ceil(sp.greedy.tokens / cal.seq_len)))
+    subset, tail = n_subset * cal.seq_len, n_subset * cal.seq_len * sp.greedy.last_fraction
+    down = 2.0 * inter * d * tail
+    gate_up = 2.0 * d * inter * tail + down
+    mlp_all = 6.0 * d * inter * tail
+    o = 2.0 * shapes["o"][0] * d * tail + mlp_all
+    core = 4.0 * tail * cal.seq_len * shapes["q"][1]  # tail queries against every key: QK^T and AV
+    q = 2.0 * d * shapes["q"][1] * tail + core + o
+    kv = 2.0 * d * shapes["k"][1] * subset + core + o
+    cost = {"first": q + 2 * kv, "q": q, "k": kv, "v": kv, "o": o, "gate": gate_up, "up": gate_up, "down": down}
+    evaluations, allocate = 0, 0.0
+    if sp.allocation == "greedy":
+        counts = greedy_evaluation_counts({p: k * n for p, (k, n) in shapes.items()}, sp.all_levels, sp.greedy.step,
+                                          sp.greedy.search)
+        evaluations = sum(counts.values())
+        allocate = sum(cost[p] * n for p, n in counts.items()) / greedy_rate + evaluations * EVALUATION_OVERHEAD_S
+    finals = len(sp.all_levels) * (2 if sp.allocation == "greedy" else 1)  # the reported errors, every level
+    allocate += finals * (cost["first"] / greedy_rate + EVALUATION_OVERHEAD_S)
+    hessian = dense_pass * min(1.0, (qz.gptq.samples or cal.samples) / cal.samples) if qz.method == "gptq" else 0.0
+    io = (layer_read_bytes + hidden_bytes + artifact_bytes / config.num_hidden_layers) / machine.disk_write_bytes_per_s
+    return {"capture": capture, "allocate": allocate, "hessian": hessian, "propagate": dense_pass, "io": io}, evaluations
 
 
 def _gpu_working_set(config, params_per_layer: int, recipe: Recipe, b_c: int) -> float:

@@ -104,6 +104,9 @@ class QuantizationSpec(_Section):
     sym: bool = False
     gptq: GPTQSpec | None = None
     sparsity_aware: float | None = None  # a positive level of sparsity.levels: GPTQ sees inputs thresholded at it
+    # the output projection: dense (float, as the base model has it), or quantized with RTN at 8 / 4 bits (group_size
+    # and sym of this section; a tied head gets its own quantized copy, the embedding stays float). No threshold.
+    lm_head: Literal["dense", "int8", "int4"] = "dense"
 
     @model_validator(mode="before")
     @classmethod

@@ -215,10 +215,37 @@ class Peaks:
         return {"allocated": int(torch.cuda.max_memory_allocated(self.device)),
                 "reserved": int(torch.cuda.max_memory_reserved(self.device))}
 
+    @staticmethod
+    def host_now_bytes() -> int:
+        """The resident set right now (Linux /proc/self/statm; 0 elsewhere)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * resource.getpagesize()
+        except (OSError, ValueError, IndexError):
+            return 0
+
     def snapshot(self) -> dict:
         gpu = self.gpu_bytes()
-        return {"host_rss_bytes": self.host_bytes(),
+        return {"host_rss_bytes": self.host_bytes(), "host_rss_now_bytes": self.host_now_bytes(),
                 **({"gpu_allocated_bytes": gpu["allocated"], "gpu_reserved_bytes": gpu["reserved"]} if gpu else {})}
+
+
+def release_freed_host_memory() -> None:
+    """glibc keeps freed medium-sized blocks (under its 32 MB mmap threshold) in its heaps: a layer's many temporary
+    tensors then leave the resident set higher after each layer. malloc_trim(0) hands them back; elsewhere a no-op."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def rotary_embeddings(config, skeleton: nn.Module, seq_len: int, device: torch.device, dtype: torch.dtype):
@@ -331,6 +358,7 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
             "thresholds": {p: allocation.projection_thresholds(p) for p in PROJECTIONS},
             "calibration_sparsity": predicted_sparsity(allocation, hists, sizes),
             "block_error": allocation.errors,
+            "greedy_evaluations": allocation.evaluations,
             "histograms": compact_histograms(hists),
             **({"quantizer": quant_stats} if quant_stats else {}),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -339,6 +367,7 @@ def compress_layers(config, weights: LayerWeights, quantizer: LayerQuantizer, hi
         }
         layer.to("meta")
         del sims, passes, hists, work, allocation
+        release_freed_host_memory()
         yield LayerResult(index=i, tensors=tensors, report=report, dense_params=dense_params,
                           seconds=time.perf_counter() - t0)
         weights.release(i)

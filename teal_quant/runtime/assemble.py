@@ -18,11 +18,20 @@ import torch
 from torch import nn
 
 from teal_quant.architecture import build_skeleton, layer_module_names, materialize_non_persistent_buffers
-from teal_quant.artifact.format import LM_HEAD_KEY, PERM_SUFFIX, TealQuantConfig, check_perm, linear_key, stored_float32
+from teal_quant.artifact.format import (
+    HEAD_MODULE,
+    LM_HEAD_KEY,
+    PERM_SUFFIX,
+    TealQuantConfig,
+    check_perm,
+    linear_key,
+    stored_float32,
+)
 from teal_quant.errors import ArtifactError, first_line
-from teal_quant.runtime.modules import TealLinear, set_sparsity, teal_linears
+from teal_quant.runtime.modules import QuantLinear, TealLinear, set_sparsity, teal_linears
 
-__all__ = ["assemble", "quantized_module_names", "replace_linears", "check_sparsity_tensors", "finish_assembly"]
+__all__ = ["assemble", "quantized_module_names", "replace_linears", "replace_head", "check_sparsity_tensors",
+           "finish_assembly"]
 
 
 def quantized_module_names(config, quant: TealQuantConfig) -> list[str]:
@@ -49,6 +58,21 @@ def replace_linears(model: nn.Module, quantized: list[str], quant: TealQuantConf
             perm=quant.act_order,
         )
         setattr(model.get_submodule(parent_name), child, module)
+
+
+def replace_head(model: nn.Module, quant: TealQuantConfig, dtype: torch.dtype) -> None:
+    """With quantization_config.lm_head: swap the output projection for a QuantLinear (meta device) holding the
+    packed head; the input embedding stays as it is (a tied head is untied: it has tensors of its own)."""
+    if not quant.head_quantized:
+        return
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ArtifactError(f"artifact quantizes '{HEAD_MODULE}', but this model's output layer is not a linear layer")
+    module = QuantLinear(head.in_features, head.out_features, bits=quant.lm_head_bits,
+                         group_size=quant.lm_head_group_size, bias=head.bias is not None, dtype=dtype, device="meta")
+    model.set_output_embeddings(module)
+    if getattr(model.config, "tie_word_embeddings", False):  # transformers must not tie a .weight onto it
+        model.config.tie_word_embeddings = False
 
 
 def check_sparsity_tensors(module: TealLinear) -> str | None:
@@ -107,6 +131,7 @@ def assemble(
         del config.quantization_config  # keep transformers from looking for a quantizer while building the skeleton
     model = build_skeleton(config, dtype)
     replace_linears(model, quantized, quant, dtype)
+    replace_head(model, quant, dtype)
 
     expected = list(model.state_dict())
     loaded: set[str] = set()
@@ -120,7 +145,7 @@ def assemble(
             raise ArtifactError(f"{where}: tensor shapes do not match the config ({first_line(e)})") from None
         unexpected += result.unexpected_keys
         loaded.update(state)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and not quant.head_quantized
     missing = [k for k in expected if k not in loaded and not (tied and k == LM_HEAD_KEY)]
     if missing:
         raise ArtifactError(f"{where}: tensor {missing[0]} is missing")

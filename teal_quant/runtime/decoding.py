@@ -5,13 +5,16 @@ device buffers (the current tokens, their position, the attention mask, the gene
 prompt eagerly; every `step` then replays the captured graph, which runs the model on the static token buffer,
 takes the argmax on the device, writes it back into the token buffer and the output row, and advances the
 position and the mask: the host does no work per token but `graph.replay()`, and never waits for the device.
-EOS: finished rows keep emitting `eos_token_id` (on the device); the host looks whether every row is finished
-only every `eos_check_every` tokens.
+EOS: finished rows keep emitting `pad_token_id` (default: the first EOS id; on the device); the host looks whether
+every row is finished only every `eos_check_every` tokens. `next_token` replaces the argmax (a function of the
+logits [B, V] and the [1] position of the token they follow; teal_quant/runtime/generation.py's sampler), inside the
+captured step; the realized-sparsity counters are off in the step unless asked (`track_sparsity`).
 
 On CUDA a Llama-family model's step is `teal_quant.runtime.decode_step.FusedDecodeStep` (residual add + RMSNorm in
-one launch, rotary + cache write + GQA attention over the static cache in one launch, no mask, no copies) and the
-step's tail (argmax, EOS, token / output / position updates) is `kernels.greedy_advance` (two launches); other
-models, and `fused_step=False`, run the transformers forward and the tail in torch ops.
+one launch, rotary + cache write + GQA attention over the static cache in one launch, no mask, no copies); with
+greedy decoding, one EOS id and no separate pad id, the step's tail (argmax, EOS, token / output / position updates)
+is `kernels.greedy_advance` (two launches). Other models, and `fused_step=False`, run the transformers forward; other
+tails (sampling, several EOS ids) run in torch ops.
 
 Works for any transformers causal LM with a static cache (a dense bf16 model as well as a teal_quant one).
 transformers 5.24 takes `cache=` and tracks cache positions inside the cache; 5.17 takes `past_key_values=` and
@@ -23,11 +26,15 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from teal_quant import kernels
+from teal_quant.runtime.modules import counting, decode_tracking
+
+MAX_EOS_IDS = 8  # EOS ids a generation may stop on (a static buffer, so a captured graph serves any set)
 
 
 def _forward_parameters(model: nn.Module) -> set[str]:
@@ -47,6 +54,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module, *, batch_size: int, max_length: int, cuda_graph: bool | None = None,
                  eos_check_every: int = 8, fuse: bool = True, fuse_elementwise: bool | None = None,
+                 next_token: Callable[[Tensor, Tensor], Tensor] | None = None, track_sparsity: bool | None = None,
                  fused_step: bool | None = None, fused_step_options: dict | None = None):
         from transformers import StaticCache
 
@@ -76,7 +84,10 @@ class Decoder:
         self._mask = torch.zeros(b, self.max_length, dtype=torch.long, device=dev)
         self._out = torch.zeros(b, self.max_length, dtype=torch.long, device=dev)
         self._finished = torch.zeros(b, dtype=torch.bool, device=dev)
-        self._eos = torch.full((), -1, dtype=torch.long, device=dev)
+        self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=dev)  # -1: no id
+        self._pad = torch.full((), -1, dtype=torch.long, device=dev)  # what a finished row emits
+        self._next_token = next_token  # None: greedy (argmax)
+        self.track_sparsity = decode_tracking(model, track_sparsity)  # counters in the decode steps and prefill
         self._graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None  # why capture failed, if it did (then steps run eagerly)
         self.length = 0  # tokens in the cache + the pending one in self._tokens (host-side count, no sync)
@@ -94,6 +105,9 @@ class Decoder:
                 raise ValueError(f"fused_step=True: {reason}")
             else:
                 self.fused_step_error = reason
+        # The one-kernel greedy tail: fused step, argmax, at most one EOS id that finished rows repeat (prefill
+        # switches to the torch tail, dropping a captured graph, when a generation asks for more)
+        self._kernel_tail = self._fused is not None and next_token is None
         self._greedy_workspace: Tensor | None = None
 
     @property
@@ -109,38 +123,43 @@ class Decoder:
             kwargs["cache_position"] = positions
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, **kwargs)
+        with counting(self.track_sparsity):
+            out = self.model(input_ids=input_ids, **kwargs)
         return out.logits[:, -1, :]
 
-    def _next(self, logits: Tensor) -> Tensor:
-        nxt = logits.argmax(dim=-1)
-        return torch.where(self._finished, self._eos, nxt)
+    def _next(self, logits: Tensor, position: Tensor) -> Tensor:
+        nxt = logits.argmax(dim=-1) if self._next_token is None else self._next_token(logits, position)
+        return torch.where(self._finished, self._pad, nxt)
+
+    def _is_eos(self, tokens: Tensor) -> Tensor:
+        return (tokens.unsqueeze(-1) == self._eos).any(-1)
 
     def _step_body(self) -> None:
         """One decode step on the static buffers only (what the CUDA graph captures)."""
         pos = self._pos
         if self._fused is not None:
-            logits = self._logits = self._fused(self._tokens, pos)
-            self._advance(logits)
-            return
-        self._mask.index_fill_(1, pos, 1)
-        logits = self._logits = self._forward(self._tokens, pos, self._mask)
+            with counting(self.track_sparsity):
+                logits = self._logits = self._fused(self._tokens, pos)
+        else:
+            self._mask.index_fill_(1, pos, 1)
+            logits = self._logits = self._forward(self._tokens, pos, self._mask)
         self._advance(logits)
 
     def _advance(self, logits: Tensor) -> None:
-        """The step's tail: next tokens, EOS, token / output / position buffers (two launches on the fused path)."""
-        if self._fused is not None:
+        """The step's tail: next tokens, EOS, token / output / position buffers (two launches with the kernel tail)."""
+        pos = self._pos
+        if self._kernel_tail:
             need = kernels.greedy_workspace_size(*logits.shape)
             if self._greedy_workspace is None or self._greedy_workspace.numel() < need:
                 self._greedy_workspace = torch.empty(need, dtype=torch.float32, device=logits.device)
-            kernels.greedy_advance(logits, self._tokens, self._finished, self._eos, self._out, self._pos,
+            kernels.greedy_advance(logits, self._tokens, self._finished, self._eos[0], self._out, pos,
                                    self._greedy_workspace)
             return
-        nxt = self._next(logits)
-        self._finished |= nxt == self._eos
+        nxt = self._next(logits, pos)
+        self._finished |= self._is_eos(nxt)
         self._tokens.copy_(nxt.unsqueeze(1))
-        self._pos.add_(1)
-        self._out.index_copy_(1, self._pos, nxt.unsqueeze(1))
+        pos.add_(1)
+        self._out.index_copy_(1, pos, nxt.unsqueeze(1))
 
     # -- public API --------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -151,21 +170,33 @@ class Decoder:
         self.length = 0
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, *, eos_token_id: int | None = None) -> Tensor:
-        """Run the prompt [B, P] eagerly into a fresh cache; returns the next tokens [B] (greedy)."""
+    def prefill(self, input_ids: Tensor, *, eos_token_id: int | list[int] | None = None,
+                pad_token_id: int | None = None) -> Tensor:
+        """Run the prompt [B, P] eagerly into a fresh cache; returns the next tokens [B] (greedy, or next_token's).
+        A row that emits one of `eos_token_id` emits `pad_token_id` (default: the first EOS id) from then on."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
             raise ValueError(f"input_ids must be [batch_size={self.batch_size}, P], got {tuple(input_ids.shape)}")
         p = input_ids.shape[1]
         if not 1 <= p < self.max_length:
             raise ValueError(f"prompt of {p} tokens does not leave room in max_length={self.max_length}")
+        eos = [] if eos_token_id is None else [int(eos_token_id)] if isinstance(eos_token_id, int) else \
+            [int(t) for t in eos_token_id]
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
+        pad = pad_token_id if pad_token_id is not None else eos[0] if eos else -1
+        if self._kernel_tail and (len(eos) > 1 or (eos and pad != eos[0])):
+            self._kernel_tail, self._graph, self.graph_error = False, None, None  # the torch tail: capture again
         self.reset()
-        self._eos.fill_(-1 if eos_token_id is None else int(eos_token_id))
+        self._eos.fill_(-1)
+        self._eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        self._pad.fill_(pad)
         ids = input_ids.to(self.device, torch.long)
         self._mask[:, :p] = 1
         self._out[:, :p] = ids
-        logits = self._logits = self._forward(ids, torch.arange(p, device=self.device), self._mask[:, :p])
-        nxt = self._next(logits)
-        self._finished |= nxt == self._eos
+        positions = torch.arange(p, device=self.device)
+        logits = self._logits = self._forward(ids, positions, self._mask[:, :p])
+        nxt = self._next(logits, positions[-1:])
+        self._finished |= self._is_eos(nxt)
         self._tokens.copy_(nxt.unsqueeze(1))
         self._pos.fill_(p)
         self._out[:, p] = nxt
@@ -239,16 +270,23 @@ class Decoder:
             if isinstance(cum, Tensor):
                 cum.copy_(length.reshape(()))
 
+    @property
+    def finished(self) -> Tensor:
+        """[B] bool on the device: rows that have emitted an EOS id (reading it on the host is a sync)."""
+        return self._finished
+
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Prompt [B, P] + up to max_new_tokens greedy tokens -> [B, P + n]. Rows that emitted eos_token_id continue
-        with eos_token_id; the loop stops early once every row has (checked every eos_check_every tokens)."""
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> Tensor:
+        """Prompt [B, P] + up to max_new_tokens tokens -> [B, P + n]. Rows that emitted an EOS id continue with
+        pad_token_id (default: the first EOS id); the loop stops early once every row has (checked every
+        eos_check_every tokens)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         p = input_ids.shape[-1]
         if p + max_new_tokens > self.max_length:
             raise ValueError(f"prompt {p} + max_new_tokens {max_new_tokens} exceeds max_length={self.max_length}")
-        self.prefill(input_ids, eos_token_id=eos_token_id)
+        self.prefill(input_ids, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         n = 1
         while n < max_new_tokens:
             if eos_token_id is not None and n % self.eos_check_every == 0 and bool(self._finished.all()):

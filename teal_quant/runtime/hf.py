@@ -169,7 +169,7 @@ def _classes():
             return dtype
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from teal_quant.runtime.assemble import quantized_module_names, replace_linears
+            from teal_quant.runtime.assemble import quantized_module_names, replace_head, replace_linears
 
             # A teal-quant artifact loads from safetensors only: pickle checkpoints are never torch.load-ed.
             files = kwargs.get("checkpoint_files") or []
@@ -182,6 +182,7 @@ def _classes():
             quant = self.quantization_config.teal_config
             dtype = kwargs.get("dtype") or model.dtype
             replace_linears(model, quantized_module_names(model.config, quant), quant, dtype)
+            replace_head(model, quant, dtype)  # quantization_config.lm_head: a QuantLinear head (no tied weight)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -191,6 +192,9 @@ def _classes():
             for name, module in teal_linears(model):  # transformers leaves a buffer it found no tensor for on meta
                 if module.qweight.is_meta:
                     raise ArtifactError(f"checkpoint has no packed tensors for {name} (is it a teal-quant artifact?)")
+            head = model.get_output_embeddings()
+            if any(t.is_meta for t in head.buffers()):
+                raise ArtifactError("checkpoint has no packed tensors for lm_head (quantization_config.lm_head is set)")
             config = self.quantization_config
             finish_assembly(model, config.teal_config)
             if config.sparsity is not None:

@@ -1,4 +1,5 @@
-"""TealLinear: a packed int4/int8 linear layer that thresholds its input (TEAL) before the product.
+"""TealLinear: a packed int4/int8 linear layer that thresholds its input (TEAL) before the product; QuantLinear: the
+same storage without a threshold (a quantized lm_head).
 
 Decode (one token per sequence) goes through `teal_quant.kernels.sparse_gemv`, which reads only the
 rows of W^T whose input activation survives the threshold. Prefill goes through the dense int4/int8
@@ -7,17 +8,27 @@ buffer that `set_level` overwrites in place, so switching levels never reallocat
 keeps working) and never recompiles: 0-dim under the magnitude criterion; [K] under the weight-aware one
 (WINA), where input k is kept when |x_k| * channel_scale[k] > t, i.e. |x_k| > t / channel_scale[k].
 
+On the CPU (when the kernels would run their pure-torch reference) both modules keep W^T dequantized once, in
+float32, beside the packed tensors (`cpu_weight`; 4 bytes per weight, dropped when the module moves to another
+device): decode multiplies the thresholded input with it, prefill is one float32 matmul. Per-call dequantization
+cost 1.7 s per SmolLM2 token on 2 cores; docs/decoding.md ("The CPU path") has the measured alternatives.
+
 On CUDA, `teal_quant.runtime.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
 gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/runtime/fusion.py).
-The realized-sparsity counters cost a few small kernels per call: `track_sparsity(model, False)` turns them off
+The realized-sparsity counters cost a few small kernels per call: they are on in a plain forward and off in the
+decode fast path (`teal_quant.generate` / the Decoder) unless `track_sparsity(model, True)` asks for them
 (docs/decoding.md has the measured cost).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from teal_quant import kernels
@@ -25,6 +36,7 @@ from teal_quant import kernels
 # "sparse_last_half" is an evaluation mode (the TEAL paper's perplexity protocol): in a multi-token forward only the
 # last half of each sequence is thresholded, the first half stays dense like a prompt.
 PREFILL_MODES = ("dense", "sparse", "sparse_last_half")
+DECODE_ROWS = 16  # a forward with one token per sequence and at most this many rows takes the GEMV (decode) path
 
 
 def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
@@ -40,7 +52,73 @@ def channel_thresholds(threshold: torch.Tensor, channel_scale: torch.Tensor) -> 
     return torch.where(positive, per_channel, never)
 
 
-class TealLinear(nn.Module):
+class PackedLinear(nn.Module):
+    """W^T [K, N] stored packed (docs/artifact-format.md): the buffers TealLinear and QuantLinear share, and the
+    float32 copy of W^T that their CPU path multiplies with."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__()
+        if group_size == -1:
+            group_size = in_features
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if out_features % 8:
+            raise ValueError(f"out_features {out_features} is not a multiple of 8")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        packed = (in_features, out_features // 8) if bits == 4 else (in_features, out_features)
+        packed_dtype = torch.int32 if bits == 4 else torch.uint8
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(packed, dtype=packed_dtype, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
+        self._cpu_weight: torch.Tensor | None = None  # float32 W^T on the CPU, built on first use
+        self._cpu_key: tuple | None = None
+
+    @property
+    def weight_size(self) -> int:
+        return self.in_features * self.out_features
+
+    def stored_weight_t(self) -> torch.Tensor:
+        """W^T [K, N] as stored (rows in stored order), in scales.dtype."""
+        return kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+
+    def cpu_weight(self) -> torch.Tensor:
+        """W^T [K, N] in float32 (the values the reference kernels compute), dequantized once and kept while the
+        packed tensors are unchanged (in-place writes bump their version: the copy is rebuilt)."""
+        buffers = self._buffers  # direct: this runs on every CPU call
+        q, s, z = buffers["qweight"], buffers["scales"], buffers["zeros"]
+        key = (q.data_ptr(), q._version, s.data_ptr(), s._version, z.data_ptr(), z._version)
+        if self._cpu_key != key:
+            with torch.no_grad():
+                self._cpu_weight = dequantize_float32(q, s, z, self.bits, self.group_size)
+            self._cpu_key = key
+        return self._cpu_weight
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cpu_weight = self._cpu_key = None  # a move or cast: the copy would be stale (and would hold memory)
+        return super()._apply(fn, recurse)
+
+
+def dequantize_float32(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """W^T [K, N] float32 = (q - zeros) * scales per group: the reference kernels' arithmetic (bit for bit), built in
+    place (one [K, N] float32 tensor, no repeated scale / zero tensors)."""
+    q = kernels.unpack(qweight, bits)
+    k, n = q.shape
+    w = q.to(torch.float32)
+    grouped = w.view(k // group_size, group_size, n)
+    grouped.sub_(zeros.float().unsqueeze(1)).mul_(scales.float().unsqueeze(1))
+    return w
+
+
+def cpu_path(x: torch.Tensor) -> bool:
+    """True where the kernels would run their pure-torch reference (a CPU tensor, no Triton interpreter)."""
+    return not kernels.use_triton(x)
+
+
+class TealLinear(PackedLinear):
     """y = (x * (|x| > t)) @ W^T + b with W^T stored packed (see docs/artifact-format.md).
 
     With `channel_scale=True` (weight-aware criterion) the module holds a float32 [K] `channel_scale` buffer
@@ -62,22 +140,8 @@ class TealLinear(nn.Module):
         channel_scale: bool = False,
         perm: bool = False,
     ):
-        super().__init__()
-        if group_size == -1:
-            group_size = in_features
-        if in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-        if out_features % 8:
-            raise ValueError(f"out_features {out_features} is not a multiple of 8")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
+        super().__init__(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
         self.prefill = prefill
-        packed = (in_features, out_features // 8) if bits == 4 else (in_features, out_features)
-        packed_dtype = torch.int32 if bits == 4 else torch.uint8
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(packed, dtype=packed_dtype, device=device))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("thresholds", torch.zeros(n_levels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer(
@@ -86,11 +150,22 @@ class TealLinear(nn.Module):
         # act-order GPTQ import: W^T rows stored in perm order, so the layer computes x[..., perm] @ W^T_stored
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int32, device=device) if perm else None)
         self.level_index = 0
-        self.track = True  # count realized sparsity (track_sparsity switches it)
+        self._track = True  # count realized sparsity (track_sparsity switches it; see `track`)
         self._fused_group = None  # teal_quant.runtime.fusion.FusedGroup when fused with its siblings
         self._fused_part = 0
         self._init_runtime_state(device)
         self._register_state_dict_hook(_contiguous_state)
+
+    @property
+    def track(self) -> bool:
+        """Whether a forward updates the realized-sparsity counters: the module's own setting, unless a `counting`
+        block (the Decoder's forwards) decides for every module at once."""
+        override = _COUNTING.get()
+        return self._track if override is None else override
+
+    @track.setter
+    def track(self, enabled: bool) -> None:
+        self._track = bool(enabled)
 
     def _init_runtime_state(self, device: torch.device | str | None) -> None:
         """Buffers that are not saved: the active threshold ([K] when weight-aware) and the realized-sparsity counters."""
@@ -104,10 +179,6 @@ class TealLinear(nn.Module):
         """After a meta-device build + load_state_dict(assign=True): real runtime buffers on `device`."""
         self._init_runtime_state(device)
         self.set_level(self.level_index)
-
-    @property
-    def weight_size(self) -> int:
-        return self.in_features * self.out_features
 
     def set_level(self, index: int) -> None:
         """Make level `index` active by overwriting the threshold buffer in place (same storage)."""
@@ -134,12 +205,14 @@ class TealLinear(nn.Module):
         self.last_sparsity.copy_(zeros / max(active.numel(), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_group is None and cpu_path(x):
+            return self._cpu_forward(x)
         lead = x.shape[:-1]
         tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
             x2 = x2.index_select(1, self.perm)
-        decode = tokens_per_sequence == 1 and x2.shape[0] <= 16
+        decode = tokens_per_sequence == 1 and x2.shape[0] <= DECODE_ROWS
         if self._fused_group is not None and (decode or (self.prefill == "dense" and tokens_per_sequence > 1)):
             y = self._fused_group.output(self, x, x2, decode)
         elif decode:
@@ -166,9 +239,56 @@ class TealLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU path, in float32 like the reference kernels: the thresholded input times cpu_weight (W^T float32).
+        |x| > t is compared in float32; an input under it (or NaN) contributes exactly 0. One decode row reads only
+        the active rows of W^T (`sparse_row_product`); several decode rows or a prompt multiply the masked input with
+        the whole matrix (one matmul reads W^T once: the union of several rows' active sets is nearly all of it)."""
+        k = self.in_features
+        w_t = self.cpu_weight()
+        buffers = self._buffers
+        perm, bias = buffers["perm"], buffers["bias"]
+        if x.numel() == k and x.dtype == torch.float32 and perm is None:  # one decode row: the common case, lean
+            x1 = x.reshape(k)
+            y = sparse_row_product(x1, x1.abs() > buffers["threshold"], w_t, self if self.track else None)
+            if bias is not None:
+                y = y + bias
+            return y.view(*x.shape[:-1], self.out_features)
+        lead = x.shape[:-1]
+        tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
+        xf = x.reshape(-1, k)
+        if xf.dtype != torch.float32:
+            xf = xf.to(torch.float32)
+        if perm is not None:  # thresholding is elementwise, so gathering first changes nothing else
+            xf = xf.index_select(1, perm)
+        if xf.shape[0] == 1 and tokens_per_sequence == 1:
+            x1 = xf.view(k)
+            y = sparse_row_product(x1, x1.abs() > self.threshold, w_t, self if self.track else None).view(1, -1)
+        else:
+            decode = tokens_per_sequence == 1 and xf.shape[0] <= DECODE_ROWS
+            if decode or self.prefill == "sparse":
+                active = xf.abs() > self.threshold
+            elif self.prefill == "sparse_last_half":
+                active = (xf.abs() > self.threshold).reshape(*lead, k)
+                active[..., : tokens_per_sequence // 2, :] = True
+                active = active.reshape(-1, k)
+            else:  # dense prefill
+                active = None
+            if active is None:
+                y = xf @ w_t
+            else:
+                if self.track:
+                    self._record(active)
+                y = torch.where(active, xf, 0.0) @ w_t
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, self.out_features)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The dense [out, in] weight this module represents (for checks and export, not for inference)."""
-        w_t = kernels.dequantize(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        w_t = self.stored_weight_t()
         if self.perm is not None:  # stored row j is input channel perm[j]
             w_t = torch.empty_like(w_t).index_copy_(0, self.perm.long(), w_t)
         return w_t.t()
@@ -182,6 +302,64 @@ class TealLinear(nn.Module):
         )
 
 
+_BAG_OFFSETS = torch.zeros(1, dtype=torch.long)  # one bag starting at 0 (embedding_bag's 1-D form)
+GATHER_BELOW = 0.85  # active fraction under which one decode row gathers its rows (above it, one dense matvec)
+
+
+def sparse_row_product(x: torch.Tensor, active: torch.Tensor, w_t: torch.Tensor,
+                       counters: TealLinear | None = None) -> torch.Tensor:
+    """(x * active) @ W^T for one row on the CPU: x float32 [K], active bool [K], W^T [K, N] float32 -> [N].
+
+    Reads only the active rows of W^T: torch's embedding_bag computes sum_k x_k W^T[k] over them without copying
+    them (docs/decoding.md has the measured alternatives); nearly dense rows (level 0) take one matvec instead.
+    `counters`: a TealLinear whose realized-sparsity counters this call updates (the count is free here)."""
+    rows = active.nonzero(as_tuple=True)[0]
+    n, k = rows.numel(), x.shape[0]
+    if counters is not None:
+        counters.zero_count.add_(k - n)
+        counters.input_count.add_(k)
+        counters.last_sparsity.fill_((k - n) / max(k, 1))
+    if n >= GATHER_BELOW * k:
+        return torch.where(active, x, 0.0) @ w_t
+    # torch.embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode=0 (sum), sparse, per_sample_weights,
+    # include_last_offset, padding_idx): the builtin, without F.embedding_bag's argument checks
+    return torch.embedding_bag(w_t, rows, _BAG_OFFSETS, False, 0, False, x.index_select(0, rows), False, None)[0]
+
+
+class QuantLinear(PackedLinear):
+    """y = x @ W^T + b with W^T packed int4/int8 and no threshold: a quantized lm_head (recipe
+    `quantization.lm_head: int8 | int4`). Decode rows take the int GEMV at threshold 0 (every nonzero input is
+    read: a dense product), prompts the dense int GEMM, the CPU the float32 W^T."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        tokens_per_sequence = x.shape[-2] if x.dim() >= 3 else 1
+        x2 = x.reshape(-1, self.in_features)
+        if cpu_path(x2):
+            y = (x2.to(torch.float32) @ self.cpu_weight()).to(x2.dtype)
+        elif tokens_per_sequence == 1 and x2.shape[0] <= DECODE_ROWS:
+            y = kernels.sparse_gemv(x2, self.qweight, self.scales, self.zeros, 0.0, bits=self.bits,
+                                    group_size=self.group_size)
+        else:
+            y = kernels.dense_gemm(x2, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight (for checks and the dense baseline)."""
+        return self.stored_weight_t().t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"group_size={self.group_size}, threshold=none"
+
+
 def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_metadata) -> None:
     """A fused member's buffers are column views of its group: save them as tensors of their own."""
     if module._fused_group is not None:
@@ -192,10 +370,38 @@ def _contiguous_state(module: TealLinear, state_dict: dict, prefix: str, local_m
 
 
 def track_sparsity(model: nn.Module, enabled: bool) -> None:
-    """Switch the realized-sparsity counters of every TealLinear (default on: `realized_sparsity` reports the last
-    forward). Off saves a few small kernels per projection and token (docs/decoding.md has the cost)."""
+    """Switch the realized-sparsity counters of every TealLinear and make that the model's explicit choice.
+
+    Without a call, a plain forward counts (`realized_sparsity` reports it) and the decode fast path
+    (`teal_quant.generate`, the Decoder) does not; after `track_sparsity(model, True)` the fast path counts too,
+    after `track_sparsity(model, False)` nothing does (docs/decoding.md has the cost)."""
     for _, m in teal_linears(model):
         m.track = bool(enabled)
+    model.teal_track_sparsity = bool(enabled)
+
+
+def decode_tracking(model: nn.Module, requested: bool | None = None) -> bool:
+    """Whether the decode fast path counts: `requested` when given, else the model's `track_sparsity` choice, else
+    off (the counters are a few small kernels per projection and token)."""
+    if requested is not None:
+        return bool(requested)
+    return bool(getattr(model, "teal_track_sparsity", False))
+
+
+# Set by `counting`: None (each module's own `track`), or True / False for every TealLinear at once. A context
+# variable, so one decoder's setting never leaks into another thread's forwards.
+_COUNTING: ContextVar[bool | None] = ContextVar("teal_quant_counting", default=None)
+
+
+@contextmanager
+def counting(enabled: bool) -> Iterator[None]:
+    """Every TealLinear counts (or not) in the forwards inside the block, whatever its own setting (two context
+    variable writes per forward, not one attribute write per module)."""
+    token = _COUNTING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _COUNTING.reset(token)
 
 
 def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:
@@ -203,7 +409,10 @@ def teal_linears(model: nn.Module) -> list[tuple[str, TealLinear]]:
 
 
 def realized_sparsity(model: nn.Module, *, cumulative: bool = False) -> float:
-    """Size-weighted fraction of weight rows skipped: of the last forward, or since reset_stats."""
+    """Size-weighted fraction of weight rows skipped: of the last forward that counted, or since reset_stats.
+
+    A forward with the counters off (the decode fast path by default, see `track_sparsity`) changes nothing: the
+    value is that of the last counted forward, 0.0 when none has counted since the model was built or reset."""
     num = den = 0.0
     for _, m in teal_linears(model):
         frac = (m.zero_count / m.input_count.clamp(min=1)) if cumulative else m.last_sparsity

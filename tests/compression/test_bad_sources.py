@@ -14,6 +14,8 @@ import torch
 from _support import tiny_recipe_text
 from safetensors.torch import load_file, save_file
 
+from teal_quant.artifact.format import RESUME_DIR
+
 ENV = {**os.environ, "TEAL_QUANT_QUIET": "1"}
 LAYER1_Q = "model.layers.1.self_attn.q_proj.weight"
 LAYER0_DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -110,7 +112,10 @@ def test_broken_base_model_is_one_line_and_exit_2(break_it, tiny_llama, tmp_path
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("teal-quant: error: ") and expected in lines[0], lines
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # Nothing half-written where the artifact goes; a staging folder stays only when it holds finished layers that
+    # `run --resume` continues from (a failure after layer 0, as in inf_weight)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out") and not (p / RESUME_DIR).is_dir()]
 
 
 def test_a_failing_run_with_progress_bars_leaves_one_line_on_a_non_terminal_stderr(tiny_llama, tmp_path):

@@ -43,7 +43,7 @@ def test_block_evaluator_equals_the_full_layer(tiny_llama):
             alloc = {p: float(torch.rand((), generator=generator)) * 0.9 for p in sims}
         seen.append(dict(alloc))
         set_thresholds(sims, thresholds_for(alloc, hists))
-        fast = block()
+        fast = hidden[:, 30:] + block()
         saved = {p: sim.reuse for p, sim in sims.items()}
         for sim in sims.values():
             sim.reuse = 0
@@ -52,6 +52,58 @@ def test_block_evaluator_equals_the_full_layer(tiny_llama):
             sim.reuse = saved[p]
         assert fast.shape == full.shape
         torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_block_error_of_a_bfloat16_layer_matches_float32(tiny_llama):
+    """The error is measured on the layer's update (output minus input) in float32, so a bf16 layer measures what a
+    float32 layer does even when the error is far below bf16's rounding of the output: here ~1e-7 of ||Y||^2 (the
+    residual stream, x3, dwarfs the random layer's update), against ~1e-6 for rounding h + update to bf16."""
+    import copy
+
+    src, skeleton, layer = load_layer(tiny_llama)
+    hidden = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)) * 3
+    pe = skeleton.model.rotary_emb(hidden[:1], torch.arange(64)[None])
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = copy.deepcopy(layer).to(dtype)
+        sims = attach_simulated(cast)
+        h, pe_cast = hidden.to(dtype), tuple(t.to(dtype) for t in pe)
+        hists = capture_histograms(LayerRunner(cast, pe_cast), sims, h, "cpu")
+        result = allocate(cast, sims, hists, h, pe_cast, [0.0, 0.25, 0.5], method="uniform", step=0.1,
+                          last_fraction=0.5, compare_uniform=False)
+        errors[dtype] = result.errors["uniform"]
+    assert errors[torch.float32][0] == errors[torch.bfloat16][0] == 0.0
+    assert 1e-8 < errors[torch.float32][1] < 1e-6
+    for e32, e16 in zip(errors[torch.float32][1:], errors[torch.bfloat16][1:]):
+        assert e16 == pytest.approx(e32, rel=0.03)
+
+
+def test_allocate_reduces_plain_sums_of_squared_errors(tiny_llama):
+    """`reduce` sees float64 sums over this process's tokens (the reference norm, then one tensor per batch of
+    candidates) and what it returns is used: tripling every sum, as three processes with the same tokens would,
+    changes no decision; the exact search makes one reduction per greedy step."""
+    src, skeleton, layer = load_layer(tiny_llama)
+    hidden = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
+    pe = skeleton.model.rotary_emb(hidden[:1], torch.arange(32)[None])
+    sims = attach_simulated(layer)
+    hists = capture_histograms(LayerRunner(layer, pe), sims, hidden, "cpu")
+    seen = []
+
+    def triple(sums: torch.Tensor) -> torch.Tensor:
+        assert sums.dtype == torch.float64 and sums.ndim == 1
+        seen.append(sums.clone())
+        return sums * 3
+
+    steps = []
+    kwargs = dict(method="greedy", step=0.1, last_fraction=0.5, search="exact", compare_uniform=False)
+    plain = allocate(layer, sims, hists, hidden, pe, [0.0, 0.3], **kwargs)
+    reduced = allocate(layer, sims, hists, hidden, pe, [0.0, 0.3], reduce=triple, progress=steps.append, **kwargs)
+    assert reduced.sparsities == plain.sparsities
+    assert reduced.errors["greedy"] == pytest.approx(plain.errors["greedy"], rel=1e-12)
+    assert reduced.evaluations == plain.evaluations > 0
+    # the reference, the start, one batch per step, and the reported errors
+    assert len(seen) == 1 + 1 + len(steps) + 1
+    assert all((s >= 0).all() for s in seen)
 
 
 @pytest.mark.slow

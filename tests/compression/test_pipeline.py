@@ -272,3 +272,29 @@ def test_disk_space_check_names_what_is_needed(tmp_path):
     check_disk_space(tmp_path / "out", 1)
     with pytest.raises(ArtifactError, match="GB needed .* GB free"):
         check_disk_space(tmp_path / "out", 2**62)
+
+
+def test_hidden_states_on_disk_give_the_same_artifact(tiny_llama, tiny_artifact, tmp_path):
+    """runtime.hidden_storage: disk (two files, a batch at a time) stores float32 exactly: the same tensors as the
+    in-memory run; runtime.hidden_dtype: bfloat16 still lands every level (the greedy search may pick other steps on
+    the rounded activations, so thresholds are not compared one by one) with a block error close to float32's."""
+    from _support import tiny_recipe_text
+
+    on_disk = teal_quant.compress(teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
+        tiny_llama, tmp_path / "disk", runtime="runtime: {hidden_storage: disk}")))
+    a, b = read_artifact(on_disk.artifact).tensors(), read_artifact(tiny_artifact).tensors()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((on_disk.artifact / "calibration_report.json").read_text())
+    for row in report["layers"]:  # per-layer seconds by stage and peaks
+        assert row["seconds"] >= sum(v for k, v in row["stage_seconds"].items()) - 1e-3 > 0
+        assert set(row["stage_seconds"]) == {"load", "capture", "allocate", "quantize", "propagate", "write"}
+        assert row["peaks"]["host_rss_bytes"] > 0
+    assert len(on_disk.layer_seconds) == 2 and on_disk.peak_host_bytes > 0
+
+    bf16 = teal_quant.compress(teal_quant.Recipe.from_yaml_text(tiny_recipe_text(
+        tiny_llama, tmp_path / "bf16", runtime="runtime: {hidden_dtype: bfloat16}")))
+    fp32 = json.loads((tiny_artifact / "calibration_report.json").read_text())["layers"]
+    for row, ref in zip(json.loads((bf16.artifact / "calibration_report.json").read_text())["layers"], fp32):
+        assert row["calibration_sparsity"] == pytest.approx(row["levels"], abs=0.02)
+        for got, want in zip(row["block_error"]["greedy"], ref["block_error"]["greedy"]):
+            assert got <= 1.5 * want + 1e-3, (got, want)

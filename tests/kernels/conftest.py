@@ -1,7 +1,7 @@
 """Kernel tests run on the GPU when there is one, else on the CPU through the Triton interpreter.
 
 TRITON_INTERPRET must be set before triton is imported; kernels/ imports triton lazily, so setting it here (at
-collection, before any test imports kernels.gemv_triton) is enough.
+collection, before any test imports the kernel modules) is enough.
 """
 
 import os
@@ -25,7 +25,7 @@ def device():
 def poison(monkeypatch):
     """Every buffer the Triton launchers allocate comes back filled with garbage (NaN / huge ints)."""
     pytest.importorskip("triton")
-    from teal_quant.kernels import gemv_triton
+    from teal_quant.kernels import gemv_common
 
     real = torch.empty
 
@@ -37,5 +37,5 @@ def poison(monkeypatch):
             t.fill_(0x3FFF_FFFF if dtype == torch.int32 else -1)
         return t
 
-    monkeypatch.setattr(gemv_triton, "_empty", garbage_empty)
+    monkeypatch.setattr(gemv_common, "_empty", garbage_empty)
     return garbage_empty

@@ -15,7 +15,8 @@ from _kernel_helpers import make_layer, tol, truth
 from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
-from teal_quant.kernels import gemv_triton  # noqa: E402
+from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
+from teal_quant.kernels.dispatch import MmaShape  # noqa: E402
 
 
 def channel_thresholds(k, x, sparsity, seed):
@@ -45,11 +46,11 @@ def test_sparse_gemv_per_channel_with_inf(device, poison, bits, m):
     # the per-channel mask really differs from any scalar one, and dead columns are dropped
     assert not torch.equal(want, truth(x, q, s, z, g, th[~dead].median()))
     x, th = x.to(device), th.to(device)
-    check(gemv_triton.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g), want, torch.float16)
+    check(gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g), want, torch.float16)
     check(reference.sparse_gemv_ref(x, qw, s, z, th, bits=bits, group_size=g), want, torch.float16)
     x_dead_only = torch.zeros_like(x)
     x_dead_only[:, dead.to(x.device)] = 100.0  # large inputs on zero-norm channels only: nothing is kept
-    y = gemv_triton.sparse_gemv(x_dead_only, qw, s, z, th, bits=bits, group_size=g)
+    y = gemv.sparse_gemv(x_dead_only, qw, s, z, th, bits=bits, group_size=g)
     assert torch.equal(y, torch.zeros_like(y))
 
 
@@ -59,8 +60,8 @@ def test_tensor_core_kernel_per_channel(device, poison, m):
     q, qw, s, z = make_layer(k, n, g, 4, torch.bfloat16, device, seed=7)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     th, _ = channel_thresholds(k, x, 0.6, seed=9)
-    config = gemv_triton.MmaConfig(block_n=32, block_k=16, warps=4, k_range=32, stages=1, maxnreg=0)
-    y = gemv_triton.sparse_gemv(x.to(device), qw, s, z, th.to(device), bits=4, group_size=g, config=config)
+    shape = MmaShape(block_n=32, block_k=16, warps=4, k_range=32)
+    y = gemv.sparse_gemv(x.to(device), qw, s, z, th.to(device), bits=4, group_size=g, shape=shape)
     check(y, truth(x, q, s, z, g, th), torch.bfloat16)
 
 
@@ -71,7 +72,7 @@ def test_fused_parts_per_channel_with_inf(device, poison, m):
     q, qw, s, z = make_layer(k, sum(splits), g, 4, torch.float16, device, seed=10)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(11)).half()
     th = torch.stack([channel_thresholds(k, x, sp, seed=12 + i)[0] for i, sp in enumerate((0.3, 0.5, 0.7))])
-    y = gemv_triton.sparse_gemv_fused(x.to(device), qw, s, z, th.to(device), splits, bits=4, group_size=g)
+    y = gemv.sparse_gemv_fused(x.to(device), qw, s, z, th.to(device), splits, bits=4, group_size=g)
     ends = [0] + list(torch.tensor(splits).cumsum(0).tolist())
     want = torch.cat([truth(x, q[:, a:b], s[:, a:b], z[:, a:b], g, th[p]) for p, (a, b) in enumerate(zip(ends, ends[1:]))], 1)
     check(y, want, torch.float16)

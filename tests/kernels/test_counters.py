@@ -15,7 +15,7 @@ from teal_quant.kernels import reference
 from teal_quant import kernels
 
 pytest.importorskip("triton")
-from teal_quant.kernels import gemv_triton  # noqa: E402
+from teal_quant.kernels import counters_triton  # noqa: E402
 
 
 def expected_dropped(x: torch.Tensor, t: torch.Tensor) -> float:
@@ -70,7 +70,7 @@ def test_triton_and_reference_agree_on_a_fused_group_view(device):
     x = torch.randn(2, 576, generator=g).to(device)
     t = torch.tensor([0.2, 0.8], device=device)
     a, b = counters(2, device, scalar=False), counters(2, device, scalar=False)
-    gemv_triton.count_inactive(x, t, *a)
+    counters_triton.count_inactive(x, t, *a)
     reference.count_inactive_ref(x, t, *b)
     member_view = a[0][1]
     assert member_view.dim() == 0 and member_view.item() == b[0][1].item()
@@ -80,7 +80,7 @@ def test_triton_and_reference_agree_on_a_fused_group_view(device):
 
 def test_rejects_counters_of_the_wrong_size(device):
     with pytest.raises(ValueError, match="counters must be 2"):
-        gemv_triton.count_inactive(torch.zeros(1, 8, device=device), torch.tensor([0.1, 0.2], device=device),
+        counters_triton.count_inactive(torch.zeros(1, 8, device=device), torch.tensor([0.1, 0.2], device=device),
                                    torch.zeros(2, dtype=torch.float64, device=device),
                                    torch.zeros(3, dtype=torch.float64, device=device),
                                    torch.zeros(2, device=device))

@@ -15,7 +15,9 @@ from teal_quant.kernels import reference
 from teal_quant import kernels
 
 pytest.importorskip("triton")
+from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
 from teal_quant.kernels import gemv_triton  # noqa: E402
+from teal_quant.kernels.dispatch import CoreShape, MmaShape  # noqa: E402
 
 # (K, N, group_size): N a multiple of 8 but not of the block, per-channel, several group sizes
 SHAPES = [(256, 72, 64), (128, 40, 128), (192, 24, 32)]
@@ -42,7 +44,7 @@ def test_sparse_gemv(device, poison, shape, bits, m, dtype, sparsity):
     q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
     t = threshold_for(x, sparsity)
-    y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+    y = gemv.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
     want = truth(x, q, s, z, g, t)
     check(y, want, dtype, exact_zero=sparsity == 1.0)
     ref = reference.sparse_gemv_ref(x, qw, s, z, t, bits=bits, group_size=g)
@@ -53,14 +55,14 @@ def test_sparse_gemv(device, poison, shape, bits, m, dtype, sparsity):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 8])
 def test_float32_inputs_keep_float32_precision(device, poison, shape, bits, m):
-    """fp32 x (M = 1: one-launch kernel; M = 8: the two-launch tl.dot path, also prefill of short prompts) within
+    """fp32 x (M = 1: the CUDA-core kernel; M = 8: the tensor-core kernel, also prefill of short prompts) within
     1e-5 of max|truth|: Triton's default fp32 tl.dot on NVIDIA rounds operands to TF32 (~5e-4 relative), which
     fails this bound, and flipped threshold decisions downstream in a real model (SmolLM2, level 0.4)."""
     k, n, g = shape
     q, qw, s, z = make_layer(k, n, g, bits, torch.float32, device, seed=k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(device)
     t = threshold_for(x, 0.5)
-    y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+    y = gemv.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
     want = truth(x, q, s, z, g, t)
     assert y.dtype == torch.float32
     err, scale = (y.double().cpu() - want).abs().max().item(), want.abs().max().item()
@@ -79,16 +81,16 @@ def test_threshold_forms_and_nan(device, poison, bits, m):
     x = x.to(device)
     per_channel = (torch.rand(k, generator=torch.Generator().manual_seed(6)) * 1.5).to(device)
     for t in (0.7, torch.tensor(0.7, device=device), torch.full((k,), 0.7, device=device), per_channel):
-        y = gemv_triton.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
+        y = gemv.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g)
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
 def test_all_nan_and_all_inactive_give_zeros(device, poison):
     q, qw, s, z = make_layer(128, 16, 64, 4, torch.float16, device)
     x = torch.full((1, 128), math.nan, dtype=torch.float16, device=device)
-    assert torch.equal(gemv_triton.sparse_gemv(x, qw, s, z, 0.0, bits=4, group_size=64), torch.zeros(1, 16, dtype=torch.float16, device=device))
+    assert torch.equal(gemv.sparse_gemv(x, qw, s, z, 0.0, bits=4, group_size=64), torch.zeros(1, 16, dtype=torch.float16, device=device))
     x = torch.full((2, 128), 0.5, dtype=torch.float16, device=device)
-    assert torch.equal(gemv_triton.sparse_gemv(x, qw, s, z, 0.5, bits=4, group_size=64), torch.zeros(2, 16, dtype=torch.float16, device=device))
+    assert torch.equal(gemv.sparse_gemv(x, qw, s, z, 0.5, bits=4, group_size=64), torch.zeros(2, 16, dtype=torch.float16, device=device))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -99,11 +101,11 @@ def test_fused_parts(device, poison, bits, m):
     q, qw, s, z = make_layer(k, sum(splits), g, bits, torch.float16, device)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).half().to(device)
     th = torch.tensor([0.2, 0.9, 1.6], device=device)
-    y = gemv_triton.sparse_gemv_fused(x, qw, s, z, th, splits, bits=bits, group_size=g)
+    y = gemv.sparse_gemv_fused(x, qw, s, z, th, splits, bits=bits, group_size=g)
     want = reference.sparse_gemv_fused_ref(x.cpu(), qw.cpu(), s.cpu(), z.cpu(), th.cpu(), splits, bits=bits, group_size=g)
     check(y, want.double(), torch.float16)
     per_channel = torch.rand(3, k, device=device)
-    y = gemv_triton.sparse_gemv_fused(x, qw, s, z, per_channel, splits, bits=bits, group_size=g)
+    y = gemv.sparse_gemv_fused(x, qw, s, z, per_channel, splits, bits=bits, group_size=g)
     want = reference.sparse_gemv_fused_ref(x.cpu(), qw.cpu(), s.cpu(), z.cpu(), per_channel.cpu(), splits, bits=bits, group_size=g)
     check(y, want.double(), torch.float16)
 
@@ -155,41 +157,89 @@ def test_cuda_graph_replay_with_new_threshold(device):
     check(compiled(x, t), truth(x, q, s, z, 128, 0.8), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0), (2, 2, 3, 32, 0), (4, 4, 2, 64, 0), (1, 4, 1, 128, 0), (2, 2, 4, 32, 1)],
-                         ids=lambda c: "v%dw%dr%dkr%dpipe%d" % c)
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0, 0), (2, 2, 3, 32, 0, 1), (4, 4, 2, 64, 0, 0), (1, 4, 1, 128, 0, 1),
+                                 (2, 2, 4, 32, 1, 0), (1, 2, 8, 32, 0, 0)],
+                         ids=lambda c: "v%dw%dr%dkr%dpipe%devict%d" % c)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])
-def test_fused_kernel_configs(device, poison, cfg, bits, m):
-    """Launch shapes of the one-launch kernel (vec, warps, rows, k_range, prefetch), twice in a row: the split-K
-    workspace and counters must be left zero by each call (no memset launch between calls)."""
-    vec, warps, rows, kr, pipe = cfg
+def test_core_kernel_shapes(device, poison, cfg, bits, m):
+    """Launch shapes of the CUDA-core kernel (vec, warps, rows, k_range, prefetch, evict-first), twice in a row: the
+    split-K workspace and counters must be left zero by each call (no memset launch between calls)."""
+    vec, warps, rows, kr, pipe, evict = cfg
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=7)
     for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False)):  # both int4 unpacks (fp16 pairs, fp32 exponent trick)
-        config = gemv_triton.FusedConfig(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe))
+        shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe), evict_first=bool(evict))
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
         t = threshold_for(x, sp)
-        y = gemv_triton.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, config=config)
+        y = gemv.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, shape=shape)
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(32, 16, 4, 32, 1, 0, "fp16"), (64, 32, 4, 64, 1, 0, "bf16"), (128, 16, 2, 128, 2, 0, "bf16"),
-                                 (256, 64, 4, 128, 1, 128, "fp16")],
-                         ids=lambda c: "n%dk%dw%dkr%ds%dr%d-%s" % c)
+MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list
+    (MmaShape(32, 16, 4, 32), torch.float16), (MmaShape(64, 32, 4, 64), torch.bfloat16),
+    (MmaShape(128, 16, 2, 128, stages=2), torch.bfloat16), (MmaShape(32, 16, 4, 32, swap=True), torch.float16),
+    (MmaShape(32, 16, 4, 64, tiles=3), torch.bfloat16), (MmaShape(64, 32, 4, 32, swap=True, tiles=2), torch.bfloat16)]
+if ON_GPU:
+    MMA_SHAPES += [(MmaShape(256, 64, 4, 128, maxnreg=128), dt) for dt in (torch.float16, torch.bfloat16)]
+    MMA_SHAPES += [(MmaShape(256, 64, 4, 128, swap=True), torch.bfloat16), (MmaShape(128, 64, 4, 128, swap=True, tiles=4), torch.float16),
+                   (MmaShape(128, 32, 4, 64, swap=True), torch.bfloat16), (MmaShape(512, 32, 8, 128, swap=True), torch.float16)]
+
+
+@pytest.mark.parametrize("case", MMA_SHAPES, ids=lambda c: "n%dk%dw%dkr%ds%dr%d%s%s-%s" % (
+    c[0].block_n, c[0].block_k, c[0].warps, c[0].k_range, c[0].stages, c[0].maxnreg, "-swap" if c[0].swap else "",
+    f"-t{c[0].tiles}", str(c[1])[6:]))
 @pytest.mark.parametrize("m", [2, 16])
-def test_mma_kernel_configs(device, poison, cfg, m):
-    """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages, maxnreg; fp16 or bf16),
+def test_mma_kernel_shapes(device, poison, case, m):
+    """Launch shapes of the tensor-core kernel (block_n, block_k, warps, k_range, stages, maxnreg, swap, tiles),
     twice in a row (the split-K workspace must be left zero), unaligned N, per-channel thresholds on the second call."""
-    block_n, block_k, warps, kr, stages, maxnreg, dt = cfg
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
-    if maxnreg and not ON_GPU:
-        pytest.skip("the production launch shape is only run on the GPU (the interpreter covers the smaller ones)")
+    shape, dtype = case
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, 4, dtype, device, seed=11)
-    config = gemv_triton.MmaConfig(block_n=block_n, block_k=block_k, warps=warps, k_range=kr, stages=stages, maxnreg=maxnreg)
     for seed, sp in ((1, 0.5), (2, 0.0)):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
         t = threshold_for(x, sp)
         th = torch.tensor(t, device=device) if seed == 1 else torch.full((k,), t, device=device)
-        y = gemv_triton.sparse_gemv(x, qw, s, z, th, bits=4, group_size=g, config=config)
+        y = gemv.sparse_gemv(x, qw, s, z, th, bits=4, group_size=g, shape=shape)
         check(y, truth(x, q, s, z, g, th), dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5])
+def test_mma_kernel_plain_unpack(device, poison, bits, dtype, m):
+    """int8 weights and fp32 x take the tensor-core kernel's integer unpack (any M, also M = 1)."""
+    k, n, g = 128, 40, 64
+    q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=3)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4)).to(dtype).to(device)
+    t = threshold_for(x, 0.4)
+    y = gemv.sparse_gemv(x, qw, s, z, t, bits=bits, group_size=g, shape=MmaShape(32, 16, 4, 32, swap=m == 5))
+    check(y, truth(x, q, s, z, g, t), dtype)
+
+
+@pytest.mark.parametrize("shape", [CoreShape(vec=1, warps=2, rows=2, k_range=32), MmaShape(32, 16, 4, 32),
+                                   MmaShape(32, 16, 4, 32, swap=True, tiles=2)], ids=["core", "mma", "mma-swap"])
+def test_deterministic_reduction_is_bit_reproducible(device, poison, shape):
+    """torch.use_deterministic_algorithms(True): partials go to ordered workspace slots, so repeated calls give the
+    same bits, and the same values (within rounding) as the atomic reduction."""
+    k, n, g = 256, 72, 64
+    m = 1 if isinstance(shape, CoreShape) else 3
+    q, qw, s, z = make_layer(k, n, g, 4, torch.float16, device, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).half().to(device)
+    t = threshold_for(x, 0.3)
+    atomic = gemv.sparse_gemv(x, qw, s, z, t, bits=4, group_size=g, shape=shape)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [gemv.sparse_gemv(x, qw, s, z, t, bits=4, group_size=g, shape=shape) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    check(runs[0], truth(x, q, s, z, g, t), torch.float16)
+    check(atomic, truth(x, q, s, z, g, t), torch.float16)
+
+
+def test_group_smaller_than_16_uses_the_reference(device, poison):
+    q, qw, s, z = make_layer(64, 16, 8, 4, torch.float16, device, seed=1)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(2)).half().to(device)
+    check(gemv.sparse_gemv(x, qw, s, z, 0.3, bits=4, group_size=8), truth(x, q, s, z, 8, 0.3), torch.float16)

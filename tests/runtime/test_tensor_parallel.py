@@ -123,6 +123,7 @@ def _tp_rank(artifact: str, levels: tuple[float, ...]) -> dict:
                                 ("up", "mlp.up_proj"), ("down", "mlp.down_proj"))},
         "levels": {},
     }
+    teal_quant.track_sparsity(model, True)  # the decode fast path counts only when asked
     for level in levels:
         teal_quant.set_sparsity(model, level)
         tokens, logits = _decode(model, PROMPT, NEW_TOKENS)

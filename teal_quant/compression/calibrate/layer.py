@@ -193,17 +193,18 @@ class _Recent(OrderedDict):
 
 
 class BlockEvaluator:
-    """The layer's output on the last fraction of each sequence, for the greedy search's many evaluations,
+    """The layer's update on the last fraction of each sequence, for the greedy search's many evaluations,
     recomputing only the sub-blocks whose thresholds changed.
 
     A pre-norm decoder layer is h2 = h + o(attn(q, k, v of norm1(h))); y = h2 + mlp(norm2(h2)). The error only
     counts the last fraction of each sequence (where decode happens); attention needs every position for its
     keys and values, but everything after it is per token. So: norm1(h) is computed once; q runs on the tail rows
-    only; attention's output on the tail is kept per (q, k, v) thresholds and h2 per (q, k, v, o) thresholds; and
-    each projection returns its kept output when its input and threshold are ones it has just seen (raising only
-    down recomputes down alone; raising gate recomputes gate and down; raising o recomputes o and the MLP).
-    Exact: equal to layer(h)[:, start:] with every projection at its threshold. Works on the transformers module
-    itself (its attention kernel, rotary, q/k norms and biases), so every supported family is covered.
+    only; attention's output on the tail is kept per (q, k, v) thresholds and the MLP's input per (q, k, v, o)
+    thresholds; and each projection returns its kept output when its input and threshold are ones it has just
+    seen (raising only down recomputes down alone; raising gate recomputes gate and down; raising o recomputes o
+    and the MLP). Exact: h + update equals layer(h)[:, start:] with every projection at its threshold. It runs the
+    transformers module itself (its attention kernel, rotary, q/k norms and biases), so every supported family is
+    covered.
     """
 
     def __init__(self, layer: nn.Module, sims: Mapping[str, SimulatedLinear], hidden: torch.Tensor,
@@ -216,7 +217,7 @@ class BlockEvaluator:
         self.residual = hidden[:, self.start :]
         self._q_rows = _TailRows(sims["q"], self.start)
         self._attention = _Recent(cache_size)  # (tq, tk, tv) -> o's input on the tail
-        self._mlp_input = _Recent(cache_size)  # (tq, tk, tv, to) -> (h2, norm2(h2)) on the tail
+        self._mlp_input = _Recent(cache_size)  # (tq, tk, tv, to) -> (o's output in fp32, norm2(h2)) on the tail
 
     def _attend(self) -> torch.Tensor:
         attn = self.layer.self_attn
@@ -229,16 +230,22 @@ class BlockEvaluator:
         return capture.tail
 
     def _after_attention(self, attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h2 = self.residual + self.sims["o"](attended)
-        return h2, self.layer.post_attention_layernorm(h2)
+        attn = self.sims["o"](attended)
+        h2 = self.residual + attn
+        return attn.float(), self.layer.post_attention_layernorm(h2)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
-        """[S, tail, D]: the layer's output on the tail rows under the projections' current thresholds."""
+        """[S, tail, D] float32: the layer's update on the tail rows, layer(h) - h, under the current thresholds.
+
+        The update, not the output: the output's difference from the reference is the updates' difference, and in a
+        16-bit layer the rounding of h + update (the residual stream is far larger than one layer's update) would
+        otherwise add noise comparable to the small errors the search compares."""
         key = tuple(self.sims[p].threshold for p in ("q", "k", "v"))
         attended = self._attention.get_or(key, self._attend)
-        h2, normed = self._mlp_input.get_or(key + (self.sims["o"].threshold,), lambda: self._after_attention(attended))
-        return h2 + self.layer.mlp(normed)
+        attn, normed = self._mlp_input.get_or(key + (self.sims["o"].threshold,),
+                                              lambda: self._after_attention(attended))
+        return attn + self.layer.mlp(normed).float()
 
 
 def set_thresholds(sims: Mapping[str, SimulatedLinear], thresholds: Mapping[str, float]) -> None:
@@ -321,9 +328,9 @@ def allocate(
     try:
         empty = subset.shape[0] == 0  # distributed: this process holds none of the greedy sequences
         block = None if empty else BlockEvaluator(layer, sims, subset, position_embeddings, last_fraction)
-        reference = None if empty else block().float()
+        reference = None if empty else block()  # the dense update; ||Y||^2 of the dense output below
         ref_sum = torch.zeros(1, dtype=torch.float64, device=subset.device) if empty else \
-            reference.pow(2).sum(dtype=torch.float64).reshape(1)
+            (block.residual.float() + reference).pow(2).sum(dtype=torch.float64).reshape(1)
         ref_norm = float((reduce(ref_sum) if reduce else ref_sum)[0]) or 1.0
         memo: dict[tuple[int, float], float] = {}
         evaluations = 0
@@ -332,7 +339,7 @@ def allocate(
             sums = []
             for allocation in allocations:
                 set_thresholds(sims, thresholds_for(allocation, hists, memo))
-                sums.append(ref_sum[0] * 0 if empty else (block().float() - reference).pow(2).sum(dtype=torch.float64))
+                sums.append(ref_sum[0] * 0 if empty else (block() - reference).pow(2).sum(dtype=torch.float64))
             total = torch.stack(sums)
             return (((reduce(total) if reduce else total)) / ref_norm).tolist()
 

@@ -1,6 +1,10 @@
-"""torch.library custom ops (namespace ``teal_quant``) with fake implementations, so that torch.compile and
-CUDA-graph capture see one opaque op per call. The real implementation picks the backend through
-``dispatch.use_triton`` (CUDA -> Triton; CPU -> Triton interpreter under TRITON_INTERPRET=1, else reference).
+"""The sparse GEMV as torch.library custom ops (``teal_quant::sparse_gemv``, ``teal_quant::sparse_gemv_fused``), each
+with its fake beside it, so that torch.compile and CUDA-graph capture see one opaque op per call.
+
+On CUDA (or the CPU under ``TRITON_INTERPRET=1``) a call runs :mod:`.gemv_launch`, which picks the kernel family
+(:mod:`.gemv_triton`: CUDA cores, batch 1; :mod:`.gemv_mma_triton`: tensor cores, any batch) and its launch shape from
+the GPU's table (:mod:`.dispatch`, configs/*.json); on the CPU the pure-torch reference runs. This module imports
+only torch: triton is imported on first use.
 
 Thresholds cross the op boundary as ``(threshold_tensor or None, threshold_value)`` because a custom-op schema
 has no float-or-tensor union: a python float threshold travels as ``threshold_value``; a 0-dim or [K] tensor as
@@ -33,9 +37,9 @@ def sparse_gemv_op(
 ) -> Tensor:
     threshold = threshold_tensor if threshold_tensor is not None else threshold_value
     if use_triton(x):
-        from . import gemv_triton
+        from . import gemv_launch
 
-        return gemv_triton.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+        return gemv_launch.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
     return reference.sparse_gemv_ref(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
 
 
@@ -48,9 +52,9 @@ def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_
 def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor,
                          split_sizes: list[int], bits: int, group_size: int) -> Tensor:
     if use_triton(x):
-        from . import gemv_triton
+        from . import gemv_launch
 
-        return gemv_triton.sparse_gemv_fused(
+        return gemv_launch.sparse_gemv_fused(
             x, qweight, scales, zeros, thresholds, split_sizes, bits=bits, group_size=group_size
         )
     return reference.sparse_gemv_fused_ref(
@@ -61,20 +65,3 @@ def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tens
 @sparse_gemv_fused_op.register_fake
 def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size):
     return x.new_empty(x.shape[0], _n_of(qweight, bits))
-
-
-@torch.library.custom_op("teal_quant::dense_gemm", mutates_args=())
-def dense_gemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    if use_triton(x):
-        from . import gemm_triton
-
-        return gemm_triton.dense_gemm(x, qweight, scales, zeros, bits=bits, group_size=group_size)
-    return reference.dense_gemm_ref(x, qweight, scales, zeros, bits=bits, group_size=group_size)
-
-
-@dense_gemm_op.register_fake
-def _(x, qweight, scales, zeros, bits, group_size):
-    return x.new_empty(*x.shape[:-1], _n_of(qweight, bits))
-
-# The elementwise ops (rms_norm, add_rms_norm, silu_mul, rotary, greedy_advance) are in kernels.elementwise and
-# decode attention in kernels.attention: each family keeps its custom ops and fakes beside it.

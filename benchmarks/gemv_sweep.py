@@ -1,0 +1,223 @@
+"""Launch-shape sweep of the sparse GEMV on one GPU; writes the launch-shape table the dispatch reads.
+
+    PYTHONPATH=. python benchmarks/gemv_sweep.py --out DIR [--table kernels/configs/h200.json]
+
+1. compiles every candidate launch shape in parallel worker processes (the Triton cache is shared on disk),
+2. checks every candidate against a float64 reference at batch 1 / 4 / 16 (fresh random inputs, two calls in a row,
+   so the self-zeroing split-K workspace is checked too) and drops any that fails,
+3. times every surviving candidate on the Llama-3 8B and 70B shapes at batch 1, 4, 16 and sparsity 0 and 50
+   (benchmarks/gemv.py's method: CUDA graphs over weight copies that defeat the L2),
+4. writes the table (kernels/dispatch.py's rule format): per batch class (1; 2-4 from batch 4; 5-16 from batch 16)
+   one exact rule per measured shape with its fastest candidate (geometric mean over the sparsities), then rules by
+   weight size (nearest measured size) and a catch-all with the best candidate overall,
+and the raw timings as ``gemv_sweep_<gpu>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import gemv as bench  # noqa: E402  (benchmarks/gemv.py: the timing method, layers, precompilation)
+from gemv import GROUP, SHAPES, activations, git_commit, make_layer, n_copies, threshold_for, time_graph, touched_bytes  # noqa: E402
+
+from kernels import dispatch  # noqa: E402
+from kernels import gemv_launch as kernel  # noqa: E402
+from kernels.dispatch import CoreShape, MmaShape  # noqa: E402
+
+CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
+    CoreShape(4, 4, 4, 128),  # the previous large-layer shape
+    CoreShape(4, 8, 4, 128, f16=False, pipe=True),  # the previous 8B q/o shape
+    CoreShape(1, 4, 8, 64, f16=False),  # the previous k/v shape
+    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape (55 registers: 9 programs per SM)
+    CoreShape(4, 4, 4, 128, evict_first=True),
+    CoreShape(4, 4, 6, 128),
+    CoreShape(4, 4, 4, 64),
+    CoreShape(2, 4, 4, 64),
+    CoreShape(4, 4, 4, 128, f16=False),
+]
+MMA = [
+    MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape
+    MmaShape(256, 64, 4, 128, swap=True),
+    MmaShape(128, 64, 4, 128, swap=True),
+    MmaShape(128, 32, 4, 64, swap=True),
+    MmaShape(256, 64, 4, 128, swap=True, tiles=2),
+    MmaShape(128, 64, 4, 128, swap=True, tiles=4),
+    MmaShape(128, 64, 4, 128, swap=True, tiles=8),
+    MmaShape(512, 32, 8, 128, swap=True),
+    MmaShape(256, 64, 8, 128, swap=True),
+]
+if bench.SMOKE:
+    CORE, MMA = CORE[:1] + CORE[3:4], MMA[:2]
+BATCHES = (1, 4, 16)
+SPARSITIES = (0, 50)
+CLASSES = {1: (1, 1), 4: (2, 4), 16: (5, 16)}
+
+
+def candidates(m: int) -> list:
+    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)]
+    return core + MMA
+
+
+check_layer = bench.check_layer
+
+
+def truth(x, q, scales, zeros, thr):
+    x64 = x.double()
+    xm = torch.where(x64.abs() > thr, x64, torch.zeros((), dtype=torch.float64, device=x.device))
+    s = scales.double().repeat_interleave(GROUP, 0)
+    z = zeros.double().repeat_interleave(GROUP, 0)
+    return xm @ ((q.double() - z) * s)
+
+
+def check_all(log) -> dict:
+    """{(shape, m): max error / tolerance} for every candidate; > 1 fails."""
+    out = {}
+    for m in BATCHES:
+        layers = [check_layer(m, seed) for seed in (1, 2)]
+        packed = [bench.pack_int4_gpu(q) for q, *_ in layers]
+        for shape in candidates(m):
+            worst = 0.0
+            for (q, scales, zeros, x), qw, sp in zip(layers, packed, (0.5, 0.0)):
+                thr = threshold_for(x, int(sp * 100))
+                want = truth(x, q, scales, zeros, thr)
+                for _ in range(2):
+                    y = kernel.sparse_gemv(x, qw, scales, zeros, torch.tensor(thr, device=bench.DEV), bits=4, group_size=GROUP, shape=shape)
+                    err = (y.double() - want).abs().max().item()
+                    tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
+                    worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
+            out[(dispatch.shape_to_dict(shape).__repr__(), m)] = worst
+            if worst > 1:
+                log(f"FAILED correctness: {shape} M={m}: error {worst:.2f} x tolerance")
+    return out
+
+
+def sweep(models, log, bad) -> list:
+    rows = []
+    for model in models:
+        for proj, (n, k) in SHAPES[model].items():
+            q, qweight, scales, zeros = make_layer(n, k)
+            del q
+            w_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2
+            copies = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_copies(w_bytes) - 1)]
+            for m in BATCHES:
+                x = activations(m, k, m)
+                for sp in SPARSITIES:
+                    thr = threshold_for(x, sp)
+                    t = torch.tensor(thr, device=bench.DEV)
+                    touched, union = touched_bytes(x, thr, n)
+                    for shape in candidates(m):
+                        key = (repr(dispatch.shape_to_dict(shape)), m)
+                        if key in bad or not dispatch.fits(shape, m, k, 4, GROUP):
+                            continue
+                        us = time_graph([lambda c=c, s=shape: kernel.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=s)
+                                         for c in copies])
+                        rows.append(dict(model=model, proj=proj, N=n, K=k, batch=m, sparsity=sp, union_sparsity=round(union, 4),
+                                         shape=dispatch.shape_to_dict(shape), us=us, tbps=touched / us / 1e6))
+                    best = min((r for r in rows if r["model"] == model and r["proj"] == proj and r["batch"] == m and r["sparsity"] == sp),
+                               key=lambda r: r["us"])
+                    log(f"{model:4s} {proj:8s} M={m:2d} s={sp:2d} best {best['us']:7.2f} us {best['tbps']:5.2f} TB/s {best['shape']}")
+            del copies
+            if not bench.SMOKE:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def choose(rows) -> dict:
+    """{(batch, N, K): best shape dict} by the geometric mean time over the sparsities."""
+    scores: dict = {}
+    for r in rows:
+        key = (r["batch"], r["N"], r["K"], json.dumps(r["shape"], sort_keys=True))
+        scores.setdefault(key, []).append(math.log(r["us"]))
+    best: dict = {}
+    for (m, n, k, shape), logs in scores.items():
+        if len(logs) != len(SPARSITIES):
+            continue
+        score = sum(logs) / len(logs)
+        if (m, n, k) not in best or score < best[(m, n, k)][0]:
+            best[(m, n, k)] = (score, json.loads(shape))
+    return {key: dispatch.shape_to_dict(dispatch.shape_from_dict(shape), defaults=False) for key, (score, shape) in best.items()}
+
+
+def table(rows, gpu: str, meta: dict) -> dict:
+    best = choose(rows)
+    rules = []
+    for m, (lo, hi) in CLASSES.items():
+        mine = sorted(((n * k, n, shape) for (mm, n, k), shape in best.items() if mm == m))
+        for w, n, shape in mine:
+            rules.append({"m": [lo, hi], "weight": [w, w], "n": [n, n], "shape": shape})  # a measured shape
+        sizes = sorted({w for w, _, _ in mine})
+        for i, w in enumerate(sizes):
+            shape = next(s for ww, _, s in mine if ww == w)
+            low = 0 if i == 0 else int(math.sqrt(sizes[i - 1] * w))
+            high = int(1e15) if i == len(sizes) - 1 else int(math.sqrt(w * sizes[i + 1]))
+            rules.append({"m": [lo, hi], "weight": [low, high], "shape": shape})
+        # catch-all: the best candidate overall by geometric mean over this class's shapes
+        per_shape: dict = {}
+        for r in rows:
+            if r["batch"] == m:
+                per_shape.setdefault(json.dumps(r["shape"], sort_keys=True), []).append(math.log(r["us"]))
+        n_needed = max(len(v) for v in per_shape.values())
+        overall = min((sum(v) / len(v), s) for s, v in per_shape.items() if len(v) == n_needed)[1]
+        rules.append({"m": [lo, hi], "shape": dispatch.shape_to_dict(dispatch.shape_from_dict(json.loads(overall)), defaults=False)})
+    return {"about": f"{gpu} launch shapes, measured by benchmarks/gemv_sweep.py ({meta['date']}, commit {meta['commit']}): "
+                     "exact rules for the measured Llama-3 8B/70B shapes, then the nearest measured weight size, then the "
+                     "best shape overall. Rule format: kernels/dispatch.py.",
+            "rules": rules}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
+    ap.add_argument("--models", default="70B,8B")
+    ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    gpu = torch.cuda.get_device_name() if not bench.SMOKE else "cpu (smoke)"
+    name = dispatch.table_name(torch.device(bench.DEV))
+    meta = dict(gpu=gpu, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), commit=git_commit(),
+                command="PYTHONPATH=. python " + " ".join(sys.argv))
+    log_file = open(os.path.join(args.out, f"gemv_sweep_{name}.log"), "w")
+
+    def log(line):
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    t0 = time.time()
+    jobs = [(dispatch.shape_to_dict(s), m, False) for m in BATCHES for s in candidates(m)]
+    errors = bench.precompile(jobs, args.workers)
+    for e in errors:
+        log(f"compile/run error: {e}")
+    log(f"precompiled {len(jobs)} (shape, batch) pairs in {time.time() - t0:.0f} s")
+    t0 = time.time()
+    errs = check_all(log)
+    bad = {key for key, v in errs.items() if v > 1}
+    log(f"correctness: {len(errs) - len(bad)} of {len(errs)} pass ({time.time() - t0:.0f} s); worst passing "
+        f"{max((v for v in errs.values() if v <= 1), default=0):.2f} x tolerance")
+    t0 = time.time()
+    rows = sweep(args.models.split(","), log, bad)
+    log(f"sweep: {len(rows)} timings in {time.time() - t0:.0f} s")
+    tab = table(rows, gpu, meta)
+    path = args.table or os.path.join(args.out, f"{name}.json")
+    with open(path, "w") as f:  # one rule per line
+        rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
+        f.write(f'{{\n "about": {json.dumps(tab["about"])},\n "rules": [\n  {rules}\n ]\n}}\n')
+    with open(os.path.join(args.out, f"gemv_sweep_{name}.json"), "w") as f:
+        json.dump({"meta": meta, "correctness": [{"shape": k[0], "batch": k[1], "error_over_tolerance": v} for k, v in errs.items()],
+                   "timings": rows}, f, indent=1)
+    dispatch.load_table.cache_clear()
+    log(f"table written to {path}")
+
+
+if __name__ == "__main__":
+    main()

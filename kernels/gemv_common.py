@@ -1,0 +1,245 @@
+"""What the two sparse-GEMV kernel families share (kernels/gemv_triton.py: CUDA cores, made for batch 1;
+kernels/gemv_mma_triton.py: tensor cores, batch 2-16): one call's arguments as a named object, the split-K workspace,
+and the jit pieces every program of both runs.
+
+A program owns a column tile (inside one part of a fused weight) and a K-range of KR rows of W^T inside one
+quantization group. It thresholds its KR entries of x (the union over the batch rows), compacts the active rows into a
+scratch list shared by the part's column tiles (every tile writes the same values to the same slots), walks the
+compacted rows, and adds its partial into an fp32 workspace. The last program of a column tile (a counter) writes y
+and leaves workspace and counter zero, so the next call needs no memset launch.
+
+Deterministic mode (``torch.use_deterministic_algorithms(True)``): each program stores its partial in its own
+workspace slot instead of adding it atomically, and the last program of the tile sums the slots in a fixed order, so
+y is bit-reproducible from call to call (docs/kernels.md gives the measured cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .dispatch import interpreting
+
+INTERPRET = interpreting()
+# every buffer of a call comes from here (tests swap in an allocator that fills memory with garbage)
+_empty = torch.empty
+MAX_M = 16
+MAX_PARTS = 3
+TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+# -- the call -------------------------------------------------------------------------------------------------------
+@dataclass
+class GemvProblem:
+    """One sparse-GEMV call, validated: x [M, K], the weight, its thresholds and the part ends along N."""
+
+    x: Tensor
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor
+    t_mode: int  # 0: python float t_value; 1: one scalar tensor per part; 2: [K] per-input-channel per part
+    t_tensor: Tensor | None
+    t_value: float
+    t_stride_part: int
+    ends: tuple[int, ...]  # end column of each part (up to MAX_PARTS)
+    bits: int
+    group_size: int
+    deterministic: bool = False
+
+    @property
+    def m(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def n(self) -> int:
+        return self.ends[-1]
+
+
+@dataclass
+class KernelCall:
+    """Grid, runtime arguments (by name: both kernels take the same ones) and compile-time constants of one launch."""
+
+    grid: tuple[int, int]
+    args: dict
+    constants: dict
+    y: Tensor
+
+
+_BUFFERS: dict = {}
+_RETIRED: list = []  # buffers replaced by larger ones stay alive: captured CUDA graphs may still point at them
+
+
+def _device_buffer(key: tuple, device: torch.device, numel: int, dtype: torch.dtype, zero: bool) -> Tensor:
+    """A buffer kept per device and purpose, grown when a call needs more. Zeroed ones are split-K workspaces and
+    counters that every call leaves zero again (no memset launch). Shared by eager calls and the CUDA graphs captured
+    after it exists: calls must not run concurrently on several streams of one device (decode runs them in order on
+    one stream). A call captured before any eager call of that size gets its own buffer, allocated in the capture."""
+    buf = _BUFFERS.get((key, device))
+    if buf is None or buf.numel() < numel:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        new_numel = numel if capturing else max(numel, 1 << 16)
+        new = torch.zeros(new_numel, dtype=dtype, device=device) if zero else _empty(new_numel, dtype=dtype, device=device)
+        if capturing:
+            _RETIRED.append(new)
+            return new
+        if buf is not None:
+            _RETIRED.append(buf)
+        _BUFFERS[(key, device)] = buf = new
+    return buf
+
+
+def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int = 1, qweight: Tensor | None = None) -> KernelCall:
+    """Buffers, grid and arguments of one launch with column tiles of ``block_n`` and K-ranges of ``k_range`` rows;
+    a program walks ``tiles_per_program`` consecutive column tiles of one part."""
+    m, n, k = p.m, p.n, p.k
+    m_p = triton.next_power_of_2(m)
+    n_ksplit = k // k_range
+    end0 = p.ends[0]
+    end1 = p.ends[1] if len(p.ends) > 1 else end0
+    starts = (0,) + tuple(p.ends[:-1])
+    span = block_n * tiles_per_program
+    tiles = sum(triton.cdiv(e - b, span) for b, e in zip(starts, p.ends))
+    dev = p.x.device
+    # scratch lists: every slot a program reads was written by it in this call
+    scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
+    scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
+    y = _empty(m, n, dtype=p.x.dtype, device=dev)
+    split = n_ksplit > 1
+    det = p.deterministic
+    if split:  # the deterministic slots are not left zero: a workspace of their own
+        ws = _device_buffer(("workspace", det), dev, m * n * (n_ksplit if det else 1), torch.float32, zero=not det)
+        locks = _device_buffer(("counters", det), dev, tiles * tiles_per_program, torch.int32, zero=True)
+    else:
+        ws = locks = scr_i
+    qw = p.qweight if qweight is None else qweight
+    args = dict(
+        x_ptr=p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else scr_x, t_value=p.t_value,
+        t_stride_part=p.t_stride_part, qw_ptr=qw, s_ptr=p.scales, z_ptr=p.zeros, scr_i_ptr=scr_i, scr_x_ptr=scr_x,
+        ws_ptr=ws, lock_ptr=locks, y_ptr=y, M=m, N=n, K=k, G=p.group_size, stride_qk=qw.stride(0),
+        stride_sg=p.scales.stride(0), stride_ym=y.stride(0), END0=end0, END1=end1, n_ksplit=n_ksplit,
+    )
+    constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SPLIT=split, DET=p.deterministic,
+                     ALIGNED=all(e % span == 0 for e in p.ends), OUT_DTYPE=TL_DTYPE[p.x.dtype], EMULATE=INTERPRET)
+    return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y)
+
+
+# -- jit pieces -----------------------------------------------------------------------------------------------------
+@triton.jit
+def program_tile(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: tl.constexpr, HINT: tl.constexpr = True):
+    """This program's column span and K-range: (pid_n, pid_k, part, first column, end column of its part, first row).
+    Parts end at END0, END1, N; each part's columns are cut into spans of SPAN."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    t0 = tl.cdiv(END0, SPAN)
+    t1 = tl.cdiv(END1 - END0, SPAN)
+    in1 = pid_n >= t0
+    in2 = pid_n >= t0 + t1
+    part = in1.to(tl.int32) + in2.to(tl.int32)
+    start = tl.where(in2, END1 + (pid_n - t0 - t1) * SPAN, tl.where(in1, END0 + (pid_n - t0) * SPAN, pid_n * SPAN))
+    end = tl.where(in2, N, tl.where(in1, END1, END0))
+    if ALIGNED and HINT:
+        start = tl.multiple_of(start, SPAN)
+    return pid_n, pid_k, part, start, end, pid_k * KR
+
+
+@triton.jit
+def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constexpr):
+    """The tile's columns and the scales / zeros of the group holding rows k0.. (in their own dtype: converted where
+    used, so they hold half the registers while the row loop runs); independent of x, issued first."""
+    cols = start + tl.arange(0, BLOCK_N)
+    n_ok = cols < end
+    soff = (k0 // G) * stride_sg + cols
+    sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+    return cols, n_ok, sc, zr
+
+
+@triton.jit
+def threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
+                   M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
+    """x[:, k0 .. k0 + KR] of every batch row and which entries survive |x| > t: (mm, m_ok, act, x * act).
+    T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds.
+    NaN compares False: dropped."""
+    mm = tl.arange(0, M_P)
+    m_ok = mm < M
+    rk = tl.arange(0, KR)
+    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(xv) > t
+    else:
+        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
+        act = tl.abs(xv) > t[None, :]
+    act = act & m_ok[:, None]
+    return mm, m_ok, act, tl.where(act, xv, 0.0)
+
+
+@triton.jit
+def compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P: tl.constexpr, KR: tl.constexpr):
+    """The union over the batch of the active rows k0 .. k0 + KR, compacted into the scratch lists (row index and
+    the M_P x values per slot) -> (active count, scratch base of this K-range)."""
+    rk = tl.arange(0, KR)
+    any_row = tl.max(act.to(tl.int32), axis=0)
+    pos = tl.cumsum(any_row, axis=0) - 1
+    c = tl.sum(any_row, axis=0)
+    keep = any_row > 0
+    ibase = part * K + k0
+    tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
+    tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
+    tl.debug_barrier()
+    return c, ibase
+
+
+@triton.jit
+def _slot(ws_ptrs, ws_stride_k, i, n_ksplit, out_ok):
+    """Workspace slot i (read at the L2: written by other programs), 0 past the last slot."""
+    v = tl.load(ws_ptrs + tl.minimum(i, n_ksplit - 1) * ws_stride_k, mask=out_ok, other=0.0, cache_modifier=".cg")
+    return tl.where(i < n_ksplit, v, 0.0)
+
+
+@triton.jit
+def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
+                   SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Not SPLIT: store y. SPLIT: fp32 atomics into a workspace that is zero before the call; the last program of
+    the column tile (a counter) reads the sum at the L2, writes y and leaves workspace and counter zero again.
+    DET: the partial goes to its own slot (pid_k) and the last program sums the slots in order (bit-reproducible)."""
+    if SPLIT:
+        if DET:
+            tl.store(ws_ptrs + pid_k * ws_stride_k, y, mask=out_ok)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+            if arrived == n_ksplit - 1:
+                total = tl.zeros_like(y)
+                for i in range(0, n_ksplit, 8):  # 8 slot loads in flight, added in slot order
+                    p0 = _slot(ws_ptrs, ws_stride_k, i, n_ksplit, out_ok)
+                    p1 = _slot(ws_ptrs, ws_stride_k, i + 1, n_ksplit, out_ok)
+                    p2 = _slot(ws_ptrs, ws_stride_k, i + 2, n_ksplit, out_ok)
+                    p3 = _slot(ws_ptrs, ws_stride_k, i + 3, n_ksplit, out_ok)
+                    p4 = _slot(ws_ptrs, ws_stride_k, i + 4, n_ksplit, out_ok)
+                    p5 = _slot(ws_ptrs, ws_stride_k, i + 5, n_ksplit, out_ok)
+                    p6 = _slot(ws_ptrs, ws_stride_k, i + 6, n_ksplit, out_ok)
+                    p7 = _slot(ws_ptrs, ws_stride_k, i + 7, n_ksplit, out_ok)
+                    total = ((((((((total + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7)
+                tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
+                tl.store(lock_ptr, 0)
+        else:
+            tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+            if arrived == n_ksplit - 1:
+                total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at the L2
+                tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
+                tl.store(ws_ptrs, tl.zeros_like(y), mask=out_ok)
+                tl.store(lock_ptr, 0)
+    else:
+        tl.store(y_ptrs, y.to(OUT_DTYPE), mask=out_ok)

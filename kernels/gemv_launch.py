@@ -1,0 +1,125 @@
+"""The sparse GEMV entry: validate a call, pick its kernel family and launch shape (kernels/dispatch.py, from the
+per-GPU table), run it. y = (x * (|x| > t)) @ W^T for x [M <= 16, K]; docs/kernels.md has the design and numbers.
+
+    x        [M, K] fp16/bf16/fp32
+    qweight  bits 4: int32 [K, N // 8], nibble i of word j of row k is q[k, 8j + i]; bits 8: uint8 [K, N]
+    scales   [K // G, N], zeros [K // G, N] (float zeros), W^T[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
+    y        [M, N] in x.dtype, fp32 accumulation
+
+Families: kernels/gemv_triton.py (CUDA cores, made for M = 1) and kernels/gemv_mma_triton.py (tensor cores, any M,
+int8 and fp32 too). Group sizes below 16 (no K-range of >= 16 rows fits in a group) take the pure-torch reference.
+Split-K partial sums are added with fp32 atomics, so the last bits of y can differ from call to call, unless
+``torch.use_deterministic_algorithms(True)`` is on: then the reduction is in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import gemv_mma_triton, gemv_triton, reference
+from .dispatch import CoreShape, GemvShape, MmaShape, fit_k_range, fits, pick_gemv
+from .gemv_common import MAX_M, MAX_PARTS, TL_DTYPE, GemvProblem
+
+FALLBACK = MmaShape(block_n=128, block_k=16, warps=4, k_range=128)  # when no rule of the table fits the call
+
+
+def check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> tuple[int, int, int]:
+    """-> (M, N, K) of a valid call; ValueError with one clear line otherwise."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if x.dim() != 2 or x.dtype not in TL_DTYPE:
+        raise ValueError(f"x must be [M, K] fp16/bf16/fp32, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"sparse_gemv handles 1 <= M <= {MAX_M} rows, got M={m}; use dense_gemm for prefill")
+    want_dtype = torch.int32 if bits == 4 else torch.uint8
+    if qweight.dtype != want_dtype or qweight.dim() != 2 or qweight.shape[0] != k:
+        raise ValueError(f"qweight must be {want_dtype} [K={k}, ...] for bits={bits}, got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    if n % 8 != 0:
+        raise ValueError(f"N={n} must be a multiple of 8")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}")
+    shape = (k // group_size, n)
+    if tuple(scales.shape) != shape or tuple(zeros.shape) != shape or scales.stride() != zeros.stride():
+        raise ValueError(f"scales and zeros must be {shape} with equal strides, got {tuple(scales.shape)}, {tuple(zeros.shape)}")
+    devices = {t.device for t in (x, qweight, scales, zeros)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("qweight, scales, zeros and x must be contiguous along their last dimension")
+    return m, n, k
+
+
+def threshold_args(threshold, k: int, device) -> tuple[int, Tensor | None, float]:
+    """-> (T_MODE, tensor or None, float value) of a float / 0-dim / [K] threshold."""
+    if isinstance(threshold, Tensor):
+        if threshold.device != device:
+            raise ValueError(f"threshold tensor must be on {device}, got {threshold.device}")
+        if threshold.dim() == 0:
+            return 1, threshold, 0.0
+        if threshold.dim() == 1 and threshold.shape[0] == k:
+            return 2, threshold.contiguous(), 0.0
+        raise ValueError(f"threshold tensor must be 0-dim or [K={k}], got {tuple(threshold.shape)}")
+    return 0, None, float(threshold)
+
+
+def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
+    """Launch ``p`` with ``shape``, or with the shape the device's table picks."""
+    if shape is None:
+        shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device)
+    if isinstance(shape, CoreShape):
+        y = gemv_triton.launch(p, shape)
+        if y is not None:
+            return y
+        shape = None
+    if shape is None:
+        shape = fit_k_range(FALLBACK, p.group_size)
+        if not fits(shape, p.m, p.k, p.bits, p.group_size):  # no K-range of >= 16 rows divides the group
+            return _reference(p)
+    return gemv_mma_triton.launch(p, shape)
+
+
+def _reference(p: GemvProblem) -> Tensor:
+    if len(p.ends) == 1:
+        t = p.t_tensor if p.t_tensor is not None else p.t_value
+        return reference.sparse_gemv_ref(p.x, p.qweight, p.scales, p.zeros, t, bits=p.bits, group_size=p.group_size)
+    sizes = [e - b for b, e in zip((0,) + p.ends[:-1], p.ends)]
+    return reference.sparse_gemv_fused_ref(p.x, p.qweight, p.scales, p.zeros, p.t_tensor, sizes, bits=p.bits,
+                                           group_size=p.group_size)
+
+
+def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
+                shape: GemvShape | None = None) -> Tensor:
+    """See the module docstring; ``shape`` overrides the table (tests and sweeps)."""
+    check(x, qweight, scales, zeros, bits, group_size)
+    t_mode, t_tensor, t_value = threshold_args(threshold, x.shape[-1], x.device)
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    p = GemvProblem(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
+                    torch.are_deterministic_algorithms_enabled())
+    return run(p, shape)
+
+
+def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes,
+                      *, bits: int, group_size: int, shape: GemvShape | None = None) -> Tensor:
+    """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K]."""
+    check(x, qweight, scales, zeros, bits, group_size)
+    split_sizes = [int(v) for v in split_sizes]
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    k = x.shape[-1]
+    if not 1 <= len(split_sizes) <= MAX_PARTS or sum(split_sizes) != n or any(v <= 0 or v % 8 for v in split_sizes):
+        raise ValueError(f"split_sizes {split_sizes}: 1..{MAX_PARTS} positive multiples of 8 summing to N={n}")
+    if not isinstance(thresholds, Tensor) or thresholds.device != x.device or thresholds.shape[0] != len(split_sizes):
+        raise ValueError(f"thresholds must be a tensor on {x.device} with {len(split_sizes)} rows")
+    if thresholds.dim() == 1:
+        t_mode, stride = 1, thresholds.stride(0)
+    elif thresholds.dim() == 2 and thresholds.shape[1] == k:
+        thresholds = thresholds.contiguous()
+        t_mode, stride = 2, thresholds.stride(0)
+    else:
+        raise ValueError(f"thresholds must be [n_parts] or [n_parts, K={k}], got {tuple(thresholds.shape)}")
+    ends = tuple(int(v) for v in torch.tensor(split_sizes).cumsum(0).tolist())
+    p = GemvProblem(x, qweight, scales, zeros, t_mode, thresholds, 0.0, stride, ends, bits, group_size,
+                    torch.are_deterministic_algorithms_enabled())
+    return run(p, shape)

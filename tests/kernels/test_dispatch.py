@@ -1,0 +1,54 @@
+"""kernels.dispatch: the per-GPU launch-shape tables are data, read by one function (pick_gemv)."""
+
+import json
+
+import pytest
+import torch
+from teal_quant.kernels import dispatch
+from teal_quant.kernels.dispatch import CoreShape, MmaShape
+
+TABLES = sorted(p.stem for p in dispatch.CONFIG_DIR.glob("*.json"))
+
+
+def test_the_tables_ship_beside_the_code():
+    assert {"h200", "default", "interpreter"} <= set(TABLES)
+
+
+@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 576])
+def test_every_table_has_a_fitting_shape_for_every_batch(name, group_size):
+    k = group_size * 8
+    for m in range(1, 17):
+        for n in (1024, 8192, 28672):
+            shape = dispatch.pick_gemv(m, n, k, 4, group_size, torch.device("cpu"), table=name)
+            assert shape is not None and dispatch.fits(shape, m, k, 4, group_size), (name, m, n, shape)
+            assert group_size % shape.k_range == 0
+            if isinstance(shape, CoreShape):
+                assert m <= dispatch.CORE_MAX_M
+
+
+def test_first_matching_rule_wins_and_unfit_rules_are_skipped(tmp_path, monkeypatch):
+    rules = [
+        {"m": [1, 1], "weight": [0, 100], "shape": {"kernel": "core", "vec": 1, "warps": 2, "rows": 2, "k_range": 16}},
+        {"m": [1, 4], "shape": {"kernel": "core", "vec": 4, "warps": 4, "rows": 8, "k_range": 128}},
+        {"m": [1, 16], "shape": {"kernel": "mma", "block_n": 64, "block_k": 32, "warps": 4, "k_range": 64, "swap": True}},
+    ]
+    (tmp_path / "t.json").write_text(json.dumps({"rules": rules}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    dispatch.load_table.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert dispatch.pick_gemv(1, 4, 16, 4, 16, cpu, table="t") == CoreShape(1, 2, 2, 16)
+        assert dispatch.pick_gemv(1, 64, 256, 4, 128, cpu, table="t") == CoreShape(4, 4, 8, 128)
+        assert dispatch.pick_gemv(3, 64, 256, 4, 64, cpu, table="t") == CoreShape(4, 4, 8, 64)  # K-range fitted
+        assert dispatch.pick_gemv(8, 64, 256, 4, 128, cpu, table="t") == MmaShape(64, 32, 4, 64, swap=True)
+        assert dispatch.pick_gemv(8, 64, 256, 4, 16, cpu, table="t") == MmaShape(64, 16, 4, 16, swap=True)
+    finally:
+        dispatch.load_table.cache_clear()
+
+
+def test_unknown_launch_parameters_are_rejected():
+    with pytest.raises(ValueError, match="unknown core launch parameters"):
+        dispatch.shape_from_dict({"kernel": "core", "vec": 1, "warps": 1, "rows": 1, "k_range": 16, "probe": 2})
+    shape = MmaShape(128, 32, 8, 128, stages=2, swap=True, tiles=2)
+    assert dispatch.shape_from_dict(dispatch.shape_to_dict(shape)) == shape

@@ -168,7 +168,7 @@ def markdown(part: str, args, result: dict) -> str:
         lines += ["| run | world size | seconds per layer | per-rank peak host RSS (GB) | per-rank peak GPU (GB) |",
                   "|---|---|---|---|---|"]
         for name, run in result["runs"].items():
-            ranks = run.get("ranks") or []
+            ranks = [r for r in run.get("ranks") or [] if r.get("peaks")] or [{"peaks": run.get("layer_peaks_rank0")}]
             host = ", ".join(f"{(r.get('peaks') or {}).get('host_rss_bytes', 0) / 1e9:.1f}" for r in ranks) or "-"
             gpu = ", ".join(f"{(r.get('peaks') or {}).get('gpu_allocated_bytes', 0) / 1e9:.1f}" for r in ranks) or "-"
             secs = ", ".join(f"{s:.1f}" for s in run.get("layer_seconds") or [])

@@ -404,11 +404,11 @@ def _measure(model: nn.Module, prompt: torch.Tensor, options: BenchOptions, devi
 
     # the realized sparsity over a few steps with the counters on, then the profile with them off (as timed)
     reset_stats(model)
-    _track_sparsity(model, True)
+    eager.track_sparsity = True  # read by each eager step (the decoder's own choice, not the model's)
     for _ in range(options.profile_steps):
         eager_step()
     sparsity = _module_sparsity(model)
-    _track_sparsity(model, False)
+    eager.track_sparsity = False
     try:
         breakdown = _profile(eager_step, options.profile_steps, cuda)
     except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing still counts, the breakdown is missing
@@ -552,15 +552,6 @@ def operator_group(name: str) -> str:
     if name.startswith(LINEAR_OPS):
         return "linear"
     return "attention" if any(k in name for k in ATTENTION_OPS) else "other"
-
-
-def _track_sparsity(model: nn.Module, enabled: bool) -> None:
-    """The realized-sparsity counters: on for the eager steps that measure them, off for timing (when switchable)."""
-    from teal_quant.runtime import modules
-
-    switch = getattr(modules, "track_sparsity", None)
-    if switch is not None:
-        switch(model, enabled)
 
 
 def _module_sparsity(model: nn.Module) -> dict[str, float]:

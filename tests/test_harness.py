@@ -36,7 +36,10 @@ def test_sparse_prefill_measures_teal_and_level_0_equals_plain_hflm(tiny_artifac
     sparsity = {r["level"]: r["realized_sparsity"] for r in rows}
     assert sparsity[0.0] == 0.0 and sparsity[0.5] > 0.35  # sparse prefill: every scored token is thresholded
     dense, sparse = values(rows, 0.0), values(rows, 0.5)
-    assert sparse[("teal_tiny_text", "word_perplexity")] > dense[("teal_tiny_text", "word_perplexity")] * 1.0001
+    # the tiny random model predicts almost uniformly, so thresholding moves its perplexity only slightly (measured
+    # 4e-5 relative), either way; float32 noise on the same forward is below 1e-6
+    key = ("teal_tiny_text", "word_perplexity")
+    assert abs(sparse[key] / dense[key] - 1) > 1e-5
 
     # level 0 is the plain quantized model: lm-eval's own HFLM on the artifact (transformers load) gives the same numbers
     hflm = HFLM(pretrained=str(tiny_artifact), device="cpu", dtype="float32")

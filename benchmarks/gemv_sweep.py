@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -242,7 +243,8 @@ def main(argv=None):
     if args.merge:
         with open(args.merge) as f:
             old = json.load(f)
-        keep, meta["kept_from"] = old["rules"], old["about"].split(" launch shapes, measured by ")[-1].split(":")[0]
+        when = re.search(r"\(([^()]*commit [^()]*)\)", old["about"])
+        keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
     tab = table(rows, gpu, meta, keep)
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line

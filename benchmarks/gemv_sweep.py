@@ -45,17 +45,11 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 4, 64),
     CoreShape(2, 4, 4, 64),
     CoreShape(4, 4, 4, 128, f16=False),
-    # round 5: the row loop software-pipelined by triton (cp.async into a shared-memory ring, stages - 1 steps ahead)
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3),  # 128 registers: 4 programs per SM
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=4),
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, maxnreg=96),  # 92 registers, no spills: 5 programs per SM
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=4, maxnreg=96),
+    # the row loop software-pipelined by triton (cp.async ring): the three best of round 5's ten candidates, all
+    # 7-25 % slower than the shapes above on every layer (docs/kernels.md round 5; gemv_sweep_h200.md has all ten)
     CoreShape(4, 4, 2, 128, evict_first=True, stages=4),  # 94 registers
-    CoreShape(4, 4, 2, 128, evict_first=True, stages=6),
-    CoreShape(2, 4, 4, 128, stages=4),  # 56 registers
-    CoreShape(4, 8, 4, 128, evict_first=True, stages=3),  # 80 registers, 33 KB ring
-    CoreShape(4, 8, 4, 128, f16=False, stages=3),  # the 8B q/o shape, pipelined
-    CoreShape(1, 4, 8, 64, f16=False, stages=3),  # the k/v shape, pipelined
+    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, maxnreg=96),  # 92 registers, no spills: 5 programs per SM
+    CoreShape(4, 4, 4, 128, evict_first=True, stages=3),  # 128 registers: 4 programs per SM
 ]
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape

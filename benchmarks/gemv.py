@@ -241,7 +241,10 @@ def markdown(results, meta):
              "- TB/s: bytes the call must touch (ours: active rows of W^T + scales/zeros of touched groups + x, y) / time",
              "- union: fraction of rows of W^T inactive for every row of x (independent N(0,1) rows: a pessimistic union)",
              "- ours_det: torch.use_deterministic_algorithms(True) (ordered split-K reduction, bit-reproducible)",
-             "- gemlite: not measured (not installable on the device: no network, and its wheel needs its own Triton)", ""]
+             "- gemlite: not measured (not installable on the device: no network, and its wheel needs its own Triton)"]
+    if meta.get("kept"):
+        lines.append(f"- {meta['kept']}")
+    lines.append("")
     keyed: dict = {}
     for r in results:
         keyed.setdefault((r["model"], r["proj"], r["batch"]), []).append(r)
@@ -298,6 +301,8 @@ def main(argv=None):
     ap.add_argument("--det-sparsities", default="0,50", help="sparsities also timed with the deterministic reduction")
     ap.add_argument("--tag", default="gemv_h200")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--keep-from", default=None, help="a previous results json: its rows of batch sizes not measured "
+                    "now are kept (and said so in the report)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import triton
@@ -314,6 +319,13 @@ def main(argv=None):
     errors = precompile([(json.loads(s), m, det) for s, m, det in sorted(jobs)], args.workers)
     print(f"precompiled {len(jobs)} kernel variants; errors: {errors}", flush=True)
     results: list = []
+    kept: list = []
+    if args.keep_from:
+        with open(args.keep_from) as f:
+            previous = json.load(f)
+        kept = [r for r in previous["results"] if r["batch"] not in batches]
+        meta["kept"] = (f"rows of batch {sorted({r['batch'] for r in kept})} kept from the previous run "
+                        f"(commit {previous['meta']['commit']}, {previous['meta']['date']}, same method)")
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
 
@@ -324,10 +336,11 @@ def main(argv=None):
     for model in args.models.split(","):
         for proj, (n, k) in SHAPES[model].items():
             bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log)
+            everything = results + kept
             with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1)
+                json.dump({"meta": meta, "results": everything}, f, indent=1)
             with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
-                f.write(markdown(results, meta))
+                f.write(markdown(everything, meta))
     print(markdown(results, meta).split("## Every measurement")[0])
 
 

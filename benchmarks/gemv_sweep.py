@@ -9,7 +9,8 @@
    (benchmarks/gemv.py's method: CUDA graphs over weight copies that defeat the L2),
 4. writes the table (kernels/dispatch.py's rule format): per batch class (1; 2-4 from batch 4; 5-16 from batch 16)
    one exact rule per measured shape with its fastest candidate (geometric mean over the sparsities), then rules by
-   weight size (nearest measured size) and a catch-all with the best candidate overall,
+   weight size (nearest measured size) and a catch-all with the best candidate overall (``--batches 1 --merge OLD``:
+   only batch 1 is swept, the other classes keep OLD's rules),
 and the raw timings as ``gemv_sweep_<gpu>.json``.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -43,6 +45,11 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 4, 64),
     CoreShape(2, 4, 4, 64),
     CoreShape(4, 4, 4, 128, f16=False),
+    # the row loop software-pipelined by triton (cp.async ring): the three best of round 5's ten candidates, all
+    # 7-25 % slower than the shapes above on every layer (docs/kernels.md round 5; gemv_sweep_h200.md has all ten)
+    CoreShape(4, 4, 2, 128, evict_first=True, stages=4),  # 94 registers
+    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, maxnreg=96),  # 92 registers, no spills: 5 programs per SM
+    CoreShape(4, 4, 4, 128, evict_first=True, stages=3),  # 128 registers: 4 programs per SM
 ]
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape
@@ -59,12 +66,13 @@ if bench.SMOKE:
     CORE, MMA = CORE[:1] + CORE[3:4], MMA[:2]
 BATCHES = (1, 4, 16)
 SPARSITIES = (0, 50)
+FAMILIES = ("core", "mma")
 CLASSES = {1: (1, 1), 4: (2, 4), 16: (5, 16)}
 
 
 def candidates(m: int) -> list:
-    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)]
-    return core + MMA
+    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)] if "core" in FAMILIES else []
+    return core + (MMA if "mma" in FAMILIES else [])
 
 
 check_layer = bench.check_layer
@@ -147,10 +155,16 @@ def choose(rows) -> dict:
     return {key: dispatch.shape_to_dict(dispatch.shape_from_dict(shape), defaults=False) for key, (score, shape) in best.items()}
 
 
-def table(rows, gpu: str, meta: dict) -> dict:
+def table(rows, gpu: str, meta: dict, keep: list | None = None) -> dict:
+    """The rules of every batch class measured in ``rows``; a class not measured keeps its rules from ``keep`` (the
+    previous table's rules, when --merge is given)."""
     best = choose(rows)
     rules = []
+    measured = {r["batch"] for r in rows}
     for m, (lo, hi) in CLASSES.items():
+        if m not in measured:
+            rules += [r for r in keep or [] if r.get("m") == [lo, hi]]
+            continue
         mine = sorted(((n * k, n, shape) for (mm, n, k), shape in best.items() if mm == m))
         for w, n, shape in mine:
             rules.append({"m": [lo, hi], "weight": [w, w], "n": [n, n], "shape": shape})  # a measured shape
@@ -168,19 +182,31 @@ def table(rows, gpu: str, meta: dict) -> dict:
         n_needed = max(len(v) for v in per_shape.values())
         overall = min((sum(v) / len(v), s) for s, v in per_shape.items() if len(v) == n_needed)[1]
         rules.append({"m": [lo, hi], "shape": dispatch.shape_to_dict(dispatch.shape_from_dict(json.loads(overall)), defaults=False)})
-    return {"about": f"{gpu} launch shapes, measured by benchmarks/gemv_sweep.py ({meta['date']}, commit {meta['commit']}): "
-                     "exact rules for the measured Llama-3 8B/70B shapes, then the nearest measured weight size, then the "
-                     "best shape overall. Rule format: kernels/dispatch.py.",
-            "rules": rules}
+    about = (f"{gpu} launch shapes, measured by benchmarks/gemv_sweep.py ({meta['date']}, commit {meta['commit']}): "
+             "exact rules for the measured Llama-3 8B/70B shapes, then the nearest measured weight size, then the "
+             "best shape overall. Rule format: kernels/dispatch.py.")
+    if keep is not None and measured != set(CLASSES):
+        about += f" Batch sizes {sorted(measured)} from that sweep; the other batch classes kept from: {meta['kept_from']}"
+    return {"about": about, "rules": rules}
 
 
 def main(argv=None):
+    global BATCHES, SPARSITIES, FAMILIES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
     ap.add_argument("--models", default="70B,8B")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="of 1, 4, 16 (one per batch class)")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma")
+    ap.add_argument("--merge", default=None, help="a previous table: batch classes not swept keep its rules")
     args = ap.parse_args(argv)
+    BATCHES = tuple(int(b) for b in args.batches.split(","))
+    SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
+    FAMILIES = tuple(args.families.split(","))
+    if not set(BATCHES) <= set(CLASSES) or not set(FAMILIES) <= {"core", "mma"}:
+        ap.error(f"--batches must be among {sorted(CLASSES)} and --families among core, mma")
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name() if not bench.SMOKE else "cpu (smoke)"
     name = dispatch.table_name(torch.device(bench.DEV))
@@ -207,7 +233,13 @@ def main(argv=None):
     t0 = time.time()
     rows = sweep(args.models.split(","), log, bad)
     log(f"sweep: {len(rows)} timings in {time.time() - t0:.0f} s")
-    tab = table(rows, gpu, meta)
+    keep = None
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        when = re.search(r"\(([^()]*commit [^()]*)\)", old["about"])
+        keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
+    tab = table(rows, gpu, meta, keep)
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])

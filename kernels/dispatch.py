@@ -57,6 +57,8 @@ class CoreShape:
     pipe: bool = False  # rows == 4 only: the next step's row indices and x are loaded before this step's FMAs
     evict_first: bool = False  # weight loads marked evict-first (the scratch lists and x stay in the L2)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
+    stages: int = 1  # > 1 (not with pipe): the row loop is software-pipelined by triton, its loads cp.async copies
+    # into a shared-memory ring stages - 1 steps ahead (R * warps rows x 128 * vec bytes per stage)
     kernel = "core"
 
 
@@ -129,7 +131,7 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
     if kr < 16 or group_size % kr or k % kr:
         return False
     if isinstance(shape, CoreShape):
-        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4)
+        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
     return shape.block_k <= kr and shape.block_n % 8 == 0
 
 

@@ -187,15 +187,18 @@ def threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
 @triton.jit
 def compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P: tl.constexpr, KR: tl.constexpr):
     """The union over the batch of the active rows k0 .. k0 + KR, compacted into the scratch lists (row index and
-    the M_P x values per slot) -> (active count, scratch base of this K-range)."""
+    the M_P x values per slot) -> (active count, scratch base of this K-range). All KR slots are written: the c
+    active rows first, then row k0 with x = 0 (a valid, cached row that adds exactly 0), so a loop may read whole
+    steps of slots up to KR without load masks."""
     rk = tl.arange(0, KR)
     any_row = tl.max(act.to(tl.int32), axis=0)
-    pos = tl.cumsum(any_row, axis=0) - 1
+    incl = tl.cumsum(any_row, axis=0)
     c = tl.sum(any_row, axis=0)
     keep = any_row > 0
+    slot = tl.where(keep, incl - 1, c + rk - incl)  # active rows in order, then the inactive ones
     ibase = part * K + k0
-    tl.store(scr_i_ptr + ibase + pos, k0 + rk, mask=keep)
-    tl.store(scr_x_ptr + (ibase + pos)[None, :] * M_P + mm[:, None], xm, mask=keep[None, :])
+    tl.store(scr_i_ptr + ibase + slot, tl.where(keep, k0 + rk, k0))
+    tl.store(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], xm)  # xm is 0 where no batch row is active
     tl.debug_barrier()
     return c, ibase
 

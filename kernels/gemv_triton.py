@@ -96,12 +96,17 @@ def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
     return (v | magic).to(tl.float32, bitcast=True) - 8388608.0
 
 @triton.jit
-def _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c, mm, M_P: tl.constexpr):
+def _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c, mm, M_P: tl.constexpr, MASK: tl.constexpr = True):
     """Row index and x values [M_P, W] of compacted slots ``slot`` [W] (one per warp). Slots past the end give row
-    k0 (a valid, cached row) and x = 0, so the loop needs no load predicates or zero fills."""
-    ok = slot < c
-    row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
-    xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
+    k0 (a valid, cached row) and x = 0, so the loop needs no load predicates or zero fills: through the load mask,
+    or (MASK False, slots < KR) from the scratch list itself, whose slots past c hold (k0, 0)."""
+    if MASK:
+        ok = slot < c
+        row = tl.load(scr_i_ptr + ibase + slot, mask=ok, other=k0)
+        xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None], mask=ok[None, :], other=0.0)
+    else:
+        row = tl.load(scr_i_ptr + ibase + slot)
+        xr = tl.load(scr_x_ptr + (ibase + slot)[None, :] * M_P + mm[:, None])
     return row, xr
 
 
@@ -171,7 +176,7 @@ def _sgemv_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr,
+    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -222,6 +227,16 @@ def _sgemv_kernel(
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             q0, q1, q2, q3 = n0, n1, n2, n3
+    elif STAGES > 1:  # triton's software pipeliner: every load of a step becomes a cp.async into a shared-memory ring
+        # STAGES - 1 steps ahead (a loop with its own num_stages pipelines loads that feed no tl.dot too), so the loads
+        # in flight no longer hold registers
+        # unmasked slot loads (fewer predicates and selects per copy) where whole steps stay inside the K-range
+        MASK: tl.constexpr = KR % (W * R) != 0
+        for j in tl.range(0, c, W * R, num_stages=STAGES):
+            for r in tl.static_range(R):
+                row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P, MASK)
+                wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
     else:
         for j in range(0, c, W * R):
             for r in tl.static_range(R):
@@ -279,7 +294,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
-        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe,
+        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

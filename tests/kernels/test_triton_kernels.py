@@ -157,19 +157,23 @@ def test_cuda_graph_replay_with_new_threshold(device):
     check(compiled(x, t), truth(x, q, s, z, 128, 0.8), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0, 0), (2, 2, 3, 32, 0, 1), (4, 4, 2, 64, 0, 0), (1, 4, 1, 128, 0, 1),
-                                 (2, 2, 4, 32, 1, 0), (1, 2, 8, 32, 0, 0)],
-                         ids=lambda c: "v%dw%dr%dkr%dpipe%devict%d" % c)
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 16, 0, 0, 1), (2, 2, 3, 32, 0, 1, 1), (4, 4, 2, 64, 0, 0, 1), (1, 4, 1, 128, 0, 1, 1),
+                                 (2, 2, 4, 32, 1, 0, 1), (1, 2, 8, 32, 0, 0, 1),
+                                 (2, 2, 2, 32, 0, 0, 3), (1, 4, 8, 16, 0, 1, 4)],  # pipelined: unmasked / masked slots
+                         ids=lambda c: "v%dw%dr%dkr%dpipe%devict%dstages%d" % c)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])
 def test_core_kernel_shapes(device, poison, cfg, bits, m):
-    """Launch shapes of the CUDA-core kernel (vec, warps, rows, k_range, prefetch, evict-first), twice in a row: the
-    split-K workspace and counters must be left zero by each call (no memset launch between calls)."""
-    vec, warps, rows, kr, pipe, evict = cfg
+    """Launch shapes of the CUDA-core kernel (vec, warps, rows, k_range, prefetch, evict-first, stages), twice in a
+    row: the split-K workspace and counters must be left zero by each call (no memset launch between calls). Stages
+    > 1 read whole steps of scratch slots unmasked where k_range allows: the poisoned scratch lists check that the
+    compaction wrote every slot."""
+    vec, warps, rows, kr, pipe, evict, stages = cfg
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=7)
     for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False)):  # both int4 unpacks (fp16 pairs, fp32 exponent trick)
-        shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe), evict_first=bool(evict))
+        shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe), evict_first=bool(evict),
+                          stages=stages)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
         t = threshold_for(x, sp)
         y = gemv.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, shape=shape)

@@ -299,7 +299,9 @@ def run_report(opts: Options, *, row_patterns: str | None = None, cache: Path, o
         selected = [next(r for r in all_rows if r.id == "dense")] + selected  # every delta is vs dense
     specs = builds(opts)
     # the dense row is evaluate_artifact's float baseline: any artifact of the run serves (same model, same tokens)
-    baseline_build = next((r.build for r in selected if r.build), "rtn_w8")
+    # (rtn_w8 when the run builds it, so a rerun of any subset with rtn_w8 reuses the same cached evaluation)
+    used = [r.build for r in selected if r.build]
+    baseline_build = "rtn_w8" if "rtn_w8" in used or not used else used[0]
     needed = list(dict.fromkeys(r.build or baseline_build for r in selected))
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

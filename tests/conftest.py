@@ -10,6 +10,15 @@ import torch
 from _support import CALIBRATION_DIR, SMOLLM2_GGUF, open_skeleton, smollm2_dir, tiny_recipe_text, write_tiny_llama
 
 _KERNEL_TESTS = Path(__file__).resolve().parent / "kernels"
+
+# pytest-xdist (`-n auto` in pyproject.toml): each worker, and the CLI subprocesses it starts, gets its share of the
+# cores instead of every torch process spinning up one thread per core (2 workers x 2 threads on 2 cores is slower
+# than 2 x 1).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET")
 
 
@@ -23,6 +32,12 @@ def pytest_runtest_setup(item):
             os.environ["TRITON_INTERPRET"] = "1"
     elif _INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (real SmolLM2 runs, minutes each) first: under pytest-xdist a multi-minute file that starts
+    last keeps one worker busy long after the other has finished (the sort is stable: file order is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,7 @@ def row(report: dict, row_id: str) -> dict:
     return next(r for r in report["rows"] if r["id"] == row_id)
 
 
+@pytest.mark.slow
 def test_report_files_name_the_run_and_every_row(report):
     data = json.loads(report["_out"].with_suffix(".json").read_text())
     md = report["_out"].with_suffix(".md").read_text()
@@ -85,6 +86,7 @@ def test_report_files_name_the_run_and_every_row(report):
     assert {"RTN w8 <= +0.5 %", "GPTQ w4 g64 <= +12 %"} <= goal_names
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_cached_artifacts(report, tmp_path):
     cache = report["_out"].parent / "cache"
     artifacts = sorted(p.name for p in cache.iterdir())
@@ -98,10 +100,12 @@ def test_rerun_reuses_the_cached_artifacts(report, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == artifacts  # nothing compressed or evaluated anew
 
 
+@pytest.mark.slow
 def test_rtn_w8_within_one_percent_of_dense(report):
     assert abs(ppl(report, "rtn_w8") / ppl(report, "dense") - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_sparsity_is_monotone_and_realized(report):
     levels = (0.25, 0.4, 0.5)
     ppls = [ppl(report, f"rtn_w4_u_s{round(lv * 100)}") for lv in levels]
@@ -113,10 +117,12 @@ def test_sparsity_is_monotone_and_realized(report):
     assert row(report, "rtn_w4")["realized_sparsity"] == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_uniform_s50_is_worse_than_s25(report):
     assert ppl(report, "rtn_w4_u_s50") > 1.10 * ppl(report, "rtn_w4_u_s25")
 
 
+@pytest.mark.slow
 def test_last_half_prefill_costs_less_than_every_token(report):
     last_half, every = row(report, "rtn_w4_u_s40_last_half"), row(report, "rtn_w4_u_s40")
     assert ppl(report, "rtn_w4") <= last_half["perplexity"] < every["perplexity"]
@@ -124,10 +130,12 @@ def test_last_half_prefill_costs_less_than_every_token(report):
     assert last_half["realized_sparsity"] == pytest.approx(every["realized_sparsity"] / 2, abs=0.02)
 
 
+@pytest.mark.slow
 def test_gptq_w4_beats_rtn_w4(report):
     assert ppl(report, "gptq_w4") < 0.98 * ppl(report, "rtn_w4")
 
 
+@pytest.mark.slow
 def test_default_criterion_no_worse_than_the_other_at_s50(report):
     from teal_quant.architecture import CRITERIA
     from teal_quant.compression.recipe import SparsitySpec

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -115,7 +116,7 @@ def main() -> None:
     result = {"command": "PYTHONPATH=. python benchmarks/greedy_search_smollm2.py" +
               (f" --tokens {args.tokens}" if args.tokens != 8192 else ""),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit,
-              "machine": f"{platform.machine()} CPU, {len(__import__('os').sched_getaffinity(0))} cores, no GPU",
+              "machine": f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, no GPU",
               "tokens": args.tokens, "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(render(result))

@@ -41,6 +41,19 @@ def artifact_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_artifact(reference: Path, out: Path) -> dict[str, torch.Tensor]:
+    """`out` holds the one-process artifact's tensors: packed weights bit for bit, thresholds within the float
+    reduction order of the all-reduced sums. Returns the reference's tensors."""
+    one, two = artifact_tensors(reference), artifact_tensors(out)
+    assert one.keys() == two.keys()
+    for key, t in one.items():
+        if key.endswith(".thresholds"):
+            torch.testing.assert_close(two[key], t, rtol=THRESHOLD_RTOL, atol=0, msg=key)
+        else:
+            assert t.dtype == two[key].dtype and torch.equal(t, two[key]), key
+    return one
+
+
 def test_torchrun_run_writes_the_one_process_artifact(tiny_llama, tiny_artifact, tmp_path):
     """The tiny recipe (RTN int4, greedy) as 2 torchrun ranks against the session's one-process artifact of the same
     recipe: every packed weight, scale, zero and norm byte-identical, thresholds within THRESHOLD_RTOL; the report
@@ -53,13 +66,7 @@ def test_torchrun_run_writes_the_one_process_artifact(tiny_llama, tiny_artifact,
     assert proc.stdout.count("teal-quant run:") == 1 and proc.stdout.count("compressing layers: 2/2") == 1
     assert "Traceback" not in proc.stderr
 
-    one, two = artifact_tensors(tiny_artifact), artifact_tensors(out)
-    assert one.keys() == two.keys()
-    for key, t in one.items():
-        if key.endswith(".thresholds"):
-            torch.testing.assert_close(two[key], t, rtol=THRESHOLD_RTOL, atol=0, msg=key)
-        else:
-            assert t.dtype == two[key].dtype and torch.equal(t, two[key]), key
+    one = assert_same_artifact(tiny_artifact, out)
     assert sum(k.endswith(".qweight") for k in one) == 14
     report = json.loads((out / "calibration_report.json").read_text())
     assert report["world_size"] == 2
@@ -212,11 +219,5 @@ def test_torchrun_killed_after_a_layer_resumes_to_the_same_artifact(tiny_llama, 
     assert (partial / ".resume" / "rank-1").is_dir()
     proc = torchrun(["run", str(recipe), "--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = artifact_tensors(tiny_artifact), artifact_tensors(out)
-    assert one.keys() == two.keys()
-    for key, t in one.items():
-        if key.endswith(".thresholds"):
-            torch.testing.assert_close(two[key], t, rtol=THRESHOLD_RTOL, atol=0, msg=key)
-        else:
-            assert torch.equal(t, two[key]), key
+    assert_same_artifact(tiny_artifact, out)
     assert json.loads((out / "calibration_report.json").read_text())["world_size"] == 2

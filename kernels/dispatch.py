@@ -59,6 +59,9 @@ class CoreShape:
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
     stages: int = 1  # > 1 (not with pipe): the row loop is software-pipelined by triton, its loads cp.async copies
     # into a shared-memory ring stages - 1 steps ahead (R * warps rows x 128 * vec bytes per stage)
+    groups: int = 1  # K-ranges per program (> 1: not with pipe; k_range a multiple of warps * rows): one row loop
+    # over all of them, scales applied per warp when it leaves a K-range; fewer, longer programs (and with stages > 1
+    # one ring kept filled across the K-ranges)
     kernel = "core"
 
 
@@ -131,20 +134,29 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
     if kr < 16 or group_size % kr or k % kr:
         return False
     if isinstance(shape, CoreShape):
+        if shape.groups > 1 and (shape.pipe or k % (kr * shape.groups) or kr % (shape.warps * shape.rows)):
+            return False
         return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
     return shape.block_k <= kr and shape.block_n % 8 == 0
 
 
-def fit_k_range(shape: GemvShape, group_size: int) -> GemvShape:
-    """The shape with its K-range halved until it divides the group size (a table is written for group 128)."""
+def fit_k_range(shape: GemvShape, group_size: int, k: int | None = None) -> GemvShape:
+    """The shape with its K-range halved until it divides the group size (a table is written for group 128), and
+    (given K) its K-ranges per program halved until their span divides K."""
     kr = shape.k_range
     while kr > 16 and group_size % kr:
         kr //= 2
-    if kr == shape.k_range:
-        return shape
-    changes = {"k_range": kr}
+    changes = {"k_range": kr} if kr != shape.k_range else {}
     if isinstance(shape, MmaShape) and shape.block_k > kr:
         changes["block_k"] = kr
+    if isinstance(shape, CoreShape) and k is not None:
+        groups = shape.groups
+        while groups > 1 and k % (kr * groups):
+            groups //= 2
+        if groups != shape.groups:
+            changes["groups"] = groups
+    if not changes:
+        return shape
     return type(shape)(**{**asdict(shape), **changes})
 
 
@@ -156,7 +168,7 @@ def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.
             continue
         if "bits" in rule and bits != rule["bits"]:
             continue
-        shape = fit_k_range(rule["shape"], group_size)
+        shape = fit_k_range(rule["shape"], group_size, k)
         if fits(shape, m, k, bits, group_size):
             return shape
     return None

@@ -96,12 +96,14 @@ def _device_buffer(key: tuple, device: torch.device, numel: int, dtype: torch.dt
     return buf
 
 
-def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int = 1, qweight: Tensor | None = None) -> KernelCall:
+def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int = 1, qweight: Tensor | None = None,
+            ranges_per_program: int = 1) -> KernelCall:
     """Buffers, grid and arguments of one launch with column tiles of ``block_n`` and K-ranges of ``k_range`` rows;
-    a program walks ``tiles_per_program`` consecutive column tiles of one part."""
+    a program walks ``tiles_per_program`` consecutive column tiles of one part and ``ranges_per_program``
+    consecutive K-ranges."""
     m, n, k = p.m, p.n, p.k
     m_p = triton.next_power_of_2(m)
-    n_ksplit = k // k_range
+    n_ksplit = k // (k_range * ranges_per_program)
     end0 = p.ends[0]
     end1 = p.ends[1] if len(p.ends) > 1 else end0
     starts = (0,) + tuple(p.ends[:-1])

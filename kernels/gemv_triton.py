@@ -169,6 +169,63 @@ def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, 
 
 
 @triton.jit
+def _col_factor(cols, BITS: tl.constexpr, F16: tl.constexpr):
+    """Per column, the factor that undoes the power of two its unpacked values carry (exact): fp16 pairs 1/16 on
+    odd nibbles; the fp32 exponent trick 16^-(place); int8 256^-(byte % 2)."""
+    if BITS == 4:
+        if F16:
+            inv = tl.where(cols % 2 == 1, 0.0625, 1.0)
+        else:
+            place = cols % 8
+            place = place - (place >= 5).to(tl.int32) * 3
+            inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
+    else:
+        inv = ((127 - 8 * (cols % 2)) << 23).to(tl.float32, bitcast=True)
+    return inv
+
+
+@triton.jit
+def _offset_term(sc, zr, xsum, inv, F16: tl.constexpr, BITS: tl.constexpr):
+    """[M_P, BLOCK_N] s * (z + offset) * sum x of one K-range: what y subtracts from inv * sum_k s x v, where v is
+    the unpacked value (fp16 pairs: 1024 + f q, so offset = 1024 * inv; else v = q / inv, offset 0)."""
+    if BITS == 4 and F16:
+        zo = zr + 1024.0 * inv
+    else:
+        zo = zr
+    return (sc * zo)[None, :] * xsum[:, None]
+
+
+@triton.jit
+def _scale_j(soff, word, end, J: tl.constexpr, PER: tl.constexpr, M_P: tl.constexpr, ALIGNED: tl.constexpr):
+    """The scales of value position J of each word (column word * PER + J), shaped like one accumulator."""
+    col = word * PER + J
+    if ALIGNED:
+        s = tl.load(soff + col).to(tl.float32)
+    else:
+        s = tl.load(soff + col, mask=col < end, other=0.0).to(tl.float32)
+    if M_P == 1:
+        return s[None, :]
+    else:
+        return s[None, None, :]
+
+
+@triton.jit
+def _fold(soff, word, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5, t6, t7,
+          PER: tl.constexpr, M_P: tl.constexpr, ALIGNED: tl.constexpr):
+    """t_J += s_J * a_J per warp, with the scales of the K-range the loop leaves (no reduction over warps)."""
+    t0 += _scale_j(soff, word, end, 0, PER, M_P, ALIGNED) * a0
+    t1 += _scale_j(soff, word, end, 1, PER, M_P, ALIGNED) * a1
+    t2 += _scale_j(soff, word, end, 2, PER, M_P, ALIGNED) * a2
+    t3 += _scale_j(soff, word, end, 3, PER, M_P, ALIGNED) * a3
+    if PER == 8:
+        t4 += _scale_j(soff, word, end, 4, PER, M_P, ALIGNED) * a4
+        t5 += _scale_j(soff, word, end, 5, PER, M_P, ALIGNED) * a5
+        t6 += _scale_j(soff, word, end, 6, PER, M_P, ALIGNED) * a6
+        t7 += _scale_j(soff, word, end, 7, PER, M_P, ALIGNED) * a7
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
@@ -176,7 +233,7 @@ def _sgemv_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1,
+    F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -185,13 +242,31 @@ def _sgemv_kernel(
     # no multiple-of hint on the tile start: the weight rows are then loaded as 8-byte pieces (a [2, 2] warp layout),
     # and ptxas issues all R rows' loads before the first FMA; with the hint (16-byte loads, one warp per row) it
     # sinks half of them below the FMAs of the first rows (triton 3.6 SASS; measured 25 % slower, docs/kernels.md)
-    pid_n, pid_k, part, start, end, k0 = program_tile(N, END0, END1, BLOCK_N, KR, ALIGNED, False)
-    # 1. scales / zeros of this K-range's group: independent of x, issued first
-    cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
-    # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
-    mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
-    xsum = tl.sum(xm, axis=1)
-    c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+    pid_n, pid_k, part, start, end, k0 = program_tile(N, END0, END1, BLOCK_N, KR * GROUPS, ALIGNED, False)
+    if GROUPS == 1:
+        # 1. scales / zeros of this K-range's group: independent of x, issued first
+        cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
+        # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
+        mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+        xsum = tl.sum(xm, axis=1)
+        c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+    else:
+        # several K-ranges per program: each is thresholded and compacted into its own KR slots as above; the
+        # zero-point and offset term of each (sum of x times s * (z + offset)) is summed here in the column layout,
+        # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
+        mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+        c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+        cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
+        inv0 = _col_factor(cols, BITS, F16)
+        offs = _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16, BITS)
+        steps = tl.cdiv(c, W * R)
+        for gi in tl.static_range(1, GROUPS):
+            ki = k0 + gi * KR
+            mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR, T_MODE)
+            ci, _ = compact_rows(act, xm, mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            steps = tl.maximum(steps, tl.cdiv(ci, W * R))
+            cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, ki, G, stride_sg, BLOCK_N)
+            offs += _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16, BITS)
     # 3. gathered rows
     word = start // PER + tl.arange(0, NB)
     w_ok = word < end // PER
@@ -227,6 +302,38 @@ def _sgemv_kernel(
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             q0, q1, q2, q3 = n0, n1, n2, n3
+    elif GROUPS > 1:  # one loop over the steps of every K-range, each padded to the longest one's step count (the
+        # padding reads row k0 of its K-range with x = 0, cached); at the last step of a K-range its sums are scaled
+        # and added to t0..t7 (_fold). STAGES > 1: triton's pipeliner keeps its ring filled across the K-ranges
+        t0 = tl.zeros_like(a0)
+        t1 = tl.zeros_like(a0)
+        t2 = tl.zeros_like(a0)
+        t3 = tl.zeros_like(a0)
+        t4 = tl.zeros_like(a0)
+        t5 = tl.zeros_like(a0)
+        t6 = tl.zeros_like(a0)
+        t7 = tl.zeros_like(a0)
+        for it in tl.range(0, steps * GROUPS, num_stages=STAGES):
+            gi = it // steps
+            si = it - gi * steps
+            base = ibase + gi * KR + si * (W * R)
+            for r in tl.static_range(R):
+                row, xr = _slot_load(scr_i_ptr, scr_x_ptr, base, k0, r * W + wv, c, mm, M_P, False)
+                wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+            if si == steps - 1:
+                soff = s_ptr + ((k0 + gi * KR) // G) * stride_sg
+                t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, word, end, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       t0, t1, t2, t3, t4, t5, t6, t7, PER, M_P, ALIGNED)
+                a0 = tl.zeros_like(a0)
+                a1 = tl.zeros_like(a0)
+                a2 = tl.zeros_like(a0)
+                a3 = tl.zeros_like(a0)
+                a4 = tl.zeros_like(a0)
+                a5 = tl.zeros_like(a0)
+                a6 = tl.zeros_like(a0)
+                a7 = tl.zeros_like(a0)
+        a0, a1, a2, a3, a4, a5, a6, a7 = t0, t1, t2, t3, t4, t5, t6, t7
     elif STAGES > 1:  # triton's software pipeliner: every load of a step becomes a cp.async into a shared-memory ring
         # STAGES - 1 steps ahead (a loop with its own num_stages pipelines loads that feed no tl.dot too), so the loads
         # in flight no longer hold registers
@@ -261,17 +368,13 @@ def _sgemv_kernel(
     else:
         a = tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a2, axis=RA)), tl.join(tl.sum(a1, axis=RA), tl.sum(a3, axis=RA)))
     a = tl.reshape(a, [M_P, BLOCK_N])
-    if BITS == 4:
-        if F16:  # remove the 1024 offsets (1024 * sum of x) and the factor 16 of the odd nibbles
+    inv = _col_factor(cols, BITS, F16)
+    if GROUPS == 1:
+        if BITS == 4 and F16:  # remove the 1024 offsets (1024 * sum of x)
             a = a - 1024.0 * xsum[:, None]
-            inv = tl.where(cols % 2 == 1, 0.0625, 1.0)
-        else:
-            place = cols % 8
-            place = place - (place >= 5).to(tl.int32) * 3
-            inv = ((127 - 4 * place) << 23).to(tl.float32, bitcast=True)
-    else:
-        inv = ((127 - 8 * (cols % 2)) << 23).to(tl.float32, bitcast=True)
-    y = sc.to(tl.float32)[None, :] * (a * inv[None, :] - zr.to(tl.float32)[None, :] * xsum[:, None])
+        y = sc.to(tl.float32)[None, :] * (a * inv[None, :] - zr.to(tl.float32)[None, :] * xsum[:, None])
+    else:  # the scales are already in a (_fold)
+        y = a * inv[None, :] - offs
     out_ok = m_ok[:, None] & n_ok[None, :]
     reduce_split_k(y, y_ptr + mm[:, None] * stride_ym + cols[None, :], ws_ptr + mm[:, None] * N + cols[None, :],
                    lock_ptr + pid_n, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
@@ -286,7 +389,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
             return None
         qw = qw.view(torch.int32)
     block_n = 32 * shape.vec * (32 // p.bits)
-    call = prepare(p, block_n, shape.k_range, qweight=qw)
+    call = prepare(p, block_n, shape.k_range, qweight=qw, ranges_per_program=shape.groups)
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
@@ -295,6 +398,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
+        GROUPS=1 if pipe else shape.groups,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

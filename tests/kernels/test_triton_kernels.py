@@ -180,6 +180,32 @@ def test_core_kernel_shapes(device, poison, cfg, bits, m):
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
+@pytest.mark.parametrize("cfg", [(1, 2, 2, 32, 2, 1, 0), (2, 2, 4, 32, 4, 1, 1), (1, 4, 2, 16, 8, 3, 0), (1, 2, 2, 32, 4, 4, 1)],
+                         ids=lambda c: "v%dw%dr%dkr%dgroups%dstages%devict%d" % c)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 3])
+def test_core_kernel_groups(device, poison, cfg, bits, m):
+    """Several K-ranges per program (``groups``): one row loop over all of them, padded to the longest K-range's
+    step count, scales applied per warp at each K-range's end (also K-ranges smaller than a quantization group and
+    spans crossing groups), plain and pipelined; per-channel thresholds with a NaN input (dropped), unaligned N,
+    two calls in a row (split-K workspace left zero), and a span covering all of K (no split-K)."""
+    vec, warps, rows, kr, groups, stages, evict = cfg
+    k, n, g = 256, (72 if not ON_GPU else 3000), 64
+    q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=9)
+    for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False), (3, 0.8, True)):
+        shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, evict_first=bool(evict), stages=stages,
+                          groups=groups)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+        t = threshold_for(x, sp)
+        x[0, 5] = float("nan")
+        x = x.to(torch.bfloat16).to(device)
+        th = torch.tensor(t, device=device) if seed != 3 else torch.linspace(0.1, 2.0, k, device=device)
+        y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=shape)
+        check(y, truth(x, q, s, z, g, th), torch.bfloat16)
+    y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(1, 2, 2, 32, groups=k // 32))
+    check(y, truth(x, q, s, z, g, th), torch.bfloat16)
+
+
 MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list
     (MmaShape(32, 16, 4, 32), torch.float16), (MmaShape(64, 32, 4, 64), torch.bfloat16),
     (MmaShape(128, 16, 2, 128, stages=2), torch.bfloat16), (MmaShape(32, 16, 4, 32, swap=True), torch.float16),

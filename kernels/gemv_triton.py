@@ -196,32 +196,48 @@ def _offset_term(sc, zr, xsum, inv, F16: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _scale_j(soff, word, end, J: tl.constexpr, PER: tl.constexpr, M_P: tl.constexpr, ALIGNED: tl.constexpr):
-    """The scales of value position J of each word (column word * PER + J), shaped like one accumulator."""
-    col = word * PER + J
+def _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5, t6, t7,
+          PER: tl.constexpr, NB: tl.constexpr, M_P: tl.constexpr, ALIGNED: tl.constexpr):
+    """t_J += s_J * a_J per warp, with the scales of the K-range the loop leaves (no reduction over warps). The
+    scales are loaded as one contiguous tile (a 16-byte vector per thread: one word's PER scales) and split into the
+    value positions in registers: one load round trip, then one layout conversion per position."""
+    cols = start + tl.arange(0, NB * PER)
     if ALIGNED:
-        s = tl.load(soff + col).to(tl.float32)
+        s = tl.load(soff + cols).to(tl.float32)
     else:
-        s = tl.load(soff + col, mask=col < end, other=0.0).to(tl.float32)
+        s = tl.load(soff + cols, mask=cols < end, other=0.0).to(tl.float32)
+    if PER == 8:  # column word * 8 + J, J = i + 2 j + 4 k at [word, k, j, i]
+        ev, od = tl.split(tl.reshape(s, [NB, 2, 2, 2]))
+        e0, e1 = tl.split(ev)
+        o0, o1 = tl.split(od)
+        s0, s4 = tl.split(e0)
+        s2, s6 = tl.split(e1)
+        s1, s5 = tl.split(o0)
+        s3, s7 = tl.split(o1)
+    else:  # J = i + 2 j at [word, j, i]
+        ev, od = tl.split(tl.reshape(s, [NB, 2, 2]))
+        s0, s2 = tl.split(ev)
+        s1, s3 = tl.split(od)
     if M_P == 1:
-        return s[None, :]
+        t0 += s0[None, :] * a0
+        t1 += s1[None, :] * a1
+        t2 += s2[None, :] * a2
+        t3 += s3[None, :] * a3
+        if PER == 8:
+            t4 += s4[None, :] * a4
+            t5 += s5[None, :] * a5
+            t6 += s6[None, :] * a6
+            t7 += s7[None, :] * a7
     else:
-        return s[None, None, :]
-
-
-@triton.jit
-def _fold(soff, word, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5, t6, t7,
-          PER: tl.constexpr, M_P: tl.constexpr, ALIGNED: tl.constexpr):
-    """t_J += s_J * a_J per warp, with the scales of the K-range the loop leaves (no reduction over warps)."""
-    t0 += _scale_j(soff, word, end, 0, PER, M_P, ALIGNED) * a0
-    t1 += _scale_j(soff, word, end, 1, PER, M_P, ALIGNED) * a1
-    t2 += _scale_j(soff, word, end, 2, PER, M_P, ALIGNED) * a2
-    t3 += _scale_j(soff, word, end, 3, PER, M_P, ALIGNED) * a3
-    if PER == 8:
-        t4 += _scale_j(soff, word, end, 4, PER, M_P, ALIGNED) * a4
-        t5 += _scale_j(soff, word, end, 5, PER, M_P, ALIGNED) * a5
-        t6 += _scale_j(soff, word, end, 6, PER, M_P, ALIGNED) * a6
-        t7 += _scale_j(soff, word, end, 7, PER, M_P, ALIGNED) * a7
+        t0 += s0[None, None, :] * a0
+        t1 += s1[None, None, :] * a1
+        t2 += s2[None, None, :] * a2
+        t3 += s3[None, None, :] * a3
+        if PER == 8:
+            t4 += s4[None, None, :] * a4
+            t5 += s5[None, None, :] * a5
+            t6 += s6[None, None, :] * a6
+            t7 += s7[None, None, :] * a7
     return t0, t1, t2, t3, t4, t5, t6, t7
 
 
@@ -314,17 +330,17 @@ def _sgemv_kernel(
         t6 = tl.zeros_like(a0)
         t7 = tl.zeros_like(a0)
         for it in tl.range(0, steps * GROUPS, num_stages=STAGES):
-            gi = it // steps
-            si = it - gi * steps
-            base = ibase + gi * KR + si * (W * R)
+            rg = it // steps
+            si = it - rg * steps
+            base = ibase + rg * KR + si * (W * R)
             for r in tl.static_range(R):
                 row, xr = _slot_load(scr_i_ptr, scr_x_ptr, base, k0, r * W + wv, c, mm, M_P, False)
                 wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
             if si == steps - 1:
-                soff = s_ptr + ((k0 + gi * KR) // G) * stride_sg
-                t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, word, end, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                       t0, t1, t2, t3, t4, t5, t6, t7, PER, M_P, ALIGNED)
+                soff = s_ptr + ((k0 + rg * KR) // G) * stride_sg
+                t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       t0, t1, t2, t3, t4, t5, t6, t7, PER, NB, M_P, ALIGNED)
                 a0 = tl.zeros_like(a0)
                 a1 = tl.zeros_like(a0)
                 a2 = tl.zeros_like(a0)
@@ -389,7 +405,10 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
             return None
         qw = qw.view(torch.int32)
     block_n = 32 * shape.vec * (32 // p.bits)
-    call = prepare(p, block_n, shape.k_range, qweight=qw, ranges_per_program=shape.groups)
+    groups = 1 if shape.pipe or shape.k_range % (shape.warps * shape.rows) else shape.groups
+    while groups > 1 and p.k % (shape.k_range * groups):  # the span of a program must divide K
+        groups //= 2
+    call = prepare(p, block_n, shape.k_range, qweight=qw, ranges_per_program=groups)
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
@@ -398,7 +417,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
-        GROUPS=1 if pipe else shape.groups,
+        GROUPS=groups,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -60,6 +60,13 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 2, 128, evict_first=True, stages=4, groups=8),
     CoreShape(2, 4, 4, 128, stages=3, groups=4),
     CoreShape(2, 4, 4, 128, stages=4, groups=8),
+    # round 6: no compaction (dense: rows read in place, inactive ones predicated off), for the small layers
+    CoreShape(1, 4, 8, 64, f16=False, dense=True),  # 40 registers, no barrier in the loop
+    CoreShape(2, 4, 4, 64, f16=False, dense=True),
+    CoreShape(2, 4, 4, 128, dense=True),
+    CoreShape(4, 8, 4, 128, f16=False, dense=True),
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=True),
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=True, stages=3),
 ]
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape

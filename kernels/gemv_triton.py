@@ -133,6 +133,37 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 
 @triton.jit
+def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok, stride_qk,
+                M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr):
+    """No compaction (DENSE): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
+    an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
+    exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions)."""
+    row = krow + tl.arange(0, W)
+    xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+    else:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + row[None, :] + 0 * mm[:, None]).to(tl.float32)
+    act = act & m_ok[:, None]
+    xr = tl.where(act, xv, 0.0)
+    if M_P == 1:
+        live = tl.reshape(act, [W])
+        ptrs = qw_ptr + row[:, None] * stride_qk + word[None, :]
+        ok = live[:, None] & w_ok[None, :]
+    else:
+        live = tl.max(act.to(tl.int32), axis=0) > 0  # union over the batch rows
+        ptrs = qw_ptr + row[None, :, None] * stride_qk + word[None, None, :]
+        ok = live[None, :, None] & w_ok[None, None, :]
+    if EVICT:
+        wd = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+    else:
+        wd = tl.load(ptrs, mask=ok, other=0)
+    return wd, xr
+
+
+@triton.jit
 def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
              F16: tl.constexpr, EMULATE: tl.constexpr):
     """Unpack one row's words and accumulate x * value into the per-value accumulators. The unpacked values are
@@ -250,6 +281,7 @@ def _sgemv_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
+    DENSE: tl.constexpr = False,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -265,7 +297,11 @@ def _sgemv_kernel(
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         xsum = tl.sum(xm, axis=1)
-        c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+        if DENSE:
+            c = KR
+            ibase = 0
+        else:
+            c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
         # several K-ranges per program: each is thresholded and compacted into its own KR slots as above; the
         # zero-point and offset term of each (sum of x times s * (z + offset)) is summed here in the column layout,
@@ -298,7 +334,14 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    if PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
+    if DENSE:  # every row of the K-range in place, inactive ones predicated off (no compaction, no scratch round
+        # trip, no barrier before the loop; at s > 0 the loop issues the instructions of s0)
+        for j in tl.range(0, KR, W * R, num_stages=STAGES):
+            for r in tl.static_range(R):
+                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W, mm,
+                                     m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+    elif PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
         p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, M_P)
         p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, M_P)
         p2, q2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 2 * W + wv, c, mm, M_P)
@@ -405,7 +448,8 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
             return None
         qw = qw.view(torch.int32)
     block_n = 32 * shape.vec * (32 // p.bits)
-    groups = 1 if shape.pipe or shape.k_range % (shape.warps * shape.rows) else shape.groups
+    dense = shape.dense and not shape.pipe and shape.k_range % (shape.warps * shape.rows) == 0
+    groups = 1 if shape.pipe or dense or shape.k_range % (shape.warps * shape.rows) else shape.groups
     while groups > 1 and p.k % (shape.k_range * groups):  # the span of a program must divide K
         groups //= 2
     call = prepare(p, block_n, shape.k_range, qweight=qw, ranges_per_program=groups)
@@ -417,7 +461,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
-        GROUPS=groups,
+        GROUPS=groups, DENSE=dense,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

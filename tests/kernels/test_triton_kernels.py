@@ -180,21 +180,25 @@ def test_core_kernel_shapes(device, poison, cfg, bits, m):
         check(y, truth(x, q, s, z, g, t), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [(1, 2, 2, 32, 2, 1, 0), (2, 2, 4, 32, 4, 1, 1), (1, 4, 2, 16, 8, 3, 0), (1, 2, 2, 32, 4, 4, 1)],
-                         ids=lambda c: "v%dw%dr%dkr%dgroups%dstages%devict%d" % c)
+GROUP_SHAPES = [  # several K-ranges per program (plain and pipelined loop), and dense (no compaction)
+    dict(vec=1, warps=2, rows=2, k_range=32, groups=2), dict(vec=2, warps=2, rows=4, k_range=32, groups=4, evict_first=True),
+    dict(vec=1, warps=4, rows=2, k_range=16, groups=8, stages=3), dict(vec=1, warps=2, rows=2, k_range=32, groups=4, stages=4),
+    dict(vec=1, warps=2, rows=4, k_range=32, dense=True), dict(vec=2, warps=4, rows=2, k_range=64, dense=True, stages=3)]
+
+
+@pytest.mark.parametrize("kw", GROUP_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3])
-def test_core_kernel_groups(device, poison, cfg, bits, m):
+def test_core_kernel_groups_and_dense(device, poison, kw, bits, m):
     """Several K-ranges per program (``groups``): one row loop over all of them, padded to the longest K-range's
     step count, scales applied per warp at each K-range's end (also K-ranges smaller than a quantization group and
-    spans crossing groups), plain and pipelined; per-channel thresholds with a NaN input (dropped), unaligned N,
-    two calls in a row (split-K workspace left zero), and a span covering all of K (no split-K)."""
-    vec, warps, rows, kr, groups, stages, evict = cfg
+    spans crossing groups), plain and pipelined; ``dense``: rows read in place, inactive ones predicated off. Both
+    int4 unpacks, per-channel thresholds with a NaN input (dropped), unaligned N, calls in a row (split-K workspace
+    left zero), and a span covering all of K (no split-K)."""
     k, n, g = 256, (72 if not ON_GPU else 3000), 64
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=9)
     for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False), (3, 0.8, True)):
-        shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, evict_first=bool(evict), stages=stages,
-                          groups=groups)
+        shape = CoreShape(f16=f16, **kw)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
         t = threshold_for(x, sp)
         x[0, 5] = float("nan")
@@ -202,8 +206,9 @@ def test_core_kernel_groups(device, poison, cfg, bits, m):
         th = torch.tensor(t, device=device) if seed != 3 else torch.linspace(0.1, 2.0, k, device=device)
         y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=shape)
         check(y, truth(x, q, s, z, g, th), torch.bfloat16)
-    y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(1, 2, 2, 32, groups=k // 32))
-    check(y, truth(x, q, s, z, g, th), torch.bfloat16)
+    if kw.get("groups", 1) > 1:
+        y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(**{**kw, "groups": k // kw["k_range"]}))
+        check(y, truth(x, q, s, z, g, th), torch.bfloat16)
 
 
 MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list
@@ -248,7 +253,10 @@ def test_mma_kernel_plain_unpack(device, poison, bits, dtype, m):
 
 
 @pytest.mark.parametrize("shape", [CoreShape(vec=1, warps=2, rows=2, k_range=32), MmaShape(32, 16, 4, 32),
-                                   MmaShape(32, 16, 4, 32, swap=True, tiles=2)], ids=["core", "mma", "mma-swap"])
+                                   MmaShape(32, 16, 4, 32, swap=True, tiles=2),
+                                   CoreShape(vec=1, warps=2, rows=2, k_range=32, groups=2),
+                                   CoreShape(vec=1, warps=2, rows=2, k_range=32, dense=True)],
+                         ids=["core", "mma", "mma-swap", "core-groups", "core-dense"])
 def test_deterministic_reduction_is_bit_reproducible(device, poison, shape):
     """torch.use_deterministic_algorithms(True): partials go to ordered workspace slots, so repeated calls give the
     same bits, and the same values (within rounding) as the atomic reduction."""

@@ -40,33 +40,17 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 8, 4, 128, f16=False, pipe=True),  # the previous 8B q/o shape
     CoreShape(1, 4, 8, 64, f16=False),  # the previous k/v shape
     CoreShape(2, 4, 4, 128),  # the previous M = 2..4 and 8B qkv shape (55 registers: 9 programs per SM)
-    CoreShape(4, 4, 4, 128),
-    # the row loop software-pipelined by triton (cp.async ring), one K-range per program: round 5's two best, 7-25 %
-    # slower than the shapes above on every layer (docs/kernels.md round 5)
-    CoreShape(4, 4, 2, 128, evict_first=True, stages=4),  # 94 registers
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3),  # 128 registers: 4 programs per SM
-    # round 6: several K-ranges per program (groups), plain loop (fewer, longer programs) and pipelined (the ring
-    # kept filled across K-ranges); registers from sm_90 SASS (triton 3.6), no spills
-    CoreShape(4, 4, 4, 128, evict_first=True, groups=2),
-    CoreShape(4, 4, 4, 128, evict_first=True, groups=4),  # 128 registers
-    CoreShape(4, 4, 4, 128, evict_first=True, groups=8),
-    CoreShape(2, 4, 4, 128, groups=4),
-    CoreShape(4, 8, 4, 128, f16=False, evict_first=True, groups=4),
-    CoreShape(1, 4, 8, 64, f16=False, groups=2),
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, groups=2),
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, groups=4),  # 125 registers
-    CoreShape(4, 4, 4, 128, evict_first=True, stages=3, groups=8),
-    CoreShape(4, 4, 2, 128, evict_first=True, stages=4, groups=4),
-    CoreShape(4, 4, 2, 128, evict_first=True, stages=4, groups=8),
-    CoreShape(2, 4, 4, 128, stages=3, groups=4),
-    CoreShape(2, 4, 4, 128, stages=4, groups=8),
-    # round 6: no compaction (dense: rows read in place, inactive ones predicated off), for the small layers
-    CoreShape(1, 4, 8, 64, f16=False, dense=True),  # 40 registers, no barrier in the loop
-    CoreShape(2, 4, 4, 64, f16=False, dense=True),
-    CoreShape(2, 4, 4, 128, dense=True),
-    CoreShape(4, 8, 4, 128, f16=False, dense=True),
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=True),
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=True, stages=3),
+    # the row loop software-pipelined by triton (cp.async ring): round 5's best, 7-25 % slower than the shapes above
+    CoreShape(4, 4, 2, 128, evict_first=True, stages=4),
+    # round 6: K-ranges with >= 85 % active rows read in place without compaction (dense), else compacted as above;
+    # always-dense was 8 % faster at s0 and 24 % slower at s50 on the large layers (docs/kernels.md round 6)
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85),  # 96 registers
+    CoreShape(4, 4, 4, 128, dense=85),
+    CoreShape(4, 8, 4, 128, f16=False, dense=85),
+    CoreShape(1, 4, 8, 64, f16=False, dense=85),  # 48 registers
+    CoreShape(2, 4, 4, 64, f16=False, dense=85),
+    CoreShape(2, 4, 4, 128, dense=85),
+    # groups (several K-ranges per program) measured 1.4-4.5x slower on every layer (docs/kernels.md round 6): not swept
 ]
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape
@@ -80,7 +64,7 @@ MMA = [
     MmaShape(256, 64, 8, 128, swap=True),
 ]
 if bench.SMOKE:
-    CORE, MMA = CORE[:1] + CORE[3:4] + CORE[8:9], MMA[:2]
+    CORE, MMA = CORE[:1] + CORE[3:4] + CORE[5:6], MMA[:2]
 BATCHES = (1, 4, 16)
 SPARSITIES = (0, 50)
 FAMILIES = ("core", "mma")

@@ -62,8 +62,9 @@ class CoreShape:
     groups: int = 1  # K-ranges per program (> 1: not with pipe; k_range a multiple of warps * rows): one row loop
     # over all of them, scales applied per warp when it leaves a K-range; fewer, longer programs (and with stages > 1
     # one ring kept filled across the K-ranges)
-    dense: bool = False  # no compaction (not with pipe or groups; k_range a multiple of warps * rows): every row of
-    # the K-range read in place, inactive ones predicated off; no scratch round trip (for small, latency-bound layers)
+    dense: int = 0  # percent, 1-100 (not with pipe, stages or groups; k_range a multiple of warps * rows): a K-range
+    # with at least this share of active rows is not compacted but read in place, inactive rows predicated off (no
+    # scratch round trip; the loop issues every row's instructions); 0: always compacted
     kernel = "core"
 
 
@@ -138,7 +139,8 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
     if isinstance(shape, CoreShape):
         if shape.groups > 1 and (shape.pipe or k % (kr * shape.groups) or kr % (shape.warps * shape.rows)):
             return False
-        if shape.dense and (shape.pipe or shape.groups > 1 or kr % (shape.warps * shape.rows)):
+        if shape.dense and (shape.pipe or shape.stages > 1 or shape.groups > 1 or kr % (shape.warps * shape.rows)
+                            or not 0 < shape.dense <= 100):
             return False
         return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
     return shape.block_k <= kr and shape.block_n % 8 == 0

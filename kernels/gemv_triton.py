@@ -135,7 +135,7 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 @triton.jit
 def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok, stride_qk,
                 M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr):
-    """No compaction (DENSE): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
+    """No compaction (DENSE, a K-range with enough active rows): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions)."""
     row = krow + tl.arange(0, W)
@@ -281,7 +281,7 @@ def _sgemv_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
-    DENSE: tl.constexpr = False,
+    DENSE: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -297,9 +297,12 @@ def _sgemv_kernel(
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         xsum = tl.sum(xm, axis=1)
-        if DENSE:
-            c = KR
-            ibase = 0
+        if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
+            c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
+            in_place = c * 100 >= DENSE * KR
+            ibase = part * K + k0
+            if not in_place:
+                c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
@@ -334,13 +337,20 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    if DENSE:  # every row of the K-range in place, inactive ones predicated off (no compaction, no scratch round
-        # trip, no barrier before the loop; at s > 0 the loop issues the instructions of s0)
-        for j in tl.range(0, KR, W * R, num_stages=STAGES):
-            for r in tl.static_range(R):
-                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W, mm,
-                                     m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+    if DENSE > 0:
+        if in_place:  # every row of the K-range in place, inactive ones predicated off: no scratch round trip, no
+            # barrier, row addresses independent of any load; it issues the instructions of every row
+            for j in range(0, KR, W * R):
+                for r in tl.static_range(R):
+                    wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                         mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+        else:
+            for j in range(0, c, W * R):
+                for r in tl.static_range(R):
+                    row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+                    wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
     elif PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
         p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, M_P)
         p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, M_P)
@@ -448,8 +458,9 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
             return None
         qw = qw.view(torch.int32)
     block_n = 32 * shape.vec * (32 // p.bits)
-    dense = shape.dense and not shape.pipe and shape.k_range % (shape.warps * shape.rows) == 0
-    groups = 1 if shape.pipe or dense or shape.k_range % (shape.warps * shape.rows) else shape.groups
+    steps_fit = shape.k_range % (shape.warps * shape.rows) == 0
+    dense = shape.dense if not shape.pipe and shape.stages == 1 and steps_fit else 0
+    groups = 1 if shape.pipe or dense or not steps_fit else shape.groups
     while groups > 1 and p.k % (shape.k_range * groups):  # the span of a program must divide K
         groups //= 2
     call = prepare(p, block_n, shape.k_range, qweight=qw, ranges_per_program=groups)

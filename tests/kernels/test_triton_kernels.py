@@ -183,7 +183,8 @@ def test_core_kernel_shapes(device, poison, cfg, bits, m):
 GROUP_SHAPES = [  # several K-ranges per program (plain and pipelined loop), and dense (no compaction)
     dict(vec=1, warps=2, rows=2, k_range=32, groups=2), dict(vec=2, warps=2, rows=4, k_range=32, groups=4, evict_first=True),
     dict(vec=1, warps=4, rows=2, k_range=16, groups=8, stages=3), dict(vec=1, warps=2, rows=2, k_range=32, groups=4, stages=4),
-    dict(vec=1, warps=2, rows=4, k_range=32, dense=True), dict(vec=2, warps=4, rows=2, k_range=64, dense=True, stages=3)]
+    dict(vec=1, warps=2, rows=4, k_range=32, dense=1), dict(vec=2, warps=4, rows=2, k_range=64, dense=60),
+    dict(vec=1, warps=2, rows=2, k_range=32, dense=100)]
 
 
 @pytest.mark.parametrize("kw", GROUP_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
@@ -255,7 +256,7 @@ def test_mma_kernel_plain_unpack(device, poison, bits, dtype, m):
 @pytest.mark.parametrize("shape", [CoreShape(vec=1, warps=2, rows=2, k_range=32), MmaShape(32, 16, 4, 32),
                                    MmaShape(32, 16, 4, 32, swap=True, tiles=2),
                                    CoreShape(vec=1, warps=2, rows=2, k_range=32, groups=2),
-                                   CoreShape(vec=1, warps=2, rows=2, k_range=32, dense=True)],
+                                   CoreShape(vec=1, warps=2, rows=2, k_range=32, dense=50)],
                          ids=["core", "mma", "mma-swap", "core-groups", "core-dense"])
 def test_deterministic_reduction_is_bit_reproducible(device, poison, shape):
     """torch.use_deterministic_algorithms(True): partials go to ordered workspace slots, so repeated calls give the

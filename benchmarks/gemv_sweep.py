@@ -44,8 +44,8 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 2, 128, evict_first=True, stages=4),
     # round 6: K-ranges with >= 85 % active rows read in place without compaction (dense), else compacted as above;
     # always-dense was 8 % faster at s0 and 24 % slower at s50 on the large layers (docs/kernels.md round 6)
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85),  # 96 registers
-    CoreShape(4, 4, 4, 128, dense=85),
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85),  # 116 registers: 4 programs per SM
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, maxnreg=96),  # no spills: 5 programs per SM
     CoreShape(4, 8, 4, 128, f16=False, dense=85),
     CoreShape(1, 4, 8, 64, f16=False, dense=85),  # 48 registers
     CoreShape(2, 4, 4, 64, f16=False, dense=85),

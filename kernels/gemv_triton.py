@@ -341,10 +341,25 @@ def _sgemv_kernel(
         if in_place:  # every row of the K-range in place, inactive ones predicated off: no scratch round trip, no
             # barrier, row addresses independent of any load; it issues the instructions of every row
             for j in range(0, KR, W * R):
-                for r in tl.static_range(R):
-                    wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
-                                         mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                if R == 4:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas otherwise
+                    # sinks 6 of the 8 row loads below the first FMAs (as round 4's multiple-of hint did)
+                    wd0, xr0 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j,
+                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                    wd1, xr1 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + W,
+                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                    wd2, xr2 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 2 * W,
+                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                    wd3, xr3 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 3 * W,
+                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd0, xr0, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd1, xr1, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd2, xr2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd3, xr3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                else:
+                    for r in tl.static_range(R):
+                        wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                             mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                        a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
         else:
             for j in range(0, c, W * R):
                 for r in tl.static_range(R):

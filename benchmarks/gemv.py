@@ -23,6 +23,7 @@ import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -324,8 +325,12 @@ def main(argv=None):
         with open(args.keep_from) as f:
             previous = json.load(f)
         kept = [r for r in previous["results"] if r["batch"] not in batches]
-        meta["kept"] = (f"rows of batch {sorted({r['batch'] for r in kept})} kept from the previous run "
+        kept_batches = sorted({r["batch"] for r in kept})
+        meta["kept"] = (f"rows of batch {kept_batches} kept from the previous run "
                         f"(commit {previous['meta']['commit']}, {previous['meta']['date']}, same method)")
+        earlier = re.match(r"rows of batch \[([0-9, ]*)\] kept from", previous["meta"].get("kept", ""))
+        if earlier and set(kept_batches) <= {int(b) for b in earlier.group(1).split(",")}:
+            meta["kept"] = previous["meta"]["kept"]  # the previous run kept them too: name where they were measured
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
 

@@ -13,9 +13,8 @@ from _kernel_helpers import ON_GPU, make_layer, threshold_for, tol, truth
 from teal_quant.kernels import reference
 
 pytest.importorskip("triton")
-from teal_quant.kernels import dispatch  # noqa: E402
+from teal_quant.kernels import dispatch, gemv_splitk_triton  # noqa: E402
 from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
-from teal_quant.kernels import gemv_splitk_triton  # noqa: E402
 from teal_quant.kernels.dispatch import SplitKShape  # noqa: E402
 
 

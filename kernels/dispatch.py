@@ -91,6 +91,8 @@ class SplitKShape:
     swap: bool = True  # y^T = W x^T: the weight tile is the dot's M side, the batch (padded to 8) its N side
     skip: bool = False  # a K-step whose x values are all inactive (every batch row) loads no weights (its mask
     # depends on x loaded in the same loop: triton 3.6 then keeps the weight ring 1 deep at stages 4, 2 at 6)
+    prefetch: bool = True  # the next K-step's scales / zeros are loaded during this one (a plain load: too narrow
+    # per thread for the pipeliner's cp.async)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
     kernel = "splitk"
 

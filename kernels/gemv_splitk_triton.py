@@ -10,7 +10,9 @@ streams it through a cp.async ring ``stages`` deep), the x tile of every batch r
 with the per-part scalar, 0-dim tensor or per-input-channel thresholds, NaN dropped), unpacks the words by
 ``_unpack8_dot`` (LOP3 with the 0x4300 / 0x6400 magic: 16-bit ``OFF + q``, exact) and multiplies with tl.dot. The
 step's group scale and zero are applied to the step's fp32 dot result: y += s * (acc - (z + OFF) * sum(x)), so the
-products are exact and the offset cancels per group. ``skip``: a step whose x values are all inactive for every batch
+products are exact and the offset cancels per group. The scales / zeros are too narrow per thread (one 16-bit value
+in the accumulator's layout) for the pipeliner's cp.async copies, so a plain load would wait a DRAM latency every
+step; ``prefetch`` loads the next step's during this one. ``skip``: a step whose x values are all inactive for every batch
 row masks its weight load (cp.async with zero fill reads nothing; the zero words unpack to finite values times x = 0).
 The partials are added by the split-K reduction the other families use (fp32 atomics with a self-zeroing workspace,
 or ordered slots under ``torch.use_deterministic_algorithms(True)``). int8 weights and fp32 x take a plain integer
@@ -61,7 +63,7 @@ def _sgemv_splitk_kernel(
     M_P: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    SWAP: tl.constexpr, SKIP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Program (pid_n, pid_k) owns BLOCK_N columns and rows k0 = pid_k * KR .. min(k0 + KR, K) of W^T, KR (a runtime
     value: one compile serves every layer) a multiple of BLOCK_K and BLOCK_K dividing the group size (every step lies
@@ -86,12 +88,22 @@ def _sgemv_splitk_kernel(
     else:
         out = tl.zeros([M_D, BLOCK_N], tl.float32)
     n_steps = (tl.minimum(K - k0, KR)) // BLOCK_K
+    if PREFETCH:  # the first step's scales / zeros; each step then loads the next step's
+        sc_next = tl.load(s_ptr + (k0 // G) * stride_sg + cols, mask=n_ok, other=0.0)
+        zr_next = tl.load(z_ptr + (k0 // G) * stride_sg + cols, mask=n_ok, other=0.0)
     for i in tl.range(0, n_steps, num_stages=STAGES):
         kb = k0 + i * BLOCK_K
         xm, n_act = _x_tile(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M, M_D, BLOCK_K, T_MODE, SWAP)
-        soff = (kb // G) * stride_sg + cols
-        sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
-        zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32) + OFF
+        if PREFETCH:
+            sc = sc_next.to(tl.float32)
+            zr = zr_next.to(tl.float32) + OFF
+            soff = (tl.minimum(kb + BLOCK_K, K - BLOCK_K) // G) * stride_sg + cols  # the last one is not used
+            sc_next = tl.load(s_ptr + soff, mask=n_ok, other=0.0)
+            zr_next = tl.load(z_ptr + soff, mask=n_ok, other=0.0)
+        else:
+            soff = (kb // G) * stride_sg + cols
+            sc = tl.load(s_ptr + soff, mask=n_ok, other=0.0).to(tl.float32)
+            zr = tl.load(z_ptr + soff, mask=n_ok, other=0.0).to(tl.float32) + OFF
         if SKIP:  # rows of this step to load: all of them, or none (constant along the tile's contiguous axis)
             live = (kk < BLOCK_K * tl.minimum(n_act, 1))[:, None]
         if BITS == 4:
@@ -158,7 +170,7 @@ def launch(p: GemvProblem, shape: SplitKShape) -> torch.Tensor:
     _sgemv_splitk_kernel[call.grid](
         **call.args, KR=kr, **call.constants,
         BITS=p.bits, M_D=m_d, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, STAGES=shape.stages, SWAP=shape.swap,
-        SKIP=shape.skip, FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
+        SKIP=shape.skip, PREFETCH=shape.prefetch, FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
         num_warps=shape.warps, num_stages=shape.stages, **extra,
     )
     return call.y

@@ -5,12 +5,12 @@
 1. compiles every candidate launch shape in parallel worker processes (the Triton cache is shared on disk),
 2. checks every candidate against a float64 reference at batch 1 / 4 / 16 (fresh random inputs, two calls in a row,
    so the self-zeroing split-K workspace is checked too) and drops any that fails,
-3. times every surviving candidate on the Llama-3 8B and 70B shapes at batch 1, 4, 16 and sparsity 0 and 50
+3. times every surviving candidate on the Llama-3 8B and 70B shapes at batch 1, 2, 4, 8, 16 and sparsity 0 and 50
    (benchmarks/gemv.py's method: CUDA graphs over weight copies that defeat the L2),
-4. writes the table (kernels/dispatch.py's rule format): per batch class (1; 2-4 from batch 4; 5-16 from batch 16)
-   one exact rule per measured shape with its fastest candidate (geometric mean over the sparsities), then rules by
-   weight size (nearest measured size) and a catch-all with the best candidate overall (``--batches 1 --merge OLD``:
-   only batch 1 is swept, the other classes keep OLD's rules),
+4. writes the table (kernels/dispatch.py's rule format): per batch class (1; 2; 3-4 from batch 4; 5-8 from batch 8;
+   9-16 from batch 16) one exact rule per measured shape with its fastest candidate (geometric mean over the
+   sparsities), then rules by weight size (nearest measured size) and a catch-all with the best candidate overall
+   (``--batches 1 --merge OLD``: only batch 1 is swept; OLD's rules for batch sizes not swept are kept),
 and the raw timings as ``gemv_sweep_<gpu>.json``.
 """
 
@@ -33,7 +33,7 @@ from gemv import GROUP, SHAPES, activations, git_commit, make_layer, n_copies, t
 
 from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as kernel  # noqa: E402
-from kernels.dispatch import CoreShape, MmaShape  # noqa: E402
+from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
 CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 4, 128, evict_first=True),  # the previous large-layer shape
@@ -63,17 +63,35 @@ MMA = [
     MmaShape(512, 32, 8, 128, swap=True),
     MmaShape(256, 64, 8, 128, swap=True),
 ]
+SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16. The first sweep (commit 3cb5de1:
+    # block_n 64-256, block_k 64/128, 4/8 warps, stages 2-6, 264-1056 programs, swap, skip) picked block_n 64 with
+    # 528-1056 programs everywhere; this list explores around it, with and without the scales/zeros prefetch
+    SplitKShape(64, 128, 4, 4, programs=1056),
+    SplitKShape(64, 128, 4, 5),
+    SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False),  # the first sweep's winners as they were measured
+    SplitKShape(64, 128, 4, 5, prefetch=False),
+    SplitKShape(64, 128, 4, 3, programs=2112),
+    SplitKShape(64, 128, 4, 4, programs=2112),
+    SplitKShape(64, 128, 2, 4, programs=1056),
+    SplitKShape(64, 128, 8, 4, programs=1056),
+    SplitKShape(64, 64, 4, 4, programs=1056),
+    SplitKShape(64, 64, 2, 5, programs=2112),
+    SplitKShape(128, 128, 4, 4, programs=1056),
+    SplitKShape(128, 128, 8, 4),
+    SplitKShape(64, 128, 4, 4, programs=1056, swap=False),
+    SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
+]
 if bench.SMOKE:
-    CORE, MMA = CORE[:1] + CORE[3:4] + CORE[5:6], MMA[:2]
-BATCHES = (1, 4, 16)
+    CORE, MMA, SPLITK = CORE[:1] + CORE[3:4] + CORE[5:6], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
-FAMILIES = ("core", "mma")
-CLASSES = {1: (1, 1), 4: (2, 4), 16: (5, 16)}
+FAMILIES = ("core", "mma", "splitk")
+CLASSES = {1: (1, 1), 2: (2, 2), 4: (3, 4), 8: (5, 8), 16: (9, 16)}
 
 
 def candidates(m: int) -> list:
     core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)] if "core" in FAMILIES else []
-    return core + (MMA if "mma" in FAMILIES else [])
+    return core + (MMA if "mma" in FAMILIES else []) + (SPLITK if "splitk" in FAMILIES and m > 1 else [])
 
 
 check_layer = bench.check_layer
@@ -99,7 +117,12 @@ def check_all(log) -> dict:
                 thr = threshold_for(x, int(sp * 100))
                 want = truth(x, q, scales, zeros, thr)
                 for _ in range(2):
-                    y = kernel.sparse_gemv(x, qw, scales, zeros, torch.tensor(thr, device=bench.DEV), bits=4, group_size=GROUP, shape=shape)
+                    try:
+                        y = kernel.sparse_gemv(x, qw, scales, zeros, torch.tensor(thr, device=bench.DEV), bits=4, group_size=GROUP, shape=shape)
+                    except Exception as e:  # noqa: BLE001 - a candidate that does not compile or run is dropped
+                        log(f"FAILED to run: {shape} M={m}: {e!r}"[:500])
+                        worst = float("inf")
+                        break
                     err = (y.double() - want).abs().max().item()
                     tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
                     worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
@@ -109,7 +132,8 @@ def check_all(log) -> dict:
     return out
 
 
-def sweep(models, log, bad) -> list:
+def sweep(models, log, bad, save=None) -> list:
+    """Time every candidate on every layer; ``save(rows)`` after each layer (a run cut short keeps its timings)."""
     rows = []
     for model in models:
         for proj, (n, k) in SHAPES[model].items():
@@ -123,6 +147,7 @@ def sweep(models, log, bad) -> list:
                     thr = threshold_for(x, sp)
                     t = torch.tensor(thr, device=bench.DEV)
                     touched, union = touched_bytes(x, thr, n)
+                    union_block = bench.union_block_sparsity(x, thr)
                     for shape in candidates(m):
                         key = (repr(dispatch.shape_to_dict(shape)), m)
                         if key in bad or not dispatch.fits(shape, m, k, 4, GROUP):
@@ -130,11 +155,14 @@ def sweep(models, log, bad) -> list:
                         us = time_graph([lambda c=c, s=shape: kernel.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=s)
                                          for c in copies])
                         rows.append(dict(model=model, proj=proj, N=n, K=k, batch=m, sparsity=sp, union_sparsity=round(union, 4),
+                                         union_block_sparsity=round(union_block, 4),
                                          shape=dispatch.shape_to_dict(shape), us=us, tbps=touched / us / 1e6))
                     best = min((r for r in rows if r["model"] == model and r["proj"] == proj and r["batch"] == m and r["sparsity"] == sp),
                                key=lambda r: r["us"])
                     log(f"{model:4s} {proj:8s} M={m:2d} s={sp:2d} best {best['us']:7.2f} us {best['tbps']:5.2f} TB/s {best['shape']}")
             del copies
+            if save:
+                save(rows)
             if not bench.SMOKE:
                 torch.cuda.empty_cache()
     return rows
@@ -157,14 +185,14 @@ def choose(rows) -> dict:
 
 
 def table(rows, gpu: str, meta: dict, keep: list | None = None) -> dict:
-    """The rules of every batch class measured in ``rows``; a class not measured keeps its rules from ``keep`` (the
-    previous table's rules, when --merge is given)."""
+    """The rules of every batch class measured in ``rows``; ``keep`` (the previous table's rules, when --merge is
+    given) keeps its rules whose batch range holds no measured class."""
     best = choose(rows)
-    rules = []
     measured = {r["batch"] for r in rows}
+    swept = [CLASSES[m] for m in measured]
+    rules = [r for r in keep or [] if not any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
     for m, (lo, hi) in CLASSES.items():
         if m not in measured:
-            rules += [r for r in keep or [] if r.get("m") == [lo, hi]]
             continue
         mine = sorted(((n * k, n, shape) for (mm, n, k), shape in best.items() if mm == m))
         for w, n, shape in mine:
@@ -198,16 +226,16 @@ def main(argv=None):
     ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
     ap.add_argument("--models", default="70B,8B")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="of 1, 4, 16 (one per batch class)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="of 1, 2, 4, 8, 16 (one per batch class)")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma, splitk")
     ap.add_argument("--merge", default=None, help="a previous table: batch classes not swept keep its rules")
     args = ap.parse_args(argv)
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
     FAMILIES = tuple(args.families.split(","))
-    if not set(BATCHES) <= set(CLASSES) or not set(FAMILIES) <= {"core", "mma"}:
-        ap.error(f"--batches must be among {sorted(CLASSES)} and --families among core, mma")
+    if not set(BATCHES) <= set(CLASSES) or not set(FAMILIES) <= {"core", "mma", "splitk"}:
+        ap.error(f"--batches must be among {sorted(CLASSES)} and --families among core, mma, splitk")
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name() if not bench.SMOKE else "cpu (smoke)"
     name = dispatch.table_name(torch.device(bench.DEV))
@@ -232,7 +260,12 @@ def main(argv=None):
     log(f"correctness: {len(errs) - len(bad)} of {len(errs)} pass ({time.time() - t0:.0f} s); worst passing "
         f"{max((v for v in errs.values() if v <= 1), default=0):.2f} x tolerance")
     t0 = time.time()
-    rows = sweep(args.models.split(","), log, bad)
+    def save(rows):
+        with open(os.path.join(args.out, f"gemv_sweep_{name}.json"), "w") as f:
+            json.dump({"meta": meta, "correctness": [{"shape": k[0], "batch": k[1], "error_over_tolerance": v} for k, v in errs.items()],
+                       "timings": rows}, f, indent=1)
+
+    rows = sweep(args.models.split(","), log, bad, save)
     log(f"sweep: {len(rows)} timings in {time.time() - t0:.0f} s")
     keep = None
     if args.merge:
@@ -245,9 +278,7 @@ def main(argv=None):
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
         f.write(f'{{\n "about": {json.dumps(tab["about"])},\n "rules": [\n  {rules}\n ]\n}}\n')
-    with open(os.path.join(args.out, f"gemv_sweep_{name}.json"), "w") as f:
-        json.dump({"meta": meta, "correctness": [{"shape": k[0], "batch": k[1], "error_over_tolerance": v} for k, v in errs.items()],
-                   "timings": rows}, f, indent=1)
+    save(rows)
     dispatch.load_table.cache_clear()
     log(f"table written to {path}")
 

@@ -6,9 +6,10 @@
   (``kernels/configs/<gpu>.json``, written by ``benchmarks/gemv_sweep.py`` from measurements; docs/kernels.md).
   A table is a list of rules, first match wins; a rule matches a call by batch size ``m``, weight size ``n * k``
   (elements) and, optionally, ``bits`` and ``n``; its ``shape`` names the kernel (``core``: the CUDA-core batch-1
-  kernel, kernels/gemv_triton.py; ``mma``: the tensor-core kernel, kernels/gemv_mma_triton.py) and its launch
-  parameters (:class:`CoreShape`, :class:`MmaShape`). A rule whose shape cannot take the call (``core`` at m > 4,
-  a K-range that does not divide the group) is skipped.
+  kernel, kernels/gemv_triton.py; ``mma``: the tensor-core kernel, kernels/gemv_mma_triton.py; ``splitk``: the
+  dense-tile tensor-core split-K kernel, kernels/gemv_splitk_triton.py) and its launch parameters
+  (:class:`CoreShape`, :class:`MmaShape`, :class:`SplitKShape`). A rule whose shape cannot take the call (``core``
+  at m > 4, a K-range or K-step that does not divide the group) is skipped.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -83,13 +84,32 @@ class MmaShape:
     kernel = "mma"
 
 
-GemvShape = CoreShape | MmaShape
+@dataclass(frozen=True)
+class SplitKShape:
+    """Launch shape of the dense-tile split-K kernel (kernels/gemv_splitk_triton.py; any M <= 16, made for M >= 4):
+    no compaction, contiguous [block_k, block_n] weight tiles streamed by triton's software pipeliner."""
+
+    block_n: int = 128  # columns per program (a power of two >= 16)
+    block_k: int = 128  # rows of W^T per tl.dot step (a power of two >= 16 dividing the group size)
+    warps: int = 4
+    stages: int = 4  # num_stages of the K loop (cp.async ring of stages - 1 weight tiles ahead)
+    programs: int = 528  # wanted programs per call: the K split is chosen per call to come near it (4 x 132 SMs)
+    swap: bool = True  # y^T = W x^T: the weight tile is the dot's M side, the batch (padded to 8) its N side
+    skip: bool = False  # a K-step whose x values are all inactive (every batch row) loads no weights (its mask
+    # depends on x loaded in the same loop: triton 3.6 then keeps the weight ring 1 deep at stages 4, 2 at 6)
+    prefetch: bool = True  # the next K-step's scales / zeros are loaded during this one (a plain load: too narrow
+    # per thread for the pipeliner's cp.async)
+    maxnreg: int = 0  # register cap per thread (0: ptxas decides)
+    kernel = "splitk"
+
+
+GemvShape = CoreShape | MmaShape | SplitKShape
 
 
 def shape_from_dict(d: dict) -> GemvShape:
     d = dict(d)
     kind = d.pop("kernel")
-    cls = {"core": CoreShape, "mma": MmaShape}[kind]
+    cls = {"core": CoreShape, "mma": MmaShape, "splitk": SplitKShape}[kind]
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -133,6 +153,9 @@ def _in(value: int, bounds) -> bool:
 
 def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
     """Whether a launch shape can take the call at all (not whether it is fast)."""
+    if isinstance(shape, SplitKShape):
+        bk = shape.block_k
+        return 16 <= bk and group_size % bk == 0 and shape.block_n >= 16 and shape.block_n & (shape.block_n - 1) == 0
     kr = shape.k_range
     if kr < 16 or group_size % kr or k % kr:
         return False
@@ -147,8 +170,13 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
 
 
 def fit_k_range(shape: GemvShape, group_size: int, k: int | None = None) -> GemvShape:
-    """The shape with its K-range halved until it divides the group size (a table is written for group 128), and
-    (given K) its K-ranges per program halved until their span divides K."""
+    """The shape with its K-range (split-K: its K-step) halved until it divides the group size (a table is written
+    for group 128), and (core, given K) its K-ranges per program halved until their span divides K."""
+    if isinstance(shape, SplitKShape):
+        bk = shape.block_k
+        while bk > 16 and group_size % bk:
+            bk //= 2
+        return shape if bk == shape.block_k else SplitKShape(**{**asdict(shape), "block_k": bk})
     kr = shape.k_range
     while kr > 16 and group_size % kr:
         kr //= 2

@@ -97,37 +97,42 @@ def _device_buffer(key: tuple, device: torch.device, numel: int, dtype: torch.dt
 
 
 def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int = 1, qweight: Tensor | None = None,
-            ranges_per_program: int = 1) -> KernelCall:
-    """Buffers, grid and arguments of one launch with column tiles of ``block_n`` and K-ranges of ``k_range`` rows;
-    a program walks ``tiles_per_program`` consecutive column tiles of one part and ``ranges_per_program``
-    consecutive K-ranges."""
+            scratch: bool = True, ranges_per_program: int = 1) -> KernelCall:
+    """Buffers, grid and arguments of one launch with column tiles of ``block_n`` and K-ranges of ``k_range`` rows
+    (the last one may be shorter); a program walks ``tiles_per_program`` consecutive column tiles of one part and
+    ``ranges_per_program`` consecutive K-ranges (the core kernel's groups: their span divides K).
+    ``scratch``: the compaction's scratch lists (the split-K kernel has none)."""
     m, n, k = p.m, p.n, p.k
     m_p = triton.next_power_of_2(m)
-    n_ksplit = k // (k_range * ranges_per_program)
+    n_ksplit = triton.cdiv(k, k_range * ranges_per_program)
     end0 = p.ends[0]
     end1 = p.ends[1] if len(p.ends) > 1 else end0
     starts = (0,) + tuple(p.ends[:-1])
     span = block_n * tiles_per_program
     tiles = sum(triton.cdiv(e - b, span) for b, e in zip(starts, p.ends))
     dev = p.x.device
-    # scratch lists: every slot a program reads was written by it in this call
-    scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
-    scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
     y = _empty(m, n, dtype=p.x.dtype, device=dev)
+    if scratch:  # scratch lists: every slot a program reads was written by it in this call
+        scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
+        scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
+    else:
+        scr_i = scr_x = None
     split = n_ksplit > 1
     det = p.deterministic
     if split:  # the deterministic slots are not left zero: a workspace of their own
         ws = _device_buffer(("workspace", det), dev, m * n * (n_ksplit if det else 1), torch.float32, zero=not det)
         locks = _device_buffer(("counters", det), dev, tiles * tiles_per_program, torch.int32, zero=True)
-    else:
-        ws = locks = scr_i
+    else:  # not read (SPLIT is a compile-time False)
+        ws = locks = y
     qw = p.qweight if qweight is None else qweight
     args = dict(
-        x_ptr=p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else scr_x, t_value=p.t_value,
-        t_stride_part=p.t_stride_part, qw_ptr=qw, s_ptr=p.scales, z_ptr=p.zeros, scr_i_ptr=scr_i, scr_x_ptr=scr_x,
+        x_ptr=p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else y, t_value=p.t_value,
+        t_stride_part=p.t_stride_part, qw_ptr=qw, s_ptr=p.scales, z_ptr=p.zeros,
         ws_ptr=ws, lock_ptr=locks, y_ptr=y, M=m, N=n, K=k, G=p.group_size, stride_qk=qw.stride(0),
         stride_sg=p.scales.stride(0), stride_ym=y.stride(0), END0=end0, END1=end1, n_ksplit=n_ksplit,
     )
+    if scratch:
+        args.update(scr_i_ptr=scr_i, scr_x_ptr=scr_x)
     constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SPLIT=split, DET=p.deterministic,
                      ALIGNED=all(e % span == 0 for e in p.ends), OUT_DTYPE=TL_DTYPE[p.x.dtype], EMULATE=INTERPRET)
     return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y)

@@ -6,8 +6,9 @@ per-GPU table), run it. y = (x * (|x| > t)) @ W^T for x [M <= 16, K]; docs/kerne
     scales   [K // G, N], zeros [K // G, N] (float zeros), W^T[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
     y        [M, N] in x.dtype, fp32 accumulation
 
-Families: kernels/gemv_triton.py (CUDA cores, made for M = 1) and kernels/gemv_mma_triton.py (tensor cores, any M,
-int8 and fp32 too). Group sizes below 16 (no K-range of >= 16 rows fits in a group) take the pure-torch reference.
+Families: kernels/gemv_triton.py (CUDA cores, made for M = 1), kernels/gemv_mma_triton.py (tensor cores, any M,
+int8 and fp32 too, on the compacted union of active rows) and kernels/gemv_splitk_triton.py (tensor cores, dense
+weight tiles with split-K, made for M >= 4). Group sizes below 16 (no K-range of >= 16 rows fits in a group) take the pure-torch reference.
 Split-K partial sums are added with fp32 atomics, so the last bits of y can differ from call to call, unless
 ``torch.use_deterministic_algorithms(True)`` is on: then the reduction is in a fixed order.
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import gemv_mma_triton, gemv_triton, reference
-from .dispatch import CoreShape, GemvShape, MmaShape, fit_k_range, fits, pick_gemv
+from . import gemv_mma_triton, gemv_splitk_triton, gemv_triton, reference
+from .dispatch import CoreShape, GemvShape, MmaShape, SplitKShape, fit_k_range, fits, pick_gemv
 from .gemv_common import MAX_M, MAX_PARTS, TL_DTYPE, GemvProblem
 
 FALLBACK = MmaShape(block_n=128, block_k=16, warps=4, k_range=128)  # when no rule of the table fits the call
@@ -69,6 +70,11 @@ def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
     """Launch ``p`` with ``shape``, or with the shape the device's table picks."""
     if shape is None:
         shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device)
+    if isinstance(shape, SplitKShape):
+        shape = fit_k_range(shape, p.group_size)
+        if not fits(shape, p.m, p.k, p.bits, p.group_size):  # no K-step of >= 16 rows divides the group
+            return _reference(p)
+        return gemv_splitk_triton.launch(p, shape)
     if isinstance(shape, CoreShape):
         y = gemv_triton.launch(p, shape)
         if y is not None:

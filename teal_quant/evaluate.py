@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from teal_quant.devices import select_device
 from teal_quant.errors import ArtifactError, first_line
 from teal_quant.progress import Progress
 from teal_quant.runtime.modules import realized_sparsity, reset_stats, set_prefill_mode
+
+if TYPE_CHECKING:
+    from teal_quant.compression.sources import ModelSource
 
 
 @torch.no_grad()
@@ -43,6 +47,7 @@ def evaluate_artifact(
     levels: list[float] | None = None,
     device: torch.device | str | None = None,
     baseline: bool = False,
+    base_source: ModelSource | None = None,
     batch_size: int = 4,
     prefill: str = "sparse",
 ) -> list[dict]:
@@ -50,7 +55,8 @@ def evaluate_artifact(
 
     prefill "sparse" (the default) thresholds every token, as in decode; "sparse_last_half" keeps the first half of
     each window dense (the TEAL paper's protocol; perplexity still over every predicted token, realized sparsity over
-    every token, so about half of the level)."""
+    every token, so about half of the level). `baseline` adds the float base model's row: `base_source` when given
+    (a run passes the model it has open), else the model the artifact's recipe names, opened here."""
     from transformers import AutoTokenizer
 
     from teal_quant.runtime.loading import load, resolve_artifact, set_sparsity
@@ -69,7 +75,7 @@ def evaluate_artifact(
     rows = []
     with Progress() as progress:
         if baseline:
-            rows.append(_baseline_row(artifact, windows, device, batch_size, progress, n_tokens))
+            rows.append(_baseline_row(artifact, base_source, windows, device, batch_size, progress, n_tokens))
         for level in levels if levels is not None else model.teal_quant_config.levels:
             set_sparsity(model, level)
             reset_stats(model)
@@ -81,8 +87,8 @@ def evaluate_artifact(
     return rows
 
 
-def _baseline_row(artifact, windows, device, batch_size, progress, n_tokens) -> dict:
-    """The float base model named in the artifact's recipe, on the same windows."""
+def _baseline_row(artifact, src, windows, device, batch_size, progress, n_tokens) -> dict:
+    """The float base model (`src`, or the one named in the artifact's recipe), on the same windows."""
     from teal_quant.artifact.format import read_artifact
     from teal_quant.compression.recipe import Recipe
     from teal_quant.compression.sources import open_model
@@ -92,7 +98,8 @@ def _baseline_row(artifact, windows, device, batch_size, progress, n_tokens) -> 
     if text is None:
         raise ArtifactError(f"artifact '{artifact}': no recipe.yaml, so its base model is unknown")
     spec = Recipe.from_yaml_text(text, origin=f"{artifact}/recipe.yaml").model
-    src = open_model(spec.source, gguf_file=spec.gguf_file, revision=spec.revision)
+    if src is None:
+        src = open_model(spec.source, gguf_file=spec.gguf_file, revision=spec.revision)
     model = src.load_full_model(torch.float32, device)
     t = time.time()
     ppl = perplexity(model, windows, device=device, batch_size=batch_size, description="dense baseline", progress=progress)

@@ -23,6 +23,7 @@ from teal_quant import distributed
 from teal_quant.compression.pipeline import Compression, compress_recipe
 from teal_quant.compression.plan import RunPlan
 from teal_quant.compression.recipe import Recipe
+from teal_quant.compression.sources import ModelSource
 from teal_quant.devices import select_device
 from teal_quant.errors import HubError, RecipeError, TealQuantError, quote
 
@@ -140,12 +141,12 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool
     eval_seconds: dict[str, float] = {}
     evaluate = None
     if recipe.eval is not None:
-        def evaluate(staged: Path) -> list[dict]:
+        def evaluate(staged: Path, base: ModelSource) -> list[dict]:
             from teal_quant.evaluate import evaluate_artifact
 
             t = time.time()
             rows = evaluate_artifact(staged, recipe.eval.source, tokens=recipe.eval.tokens, window=recipe.eval.window,
-                                     levels=recipe.sparsity.all_levels, baseline=True,
+                                     levels=recipe.sparsity.all_levels, baseline=True, base_source=base,
                                      device=select_device(recipe.runtime.device, option="runtime.device"))
             eval_seconds["eval"] = time.time() - t
             return rows

@@ -13,7 +13,9 @@ from _support import WIKITEXT, tiny_recipe_text
 
 import teal_quant
 from teal_quant.artifact.format import read_artifact
+from teal_quant.compression.recipe import TextFilesSource
 from teal_quant.errors import RecipeError
+from teal_quant.evaluate import evaluate_artifact
 
 
 def test_compress_a_path_with_overrides_is_silent_and_returns_a_summary(tiny_llama, tmp_path, capfd, caplog):
@@ -36,6 +38,11 @@ def test_compress_a_path_with_overrides_is_silent_and_returns_a_summary(tiny_lla
     assert sorted(r["level"] for r in result.eval_rows if r["level"] is not None) == [0.0, 0.5]
     dense = [r for r in result.eval_rows if r["level"] is None]  # the base model on the same tokens
     assert len(dense) == 1 and dense[0]["model"].startswith("dense") and dense[0]["perplexity"] > 1
+    # the run evaluates its baseline on the model it has open; opened afresh from the recipe it measures the same
+    fresh = evaluate_artifact(out, TextFilesSource(kind="text_files", paths=[str(WIKITEXT)]), tokens=64, window=32, levels=[], baseline=True,
+                              device="cpu")
+    assert [r["model"] for r in fresh] == [dense[0]["model"]]
+    assert fresh[0]["perplexity"] == pytest.approx(dense[0]["perplexity"], rel=1e-6)
     for row in result.rows:
         assert row["perplexity"] > 1 and 0 <= row["calibration_sparsity"] < 1
     assert result.rows[0]["realized_sparsity"] == 0.0 and result.rows[1]["realized_sparsity"] > 0.3

@@ -98,8 +98,9 @@ class Compression:
     resumed_from_layer: int = 0  # --resume: the layers an interrupted run had finished
 
 
-# Called on the complete artifact directory before it is moved into place; returns teal_quant.evaluate rows.
-Evaluate = Callable[[Path], list[dict]]
+# Called on the complete artifact directory before it is moved into place, with the run's open base model (its
+# dense baseline then reads no file again: a GGUF source costs half a minute to parse); returns teal_quant.evaluate rows.
+Evaluate = Callable[[Path, ModelSource], list[dict]]
 
 
 def quantization_summary(recipe: Recipe) -> dict:
@@ -318,7 +319,7 @@ def _finish_artifact(writer: ArtifactWriter, recipe: Recipe, src: ModelSource, t
     eval_rows: list[dict] = []
     try:
         if evaluate is not None:
-            eval_rows = evaluate(staged)
+            eval_rows = evaluate(staged, src)
             window = recipe.eval.window if recipe.eval else None
             dataset = eval_dataset(recipe.eval.source) if recipe.eval else None
             card = replace(card, eval_rows=eval_rows, eval_window=window, eval_dataset=dataset)

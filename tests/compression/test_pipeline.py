@@ -39,7 +39,6 @@ def test_artifact_follows_the_contract(tiny_artifact):
         with safe_open(str(tiny_artifact / file), "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
-    hidden, inter = 64, 128
     shapes = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64), "gate": (64, 128), "up": (64, 128), "down": (128, 64)}
     for layer in range(2):
         for proj, path in PROJECTIONS.items():
@@ -182,7 +181,8 @@ def test_layer_streaming_reproduces_the_full_model(tiny_llama):
 
 
 def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_llama, tmp_path):
-    """compress_recipe(evaluate=...) runs the hook on the staged directory (loadable, destination not there yet); the
+    """compress_recipe(evaluate=...) runs the hook on the staged directory (loadable, destination not there yet) with
+    the run's open base model; the
     card is written once, after it, with its rows; a failing hook still leaves the complete artifact in place."""
     from _support import WIKITEXT, tiny_recipe_text
 
@@ -192,7 +192,8 @@ def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_lla
         tiny_llama, tmp_path / "a", eval=f"eval: {{source: {{kind: text_files, paths: ['{WIKITEXT}']}}, window: 32}}"))
     seen = {}
 
-    def evaluate(staged):
+    def evaluate(staged, base):
+        assert base.path == tiny_llama and base.num_layers == read_artifact(staged).config["num_hidden_layers"]
         seen["staged"], seen["in_place"] = staged, (tmp_path / "a").exists()
         seen["levels"] = read_artifact(staged).quant.levels
         assert not (staged / "README.md").exists()
@@ -211,7 +212,7 @@ def test_evaluate_hook_sees_the_complete_artifact_before_it_is_in_place(tiny_lla
     report = json.loads((result.artifact / "calibration_report.json").read_text())
     assert report["eval"]["rows"] == result.eval_rows and report["eval"]["window"] == recipe.eval.window
 
-    def broken(staged):
+    def broken(staged, base):
         raise teal_quant.DataError("eval text: no such file")
 
     with pytest.raises(teal_quant.DataError, match="no such file"):

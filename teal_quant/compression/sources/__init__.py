@@ -74,7 +74,7 @@ def open_model(source: str, *, gguf_file: str | None = None, revision: str | Non
         raise ModelSourceError(f"model '{source}': is already quantized ({method}); start from a float checkpoint")
     src = ModelSource(path=path, config=config, gguf_file=gguf_file, revision=revision)
     if gguf_file:
-        src._tensors = read_gguf(path, gguf_file)
+        src._tensors = read_gguf(path, gguf_file, config)
     else:
         src._index = index_safetensors(path, source)
     if from_hub and not gguf_file:

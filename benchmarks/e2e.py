@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name in args.only or list(DEFAULT_RUNS):
         target, extra, limit, targets = RUNS[name]
-        baselines = "none" if "--no-fused-step" in extra else "bf16,int4,tinygemm"
+        baselines = [] if "--baselines" in extra else [
+            "--baselines", "none" if "--no-fused-step" in extra else "bf16,int4,tinygemm"]
         bench_args = [target, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                      "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
-                      "--baselines", baselines, *extra]
+                      "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps), *baselines, *extra]
         print(f"[e2e] teal-quant bench {' '.join(bench_args)} (limit {limit}s)", flush=True)
         runs[name] = run_one(bench_args, limit)
         runs[name]["targets"] = check_targets(runs[name].get("result"), targets)

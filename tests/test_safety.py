@@ -90,10 +90,19 @@ def deep_llama(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("deep-llama"), layers=16)
 
 
+# `python -m teal_quant.cli` started as from a terminal's foreground: SIGINT at Python's default handler and unblocked.
+# A child inherits an ignored or blocked SIGINT from its parent, and the CLI rightly leaves an ignored SIGINT alone
+# (a background job). A pytest-xdist worker was once left so by an earlier test (the SIGINT case then ran to
+# completion, exit 0), so the child sets the disposition itself instead of inheriting it.
+FOREGROUND_CLI = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+                  "sys.argv[0] = 'teal-quant'; runpy.run_module('teal_quant.cli', run_name='__main__')")
+
+
 def _start_and_wait_for_staging(tmp_path, model, out):
     slow = "sparsity: {levels: [0.25, 0.4, 0.5], default: 0.4, greedy: {step: 0.02, tokens: 128}}"
     recipe = _recipe(tmp_path, model, out, sparsity=slow)
-    proc = subprocess.Popen([sys.executable, "-m", "teal_quant.cli", "run", str(recipe)], env=ENV, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", FOREGROUND_CLI, "run", str(recipe)], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not _staged(out.parent, out.name):

@@ -170,6 +170,24 @@ def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constex
 
 
 @triton.jit
+def above_threshold(xv, t_ptr, t_value, t_stride_part, part, ks, T_MODE: tl.constexpr, K_AXIS: tl.constexpr):
+    """|x| > t for a 2-D fp32 tile xv whose input channels ks run along K_AXIS (NaN compares False: dropped).
+    T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds."""
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        act = tl.abs(xv) > t
+    else:
+        t = tl.load(t_ptr + part * t_stride_part + ks).to(tl.float32)
+        if K_AXIS == 0:
+            act = tl.abs(xv) > t[:, None]
+        else:
+            act = tl.abs(xv) > t[None, :]
+    return act
+
+
+@triton.jit
 def threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
                    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
     """x[:, k0 .. k0 + KR] of every batch row and which entries survive |x| > t: (mm, m_ok, act, x * act).
@@ -179,14 +197,7 @@ def threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
     m_ok = mm < M
     rk = tl.arange(0, KR)
     xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    if T_MODE == 0:
-        act = tl.abs(xv) > t_value
-    elif T_MODE == 1:
-        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
-        act = tl.abs(xv) > t
-    else:
-        t = tl.load(t_ptr + part * t_stride_part + k0 + rk).to(tl.float32)
-        act = tl.abs(xv) > t[None, :]
+    act = above_threshold(xv, t_ptr, t_value, t_stride_part, part, k0 + rk, T_MODE, 1)
     act = act & m_ok[:, None]
     return mm, m_ok, act, tl.where(act, xv, 0.0)
 

@@ -80,6 +80,20 @@ def _unpack8_dot(wd, BF16: tl.constexpr, EMULATE: tl.constexpr):
         )
     return v0, v1, v2, v3, v4, v5, v6, v7
 
+
+@triton.jit
+def _unpack_tile_dot(wd, BF16: tl.constexpr, EMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N / 8] tile of int4 words as the dot's [BLOCK_K, BLOCK_N] operand (16-bit OFF + q): the
+    8 values of each word unpacked (`_unpack8_dot`) and interleaved back to column order in registers."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_dot(wd, BF16, EMULATE)
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+    if not EMULATE:
+        v = v.to(DOT_DTYPE, bitcast=True)
+    return v
+
+
 @triton.jit
 def _unpack_plain(qw_ptr, row, start, end, stride_qk, BITS: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
     """The gathered rows' values q [BLOCK_K, BLOCK_N] as fp32 (exact), by integer ops: int8 weights, fp32 x."""
@@ -142,11 +156,7 @@ def _sgemv_mma_kernel(
                         wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :])
                     else:
                         wd = tl.load(qw_ptr + row[:, None] * stride_qk + word[None, :], mask=w_ok[None, :], other=0)
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_dot(wd, BF16, EMULATE)
-                    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-                    v = tl.reshape(v, [BLOCK_K, BLOCK_N])
-                    if not EMULATE:
-                        v = v.to(DOT_DTYPE, bitcast=True)
+                    v = _unpack_tile_dot(wd, BF16, EMULATE, BLOCK_K, BLOCK_N, DOT_DTYPE)
                 else:
                     v = _unpack_plain(qw_ptr, row, start, end, stride_qk, BITS, BLOCK_N, ALIGNED)
                 if SWAP:

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import SplitKShape
-from .gemv_common import INTERPRET, TL_DTYPE, GemvProblem, prepare, program_tile, reduce_split_k
-from .gemv_mma_triton import _unpack8_dot
+from .gemv_common import INTERPRET, TL_DTYPE, GemvProblem, above_threshold, prepare, program_tile, reduce_split_k
+from .gemv_mma_triton import _unpack_tile_dot
 
 
 @triton.jit
@@ -41,17 +41,7 @@ def _x_tile(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M,
         xv = tl.load(x_ptr + md[None, :] * stride_xm + (kb + kk)[:, None], mask=(md < M)[None, :], other=0.0).to(tl.float32)
     else:
         xv = tl.load(x_ptr + md[:, None] * stride_xm + (kb + kk)[None, :], mask=(md < M)[:, None], other=0.0).to(tl.float32)
-    if T_MODE == 0:
-        act = tl.abs(xv) > t_value
-    elif T_MODE == 1:
-        t = tl.load(t_ptr + part * t_stride_part).to(tl.float32)
-        act = tl.abs(xv) > t
-    else:
-        t = tl.load(t_ptr + part * t_stride_part + kb + kk).to(tl.float32)
-        if SWAP:
-            act = tl.abs(xv) > t[:, None]
-        else:
-            act = tl.abs(xv) > t[None, :]
+    act = above_threshold(xv, t_ptr, t_value, t_stride_part, part, kb + kk, T_MODE, 0 if SWAP else 1)
     return tl.where(act, xv, 0.0), tl.max(act.to(tl.int32))
 
 
@@ -118,11 +108,7 @@ def _sgemv_splitk_kernel(
             else:
                 wd = tl.load(ptrs, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
             if FAST:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_dot(wd, BF16, EMULATE)
-                v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-                v = tl.reshape(v, [BLOCK_K, BLOCK_N])
-                if not EMULATE:
-                    v = v.to(DOT_DTYPE, bitcast=True)
+                v = _unpack_tile_dot(wd, BF16, EMULATE, BLOCK_K, BLOCK_N, DOT_DTYPE)
             else:
                 shift = 4 * tl.arange(0, 8)
                 v = tl.reshape((wd[:, :, None] >> shift[None, None, :]) & 15, [BLOCK_K, BLOCK_N]).to(tl.float32)

@@ -9,7 +9,10 @@
   kernel, kernels/gemv_triton.py; ``mma``: the tensor-core kernel, kernels/gemv_mma_triton.py; ``splitk``: the
   dense-tile tensor-core split-K kernel, kernels/gemv_splitk_triton.py) and its launch parameters
   (:class:`CoreShape`, :class:`MmaShape`, :class:`SplitKShape`). A rule whose shape cannot take the call (``core``
-  at m > 4, a K-range or K-step that does not divide the group) is skipped.
+  at m > 4, a K-range or K-step that does not divide the group) is skipped. A rule with ``"dense_threshold": true``
+  matches only calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0; dense levels): every
+  nonzero input is active, so such rules name an always-dense shape (``CoreShape.dense`` 100: no compaction); rules
+  without the key match any threshold.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -194,13 +197,24 @@ def fit_k_range(shape: GemvShape, group_size: int, k: int | None = None) -> Gemv
     return type(shape)(**{**asdict(shape), **changes})
 
 
-def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, table: str | None = None) -> GemvShape | None:
+def dense_threshold(threshold) -> bool:
+    """Whether a call's threshold keeps every nonzero input: a python number <= 0 (not a tensor, whose value the host
+    does not read)."""
+    return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold <= 0
+
+
+def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, table: str | None = None,
+              threshold: float | Tensor | None = None) -> GemvShape | None:
     """The first rule of the device's table that matches and fits; None when none does (group sizes below 16: the
-    caller uses the reference)."""
+    caller uses the reference). ``threshold``: the call's threshold (a python number or a tensor), for the rules
+    keyed ``dense_threshold``."""
+    dense = dense_threshold(threshold)
     for rule in load_table(table or table_name(device)):
         if not (_in(m, rule.get("m")) and _in(n * k, rule.get("weight")) and _in(n, rule.get("n"))):
             continue
         if "bits" in rule and bits != rule["bits"]:
+            continue
+        if rule.get("dense_threshold", False) and not dense:
             continue
         shape = fit_k_range(rule["shape"], group_size, k)
         if fits(shape, m, k, bits, group_size):

@@ -50,17 +50,6 @@ def layer_dims(layer: str) -> tuple[int, int]:
     return int(n), int(k)
 
 
-def make_weights(n: int, k: int, bits: int, seed: int = 0):
-    """(q uint8 [K, N], qweight, scales, zeros) in the layouts of kernels/reference.py."""
-    if bits == 4:
-        return bench.make_layer(n, k, seed)
-    gen = torch.Generator(device=bench.DEV).manual_seed(seed)
-    q = torch.randint(0, 256, (k, n), generator=gen, device=bench.DEV, dtype=torch.uint8)
-    scales = (torch.rand(k // bench.GROUP, n, generator=gen, device=bench.DEV) * 1e-4 + 1e-5).to(torch.bfloat16)
-    zeros = torch.randint(0, 256, (k // bench.GROUP, n), generator=gen, device=bench.DEV).to(torch.bfloat16)
-    return q, q.clone(), scales, zeros
-
-
 def truth(x, q, scales, zeros, thr: float) -> torch.Tensor:
     x64 = x.double()
     xm = torch.where(x64.abs() > thr, x64, torch.zeros((), dtype=torch.float64, device=x.device))
@@ -80,7 +69,7 @@ def touched(x, thr: float, n: int, bits: int) -> int:
 def run_case(case: dict, launches: int, profile_range: bool, check: bool, time_it: bool) -> dict:
     n, k = layer_dims(case["layer"])
     m, sp, bits = int(case.get("m", 1)), int(case.get("sparsity", 0)), int(case.get("bits", 4))
-    q, qweight, scales, zeros = make_weights(n, k, bits)
+    q, qweight, scales, zeros = bench.make_weights(n, k, bits)
     x = bench.activations(m, k, m)
     thr = bench.threshold_for(x, sp)
     t = thr if case.get("threshold", "tensor") == "float" else torch.tensor(thr, device=bench.DEV)

@@ -105,6 +105,17 @@ def make_layer(n: int, k: int, seed: int = 0):
     return q, pack_int4_gpu(q), scales, zeros
 
 
+def make_weights(n: int, k: int, bits: int, seed: int = 0):
+    """(q uint8 [K, N], qweight, scales, zeros) of a random int4 (make_layer) or int8 layer on the GPU."""
+    if bits == 4:
+        return make_layer(n, k, seed)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randint(0, 256, (k, n), generator=gen, device=DEV, dtype=torch.uint8)
+    scales = (torch.rand(k // GROUP, n, generator=gen, device=DEV) * 1e-4 + 1e-5).to(torch.bfloat16)
+    zeros = torch.randint(0, 256, (k // GROUP, n), generator=gen, device=DEV).to(torch.bfloat16)
+    return q, q.clone(), scales, zeros
+
+
 def dequantized(q, scales, zeros) -> torch.Tensor:
     """W [N, K] bf16."""
     s = scales.float().repeat_interleave(GROUP, 0)
@@ -242,11 +253,75 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
         torch.cuda.empty_cache()
 
 
+HEADS = {"8B": (128256, 4096), "70B": (128256, 8192)}  # lm_head: N = vocabulary, K = hidden
+
+
+def bench_heads(models, heads, log):
+    """A quantized lm_head at batch 1 (int4 and int8, group 128): ours with the python-float threshold 0.0 that
+    QuantLinear passes (the table's dense_threshold rules), ours with a 0-dim tensor threshold 0 (the ordinary rules:
+    what such a call took before them), cuBLAS bf16 on the dequantized weight and tinygemm (int4)."""
+    for model in models:
+        if model not in HEADS:
+            continue
+        n, k = HEADS[model] if not SMOKE else (512, 256)
+        x = activations(1, k, 1)
+        t_bf16 = None
+        for bits in (4, 8):
+            q, qweight, scales, zeros = make_weights(n, k, bits)
+            io = 2 * k + 2 * n
+            w_bytes = k * n * bits // 8 + 2 * (k // GROUP) * n * 2
+            row = dict(model=model, proj="lm_head", N=n, K=k, batch=1, bits=bits, group_size=GROUP)
+            if t_bf16 is None:
+                w_bf16 = dequantized(q, scales, zeros)
+                copies = [w_bf16] + [w_bf16.clone() for _ in range(n_copies(k * n * 2) - 1)]
+                t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in copies])
+                del copies, w_bf16
+            heads.append({**row, "method": "cublas_bf16", "us": t_bf16, "bytes": k * n * 2 + io, "tbps": (k * n * 2 + io) / t_bf16 / 1e6})
+            if bits == 4 and not SMOKE:
+                tg = make_tinygemm(q, scales, zeros)
+                tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(n_copies(w_bytes) - 1)]
+                us = time_graph([lambda c=c: torch._weight_int4pack_mm(x, c[0], GROUP, c[1]) for c in tgs])
+                heads.append({**row, "method": "tinygemm_int4", "us": us, "bytes": w_bytes + io, "tbps": (w_bytes + io) / us / 1e6})
+                del tgs, tg
+            del q
+            ours = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_copies(w_bytes) - 1)]
+            for method, t in (("ours", 0.0), ("ours_tensor_threshold", torch.tensor(0.0, device=DEV))):
+                shape = dispatch.pick_gemv(1, n, k, bits, GROUP, x.device, threshold=t)
+                us = time_graph([lambda c=c: gemv.sparse_gemv(x, c[0], c[1], c[2], t, bits=bits, group_size=GROUP) for c in ours])
+                heads.append({**row, "method": method, "us": us, "bytes": w_bytes + io, "tbps": (w_bytes + io) / us / 1e6,
+                              "shape": dispatch.shape_to_dict(shape, defaults=False) if shape else None})
+            base = {h["method"]: h["us"] for h in heads if h["model"] == model and h["bits"] == bits}
+            log(f"{model:4s} lm_head  int{bits} M= 1 ours {base['ours']:8.2f} us (tensor threshold {base['ours_tensor_threshold']:.2f}) "
+                f"cuBLAS {t_bf16:.1f} tinygemm {base.get('tinygemm_int4', float('nan')):.1f}")
+            del ours, qweight, scales, zeros
+            if not SMOKE:
+                torch.cuda.empty_cache()
+
+
+def heads_markdown(heads) -> list:
+    if not heads:
+        return []
+    lines = ["", "## Quantized lm_head, batch 1 (threshold: the python float 0.0 QuantLinear passes)", "",
+             "µs (TB/s over every packed byte); `tensor t` = the same call with a 0-dim tensor threshold 0 (the table's "
+             "ordinary rules, which such a call took before the dense_threshold rules)", "",
+             "| head | bits | ours | ours, tensor t | cuBLAS bf16 | tinygemm int4 | × vs cuBLAS | × vs tinygemm | shape |",
+             "|---|---:|---|---|---|---|---:|---:|---|"]
+    for (model, bits) in sorted({(h["model"], h["bits"]) for h in heads}, key=lambda v: (v[0], -v[1])):
+        hs = {h["method"]: h for h in heads if h["model"] == model and h["bits"] == bits}
+        cell = lambda m: f"{hs[m]['us']:.1f} ({hs[m]['tbps']:.2f})" if m in hs else "-"  # noqa: E731
+        o = hs["ours"]
+        vs_tg = f"{hs['tinygemm_int4']['us'] / o['us']:.2f}" if "tinygemm_int4" in hs else "-"
+        lines.append(f"| {model} N={o['N']} K={o['K']} | {bits} | {cell('ours')} | {cell('ours_tensor_threshold')} | "
+                     f"{cell('cublas_bf16')} | {cell('tinygemm_int4')} | {hs['cublas_bf16']['us'] / o['us']:.2f} | {vs_tg} | "
+                     f"{o['shape']} |")
+    return lines
+
+
 def _fmt(r):
     return f"{r['us']:.1f} ({r['tbps']:.2f}; {r['vs_tinygemm']:.2f}× / {r['vs_cublas']:.2f}×)"
 
 
-def markdown(results, meta):
+def markdown(results, meta, heads=()):
     lines = [f"# Sparse GEMV benchmark ({meta['gpu']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- git commit: {meta['commit']}",
              f"- torch {meta['torch']}, triton {meta['triton']}; int4, group size {GROUP}, bf16 activations",
@@ -284,6 +359,7 @@ def markdown(results, meta):
         for r in det:
             base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
             lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | {r['us'] / base['us']:.2f} |")
+    lines += heads_markdown(list(heads))
     lines += ["", "## Every measurement", ""]
     for (model, proj, m), rs in keyed.items():
         cb, tg = get(rs, "cublas_bf16"), get(rs, "tinygemm_int4")
@@ -317,6 +393,7 @@ def main(argv=None):
     ap.add_argument("--det-sparsities", default="0,50", help="sparsities also timed with the deterministic reduction")
     ap.add_argument("--tag", default="gemv_h200")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--heads", default="8B,70B", help="lm_head shapes timed at batch 1 (int4 and int8); '' for none")
     ap.add_argument("--keep-from", default=None, help="a previous results json: its rows of batch sizes not measured "
                     "now are kept (and said so in the report)")
     args = ap.parse_args(argv)
@@ -353,15 +430,23 @@ def main(argv=None):
         print(line, flush=True)
         log_file.write(line + "\n")
 
+    heads: list = []
+
+    def write():
+        everything = results + kept
+        with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
+            json.dump({"meta": meta, "results": everything, "heads": heads}, f, indent=1)
+        with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
+            f.write(markdown(everything, meta, heads))
+
+    if args.heads:
+        bench_heads(args.heads.split(","), heads, log)
+        write()
     for model in args.models.split(","):
         for proj, (n, k) in SHAPES[model].items():
             bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log)
-            everything = results + kept
-            with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
-                json.dump({"meta": meta, "results": everything}, f, indent=1)
-            with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
-                f.write(markdown(everything, meta))
-    print(markdown(results, meta).split("## Every measurement")[0])
+            write()
+    print(markdown(results, meta, heads).split("## Every measurement")[0])
 
 
 if __name__ == "__main__":

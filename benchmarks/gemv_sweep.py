@@ -37,21 +37,35 @@ from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
 CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(4, 4, 4, 128, evict_first=True),  # the previous large-layer shape
-    CoreShape(4, 8, 4, 128, f16=False, pipe=True),  # the previous 8B q/o shape
     CoreShape(1, 4, 8, 64, f16=False),  # the previous k/v shape
-    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 and 8B qkv shape (55 registers: 9 programs per SM)
-    # the row loop software-pipelined by triton (cp.async ring): round 5's best, 7-25 % slower than the shapes above
-    CoreShape(4, 4, 2, 128, evict_first=True, stages=4),
-    # round 6: K-ranges with >= 85 % active rows read in place without compaction (dense), else compacted as above;
-    # always-dense was 8 % faster at s0 and 24 % slower at s50 on the large layers (docs/kernels.md round 6)
+    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape (55 registers: 9 programs per SM)
+    # round 6: K-ranges with >= 85 % active rows read in place without compaction (dense), else compacted
     CoreShape(4, 4, 4, 128, evict_first=True, dense=85),  # 116 registers: 4 programs per SM
     CoreShape(4, 4, 4, 128, evict_first=True, dense=85, maxnreg=96),  # no spills: 5 programs per SM
     CoreShape(4, 8, 4, 128, f16=False, dense=85),
     CoreShape(1, 4, 8, 64, f16=False, dense=85),  # 48 registers
     CoreShape(2, 4, 4, 64, f16=False, dense=85),
-    CoreShape(2, 4, 4, 128, dense=85),
-    # groups (several K-ranges per program) measured 1.4-4.5x slower on every layer (docs/kernels.md round 6): not swept
+    # round 7: products summed in fp16 pairs (h2): 13 instead of 21 instructions per word, 45-80 registers
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True),  # 62 registers: 8 programs per SM
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 72 registers
+    CoreShape(4, 8, 4, 128, dense=85, h2=True),  # 80 registers
+    CoreShape(2, 4, 4, 128, evict_first=True, h2=True),  # 45 registers
+    CoreShape(2, 4, 4, 64, dense=85, h2=True),
+    CoreShape(1, 4, 4, 64, h2=True),  # 36 registers
+    # not swept any more: pipe, stages (rounds 5-6: 7-25 % slower), groups (1.4-4.5x slower), round 6 profile
 ]
+# always-dense shapes for calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0): the table's
+# ``dense_threshold`` rules, timed at batch 1 with that threshold on every layer and on the lm_head shapes, int4 and
+# int8 (h2 is int4-only: int8 calls take the fp32 path of the same shape)
+DENSE = [
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=100),  # 96 registers
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=100, h2=True),  # 71 registers
+    CoreShape(2, 4, 4, 128, evict_first=True, dense=100, h2=True),
+    CoreShape(4, 8, 4, 128, f16=False, dense=100),
+    CoreShape(1, 4, 8, 64, f16=False, dense=100),
+    CoreShape(2, 4, 4, 64, dense=100, h2=True),
+]
+HEADS = {"8B": (128256, 4096), "70B": (128256, 8192)}  # lm_head (N = vocabulary, K = hidden)
 MMA = [
     MmaShape(256, 64, 4, 128, maxnreg=128),  # the previous M = 2..4 small-layer shape
     MmaShape(256, 64, 4, 128, swap=True),
@@ -82,7 +96,8 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
 ]
 if bench.SMOKE:
-    CORE, MMA, SPLITK = CORE[:1] + CORE[3:4] + CORE[5:6], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE, MMA, SPLITK = CORE[:1] + CORE[3:4] + CORE[8:9], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
 FAMILIES = ("core", "mma", "splitk")
@@ -130,6 +145,81 @@ def check_all(log) -> dict:
             if worst > 1:
                 log(f"FAILED correctness: {shape} M={m}: error {worst:.2f} x tolerance")
     return out
+
+
+def check_dense(log) -> dict:
+    """{(shape, bits): max error / tolerance} of every DENSE candidate at batch 1 with a python-float threshold 0.0
+    (int4 and int8, two calls in a row); > 1 fails."""
+    out = {}
+    n, k = (4096, 2048) if not bench.SMOKE else (512, 256)
+    for bits in (4, 8):
+        q, qw, scales, zeros = bench.make_weights(n, k, bits, seed=3)
+        x = activations(1, k, 5)
+        want = truth(x, q, scales, zeros, 0.0)
+        for shape in DENSE:
+            worst = 0.0
+            for _ in range(2):
+                try:
+                    y = kernel.sparse_gemv(x, qw, scales, zeros, 0.0, bits=bits, group_size=GROUP, shape=shape)
+                except Exception as e:  # noqa: BLE001 - dropped
+                    log(f"FAILED to run: {shape} bits={bits}: {e!r}"[:500])
+                    worst = float("inf")
+                    break
+                err = (y.double() - want).abs().max().item()
+                tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
+                worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
+            out[(repr(dispatch.shape_to_dict(shape)), bits)] = worst
+            if worst > 1:
+                log(f"FAILED correctness: {shape} bits={bits} (dense threshold): error {worst:.2f} x tolerance")
+    return out
+
+
+def dense_sweep(models, log, bad) -> list:
+    """Time every DENSE candidate at batch 1 with a python-float threshold 0.0 on every layer (int4) and on the
+    lm_head shapes (int4 and int8)."""
+    rows = []
+    layers = [(model, proj, n, k, 4) for model in models for proj, (n, k) in SHAPES[model].items()]
+    layers += [(model, "lm_head", *HEADS[model], bits) for model in HEADS if model in models or bench.SMOKE
+               for bits in (4, 8)]
+    for model, proj, n, k, bits in layers:
+        q, qweight, scales, zeros = bench.make_weights(n, k, bits)
+        del q
+        w_bytes = k * n * bits // 8 + 2 * (k // GROUP) * n * 2
+        copies = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_copies(w_bytes) - 1)]
+        x = activations(1, k, 1)
+        nbytes = w_bytes + 2 * k + 2 * n
+        for shape in DENSE:
+            if (repr(dispatch.shape_to_dict(shape)), bits) in bad or not dispatch.fits(shape, 1, k, bits, GROUP):
+                continue
+            us = time_graph([lambda c=c, s=shape: kernel.sparse_gemv(x, c[0], c[1], c[2], 0.0, bits=bits, group_size=GROUP, shape=s)
+                             for c in copies])
+            rows.append(dict(model=model, proj=proj, N=n, K=k, batch=1, bits=bits, threshold="float 0.0",
+                             shape=dispatch.shape_to_dict(shape), us=us, tbps=nbytes / us / 1e6))
+        best = min((r for r in rows if r["model"] == model and r["proj"] == proj and r["bits"] == bits), key=lambda r: r["us"])
+        log(f"{model:4s} {proj:8s} int{bits} M= 1 t=0.0 best {best['us']:7.2f} us {best['tbps']:5.2f} TB/s {best['shape']}")
+        del copies, qweight, scales, zeros
+        if not bench.SMOKE:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def dense_rules(rows) -> list:
+    """``dense_threshold`` rules (batch 1): per measured (bits, N, K) the fastest DENSE candidate, then per bits the
+    best overall (geometric mean over that bits' layers)."""
+    rules, by_bits = [], {}
+    for (bits, n, k) in sorted({(r["bits"], r["N"], r["K"]) for r in rows}):
+        mine = [r for r in rows if (r["bits"], r["N"], r["K"]) == (bits, n, k)]
+        best = min(mine, key=lambda r: r["us"])["shape"]
+        shape = dispatch.shape_to_dict(dispatch.shape_from_dict(best), defaults=False)
+        rules.append({"m": [1, 1], "dense_threshold": True, "bits": bits, "weight": [n * k, n * k], "n": [n, n], "shape": shape})
+        for r in mine:
+            by_bits.setdefault(bits, {}).setdefault(json.dumps(r["shape"], sort_keys=True), []).append(math.log(r["us"]))
+    for bits, per_shape in sorted(by_bits.items()):
+        need = max(len(v) for v in per_shape.values())
+        overall = min((sum(v) / len(v), s) for s, v in per_shape.items() if len(v) == need)[1]
+        rules.append({"m": [1, 1], "dense_threshold": True, "bits": bits,
+                      "shape": dispatch.shape_to_dict(dispatch.shape_from_dict(json.loads(overall)), defaults=False)})
+    return rules
 
 
 def sweep(models, log, bad, save=None) -> list:
@@ -184,13 +274,18 @@ def choose(rows) -> dict:
     return {key: dispatch.shape_to_dict(dispatch.shape_from_dict(shape), defaults=False) for key, (score, shape) in best.items()}
 
 
-def table(rows, gpu: str, meta: dict, keep: list | None = None) -> dict:
+def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list | None = None) -> dict:
     """The rules of every batch class measured in ``rows``; ``keep`` (the previous table's rules, when --merge is
-    given) keeps its rules whose batch range holds no measured class."""
+    given) keeps its rules whose batch range holds no measured class. ``dense_rows``: the ``dense_threshold`` rules
+    come first (without them, kept ones of unswept classes stay)."""
     best = choose(rows)
     measured = {r["batch"] for r in rows}
     swept = [CLASSES[m] for m in measured]
-    rules = [r for r in keep or [] if not any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
+    kept = [r for r in keep or [] if not any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
+    if dense_rows:
+        kept = [r for r in kept if not r.get("dense_threshold")]
+    rules = dense_rules(dense_rows) if dense_rows else []
+    rules += [r for r in kept if r.get("dense_threshold")] + [r for r in kept if not r.get("dense_threshold")]
     for m, (lo, hi) in CLASSES.items():
         if m not in measured:
             continue
@@ -230,6 +325,7 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma, splitk")
     ap.add_argument("--merge", default=None, help="a previous table: batch classes not swept keep its rules")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense-threshold (python float 0.0) sweep")
     args = ap.parse_args(argv)
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
@@ -267,18 +363,30 @@ def main(argv=None):
 
     rows = sweep(args.models.split(","), log, bad, save)
     log(f"sweep: {len(rows)} timings in {time.time() - t0:.0f} s")
+    dense_rows = []
+    if 1 in BATCHES and not args.no_dense:
+        t0 = time.time()
+        derrs = check_dense(log)
+        dbad = {key for key, v in derrs.items() if v > 1}
+        errs.update({(k[0], f"dense int{k[1]}"): v for k, v in derrs.items()})
+        log(f"dense-threshold correctness: {len(derrs) - len(dbad)} of {len(derrs)} pass")
+        dense_rows = dense_sweep(args.models.split(","), log, dbad)
+        log(f"dense-threshold sweep: {len(dense_rows)} timings in {time.time() - t0:.0f} s")
+        rows_all = rows + dense_rows
+    else:
+        rows_all = rows
     keep = None
     if args.merge:
         with open(args.merge) as f:
             old = json.load(f)
         when = re.search(r"\(([^()]*commit [^()]*)\)", old["about"])
         keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
-    tab = table(rows, gpu, meta, keep)
+    tab = table(rows, gpu, meta, keep, dense_rows)
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
         f.write(f'{{\n "about": {json.dumps(tab["about"])},\n "rules": [\n  {rules}\n ]\n}}\n')
-    save(rows)
+    save(rows_all)
     dispatch.load_table.cache_clear()
     log(f"table written to {path}")
 

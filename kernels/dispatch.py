@@ -9,7 +9,10 @@
   kernel, kernels/gemv_triton.py; ``mma``: the tensor-core kernel, kernels/gemv_mma_triton.py; ``splitk``: the
   dense-tile tensor-core split-K kernel, kernels/gemv_splitk_triton.py) and its launch parameters
   (:class:`CoreShape`, :class:`MmaShape`, :class:`SplitKShape`). A rule whose shape cannot take the call (``core``
-  at m > 4, a K-range or K-step that does not divide the group) is skipped.
+  at m > 4, a K-range or K-step that does not divide the group) is skipped. A rule with ``"dense_threshold": true``
+  matches only calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0; dense levels): every
+  nonzero input is active, so such rules name an always-dense shape (``CoreShape.dense`` 100: no compaction); rules
+  without the key match any threshold.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -65,7 +68,11 @@ class CoreShape:
     # one ring kept filled across the K-ranges)
     dense: int = 0  # percent, 1-100 (not with pipe, stages or groups; k_range a multiple of warps * rows): a K-range
     # with at least this share of active rows is not compacted but read in place, inactive rows predicated off (no
-    # scratch round trip; the loop issues every row's instructions); 0: always compacted
+    # scratch round trip; the loop issues every row's instructions); 100: always in place (no compaction compiled);
+    # 0: always compacted
+    h2: bool = False  # int4, batch 1, fp16/bf16 x, plain or in-place loop (not pipe, stages or groups): the products
+    # are summed in fp16 pairs (HFMA2; x scaled into [8, 16) by a power of two per program, the pairs converted to
+    # fp32 once per program): 13 instead of 21 instructions per word; other calls take the fp16-pair unpack
     kernel = "core"
 
 
@@ -194,13 +201,24 @@ def fit_k_range(shape: GemvShape, group_size: int, k: int | None = None) -> Gemv
     return type(shape)(**{**asdict(shape), **changes})
 
 
-def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, table: str | None = None) -> GemvShape | None:
+def dense_threshold(threshold) -> bool:
+    """Whether a call's threshold keeps every nonzero input: a python number <= 0 (not a tensor, whose value the host
+    does not read)."""
+    return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold <= 0
+
+
+def pick_gemv(m: int, n: int, k: int, bits: int, group_size: int, device: torch.device, table: str | None = None,
+              threshold: float | Tensor | None = None) -> GemvShape | None:
     """The first rule of the device's table that matches and fits; None when none does (group sizes below 16: the
-    caller uses the reference)."""
+    caller uses the reference). ``threshold``: the call's threshold (a python number or a tensor), for the rules
+    keyed ``dense_threshold``."""
+    dense = dense_threshold(threshold)
     for rule in load_table(table or table_name(device)):
         if not (_in(m, rule.get("m")) and _in(n * k, rule.get("weight")) and _in(n, rule.get("n"))):
             continue
         if "bits" in rule and bits != rule["bits"]:
+            continue
+        if rule.get("dense_threshold", False) and not dense:
             continue
         shape = fit_k_range(rule["shape"], group_size, k)
         if fits(shape, m, k, bits, group_size):

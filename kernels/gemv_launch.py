@@ -69,7 +69,8 @@ def threshold_args(threshold, k: int, device) -> tuple[int, Tensor | None, float
 def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
     """Launch ``p`` with ``shape``, or with the shape the device's table picks."""
     if shape is None:
-        shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device)
+        shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device,
+                          threshold=p.t_value if p.t_mode == 0 else p.t_tensor)
     if isinstance(shape, SplitKShape):
         shape = fit_k_range(shape, p.group_size)
         if not fits(shape, p.m, p.k, p.bits, p.group_size):  # no K-step of >= 16 rows divides the group

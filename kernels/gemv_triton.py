@@ -78,6 +78,84 @@ def _unpack8_f16(wd, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _h2_half(c, HI: tl.constexpr):
+    """The low (HI False) or high fp16 of int32 bit patterns of fp16 pairs, as fp16."""
+    bits = (c >> 16) if HI else c
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _h2_pack(lo, hi):
+    """Two fp16 tensors -> int32 bit patterns of the pairs (lo, hi)."""
+    lb = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hb = hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lb | (hb << 16)
+
+
+@triton.jit
+def _h2_split(c):
+    """int32 bit patterns of fp16 pairs -> (low, high) as fp32."""
+    return _h2_half(c, False).to(tl.float32), _h2_half(c, True).to(tl.float32)
+
+
+@triton.jit
+def _fma8_h2(wd, x2, c0, c1, c2, c3, EMULATE: tl.constexpr):
+    """c_i += x * q for the eight nibbles of each int32 word, two per instruction (HFMA2 on fp16 pairs): c0 holds the
+    pair (q0, q4), c1 (q1, q5), c2 (q2, q6), c3 (q3, q7); x2 is the pair (x, x). ``(w & 0x000F000F) | 0x64006400``
+    is (1024 + q0, 1024 + q4) and ``(w & 0x00F000F0) | 0x54005400`` is (64 + q1, 64 + q5) (the nibble sits 4 bits up
+    in the mantissa of 64); one HSUB2 each makes q exact, one HFMA2 adds x * q. Per word: 1 SHF + 4 LOP3 + 4 HSUB2 +
+    4 HFMA2 = 13 instructions for 8 weights (the fp16-pair unpack into fp32: 21). EMULATE (the interpreter): the same
+    values with integer ops and fp16 arithmetic (a product and a sum rounded separately, not fused)."""
+    if EMULATE:
+        xh = _h2_half(x2, False)
+        c0 = _h2_pack(_h2_half(c0, False) + (wd & 15).to(tl.float16) * xh,
+                      _h2_half(c0, True) + ((wd >> 16) & 15).to(tl.float16) * xh)
+        c1 = _h2_pack(_h2_half(c1, False) + ((wd >> 4) & 15).to(tl.float16) * xh,
+                      _h2_half(c1, True) + ((wd >> 20) & 15).to(tl.float16) * xh)
+        c2 = _h2_pack(_h2_half(c2, False) + ((wd >> 8) & 15).to(tl.float16) * xh,
+                      _h2_half(c2, True) + ((wd >> 24) & 15).to(tl.float16) * xh)
+        c3 = _h2_pack(_h2_half(c3, False) + ((wd >> 12) & 15).to(tl.float16) * xh,
+                      _h2_half(c3, True) + ((wd >> 28) & 15).to(tl.float16) * xh)
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 w8, t0, t1, t2, t3, m1024, m64;
+            mov.b32 m1024, 0x64006400;
+            mov.b32 m64, 0x54005400;
+            shr.u32 w8, $8, 8;
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t1, $8, 0x00F000F0, 0x54005400, 0xEA;
+            lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t3, w8, 0x00F000F0, 0x54005400, 0xEA;
+            sub.f16x2 t0, t0, m1024;
+            sub.f16x2 t1, t1, m64;
+            sub.f16x2 t2, t2, m1024;
+            sub.f16x2 t3, t3, m64;
+            fma.rn.f16x2 $0, t0, $9, $4;
+            fma.rn.f16x2 $1, t1, $9, $5;
+            fma.rn.f16x2 $2, t2, $9, $6;
+            fma.rn.f16x2 $3, t3, $9, $7;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r,r,r,r",
+            args=[c0, c1, c2, c3, wd, x2],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _x_scale(xm):
+    """A power of two that brings max |x| of the K-range into [8, 16) (1 when all x are 0): x * q of one K-range then
+    sums in fp16 without overflow (|x q| < 240, at most 128 terms per chain) and with fp16's full precision."""
+    xmax = tl.maximum(tl.max(tl.max(tl.abs(xm), axis=1), axis=0), 1e-30)
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(16.0 / xmax)), -100.0), 100.0)
+    e = tl.where(tl.max(tl.max(tl.abs(xm), axis=1), axis=0) > 0, e, 0.0)
+    return ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _unpack(wd, w_hi, magic, J: tl.constexpr, BITS: tl.constexpr):
     """Value J of each int32 word as fp32, times a power of two that is undone per column at the end (exact):
     int4: nibble J masked in place (J <= 4) or in ``w_hi = wd >> 12`` (J >= 5) and OR-ed into the exponent of 2^23
@@ -164,38 +242,43 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
 
 
 @triton.jit
-def _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
-             F16: tl.constexpr, EMULATE: tl.constexpr):
+def _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr,
+             W: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr, H2: tl.constexpr = False):
     """Unpack one row's words and accumulate x * value into the per-value accumulators. The unpacked values are
-    finite whatever the bits, so a slot past the end (x = 0) adds exactly 0."""
+    finite whatever the bits, so a slot past the end (x = 0) adds exactly 0. H2 (M_P 1, int4): a0..a3 are fp16-pair
+    accumulators (int32 bit patterns), x is scaled by the program's power of two ``xscale`` (a4..a7 unused)."""
     if M_P == 1:
         xb = tl.reshape(xr, [W])[:, None]
     else:
         xb = xr[:, :, None]
-    if BITS == 4:
-        w_hi = wd >> 12
+    if H2:
+        xi = (xb * xscale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        a0, a1, a2, a3 = _fma8_h2(wd, xi | (xi << 16), a0, a1, a2, a3, EMULATE)
     else:
-        w_hi = wd >> 16
-    if F16:
-        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
-        a0 += xb * v0
-        a1 += xb * v1
-        a2 += xb * v2
-        a3 += xb * v3
-        a4 += xb * v4
-        a5 += xb * v5
-        a6 += xb * v6
-        a7 += xb * v7
-    else:
-        a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
-        a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
-        a2 += xb * _unpack(wd, w_hi, magic, 2, BITS)
-        a3 += xb * _unpack(wd, w_hi, magic, 3, BITS)
         if BITS == 4:
-            a4 += xb * _unpack(wd, w_hi, magic, 4, BITS)
-            a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
-            a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
-            a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
+            w_hi = wd >> 12
+        else:
+            w_hi = wd >> 16
+        if F16:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _unpack8_f16(wd, EMULATE)
+            a0 += xb * v0
+            a1 += xb * v1
+            a2 += xb * v2
+            a3 += xb * v3
+            a4 += xb * v4
+            a5 += xb * v5
+            a6 += xb * v6
+            a7 += xb * v7
+        else:
+            a0 += xb * _unpack(wd, w_hi, magic, 0, BITS)
+            a1 += xb * _unpack(wd, w_hi, magic, 1, BITS)
+            a2 += xb * _unpack(wd, w_hi, magic, 2, BITS)
+            a3 += xb * _unpack(wd, w_hi, magic, 3, BITS)
+            if BITS == 4:
+                a4 += xb * _unpack(wd, w_hi, magic, 4, BITS)
+                a5 += xb * _unpack(wd, w_hi, magic, 5, BITS)
+                a6 += xb * _unpack(wd, w_hi, magic, 6, BITS)
+                a7 += xb * _unpack(wd, w_hi, magic, 7, BITS)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -273,6 +356,58 @@ def _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, 
 
 
 @triton.jit
+def _slots4_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+                a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+                ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr,
+                H2: tl.constexpr):
+    """One step of the compacted loop at R = 4 with every load written before the FMAs (with the fp16-pair FMAs ptxas
+    otherwise issues 3 of the 24 loads of a step before the first HFMA2: triton 3.6 SASS)."""
+    p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + wv, c, mm, M_P)
+    p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + W + wv, c, mm, M_P)
+    p2, q2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + 2 * W + wv, c, mm, M_P)
+    p3, q3 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + 3 * W + wv, c, mm, M_P)
+    w0 = _row_load(qw_ptr, p0, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+    w1 = _row_load(qw_ptr, p1, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+    w2 = _row_load(qw_ptr, p2, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+    w3 = _row_load(qw_ptr, p3, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word, w_ok, stride_qk,
+                magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
+                R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
+                EMULATE: tl.constexpr, H2: tl.constexpr):
+    """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
+    row addresses independent of any load; it issues the instructions of every row."""
+    for j in range(0, KR, W * R):
+        if R == 4:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas otherwise
+            # sinks 6 of the 8 row loads below the first FMAs (as round 4's multiple-of hint did)
+            wd0, xr0 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j,
+                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+            wd1, xr1 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + W,
+                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+            wd2, xr2 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 2 * W,
+                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+            wd3, xr3 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 3 * W,
+                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd0, xr0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd1, xr1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd2, xr2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd3, xr3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+        else:
+            for r in tl.static_range(R):
+                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                     mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
@@ -281,7 +416,7 @@ def _sgemv_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
-    DENSE: tl.constexpr = 0,
+    DENSE: tl.constexpr = 0, H2: tl.constexpr = False,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -297,12 +432,17 @@ def _sgemv_kernel(
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         xsum = tl.sum(xm, axis=1)
+        if H2:  # fp16-pair accumulation: x scaled by a power of two per program (undone in the epilogue)
+            xscale = _x_scale(xm)
+        else:
+            xscale = 1.0
         if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
-            c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
-            in_place = c * 100 >= DENSE * KR
-            ibase = part * K + k0
-            if not in_place:
-                c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            if DENSE < 100:  # (100: always in place, and this kernel holds no compaction)
+                c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
+                in_place = c * 100 >= DENSE * KR
+                ibase = part * K + k0
+                if not in_place:
+                    c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
@@ -311,6 +451,7 @@ def _sgemv_kernel(
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+        xscale = 1.0
         cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
         inv0 = _col_factor(cols, BITS, F16)
         offs = _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16, BITS)
@@ -326,7 +467,9 @@ def _sgemv_kernel(
     word = start // PER + tl.arange(0, NB)
     w_ok = word < end // PER
     wv = tl.arange(0, W)
-    if M_P == 1:  # 2-D accumulators [W, NB]: the layout of the weight tile, no conversion in the loop
+    if H2:  # fp16-pair accumulators (int32 bit patterns, 0 = +0.0): a0..a3 hold the pairs (J, J + 4)
+        a0 = tl.zeros([W, NB], tl.int32)
+    elif M_P == 1:  # 2-D accumulators [W, NB]: the layout of the weight tile, no conversion in the loop
         a0 = tl.zeros([W, NB], tl.float32)
     else:
         a0 = tl.zeros([M_P, W, NB], tl.float32)
@@ -337,35 +480,27 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    if DENSE > 0:
-        if in_place:  # every row of the K-range in place, inactive ones predicated off: no scratch round trip, no
-            # barrier, row addresses independent of any load; it issues the instructions of every row
-            for j in range(0, KR, W * R):
-                if R == 4:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas otherwise
-                    # sinks 6 of the 8 row loads below the first FMAs (as round 4's multiple-of hint did)
-                    wd0, xr0 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j,
-                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                    wd1, xr1 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + W,
-                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                    wd2, xr2 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 2 * W,
-                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                    wd3, xr3 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 3 * W,
-                                           mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd0, xr0, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd1, xr1, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd2, xr2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd3, xr3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-                else:
-                    for r in tl.static_range(R):
-                        wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
-                                             mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
-                        a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+    if DENSE == 100:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
+                                                     w_ok, stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
+                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
+    elif DENSE > 0:
+        if in_place:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
+                                                         w_ok, stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
+                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
         else:
             for j in range(0, c, W * R):
-                for r in tl.static_range(R):
-                    row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
-                    wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                if H2 and R == 4:
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
+                        scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+                        a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
+                else:
+                    for r in tl.static_range(R):
+                        row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+                        wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                        a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                                  BITS, M_P, W, F16, EMULATE, H2)
     elif PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
         p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, M_P)
         p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, M_P)
@@ -381,10 +516,10 @@ def _sgemv_kernel(
             p1, n1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 1 * W + wv, c, mm, M_P)
             p2, n2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 2 * W + wv, c, mm, M_P)
             p3, n3 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 3 * W + wv, c, mm, M_P)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
             q0, q1, q2, q3 = n0, n1, n2, n3
     elif GROUPS > 1:  # one loop over the steps of every K-range, each padded to the longest one's step count (the
         # padding reads row k0 of its K-range with x = 0, cached); at the last step of a K-range its sums are scaled
@@ -404,7 +539,7 @@ def _sgemv_kernel(
             for r in tl.static_range(R):
                 row, xr = _slot_load(scr_i_ptr, scr_x_ptr, base, k0, r * W + wv, c, mm, M_P, False)
                 wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
             if si == steps - 1:
                 soff = s_ptr + ((k0 + rg * KR) // G) * stride_sg
                 t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7,
@@ -427,15 +562,26 @@ def _sgemv_kernel(
             for r in tl.static_range(R):
                 row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P, MASK)
                 wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     else:
         for j in range(0, c, W * R):
-            for r in tl.static_range(R):
-                row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
-                wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE)
+            if H2 and R == 4:
+                a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
+                    scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+                    a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
+            else:
+                for r in tl.static_range(R):
+                    row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+                    wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                              BITS, M_P, W, F16, EMULATE, H2)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
+    if H2:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators
+        a0, a4 = _h2_split(a0)
+        a1, a5 = _h2_split(a1)
+        a2, a6 = _h2_split(a2)
+        a3, a7 = _h2_split(a3)
     if M_P == 1:  # [W, NB] -> [1, W, NB] (reducing the 2-D tiles directly gives slice layouts that cost barriers)
         a0 = a0[None, :, :]
         a1 = a1[None, :, :]
@@ -453,7 +599,9 @@ def _sgemv_kernel(
         a = tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a2, axis=RA)), tl.join(tl.sum(a1, axis=RA), tl.sum(a3, axis=RA)))
     a = tl.reshape(a, [M_P, BLOCK_N])
     inv = _col_factor(cols, BITS, F16)
-    if GROUPS == 1:
+    if H2:  # exact q, x scaled by xscale: no offsets, no per-column factor
+        y = sc.to(tl.float32)[None, :] * (a * (1.0 / xscale) - zr.to(tl.float32)[None, :] * xsum[:, None])
+    elif GROUPS == 1:
         if BITS == 4 and F16:  # remove the 1024 offsets (1024 * sum of x)
             a = a - 1024.0 * xsum[:, None]
         y = sc.to(tl.float32)[None, :] * (a * inv[None, :] - zr.to(tl.float32)[None, :] * xsum[:, None])
@@ -483,11 +631,14 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
     pipe = shape.pipe and shape.rows == 4
+    # fp16-pair accumulation: int4, batch 1, 16-bit x, the plain or in-place loop (else the fp16-pair unpack into fp32)
+    h2 = shape.h2 and p.bits == 4 and p.m == 1 and p.x.dtype != torch.float32 and not pipe and shape.stages == 1 \
+        and groups == 1
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
-        GROUPS=groups, DENSE=dense,
+        GROUPS=groups, DENSE=dense, H2=h2,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

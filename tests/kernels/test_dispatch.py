@@ -55,3 +55,43 @@ def test_unknown_launch_parameters_are_rejected():
         dispatch.shape_from_dict({"kernel": "core", "vec": 1, "warps": 1, "rows": 1, "k_range": 16, "probe": 2})
     shape = MmaShape(128, 32, 8, 128, stages=2, swap=True, tiles=2)
     assert dispatch.shape_from_dict(dispatch.shape_to_dict(shape)) == shape
+
+
+def test_dense_threshold_rules_match_only_python_numbers_at_or_below_zero(tmp_path, monkeypatch):
+    rules = [
+        {"m": [1, 1], "dense_threshold": True, "bits": 4, "shape": {"kernel": "core", "vec": 4, "warps": 4, "rows": 4,
+                                                                      "k_range": 128, "dense": 100, "h2": True}},
+        {"m": [1, 1], "dense_threshold": True, "bits": 8, "shape": {"kernel": "core", "vec": 2, "warps": 4, "rows": 4,
+                                                                      "k_range": 128, "dense": 100}},
+        {"m": [1, 16], "shape": {"kernel": "core", "vec": 1, "warps": 2, "rows": 2, "k_range": 64}},
+    ]
+    (tmp_path / "t.json").write_text(json.dumps({"rules": rules}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    dispatch.load_table.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        dense4, dense8, plain = CoreShape(4, 4, 4, 128, dense=100, h2=True), CoreShape(2, 4, 4, 128, dense=100), CoreShape(1, 2, 2, 64)
+        for t in (0.0, 0, -1.5):
+            assert dispatch.pick_gemv(1, 64, 256, 4, 128, cpu, table="t", threshold=t) == dense4
+            assert dispatch.pick_gemv(1, 64, 256, 8, 128, cpu, table="t", threshold=t) == dense8
+        for t in (0.5, torch.tensor(0.0), torch.zeros(256), None, False):
+            assert dispatch.pick_gemv(1, 64, 256, 4, 128, cpu, table="t", threshold=t) == plain
+        assert dispatch.pick_gemv(2, 64, 256, 4, 128, cpu, table="t", threshold=0.0) == plain  # batch 1 rules only
+    finally:
+        dispatch.load_table.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k", [(128256, 4096), (128256, 8192)])
+def test_h200_table_covers_the_lm_heads(bits, n, k):
+    """A quantized lm_head (python-float threshold 0.0) gets a fitting batch-1 core shape from the H200 table, int4
+    and int8, group 128 and 32: int4 through a measured dense_threshold rule (always in place), int8 through the
+    ordinary rules (the always-dense shapes measured slower there: round 7)."""
+    for g in (128, 32):
+        shape = dispatch.pick_gemv(1, n, k, bits, g, torch.device("cpu"), table="h200", threshold=0.0)
+        assert isinstance(shape, CoreShape) and dispatch.fits(shape, 1, k, bits, g), shape
+        ordinary = dispatch.pick_gemv(1, n, k, bits, g, torch.device("cpu"), table="h200")
+        if bits == 4:
+            assert shape.dense == 100 and shape.h2
+        else:
+            assert shape == ordinary

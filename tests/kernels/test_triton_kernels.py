@@ -212,6 +212,40 @@ def test_core_kernel_groups_and_dense(device, poison, kw, bits, m):
         check(y, truth(x, q, s, z, g, th), torch.bfloat16)
 
 
+H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads first), in place always / by the switch
+    dict(vec=1, warps=2, rows=2, k_range=32), dict(vec=2, warps=2, rows=4, k_range=32, evict_first=True),
+    dict(vec=1, warps=2, rows=2, k_range=32, dense=100), dict(vec=1, warps=2, rows=4, k_range=64, dense=60)]
+
+
+@pytest.mark.parametrize("kw", H2_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_core_kernel_h2(device, poison, kw, dtype):
+    """``h2``: products summed in fp16 pairs with x scaled by a power of two per K-range, against float64 truth
+    within 4 bf16 ulps of max |truth| (the fp16 sums round where the fp32 ones do not): x of norm 1, 1e4 with an
+    outlier of 3e7 (fp16 overflows without the scale; fp16 x: 1e2 and 5e2) and 1e-5 (fp16 subnormals without it),
+    with a NaN input, a
+    python-float, a 0-dim and a per-channel threshold; twice in a row (split-K workspace left zero). bits 8 and batch
+    3 take the unpack into fp32 instead (same results)."""
+    k, n, g = 256, (72 if not ON_GPU else 3000), 64
+    for bits, m in ((4, 1), (8, 1), (4, 3)):
+        q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=11)
+        big = 1e4 if dtype == torch.bfloat16 else 1e2  # fp16 y would overflow at 1e4
+        for seed, sp, scale in ((1, 0.5, 1.0), (2, 0.0, big), (3, 0.8, 1e-5)):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * scale
+            t = threshold_for(x, sp)
+            x[0, 5] = float("nan")
+            if seed == 2:
+                x[0, 7] = 3e7 if dtype == torch.bfloat16 else 5e2
+            x = x.to(dtype).to(device)
+            th = {1: t, 2: torch.tensor(t, device=device), 3: torch.linspace(0.1, 2.0, k, device=device) * scale}[seed]
+            for _ in range(2):
+                y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(h2=True, **kw))
+                want = truth(x, q, s, z, g, th)
+                assert y.dtype == dtype and torch.isfinite(y).all()
+                err = (y.double().cpu() - want).abs().max().item()
+                assert err <= tol(torch.bfloat16, want.abs().max().item()), (bits, m, seed, err)
+
+
 MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list
     (MmaShape(32, 16, 4, 32), torch.float16), (MmaShape(64, 32, 4, 64), torch.bfloat16),
     (MmaShape(128, 16, 2, 128, stages=2), torch.bfloat16), (MmaShape(32, 16, 4, 32, swap=True), torch.float16),

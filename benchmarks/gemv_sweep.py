@@ -43,23 +43,20 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(2, 4, 4, 128, evict_first=True, h2=True),  # 8B gate/up, down (45 registers)
     CoreShape(2, 4, 4, 64, dense=85, h2=True),  # 8B q/o
     CoreShape(4, 4, 4, 128, evict_first=True, h2=True),  # compacted only (62 registers)
-    CoreShape(1, 4, 4, 64, h2=True),  # 36 registers
-    # round 8: h2 with several K-ranges per program (fewer, longer programs), plain and pipelined
+    # round 8 (SASS, 70B gate/up specialization): h2 with several K-ranges per program (fewer, longer programs),
+    # plain and pipelined: v4 groups 2 96 registers, groups 2 stages 3 101, v2 groups 4 56
     CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2),
     CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=4),
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, groups=2),
     CoreShape(2, 4, 4, 128, evict_first=True, h2=True, groups=4),
     CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2, stages=3),
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, groups=4, stages=3),
-    # round 8: h2 with the next step's slots loaded one step ahead (pipe), more warps / rows per program
+    # round 8: h2 with the next step's slots loaded one step ahead (pipe: v4 96 registers, v2 56), more warps / rows
+    # per program (v4 r8: 59 registers)
     CoreShape(4, 4, 4, 128, evict_first=True, h2=True, pipe=True),
     CoreShape(2, 4, 4, 128, evict_first=True, h2=True, pipe=True),
     CoreShape(4, 8, 4, 128, evict_first=True, h2=True),
     CoreShape(4, 4, 8, 128, evict_first=True, h2=True),
-    CoreShape(4, 8, 4, 128, evict_first=True, dense=85, h2=True),
     # round 8: more programs for q/o, qkv and the small layers (K-range 64 / 32, vec 1-2)
     CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),
-    CoreShape(2, 4, 4, 64, evict_first=True, h2=True),
     CoreShape(2, 4, 4, 32, h2=True),
     CoreShape(1, 4, 4, 32, h2=True),
     CoreShape(1, 2, 4, 32, h2=True),
@@ -108,7 +105,7 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
 ]
 if bench.SMOKE:
-    CORE, MMA, SPLITK = CORE[:2] + CORE[7:8] + CORE[13:14], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE, MMA, SPLITK = CORE[:1] + CORE[6:7] + CORE[10:11] + CORE[15:16], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
     DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)

@@ -7,10 +7,10 @@
 set -o pipefail
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv; echo "commit ${GIT_COMMIT}"; } \
     > "$OUT/run.log" 2>&1
-timeout 330 python3 benchmarks/gemv_sweep.py --out "$OUT" --batches 1 --families core --sparsities 0,50,70 --no-dense \
+timeout 300 python3 benchmarks/gemv_sweep.py --out "$OUT" --batches 1 --families core --sparsities 0,50,70 --no-dense \
     --merge kernels/configs/h200.json --table "$OUT/h200.json" --workers 14 2>&1 | grep -v "^  " | tail -25
 if [ -s "$OUT/h200.json" ]; then cp "$OUT/h200.json" kernels/configs/h200.json; fi
-timeout 120 python3 benchmarks/gemv.py --out "$OUT" --batches 1 --sparsities 0,50,70 --det-sparsities '' --heads '' \
+timeout 110 python3 benchmarks/gemv.py --out "$OUT" --batches 1 --sparsities 0,50,70 --det-sparsities '' --heads '' \
     --keep-from benchmarks/results/gemv_h200.json --workers 14 2>&1 | tail -16
-timeout 45 python3 -m pytest -q -o addopts="" -p no:cacheprovider -x tests/kernels/test_triton_kernels.py \
+timeout 30 python3 -m pytest -q -o addopts="" -p no:cacheprovider -x tests/kernels/test_triton_kernels.py \
     -k "test_core_kernel_h2" 2>&1 | tail -4 | tee -a "$OUT/run.log"

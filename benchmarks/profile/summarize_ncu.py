@@ -3,7 +3,9 @@ the SASS source page (``--page source --csv --print-source sass``) and the case 
 duration, DRAM TB/s, issue-active %, achieved occupancy, top stall reasons with their share of the warp-state
 samples) and the top SASS stall locations per case.
 
-    python3 benchmarks/profile/summarize_ncu.py raw.csv source.csv timing.jsonl [--top 5]
+    python3 benchmarks/profile/summarize_ncu.py raw.csv source.csv timing.jsonl [--top 5] [--json OUT.json]
+
+``--json`` also writes the same numbers per case (the benchmark's result file; the raw exports are not kept).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("source")
     ap.add_argument("cases", help="timing.jsonl of the same cases (names, un-profiled µs)")
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--json", help="also write the per-case summary here")
     a = ap.parse_args()
     cases = [json.loads(line) for line in open(a.cases)]
     raws = raw_rows(a.raw)
@@ -63,7 +66,7 @@ def main() -> None:
     print("| case | µs (ncu) | µs (graph) | DRAM TB/s | issue active % | warps/scheduler (occupancy %) | regs | waves | "
           "warp instr. (M) | top stalls (share of samples) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    details = []
+    details, records = [], []
     for case, r, (kname, insts) in zip(cases, raws, blocks):
         dur = num(r["gpu__time_duration.sum"])
         bw = num(r["dram__bytes_read.sum.per_second"])
@@ -88,9 +91,23 @@ def main() -> None:
             why = max(STALLS, key=lambda k: num(i.get(f"stall_{k}", "0")))
             lines.append(f"{s / n * 100:.1f} % `{i['Source'].strip()}` ({why})")
         details.append((case["name"], kname, lines))
+        records.append({
+            "case": case["name"], "spec": {k: v for k, v in case.items() if k not in ("name", "us")}, "kernel": kname, "us_ncu": dur, "us_graph": case.get("us"), "dram_tb_s": bw,
+            "issue_active_pct": num(r["smsp__issue_active.avg.pct_of_peak_sustained_active"]),
+            "warps_per_scheduler": num(r["smsp__warps_active.avg.per_cycle_active"]),
+            "occupancy_pct": num(r["sm__warps_active.avg.pct_of_peak_sustained_active"]),
+            "registers": int(num(r["launch__registers_per_thread"])), "waves": num(r["launch__waves_per_multiprocessor"]),
+            "warp_instructions": num(r["smsp__inst_executed.sum"]),
+            "stall_share": {k: v / n for k, v in tot.most_common() if v},
+            "top_sass": [{"share": num(i["Warp Stall Sampling (All Samples)"]) / n, "sass": i["Source"].strip(),
+                          "stall": max(STALLS, key=lambda k: num(i.get(f"stall_{k}", "0")))} for i in ranked],
+        })
     print()
     for name, kname, lines in details:
         print(f"- {name} ({kname}): " + "; ".join(lines))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"cases": records}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -423,6 +423,11 @@ def main(argv=None):
         earlier = re.match(r"rows of batch \[([0-9, ]*)\] kept from", previous["meta"].get("kept", ""))
         if earlier and set(kept_batches) <= {int(b) for b in earlier.group(1).split(",")}:
             meta["kept"] = previous["meta"]["kept"]  # the previous run kept them too: name where they were measured
+        elif earlier:  # some were measured by the previous run, the rest kept by it from an earlier one
+            older = sorted(set(kept_batches) & {int(b) for b in earlier.group(1).split(",")})
+            meta["kept"] = (f"rows of batch {kept_batches} kept: {sorted(set(kept_batches) - set(older))} from the "
+                            f"previous run (commit {previous['meta']['commit']}, {previous['meta']['date']}, same "
+                            f"method), {older} as that run kept them ({previous['meta']['kept']})")
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
 
@@ -431,6 +436,10 @@ def main(argv=None):
         log_file.write(line + "\n")
 
     heads: list = []
+    if args.keep_from and not args.heads:  # lm_heads not timed now: keep the previous run's
+        heads = previous.get("heads", [])
+        if heads:
+            meta["kept"] = meta["kept"] + f"; lm_head rows kept from commit {previous['meta']['commit']}"
 
     def write():
         everything = results + kept

@@ -36,23 +36,32 @@ from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
 CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
-    CoreShape(4, 4, 4, 128, evict_first=True),  # the previous large-layer shape
-    CoreShape(1, 4, 8, 64, f16=False),  # the previous k/v shape
-    CoreShape(2, 4, 4, 128),  # the previous M = 2..4 shape (55 registers: 9 programs per SM)
-    # round 6: K-ranges with >= 85 % active rows read in place without compaction (dense), else compacted
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85),  # 116 registers: 4 programs per SM
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, maxnreg=96),  # no spills: 5 programs per SM
-    CoreShape(4, 8, 4, 128, f16=False, dense=85),
-    CoreShape(1, 4, 8, 64, f16=False, dense=85),  # 48 registers
-    CoreShape(2, 4, 4, 64, f16=False, dense=85),
-    # round 7: products summed in fp16 pairs (h2): 13 instead of 21 instructions per word, 45-80 registers
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True),  # 62 registers: 8 programs per SM
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 72 registers
-    CoreShape(4, 8, 4, 128, dense=85, h2=True),  # 80 registers
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True),  # 45 registers
-    CoreShape(2, 4, 4, 64, dense=85, h2=True),
-    CoreShape(1, 4, 4, 64, h2=True),  # 36 registers
-    # not swept any more: pipe, stages (rounds 5-6: 7-25 % slower), groups (1.4-4.5x slower), round 6 profile
+    # round-7 winners (kernels/configs/h200.json at commit 092086e)
+    CoreShape(1, 4, 8, 64, f16=False),  # k/v
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 70B q/o, qkv, gate/up, down (72 registers)
+    CoreShape(4, 8, 4, 128, dense=85, h2=True),  # 8B qkv (80 registers)
+    CoreShape(2, 4, 4, 128, evict_first=True, h2=True),  # 8B gate/up, down (45 registers)
+    CoreShape(2, 4, 4, 64, dense=85, h2=True),  # 8B q/o
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True),  # compacted only (62 registers)
+    # round 8 (SASS, 70B gate/up specialization): h2 with several K-ranges per program (fewer, longer programs),
+    # plain and pipelined: v4 groups 2 96 registers, groups 2 stages 3 101, v2 groups 4 56
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2),
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=4),
+    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, groups=4),
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2, stages=3),
+    # round 8: h2 with the next step's slots loaded one step ahead (pipe: v4 96 registers, v2 56), more warps / rows
+    # per program (v4 r8: 59 registers)
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, pipe=True),
+    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, pipe=True),
+    CoreShape(4, 8, 4, 128, evict_first=True, h2=True),
+    CoreShape(4, 4, 8, 128, evict_first=True, h2=True),
+    # round 8: more programs for q/o, qkv and the small layers (K-range 64 / 32, vec 1-2)
+    CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),
+    CoreShape(2, 4, 4, 32, h2=True),
+    CoreShape(1, 4, 4, 32, h2=True),
+    CoreShape(1, 2, 4, 32, h2=True),
+    CoreShape(1, 4, 8, 32, f16=False),
+    # not swept any more: fp16-pair unpack into fp32 (h2 faster wherever it applies), maxnreg, round 6 shapes
 ]
 # always-dense shapes for calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0): the table's
 # ``dense_threshold`` rules, timed at batch 1 with that threshold on every layer and on the lm_head shapes, int4 and
@@ -96,7 +105,7 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
 ]
 if bench.SMOKE:
-    CORE, MMA, SPLITK = CORE[:1] + CORE[3:4] + CORE[8:9], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE, MMA, SPLITK = CORE[:1] + CORE[6:7] + CORE[10:11] + CORE[15:16], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
     DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
@@ -281,9 +290,9 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
     best = choose(rows)
     measured = {r["batch"] for r in rows}
     swept = [CLASSES[m] for m in measured]
-    kept = [r for r in keep or [] if not any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
-    if dense_rows:
-        kept = [r for r in kept if not r.get("dense_threshold")]
+    # kept: the rules of classes not swept, and the dense_threshold rules unless the dense phase ran (--no-dense)
+    kept = [r for r in keep or [] if (r.get("dense_threshold") and not dense_rows)
+            or not any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
     rules = dense_rules(dense_rows) if dense_rows else []
     rules += [r for r in kept if r.get("dense_threshold")] + [r for r in kept if not r.get("dense_threshold")]
     for m, (lo, hi) in CLASSES.items():
@@ -312,6 +321,91 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
     if keep is not None and measured != set(CLASSES):
         about += f" Batch sizes {sorted(measured)} from that sweep; the other batch classes kept from: {meta['kept_from']}"
     return {"about": about, "rules": rules}
+
+
+def short(shape: dict) -> str:
+    """A launch shape in a few words (the md report)."""
+    sh = dispatch.shape_from_dict(shape)
+    if not isinstance(sh, CoreShape):
+        return json.dumps(shape, sort_keys=True)
+    words = [f"v{sh.vec} w{sh.warps} r{sh.rows} kr{sh.k_range}"]
+    words += ["fp32-unpack"] * (not sh.f16) + ["pipe"] * sh.pipe + ["evict"] * sh.evict_first
+    words += [f"maxnreg{sh.maxnreg}"] * bool(sh.maxnreg) + [f"stages{sh.stages}"] * (sh.stages > 1)
+    words += [f"groups{sh.groups}"] * (sh.groups > 1) + [f"dense{sh.dense}"] * bool(sh.dense) + ["h2"] * sh.h2
+    return " ".join(words)
+
+
+def report(result: dict, old_rules: list | None, new_rules: list | None, note: str = "") -> str:
+    """The markdown twin of a sweep's json (batch-1 rows): every timing, the best shape per layer and sparsity, and
+    the shape each table (previous, new) picks for the layer at batch 1."""
+    meta, rows = result["meta"], [r for r in result["timings"] if r.get("threshold") is None]
+    corr = result.get("correctness", [])
+    ok = [c for c in corr if c["error_over_tolerance"] <= 1]
+    shapes = []
+    for r in rows:
+        key = json.dumps(r["shape"], sort_keys=True)
+        if key not in shapes:
+            shapes.append(key)
+    layers = []
+    for r in rows:
+        key = (r["model"], r["proj"], r["N"], r["K"], r["batch"])
+        if key not in layers:
+            layers.append(key)
+    sps = sorted({r["sparsity"] for r in rows})
+    at = {(r["model"], r["proj"], r["batch"], r["sparsity"], json.dumps(r["shape"], sort_keys=True)): r for r in rows}
+
+    def pick(rules, n, k, m):
+        for rule in rules or []:
+            if rule.get("dense_threshold") or not rule["m"][0] <= m <= rule["m"][1]:
+                continue
+            if "weight" in rule and not rule["weight"][0] <= n * k <= rule["weight"][1]:
+                continue
+            if "n" in rule and not rule["n"][0] <= n <= rule["n"][1]:
+                continue
+            return json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(rule["shape"])), sort_keys=True)
+        return None
+
+    out = [f"# Launch-shape sweep of the sparse GEMV ({meta['gpu']})", "",
+           f"- command: `{meta['command']}` (device, repository root)",
+           f"- date: {meta['date']}; git commit {meta['commit']}" + (f"; {note}" if note else ""),
+           "- int4, group 128, bf16 x; CUDA-graph timing over weight copies that defeat the L2 (benchmarks/gemv.py's "
+           "method); TB/s over the bytes touched (active rows' weights, their scales / zeros, x, y)",
+           f"- every candidate checked first against float64 (two calls in a row): {len(ok)} of {len(corr)} pass; worst "
+           f"passing {max((c['error_over_tolerance'] for c in ok), default=0):.2f} x tolerance",
+           "- raw timings: the json of the same name; this file is written from it (benchmarks/gemv_sweep.py `report`)", "",
+           "## Previous table's pick against the new table's pick, µs (TB/s)", "",
+           "| layer | M | previous pick | new pick | " + " | ".join(f"s{sp} before -> after" for sp in sps) + " |",
+           "|---|---:|---|---|" + "---|" * len(sps)]
+    for model, proj, n, k, m in layers:
+        old, new = pick(old_rules, n, k, m), pick(new_rules, n, k, m)
+        cells = []
+        for sp in sps:
+            a, b = at.get((model, proj, m, sp, old)), at.get((model, proj, m, sp, new))
+            cells.append(" -> ".join(f"{r['us']:.1f} ({r['tbps']:.2f})" if r else "not timed" for r in (a, b)))
+        out.append(f"| {model} {proj} | {m} | {short(json.loads(old)) if old else '-'} | "
+                   f"{short(json.loads(new)) if new else '-'} | " + " | ".join(cells) + " |")
+    out += ["", "## Best candidate per layer and sparsity, µs (TB/s)", "", "| layer | M | sparsity | best | µs (TB/s) |",
+            "|---|---:|---:|---|---|"]
+    for model, proj, n, k, m in layers:
+        for sp in sps:
+            mine = [r for r in rows if (r["model"], r["proj"], r["batch"], r["sparsity"]) == (model, proj, m, sp)]
+            if mine:
+                b = min(mine, key=lambda r: r["us"])
+                out.append(f"| {model} {proj} | {m} | {sp} | {short(b['shape'])} | {b['us']:.1f} ({b['tbps']:.2f}) |")
+    out += ["", "## Every timing, µs (candidate numbers below)", "",
+            "| layer | M | s | " + " | ".join(f"c{i}" for i in range(len(shapes))) + " |",
+            "|---|---:|---:|" + "---:|" * len(shapes)]
+    for model, proj, n, k, m in layers:
+        for sp in sps:
+            cells = [at.get((model, proj, m, sp, key)) for key in shapes]
+            out.append(f"| {model} {proj} | {m} | {sp} | " + " | ".join(f"{r['us']:.1f}" if r else "-" for r in cells) + " |")
+    out += ["", "Candidates:", ""] + [f"- c{i}: {short(json.loads(key))}" for i, key in enumerate(shapes)]
+    dense = [r for r in result["timings"] if r.get("threshold") is not None]
+    if dense:
+        out += ["", "## Dense-threshold phase (python-float threshold 0.0), µs (TB/s)", "",
+                "| layer | bits | shape | µs (TB/s) |", "|---|---:|---|---|"]
+        out += [f"| {r['model']} {r['proj']} | {r['bits']} | {short(r['shape'])} | {r['us']:.1f} ({r['tbps']:.2f}) |" for r in dense]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -389,6 +483,10 @@ def main(argv=None):
     save(rows_all)
     dispatch.load_table.cache_clear()
     log(f"table written to {path}")
+    with open(os.path.join(args.out, f"gemv_sweep_{name}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(args.out, f"gemv_sweep_{name}.md"), "w") as f:
+        f.write(report(result, keep, tab["rules"]))
 
 
 if __name__ == "__main__":

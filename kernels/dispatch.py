@@ -70,9 +70,9 @@ class CoreShape:
     # with at least this share of active rows is not compacted but read in place, inactive rows predicated off (no
     # scratch round trip; the loop issues every row's instructions); 100: always in place (no compaction compiled);
     # 0: always compacted
-    h2: bool = False  # int4, batch 1, fp16/bf16 x, plain or in-place loop (not pipe, stages or groups): the products
-    # are summed in fp16 pairs (HFMA2; x scaled into [8, 16) by a power of two per program, the pairs converted to
-    # fp32 once per program): 13 instead of 21 instructions per word; other calls take the fp16-pair unpack
+    h2: bool = False  # int4, batch 1, fp16/bf16 x (any loop): the products are summed in fp16 pairs (HFMA2; x
+    # scaled into [8, 16) by a power of two per program, the pairs converted to fp32 once per K-range): 13 instead
+    # of 21 instructions per word; other calls take the fp16-pair unpack
     kernel = "core"
 
 

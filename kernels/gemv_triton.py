@@ -146,12 +146,19 @@ def _fma8_h2(wd, x2, c0, c1, c2, c3, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _x_scale(xm):
-    """A power of two that brings max |x| of the K-range into [8, 16) (1 when all x are 0): x * q of one K-range then
-    sums in fp16 without overflow (|x q| < 240, at most 128 terms per chain) and with fp16's full precision."""
-    xmax = tl.maximum(tl.max(tl.max(tl.abs(xm), axis=1), axis=0), 1e-30)
+def _x_absmax(xm):
+    """max |x| of a [M_P, KR] tile (a scalar)."""
+    return tl.max(tl.max(tl.abs(xm), axis=1), axis=0)
+
+
+@triton.jit
+def _x_scale(xabsmax):
+    """A power of two that brings ``xabsmax`` (max |x| of the K-range, or of all K-ranges of a program) into [8, 16)
+    (1 when all x are 0): x * q of one K-range then sums in fp16 without overflow (|x q| < 240, at most 128 terms per
+    chain, the chains folded into fp32 per K-range) and with fp16's full precision for the largest x."""
+    xmax = tl.maximum(xabsmax, 1e-30)
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(16.0 / xmax)), -100.0), 100.0)
-    e = tl.where(tl.max(tl.max(tl.abs(xm), axis=1), axis=0) > 0, e, 0.0)
+    e = tl.where(xabsmax > 0, e, 0.0)
     return ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
 
 
@@ -433,7 +440,7 @@ def _sgemv_kernel(
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         xsum = tl.sum(xm, axis=1)
         if H2:  # fp16-pair accumulation: x scaled by a power of two per program (undone in the epilogue)
-            xscale = _x_scale(xm)
+            xscale = _x_scale(_x_absmax(xm))
         else:
             xscale = 1.0
         if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
@@ -451,18 +458,25 @@ def _sgemv_kernel(
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-        xscale = 1.0
+        xabs = _x_absmax(xm)
         cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
         inv0 = _col_factor(cols, BITS, F16)
-        offs = _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16, BITS)
+        F16_OFF: tl.constexpr = F16 and not H2  # h2 sums exact q: no 1024 offsets
+        offs = _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16_OFF, BITS)
         steps = tl.cdiv(c, W * R)
         for gi in tl.static_range(1, GROUPS):
             ki = k0 + gi * KR
             mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR, T_MODE)
             ci, _ = compact_rows(act, xm, mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            xabs = tl.maximum(xabs, _x_absmax(xm))
             steps = tl.maximum(steps, tl.cdiv(ci, W * R))
             cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, ki, G, stride_sg, BLOCK_N)
-            offs += _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16, BITS)
+            offs += _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16_OFF, BITS)
+        if H2:  # one power of two for the program's span (max |x| over its K-ranges; the fp16 chains of each
+            # K-range are folded into fp32 at its end, so the overflow bound is per K-range as with GROUPS 1)
+            xscale = _x_scale(xabs)
+        else:
+            xscale = 1.0
     # 3. gathered rows
     word = start // PER + tl.arange(0, NB)
     w_ok = word < end // PER
@@ -524,14 +538,14 @@ def _sgemv_kernel(
     elif GROUPS > 1:  # one loop over the steps of every K-range, each padded to the longest one's step count (the
         # padding reads row k0 of its K-range with x = 0, cached); at the last step of a K-range its sums are scaled
         # and added to t0..t7 (_fold). STAGES > 1: triton's pipeliner keeps its ring filled across the K-ranges
-        t0 = tl.zeros_like(a0)
-        t1 = tl.zeros_like(a0)
-        t2 = tl.zeros_like(a0)
-        t3 = tl.zeros_like(a0)
-        t4 = tl.zeros_like(a0)
-        t5 = tl.zeros_like(a0)
-        t6 = tl.zeros_like(a0)
-        t7 = tl.zeros_like(a0)
+        t0 = tl.zeros(a0.shape, tl.float32)  # (h2: fp32 totals of the fp16-pair sums)
+        t1 = tl.zeros_like(t0)
+        t2 = tl.zeros_like(t0)
+        t3 = tl.zeros_like(t0)
+        t4 = tl.zeros_like(t0)
+        t5 = tl.zeros_like(t0)
+        t6 = tl.zeros_like(t0)
+        t7 = tl.zeros_like(t0)
         for it in tl.range(0, steps * GROUPS, num_stages=STAGES):
             rg = it // steps
             si = it - rg * steps
@@ -542,8 +556,16 @@ def _sgemv_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
             if si == steps - 1:
                 soff = s_ptr + ((k0 + rg * KR) // G) * stride_sg
-                t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                       t0, t1, t2, t3, t4, t5, t6, t7, PER, NB, M_P, ALIGNED)
+                if H2:  # the K-range's fp16 pairs (J, J + 4) -> fp32, then scaled like the fp32 sums
+                    b0, b4 = _h2_split(a0)
+                    b1, b5 = _h2_split(a1)
+                    b2, b6 = _h2_split(a2)
+                    b3, b7 = _h2_split(a3)
+                    t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, start, end, b0, b1, b2, b3, b4, b5, b6, b7,
+                                                           t0, t1, t2, t3, t4, t5, t6, t7, PER, NB, M_P, ALIGNED)
+                else:
+                    t0, t1, t2, t3, t4, t5, t6, t7 = _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                           t0, t1, t2, t3, t4, t5, t6, t7, PER, NB, M_P, ALIGNED)
                 a0 = tl.zeros_like(a0)
                 a1 = tl.zeros_like(a0)
                 a2 = tl.zeros_like(a0)
@@ -577,7 +599,7 @@ def _sgemv_kernel(
                                                               BITS, M_P, W, F16, EMULATE, H2)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
-    if H2:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators
+    if H2 and GROUPS == 1:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators (GROUPS > 1: done in _fold)
         a0, a4 = _h2_split(a0)
         a1, a5 = _h2_split(a1)
         a2, a6 = _h2_split(a2)
@@ -599,12 +621,14 @@ def _sgemv_kernel(
         a = tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a2, axis=RA)), tl.join(tl.sum(a1, axis=RA), tl.sum(a3, axis=RA)))
     a = tl.reshape(a, [M_P, BLOCK_N])
     inv = _col_factor(cols, BITS, F16)
-    if H2:  # exact q, x scaled by xscale: no offsets, no per-column factor
+    if H2 and GROUPS == 1:  # exact q, x scaled by xscale: no offsets, no per-column factor
         y = sc.to(tl.float32)[None, :] * (a * (1.0 / xscale) - zr.to(tl.float32)[None, :] * xsum[:, None])
     elif GROUPS == 1:
         if BITS == 4 and F16:  # remove the 1024 offsets (1024 * sum of x)
             a = a - 1024.0 * xsum[:, None]
         y = sc.to(tl.float32)[None, :] * (a * inv[None, :] - zr.to(tl.float32)[None, :] * xsum[:, None])
+    elif H2:  # the scales are already in a (_fold); x was scaled by xscale, q exact
+        y = a * (1.0 / xscale) - offs
     else:  # the scales are already in a (_fold)
         y = a * inv[None, :] - offs
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -631,9 +655,8 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
     pipe = shape.pipe and shape.rows == 4
-    # fp16-pair accumulation: int4, batch 1, 16-bit x, the plain or in-place loop (else the fp16-pair unpack into fp32)
-    h2 = shape.h2 and p.bits == 4 and p.m == 1 and p.x.dtype != torch.float32 and not pipe and shape.stages == 1 \
-        and groups == 1
+    # fp16-pair accumulation: int4, batch 1, 16-bit x, any loop (else the fp16-pair unpack into fp32)
+    h2 = shape.h2 and p.bits == 4 and p.m == 1 and p.x.dtype != torch.float32
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,

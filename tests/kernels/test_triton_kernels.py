@@ -214,7 +214,12 @@ def test_core_kernel_groups_and_dense(device, poison, kw, bits, m):
 
 H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads first), in place always / by the switch
     dict(vec=1, warps=2, rows=2, k_range=32), dict(vec=2, warps=2, rows=4, k_range=32, evict_first=True),
-    dict(vec=1, warps=2, rows=2, k_range=32, dense=100), dict(vec=1, warps=2, rows=4, k_range=64, dense=60)]
+    dict(vec=1, warps=2, rows=2, k_range=32, dense=100), dict(vec=1, warps=2, rows=4, k_range=64, dense=60),
+    # round 8: several K-ranges per program (one power of two per span, fp16 pairs folded into fp32 per K-range),
+    # plain and pipelined, a span covering all of K; the next step's slots loaded ahead (pipe); triton's pipeliner
+    dict(vec=1, warps=2, rows=2, k_range=32, groups=2), dict(vec=2, warps=2, rows=4, k_range=32, groups=4, stages=2),
+    dict(vec=1, warps=2, rows=4, k_range=32, groups=8), dict(vec=1, warps=2, rows=4, k_range=32, pipe=True),
+    dict(vec=1, warps=2, rows=2, k_range=32, stages=2)]
 
 
 @pytest.mark.parametrize("kw", H2_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))

@@ -415,6 +415,26 @@ def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
 
 
 @triton.jit
+def _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+                    a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                    BITS: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
+                    EMULATE: tl.constexpr, H2: tl.constexpr):
+    """The c compacted rows of the K-range: warp wv takes slots wv, wv + W, ...; R rows per warp per step."""
+    for j in range(0, c, W * R):
+        if H2 and R == 4:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
+                scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+                a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
+        else:
+            for r in tl.static_range(R):
+                row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+                wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                          BITS, M_P, W, F16, EMULATE, H2)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _sgemv_kernel(
     x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
@@ -504,17 +524,9 @@ def _sgemv_kernel(
                                                          w_ok, stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
                                                          M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
         else:
-            for j in range(0, c, W * R):
-                if H2 and R == 4:
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
-                        scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
-                        a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
-                else:
-                    for r in tl.static_range(R):
-                        row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
-                        wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                        a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                                  BITS, M_P, W, F16, EMULATE, H2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
+                                                               stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
+                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2)
     elif PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
         p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, M_P)
         p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, M_P)
@@ -586,17 +598,9 @@ def _sgemv_kernel(
                 wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     else:
-        for j in range(0, c, W * R):
-            if H2 and R == 4:
-                a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
-                    scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
-                    a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
-            else:
-                for r in tl.static_range(R):
-                    row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
-                    wd = _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                              BITS, M_P, W, F16, EMULATE, H2)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
+                                                           stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
+                                                           BITS, ALIGNED, EVICT, F16, EMULATE, H2)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
     if H2 and GROUPS == 1:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators (GROUPS > 1: done in _fold)

@@ -350,12 +350,13 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
             raise RuntimeError(rows.get(b, {}).get("error", "a reduced-depth measurement failed"))
 
         def fit(key: str) -> float | None:
-            (l0, y0), (l1, y1) = [(q["layers"], q[key]) for q in pts]
-            if y0 is None or y1 is None:
-                return None
-            return y0 + (y1 - y0) / (l1 - l0) * (full_layers - l0)
+            return depth_fit(pts, key, full_layers, grows=key != "peak_memory_bytes")
 
         decode_ms = fit("decode_ms_per_token")
+        if decode_ms is None:
+            t0, t1 = (q["decode_ms_per_token"] for q in pts)
+            raise ValueError(f"decode took {t0:.3f} ms/token at {small} layers and {t1:.3f} at {big}: not growing with "
+                             f"depth (noise larger than a layer's time), so no extrapolation to {full_layers} layers")
         read_bytes = full_bytes - (0 if tied else embed_bytes)
         return {
             "prefill_ms": fit("prefill_ms"), "decode_ms_per_token": decode_ms, "tokens_per_s": b * 1000.0 / decode_ms,
@@ -371,6 +372,16 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
         }
 
     run("bf16", None, extrapolated)
+
+
+def depth_fit(points: list[dict], key: str, layers: int, *, grows: bool = False) -> float | None:
+    """`key` at `layers` on the line through the two reduced-depth points; None when either point lacks it or, with
+    `grows` (a time), when the deeper point is not larger: noise then exceeds a layer's share and the line would give
+    a meaningless, possibly negative, time."""
+    (l0, y0), (l1, y1) = [(q["layers"], q[key]) for q in points]
+    if y0 is None or y1 is None or (grows and y1 <= y0):
+        return None
+    return y0 + (y1 - y0) / (l1 - l0) * (layers - l0)
 
 
 def _bench_prompt(model: nn.Module, options: BenchOptions, batch: int, device) -> torch.Tensor:
@@ -733,7 +744,7 @@ def print_bench(result: dict) -> None:
         table.add_row(
             str(v.get("batch", "")), name, "-" if v["level"] is None else f"{v['level']:g}",
             "-" if v["realized_sparsity"] is None else f"{v['realized_sparsity']:.3f}",
-            f"{v['prefill_ms']:.2f}", f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
+            _fmt(v['prefill_ms'], '.2f'), f"{v['decode_ms_per_token']:.3f}", f"{v['tokens_per_s']:.1f}",
             human_bytes(v["weight_bytes_per_step"]), f"{v['bandwidth_gb_s']:.1f}",
             "-" if v["peak_memory_bytes"] is None else human_bytes(v["peak_memory_bytes"]),
             _breakdown_text(b, allreduce=tp > 1), speedup,
@@ -817,7 +828,7 @@ def markdown_lines(result: dict) -> list[str]:
             lines.append(f"| {v.get('batch', '')} | {label} | | failed: {v.get('error', '?')} | | | | | | | |")
             continue
         lines.append(
-            f"| {v.get('batch', '')} | {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {v['prefill_ms']:.1f} | "
+            f"| {v.get('batch', '')} | {label} | {_fmt(v['level'], 'g')} | {_fmt(v['realized_sparsity'], '.3f')} | {_fmt(v['prefill_ms'], '.1f')} | "
             f"{v['decode_ms_per_token']:.3f} | {v['tokens_per_s']:.1f} | {v['weight_bytes_per_step'] / 1e9:.2f} | "
             f"{v['bandwidth_gb_s']:.0f} | {_fmt(v['peak_memory_bytes'] and v['peak_memory_bytes'] / 1e9, '.1f')} | "
             f"{_breakdown_text(v['breakdown'], launches=True, allreduce=tp > 1)} |")

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import CoreShape
+from .dispatch import CORE_MAX_M, CoreShape
 from .gemv_common import GemvProblem, compact_rows, prepare, program_tile, reduce_split_k, threshold_rows, tile_qparams
 
 FP32_MAGIC = 0x4B000000  # 2^23 as fp32 bits: OR-ing a value below 2^23 into its mantissa gives 2^23 + value
@@ -146,20 +146,103 @@ def _fma8_h2(wd, x2, c0, c1, c2, c3, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _x_absmax(xm):
-    """max |x| of a [M_P, KR] tile (a scalar)."""
-    return tl.max(tl.max(tl.abs(xm), axis=1), axis=0)
+def _unpack4_h2(wd, EMULATE: tl.constexpr):
+    """The eight nibbles of each int32 word as four exact fp16 pairs (int32 bit patterns): (q0, q4), (q1, q5),
+    (q2, q6), (q3, q7). The unpack half of ``_fma8_h2`` (1 SHF + 4 LOP3 + 4 HSUB2 per word), for M_P > 1: computed
+    once per word and shared by the batch rows, each of which adds 4 HFMA2 (``_fma4_h2``)."""
+    if EMULATE:
+        p0 = _h2_pack((wd & 15).to(tl.float16), ((wd >> 16) & 15).to(tl.float16))
+        p1 = _h2_pack(((wd >> 4) & 15).to(tl.float16), ((wd >> 20) & 15).to(tl.float16))
+        p2 = _h2_pack(((wd >> 8) & 15).to(tl.float16), ((wd >> 24) & 15).to(tl.float16))
+        p3 = _h2_pack(((wd >> 12) & 15).to(tl.float16), ((wd >> 28) & 15).to(tl.float16))
+    else:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 w8, m1024, m64;
+            mov.b32 m1024, 0x64006400;
+            mov.b32 m64, 0x54005400;
+            shr.u32 w8, $4, 8;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, $4, 0x00F000F0, 0x54005400, 0xEA;
+            lop3.b32 $2, w8, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $3, w8, 0x00F000F0, 0x54005400, 0xEA;
+            sub.f16x2 $0, $0, m1024;
+            sub.f16x2 $1, $1, m64;
+            sub.f16x2 $2, $2, m1024;
+            sub.f16x2 $3, $3, m64;
+            }""",
+            constraints="=r,=r,=r,=r,r",
+            args=[wd],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _fma4_h2(p0, p1, p2, p3, x2, c0, c1, c2, c3, EMULATE: tl.constexpr):
+    """c_i += x * p_i on fp16 pairs (4 HFMA2); p_i from ``_unpack4_h2`` broadcast over the batch rows of c_i and
+    x2 (the pair (x, x) of each row). EMULATE: fp16 product and sum rounded separately, as in ``_fma8_h2``."""
+    if EMULATE:
+        xh = _h2_half(x2, False)
+        c0 = _h2_pack(_h2_half(c0, False) + _h2_half(p0, False) * xh, _h2_half(c0, True) + _h2_half(p0, True) * xh)
+        c1 = _h2_pack(_h2_half(c1, False) + _h2_half(p1, False) * xh, _h2_half(c1, True) + _h2_half(p1, True) * xh)
+        c2 = _h2_pack(_h2_half(c2, False) + _h2_half(p2, False) * xh, _h2_half(c2, True) + _h2_half(p2, True) * xh)
+        c3 = _h2_pack(_h2_half(c3, False) + _h2_half(p3, False) * xh, _h2_half(c3, True) + _h2_half(p3, True) * xh)
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            asm="""{
+            fma.rn.f16x2 $0, $4, $8, $9;
+            fma.rn.f16x2 $1, $5, $8, $10;
+            fma.rn.f16x2 $2, $6, $8, $11;
+            fma.rn.f16x2 $3, $7, $8, $12;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            args=[p0, p1, p2, p3, x2, c0, c1, c2, c3],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _x_absmax(xm, PER_ROW: tl.constexpr = False):
+    """max |x| of a [M_P, KR] tile: a scalar, or (PER_ROW) one per batch row [M_P]."""
+    v = tl.max(tl.abs(xm), axis=1)
+    if not PER_ROW:
+        v = tl.max(v, axis=0)
+    return v
 
 
 @triton.jit
 def _x_scale(xabsmax):
-    """A power of two that brings ``xabsmax`` (max |x| of the K-range, or of all K-ranges of a program) into [8, 16)
-    (1 when all x are 0): x * q of one K-range then sums in fp16 without overflow (|x q| < 240, at most 128 terms per
+    """A power of two that brings ``xabsmax`` (max |x| of the K-range, or of all K-ranges of a program; a scalar, or
+    [M_P] with one per batch row) into [8, 16) (1 when all x are 0), elementwise: x * q of one K-range then sums in fp16 without overflow (|x q| < 240, at most 128 terms per
     chain, the chains folded into fp32 per K-range) and with fp16's full precision for the largest x."""
     xmax = tl.maximum(xabsmax, 1e-30)
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(16.0 / xmax)), -100.0), 100.0)
     e = tl.where(xabsmax > 0, e, 0.0)
     return ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_pairs(xm, xscale):
+    """h2 at M_P > 1: the [M_P, KR] x tile scaled per batch row (``xscale`` [M_P]) as fp16 pairs (x, x), returned
+    as fp32 bit patterns for the scratch list (the compaction stores them in place of x): the row loop then loads
+    one ready HFMA2 operand per (row, batch row) instead of thresholding, scaling and converting x per row."""
+    xi = (xm * xscale[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (xi | (xi << 16)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P: tl.constexpr, KR: tl.constexpr):
+    """The x values (h2 at M_P > 1: the pairs of ``_x_pairs``) of rows k0 .. k0 + KR in their own scratch slots, in
+    order (no compaction: the in-place loop reads slot = row), then a barrier."""
+    rk = tl.arange(0, KR)
+    tl.store(scr_x_ptr + (part * K + k0 + rk)[None, :] * M_P + mm[:, None], xs)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -219,20 +302,27 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 @triton.jit
 def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok, stride_qk,
-                M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr):
+                scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
+                H2: tl.constexpr = False):
     """No compaction (DENSE, a K-range with enough active rows): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
-    exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions)."""
+    exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
+    H2 at M_P > 1: x was thresholded, scaled and paired before the loop (``_store_rows``): the pairs are read from
+    the row's scratch slot, a row is live when any of its pairs is nonzero."""
     row = krow + tl.arange(0, W)
-    xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    if T_MODE == 0:
-        act = tl.abs(xv) > t_value
-    elif T_MODE == 1:
-        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+    if H2 and M_P > 1:
+        xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
+        act = xr.to(tl.int32, bitcast=True) != 0
     else:
-        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + row[None, :] + 0 * mm[:, None]).to(tl.float32)
-    act = act & m_ok[:, None]
-    xr = tl.where(act, xv, 0.0)
+        xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        if T_MODE == 0:
+            act = tl.abs(xv) > t_value
+        elif T_MODE == 1:
+            act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+        else:
+            act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + row[None, :] + 0 * mm[:, None]).to(tl.float32)
+        act = act & m_ok[:, None]
+        xr = tl.where(act, xv, 0.0)
     if M_P == 1:
         live = tl.reshape(act, [W])
         ptrs = qw_ptr + row[:, None] * stride_qk + word[None, :]
@@ -252,15 +342,22 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
 def _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr,
              W: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr, H2: tl.constexpr = False):
     """Unpack one row's words and accumulate x * value into the per-value accumulators. The unpacked values are
-    finite whatever the bits, so a slot past the end (x = 0) adds exactly 0. H2 (M_P 1, int4): a0..a3 are fp16-pair
-    accumulators (int32 bit patterns), x is scaled by the program's power of two ``xscale`` (a4..a7 unused)."""
+    finite whatever the bits, so a slot past the end (x = 0) adds exactly 0. H2 (int4): a0..a3 are fp16-pair
+    accumulators (int32 bit patterns), a4..a7 unused; M_P 1: x is scaled here by the program's power of two
+    ``xscale``; M_P > 1: xr holds the ready (x, x) pairs (``_x_pairs``: scaled per batch row before the loop), and
+    the unpack is shared by the batch rows (per word 1 SHF + 4 LOP3 + 4 HSUB2, then 4 HFMA2 per row)."""
     if M_P == 1:
         xb = tl.reshape(xr, [W])[:, None]
     else:
         xb = xr[:, :, None]
     if H2:
-        xi = (xb * xscale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        a0, a1, a2, a3 = _fma8_h2(wd, xi | (xi << 16), a0, a1, a2, a3, EMULATE)
+        if M_P == 1:
+            xi = (xb * xscale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            a0, a1, a2, a3 = _fma8_h2(wd, xi | (xi << 16), a0, a1, a2, a3, EMULATE)
+        else:  # xr: the (x, x) pairs of _x_pairs (scaled per batch row), as fp32 bit patterns
+            x2 = xr.to(tl.int32, bitcast=True)[:, :, None]
+            p0, p1, p2, p3 = _unpack4_h2(wd, EMULATE)
+            a0, a1, a2, a3 = _fma4_h2(p0, p1, p2, p3, x2, a0, a1, a2, a3, EMULATE)
     else:
         if BITS == 4:
             w_hi = wd >> 12
@@ -386,7 +483,7 @@ def _slots4_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_o
 
 @triton.jit
 def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word, w_ok, stride_qk,
-                magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
+                scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
                 R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
                 EMULATE: tl.constexpr, H2: tl.constexpr):
     """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
@@ -395,13 +492,13 @@ def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
         if R == 4:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas otherwise
             # sinks 6 of the 8 row loads below the first FMAs (as round 4's multiple-of hint did)
             wd0, xr0 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j,
-                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
             wd1, xr1 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + W,
-                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
             wd2, xr2 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 2 * W,
-                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
             wd3, xr3 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 3 * W,
-                                   mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd0, xr0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd1, xr1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd2, xr2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
@@ -409,7 +506,7 @@ def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
         else:
             for r in tl.static_range(R):
                 wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
-                                     mm, m_ok, word, w_ok, stride_qk, M_P, W, T_MODE, EVICT)
+                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
@@ -459,26 +556,45 @@ def _sgemv_kernel(
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         xsum = tl.sum(xm, axis=1)
-        if H2:  # fp16-pair accumulation: x scaled by a power of two per program (undone in the epilogue)
-            xscale = _x_scale(_x_absmax(xm))
+        if H2:  # fp16-pair accumulation: x scaled by a power of two per program and batch row (undone in the
+            # epilogue; a scalar at M_P 1)
+            xscale = _x_scale(_x_absmax(xm, M_P > 1))
         else:
             xscale = 1.0
+        if H2 and M_P > 1:  # the scratch lists carry the ready (x, x) fp16 pairs instead of x
+            xs = _x_pairs(xm, xscale)
+        else:
+            xs = xm
         if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
             if DENSE < 100:  # (100: always in place, and this kernel holds no compaction)
                 c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
                 in_place = c * 100 >= DENSE * KR
                 ibase = part * K + k0
                 if not in_place:
-                    c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+                    c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+                elif H2 and M_P > 1:
+                    _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
+            elif H2 and M_P > 1:
+                _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         else:
-            c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
         # several K-ranges per program: each is thresholded and compacted into its own KR slots as above; the
         # zero-point and offset term of each (sum of x times s * (z + offset)) is summed here in the column layout,
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
-        c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-        xabs = _x_absmax(xm)
+        XP: tl.constexpr = H2 and M_P > 1
+        if XP:  # the pairs written at compaction need the span's per-row scale first: max |x| over its K-ranges
+            xabs = _x_absmax(xm, True)
+            for gi in tl.static_range(1, GROUPS):
+                _, _, _, xmi = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + gi * KR, M,
+                                              M_P, KR, T_MODE)
+                xabs = tl.maximum(xabs, _x_absmax(xmi, True))
+            xscale = _x_scale(xabs)
+            c, ibase = compact_rows(act, _x_pairs(xm, xscale), mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+        else:
+            c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+        xabs = _x_absmax(xm, M_P > 1)
         cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
         inv0 = _col_factor(cols, BITS, F16)
         F16_OFF: tl.constexpr = F16 and not H2  # h2 sums exact q: no 1024 offsets
@@ -487,12 +603,15 @@ def _sgemv_kernel(
         for gi in tl.static_range(1, GROUPS):
             ki = k0 + gi * KR
             mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR, T_MODE)
-            ci, _ = compact_rows(act, xm, mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-            xabs = tl.maximum(xabs, _x_absmax(xm))
+            if XP:
+                ci, _ = compact_rows(act, _x_pairs(xm, xscale), mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            else:
+                ci, _ = compact_rows(act, xm, mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
+            xabs = tl.maximum(xabs, _x_absmax(xm, M_P > 1))
             steps = tl.maximum(steps, tl.cdiv(ci, W * R))
             cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, ki, G, stride_sg, BLOCK_N)
             offs += _offset_term(sc, zr, tl.sum(xm, axis=1), inv0, F16_OFF, BITS)
-        if H2:  # one power of two for the program's span (max |x| over its K-ranges; the fp16 chains of each
+        if H2:  # one power of two (per batch row) for the program's span (max |x| over its K-ranges; the fp16 chains of each
             # K-range are folded into fp32 at its end, so the overflow bound is per K-range as with GROUPS 1)
             xscale = _x_scale(xabs)
         else:
@@ -501,8 +620,10 @@ def _sgemv_kernel(
     word = start // PER + tl.arange(0, NB)
     w_ok = word < end // PER
     wv = tl.arange(0, W)
-    if H2:  # fp16-pair accumulators (int32 bit patterns, 0 = +0.0): a0..a3 hold the pairs (J, J + 4)
+    if H2 and M_P == 1:  # fp16-pair accumulators (int32 bit patterns, 0 = +0.0): a0..a3 hold the pairs (J, J + 4)
         a0 = tl.zeros([W, NB], tl.int32)
+    elif H2:
+        a0 = tl.zeros([M_P, W, NB], tl.int32)
     elif M_P == 1:  # 2-D accumulators [W, NB]: the layout of the weight tile, no conversion in the loop
         a0 = tl.zeros([W, NB], tl.float32)
     else:
@@ -516,12 +637,12 @@ def _sgemv_kernel(
     a7 = tl.zeros_like(a0)
     if DENSE == 100:
         a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
-                                                     w_ok, stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
+                                                     w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
                                                      M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
     elif DENSE > 0:
         if in_place:
             a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
-                                                         w_ok, stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
+                                                         w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
                                                          M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
@@ -625,14 +746,19 @@ def _sgemv_kernel(
         a = tl.join(tl.join(tl.sum(a0, axis=RA), tl.sum(a2, axis=RA)), tl.join(tl.sum(a1, axis=RA), tl.sum(a3, axis=RA)))
     a = tl.reshape(a, [M_P, BLOCK_N])
     inv = _col_factor(cols, BITS, F16)
-    if H2 and GROUPS == 1:  # exact q, x scaled by xscale: no offsets, no per-column factor
-        y = sc.to(tl.float32)[None, :] * (a * (1.0 / xscale) - zr.to(tl.float32)[None, :] * xsum[:, None])
+    if H2:  # x was scaled by xscale (per batch row at M_P > 1): undo it
+        if M_P == 1:
+            a = a * (1.0 / xscale)
+        else:
+            a = a * (1.0 / xscale)[:, None]
+    if H2 and GROUPS == 1:  # exact q: no offsets, no per-column factor
+        y = sc.to(tl.float32)[None, :] * (a - zr.to(tl.float32)[None, :] * xsum[:, None])
     elif GROUPS == 1:
         if BITS == 4 and F16:  # remove the 1024 offsets (1024 * sum of x)
             a = a - 1024.0 * xsum[:, None]
         y = sc.to(tl.float32)[None, :] * (a * inv[None, :] - zr.to(tl.float32)[None, :] * xsum[:, None])
-    elif H2:  # the scales are already in a (_fold); x was scaled by xscale, q exact
-        y = a * (1.0 / xscale) - offs
+    elif H2:  # the scales are already in a (_fold); q exact
+        y = a - offs
     else:  # the scales are already in a (_fold)
         y = a * inv[None, :] - offs
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -659,8 +785,9 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
     pipe = shape.pipe and shape.rows == 4
-    # fp16-pair accumulation: int4, batch 1, 16-bit x, any loop (else the fp16-pair unpack into fp32)
-    h2 = shape.h2 and p.bits == 4 and p.m == 1 and p.x.dtype != torch.float32
+    # fp16-pair accumulation: int4, batch 1-4 (one power of two per batch row), 16-bit x, any loop (else the
+    # fp16-pair unpack into fp32)
+    h2 = shape.h2 and p.bits == 4 and p.m <= CORE_MAX_M and p.x.dtype != torch.float32
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,

@@ -2,10 +2,12 @@
 shared memory and the instruction mix of its SASS (triton's bundled ptxas and cuobjdump; no device time).
 
     PYTHONPATH=<triton 3.6 site>:. python benchmarks/profile/sass_core.py '{"vec": 4, "warps": 4, "rows": 4,
-        "k_range": 128, "evict_first": true, "h2": true}' [--n 28672 --k 8192] [--sass out.sass]
+        "k_range": 128, "evict_first": true, "h2": true}' [--m 1] [--n 28672 --k 8192] [--sass out.sass]
 
-The specialization is that of a launch on the given layer at batch 1 with a 0-dim tensor threshold (int arguments
-divisible by 16 and pointers 16-byte aligned, as triton specializes them).
+The specialization is that of a launch on the given layer at batch ``--m`` (1-4) with a 0-dim tensor threshold (int
+arguments divisible by 16 and pointers 16-byte aligned, as triton specializes them). Besides the whole kernel's
+instruction mix it reports each loop of the SASS (a backward branch): its static instructions, i.e. per step of
+the row loop, and the mix inside it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("shape", help="CoreShape fields as JSON")
     ap.add_argument("--n", type=int, default=28672)
     ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--m", type=int, default=1, help="batch rows (M_P: the next power of two)")
     ap.add_argument("--t-mode", type=int, default=1)
     ap.add_argument("--sass", default=None)
     a = ap.parse_args()
@@ -44,10 +47,11 @@ def main() -> None:
     ints = {"stride_xm", "t_stride_part", "M", "N", "K", "G", "stride_qk", "stride_sg", "stride_ym", "END0", "END1",
             "n_ksplit", "magic"}
     dense = shape.dense if not shape.pipe and shape.stages == 1 else 0
-    const = dict(M_P=1, KR=shape.k_range, T_MODE=a.t_mode, SPLIT=True, DET=False, ALIGNED=True,
+    m_p = triton.next_power_of_2(a.m)
+    const = dict(M_P=m_p, KR=shape.k_range, T_MODE=a.t_mode, SPLIT=True, DET=False, ALIGNED=True,
                  OUT_DTYPE=triton.language.bfloat16, EMULATE=False, BITS=4, W=shape.warps, R=shape.rows, VEC=shape.vec,
                  F16=shape.f16, PIPE=shape.pipe, EVICT=shape.evict_first, STAGES=shape.stages, GROUPS=shape.groups,
-                 DENSE=dense, H2=shape.h2, M=1)
+                 DENSE=dense, H2=shape.h2, M=a.m)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -77,12 +81,19 @@ def main() -> None:
     if a.sass:
         open(a.sass, "w").write(sass)
     ops = collections.Counter()
+    code = []  # (address, opcode, branch target or None)
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.\S+)?\s*([^;]*)", line)
         if m:
-            ops[m.group(2)] += 1
-    print(json.dumps(shape.__dict__), re.sub(r"\s+", " ", res.split("Function")[-1].strip())[:200])
+            ops[m.group(3)] += 1
+            target = re.match(r"(0x[0-9a-f]+)", m.group(4).strip()) if m.group(3) == "BRA" else None
+            code.append((int(m.group(1), 16), m.group(3), int(target.group(1), 16) if target else None))
+    print(json.dumps({**shape.__dict__, "m": a.m}), re.sub(r"\s+", " ", res.split("Function")[-1].strip())[:200])
     print("static SASS instructions:", sum(ops.values()), dict(ops.most_common(16)))
+    for addr, op, target in code:  # loops: backward branches (the branch-to-self at the end excluded)
+        if target is not None and target < addr:
+            body = collections.Counter(o for a_, o, _ in code if target <= a_ <= addr)
+            print(f"loop {target:#x}-{addr:#x}: {sum(body.values())} instructions", dict(body.most_common(20)))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def use_triton(x: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class CoreShape:
-    """Launch shape of the CUDA-core kernel (kernels/gemv_triton.py; M <= 4, made for M = 1)."""
+    """Launch shape of the CUDA-core kernel (kernels/gemv_triton.py; M <= CORE_MAX_M = 4, made for M = 1; ``h2``
+    also at M = 2..4)."""
 
     vec: int  # int32 words per thread per row (1, 2, 4): a program owns 32 * vec * (32 // bits) columns
     warps: int  # warps of a program; they split the active rows of its K-range
@@ -70,9 +71,11 @@ class CoreShape:
     # with at least this share of active rows is not compacted but read in place, inactive rows predicated off (no
     # scratch round trip; the loop issues every row's instructions); 100: always in place (no compaction compiled);
     # 0: always compacted
-    h2: bool = False  # int4, batch 1, fp16/bf16 x (any loop): the products are summed in fp16 pairs (HFMA2; x
-    # scaled into [8, 16) by a power of two per program, the pairs converted to fp32 once per K-range): 13 instead
-    # of 21 instructions per word; other calls take the fp16-pair unpack
+    h2: bool = False  # int4, batch 1-4 (CORE_MAX_M), fp16/bf16 x (any loop): the products are summed in fp16 pairs
+    # (HFMA2; x scaled into [8, 16) by a power of two per program and batch row, the pairs converted to fp32 once per
+    # K-range): 13 instead of 21 instructions per word at batch 1; at batch 2-4 the unpack (1 SHF + 4 LOP3 + 4 HSUB2)
+    # is shared by the rows, 4 HFMA2 per row, x paired before the loop (scratch list) and, in place, every row read
+    # unpredicated; int8 and fp32 x take the fp16-pair unpack into fp32 (int4) or the integer unpack
     kernel = "core"
 
 
@@ -159,7 +162,9 @@ def _in(value: int, bounds) -> bool:
 
 
 def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether a launch shape can take the call at all (not whether it is fast)."""
+    """Whether a launch shape can take the call at all (not whether it is fast). The core kernel takes m <= CORE_MAX_M
+    (4) with every option, ``h2`` included (one power of two per batch row); ``h2`` is used for int4 weights with
+    fp16/bf16 x and ignored otherwise (int8, fp32 x: the same shape without it), so it never makes a shape unfit."""
     if isinstance(shape, SplitKShape):
         bk = shape.block_k
         return 16 <= bk and group_size % bk == 0 and shape.block_n >= 16 and shape.block_n & (shape.block_n - 1) == 0

@@ -1,4 +1,5 @@
-"""Batch-1 sparse GEMV on CUDA cores (``_sgemv_kernel``): y = (x * (|x| > t)) @ W^T, one launch, M <= 4.
+"""Batch-1 sparse GEMV on CUDA cores (``_sgemv_kernel``): y = (x * (|x| > t)) @ W^T, one launch, M <= 4 (``h2``: the
+products summed in fp16 pairs, at M = 2..4 with the unpack shared by the batch rows; docs/kernels.md rounds 7 and 9).
 
 Shapes and layout: kernels/reference.py (the pure-torch twin) and docs/kernels.md. A program owns
 BLOCK_N = 32 * VEC * (32 // BITS) columns (each thread VEC int32 words = 4 * VEC bytes of a row) and the KR rows
@@ -308,11 +309,11 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
     H2 at M_P > 1: x was thresholded, scaled and paired before the loop (``_store_rows``): the pairs are read from
-    the row's scratch slot, a row is live when any of its pairs is nonzero."""
+    the row's scratch slot, and every row's words are loaded, unpredicated (at batch >= 2 the union of the active
+    rows is 75-100 % dense; a predicate would put this scratch load, an L2 round trip, before every weight load)."""
     row = krow + tl.arange(0, W)
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
-        act = xr.to(tl.int32, bitcast=True) != 0
     else:
         xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
         if T_MODE == 0:
@@ -327,6 +328,9 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
         live = tl.reshape(act, [W])
         ptrs = qw_ptr + row[:, None] * stride_qk + word[None, :]
         ok = live[:, None] & w_ok[None, :]
+    elif H2:  # every row
+        ptrs = qw_ptr + row[None, :, None] * stride_qk + word[None, None, :]
+        ok = w_ok[None, None, :]
     else:
         live = tl.max(act.to(tl.int32), axis=0) > 0  # union over the batch rows
         ptrs = qw_ptr + row[None, :, None] * stride_qk + word[None, None, :]

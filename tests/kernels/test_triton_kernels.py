@@ -225,14 +225,14 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
 @pytest.mark.parametrize("kw", H2_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_core_kernel_h2(device, poison, kw, dtype):
-    """``h2``: products summed in fp16 pairs with x scaled by a power of two per K-range, against float64 truth
-    within 4 bf16 ulps of max |truth| (the fp16 sums round where the fp32 ones do not): x of norm 1, 1e4 with an
-    outlier of 3e7 (fp16 overflows without the scale; fp16 x: 1e2 and 5e2) and 1e-5 (fp16 subnormals without it),
-    with a NaN input, a
-    python-float, a 0-dim and a per-channel threshold; twice in a row (split-K workspace left zero). bits 8 and batch
-    3 take the unpack into fp32 instead (same results)."""
+    """``h2``: products summed in fp16 pairs with x scaled by a power of two per K-range (and batch row), against
+    float64 truth within 4 bf16 ulps of max |truth| (the fp16 sums round where the fp32 ones do not): x of norm 1,
+    1e4 with an outlier of 3e7 (fp16 overflows without the scale; fp16 x: 1e2 and 5e2) and 1e-5 (fp16 subnormals
+    without it), with a NaN input, a python-float, a 0-dim and a per-channel threshold; twice in a row (split-K
+    workspace left zero). Batch 1-4 (batch 2-4: the unpack shared by the rows, x paired before the loop); bits 8
+    takes the unpack into fp32 instead (same results)."""
     k, n, g = 256, (72 if not ON_GPU else 3000), 64
-    for bits, m in ((4, 1), (8, 1), (4, 3)):
+    for bits, m in ((4, 1), (8, 1), (4, 2), (4, 3), (4, 4)):
         q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=11)
         big = 1e4 if dtype == torch.bfloat16 else 1e2  # fp16 y would overflow at 1e4
         for seed, sp, scale in ((1, 0.5, 1.0), (2, 0.0, big), (3, 0.8, 1e-5)):
@@ -243,12 +243,54 @@ def test_core_kernel_h2(device, poison, kw, dtype):
                 x[0, 7] = 3e7 if dtype == torch.bfloat16 else 5e2
             x = x.to(dtype).to(device)
             th = {1: t, 2: torch.tensor(t, device=device), 3: torch.linspace(0.1, 2.0, k, device=device) * scale}[seed]
-            for _ in range(2):
+            for _ in range(2 if m == 1 else 1):
                 y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(h2=True, **kw))
                 want = truth(x, q, s, z, g, th)
                 assert y.dtype == dtype and torch.isfinite(y).all()
                 err = (y.double().cpu() - want).abs().max().item()
                 assert err <= tol(torch.bfloat16, want.abs().max().item()), (bits, m, seed, err)
+
+
+H2_BATCH_CASES = [(dict(vec=1, warps=2, rows=2, k_range=32), 4), (dict(vec=1, warps=1, rows=4, k_range=32, dense=100), 4),
+                  (dict(vec=2, warps=2, rows=4, k_range=64, dense=60, evict_first=True), 2),
+                  (dict(vec=1, warps=2, rows=2, k_range=32, groups=2), 3)]
+
+
+@pytest.mark.parametrize("kw,m", H2_BATCH_CASES, ids=lambda c: "-".join(f"{k[:2]}{int(v)}" for k, v in c.items())
+                         if isinstance(c, dict) else f"m{c}")
+def test_core_kernel_h2_scale_per_batch_row(device, poison, kw, m):
+    """``h2`` at batch 2-4 scales each batch row by its own power of two: rows of norm 1, 1e-8, 1e4 and 1e-3 (bf16 x)
+    each within 4 bf16 ulps of that row's own max |truth| (one scale for all rows would put the 1e-8 row below
+    fp16's subnormals); fused parts with per-part scalar and per-channel thresholds; the deterministic reduction
+    (two calls bit-equal)."""
+    k, g, splits = 128, 64, [40, 16, 24]
+    q, qw, s, z = make_layer(k, sum(splits), g, 4, torch.bfloat16, device, seed=13)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
+    x *= torch.tensor([1.0, 1e-8, 1e4, 1e-3])[:m, None]
+    x[m - 1, 9] = float("nan")
+    x = x.to(torch.bfloat16).to(device)
+    y = gemv.sparse_gemv(x, qw, s, z, 0.0, bits=4, group_size=g, shape=CoreShape(h2=True, **kw))
+    want = truth(x, q, s, z, g, 0.0)
+    for r in range(m):
+        err = (y[r].double().cpu() - want[r]).abs().max().item()
+        assert err <= 4 * 2**-7 * want[r].abs().max().item(), (r, err)
+    for th in (torch.tensor([0.0, 1e-9, 0.5], device=device), torch.rand(3, k, device=device) * 1e-3):
+        y = gemv.sparse_gemv_fused(x, qw, s, z, th, splits, bits=4, group_size=g, shape=CoreShape(h2=True, **kw))
+        ends = [0, 40, 56, 80]
+        want = torch.cat([truth(x, q[:, a:b], s[:, a:b], z[:, a:b], g, th[p]) for p, (a, b) in enumerate(zip(ends, ends[1:]))], 1)
+        for r in range(m):
+            err = (y[r].double().cpu() - want[r]).abs().max().item()
+            assert err <= 4 * 2**-7 * max(want[r].abs().max().item(), 1e-30), (r, err)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [gemv.sparse_gemv(x, qw, s, z, 0.0, bits=4, group_size=g, shape=CoreShape(h2=True, **kw)) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(runs[0], runs[1])
+    want = truth(x, q, s, z, g, 0.0)
+    for r in range(m):
+        assert (runs[0][r].double().cpu() - want[r]).abs().max().item() <= 4 * 2**-7 * want[r].abs().max().item()
 
 
 MMA_SHAPES = [  # (launch shape, x dtype): each shape once, both dtypes across the list

@@ -63,6 +63,20 @@ CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
     CoreShape(1, 4, 8, 32, f16=False),
     # not swept any more: fp16-pair unpack into fp32 (h2 faster wherever it applies), maxnreg, round 6 shapes
 ]
+# batch 2-4 on the CUDA-core kernel with h2 (round 9, prepared, not measured): the unpack shared by the batch rows,
+# one power of two per row, x paired before the loop; one warp per program keeps the cross-warp reduction (the
+# epilogue) out and amortizes the rest over 32 steps. SASS (sm_90, 70B gate/up specialization, M = 4 / M = 2):
+# registers, estimated instructions per weight of W per program (split-K's table pick: 91 / 92, 6.22 / 5.60)
+CORE_BATCHED = [
+    CoreShape(2, 1, 4, 128, evict_first=True, dense=100, h2=True),  # 127 / 79, 4.78 / 3.57
+    CoreShape(2, 1, 4, 128, evict_first=True, h2=True),  # compacted: 128 / 85, 4.80 / 3.54
+    CoreShape(2, 1, 4, 128, evict_first=True, dense=85, h2=True),  # the switch (M = 2 at s50: union 75 % dense)
+    CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 128 / 72, 5.36 / 4.02
+    CoreShape(2, 4, 4, 128, evict_first=True, dense=100, h2=True),  # batch 1's 4 warps: 125 / 72, 6.64 / 4.6
+    CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 66 / 62: more warps per SM, 6.01 / 4.64
+    CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # twice the programs (q/o, qkv, 8B layers)
+    CoreShape(1, 1, 4, 32, dense=100, h2=True),  # small layers (k/v, 8B q/o): 8x the programs of v2 kr128
+]
 # always-dense shapes for calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0): the table's
 # ``dense_threshold`` rules, timed at batch 1 with that threshold on every layer and on the lm_head shapes, int4 and
 # int8 (h2 is int4-only: int8 calls take the fp32 path of the same shape)
@@ -106,6 +120,7 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
 ]
 if bench.SMOKE:
     CORE, MMA, SPLITK = CORE[:1] + CORE[6:7] + CORE[10:11] + CORE[15:16], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE_BATCHED = CORE_BATCHED[:1] + CORE_BATCHED[-1:]
     DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
@@ -114,7 +129,9 @@ CLASSES = {1: (1, 1), 2: (2, 2), 4: (3, 4), 8: (5, 8), 16: (9, 16)}
 
 
 def candidates(m: int) -> list:
-    core = [c for c in CORE if m <= dispatch.CORE_MAX_M and (m == 1 or c.vec <= 2)] if "core" in FAMILIES else []
+    """Batch 1: CORE; batch 2-4: CORE_BATCHED (since round 9; the batch-1 shapes, made for M = 1, were 1.16-1.77x
+    slower than split-K at M = 2-4 in round 6); every batch: MMA; batch >= 2: SPLITK."""
+    core = (CORE if m == 1 else CORE_BATCHED if m <= dispatch.CORE_MAX_M else []) if "core" in FAMILIES else []
     return core + (MMA if "mma" in FAMILIES else []) + (SPLITK if "splitk" in FAMILIES and m > 1 else [])
 
 

@@ -72,7 +72,7 @@ CORE_BATCHED = [
     CoreShape(2, 1, 4, 128, evict_first=True, h2=True),  # compacted: 128 / 85, 4.80 / 3.54
     CoreShape(2, 1, 4, 128, evict_first=True, dense=85, h2=True),  # the switch (M = 2 at s50: union 75 % dense)
     CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 128 / 72, 5.36 / 4.02
-    CoreShape(2, 4, 4, 128, evict_first=True, dense=100, h2=True),  # batch 1's 4 warps: 125 / 72, 6.64 / 4.6
+    CoreShape(2, 4, 4, 128, evict_first=True, dense=100, h2=True),  # batch 1's 4 warps: 125 / 72, 6.64 / 4.92
     CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 66 / 62: more warps per SM, 6.01 / 4.64
     CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # twice the programs (q/o, qkv, 8B layers)
     CoreShape(1, 1, 4, 32, dense=100, h2=True),  # small layers (k/v, 8B q/o): 8x the programs of v2 kr128

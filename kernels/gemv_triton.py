@@ -220,8 +220,9 @@ def _x_absmax(xm, PER_ROW: tl.constexpr = False):
 @triton.jit
 def _x_scale(xabsmax):
     """A power of two that brings ``xabsmax`` (max |x| of the K-range, or of all K-ranges of a program; a scalar, or
-    [M_P] with one per batch row) into [8, 16) (1 when all x are 0), elementwise: x * q of one K-range then sums in fp16 without overflow (|x q| < 240, at most 128 terms per
-    chain, the chains folded into fp32 per K-range) and with fp16's full precision for the largest x."""
+    [M_P] with one per batch row) into [8, 16) (1 when all x are 0), elementwise: x * q of one K-range then sums in
+    fp16 without overflow (|x q| < 240, at most 128 terms per chain, the chains folded into fp32 per K-range) and
+    with fp16's full precision for the largest x."""
     xmax = tl.maximum(xabsmax, 1e-30)
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(16.0 / xmax)), -100.0), 100.0)
     e = tl.where(xabsmax > 0, e, 0.0)

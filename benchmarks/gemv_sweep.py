@@ -146,6 +146,22 @@ def truth(x, q, scales, zeros, thr):
     return xm @ ((q.double() - z) * s)
 
 
+def worst_error(run, want, what: str, log) -> float:
+    """Max error / tolerance of two calls of `run` in a row against the float64 `want`; inf when a call raises (a
+    candidate that does not compile or run is dropped)."""
+    worst = 0.0
+    for _ in range(2):
+        try:
+            y = run()
+        except Exception as e:  # noqa: BLE001
+            log(f"FAILED to run: {what}: {e!r}"[:500])
+            return float("inf")
+        err = (y.double() - want).abs().max().item()
+        tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
+        worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
+    return worst
+
+
 def check_all(log) -> dict:
     """{(shape, m): max error / tolerance} for every candidate; > 1 fails."""
     out = {}
@@ -157,16 +173,12 @@ def check_all(log) -> dict:
             for (q, scales, zeros, x), qw, sp in zip(layers, packed, (0.5, 0.0)):
                 thr = threshold_for(x, int(sp * 100))
                 want = truth(x, q, scales, zeros, thr)
-                for _ in range(2):
-                    try:
-                        y = kernel.sparse_gemv(x, qw, scales, zeros, torch.tensor(thr, device=bench.DEV), bits=4, group_size=GROUP, shape=shape)
-                    except Exception as e:  # noqa: BLE001 - a candidate that does not compile or run is dropped
-                        log(f"FAILED to run: {shape} M={m}: {e!r}"[:500])
-                        worst = float("inf")
-                        break
-                    err = (y.double() - want).abs().max().item()
-                    tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
-                    worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
+
+                def run():
+                    return kernel.sparse_gemv(x, qw, scales, zeros, torch.tensor(thr, device=bench.DEV), bits=4,
+                                              group_size=GROUP, shape=shape)
+
+                worst = max(worst, worst_error(run, want, f"{shape} M={m}", log))
             out[(dispatch.shape_to_dict(shape).__repr__(), m)] = worst
             if worst > 1:
                 log(f"FAILED correctness: {shape} M={m}: error {worst:.2f} x tolerance")
@@ -183,17 +195,9 @@ def check_dense(log) -> dict:
         x = activations(1, k, 5)
         want = truth(x, q, scales, zeros, 0.0)
         for shape in DENSE:
-            worst = 0.0
-            for _ in range(2):
-                try:
-                    y = kernel.sparse_gemv(x, qw, scales, zeros, 0.0, bits=bits, group_size=GROUP, shape=shape)
-                except Exception as e:  # noqa: BLE001 - dropped
-                    log(f"FAILED to run: {shape} bits={bits}: {e!r}"[:500])
-                    worst = float("inf")
-                    break
-                err = (y.double() - want).abs().max().item()
-                tol = 4 * 2**-7 * max(want.abs().max().item(), 1e-3)
-                worst = max(worst, err / tol if math.isfinite(err) else float("inf"))
+            worst = worst_error(
+                lambda: kernel.sparse_gemv(x, qw, scales, zeros, 0.0, bits=bits, group_size=GROUP, shape=shape),
+                want, f"{shape} bits={bits}", log)
             out[(repr(dispatch.shape_to_dict(shape)), bits)] = worst
             if worst > 1:
                 log(f"FAILED correctness: {shape} bits={bits} (dense threshold): error {worst:.2f} x tolerance")

@@ -76,6 +76,11 @@ class CoreShape:
     # K-range): 13 instead of 21 instructions per word at batch 1; at batch 2-4 the unpack (1 SHF + 4 LOP3 + 4 HSUB2)
     # is shared by the rows, 4 HFMA2 per row, x paired before the loop (scratch list) and, in place, every row read
     # unpredicated; int8 and fp32 x take the fp16-pair unpack into fp32 (int4) or the integer unpack
+    preload: int = 0  # 1 or 2 (not with pipe, stages or groups; k_range a multiple of warps; implies dense 100):
+    # every row of the program's K-range is loaded at its start, all loads in flight together (k_range / warps
+    # row loads of 4 * vec bytes per thread, held in registers; rows ignored). 1: before x is read, inactive rows
+    # too (x = 0): no load waits for anything; 2 (batch 1; at batch 2-4 as 1): after x, inactive rows predicated
+    # off (no traffic). For small layers, whose time is one program's chain of dependent round trips (round 10)
     kernel = "core"
 
 
@@ -176,6 +181,9 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
             return False
         if shape.dense and (shape.pipe or shape.stages > 1 or shape.groups > 1 or kr % (shape.warps * shape.rows)
                             or not 0 < shape.dense <= 100):
+            return False
+        if shape.preload and (shape.pipe or shape.stages > 1 or shape.groups > 1 or kr % shape.warps
+                              or shape.preload not in (1, 2)):
             return False
         return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
     return shape.block_k <= kr and shape.block_n % 8 == 0

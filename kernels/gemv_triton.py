@@ -303,6 +303,77 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 
 @triton.jit
+def _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE: tl.constexpr):
+    """x of rows ``row`` [W] (one per warp) for every batch row, thresholded here (|x| > t, NaN dropped), in the
+    [M_P, W] shape of the scratch-slot loads (no layout conversions): (act, x * act)."""
+    xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+    else:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + row[None, :] + 0 * mm[:, None]).to(tl.float32)
+    act = act & m_ok[:, None]
+    return act, tl.where(act, xv, 0.0)
+
+
+@triton.jit
+def _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr,
+                  ALIGNED: tl.constexpr, EVICT: tl.constexpr):
+    """PRELOAD 1: the words of all KR rows of the tile (warp w takes rows k0 + w, k0 + w + W, ...), one tuple entry
+    per step of W rows, unpredicated and before x is read: no row load waits for anything, all are in flight at
+    once. Inactive rows are read too and multiplied by x = 0."""
+    wts = ()
+    for r in tl.static_range(KR // W):
+        wts = wts + (_row_load(qw_ptr, k0 + r * W + wv, word, w_ok, stride_qk, M_P, ALIGNED, EVICT),)
+    return wts
+
+
+@triton.jit
+def _preload_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR: tl.constexpr,
+               W: tl.constexpr, T_MODE: tl.constexpr):
+    """The thresholded x of every step of W rows ([M_P, W] each, ``_row_x``), all loads issued together:
+    (act, x) tuples."""
+    acts = ()
+    xrs = ()
+    for r in tl.static_range(KR // W):
+        act, xr = _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + r * W + wv, mm, m_ok, T_MODE)
+        acts = acts + (act,)
+        xrs = xrs + (xr,)
+    return acts, xrs
+
+
+@triton.jit
+def _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR: tl.constexpr, W: tl.constexpr,
+                  EVICT: tl.constexpr):
+    """PRELOAD 2 (batch 1): the words of all KR rows, each load predicated on its row being active (x read first:
+    an inactive row costs no memory traffic), all issued together."""
+    wts = ()
+    for r in tl.static_range(KR // W):
+        live = tl.reshape(acts[r], [W])
+        ptrs = qw_ptr + (k0 + r * W + wv)[:, None] * stride_qk + word[None, :]
+        ok = live[:, None] & w_ok[None, :]
+        if EVICT:
+            wd = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+        else:
+            wd = tl.load(ptrs, mask=ok, other=0)
+        wts = wts + (wd,)
+    return wts
+
+
+@triton.jit
+def _all_loaded(wts, K, KR: tl.constexpr, W: tl.constexpr):
+    """An int32 zero tile (the accumulators' start) that depends on every preloaded word: (w_0 | w_1 | ...) & (K >> 31),
+    K >= 0 unknown to the compiler. Every FMA chain then waits for all loads, so ptxas issues them all first; without
+    it ptxas sinks most row loads of a 1-2 warp program below the FMAs of the earlier rows, one DRAM latency per row
+    (SASS, triton 3.6), even across a barrier."""
+    dep = wts[0]
+    for r in tl.static_range(1, KR // W):
+        dep = dep | wts[r]
+    return dep & (K >> 31)
+
+
+@triton.jit
 def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok, stride_qk,
                 scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
                 H2: tl.constexpr = False):
@@ -316,15 +387,7 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
     else:
-        xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
-        if T_MODE == 0:
-            act = tl.abs(xv) > t_value
-        elif T_MODE == 1:
-            act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
-        else:
-            act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + row[None, :] + 0 * mm[:, None]).to(tl.float32)
-        act = act & m_ok[:, None]
-        xr = tl.where(act, xv, 0.0)
+        act, xr = _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE)
     if M_P == 1:
         live = tl.reshape(act, [W])
         ptrs = qw_ptr + row[:, None] * stride_qk + word[None, :]
@@ -545,7 +608,7 @@ def _sgemv_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
-    DENSE: tl.constexpr = 0, H2: tl.constexpr = False,
+    DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -558,8 +621,19 @@ def _sgemv_kernel(
     if GROUPS == 1:
         # 1. scales / zeros of this K-range's group: independent of x, issued first
         cols, n_ok, sc, zr = tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N)
+        if PRELOAD > 0:  # in place (DENSE 100), every row's words loaded now (PRELOAD 1: before x is read)
+            word = start // PER + tl.arange(0, NB)
+            w_ok = word < end // PER
+            wv = tl.arange(0, W)
+            if PRELOAD == 1 or M_P > 1:
+                wts = _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P, KR, W, ALIGNED, EVICT)
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+        if PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
+            acts, xrs = _preload_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR, W,
+                                   T_MODE)
+            if PRELOAD == 2 and M_P == 1:
+                wts = _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR, W, EVICT)
         xsum = tl.sum(xm, axis=1)
         if H2:  # fp16-pair accumulation: x scaled by a power of two per program and batch row (undone in the
             # epilogue; a scalar at M_P 1)
@@ -640,7 +714,28 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    if DENSE == 100:
+    if PRELOAD > 0:  # zeros, but only once every preloaded word has arrived (ptxas then issues all loads first)
+        dep = _all_loaded(wts, K, KR, W)
+        if not H2:
+            dep = dep.to(tl.float32, bitcast=True)
+        a0 += dep
+        a1 += dep
+        a2 += dep
+        a3 += dep
+        a4 += dep
+        a5 += dep
+        a6 += dep
+        a7 += dep
+    if PRELOAD > 0:  # the preloaded rows (DENSE 100: no compaction); at M_P > 1 with H2 the ready x pairs
+        # written by _store_rows
+        for r in tl.static_range(KR // W):
+            if H2 and M_P > 1:
+                xr = tl.load(scr_x_ptr + (part * K + k0 + r * W + wv)[None, :] * M_P + mm[:, None])
+            else:
+                xr = xrs[r]
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wts[r], xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                      BITS, M_P, W, F16, EMULATE, H2)
+    elif DENSE == 100:
         a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                      w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
                                                      M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
@@ -781,7 +876,8 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
         qw = qw.view(torch.int32)
     block_n = 32 * shape.vec * (32 // p.bits)
     steps_fit = shape.k_range % (shape.warps * shape.rows) == 0
-    dense = shape.dense if not shape.pipe and shape.stages == 1 and steps_fit else 0
+    preload = shape.preload if not shape.pipe and shape.stages == 1 and shape.k_range % shape.warps == 0 else 0
+    dense = 100 if preload else shape.dense if not shape.pipe and shape.stages == 1 and steps_fit else 0
     groups = 1 if shape.pipe or dense or not steps_fit else shape.groups
     while groups > 1 and p.k % (shape.k_range * groups):  # the span of a program must divide K
         groups //= 2
@@ -797,7 +893,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
-        GROUPS=groups, DENSE=dense, H2=h2,
+        GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -50,6 +50,17 @@ def test_first_matching_rule_wins_and_unfit_rules_are_skipped(tmp_path, monkeypa
         dispatch.load_table.cache_clear()
 
 
+def test_preload_fits_only_plain_in_place_shapes():
+    """``preload`` (round 10) loads k_range / warps rows per warp at the start: no pipe, stages or groups, value 1 or
+    2; it needs no rows-per-step divisibility (it has no row loop)."""
+    assert dispatch.fits(CoreShape(1, 4, 8, 16, preload=1), 1, 256, 4, 128)
+    assert dispatch.fits(CoreShape(2, 2, 4, 64, preload=2, h2=True), 4, 256, 4, 128)
+    for bad in (CoreShape(1, 4, 4, 32, preload=1, pipe=True), CoreShape(1, 4, 4, 32, preload=1, stages=2),
+                CoreShape(1, 4, 4, 32, preload=1, groups=2), CoreShape(1, 4, 4, 32, preload=3)):
+        assert not dispatch.fits(bad, 1, 256, 4, 128), bad
+    assert dispatch.fits(CoreShape(1, 4, 1, 32, preload=1), 1, 256, 4, 128)
+
+
 def test_unknown_launch_parameters_are_rejected():
     with pytest.raises(ValueError, match="unknown core launch parameters"):
         dispatch.shape_from_dict({"kernel": "core", "vec": 1, "warps": 1, "rows": 1, "k_range": 16, "probe": 2})

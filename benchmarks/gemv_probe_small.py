@@ -1,0 +1,418 @@
+"""Round 10 (docs/kernels.md): where the small layers' time goes at batch 1 (and 8B q/o, qkv at batch 4), measured.
+
+    PYTHONPATH=. python benchmarks/gemv_probe_small.py --out DIR [--workers 14]
+
+Leave-out probes run a copy of ``_sgemv_kernel`` whose jit helpers are swapped for probe versions (the copies share
+the product's source; kernels/ holds no probe switches): no counter / last-program tail (partials added, nothing
+else), partials stored (no atomics), no unpack / FMA (the row words XOR-folded), an empty kernel with the same grid
+and the same x / y traffic, and programmatic dependent launch (PDL: ``launch_pdl``; ``pdl_top``: griddepcontrol.wait
+first, so nothing is read before the previous kernel ends; ``pdl_early``: the scales / zeros (and preloaded rows)
+loaded before the wait, x and every scratch / workspace access after it). Probes give wrong results on purpose; the
+table's shapes, the PDL copies and the new ``preload`` shapes are first checked against float64 on the GPU.
+Timing: benchmarks/gemv.py's method (CUDA graphs of 40 calls over weight copies that defeat the L2, median of 15
+replays), tinygemm and cuBLAS bf16 in the same run. Writes DIR/gemv_probe_small_<gpu>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import gemv as bench  # noqa: E402  (benchmarks/gemv.py: timing method, layers, baselines)
+
+from kernels import dispatch, gemv_common, gemv_triton  # noqa: E402
+from kernels import gemv_launch as kernel  # noqa: E402
+from kernels.dispatch import CoreShape  # noqa: E402
+from kernels.gemv_common import prepare  # noqa: E402
+
+try:  # griddepcontrol (PDL), triton >= 3.3 on sm_90
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - the probes that need it are skipped
+    gdc_launch_dependents = gdc_wait = None
+
+GROUP = bench.GROUP
+LAYERS = {("8B", "q_o"): (4096, 4096), ("8B", "k_v"): (1024, 4096), ("8B", "qkv"): (6144, 4096),
+          ("70B", "k_v"): (1024, 8192)}
+BATCH4 = [("8B", "q_o"), ("8B", "qkv")]
+
+
+# -- probe versions of the kernel's helpers ---------------------------------------------------------------------------
+@triton.jit
+def _reduce_atomics_only(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
+                         SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """no tail: the partial is added to the workspace; no counter, no last program, y never written."""
+    if SPLIT:
+        tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
+    else:
+        tl.store(y_ptrs, y.to(OUT_DTYPE), mask=out_ok)
+
+
+@triton.jit
+def _reduce_store_only(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
+                       SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """stores: every program stores its partial (same addresses), no atomics, no counter."""
+    tl.store(ws_ptrs, y, mask=out_ok)
+
+
+@triton.jit
+def _row_xor(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr,
+             W: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr, H2: tl.constexpr = False):
+    """no unpack / FMA: the row's words are XOR-folded into a0 (keeps the loads; x is not used)."""
+    if H2:
+        a0 = a0 ^ wd
+    else:
+        a0 = (a0.to(tl.int32, bitcast=True) ^ wd).to(tl.float32, bitcast=True)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _program_tile_pdl_top(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: tl.constexpr,
+                          HINT: tl.constexpr = True):
+    gdc_wait()
+    gdc_launch_dependents()
+    return gemv_common.program_tile(N, END0, END1, SPAN, KR, ALIGNED, HINT)
+
+
+@triton.jit
+def _program_tile_pdl_trigger(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexpr, ALIGNED: tl.constexpr,
+                              HINT: tl.constexpr = True):
+    gdc_launch_dependents()
+    return gemv_common.program_tile(N, END0, END1, SPAN, KR, ALIGNED, HINT)
+
+
+@triton.jit
+def _threshold_rows_wait(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
+                         M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
+    gdc_wait()
+    return gemv_common.threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+
+
+@triton.jit
+def _empty_kernel(x_ptr, y_ptr, N, KR: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """The launch + drain floor: the table shape's grid and warps, each program reads its K-range of x and the
+    programs of the first K-range write their y tile (nothing else)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    xs = tl.sum(tl.load(x_ptr + pid_k * KR + tl.arange(0, KR)).to(tl.float32), axis=0)
+    if pid_k == 0:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + cols, (cols.to(tl.float32) * 0.0 + xs).to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+def _variant(**swaps):
+    """A copy of _sgemv_kernel whose helpers named in ``swaps`` are replaced: every jit function of
+    kernels/gemv_triton.py is re-created with a globals dict holding the swaps (same source, own compile cache key)."""
+    g = dict(vars(gemv_triton))
+    g.update(swaps)
+    for name, obj in list(g.items()):
+        fn = getattr(obj, "fn", None)
+        if name in swaps or not isinstance(fn, types.FunctionType) or fn.__module__ != gemv_triton.__name__:
+            continue
+        clone = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+        clone.__module__, clone.__qualname__, clone.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+        g[name] = triton.jit(clone)
+    return g["_sgemv_kernel"]
+
+
+VARIANTS = {
+    "copy": dict(),
+    "no_tail": dict(reduce_split_k=_reduce_atomics_only),
+    "stores": dict(reduce_split_k=_reduce_store_only),
+    "no_fma": dict(_row_fma=_row_xor),
+    "pdl_top": dict(program_tile=_program_tile_pdl_top),
+    "pdl_early": dict(program_tile=_program_tile_pdl_trigger, threshold_rows=_threshold_rows_wait),
+}
+KERNELS = {name: _variant(**swaps) for name, swaps in VARIANTS.items()}
+PDL = {"pdl_top", "pdl_early"}
+WRONG = {"no_tail", "stores", "no_fma"}  # probes that give wrong results on purpose
+
+
+_PROBE_WS: dict = {}
+
+
+def launch_variant(name: str, p: gemv_common.GemvProblem, shape: CoreShape) -> torch.Tensor:
+    """gemv_triton.launch with the kernel copy ``name`` (int4, bf16 x; PDL variants launched with launch_pdl)."""
+    block_n = 32 * shape.vec * (32 // p.bits)
+    steps_fit = shape.k_range % (shape.warps * shape.rows) == 0
+    preload = shape.preload if not shape.pipe and shape.stages == 1 and shape.k_range % shape.warps == 0 else 0
+    dense = 100 if preload else shape.dense if not shape.pipe and shape.stages == 1 and steps_fit else 0
+    call = prepare(p, block_n, shape.k_range)
+    h2 = shape.h2 and p.bits == 4 and p.m <= dispatch.CORE_MAX_M
+    extra = {"launch_pdl": True} if name in PDL else {}
+    if name in ("no_tail", "stores") and call.constants["SPLIT"]:  # these leave the workspace dirty: their own
+        ws = _PROBE_WS.get(p.x.device)
+        if ws is None or ws.numel() < p.m * p.n:
+            ws = _PROBE_WS[p.x.device] = torch.zeros(max(p.m * p.n, 1 << 16), dtype=torch.float32, device=p.x.device)
+        call.args["ws_ptr"] = ws
+    KERNELS[name][call.grid](
+        **call.args, magic=gemv_triton.FP32_MAGIC, **call.constants,
+        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe and shape.rows == 4,
+        STAGES=1, GROUPS=1, DENSE=dense, H2=h2, PRELOAD=preload, EVICT=shape.evict_first,
+        num_warps=shape.warps, num_stages=1, **extra)
+    return call.y
+
+
+def launch_empty(p: gemv_common.GemvProblem, shape: CoreShape, pdl: bool) -> torch.Tensor:
+    block_n = 32 * shape.vec * 8
+    y = torch.empty(p.m, p.n, dtype=p.x.dtype, device=p.x.device)
+    grid = (triton.cdiv(p.n, block_n), p.k // shape.k_range)
+    _empty_kernel[grid](p.x, y, p.n, KR=shape.k_range, BLOCK_N=block_n, PDL=pdl, num_warps=shape.warps,
+                        **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+def problem(x, qw, s, z, t) -> gemv_common.GemvProblem:
+    return gemv_common.GemvProblem(x, qw, s, z, 1, t, 0.0, 0, (qw.shape[1] * 8,), 4, GROUP)
+
+
+def run(kind: str, shape, x, qw, s, z, t):
+    """kind: 'table' (the product, table shape), 'product' (the product with ``shape``), a VARIANTS name, 'empty',
+    'empty_pdl'."""
+    if kind == "table":
+        return kernel.sparse_gemv(x, qw, s, z, t, bits=4, group_size=GROUP)
+    if kind == "product":
+        return kernel.sparse_gemv(x, qw, s, z, t, bits=4, group_size=GROUP, shape=shape)
+    if kind in ("empty", "empty_pdl"):
+        return launch_empty(problem(x, qw, s, z, t), shape, kind == "empty_pdl")
+    return launch_variant(kind, problem(x, qw, s, z, t), shape)
+
+
+# -- what is measured ---------------------------------------------------------------------------------------------
+def S(**kw) -> CoreShape:
+    return CoreShape(**{"rows": 4, "h2": True, **kw})
+
+
+PRELOAD_1 = [  # batch 1: every row loaded at the start, before x (registers: SASS, sm_90, triton 3.6)
+    S(vec=1, warps=1, k_range=32, preload=1),  # 96 regs, 32 row loads / thread, no cross-warp reduction
+    S(vec=1, warps=2, k_range=32, preload=1),  # 64
+    S(vec=1, warps=2, k_range=64, preload=1),  # 96
+    S(vec=1, warps=4, k_range=64, preload=1),
+    S(vec=1, warps=4, k_range=128, preload=1),  # 96
+    S(vec=2, warps=1, k_range=32, preload=1),  # 159
+    S(vec=2, warps=2, k_range=64, preload=1),
+    S(vec=2, warps=4, k_range=64, preload=1),  # 80
+    S(vec=2, warps=4, k_range=128, preload=1),
+    S(vec=4, warps=4, k_range=64, preload=1),
+    S(vec=1, warps=2, k_range=64, preload=2),  # x first, inactive rows predicated off
+    S(vec=2, warps=2, k_range=64, preload=2),  # 163
+    S(vec=2, warps=4, k_range=64, preload=2),
+]
+PRELOAD_4 = [  # batch 4 (8B q/o, qkv): at batch >= 2 preload 2 acts as 1
+    S(vec=1, warps=1, k_range=32, preload=1),  # 128 regs
+    S(vec=2, warps=1, k_range=32, preload=1),  # 249
+    S(vec=1, warps=2, k_range=64, preload=1),  # 96
+    S(vec=1, warps=2, k_range=32, preload=1),
+    S(vec=1, warps=4, k_range=64, preload=1),
+    S(vec=1, warps=1, k_range=32, dense=100),  # round 9's best core shape here (14.0 / 16.6 µs vs split-K 11.4 / 15.6)
+]
+PDL_OF = [0, 1, 2, 3, 6, 7]  # indices of PRELOAD_1 also timed with pdl_early / pdl_top
+
+
+def table_shape(m, n, k):
+    return dispatch.pick_gemv(m, n, k, 4, GROUP, torch.device("cuda"))
+
+
+def plan():
+    """[(model, proj, m, kind, shape, label)] for every timed (and checked) call."""
+    out = []
+    for (model, proj), (n, k) in LAYERS.items():
+        tab = table_shape(1, n, k)
+        out.append((model, proj, 1, "table", None, "table"))
+        for v in VARIANTS:
+            out.append((model, proj, 1, v, tab, f"table {v}"))
+        out.append((model, proj, 1, "product", dataclasses.replace(tab, dense=100, pipe=False), "table dense100"))
+        out.append((model, proj, 1, "empty", tab, "empty"))
+        out.append((model, proj, 1, "empty_pdl", tab, "empty pdl"))
+        for i, sh in enumerate(PRELOAD_1):
+            if sh.vec == 4 and n < 4096:
+                continue
+            out.append((model, proj, 1, "product", sh, short(sh)))
+            if i in PDL_OF:
+                out.append((model, proj, 1, "pdl_early", sh, short(sh) + " pdl_early"))
+                out.append((model, proj, 1, "pdl_top", sh, short(sh) + " pdl_top"))
+    for model, proj in BATCH4:
+        n, k = LAYERS[(model, proj)]
+        out.append((model, proj, 4, "table", None, "table"))
+        for sh in PRELOAD_4:
+            out.append((model, proj, 4, "product", sh, short(sh)))
+            if sh.preload:
+                out.append((model, proj, 4, "pdl_early", sh, short(sh) + " pdl_early"))
+    return out
+
+
+def short(sh: CoreShape) -> str:
+    words = [f"v{sh.vec} w{sh.warps} kr{sh.k_range}"] + [f"preload{sh.preload}"] * bool(sh.preload)
+    words += [f"r{sh.rows} dense{sh.dense}"] * bool(sh.dense and not sh.preload) + ["fp32-unpack"] * (not sh.f16)
+    return " ".join(words)
+
+
+def warm_one(job):
+    """Worker: compile one (kind, shape, m) on a layer with the timed specialization. -> None or the error."""
+    kind, shape_d, m = job
+    try:
+        q, scales, zeros, x = bench.check_layer(m, 0)
+        qw = bench.pack_int4_gpu(q)
+        shape = dispatch.shape_from_dict(shape_d) if shape_d else None
+        run(kind, shape, x, qw, scales, zeros, torch.tensor(0.5, device="cuda"))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{kind} {shape_d} M={m}: {e!r}"[:400]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workers", type=int, default=14)
+    args = ap.parse_args(argv)
+    import multiprocessing as mp
+
+    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=bench.git_commit(), command="PYTHONPATH=. python " + " ".join(sys.argv), torch=torch.__version__,
+                triton=triton.__version__)
+    print(meta, flush=True)
+    items = plan()
+    jobs = sorted({(kind, json.dumps(dispatch.shape_to_dict(sh)) if sh else "", m) for _, _, m, kind, sh, _ in items})
+    jobs = [(kind, json.loads(s) if s else None, m) for kind, s, m in jobs]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        errors = [e for e in pool.map(warm_one, jobs, chunksize=1) if e]
+    print(f"precompiled {len(jobs)}; errors: {errors}", flush=True)
+    # correctness of everything that must be right (float64, fresh inputs per layer, two calls in a row)
+    checks, bad = [], set()
+    for (model, proj), (n, k) in LAYERS.items():
+        for m in (1, 4):
+            mine = [it for it in items if it[:3] == (model, proj, m) and it[3] not in WRONG | {"empty", "empty_pdl"}]
+            if not mine:
+                continue
+            q, qw, s, z = bench.make_layer(n, k, seed=7)
+            x = bench.activations(m, k, 99)
+            for sp in (0, 50):
+                thr = bench.threshold_for(x, sp)
+                t = torch.tensor(thr, device="cuda")
+                xm = torch.where(x.double().abs() > thr, x.double(), 0.0)
+                want = xm @ ((q.double() - z.double().repeat_interleave(GROUP, 0)) * s.double().repeat_interleave(GROUP, 0))
+                tol = 4 * 2**-7 * want.abs().max().item()
+                for _, _, _, kind, sh, label in mine:
+                    worst = 0.0
+                    for _ in range(2):
+                        try:
+                            y = run(kind, sh, x, qw, s, z, t)
+                            worst = max(worst, (y.double() - want).abs().max().item() / tol)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"FAILED to run {model} {proj} M={m} {label}: {e!r}"[:400], flush=True)
+                            worst = math.inf
+                    if not worst <= 1:
+                        bad.add((model, proj, m, label))
+                    checks.append(dict(model=model, proj=proj, batch=m, sparsity=sp, label=label, error_over_tolerance=worst))
+    print(f"correctness: {len(checks) - sum(c['error_over_tolerance'] > 1 for c in checks)} of {len(checks)} pass; "
+          f"failed: {sorted(bad)}", flush=True)
+    rows = []
+    for (model, proj), (n, k) in LAYERS.items():
+        q, qweight, scales, zeros = bench.make_layer(n, k)
+        w_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2
+        copies = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone())
+                                                for _ in range(bench.n_copies(w_bytes) - 1)]
+        tg = bench.make_tinygemm(q, scales, zeros)
+        tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(bench.n_copies(w_bytes) - 1)]
+        w_bf16 = bench.dequantized(q, scales, zeros)
+        bfs = [w_bf16] + [w_bf16.clone() for _ in range(bench.n_copies(k * n * 2) - 1)]
+        for m in (1, 4):
+            mine = [it for it in items if it[:3] == (model, proj, m)]
+            if not mine:
+                continue
+            x = bench.activations(m, k, m)
+            t_tg = bench.time_graph([lambda c=c: torch._weight_int4pack_mm(x, c[0], GROUP, c[1]) for c in tgs])
+            t_bf = bench.time_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in bfs])
+            base = dict(model=model, proj=proj, N=n, K=k, batch=m)
+            rows += [dict(base, sparsity=0, label="tinygemm", us=t_tg, tbps=(w_bytes + 2 * m * (n + k)) / t_tg / 1e6),
+                     dict(base, sparsity=0, label="cublas_bf16", us=t_bf, tbps=(2 * k * n + 2 * m * (n + k)) / t_bf / 1e6)]
+            for sp in (0, 50):
+                thr = bench.threshold_for(x, sp)
+                t = torch.tensor(thr, device="cuda")
+                touched, union = bench.touched_bytes(x, thr, n)
+                for _, _, _, kind, sh, label in mine:
+                    if (model, proj, m, label) in bad and kind not in WRONG:
+                        continue
+                    try:
+                        us = bench.time_graph([lambda c=c, kind=kind, sh=sh: run(kind, sh, x, c[0], c[1], c[2], t) for c in copies])
+                    except Exception as e:  # noqa: BLE001
+                        print(f"FAILED to time {model} {proj} M={m} {label}: {e!r}"[:300], flush=True)
+                        continue
+                    rows.append(dict(base, sparsity=sp, label=label, kind=kind, us=us, tbps=touched / us / 1e6,
+                                     vs_tinygemm=t_tg / us, shape=dispatch.shape_to_dict(sh) if sh else None))
+                best = min((r for r in rows if r["model"] == model and r["proj"] == proj and r["batch"] == m
+                            and r["sparsity"] == sp and r.get("kind") in ("table", "product", "pdl_early", "pdl_top")),
+                           key=lambda r: r["us"])
+                tab = next(r for r in rows if r["model"] == model and r["proj"] == proj and r["batch"] == m
+                           and r["sparsity"] == sp and r["label"] == "table")
+                print(f"{model:4s} {proj:4s} M={m} s{sp:2d} tinygemm {t_tg:5.1f} table {tab['us']:5.1f} best "
+                      f"{best['us']:5.1f} ({best['label']})", flush=True)
+        del copies, tgs, bfs
+        torch.cuda.empty_cache()
+        write(args.out, meta, checks, rows)
+    write(args.out, meta, checks, rows)
+
+
+def write(out, meta, checks, rows):
+    os.makedirs(out, exist_ok=True)
+    name = dispatch.table_name(torch.device("cuda"))
+    with open(os.path.join(out, f"gemv_probe_small_{name}.json"), "w") as f:
+        json.dump({"meta": meta, "correctness": checks, "timings": rows}, f, indent=1)
+    with open(os.path.join(out, f"gemv_probe_small_{name}.md"), "w") as f:
+        f.write(markdown(meta, checks, rows))
+
+
+def markdown(meta, checks, rows) -> str:
+    ok = sum(c["error_over_tolerance"] <= 1 for c in checks)
+    lines = [f"# Small-layer probes of the sparse GEMV ({meta['gpu']})", "",
+             f"- command: `{meta['command']}`; date {meta['date']}; git commit {meta['commit']}; torch {meta['torch']}, "
+             f"triton {meta['triton']}",
+             "- µs per call, CUDA graphs of 40 calls over weight copies that defeat the L2 (benchmarks/gemv.py); int4 "
+             "g128, bf16 x; `x tg` = tinygemm µs / µs (same run)",
+             f"- correctness against float64 (s0 and s50, two calls in a row) of every non-probe row: {ok} of "
+             f"{len(checks)} pass; probes (no_tail, stores, no_fma) give wrong results on purpose", ""]
+    layers = []
+    for r in rows:
+        key = (r["model"], r["proj"], r["batch"])
+        if key not in layers:
+            layers.append(key)
+    for model, proj, m in layers:
+        mine = [r for r in rows if (r["model"], r["proj"], r["batch"]) == (model, proj, m)]
+        lines += [f"## {model} {proj} (N={mine[0]['N']}, K={mine[0]['K']}), batch {m}", "",
+                  "| what | s0 µs (TB/s; x tg) | s50 µs (TB/s; x tg) |", "|---|---|---|"]
+        labels = []
+        for r in mine:
+            if r["label"] not in labels:
+                labels.append(r["label"])
+        for label in labels:
+            cells = []
+            for sp in (0, 50):
+                r = next((r for r in mine if r["label"] == label and r["sparsity"] == sp), None)
+                if r is None:
+                    cells.append("-")
+                elif "vs_tinygemm" in r:
+                    cells.append(f"{r['us']:.2f} ({r['tbps']:.2f}; {r['vs_tinygemm']:.2f})")
+                else:
+                    cells.append(f"{r['us']:.2f} ({r['tbps']:.2f})")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -35,47 +35,43 @@ from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
-CORE = [  # batch 1 (the CUDA-core kernel also takes M <= 4)
-    # round-7 winners (kernels/configs/h200.json at commit 092086e)
+CORE = [  # batch 1. Round 10: the table's batch-1 picks (kernels/configs/h200.json at a479fd2) and the preload
+    # shapes (every row of the K-range loaded at the program's start; docs/kernels.md round 10; registers: SASS, sm_90)
     CoreShape(1, 4, 8, 64, f16=False),  # k/v
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 70B q/o, qkv, gate/up, down (72 registers)
-    CoreShape(4, 8, 4, 128, dense=85, h2=True),  # 8B qkv (80 registers)
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True),  # 8B gate/up, down (45 registers)
     CoreShape(2, 4, 4, 64, dense=85, h2=True),  # 8B q/o
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True),  # compacted only (62 registers)
-    # round 8 (SASS, 70B gate/up specialization): h2 with several K-ranges per program (fewer, longer programs),
-    # plain and pipelined: v4 groups 2 96 registers, groups 2 stages 3 101, v2 groups 4 56
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2),
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=4),
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, groups=4),
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, groups=2, stages=3),
-    # round 8: h2 with the next step's slots loaded one step ahead (pipe: v4 96 registers, v2 56), more warps / rows
-    # per program (v4 r8: 59 registers)
-    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, pipe=True),
-    CoreShape(2, 4, 4, 128, evict_first=True, h2=True, pipe=True),
-    CoreShape(4, 8, 4, 128, evict_first=True, h2=True),
-    CoreShape(4, 4, 8, 128, evict_first=True, h2=True),
-    # round 8: more programs for q/o, qkv and the small layers (K-range 64 / 32, vec 1-2)
-    CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),
-    CoreShape(2, 4, 4, 32, h2=True),
-    CoreShape(1, 4, 4, 32, h2=True),
-    CoreShape(1, 2, 4, 32, h2=True),
-    CoreShape(1, 4, 8, 32, f16=False),
-    # not swept any more: fp16-pair unpack into fp32 (h2 faster wherever it applies), maxnreg, round 6 shapes
+    CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),  # 8B qkv
+    CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 8B down
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 8B gate/up, 70B qkv, gate/up, down
+    CoreShape(4, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 70B q/o, catch-all
+    CoreShape(1, 1, 4, 32, h2=True, preload=1),  # 96 registers, 32 row loads per thread, no cross-warp reduction
+    CoreShape(1, 2, 4, 32, h2=True, preload=1),  # 64
+    CoreShape(1, 2, 4, 64, h2=True, preload=1),  # 96
+    CoreShape(1, 4, 4, 64, h2=True, preload=1),
+    CoreShape(1, 4, 4, 128, h2=True, preload=1),  # 96
+    CoreShape(2, 1, 4, 32, h2=True, preload=1),  # 159
+    CoreShape(2, 2, 4, 64, h2=True, preload=1),
+    CoreShape(2, 4, 4, 64, h2=True, preload=1),  # 80
+    CoreShape(2, 4, 4, 128, h2=True, preload=1),
+    CoreShape(4, 4, 4, 64, h2=True, preload=1),
+    CoreShape(1, 2, 4, 64, h2=True, preload=2),  # x first, inactive rows predicated off
+    CoreShape(2, 2, 4, 64, h2=True, preload=2),  # 163
+    CoreShape(2, 4, 4, 64, h2=True, preload=2),
+    # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8, kr32 compacted
 ]
-# batch 2-4 on the CUDA-core kernel with h2 (round 9, prepared, not measured): the unpack shared by the batch rows,
-# one power of two per row, x paired before the loop; one warp per program keeps the cross-warp reduction (the
-# epilogue) out and amortizes the rest over 32 steps. SASS (sm_90, 70B gate/up specialization, M = 4 / M = 2):
-# registers, estimated instructions per weight of W per program (split-K's table pick: 91 / 92, 6.22 / 5.60)
+# batch 2-4 on the CUDA-core kernel with h2 (round 9: the unpack shared by the batch rows, one power of two per row,
+# x paired before the loop). Round 10: the table's picks for batch 3-4 and the preload shapes (SASS at M = 4:
+# registers)
 CORE_BATCHED = [
-    CoreShape(2, 1, 4, 128, evict_first=True, dense=100, h2=True),  # 127 / 79, 4.78 / 3.57
-    CoreShape(2, 1, 4, 128, evict_first=True, h2=True),  # compacted: 128 / 85, 4.80 / 3.54
-    CoreShape(2, 1, 4, 128, evict_first=True, dense=85, h2=True),  # the switch (M = 2 at s50: union 75 % dense)
-    CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 128 / 72, 5.36 / 4.02
-    CoreShape(2, 4, 4, 128, evict_first=True, dense=100, h2=True),  # batch 1's 4 warps: 125 / 72, 6.64 / 4.92
-    CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 66 / 62: more warps per SM, 6.01 / 4.64
-    CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # twice the programs (q/o, qkv, 8B layers)
-    CoreShape(1, 1, 4, 32, dense=100, h2=True),  # small layers (k/v, 8B q/o): 8x the programs of v2 kr128
+    CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 70B q/o, 8B down
+    CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # 8B gate/up
+    CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 70B qkv, down
+    CoreShape(2, 1, 4, 128, evict_first=True, dense=100, h2=True),  # 70B gate/up
+    CoreShape(1, 1, 4, 32, dense=100, h2=True),  # round 9's best core shape on 8B q/o, qkv (split-K faster there)
+    CoreShape(1, 1, 4, 32, h2=True, preload=1),  # 128
+    CoreShape(2, 1, 4, 32, h2=True, preload=1),  # 249
+    CoreShape(1, 2, 4, 64, h2=True, preload=1),  # 96
+    CoreShape(1, 2, 4, 32, h2=True, preload=1),
+    CoreShape(1, 4, 4, 64, h2=True, preload=1),
 ]
 # always-dense shapes for calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0): the table's
 # ``dense_threshold`` rules, timed at batch 1 with that threshold on every layer and on the lm_head shapes, int4 and
@@ -119,7 +115,7 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
 ]
 if bench.SMOKE:
-    CORE, MMA, SPLITK = CORE[:1] + CORE[6:7] + CORE[10:11] + CORE[15:16], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE, MMA, SPLITK = CORE[:1] + CORE[5:7] + CORE[16:17], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
     CORE_BATCHED = CORE_BATCHED[:1] + CORE_BATCHED[-1:]
     DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
@@ -430,7 +426,7 @@ def report(result: dict, old_rules: list | None, new_rules: list | None, note: s
 
 
 def main(argv=None):
-    global BATCHES, SPARSITIES, FAMILIES
+    global BATCHES, SPARSITIES, FAMILIES, SPLITK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
@@ -441,6 +437,8 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma, splitk")
     ap.add_argument("--merge", default=None, help="a previous table: batch classes not swept keep its rules")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-threshold (python float 0.0) sweep")
+    ap.add_argument("--splitk-in-table", action="store_true", help="split-K candidates: only the shapes the current "
+                    "table (kernels/configs/<gpu>.json) names for the swept batch classes (a focused re-sweep)")
     args = ap.parse_args(argv)
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
@@ -450,6 +448,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name() if not bench.SMOKE else "cpu (smoke)"
     name = dispatch.table_name(torch.device(bench.DEV))
+    if args.splitk_in_table:
+        swept = [CLASSES[m] for m in BATCHES]
+        named = [r["shape"] for r in dispatch.load_table(name) if isinstance(r["shape"], SplitKShape)
+                 and any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
+        SPLITK = list(dict.fromkeys(named))
     meta = dict(gpu=gpu, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), commit=git_commit(),
                 command="PYTHONPATH=. python " + " ".join(sys.argv))
     log_file = open(os.path.join(args.out, f"gemv_sweep_{name}.log"), "w")

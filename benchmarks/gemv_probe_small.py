@@ -181,8 +181,8 @@ def problem(x, qw, s, z, t) -> gemv_common.GemvProblem:
 
 
 def run(kind: str, shape, x, qw, s, z, t):
-    """kind: 'table' (the product, table shape), 'product' (the product with ``shape``), a VARIANTS name, 'empty',
-    'empty_pdl'."""
+    """kind: 'table' (the product, the table's pick; ``shape`` unused), 'product' (the product with ``shape``), a
+    VARIANTS name, 'empty', 'empty_pdl'."""
     if kind == "table":
         return kernel.sparse_gemv(x, qw, s, z, t, bits=4, group_size=GROUP)
     if kind == "product":
@@ -232,7 +232,7 @@ def plan():
     out = []
     for (model, proj), (n, k) in LAYERS.items():
         tab = table_shape(1, n, k)
-        out.append((model, proj, 1, "table", None, "table"))
+        out.append((model, proj, 1, "table", tab, "table"))
         for v in VARIANTS:
             out.append((model, proj, 1, v, tab, f"table {v}"))
         out.append((model, proj, 1, "product", dataclasses.replace(tab, dense=100, pipe=False), "table dense100"))
@@ -247,7 +247,7 @@ def plan():
                 out.append((model, proj, 1, "pdl_top", sh, short(sh) + " pdl_top"))
     for model, proj in BATCH4:
         n, k = LAYERS[(model, proj)]
-        out.append((model, proj, 4, "table", None, "table"))
+        out.append((model, proj, 4, "table", table_shape(4, n, k), "table"))
         for sh in PRELOAD_4:
             out.append((model, proj, 4, "product", sh, short(sh)))
             if sh.preload:
@@ -268,7 +268,7 @@ def warm_one(job):
         q, scales, zeros, x = bench.check_layer(m, 0)
         qw = bench.pack_int4_gpu(q)
         shape = dispatch.shape_from_dict(shape_d) if shape_d else None
-        run(kind, shape, x, qw, scales, zeros, torch.tensor(0.5, device="cuda"))
+        run("product" if kind == "table" else kind, shape, x, qw, scales, zeros, torch.tensor(0.5, device="cuda"))
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001

@@ -16,7 +16,6 @@ replays), tinygemm and cuBLAS bf16 in the same run. Writes DIR/gemv_probe_small_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -45,7 +44,6 @@ except ImportError:  # pragma: no cover - the probes that need it are skipped
 GROUP = bench.GROUP
 LAYERS = {("8B", "q_o"): (4096, 4096), ("8B", "k_v"): (1024, 4096), ("8B", "qkv"): (6144, 4096),
           ("70B", "k_v"): (1024, 8192)}
-BATCH4 = [("8B", "q_o"), ("8B", "qkv")]
 
 
 # -- probe versions of the kernel's helpers ---------------------------------------------------------------------------
@@ -75,6 +73,18 @@ def _row_xor(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.con
     else:
         a0 = (a0.to(tl.int32, bitcast=True) ^ wd).to(tl.float32, bitcast=True)
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _warp_sums_joined(a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """joined: one reduction over the warps of the joined [M_P, W, NB, 2, 2, 2] tile instead of one per value (SASS,
+    v1 w4 kr128 preload: 27 instead of 43 BAR.SYNC)."""
+    RA: tl.constexpr = 1
+    if BITS == 4:
+        a = tl.sum(tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7))), axis=RA)
+    else:
+        a = tl.sum(tl.join(tl.join(a0, a2), tl.join(a1, a3)), axis=RA)
+    return tl.reshape(a, [M_P, BLOCK_N])
 
 
 @triton.jit
@@ -125,6 +135,7 @@ def _variant(**swaps):
             continue
         clone = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
         clone.__module__, clone.__qualname__, clone.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+        clone.__annotations__, clone.__kwdefaults__ = dict(fn.__annotations__), fn.__kwdefaults__  # tl.constexpr
         g[name] = triton.jit(clone)
     return g["_sgemv_kernel"]
 
@@ -134,6 +145,7 @@ VARIANTS = {
     "no_tail": dict(reduce_split_k=_reduce_atomics_only),
     "stores": dict(reduce_split_k=_reduce_store_only),
     "no_fma": dict(_row_fma=_row_xor),
+    "joined": dict(_warp_sums=_warp_sums_joined),
     "pdl_top": dict(program_tile=_program_tile_pdl_top),
     "pdl_early": dict(program_tile=_program_tile_pdl_trigger, threshold_rows=_threshold_rows_wait),
 }
@@ -197,30 +209,13 @@ def S(**kw) -> CoreShape:
     return CoreShape(**{"rows": 4, "h2": True, **kw})
 
 
-PRELOAD_1 = [  # batch 1: every row loaded at the start, before x (registers: SASS, sm_90, triton 3.6)
-    S(vec=1, warps=1, k_range=32, preload=1),  # 96 regs, 32 row loads / thread, no cross-warp reduction
-    S(vec=1, warps=2, k_range=32, preload=1),  # 64
-    S(vec=1, warps=2, k_range=64, preload=1),  # 96
-    S(vec=1, warps=4, k_range=64, preload=1),
-    S(vec=1, warps=4, k_range=128, preload=1),  # 96
-    S(vec=2, warps=1, k_range=32, preload=1),  # 159
-    S(vec=2, warps=2, k_range=64, preload=1),
-    S(vec=2, warps=4, k_range=64, preload=1),  # 80
-    S(vec=2, warps=4, k_range=128, preload=1),
-    S(vec=4, warps=4, k_range=64, preload=1),
-    S(vec=1, warps=2, k_range=64, preload=2),  # x first, inactive rows predicated off
-    S(vec=2, warps=2, k_range=64, preload=2),  # 163
-    S(vec=2, warps=4, k_range=64, preload=2),
-]
-PRELOAD_4 = [  # batch 4 (8B q/o, qkv): at batch >= 2 preload 2 acts as 1
-    S(vec=1, warps=1, k_range=32, preload=1),  # 128 regs
-    S(vec=2, warps=1, k_range=32, preload=1),  # 249
-    S(vec=1, warps=2, k_range=64, preload=1),  # 96
-    S(vec=1, warps=2, k_range=32, preload=1),
-    S(vec=1, warps=4, k_range=64, preload=1),
-    S(vec=1, warps=1, k_range=32, dense=100),  # round 9's best core shape here (14.0 / 16.6 µs vs split-K 11.4 / 15.6)
-]
-PDL_OF = [0, 1, 2, 3, 6, 7]  # indices of PRELOAD_1 also timed with pdl_early / pdl_top
+PREVIOUS = {  # the table's batch-1 picks before round 10 (kernels/configs/h200.json at a479fd2)
+    ("8B", "q_o"): CoreShape(2, 4, 4, 64, dense=85, h2=True), ("8B", "k_v"): CoreShape(1, 4, 8, 64, f16=False),
+    ("8B", "qkv"): CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),
+    ("70B", "k_v"): CoreShape(1, 4, 8, 64, f16=False)}
+EXTRA = [  # batch 1, beyond round 10's first sweep: 8 warps per program over a 128-row K-range (fewer K-splits)
+    S(vec=1, warps=8, k_range=128, preload=1), S(vec=2, warps=8, k_range=128, preload=2),
+    S(vec=2, warps=4, k_range=128, preload=2)]
 
 
 def table_shape(m, n, k):
@@ -228,30 +223,18 @@ def table_shape(m, n, k):
 
 
 def plan():
-    """[(model, proj, m, kind, shape, label)] for every timed (and checked) call."""
+    """[(model, proj, m, kind, shape, label)] for every timed (and checked) call (batch 1)."""
     out = []
     for (model, proj), (n, k) in LAYERS.items():
         tab = table_shape(1, n, k)
         out.append((model, proj, 1, "table", tab, "table"))
         for v in VARIANTS:
             out.append((model, proj, 1, v, tab, f"table {v}"))
-        out.append((model, proj, 1, "product", dataclasses.replace(tab, dense=100, pipe=False), "table dense100"))
         out.append((model, proj, 1, "empty", tab, "empty"))
         out.append((model, proj, 1, "empty_pdl", tab, "empty pdl"))
-        for i, sh in enumerate(PRELOAD_1):
-            if sh.vec == 4 and n < 4096:
-                continue
+        out.append((model, proj, 1, "product", PREVIOUS[(model, proj)], "previous table " + short(PREVIOUS[(model, proj)])))
+        for sh in EXTRA:
             out.append((model, proj, 1, "product", sh, short(sh)))
-            if i in PDL_OF:
-                out.append((model, proj, 1, "pdl_early", sh, short(sh) + " pdl_early"))
-                out.append((model, proj, 1, "pdl_top", sh, short(sh) + " pdl_top"))
-    for model, proj in BATCH4:
-        n, k = LAYERS[(model, proj)]
-        out.append((model, proj, 4, "table", table_shape(4, n, k), "table"))
-        for sh in PRELOAD_4:
-            out.append((model, proj, 4, "product", sh, short(sh)))
-            if sh.preload:
-                out.append((model, proj, 4, "pdl_early", sh, short(sh) + " pdl_early"))
     return out
 
 

@@ -349,6 +349,7 @@ def short(shape: dict) -> str:
     words += ["fp32-unpack"] * (not sh.f16) + ["pipe"] * sh.pipe + ["evict"] * sh.evict_first
     words += [f"maxnreg{sh.maxnreg}"] * bool(sh.maxnreg) + [f"stages{sh.stages}"] * (sh.stages > 1)
     words += [f"groups{sh.groups}"] * (sh.groups > 1) + [f"dense{sh.dense}"] * bool(sh.dense) + ["h2"] * sh.h2
+    words += [f"preload{sh.preload}"] * bool(sh.preload)
     return " ".join(words)
 
 

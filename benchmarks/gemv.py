@@ -420,7 +420,7 @@ def main(argv=None):
         kept_batches = sorted({r["batch"] for r in kept})
         meta["kept"] = (f"rows of batch {kept_batches} kept from the previous run "
                         f"(commit {previous['meta']['commit']}, {previous['meta']['date']}, same method)")
-        earlier = re.match(r"rows of batch \[([0-9, ]*)\] kept from", previous["meta"].get("kept", ""))
+        earlier = re.match(r"rows of batch \[([0-9, ]*)\] kept", previous["meta"].get("kept", ""))
         if earlier and set(kept_batches) <= {int(b) for b in earlier.group(1).split(",")}:
             meta["kept"] = previous["meta"]["kept"]  # the previous run kept them too: name where they were measured
         elif earlier:  # some were measured by the previous run, the rest kept by it from an earlier one

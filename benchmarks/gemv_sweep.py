@@ -35,28 +35,24 @@ from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
-CORE = [  # batch 1. Round 10: the table's batch-1 picks (kernels/configs/h200.json at a479fd2) and the preload
-    # shapes (every row of the K-range loaded at the program's start; docs/kernels.md round 10; registers: SASS, sm_90)
-    CoreShape(1, 4, 8, 64, f16=False),  # k/v
-    CoreShape(2, 4, 4, 64, dense=85, h2=True),  # 8B q/o
-    CoreShape(4, 4, 4, 64, evict_first=True, dense=85, h2=True),  # 8B qkv
+CORE = [  # batch 1. Round 11: the table's batch-1 picks (kernels/configs/h200.json at 59cc36b), preload with
+    # lookahead (row r's FMAs wait only for rows r and r + lookahead; 64 here: each row only for itself) and preload
+    # shapes for 8B gate/up and down (rows fit in registers; registers from benchmarks/profile/sass_core.py, sm_90)
+    CoreShape(1, 4, 4, 128, h2=True, preload=1),  # k/v (8B, 70B); 96 registers
+    CoreShape(2, 4, 4, 64, h2=True, preload=2),  # 8B q/o, qkv; 72
     CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 8B down
     CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 8B gate/up, 70B qkv, gate/up, down
     CoreShape(4, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 70B q/o, catch-all
-    CoreShape(1, 1, 4, 32, h2=True, preload=1),  # 96 registers, 32 row loads per thread, no cross-warp reduction
-    CoreShape(1, 2, 4, 32, h2=True, preload=1),  # 64
-    CoreShape(1, 2, 4, 64, h2=True, preload=1),  # 96
-    CoreShape(1, 4, 4, 64, h2=True, preload=1),
-    CoreShape(1, 4, 4, 128, h2=True, preload=1),  # 96
-    CoreShape(2, 1, 4, 32, h2=True, preload=1),  # 159
-    CoreShape(2, 2, 4, 64, h2=True, preload=1),
-    CoreShape(2, 4, 4, 64, h2=True, preload=1),  # 80
-    CoreShape(2, 4, 4, 128, h2=True, preload=1),
-    CoreShape(4, 4, 4, 64, h2=True, preload=1),
-    CoreShape(1, 2, 4, 64, h2=True, preload=2),  # x first, inactive rows predicated off
-    CoreShape(2, 2, 4, 64, h2=True, preload=2),  # 163
-    CoreShape(2, 4, 4, 64, h2=True, preload=2),
-    # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8, kr32 compacted
+    CoreShape(2, 4, 4, 64, h2=True, preload=2, lookahead=64),  # 72: a third of the FMAs before the last loads
+    CoreShape(2, 4, 4, 32, h2=True, preload=2, lookahead=64),  # 48
+    CoreShape(2, 4, 4, 32, h2=True, preload=2),  # 48
+    CoreShape(4, 4, 4, 32, h2=True, preload=2),  # 80
+    CoreShape(4, 4, 4, 32, h2=True, preload=2, lookahead=64),  # 72
+    CoreShape(2, 2, 4, 32, h2=True, preload=2),  # 79
+    CoreShape(2, 8, 4, 128, h2=True, preload=2),  # 77
+    CoreShape(4, 8, 4, 64, h2=True, preload=2),  # 76
+    # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8, kr32 compacted, preload
+    # 1 and 2 at other vec / warps / k_range (round 10)
 ]
 # batch 2-4 on the CUDA-core kernel with h2 (round 9: the unpack shared by the batch rows, one power of two per row,
 # x paired before the loop). Round 10: the table's picks for batch 3-4 and the preload shapes (SASS at M = 4:
@@ -115,7 +111,7 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
 ]
 if bench.SMOKE:
-    CORE, MMA, SPLITK = CORE[:1] + CORE[5:7] + CORE[16:17], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
+    CORE, MMA, SPLITK = CORE[:2] + CORE[5:6], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
     CORE_BATCHED = CORE_BATCHED[:1] + CORE_BATCHED[-1:]
     DENSE, HEADS = DENSE[:2], {"tiny": (512, 256)}
 BATCHES = (1, 2, 4, 8, 16)
@@ -300,11 +296,43 @@ def choose(rows) -> dict:
     return {key: dispatch.shape_to_dict(dispatch.shape_from_dict(shape), defaults=False) for key, (score, shape) in best.items()}
 
 
-def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list | None = None) -> dict:
+def previous_pick(rules, m: int, n: int, k: int) -> dict | None:
+    """The shape of the previous table's exact rule for batch m and layer (N, K) (not a ``dense_threshold`` one)."""
+    for rule in rules or []:
+        if rule.get("dense_threshold") or not rule.get("m", [1, 16])[0] <= m <= rule.get("m", [1, 16])[1]:
+            continue
+        if rule.get("weight") == [n * k, n * k] and rule.get("n") == [n, n]:
+            return dispatch.shape_to_dict(dispatch.shape_from_dict(rule["shape"]), defaults=False)
+    return None
+
+
+def keep_unless_faster(best: dict, rows, rules) -> list:
+    """Round 11: a layer keeps its previous exact pick unless the new one was faster at every swept sparsity (the
+    geometric mean alone moved 8B gate/up to a shape slower at s50 in round 10). Changes ``best``; -> the layers
+    kept this way."""
+    at = {(r["batch"], r["N"], r["K"], r["sparsity"], json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(r["shape"])),
+          sort_keys=True)): r["us"] for r in rows}
+    kept = []
+    for (m, n, k), shape in best.items():
+        old = previous_pick(rules, m, n, k)
+        if old is None or old == shape:
+            continue
+        key_old = json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(old)), sort_keys=True)
+        key_new = json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(shape)), sort_keys=True)
+        times = [(at.get((m, n, k, sp, key_old)), at.get((m, n, k, sp, key_new))) for sp in SPARSITIES]
+        if all(a is not None and b is not None for a, b in times) and not all(b < a for a, b in times):
+            best[(m, n, k)] = old
+            kept.append((m, n, k))
+    return kept
+
+
+def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list | None = None,
+          keep_picks: bool = False) -> dict:
     """The rules of every batch class measured in ``rows``; ``keep`` (the previous table's rules, when --merge is
     given) keeps its rules whose batch range holds no measured class. ``dense_rows``: the ``dense_threshold`` rules
-    come first (without them, kept ones of unswept classes stay)."""
+    come first (without them, kept ones of unswept classes stay). ``keep_picks``: ``keep_unless_faster``."""
     best = choose(rows)
+    kept_picks = keep_unless_faster(best, rows, keep) if keep_picks else []
     measured = {r["batch"] for r in rows}
     swept = [CLASSES[m] for m in measured]
     # kept: the rules of classes not swept, and the dense_threshold rules unless the dense phase ran (--no-dense)
@@ -337,6 +365,10 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
              "best shape overall. Rule format: kernels/dispatch.py.")
     if keep is not None and measured != set(CLASSES):
         about += f" Batch sizes {sorted(measured)} from that sweep; the other batch classes kept from: {meta['kept_from']}"
+    if keep_picks:
+        about = about.rstrip(".") + "."
+        about += (" Exact rules keep the previous pick unless the new one was faster at every swept sparsity (--keep-"
+                  f"unless-faster); kept so: {', '.join(f'M={m} N={n} K={k}' for m, n, k in kept_picks) or 'none'}.")
     return {"about": about, "rules": rules}
 
 
@@ -349,7 +381,7 @@ def short(shape: dict) -> str:
     words += ["fp32-unpack"] * (not sh.f16) + ["pipe"] * sh.pipe + ["evict"] * sh.evict_first
     words += [f"maxnreg{sh.maxnreg}"] * bool(sh.maxnreg) + [f"stages{sh.stages}"] * (sh.stages > 1)
     words += [f"groups{sh.groups}"] * (sh.groups > 1) + [f"dense{sh.dense}"] * bool(sh.dense) + ["h2"] * sh.h2
-    words += [f"preload{sh.preload}"] * bool(sh.preload)
+    words += [f"preload{sh.preload}"] * bool(sh.preload) + [f"lookahead{sh.lookahead}"] * bool(sh.lookahead)
     return " ".join(words)
 
 
@@ -437,6 +469,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--families", default=",".join(FAMILIES), help="kernel families to sweep: core, mma, splitk")
     ap.add_argument("--merge", default=None, help="a previous table: batch classes not swept keep its rules")
+    ap.add_argument("--keep-unless-faster", action="store_true", help="with --merge: an exact rule keeps the previous "
+                    "table's pick unless the new one is faster at every swept sparsity")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-threshold (python float 0.0) sweep")
     ap.add_argument("--splitk-in-table", action="store_true", help="split-K candidates: only the shapes the current "
                     "table (kernels/configs/<gpu>.json) names for the swept batch classes (a focused re-sweep)")
@@ -444,6 +478,8 @@ def main(argv=None):
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
     FAMILIES = tuple(args.families.split(","))
+    if args.keep_unless_faster and not args.merge:
+        ap.error("--keep-unless-faster needs --merge (the previous table)")
     if not set(BATCHES) <= set(CLASSES) or not set(FAMILIES) <= {"core", "mma", "splitk"}:
         ap.error(f"--batches must be among {sorted(CLASSES)} and --families among core, mma, splitk")
     os.makedirs(args.out, exist_ok=True)
@@ -500,7 +536,7 @@ def main(argv=None):
             old = json.load(f)
         when = re.search(r"\(([^()]*commit [^()]*)\)", old["about"])
         keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
-    tab = table(rows, gpu, meta, keep, dense_rows)
+    tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster)
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])

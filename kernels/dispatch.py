@@ -81,6 +81,10 @@ class CoreShape:
     # row loads of 4 * vec bytes per thread, held in registers; rows ignored). 1: before x is read, inactive rows
     # too (x = 0): no load waits for anything; 2 (batch 1; at batch 2-4 as 1): after x, inactive rows predicated
     # off (no traffic). For small layers, whose time is one program's chain of dependent round trips (round 10)
+    lookahead: int = 0  # with preload: 0 (round 10): every FMA waits for every preloaded row; L > 0 (round 11): the
+    # FMAs of a warp's row r wait for its own load and for that of its row r + L (none past the last row; L >=
+    # k_range / warps: its own only), so they may start while later rows are in flight (ptxas still issues the loads
+    # first in the measured shapes: benchmarks/profile/sass_core.py; it groups them on 3-4 scoreboards)
     kernel = "core"
 
 
@@ -184,6 +188,8 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
             return False
         if shape.preload and (shape.pipe or shape.stages > 1 or shape.groups > 1 or kr % shape.warps
                               or shape.preload not in (1, 2)):
+            return False
+        if shape.lookahead and (not shape.preload or shape.lookahead < 0):
             return False
         return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
     return shape.block_k <= kr and shape.block_n % 8 == 0

@@ -621,7 +621,7 @@ def _sgemv_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
-    DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0,
+    DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -727,7 +727,8 @@ def _sgemv_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    if PRELOAD > 0:  # zeros, but only once every preloaded word has arrived (ptxas then issues all loads first)
+    if PRELOAD > 0 and LOOKAHEAD == 0:  # zeros, but only once every preloaded word has arrived (ptxas then issues
+        # all loads first); LOOKAHEAD > 0: row r's FMAs wait for its own load and that of row r + LOOKAHEAD (below)
         dep = _all_loaded(wts, K, KR, W)
         if not H2:
             dep = dep.to(tl.float32, bitcast=True)
@@ -746,7 +747,10 @@ def _sgemv_kernel(
                 xr = tl.load(scr_x_ptr + (part * K + k0 + r * W + wv)[None, :] * M_P + mm[:, None])
             else:
                 xr = xrs[r]
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wts[r], xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+            wd = wts[r]
+            if LOOKAHEAD > 0 and r + LOOKAHEAD < KR // W:  # row r's words, once row r + LOOKAHEAD's have arrived
+                wd = wd | (wts[r + LOOKAHEAD] & (K >> 31))
+            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
                                                       BITS, M_P, W, F16, EMULATE, H2)
     elif DENSE == 100:
         a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
@@ -900,7 +904,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
-        GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload,
+        GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -46,7 +46,8 @@ def core_spec(shape, a):
     const = dict(M_P=triton.next_power_of_2(a.m), KR=shape.k_range, T_MODE=a.t_mode, SPLIT=True, DET=False,
                  ALIGNED=True, OUT_DTYPE=triton.language.bfloat16, EMULATE=False, BITS=4, W=shape.warps, R=shape.rows,
                  VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe, EVICT=shape.evict_first, STAGES=shape.stages,
-                 GROUPS=shape.groups, DENSE=dense, H2=shape.h2, PRELOAD=shape.preload)
+                 GROUPS=shape.groups, DENSE=dense, H2=shape.h2, PRELOAD=shape.preload,
+                 LOOKAHEAD=shape.lookahead)
     steps = shape.k_range * shape.groups // (shape.warps * shape.rows)  # all rows (compacted: at most this)
     weights = shape.k_range * shape.groups * 32 * shape.vec * 8 / (32 * shape.warps)
     return gemv_triton._sgemv_kernel, const, shape.warps, steps, weights

@@ -59,6 +59,12 @@ def test_preload_fits_only_plain_in_place_shapes():
                 CoreShape(1, 4, 4, 32, preload=1, groups=2), CoreShape(1, 4, 4, 32, preload=3)):
         assert not dispatch.fits(bad, 1, 256, 4, 128), bad
     assert dispatch.fits(CoreShape(1, 4, 1, 32, preload=1), 1, 256, 4, 128)
+    # round 11: lookahead only with preload, >= 0; any value (past the last row: each row waits for itself only)
+    assert dispatch.fits(CoreShape(2, 4, 4, 64, preload=2, h2=True, lookahead=64), 1, 256, 4, 128)
+    for bad in (CoreShape(2, 4, 4, 64, dense=100, lookahead=2), CoreShape(2, 4, 4, 64, preload=1, lookahead=-1)):
+        assert not dispatch.fits(bad, 1, 256, 4, 128), bad
+    assert dispatch.shape_from_dict({"kernel": "core", "vec": 2, "warps": 4, "rows": 4, "k_range": 64, "preload": 2,
+                                     "lookahead": 8}).lookahead == 8
 
 
 def test_unknown_launch_parameters_are_rejected():

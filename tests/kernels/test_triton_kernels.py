@@ -187,7 +187,9 @@ GROUP_SHAPES = [  # several K-ranges per program (plain and pipelined loop), and
     dict(vec=1, warps=2, rows=2, k_range=32, dense=100),
     # round 10: every row of the K-range loaded at the program's start (before x; or after x, inactive rows
     # predicated off), no compaction
-    dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=4, rows=4, k_range=64, preload=2)]
+    dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=4, rows=4, k_range=64, preload=2),
+    # round 11: row r's FMAs wait for rows r and r + lookahead only
+    dict(vec=1, warps=2, rows=4, k_range=32, preload=2, lookahead=3)]
 
 
 @pytest.mark.parametrize("kw", GROUP_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
@@ -224,7 +226,9 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
     dict(vec=1, warps=2, rows=4, k_range=32, groups=8), dict(vec=1, warps=2, rows=4, k_range=32, pipe=True),
     dict(vec=1, warps=2, rows=2, k_range=32, stages=2),
     # round 10: rows preloaded at the program's start (1: before x, inactive rows read too; 2: after x, predicated)
-    dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=1, rows=4, k_range=64, preload=2)]
+    dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=1, rows=4, k_range=64, preload=2),
+    # round 11: lookahead (row r's FMAs wait for rows r and r + lookahead only; 64: each row for itself)
+    dict(vec=2, warps=2, rows=4, k_range=32, preload=2, lookahead=64), dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=2)]
 
 
 @pytest.mark.parametrize("kw", H2_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
@@ -259,7 +263,8 @@ def test_core_kernel_h2(device, poison, kw, dtype):
 H2_BATCH_CASES = [(dict(vec=1, warps=2, rows=2, k_range=32), 4), (dict(vec=1, warps=1, rows=4, k_range=32, dense=100), 4),
                   (dict(vec=2, warps=2, rows=4, k_range=64, dense=60, evict_first=True), 2),
                   (dict(vec=1, warps=2, rows=2, k_range=32, groups=2), 3),
-                  (dict(vec=1, warps=1, rows=4, k_range=32, preload=1), 4)]
+                  (dict(vec=1, warps=1, rows=4, k_range=32, preload=1), 4),
+                  (dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=5), 3)]
 
 
 @pytest.mark.parametrize("kw,m", H2_BATCH_CASES, ids=lambda c: "-".join(f"{k[:2]}{int(v)}" for k, v in c.items())

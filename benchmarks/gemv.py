@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -384,6 +383,24 @@ def git_commit() -> str:
     return os.environ.get("GIT_COMMIT") or commit or "unknown"
 
 
+def with_provenance(row: dict, meta: dict) -> dict:
+    """A row kept from an earlier results file, with the run that measured it (files written before rows carried
+    their own `measured` are taken as measured by that file's run)."""
+    return {**row, "measured": row.get("measured") or {"commit": meta["commit"], "date": meta["date"]}}
+
+
+def kept_note(kept: list, heads: list) -> str:
+    """One flat line naming, per earlier run, the batch sizes (and lm_head rows) this file keeps from it."""
+    runs: dict = {}
+    for r in kept:
+        runs.setdefault((r["measured"]["commit"], r["measured"]["date"]), set()).add(r["batch"])
+    parts = [f"batch {', '.join(map(str, sorted(b)))} at commit {c} ({d})"
+             for (c, d), b in sorted(runs.items(), key=lambda item: min(item[1]))]
+    parts += [f"lm_head rows at commit {c} ({d})" for c, d in sorted({(h["measured"]["commit"], h["measured"]["date"])
+                                                                     for h in heads})]
+    return "rows kept from earlier runs (same method): " + "; ".join(parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
@@ -413,21 +430,11 @@ def main(argv=None):
     print(f"precompiled {len(jobs)} kernel variants; errors: {errors}", flush=True)
     results: list = []
     kept: list = []
+    previous: dict = {}
     if args.keep_from:
         with open(args.keep_from) as f:
             previous = json.load(f)
-        kept = [r for r in previous["results"] if r["batch"] not in batches]
-        kept_batches = sorted({r["batch"] for r in kept})
-        meta["kept"] = (f"rows of batch {kept_batches} kept from the previous run "
-                        f"(commit {previous['meta']['commit']}, {previous['meta']['date']}, same method)")
-        earlier = re.match(r"rows of batch \[([0-9, ]*)\] kept", previous["meta"].get("kept", ""))
-        if earlier and set(kept_batches) <= {int(b) for b in earlier.group(1).split(",")}:
-            meta["kept"] = previous["meta"]["kept"]  # the previous run kept them too: name where they were measured
-        elif earlier:  # some were measured by the previous run, the rest kept by it from an earlier one
-            older = sorted(set(kept_batches) & {int(b) for b in earlier.group(1).split(",")})
-            meta["kept"] = (f"rows of batch {kept_batches} kept: {sorted(set(kept_batches) - set(older))} from the "
-                            f"previous run (commit {previous['meta']['commit']}, {previous['meta']['date']}, same "
-                            f"method), {older} as that run kept them ({previous['meta']['kept']})")
+        kept = [with_provenance(r, previous["meta"]) for r in previous["results"] if r["batch"] not in batches]
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
 
@@ -437,11 +444,13 @@ def main(argv=None):
 
     heads: list = []
     if args.keep_from and not args.heads:  # lm_heads not timed now: keep the previous run's
-        heads = previous.get("heads", [])
-        if heads:
-            meta["kept"] = meta["kept"] + f"; lm_head rows kept from commit {previous['meta']['commit']}"
+        heads = [with_provenance(r, previous["meta"]) for r in previous.get("heads", [])]
+    if kept or (heads and not args.heads):
+        meta["kept"] = kept_note(kept, [] if args.heads else heads)
 
     def write():
+        for r in results + heads:
+            r.setdefault("measured", {"commit": meta["commit"], "date": meta["date"]})
         everything = results + kept
         with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
             json.dump({"meta": meta, "results": everything, "heads": heads}, f, indent=1)

@@ -29,7 +29,6 @@ fails under --tp ends the run (the other ranks would wait in an all-reduce it ne
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from torch import nn
 from teal_quant.compression.synthetic import SyntheticSpec
 from teal_quant.devices import select_device
 from teal_quant.errors import TealQuantError, first_line
+from teal_quant.runtime.fusion import unfuse_projections
 from teal_quant.runtime.modules import QuantLinear, reset_stats, teal_linears
 
 BASELINES = ("bf16", "int4", "tinygemm")
@@ -640,10 +640,7 @@ def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace every TealLinear (and a quantized lm_head) by an nn.Linear with its dequantized weights, one at a time (the packed buffers
     are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
     (teal_quant.runtime.fusion, made by the Decoder on CUDA) are split back first."""
-    if importlib.util.find_spec(f"{__package__}.fusion") is not None:
-        from teal_quant.runtime.fusion import unfuse_projections
-
-        unfuse_projections(model)
+    unfuse_projections(model)
     packed = [n for n, _ in teal_linears(model)] + [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in packed:
         m = model.get_submodule(name)

@@ -296,6 +296,11 @@ def choose(rows) -> dict:
     return {key: dispatch.shape_to_dict(dispatch.shape_from_dict(shape), defaults=False) for key, (score, shape) in best.items()}
 
 
+def canonical(shape: dict) -> str:
+    """A launch shape as one comparable string: every field, defaults filled in (a table rule names only non-defaults)."""
+    return json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(shape)), sort_keys=True)
+
+
 def previous_pick(rules, m: int, n: int, k: int) -> dict | None:
     """The shape of the previous table's exact rule for batch m and layer (N, K) (not a ``dense_threshold`` one)."""
     for rule in rules or []:
@@ -310,16 +315,13 @@ def keep_unless_faster(best: dict, rows, rules) -> list:
     """Round 11: a layer keeps its previous exact pick unless the new one was faster at every swept sparsity (the
     geometric mean alone moved 8B gate/up to a shape slower at s50 in round 10). Changes ``best``; -> the layers
     kept this way."""
-    at = {(r["batch"], r["N"], r["K"], r["sparsity"], json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(r["shape"])),
-          sort_keys=True)): r["us"] for r in rows}
+    at = {(r["batch"], r["N"], r["K"], r["sparsity"], canonical(r["shape"])): r["us"] for r in rows}
     kept = []
     for (m, n, k), shape in best.items():
         old = previous_pick(rules, m, n, k)
         if old is None or old == shape:
             continue
-        key_old = json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(old)), sort_keys=True)
-        key_new = json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(shape)), sort_keys=True)
-        times = [(at.get((m, n, k, sp, key_old)), at.get((m, n, k, sp, key_new))) for sp in SPARSITIES]
+        times = [(at.get((m, n, k, sp, canonical(old))), at.get((m, n, k, sp, canonical(shape)))) for sp in SPARSITIES]
         if all(a is not None and b is not None for a, b in times) and not all(b < a for a, b in times):
             best[(m, n, k)] = old
             kept.append((m, n, k))
@@ -412,7 +414,7 @@ def report(result: dict, old_rules: list | None, new_rules: list | None, note: s
                 continue
             if "n" in rule and not rule["n"][0] <= n <= rule["n"][1]:
                 continue
-            return json.dumps(dispatch.shape_to_dict(dispatch.shape_from_dict(rule["shape"])), sort_keys=True)
+            return canonical(rule["shape"])
         return None
 
     out = [f"# Launch-shape sweep of the sparse GEMV ({meta['gpu']})", "",

@@ -36,15 +36,20 @@ from kernels import gemv_launch as gemv  # noqa: E402
 L2_BYTES = 60 * 2**20
 GROUP = 128
 SHAPES = {  # name: (N, K) of y = x @ W^T, W^T [K, N]
-    "8B": {"q_o": (4096, 4096), "k_v": (1024, 4096), "qkv": (6144, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)},
-    "70B": {"q_o": (8192, 8192), "k_v": (1024, 8192), "qkv": (10240, 8192), "gate_up": (28672, 8192), "down": (8192, 28672)},
+    "8B": {"q_o": (4096, 4096), "k_v": (1024, 4096), "qkv": (6144, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
+           "gate_up_fused": (28672, 4096)},
+    "70B": {"q_o": (8192, 8192), "k_v": (1024, 8192), "qkv": (10240, 8192), "gate_up": (28672, 8192), "down": (8192, 28672),
+            "gate_up_fused": (57344, 8192)},
 }
+# projections timed as one fused call of this many equal parts (kernels.sparse_gemv_fused, one threshold per part):
+# the decoder's gate and up projections share their input and run as one launch (teal_quant/runtime/fusion.py)
+PARTS = {"gate_up_fused": 2}
 SPARSITIES = [0, 25, 40, 50, 60, 70, 90]
 DEV = "cuda"
 SMOKE = os.environ.get("GEMV_BENCH_SMOKE") == "1"  # a logic check on the CPU under TRITON_INTERPRET=1: tiny shapes, no graphs
 if SMOKE:
     DEV = "cpu"
-    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512)}}
+    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512), "gate_up_fused": (512, 256)}}
 SUMMARY_BATCHES, SUMMARY_SPARSITIES = (1, 4, 16), (0, 50, 70)
 
 
@@ -157,12 +162,24 @@ def union_block_sparsity(x: torch.Tensor, thr: float, block: int = GROUP) -> flo
     return 1 - active.view(-1, block).any(1).float().mean().item()
 
 
-def ours_fns(x, t, copies, deterministic=False):
+def ours_call(x, t, c, proj: str, shape=None):
+    """One sparse-GEMV call on weights ``c`` = (qweight, scales, zeros) with the 0-dim threshold tensor ``t``: a fused
+    call of PARTS[proj] equal parts (each with threshold t) for the fused projections, else a plain one. ``shape``
+    overrides the table's launch shape (sweeps)."""
+    parts = PARTS.get(proj, 1)
+    if parts == 1:
+        return gemv.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=shape)
+    n = c[2].shape[1]
+    return gemv.sparse_gemv_fused(x, c[0], c[1], c[2], t.reshape(1).repeat(parts), [n // parts] * parts, bits=4,
+                                  group_size=GROUP, shape=shape)
+
+
+def ours_fns(x, t, copies, proj: str, deterministic=False):
     def call(c):
         if deterministic:
             torch.use_deterministic_algorithms(True)
         try:
-            return gemv.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP)
+            return ours_call(x, t, c, proj)
         finally:
             if deterministic:
                 torch.use_deterministic_algorithms(False)
@@ -240,7 +257,7 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
             union_block = union_block_sparsity(x, thr)
             methods = [("ours", False)] + ([("ours_det", True)] if sp in det_sparsities else [])
             for method, det in methods:
-                us = time_graph(ours_fns(x, t, ours, det))
+                us = time_graph(ours_fns(x, t, ours, proj, det))
                 results.append({**row, "method": method, "sparsity": sp, "union_sparsity": round(union, 4),
                                 "union_block_sparsity": round(union_block, 4), "us": us,
                                 "bytes": touched, "tbps": touched / us / 1e6, "vs_cublas": t_bf16 / us, "vs_tinygemm": t_tg / us,
@@ -389,16 +406,32 @@ def with_provenance(row: dict, meta: dict) -> dict:
     return {**row, "measured": row.get("measured") or {"commit": meta["commit"], "date": meta["date"]}}
 
 
-def kept_note(kept: list, heads: list) -> str:
-    """One flat line naming, per earlier run, the batch sizes (and lm_head rows) this file keeps from it."""
+def kept_note(kept: list, heads: list, measured: set = frozenset()) -> str:
+    """One flat line naming, per earlier run, the batch sizes (and lm_head rows) this file keeps from it; a batch size
+    of which some layers were measured now names the layers it keeps."""
     runs: dict = {}
     for r in kept:
-        runs.setdefault((r["measured"]["commit"], r["measured"]["date"]), set()).add(r["batch"])
-    parts = [f"batch {', '.join(map(str, sorted(b)))} at commit {c} ({d})"
-             for (c, d), b in sorted(runs.items(), key=lambda item: min(item[1]))]
+        runs.setdefault((r["measured"]["commit"], r["measured"]["date"]), {}).setdefault(r["batch"], set()).add(
+            (r.get("model"), r.get("proj")))
+    new_batches = {m for _, _, m in measured}
+
+    def batch_words(b, layers):
+        if b not in new_batches:
+            return str(b)
+        return f"{b} ({', '.join(f'{model} {proj}' for model, proj in sorted(layers, key=row_rank_of))})"
+
+    parts = [f"batch {', '.join(batch_words(b, ls) for b, ls in sorted(bs.items()))} at commit {c} ({d})"
+             for (c, d), bs in sorted(runs.items(), key=lambda item: min(item[1]))]
     parts += [f"lm_head rows at commit {c} ({d})" for c, d in sorted({(h["measured"]["commit"], h["measured"]["date"])
                                                                      for h in heads})]
     return "rows kept from earlier runs (same method): " + "; ".join(parts)
+
+
+def row_rank_of(layer: tuple) -> tuple:
+    """(model, proj) in the report's order: 70B before 8B, projections in SHAPES order."""
+    model, proj = layer
+    projs = list(SHAPES.get(model, {}))
+    return ({"70B": 0, "8B": 1}.get(model, 2), projs.index(proj) if proj in projs else len(projs))
 
 
 def main(argv=None):
@@ -411,8 +444,10 @@ def main(argv=None):
     ap.add_argument("--tag", default="gemv_h200")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--heads", default="8B,70B", help="lm_head shapes timed at batch 1 (int4 and int8); '' for none")
-    ap.add_argument("--keep-from", default=None, help="a previous results json: its rows of batch sizes not measured "
-                    "now are kept (and said so in the report)")
+    ap.add_argument("--layers", default=None, help="projections to time (e.g. gate_up,down,gate_up_fused; default: all "
+                    "of SHAPES)")
+    ap.add_argument("--keep-from", default=None, help="a previous results json: its rows of (layer, batch size) pairs "
+                    "not measured now are kept (and said so in the report)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     import triton
@@ -422,9 +457,12 @@ def main(argv=None):
                 triton=triton.__version__, table=dispatch.table_name(torch.device(DEV)))
     print(meta, flush=True)
     batches = [int(b) for b in args.batches.split(",")]
+    layers = {model: {proj: nk for proj, nk in SHAPES[model].items() if not args.layers or proj in args.layers.split(",")}
+              for model in args.models.split(",")}
+    measured = {(model, proj, m) for model in layers for proj in layers[model] for m in batches}
     det_sparsities = [int(s) for s in args.det_sparsities.split(",") if s]
     jobs = {(json.dumps(dispatch.shape_to_dict(dispatch.pick_gemv(m, n, k, 4, GROUP, torch.device(DEV))), sort_keys=True), m, det)
-            for model in args.models.split(",") for n, k in SHAPES[model].values() for m in batches
+            for model in layers for n, k in layers[model].values() for m in batches
             for det in ((False, True) if det_sparsities else (False,))}
     errors = precompile([(json.loads(s), m, det) for s, m, det in sorted(jobs)], args.workers)
     print(f"precompiled {len(jobs)} kernel variants; errors: {errors}", flush=True)
@@ -434,7 +472,8 @@ def main(argv=None):
     if args.keep_from:
         with open(args.keep_from) as f:
             previous = json.load(f)
-        kept = [with_provenance(r, previous["meta"]) for r in previous["results"] if r["batch"] not in batches]
+        kept = [with_provenance(r, previous["meta"]) for r in previous["results"]
+                if (r["model"], r["proj"], r["batch"]) not in measured]
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, f"{args.tag}.log"), "w")
 
@@ -446,12 +485,12 @@ def main(argv=None):
     if args.keep_from and not args.heads:  # lm_heads not timed now: keep the previous run's
         heads = [with_provenance(r, previous["meta"]) for r in previous.get("heads", [])]
     if kept or (heads and not args.heads):
-        meta["kept"] = kept_note(kept, [] if args.heads else heads)
+        meta["kept"] = kept_note(kept, [] if args.heads else heads, measured)
 
     def write():
         for r in results + heads:
             r.setdefault("measured", {"commit": meta["commit"], "date": meta["date"]})
-        everything = results + kept
+        everything = sorted(results + kept, key=lambda r: (r["batch"], row_rank_of((r["model"], r["proj"]))))
         with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
             json.dump({"meta": meta, "results": everything, "heads": heads}, f, indent=1)
         with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:  # also after each shape (partial runs)
@@ -460,8 +499,8 @@ def main(argv=None):
     if args.heads:
         bench_heads(args.heads.split(","), heads, log)
         write()
-    for model in args.models.split(","):
-        for proj, (n, k) in SHAPES[model].items():
+    for model in layers:
+        for proj, (n, k) in layers[model].items():
             bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log)
             write()
     print(markdown(results, meta, heads).split("## Every measurement")[0])

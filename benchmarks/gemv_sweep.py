@@ -35,39 +35,31 @@ from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
-CORE = [  # batch 1. Round 11: the table's batch-1 picks (kernels/configs/h200.json at 59cc36b), preload with
-    # lookahead (row r's FMAs wait only for rows r and r + lookahead; 64 here: each row only for itself) and preload
-    # shapes for 8B gate/up and down (rows fit in registers; registers from benchmarks/profile/sass_core.py, sm_90)
-    CoreShape(1, 4, 4, 128, h2=True, preload=1),  # k/v (8B, 70B); 96 registers
-    CoreShape(2, 4, 4, 64, h2=True, preload=2),  # 8B q/o, qkv; 72
-    CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 8B down
-    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 8B gate/up, 70B qkv, gate/up, down
-    CoreShape(4, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 70B q/o, catch-all
-    CoreShape(2, 4, 4, 64, h2=True, preload=2, lookahead=64),  # 72: a third of the FMAs before the last loads
-    CoreShape(2, 4, 4, 32, h2=True, preload=2, lookahead=64),  # 48
-    CoreShape(2, 4, 4, 32, h2=True, preload=2),  # 48
-    CoreShape(4, 4, 4, 32, h2=True, preload=2),  # 80
-    CoreShape(4, 4, 4, 32, h2=True, preload=2, lookahead=64),  # 72
-    CoreShape(2, 2, 4, 32, h2=True, preload=2),  # 79
-    CoreShape(2, 8, 4, 128, h2=True, preload=2),  # 77
-    CoreShape(4, 8, 4, 64, h2=True, preload=2),  # 76
-    # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8, kr32 compacted, preload
-    # 1 and 2 at other vec / warps / k_range (round 10)
+CORE = [  # batch 1. Round 12: the table's picks for 8B gate/up and down, and `loads_first` shapes (every row load of
+    # a step issued before its FMAs at R = 8 / 16: fewer dependent steps per program; registers from
+    # benchmarks/profile/sass_core.py, sm_90, 8B down specialization: the programs per SM they leave decide the waves)
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 8B gate/up, 70B qkv, gate/up, down; 72 registers
+    CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 8B down; 56
+    CoreShape(4, 4, 8, 128, evict_first=True, h2=True, loads_first=True),  # 95: 5 programs per SM
+    CoreShape(4, 4, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 126: 4
+    CoreShape(4, 4, 8, 128, pipe=True, evict_first=True, h2=True, loads_first=True),  # 128: 4
+    CoreShape(2, 4, 8, 128, pipe=True, evict_first=True, h2=True, loads_first=True),  # 72: 7
+    CoreShape(2, 4, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 64: 8
+    CoreShape(4, 2, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 128: 8 two-warp programs
+    CoreShape(2, 2, 16, 128, evict_first=True, h2=True, loads_first=True),  # 94: 10 two-warp programs
+    CoreShape(2, 1, 16, 128, evict_first=True, h2=True, loads_first=True),  # 121: 16 one-warp programs
+    # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8 (rows interleaved with
+    # the FMAs), kr32 compacted, preload 1 and 2 at other vec / warps / k_range (rounds 10-11), lookahead (round 11)
 ]
 # batch 2-4 on the CUDA-core kernel with h2 (round 9: the unpack shared by the batch rows, one power of two per row,
 # x paired before the loop). Round 10: the table's picks for batch 3-4 and the preload shapes (SASS at M = 4:
 # registers)
-CORE_BATCHED = [
+CORE_BATCHED = [  # round 12: the 8B gate/up and down picks at batch 3-4, and loads_first at R = 8 (in place)
     CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 70B q/o, 8B down
     CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # 8B gate/up
-    CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 70B qkv, down
-    CoreShape(2, 1, 4, 128, evict_first=True, dense=100, h2=True),  # 70B gate/up
-    CoreShape(1, 1, 4, 32, dense=100, h2=True),  # round 9's best core shape on 8B q/o, qkv (split-K faster there)
-    CoreShape(1, 1, 4, 32, h2=True, preload=1),  # 128
-    CoreShape(2, 1, 4, 32, h2=True, preload=1),  # 249
-    CoreShape(1, 2, 4, 64, h2=True, preload=1),  # 96
-    CoreShape(1, 2, 4, 32, h2=True, preload=1),
-    CoreShape(1, 4, 4, 64, h2=True, preload=1),
+    CoreShape(2, 1, 8, 64, evict_first=True, dense=100, h2=True, loads_first=True),
+    CoreShape(2, 2, 8, 128, evict_first=True, dense=100, h2=True, loads_first=True),
+    # earlier rounds' candidates (git history of this file): round 9-10's batched h2 and preload shapes
 ]
 # always-dense shapes for calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0): the table's
 # ``dense_threshold`` rules, timed at batch 1 with that threshold on every layer and on the lm_head shapes, int4 and
@@ -244,11 +236,14 @@ def dense_rules(rows) -> list:
     return rules
 
 
-def sweep(models, log, bad, save=None) -> list:
-    """Time every candidate on every layer; ``save(rows)`` after each layer (a run cut short keeps its timings)."""
+def sweep(models, log, bad, save=None, layers=None) -> list:
+    """Time every candidate on every layer (``layers``: only these projections); ``save(rows)`` after each layer (a
+    run cut short keeps its timings). Fused projections (benchmarks/gemv.py PARTS) are timed as one fused call."""
     rows = []
     for model in models:
         for proj, (n, k) in SHAPES[model].items():
+            if layers and proj not in layers:
+                continue
             q, qweight, scales, zeros = make_layer(n, k)
             del q
             w_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2
@@ -264,8 +259,7 @@ def sweep(models, log, bad, save=None) -> list:
                         key = (repr(dispatch.shape_to_dict(shape)), m)
                         if key in bad or not dispatch.fits(shape, m, k, 4, GROUP):
                             continue
-                        us = time_graph([lambda c=c, s=shape: kernel.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=s)
-                                         for c in copies])
+                        us = time_graph([lambda c=c, s=shape: bench.ours_call(x, t, c, proj, shape=s) for c in copies])
                         rows.append(dict(model=model, proj=proj, N=n, K=k, batch=m, sparsity=sp, union_sparsity=round(union, 4),
                                          union_block_sparsity=round(union_block, 4),
                                          shape=dispatch.shape_to_dict(shape), us=us, tbps=touched / us / 1e6))
@@ -328,13 +322,40 @@ def keep_unless_faster(best: dict, rows, rules) -> list:
     return kept
 
 
+def replace_exact_rules(rules: list, best: dict) -> list:
+    """``--layers``: the previous table's rules with the exact rule of each swept (batch, N, K) given its new shape, or,
+    where it had none (a layer swept for the first time), one added in front of its batch class's first rule by
+    weight size; every other rule kept as it was."""
+    out = [dict(r) for r in rules]
+    for (m, n, k), shape in sorted(best.items()):
+        lo, hi = CLASSES[m]
+        ours = [i for i, r in enumerate(out) if not r.get("dense_threshold") and r.get("m") == [lo, hi]]
+        exact = next((i for i in ours if out[i].get("weight") == [n * k, n * k] and out[i].get("n") == [n, n]), None)
+        if exact is not None:
+            out[exact]["shape"] = shape
+        else:
+            at = next((i for i in ours if "n" not in out[i]), ours[-1] + 1 if ours else len(out))
+            out.insert(at, {"m": [lo, hi], "weight": [n * k, n * k], "n": [n, n], "shape": shape})
+    return out
+
+
 def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list | None = None,
-          keep_picks: bool = False) -> dict:
+          keep_picks: bool = False, layers_only: bool = False) -> dict:
     """The rules of every batch class measured in ``rows``; ``keep`` (the previous table's rules, when --merge is
     given) keeps its rules whose batch range holds no measured class. ``dense_rows``: the ``dense_threshold`` rules
     come first (without them, kept ones of unswept classes stay). ``keep_picks``: ``keep_unless_faster``."""
     best = choose(rows)
     kept_picks = keep_unless_faster(best, rows, keep) if keep_picks else []
+    if layers_only:  # --layers: only the swept layers' exact rules change
+        swept = sorted({(r["model"], r["proj"]) for r in rows})
+        about = meta["previous_about"].rstrip(".") + (
+            f". Then the exact rules of {', '.join(f'{mo} {p}' for mo, p in swept)} at batch "
+            f"{', '.join(map(str, sorted({m for m, _, _ in best})))} replaced from the sweep of those layers "
+            f"({meta['date']}, commit {meta['commit']})")
+        if keep_picks:
+            about += (", each keeping its previous pick unless the new one was faster at every swept sparsity (--keep-"
+                      f"unless-faster; kept so: {', '.join(f'M={m} N={n} K={k}' for m, n, k in kept_picks) or 'none'})")
+        return {"about": about + ".", "rules": replace_exact_rules(keep or [], best)}
     measured = {r["batch"] for r in rows}
     swept = [CLASSES[m] for m in measured]
     # kept: the rules of classes not swept, and the dense_threshold rules unless the dense phase ran (--no-dense)
@@ -474,6 +495,8 @@ def main(argv=None):
     ap.add_argument("--keep-unless-faster", action="store_true", help="with --merge: an exact rule keeps the previous "
                     "table's pick unless the new one is faster at every swept sparsity")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-threshold (python float 0.0) sweep")
+    ap.add_argument("--layers", default=None, help="with --merge: sweep only these projections (e.g. gate_up,down,"
+                    "gate_up_fused) and replace only their exact rules in the merged table (no dense-threshold phase)")
     ap.add_argument("--splitk-in-table", action="store_true", help="split-K candidates: only the shapes the current "
                     "table (kernels/configs/<gpu>.json) names for the swept batch classes (a focused re-sweep)")
     args = ap.parse_args(argv)
@@ -482,6 +505,9 @@ def main(argv=None):
     FAMILIES = tuple(args.families.split(","))
     if args.keep_unless_faster and not args.merge:
         ap.error("--keep-unless-faster needs --merge (the previous table)")
+    if args.layers and not args.merge:
+        ap.error("--layers needs --merge (the table whose other rules are kept)")
+    layers = args.layers.split(",") if args.layers else None
     if not set(BATCHES) <= set(CLASSES) or not set(FAMILIES) <= {"core", "mma", "splitk"}:
         ap.error(f"--batches must be among {sorted(CLASSES)} and --families among core, mma, splitk")
     os.makedirs(args.out, exist_ok=True)
@@ -518,10 +544,10 @@ def main(argv=None):
             json.dump({"meta": meta, "correctness": [{"shape": k[0], "batch": k[1], "error_over_tolerance": v} for k, v in errs.items()],
                        "timings": rows}, f, indent=1)
 
-    rows = sweep(args.models.split(","), log, bad, save)
+    rows = sweep(args.models.split(","), log, bad, save, layers)
     log(f"sweep: {len(rows)} timings in {time.time() - t0:.0f} s")
     dense_rows = []
-    if 1 in BATCHES and not args.no_dense:
+    if 1 in BATCHES and not args.no_dense and not layers:
         t0 = time.time()
         derrs = check_dense(log)
         dbad = {key for key, v in derrs.items() if v > 1}
@@ -538,7 +564,8 @@ def main(argv=None):
             old = json.load(f)
         when = re.search(r"\(([^()]*commit [^()]*)\)", old["about"])
         keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
-    tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster)
+        meta["previous_about"] = old["about"]
+    tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster, layers_only=bool(layers))
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])

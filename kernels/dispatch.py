@@ -59,7 +59,8 @@ class CoreShape:
     rows: int  # rows per warp per step, unrolled: their loads are in flight together
     k_range: int  # rows of W^T per program (divides the group size)
     f16: bool = True  # int4: unpack through fp16 pairs (else the fp32 exponent trick)
-    pipe: bool = False  # rows == 4 only: the next step's row indices and x are loaded before this step's FMAs
+    pipe: bool = False  # rows == 4 (any rows with loads_first): the next step's row indices and x are loaded before
+    # this step's FMAs
     evict_first: bool = False  # weight loads marked evict-first (the scratch lists and x stay in the L2)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
     stages: int = 1  # > 1 (not with pipe): the row loop is software-pipelined by triton, its loads cp.async copies
@@ -85,6 +86,10 @@ class CoreShape:
     # FMAs of a warp's row r wait for its own load and for that of its row r + L (none past the last row; L >=
     # k_range / warps: its own only), so they may start while later rows are in flight (ptxas still issues the loads
     # first in the measured shapes: benchmarks/profile/sass_core.py; it groups them on 3-4 scoreboards)
+    loads_first: bool = False  # round 12: every row loop (compacted, pipe, in place) writes all R rows' loads of a
+    # step before their FMAs at any R (without it only R = 4 does, in the h2 compacted loop and the in-place loop;
+    # at R = 8 ptxas then spreads the row loads over the step, one slot -> row round trip after another: SASS), so
+    # R rows per warp are in flight together: fewer dependent steps per program (made for the 0.5-1-wave layers)
     kernel = "core"
 
 
@@ -191,7 +196,8 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
             return False
         if shape.lookahead and (not shape.preload or shape.lookahead < 0):
             return False
-        return m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4) and (shape.stages == 1 or not shape.pipe)
+        return (m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4 or shape.loads_first)
+                and (shape.stages == 1 or not shape.pipe))
     return shape.block_k <= kr and shape.block_n % 8 == 0
 
 

@@ -318,6 +318,24 @@ def _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok,
 
 
 @triton.jit
+def _masked_words(ptrs, ok, EVICT: tl.constexpr):
+    """Weight words where ``ok``, 0 elsewhere (no memory traffic for masked-off words)."""
+    if EVICT:
+        wd = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+    else:
+        wd = tl.load(ptrs, mask=ok, other=0)
+    return wd
+
+
+@triton.jit
+def _live_row_load(qw_ptr, row, act, word, w_ok, stride_qk, EVICT: tl.constexpr):
+    """Batch 1: the [W, NB] words of rows ``row`` [W] (one per warp) whose ``act`` [1, W] is set; an inactive row's
+    load is predicated off and reads as 0 (the in-place loop and PRELOAD 2)."""
+    live = tl.reshape(act, [row.shape[0]])
+    return _masked_words(qw_ptr + row[:, None] * stride_qk + word[None, :], live[:, None] & w_ok[None, :], EVICT)
+
+
+@triton.jit
 def _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr,
                   ALIGNED: tl.constexpr, EVICT: tl.constexpr):
     """PRELOAD 1: the words of all KR rows of the tile (warp w takes rows k0 + w, k0 + w + W, ...), one tuple entry
@@ -350,14 +368,7 @@ def _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR: tl.constexpr,
     an inactive row costs no memory traffic), all issued together."""
     wts = ()
     for r in tl.static_range(KR // W):
-        live = tl.reshape(acts[r], [W])
-        ptrs = qw_ptr + (k0 + r * W + wv)[:, None] * stride_qk + word[None, :]
-        ok = live[:, None] & w_ok[None, :]
-        if EVICT:
-            wd = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
-        else:
-            wd = tl.load(ptrs, mask=ok, other=0)
-        wts = wts + (wd,)
+        wts = wts + (_live_row_load(qw_ptr, k0 + r * W + wv, acts[r], word, w_ok, stride_qk, EVICT),)
     return wts
 
 
@@ -389,20 +400,15 @@ def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
     else:
         act, xr = _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE)
     if M_P == 1:
-        live = tl.reshape(act, [W])
-        ptrs = qw_ptr + row[:, None] * stride_qk + word[None, :]
-        ok = live[:, None] & w_ok[None, :]
-    elif H2:  # every row
-        ptrs = qw_ptr + row[None, :, None] * stride_qk + word[None, None, :]
-        ok = w_ok[None, None, :]
+        wd = _live_row_load(qw_ptr, row, act, word, w_ok, stride_qk, EVICT)
     else:
-        live = tl.max(act.to(tl.int32), axis=0) > 0  # union over the batch rows
         ptrs = qw_ptr + row[None, :, None] * stride_qk + word[None, None, :]
-        ok = live[None, :, None] & w_ok[None, None, :]
-    if EVICT:
-        wd = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
-    else:
-        wd = tl.load(ptrs, mask=ok, other=0)
+        if H2:  # every row
+            ok = w_ok[None, None, :]
+        else:
+            live = tl.max(act.to(tl.int32), axis=0) > 0  # union over the batch rows
+            ok = live[None, :, None] & w_ok[None, None, :]
+        wd = _masked_words(ptrs, ok, EVICT)
     return wd, xr
 
 
@@ -528,49 +534,74 @@ def _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, 
 
 
 @triton.jit
-def _slots4_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
-                a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-                ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr,
-                H2: tl.constexpr):
-    """One step of the compacted loop at R = 4 with every load written before the FMAs (with the fp16-pair FMAs ptxas
-    otherwise issues 3 of the 24 loads of a step before the first HFMA2: triton 3.6 SASS)."""
-    p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + wv, c, mm, M_P)
-    p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + W + wv, c, mm, M_P)
-    p2, q2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + 2 * W + wv, c, mm, M_P)
-    p3, q3 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + 3 * W + wv, c, mm, M_P)
-    w0 = _row_load(qw_ptr, p0, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-    w1 = _row_load(qw_ptr, p1, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-    w2 = _row_load(qw_ptr, p2, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-    w3 = _row_load(qw_ptr, p3, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-    a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+def _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
+    """Row indices and x of the R compacted slots j + r * W + wv (r < R) of a step, all loads issued together:
+    (rows, xs) tuples."""
+    rows = ()
+    xs = ()
+    for r in tl.static_range(R):
+        p, q = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+        rows = rows + (p,)
+        xs = xs + (q,)
+    return rows, xs
+
+
+@triton.jit
+def _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.constexpr,
+              W: tl.constexpr, R: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr, H2: tl.constexpr,
+              WAIT_ALL: tl.constexpr = False):
+    """The FMAs of R loaded rows (tuples of words and x), in order. WAIT_ALL (LOADS_FIRST): the first row's words are
+    OR-ed with ``(w_1 | ... | w_R-1) & (K >> 31)`` (zero, K >= 0 unknown to the compiler), so the first FMA waits for
+    every load of the step and ptxas issues them all before it (as ``_all_loaded`` does for the preload); without it
+    ptxas issues 8 of the 16 row loads of an R = 8 compacted step first and the rest between the FMAs (SASS)."""
+    for r in tl.static_range(R):
+        wd = wds[r]
+        if WAIT_ALL and r == 0 and R > 1:
+            dep = wds[1]
+            for i in tl.static_range(2, R):
+                dep = dep | wds[i]
+            wd = wd | (dep & (K >> 31))
+        a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xs[r], magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                  BITS, M_P, W, F16, EMULATE, H2)
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _slots_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
+               a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
+               ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr,
+               H2: tl.constexpr, WAIT_ALL: tl.constexpr):
+    """One step of the compacted loop with every load written before the FMAs: the R slot loads, then the R row
+    loads, then the FMAs (at R = 4 with the fp16-pair FMAs ptxas otherwise issues 3 of the 24 loads of a step before
+    the first HFMA2, and at R = 8 it spreads the row loads over the step: triton 3.6 SASS)."""
+    rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P, W, R)
+    wds = ()
+    for r in tl.static_range(R):
+        wds = wds + (_row_load(qw_ptr, rows[r], word, w_ok, stride_qk, M_P, ALIGNED, EVICT),)
+    return _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, R, F16, EMULATE, H2,
+                     WAIT_ALL)
 
 
 @triton.jit
 def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word, w_ok, stride_qk,
                 scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
                 R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
-                EMULATE: tl.constexpr, H2: tl.constexpr):
+                EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr):
     """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
-    row addresses independent of any load; it issues the instructions of every row."""
+    row addresses independent of any load; it issues the instructions of every row. R = 4 or LOADS_FIRST: the R
+    rows' loads of a step are written before their FMAs."""
     for j in range(0, KR, W * R):
-        if R == 4:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas otherwise
-            # sinks 6 of the 8 row loads below the first FMAs (as round 4's multiple-of hint did)
-            wd0, xr0 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j,
-                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
-            wd1, xr1 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + W,
-                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
-            wd2, xr2 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 2 * W,
-                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
-            wd3, xr3 = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + 3 * W,
-                                   mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd0, xr0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd1, xr1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd2, xr2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd3, xr3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
+        if R == 4 or LOADS_FIRST:  # all loads of the step written before the FMAs: in this two-loop kernel ptxas
+            # otherwise sinks 6 of the 8 row loads below the first FMAs at R = 4 (as round 4's multiple-of hint did)
+            wds = ()
+            xs = ()
+            for r in tl.static_range(R):
+                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
+                wds = wds + (wd,)
+                xs = xs + (xr,)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       BITS, M_P, W, R, F16, EMULATE, H2, LOADS_FIRST)
         else:
             for r in tl.static_range(R):
                 wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
@@ -580,16 +611,17 @@ def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
 
 
 @triton.jit
-def _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
+def _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
                     a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
                     BITS: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
-                    EMULATE: tl.constexpr, H2: tl.constexpr):
-    """The c compacted rows of the K-range: warp wv takes slots wv, wv + W, ...; R rows per warp per step."""
+                    EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr):
+    """The c compacted rows of the K-range: warp wv takes slots wv, wv + W, ...; R rows per warp per step (h2 at R = 4,
+    or LOADS_FIRST: the step's loads written before its FMAs)."""
     for j in range(0, c, W * R):
-        if H2 and R == 4:
-            a0, a1, a2, a3, a4, a5, a6, a7 = _slots4_fma(
-                scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale,
-                a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, BITS, ALIGNED, EVICT, F16, EMULATE, H2)
+        if (H2 and R == 4) or LOADS_FIRST:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _slots_fma(
+                scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
+                a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R, BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
         else:
             for r in tl.static_range(R):
                 row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
@@ -622,6 +654,7 @@ def _sgemv_kernel(
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
+    LOADS_FIRST: tl.constexpr = False,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     PER: tl.constexpr = 32 // BITS
@@ -755,36 +788,27 @@ def _sgemv_kernel(
     elif DENSE == 100:
         a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                      w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
+                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST)
     elif DENSE > 0:
         if in_place:
             a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                          w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2)
+                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST)
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
-                                                               stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
-                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2)
-    elif PIPE:  # R == 4; the next step's row indices and x are loaded before this step's FMAs (prefetch)
-        p0, q0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 0 * W + wv, c, mm, M_P)
-        p1, q1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 1 * W + wv, c, mm, M_P)
-        p2, q2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 2 * W + wv, c, mm, M_P)
-        p3, q3 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, 3 * W + wv, c, mm, M_P)
-        for j in range(0, c, W * 4):
-            w0 = _row_load(qw_ptr, p0, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-            w1 = _row_load(qw_ptr, p1, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-            w2 = _row_load(qw_ptr, p2, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-            w3 = _row_load(qw_ptr, p3, word, w_ok, stride_qk, M_P, ALIGNED, EVICT)
-            jn = j + 4 * W
-            p0, n0 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 0 * W + wv, c, mm, M_P)
-            p1, n1 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 1 * W + wv, c, mm, M_P)
-            p2, n2 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 2 * W + wv, c, mm, M_P)
-            p3, n3 = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, jn + 3 * W + wv, c, mm, M_P)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w0, q0, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w1, q1, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w2, q2, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(w3, q3, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
-            q0, q1, q2, q3 = n0, n1, n2, n3
+                                                               stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
+                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+    elif PIPE:  # the next step's row indices and x are loaded before this step's FMAs (prefetch); R = 4, or any R
+        # with LOADS_FIRST (the same loop over tuples)
+        rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, 0, wv, c, mm, M_P, W, R)
+        for j in range(0, c, W * R):
+            wds = ()
+            for r in tl.static_range(R):
+                wds = wds + (_row_load(qw_ptr, rows[r], word, w_ok, stride_qk, M_P, ALIGNED, EVICT),)
+            rows, nxs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j + R * W, wv, c, mm, M_P, W, R)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       BITS, M_P, W, R, F16, EMULATE, H2, LOADS_FIRST)
+            xs = nxs
     elif GROUPS > 1:  # one loop over the steps of every K-range, each padded to the longest one's step count (the
         # padding reads row k0 of its K-range with x = 0, cached); at the last step of a K-range its sums are scaled
         # and added to t0..t7 (_fold). STAGES > 1: triton's pipeliner keeps its ring filled across the K-ranges
@@ -837,8 +861,8 @@ def _sgemv_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     else:
         a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
-                                                           stride_qk, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
-                                                           BITS, ALIGNED, EVICT, F16, EMULATE, H2)
+                                                           stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
+                                                           BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
     if H2 and GROUPS == 1:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators (GROUPS > 1: done in _fold)
@@ -896,7 +920,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # fp32 x: the exact fp32-exponent unpack, not the fp16 pairs, whose 1024 offsets cancel ~7 bits of the fp32
     # accumulator (harmless under a bf16/fp16 output rounding, ~1e-5 relative error in an fp32 model)
     f16 = p.bits == 4 and shape.f16 and p.x.dtype != torch.float32
-    pipe = shape.pipe and shape.rows == 4
+    pipe = shape.pipe and (shape.rows == 4 or shape.loads_first)
     # fp16-pair accumulation: int4, batch 1-4 (one power of two per batch row), 16-bit x, any loop (else the
     # fp16-pair unpack into fp32)
     h2 = shape.h2 and p.bits == 4 and p.m <= CORE_MAX_M and p.x.dtype != torch.float32
@@ -905,6 +929,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
+        LOADS_FIRST=shape.loads_first,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
     )
     return call.y

@@ -29,3 +29,47 @@ def test_kept_rows_name_the_run_that_measured_them():
     assert note == ("rows kept from earlier runs (same method): batch 4 at commit bbb2222 (2026-12-02T00:00:00+00:00); "
                     "batch 8, 16 at commit aaa1111 (2026-12-01T10:00:00+00:00); "
                     "lm_head rows at commit bbb2222 (2026-12-02T00:00:00+00:00)")
+
+
+def test_a_partial_remeasure_keeps_the_other_layers_of_that_batch_and_names_them():
+    """`--layers`: the layers of a batch size measured now replace theirs; the other layers of that batch are kept
+    and the note names them."""
+    gemv = load_gemv_script()
+    meta = {"commit": "ccc3333", "date": "2026-12-03T00:00:00+00:00"}
+    kept = [gemv.with_provenance({"model": model, "proj": proj, "batch": b, "us": 1.0}, meta)
+            for model, proj, b in (("8B", "q_o", 1), ("70B", "down", 1), ("8B", "q_o", 4))]
+    note = gemv.kept_note(kept, [], {("8B", "down", 1), ("8B", "gate_up_fused", 1)})
+    assert note == ("rows kept from earlier runs (same method): batch 1 (70B down, 8B q_o), 4 at commit ccc3333 "
+                    "(2026-12-03T00:00:00+00:00)")
+
+
+def load_sweep_script():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("gemv_sweep", ROOT / "benchmarks" / "gemv_sweep.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_a_sweep_of_some_layers_replaces_only_their_exact_rules():
+    """gemv_sweep.py --layers: a swept layer's exact rule takes the new shape; a layer without one gets its own in
+    front of its batch class's rules by weight size; every other rule stays, in order."""
+    sweep = load_sweep_script()
+    old = {"kernel": "core", "vec": 2, "warps": 4, "rows": 4, "k_range": 128}
+    new = {"kernel": "core", "vec": 4, "warps": 4, "rows": 8, "k_range": 128, "loads_first": True}
+    rules = [{"m": [1, 1], "dense_threshold": True, "bits": 4, "weight": [100, 100], "n": [10, 10], "shape": old},
+             {"m": [1, 1], "weight": [100, 100], "n": [10, 10], "shape": old},
+             {"m": [1, 1], "weight": [400, 400], "n": [20, 20], "shape": old},
+             {"m": [1, 1], "weight": [0, 200], "shape": old}, {"m": [1, 1], "shape": old},
+             {"m": [2, 2], "weight": [100, 100], "n": [10, 10], "shape": old}]
+    out = sweep.replace_exact_rules(rules, {(1, 10, 10): new, (1, 40, 20): new})
+    assert out[0] == rules[0] and out[2] == rules[2] and out[-1] == rules[-1]  # dense-threshold, other layer, batch 2
+    assert out[1]["shape"] == new
+    assert out[3] == {"m": [1, 1], "weight": [800, 800], "n": [40, 40], "shape": new}  # before the size rules
+    assert out[4:] == rules[3:]
+    assert rules[1]["shape"] == old  # the previous table is not changed in place

@@ -47,7 +47,7 @@ def core_spec(shape, a):
                  ALIGNED=True, OUT_DTYPE=triton.language.bfloat16, EMULATE=False, BITS=4, W=shape.warps, R=shape.rows,
                  VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe, EVICT=shape.evict_first, STAGES=shape.stages,
                  GROUPS=shape.groups, DENSE=dense, H2=shape.h2, PRELOAD=shape.preload,
-                 LOOKAHEAD=shape.lookahead)
+                 LOOKAHEAD=shape.lookahead, LOADS_FIRST=shape.loads_first)
     steps = shape.k_range * shape.groups // (shape.warps * shape.rows)  # all rows (compacted: at most this)
     weights = shape.k_range * shape.groups * 32 * shape.vec * 8 / (32 * shape.warps)
     return gemv_triton._sgemv_kernel, const, shape.warps, steps, weights

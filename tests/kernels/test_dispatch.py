@@ -67,6 +67,15 @@ def test_preload_fits_only_plain_in_place_shapes():
                                      "lookahead": 8}).lookahead == 8
 
 
+def test_pipe_takes_rows_other_than_4_only_with_loads_first():
+    """``pipe`` (the next step's slots loaded ahead) is written for R = 4; round 12's ``loads_first`` runs it over
+    tuples of any R."""
+    assert dispatch.fits(CoreShape(2, 4, 4, 128, pipe=True), 1, 256, 4, 128)
+    assert not dispatch.fits(CoreShape(2, 4, 8, 128, pipe=True), 1, 256, 4, 128)
+    assert dispatch.fits(CoreShape(2, 4, 8, 128, pipe=True, loads_first=True), 1, 256, 4, 128)
+    assert dispatch.fits(CoreShape(1, 2, 3, 32, pipe=True, loads_first=True), 3, 256, 4, 128)
+
+
 def test_unknown_launch_parameters_are_rejected():
     with pytest.raises(ValueError, match="unknown core launch parameters"):
         dispatch.shape_from_dict({"kernel": "core", "vec": 1, "warps": 1, "rows": 1, "k_range": 16, "probe": 2})

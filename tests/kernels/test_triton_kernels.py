@@ -189,7 +189,9 @@ GROUP_SHAPES = [  # several K-ranges per program (plain and pipelined loop), and
     # predicated off), no compaction
     dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=4, rows=4, k_range=64, preload=2),
     # round 11: row r's FMAs wait for rows r and r + lookahead only
-    dict(vec=1, warps=2, rows=4, k_range=32, preload=2, lookahead=3)]
+    dict(vec=1, warps=2, rows=4, k_range=32, preload=2, lookahead=3),
+    # round 12: every load of a step before its FMAs at any R (pipe over tuples; R = 3 leaves a partial last step)
+    dict(vec=1, warps=2, rows=3, k_range=32, pipe=True, loads_first=True)]
 
 
 @pytest.mark.parametrize("kw", GROUP_SHAPES, ids=lambda d: "-".join(f"{k[:2]}{int(v)}" for k, v in d.items()))
@@ -228,7 +230,9 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
     # round 10: rows preloaded at the program's start (1: before x, inactive rows read too; 2: after x, predicated)
     dict(vec=1, warps=2, rows=4, k_range=32, preload=1), dict(vec=2, warps=1, rows=4, k_range=64, preload=2),
     # round 11: lookahead (row r's FMAs wait for rows r and r + lookahead only; 64: each row for itself)
-    dict(vec=2, warps=2, rows=4, k_range=32, preload=2, lookahead=64), dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=2)]
+    dict(vec=2, warps=2, rows=4, k_range=32, preload=2, lookahead=64), dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=2),
+    # round 12: loads_first at R = 8 (the first FMA of a step waits for all its loads), both loops of the switch
+    dict(vec=1, warps=2, rows=8, k_range=32, dense=60, loads_first=True)]
 
 
 # On the GPU every shape with both x dtypes at batch 1-4; the interpreter (CI) takes one dtype per shape, alternating
@@ -273,7 +277,8 @@ H2_BATCH_CASES = [(dict(vec=1, warps=2, rows=2, k_range=32), 4), (dict(vec=1, wa
                   (dict(vec=2, warps=2, rows=4, k_range=64, dense=60, evict_first=True), 2),
                   (dict(vec=1, warps=2, rows=2, k_range=32, groups=2), 3),
                   (dict(vec=1, warps=1, rows=4, k_range=32, preload=1), 4),
-                  (dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=5), 3)]
+                  (dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=5), 3),
+                  (dict(vec=1, warps=1, rows=8, k_range=32, dense=100, loads_first=True), 4)]
 
 
 @pytest.mark.parametrize("kw,m", H2_BATCH_CASES, ids=lambda c: "-".join(f"{k[:2]}{int(v)}" for k, v in c.items())

@@ -49,7 +49,7 @@ DEV = "cuda"
 SMOKE = os.environ.get("GEMV_BENCH_SMOKE") == "1"  # a logic check on the CPU under TRITON_INTERPRET=1: tiny shapes, no graphs
 if SMOKE:
     DEV = "cpu"
-    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512), "gate_up_fused": (512, 256)}}
+    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512), "gate_up_fused": (1024, 256)}}
 SUMMARY_BATCHES, SUMMARY_SPARSITIES = (1, 4, 16), (0, 50, 70)
 
 
@@ -199,15 +199,20 @@ def check_layer(m: int, seed: int):
 
 
 def warm_one(job):
-    """Worker process: run one (launch shape, batch, deterministic) once, which compiles it into the Triton cache on
-    disk that every process shares. -> None, or the error in one line."""
-    shape_dict, m, det = job
+    """Worker process: run one (launch shape, batch, deterministic[, parts]) once, which compiles it into the Triton
+    cache on disk that every process shares; parts > 1: also a fused call of that many parts (one threshold per part:
+    another specialization). -> None, or the error in one line."""
+    shape_dict, m, det, parts = (*job, 1) if len(job) == 3 else job
     q, scales, zeros, x = check_layer(m, 0)
     torch.use_deterministic_algorithms(det)
     try:
         shape = dispatch.shape_from_dict(shape_dict)
         qw = pack_int4_gpu(q)
         gemv.sparse_gemv(x, qw, scales, zeros, torch.tensor(0.5, device=DEV), bits=4, group_size=GROUP, shape=shape)
+        if parts > 1:
+            n = scales.shape[1]
+            gemv.sparse_gemv_fused(x, qw, scales, zeros, torch.full((parts,), 0.5, device=DEV), [n // parts] * parts,
+                                   bits=4, group_size=GROUP, shape=shape)
         if shape.kernel == "splitk":  # also its no-split specialization (one K-step: K = GROUP)
             gemv.sparse_gemv(x[:, :GROUP].contiguous(), qw[:GROUP], scales[:1], zeros[:1], torch.tensor(0.5, device=DEV),
                              bits=4, group_size=GROUP, shape=shape)
@@ -461,10 +466,11 @@ def main(argv=None):
               for model in args.models.split(",")}
     measured = {(model, proj, m) for model in layers for proj in layers[model] for m in batches}
     det_sparsities = [int(s) for s in args.det_sparsities.split(",") if s]
-    jobs = {(json.dumps(dispatch.shape_to_dict(dispatch.pick_gemv(m, n, k, 4, GROUP, torch.device(DEV))), sort_keys=True), m, det)
-            for model in layers for n, k in layers[model].values() for m in batches
+    jobs = {(json.dumps(dispatch.shape_to_dict(dispatch.pick_gemv(m, n, k, 4, GROUP, torch.device(DEV))), sort_keys=True), m, det,
+             PARTS.get(proj, 1))
+            for model in layers for proj, (n, k) in layers[model].items() for m in batches
             for det in ((False, True) if det_sparsities else (False,))}
-    errors = precompile([(json.loads(s), m, det) for s, m, det in sorted(jobs)], args.workers)
+    errors = precompile([(json.loads(s), m, det, parts) for s, m, det, parts in sorted(jobs)], args.workers)
     print(f"precompiled {len(jobs)} kernel variants; errors: {errors}", flush=True)
     results: list = []
     kept: list = []

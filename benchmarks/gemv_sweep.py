@@ -57,6 +57,7 @@ CORE = [  # batch 1. Round 12: the table's picks for 8B gate/up and down, and `l
 CORE_BATCHED = [  # round 12: the 8B gate/up and down picks at batch 3-4, and loads_first at R = 8 (in place)
     CoreShape(2, 2, 4, 128, evict_first=True, dense=100, h2=True),  # 70B q/o, 8B down
     CoreShape(2, 1, 4, 64, evict_first=True, dense=100, h2=True),  # 8B gate/up
+    CoreShape(1, 1, 8, 128, evict_first=True, dense=100, h2=True),  # 8B fused gate/up (the nearest-size rule)
     CoreShape(2, 1, 8, 64, evict_first=True, dense=100, h2=True, loads_first=True),
     CoreShape(2, 2, 8, 128, evict_first=True, dense=100, h2=True, loads_first=True),
     # earlier rounds' candidates (git history of this file): round 9-10's batched h2 and preload shapes
@@ -109,6 +110,7 @@ if bench.SMOKE:
 BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
 FAMILIES = ("core", "mma", "splitk")
+CHECK_FUSED = False  # the correctness check also runs a fused two-part call (set when fused layers are swept)
 CLASSES = {1: (1, 1), 2: (2, 2), 4: (3, 4), 8: (5, 8), 16: (9, 16)}
 
 
@@ -163,6 +165,18 @@ def check_all(log) -> dict:
                                               group_size=GROUP, shape=shape)
 
                 worst = max(worst, worst_error(run, want, f"{shape} M={m}", log))
+            if CHECK_FUSED:  # two parts with thresholds of their own (s50, s70), as the fused gate/up is timed
+                q, scales, zeros, x = layers[0]
+                n = q.shape[1]
+                ths = [threshold_for(x, 50), threshold_for(x, 70)]
+                want = torch.cat([truth(x, q[:, i * n // 2:(i + 1) * n // 2], scales[:, i * n // 2:(i + 1) * n // 2],
+                                        zeros[:, i * n // 2:(i + 1) * n // 2], th) for i, th in enumerate(ths)], 1)
+
+                def run_fused():
+                    return kernel.sparse_gemv_fused(x, packed[0], scales, zeros, torch.tensor(ths, device=bench.DEV),
+                                                    [n // 2, n // 2], bits=4, group_size=GROUP, shape=shape)
+
+                worst = max(worst, worst_error(run_fused, want, f"{shape} M={m} fused", log))
             out[(dispatch.shape_to_dict(shape).__repr__(), m)] = worst
             if worst > 1:
                 log(f"FAILED correctness: {shape} M={m}: error {worst:.2f} x tolerance")
@@ -296,12 +310,16 @@ def canonical(shape: dict) -> str:
 
 
 def previous_pick(rules, m: int, n: int, k: int) -> dict | None:
-    """The shape of the previous table's exact rule for batch m and layer (N, K) (not a ``dense_threshold`` one)."""
-    for rule in rules or []:
-        if rule.get("dense_threshold") or not rule.get("m", [1, 16])[0] <= m <= rule.get("m", [1, 16])[1]:
-            continue
-        if rule.get("weight") == [n * k, n * k] and rule.get("n") == [n, n]:
-            return dispatch.shape_to_dict(dispatch.shape_from_dict(rule["shape"]), defaults=False)
+    """The shape the previous table gave batch m on layer (N, K): its exact rule's, else (a layer it had no exact rule
+    for, e.g. a fused one) the first rule that matches by batch, weight size and N, as the dispatch picks (not the
+    ``dense_threshold`` ones)."""
+    matching = [rule for rule in rules or [] if not rule.get("dense_threshold")
+                and rule.get("m", [1, 16])[0] <= m <= rule.get("m", [1, 16])[1]
+                and rule.get("weight", [0, n * k])[0] <= n * k <= rule.get("weight", [0, n * k])[1]
+                and rule.get("n", [0, n])[0] <= n <= rule.get("n", [0, n])[1]]
+    exact = [rule for rule in matching if rule.get("weight") == [n * k, n * k] and rule.get("n") == [n, n]]
+    for rule in exact + matching[:1]:
+        return dispatch.shape_to_dict(dispatch.shape_from_dict(rule["shape"]), defaults=False)
     return None
 
 
@@ -350,7 +368,7 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
         swept = sorted({(r["model"], r["proj"]) for r in rows})
         about = meta["previous_about"].rstrip(".") + (
             f". Then the exact rules of {', '.join(f'{mo} {p}' for mo, p in swept)} at batch "
-            f"{', '.join(map(str, sorted({m for m, _, _ in best})))} replaced from the sweep of those layers "
+            f"{', '.join(map(str, sorted({m for m, _, _ in best})))} set (replaced, or added where the layer had none) from the sweep of those layers "
             f"({meta['date']}, commit {meta['commit']})")
         if keep_picks:
             about += (", each keeping its previous pick unless the new one was faster at every swept sparsity (--keep-"
@@ -482,7 +500,7 @@ def report(result: dict, old_rules: list | None, new_rules: list | None, note: s
 
 
 def main(argv=None):
-    global BATCHES, SPARSITIES, FAMILIES, SPLITK
+    global BATCHES, SPARSITIES, FAMILIES, SPLITK, CHECK_FUSED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
@@ -528,7 +546,10 @@ def main(argv=None):
         log_file.flush()
 
     t0 = time.time()
-    jobs = [(dispatch.shape_to_dict(s), m, False) for m in BATCHES for s in candidates(m)]
+    fused = any(bench.PARTS.get(proj, 1) > 1 for model in args.models.split(",") for proj in SHAPES[model]
+                if not layers or proj in layers)
+    CHECK_FUSED = fused
+    jobs = [(dispatch.shape_to_dict(s), m, False, 2 if fused else 1) for m in BATCHES for s in candidates(m)]
     errors = bench.precompile(jobs, args.workers)
     for e in errors:
         log(f"compile/run error: {e}")

@@ -73,3 +73,17 @@ def test_a_sweep_of_some_layers_replaces_only_their_exact_rules():
     assert out[3] == {"m": [1, 1], "weight": [800, 800], "n": [40, 40], "shape": new}  # before the size rules
     assert out[4:] == rules[3:]
     assert rules[1]["shape"] == old  # the previous table is not changed in place
+
+
+def test_the_previous_pick_of_a_layer_without_an_exact_rule_is_what_the_dispatch_took():
+    """--keep-unless-faster compares a new pick with what the previous table gave the layer: its exact rule, else
+    (a fused layer swept for the first time) the first rule matching its batch and weight size."""
+    sweep = load_sweep_script()
+    a = {"kernel": "core", "vec": 2, "warps": 4, "rows": 4, "k_range": 128}
+    b = {"kernel": "core", "vec": 4, "warps": 4, "rows": 4, "k_range": 128}
+    rules = [{"m": [1, 1], "dense_threshold": True, "shape": a}, {"m": [1, 1], "weight": [100, 100], "n": [10, 10], "shape": a},
+             {"m": [1, 1], "weight": [0, 500], "shape": b}, {"m": [1, 1], "shape": a}]
+    assert sweep.previous_pick(rules, 1, 10, 10) == a
+    assert sweep.previous_pick(rules, 1, 40, 10) == b
+    assert sweep.previous_pick(rules, 1, 40, 100) == a
+    assert sweep.previous_pick(rules, 4, 40, 100) is None

@@ -1,11 +1,14 @@
-"""Round 10 (docs/kernels.md): where the small layers' time goes at batch 1 (and 8B q/o, qkv at batch 4), measured.
+"""Round 10 (docs/kernels.md): where the small layers' time goes at batch 1 (and 8B q/o, qkv at batch 4), measured;
+since round 12 also the 8B MLP layers (``--layers mlp``: gate_up, down and the fused gate/up's grid as one N = 28672
+call, with a probe that loads no weights).
 
-    PYTHONPATH=. python benchmarks/gemv_probe_small.py --out DIR [--workers 14]
+    PYTHONPATH=. python benchmarks/gemv_probe_small.py --out DIR [--workers 14] [--layers small|mlp]
 
 Leave-out probes run a copy of ``_sgemv_kernel`` whose jit helpers are swapped for probe versions (the copies share
 the product's source; kernels/ holds no probe switches): no counter / last-program tail (partials added, nothing
 else), partials stored (no atomics), no unpack / FMA (the row words XOR-folded), an empty kernel with the same grid
-and the same x / y traffic, and programmatic dependent launch (PDL: ``launch_pdl``; ``pdl_top``: griddepcontrol.wait
+and the same x / y traffic, no weights (every weight load replaced by zeros: the program's chain without the weight
+stream; the FMAs stay, on zeros), and programmatic dependent launch (PDL: ``launch_pdl``; ``pdl_top``: griddepcontrol.wait
 first, so nothing is read before the previous kernel ends; ``pdl_early``: the scales / zeros (and preloaded rows)
 loaded before the wait, x and every scratch / workspace access after it). Probes give wrong results on purpose; the
 table's shapes, the PDL copies and the new ``preload`` shapes are first checked against float64 on the GPU.
@@ -42,8 +45,14 @@ except ImportError:  # pragma: no cover - the probes that need it are skipped
     gdc_launch_dependents = gdc_wait = None
 
 GROUP = bench.GROUP
-LAYERS = {("8B", "q_o"): (4096, 4096), ("8B", "k_v"): (1024, 4096), ("8B", "qkv"): (6144, 4096),
-          ("70B", "k_v"): (1024, 8192)}
+LAYER_SETS = {
+    "small": {("8B", "q_o"): (4096, 4096), ("8B", "k_v"): (1024, 4096), ("8B", "qkv"): (6144, 4096),
+              ("70B", "k_v"): (1024, 8192)},
+    # round 12: the 8B MLP layers at batch 1; "gate_up_n28672" is the fused gate/up's grid and launch shape as one
+    # plain N = 28672 call (the fused call adds a threshold per part and a compaction per part and K-range)
+    "mlp": {("8B", "gate_up"): (14336, 4096), ("8B", "down"): (4096, 14336), ("8B", "gate_up_n28672"): (28672, 4096)},
+}
+LAYERS = LAYER_SETS["small"]
 
 
 # -- probe versions of the kernel's helpers ---------------------------------------------------------------------------
@@ -73,6 +82,23 @@ def _row_xor(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.con
     else:
         a0 = (a0.to(tl.int32, bitcast=True) ^ wd).to(tl.float32, bitcast=True)
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _row_load_none(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr):
+    """no weights: zeros in the shape of a gathered row's words, no load."""
+    if M_P == 1:
+        wd = (row[:, None] + word[None, :]) * 0
+    else:
+        wd = (row[None, :, None] + word[None, None, :]) * 0
+    return wd
+
+
+@triton.jit
+def _live_row_load_none(qw_ptr, row, act, word, w_ok, stride_qk, EVICT: tl.constexpr):
+    """no weights (the in-place loop and preload 2): zeros in the shape of the rows' words, no load."""
+    live = tl.reshape(act, [row.shape[0]])
+    return (live[:, None].to(tl.int32) + word[None, :]) * 0
 
 
 @triton.jit
@@ -145,13 +171,14 @@ VARIANTS = {
     "no_tail": dict(reduce_split_k=_reduce_atomics_only),
     "stores": dict(reduce_split_k=_reduce_store_only),
     "no_fma": dict(_row_fma=_row_xor),
+    "no_weights": dict(_row_load=_row_load_none, _live_row_load=_live_row_load_none),
     "joined": dict(_warp_sums=_warp_sums_joined),
     "pdl_top": dict(program_tile=_program_tile_pdl_top),
     "pdl_early": dict(program_tile=_program_tile_pdl_trigger, threshold_rows=_threshold_rows_wait),
 }
 KERNELS = {name: _variant(**swaps) for name, swaps in VARIANTS.items()}
 PDL = {"pdl_top", "pdl_early"}
-WRONG = {"no_tail", "stores", "no_fma"}  # probes that give wrong results on purpose
+WRONG = {"no_tail", "stores", "no_fma", "no_weights"}  # probes that give wrong results on purpose
 
 
 _PROBE_WS: dict = {}
@@ -173,8 +200,10 @@ def launch_variant(name: str, p: gemv_common.GemvProblem, shape: CoreShape) -> t
         call.args["ws_ptr"] = ws
     KERNELS[name][call.grid](
         **call.args, magic=gemv_triton.FP32_MAGIC, **call.constants,
-        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe and shape.rows == 4,
-        STAGES=1, GROUPS=1, DENSE=dense, H2=h2, PRELOAD=preload, EVICT=shape.evict_first,
+        BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=shape.f16,
+        PIPE=shape.pipe and (shape.rows == 4 or shape.loads_first), STAGES=1, GROUPS=1, DENSE=dense, H2=h2,
+        PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0, LOADS_FIRST=shape.loads_first,
+        EVICT=shape.evict_first,
         num_warps=shape.warps, num_stages=1, **extra)
     return call.y
 
@@ -232,8 +261,9 @@ def plan():
             out.append((model, proj, 1, v, tab, f"table {v}"))
         out.append((model, proj, 1, "empty", tab, "empty"))
         out.append((model, proj, 1, "empty_pdl", tab, "empty pdl"))
-        out.append((model, proj, 1, "product", PREVIOUS[(model, proj)], "previous table " + short(PREVIOUS[(model, proj)])))
-        for sh in EXTRA:
+        if (model, proj) in PREVIOUS:
+            out.append((model, proj, 1, "product", PREVIOUS[(model, proj)], "previous table " + short(PREVIOUS[(model, proj)])))
+        for sh in EXTRA if LAYERS is LAYER_SETS["small"] else []:
             out.append((model, proj, 1, "product", sh, short(sh)))
     return out
 
@@ -262,7 +292,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--layers", default="small", choices=sorted(LAYER_SETS))
     args = ap.parse_args(argv)
+    global LAYERS
+    LAYERS = LAYER_SETS[args.layers]
     import multiprocessing as mp
 
     meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -347,28 +380,28 @@ def main(argv=None):
                       f"{best['us']:5.1f} ({best['label']})", flush=True)
         del copies, tgs, bfs
         torch.cuda.empty_cache()
-        write(args.out, meta, checks, rows)
-    write(args.out, meta, checks, rows)
+        write(args.out, meta, checks, rows, args.layers)
+    write(args.out, meta, checks, rows, args.layers)
 
 
-def write(out, meta, checks, rows):
+def write(out, meta, checks, rows, layers="small"):
     os.makedirs(out, exist_ok=True)
     name = dispatch.table_name(torch.device("cuda"))
-    with open(os.path.join(out, f"gemv_probe_small_{name}.json"), "w") as f:
+    with open(os.path.join(out, f"gemv_probe_{layers}_{name}.json"), "w") as f:
         json.dump({"meta": meta, "correctness": checks, "timings": rows}, f, indent=1)
-    with open(os.path.join(out, f"gemv_probe_small_{name}.md"), "w") as f:
-        f.write(markdown(meta, checks, rows))
+    with open(os.path.join(out, f"gemv_probe_{layers}_{name}.md"), "w") as f:
+        f.write(markdown(meta, checks, rows, layers))
 
 
-def markdown(meta, checks, rows) -> str:
+def markdown(meta, checks, rows, layers="small") -> str:
     ok = sum(c["error_over_tolerance"] <= 1 for c in checks)
-    lines = [f"# Small-layer probes of the sparse GEMV ({meta['gpu']})", "",
+    lines = [f"# {'Small-layer' if layers == 'small' else '8B MLP-layer'} probes of the sparse GEMV ({meta['gpu']})", "",
              f"- command: `{meta['command']}`; date {meta['date']}; git commit {meta['commit']}; torch {meta['torch']}, "
              f"triton {meta['triton']}",
              "- µs per call, CUDA graphs of 40 calls over weight copies that defeat the L2 (benchmarks/gemv.py); int4 "
              "g128, bf16 x; `x tg` = tinygemm µs / µs (same run)",
              f"- correctness against float64 (s0 and s50, two calls in a row) of every non-probe row: {ok} of "
-             f"{len(checks)} pass; probes (no_tail, stores, no_fma) give wrong results on purpose", ""]
+             f"{len(checks)} pass; probes (no_tail, stores, no_fma, no_weights) give wrong results on purpose", ""]
     layers = []
     for r in rows:
         key = (r["model"], r["proj"], r["batch"])

@@ -16,9 +16,9 @@ entry, so `set_level` (an in-place copy) updates the fused launch too, and captu
 The realized-sparsity counters are views of [n_parts] group tensors as well, so one set of ops counts all parts.
 
 Not fused (left as separate calls): members with a `perm` buffer (act-order GPTQ import), per-channel
-thresholds (`channel_scale`), differing bits / group size / dtype / device / K. Fuse after the model is on its
-final device (`model.to` after fusion would copy the views apart); `unfuse_projections` undoes it (contiguous
-per-part buffers again).
+thresholds (`channel_scale`), differing bits / group size / dtype / device / K. A move or cast of the
+model (`model.to`, `.float()`) unfuses first (TealLinear._apply: the views would be copied apart from the group's
+buffers); `unfuse_projections` undoes it explicitly (contiguous per-part buffers again).
 """
 
 from __future__ import annotations

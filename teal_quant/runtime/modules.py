@@ -15,6 +15,7 @@ cost 1.7 s per SmolLM2 token on 2 cores; docs/decoding.md ("The CPU path") has t
 
 On CUDA, `teal_quant.runtime.fusion.fuse_projections` (called by `teal_quant.load` and the Decoder) lets q/k/v and
 gate/up share one fused launch; a fused member hands its call to its `FusedGroup` (see teal_quant/runtime/fusion.py).
+Moving or casting a fused model (`model.to(...)`, `.float()`) undoes the fusion first.
 The realized-sparsity counters cost a few small kernels per call: they are on in a plain forward and off in the
 decode fast path (`teal_quant.generate` / the Decoder) unless `track_sparsity(model, True)` asks for them
 (docs/decoding.md has the measured cost).
@@ -173,6 +174,13 @@ class TealLinear(PackedLinear):
         self.register_buffer("zero_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
         self.register_buffer("input_count", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
         self.register_buffer("last_sparsity", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # A move or cast of a fused member would copy its views apart from the group's buffers, which the fused
+        # launch reads: give the whole group its own buffers back first (the Decoder and `load` fuse again on CUDA).
+        if self._fused_group is not None:
+            self._fused_group.unfuse()
+        return super()._apply(fn, recurse)
 
     def materialize_runtime_state(self, device: torch.device | str) -> None:
         """After a meta-device build + load_state_dict(assign=True): real runtime buffers on `device`."""

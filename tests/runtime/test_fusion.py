@@ -172,3 +172,20 @@ def test_members_of_different_shapes_stay_separate():
         fused, _ = attention_like(bits=bits, group_sizes=group_sizes)
         assert fuse_projections(fused) == 0
         assert all(m._fused_group is None for _, m in teal_linears(fused))
+
+
+def test_moving_a_fused_model_unfuses_it_first():
+    """`model.to(...)` / `.float()` of a fused model: every member gets its own buffers back before the move (a moved
+    column view would be a copy the group's fused launch never reads), and the outputs stay the separate modules'."""
+    fused, plain = attention_like()
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(5))
+    assert fuse_projections(fused) == 1
+    fused.to("cpu")
+    assert fused_groups(fused) == [] and all(m._fused_group is None for _, m in teal_linears(fused))
+    storages = {m.qweight.untyped_storage().data_ptr() for _, m in teal_linears(fused)}
+    assert len(storages) == 3 and all(m.qweight.is_contiguous() for _, m in teal_linears(fused))
+    for w, got in zip(call_all(plain, x), call_all(fused, x)):
+        assert torch.equal(got, w)
+    assert fuse_projections(fused) == 1
+    fused.float()
+    assert fused_groups(fused) == []

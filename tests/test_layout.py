@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"teal_quant": ROOT / "teal_quant", "teal_quant.kernels": ROOT / "kernels"}
 
 LEAF = {"teal_quant.errors", "teal_quant.architecture", "teal_quant.devices", "teal_quant.progress",
-        "teal_quant.distributed"}
+        "teal_quant.distributed", "teal_quant.gguf_files"}
 # part -> the parts it may import (besides itself, the leaf modules, kernels and the package root's __version__)
 ALLOWED = {
     "kernels": set(),

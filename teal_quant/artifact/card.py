@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from teal_quant import gguf_files
 from teal_quant.artifact.format import TealQuantConfig
 
 PACKAGE_PREFIX = "package:"  # a model shipped inside a Python package (compression.sources): never a Hub id
@@ -37,9 +38,7 @@ def base_model_license(model_dir: str | Path, gguf_file: str | None = None) -> s
             return license_.strip()
     if gguf_file and (model_dir / gguf_file).is_file():
         try:
-            from gguf import GGUFReader
-
-            field = GGUFReader(str(model_dir / gguf_file)).fields.get("general.license")
+            field = gguf_files.read(model_dir / gguf_file).fields.get("general.license")
             value = field.contents() if field is not None else None
         except Exception:  # an unreadable header only means "license unknown"
             value = None

@@ -22,6 +22,7 @@ from teal_quant.compression.sources.base import (
 from teal_quant.compression.sources.gptq import gptq_settings, open_gptq
 from teal_quant.compression.sources.hub import HubShards
 from teal_quant.errors import HubError, ModelSourceError, first_line
+from teal_quant.gguf_files import shared_gguf_parse
 
 __all__ = ["ModelSource", "open_model"]
 
@@ -53,7 +54,8 @@ def open_model(source: str, *, gguf_file: str | None = None, revision: str | Non
     if not gguf_file and not (path / "config.json").is_file():
         raise ModelSourceError(f"model '{source}': no config.json in {path}")
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        with shared_gguf_parse():
+            config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:
         raise ModelSourceError(f"model '{source}': cannot read its config ({first_line(e)})") from None
     model_type = getattr(config, "model_type", None)

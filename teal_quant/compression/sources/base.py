@@ -19,6 +19,7 @@ from teal_quant.architecture import LAYERS_PREFIX, build_skeleton, materialize_n
 from teal_quant.artifact.format import shard_path
 from teal_quant.artifact.hub import download, looks_like_local_path
 from teal_quant.errors import HubError, ModelSourceError, first_line, quote
+from teal_quant.gguf_files import shared_gguf_parse
 
 if TYPE_CHECKING:
     from teal_quant.compression.sources.hub import HubShards
@@ -99,7 +100,8 @@ class ModelSource:
 
         kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         try:
-            return AutoTokenizer.from_pretrained(self.path, **kwargs)
+            with shared_gguf_parse():  # the GGUF's vocabulary, parsed once for the config, tokenizer and weights
+                return AutoTokenizer.from_pretrained(self.path, **kwargs)
         except Exception as e:
             raise ModelSourceError(f"model '{self.path}': cannot load its tokenizer ({first_line(e)})") from None
 
@@ -201,7 +203,7 @@ class ModelSource:
 
 def read_gguf(path: Path, gguf_file: str, config=None) -> dict[str, torch.Tensor]:
     """Every tensor of a GGUF checkpoint, dequantized to float32 by transformers. `config`, the one already read from
-    the file, spares transformers a second parse of the GGUF metadata (its 49k-token vocabulary: ~5 s for SmolLM2)."""
+    the file, spares transformers building it again; the metadata parse itself is shared (teal_quant.gguf_files)."""
     import functools
 
     import gguf
@@ -214,7 +216,8 @@ def read_gguf(path: Path, gguf_file: str, config=None) -> dict[str, torch.Tensor
     gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
     gguf.get_tensor_name_map = functools.cache(original_name_map)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32, config=config)
+        with shared_gguf_parse():
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32, config=config)
     except Exception as e:
         raise ModelSourceError(f"model '{path / gguf_file}': cannot read GGUF ({first_line(e)})") from None
     finally:

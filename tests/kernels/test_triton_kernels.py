@@ -265,7 +265,8 @@ def test_core_kernel_h2(device, poison, kw, dtype):
                 x[0, 7] = 3e7 if dtype == torch.bfloat16 else 5e2
             x = x.to(dtype).to(device)
             th = {1: t, 2: torch.tensor(t, device=device), 3: torch.linspace(0.1, 2.0, k, device=device) * scale}[seed]
-            for _ in range(2 if m == 1 else 1):
+            # twice at batch 1 (the split-K workspace left zero); the interpreter repeats only the first seed's call
+            for _ in range(2 if m == 1 and (ON_GPU or seed == 1) else 1):
                 y = gemv.sparse_gemv(x, qw, s, z, th, bits=bits, group_size=g, shape=CoreShape(h2=True, **kw))
                 want = truth(x, q, s, z, g, th)
                 assert y.dtype == dtype and torch.isfinite(y).all()

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 import teal_quant
-from teal_quant.bench import _to_dense
+from teal_quant.bench import to_dense_twin
 from teal_quant.runtime.decoding import Decoder
-from teal_quant.runtime.fusion import fuse_linear_projections
 
 DEFAULT_ARTIFACT = "outputs/smollm2-135m-teal-w4-s40"
 
@@ -36,8 +35,7 @@ def build_variants(artifact: str, level: float | None) -> dict[str, torch.nn.Mod
     ours = teal_quant.load(artifact, device="cpu", sparsity=level)
     int4 = teal_quant.load(artifact, device="cpu", sparsity=0.0)
     dense = teal_quant.load(artifact, device="cpu")
-    _to_dense(dense, torch.float32)  # what bench's dense variant does on the CPU
-    fuse_linear_projections(dense)
+    to_dense_twin(dense, torch.float32)  # what bench's dense variant is on the CPU
     return {"ours": ours, "int4": int4, "dense": dense}
 
 

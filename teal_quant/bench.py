@@ -41,7 +41,7 @@ from torch import nn
 from teal_quant.compression.synthetic import SyntheticSpec
 from teal_quant.devices import select_device
 from teal_quant.errors import TealQuantError, first_line
-from teal_quant.runtime.fusion import unfuse_projections
+from teal_quant.runtime.fusion import fuse_linear_projections, unfuse_projections
 from teal_quant.runtime.modules import QuantLinear, reset_stats, teal_linears
 
 BASELINES = ("bf16", "int4", "tinygemm")
@@ -297,8 +297,6 @@ def _measure_tinygemm(model: nn.Module, run, options: BenchOptions, device) -> N
 def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) -> None:
     """Destructive: turns `model` into the dense model (the last variant), q/k/v and gate/up fused into one
     nn.Linear each (like gpt-fast's wqkv), and measures every batch. Extrapolates when it does not fit."""
-    from teal_quant.runtime.fusion import fuse_linear_projections
-
     dtype = torch.bfloat16 if device.type == "cuda" else _model_dtype(model)
     full_layers = int(model.config.num_hidden_layers)
     full_bytes = _dense_bytes(model, dtype)
@@ -309,8 +307,7 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
     if not extrapolate:
         def dense(p):
             if not getattr(model, "_bench_dense", False):
-                _to_dense(model, dtype)
-                fuse_linear_projections(model)
+                to_dense_twin(model, dtype)
                 model._bench_dense = True
             row = _measure(model, p, options, device)
             row["dtype"] = str(dtype).replace("torch.", "")
@@ -327,8 +324,7 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
     rows: dict[int, dict] = {}
     for n in (big, small):  # the larger first: truncating further is free, growing back is not
         _truncate(model, n)
-        _to_dense(model, dtype)
-        fuse_linear_projections(model)
+        to_dense_twin(model, dtype)
         _free(device)
         for b in options.batches:
             say(f"measuring bf16 at {n} layers, batch {b}")
@@ -636,10 +632,11 @@ def _dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     return n * size
 
 
-def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every TealLinear (and a quantized lm_head) by an nn.Linear with its dequantized weights, one at a time (the packed buffers
-    are freed as it goes, so the peak stays near the dense model's size). Fused q/k/v and gate/up groups
-    (teal_quant.runtime.fusion, made by the Decoder on CUDA) are split back first."""
+def to_dense_twin(model: nn.Module, dtype: torch.dtype) -> None:
+    """The dense baseline, in place: every TealLinear (and a quantized lm_head) becomes an nn.Linear with its dequantized
+    weights, one at a time (the packed buffers are freed as it goes, so the peak stays near the dense model's size),
+    then q/k/v and gate/up one nn.Linear each (like gpt-fast's wqkv). Fused groups (teal_quant.runtime.fusion, made
+    by `load` and the Decoder on CUDA) are split back first."""
     unfuse_projections(model)
     packed = [n for n, _ in teal_linears(model)] + [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in packed:
@@ -655,6 +652,7 @@ def _to_dense(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if p.dtype != dtype and p.is_floating_point():
             p.data = p.data.to(dtype)
+    fuse_linear_projections(model)
 
 
 def _truncate(model: nn.Module, layers: int) -> None:

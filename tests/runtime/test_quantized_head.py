@@ -121,7 +121,7 @@ def test_generate_and_bench_take_a_quantized_head(artifacts):
     with torch.no_grad():
         ref = model.generate(IDS, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(IDS), pad_token_id=0)
     assert torch.equal(out, ref)
-    from teal_quant.bench import _dense_bytes, _to_dense, _weight_bytes
+    from teal_quant.bench import _dense_bytes, _weight_bytes, to_dense_twin
 
     head = model.lm_head
     nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
@@ -132,7 +132,7 @@ def test_generate_and_bench_take_a_quantized_head(artifacts):
     n_dense = sum(m.in_features * m.out_features for m in [*linears, head]) + sum(p.numel() for p in model.parameters())
     assert _dense_bytes(model, torch.float32) == 4 * n_dense
     want = head.dequantized_weight()
-    _to_dense(model, torch.float32)  # the dense baseline gets a float head with the same values
+    to_dense_twin(model, torch.float32)  # the dense baseline gets a float head with the same values
     assert isinstance(model.lm_head, torch.nn.Linear) and torch.equal(model.lm_head.weight, want)
 
 

@@ -85,23 +85,28 @@ MMA = [
     MmaShape(512, 32, 8, 128, swap=True),
     MmaShape(256, 64, 8, 128, swap=True),
 ]
-SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16. The first sweep (commit 3cb5de1:
-    # block_n 64-256, block_k 64/128, 4/8 warps, stages 2-6, 264-1056 programs, swap, skip) picked block_n 64 with
-    # 528-1056 programs everywhere; this list explores around it, with and without the scales/zeros prefetch
-    SplitKShape(64, 128, 4, 4, programs=1056),
-    SplitKShape(64, 128, 4, 5),
-    SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False),  # the first sweep's winners as they were measured
+SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16. The table's split-K shapes first (the
+    # first sweeps, commit 3cb5de1 / 111aa39: block_n 64-256, block_k 64/128, 2/4/8 warps, stages 2-6, 264-2112
+    # programs, swap, skip, prefetch; round 9-10 re-sweeps at batch 2-4), then round 13's one-wave shapes for the 8B
+    # q/o and qkv at batch 4 (registers / shared memory from benchmarks/profile/sass_core.py at M = 4: programs per SM,
+    # waves and instructions per scheduler in docs/kernels.md round 13)
+    SplitKShape(64, 128, 4, 5),  # batch 3-8 pick of the 8B q/o and qkv (91 registers, 32 KB: 5 per SM)
     SplitKShape(64, 128, 4, 5, prefetch=False),
+    SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False),
     SplitKShape(64, 128, 4, 3, programs=2112),
     SplitKShape(64, 128, 4, 4, programs=2112),
-    SplitKShape(64, 128, 2, 4, programs=1056),
-    SplitKShape(64, 128, 8, 4, programs=1056),
-    SplitKShape(64, 64, 4, 4, programs=1056),
-    SplitKShape(64, 64, 2, 5, programs=2112),
     SplitKShape(128, 128, 4, 4, programs=1056),
-    SplitKShape(128, 128, 8, 4),
-    SplitKShape(64, 128, 4, 4, programs=1056, swap=False),
-    SplitKShape(64, 128, 4, 6, programs=1056, skip=True),  # the x-dependent mask keeps the ring 2 deep at stages 6
+    SplitKShape(64, 128, 4, 5, programs=384),  # qkv: 4 K-splits of 8 steps (3 per SM) instead of 6 of 6 (5 per SM)
+    SplitKShape(64, 128, 4, 5, programs=480),  # qkv: 5 K-splits of 7 steps (4 per SM)
+    SplitKShape(64, 128, 4, 5, programs=256),  # q/o: 4 K-splits of 8 steps (2 per SM)
+    SplitKShape(64, 128, 2, 5),  # 168 registers (6 per SM), 5.3 instructions per weight against 7.2
+    SplitKShape(64, 128, 2, 4, maxnreg=128),  # 128 registers, 28 KB: 7 per SM
+    SplitKShape(64, 128, 2, 4, programs=768, maxnreg=128),  # q/o 704 programs of 3 steps, qkv 768 of 4
+    SplitKShape(64, 128, 4, 4, programs=768, maxnreg=72),  # 72 registers, no spills: 7 per SM (24-28 warps)
+    SplitKShape(32, 128, 2, 5, programs=1056),  # 107 registers, 16 KB: 9 per SM
+    SplitKShape(128, 128, 4, 3),  # 127 registers, 48 KB: 4 per SM; 5.6 per weight; q/o 512 programs of 2 steps
+    SplitKShape(128, 128, 4, 3, programs=384),  # q/o 352 programs of 3 steps, qkv 384 of 4
+    SplitKShape(128, 128, 4, 5, programs=384),  # 64 KB: 3 per SM
 ]
 if bench.SMOKE:
     CORE, MMA, SPLITK = CORE[:2] + CORE[5:6], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]

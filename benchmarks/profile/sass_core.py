@@ -125,7 +125,8 @@ def main() -> None:
             target = re.match(r"(0x[0-9a-f]+)", m.group(4).strip()) if m.group(3) == "BRA" else None
             code.append((int(m.group(1), 16), m.group(3), int(target.group(1), 16) if target else None))
     print(json.dumps({**shape.__dict__, "kernel": shape.kernel, "m": a.m, "n": a.n, "k": a.k}),
-          re.sub(r"\s+", " ", res.split("Function")[-1].strip())[:200])
+          re.sub(r"\s+", " ", res.split("Function")[-1].strip())[:200], f"shared memory (with triton's dynamic "
+          f"part) {k.metadata.shared} bytes")
     print("static SASS instructions:", sum(ops.values()), dict(ops.most_common(16)),
           "local loads/stores:", ops["LDL"] + ops["STL"])
     loops = [(addr - target, target, addr) for addr, op, target in code if target is not None and target < addr]

@@ -31,6 +31,7 @@ CASES = [  # (launch shape, x dtype, M): each knob at least once, both dtypes, M
     (SplitKShape(16, 16, 4, 2, programs=100, skip=True), torch.bfloat16, 2),
     (SplitKShape(64, 32, 4, 2, programs=1, prefetch=False), torch.float16, 8),  # one K-range per column tile: no split
     (SplitKShape(32, 128, 4, 2, programs=8, swap=False, skip=True), torch.bfloat16, 5),  # K-step fitted to the group
+    (SplitKShape(32, 32, 2, 3, programs=12), torch.bfloat16, 4),  # round 13: a narrow two-warp tile
 ]
 if ON_GPU:
     CASES += [(SplitKShape(128, 128, 4, 4), dt, m) for dt in (torch.float16, torch.bfloat16) for m in (4, 16)]
@@ -38,11 +39,17 @@ if ON_GPU:
               (SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False), torch.bfloat16, 16),
               (SplitKShape(64, 64, 2, 4, programs=2112), torch.bfloat16, 4),
               (SplitKShape(128, 128, 4, 6, skip=True), torch.bfloat16, 4), (SplitKShape(128, 64, 4, 4, swap=False), torch.float16, 12)]
+    CASES += [  # round 13's batch-4 candidates (register caps only matter on the GPU)
+        (SplitKShape(64, 128, 2, 4, maxnreg=128), torch.bfloat16, 4),
+        (SplitKShape(64, 128, 4, 4, programs=768, maxnreg=72), torch.float16, 4),
+        (SplitKShape(32, 128, 2, 5, programs=1056), torch.bfloat16, 4),
+        (SplitKShape(128, 128, 4, 3, programs=384), torch.bfloat16, 3)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%dk%dw%ds%dp%d%s%s%s-%s-m%d" % (
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%dk%dw%ds%dp%d%s%s%s%s-%s-m%d" % (
     c[0].block_n, c[0].block_k, c[0].warps, c[0].stages, c[0].programs, "-swap" if c[0].swap else "",
-    "-skip" if c[0].skip else "", "" if c[0].prefetch else "-noprefetch", str(c[1])[6:], c[2]))
+    "-skip" if c[0].skip else "", "" if c[0].prefetch else "-noprefetch", "-r%d" % c[0].maxnreg if c[0].maxnreg else "",
+    str(c[1])[6:], c[2]))
 def test_splitk_kernel_shapes(device, poison, case):
     """Each launch shape twice (the split-K workspace and counters must be left zero): a 0-dim threshold tensor at
     s50, then per-input-channel thresholds with NaN inputs (dropped) and a K-step inactive for every row."""

@@ -97,16 +97,19 @@ SPLITK = [  # dense weight tiles, split-K (docs/kernels.md round 6); batch 2-16.
     SplitKShape(64, 128, 4, 4, programs=2112),
     SplitKShape(128, 128, 4, 4, programs=1056),
     SplitKShape(64, 128, 4, 5, programs=384),  # qkv: 4 K-splits of 8 steps (3 per SM) instead of 6 of 6 (5 per SM)
-    SplitKShape(64, 128, 4, 5, programs=480),  # qkv: 5 K-splits of 7 steps (4 per SM)
-    SplitKShape(64, 128, 4, 5, programs=256),  # q/o: 4 K-splits of 8 steps (2 per SM)
-    SplitKShape(64, 128, 2, 5),  # 168 registers (6 per SM), 5.3 instructions per weight against 7.2
-    SplitKShape(64, 128, 2, 4, maxnreg=128),  # 128 registers, 28 KB: 7 per SM
+    SplitKShape(64, 128, 2, 4, maxnreg=128),  # 128 registers, 28 KB: 7 per SM; 5.5 instructions per weight against 7.2
     SplitKShape(64, 128, 2, 4, programs=768, maxnreg=128),  # q/o 704 programs of 3 steps, qkv 768 of 4
-    SplitKShape(64, 128, 4, 4, programs=768, maxnreg=72),  # 72 registers, no spills: 7 per SM (24-28 warps)
+    SplitKShape(64, 128, 4, 4, programs=768, maxnreg=72),  # 72 registers, no spills: 7 per SM (24 warps)
     SplitKShape(32, 128, 2, 5, programs=1056),  # 107 registers, 16 KB: 9 per SM
     SplitKShape(128, 128, 4, 3),  # 127 registers, 48 KB: 4 per SM; 5.6 per weight; q/o 512 programs of 2 steps
     SplitKShape(128, 128, 4, 3, programs=384),  # q/o 352 programs of 3 steps, qkv 384 of 4
     SplitKShape(128, 128, 4, 5, programs=384),  # 64 KB: 3 per SM
+    # sum_dot: each K-step's sum of x as a ones-tile tl.dot (no shuffles, 9 instead of 16 barriers per program)
+    SplitKShape(64, 128, 4, 5, sum_dot=True),  # 64 registers, 36 KB: 6 per SM; 332 instructions per step (373)
+    SplitKShape(64, 128, 4, 5, programs=384, sum_dot=True),
+    SplitKShape(64, 128, 4, 3, programs=768, sum_dot=True),  # 28 KB: 8 per SM
+    SplitKShape(64, 128, 2, 4, sum_dot=True),  # 104 registers, 32 KB: 6 per SM; 5.0 per weight
+    SplitKShape(128, 128, 4, 3, sum_dot=True),  # 87 registers, 52 KB: 4 per SM
 ]
 if bench.SMOKE:
     CORE, MMA, SPLITK = CORE[:2] + CORE[5:6], MMA[:2], [SplitKShape(64, 64, 4, 2, programs=8)]
@@ -421,6 +424,10 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
 def short(shape: dict) -> str:
     """A launch shape in a few words (the md report)."""
     sh = dispatch.shape_from_dict(shape)
+    if isinstance(sh, SplitKShape):
+        words = [f"splitk n{sh.block_n} k{sh.block_k} w{sh.warps} S{sh.stages} p{sh.programs}"]
+        words += ["no-swap"] * (not sh.swap) + ["skip"] * sh.skip + ["no-prefetch"] * (not sh.prefetch)
+        return " ".join(words + [f"maxnreg{sh.maxnreg}"] * bool(sh.maxnreg) + ["sum-dot"] * sh.sum_dot)
     if not isinstance(sh, CoreShape):
         return json.dumps(shape, sort_keys=True)
     words = [f"v{sh.vec} w{sh.warps} r{sh.rows} kr{sh.k_range}"]

@@ -124,6 +124,9 @@ class SplitKShape:
     prefetch: bool = True  # the next K-step's scales / zeros are loaded during this one (a plain load: too narrow
     # per thread for the pipeliner's cp.async)
     maxnreg: int = 0  # register cap per thread (0: ptxas decides)
+    sum_dot: bool = False  # 16-bit x: each K-step's sum of x (the zero point's term) as a second tl.dot of a ones
+    # tile, which lands in the accumulator's layout, instead of a cross-thread reduction (shuffles, shared memory,
+    # barriers) per K-step (round 13)
     kernel = "splitk"
 
 

@@ -54,6 +54,7 @@ def _sgemv_splitk_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SUM_DOT: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k) owns BLOCK_N columns and rows k0 = pid_k * KR .. min(k0 + KR, K) of W^T, KR (a runtime
     value: one compile serves every layer) a multiple of BLOCK_K and BLOCK_K dividing the group size (every step lies
@@ -120,11 +121,21 @@ def _sgemv_splitk_kernel(
                 v = tl.load(ptrs, mask=n_ok[None, :], other=0, eviction_policy="evict_first")
             v = v.to(tl.float32)  # 0..255: exact in fp16 / bf16 too
         if SWAP:
-            acc = tl.dot(tl.trans(v.to(DOT_DTYPE)), xm.to(DOT_DTYPE), input_precision="ieee")  # fp32 x: no TF32
-            out += sc[:, None] * (acc - zr[:, None] * tl.sum(xm, axis=0)[None, :])
+            xd = xm.to(DOT_DTYPE)
+            acc = tl.dot(tl.trans(v.to(DOT_DTYPE)), xd, input_precision="ieee")  # fp32 x: no TF32
+            if SUM_DOT:  # every row of the product is the step's sum of x, already in acc's layout
+                xsum = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, DOT_DTYPE), xd, input_precision="ieee")
+            else:
+                xsum = tl.sum(xm, axis=0)[None, :]
+            out += sc[:, None] * (acc - zr[:, None] * xsum)
         else:
-            acc = tl.dot(xm.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-            out += sc[None, :] * (acc - zr[None, :] * tl.sum(xm, axis=1)[:, None])
+            xd = xm.to(DOT_DTYPE)
+            acc = tl.dot(xd, v.to(DOT_DTYPE), input_precision="ieee")
+            if SUM_DOT:
+                xsum = tl.dot(xd, tl.full([BLOCK_K, BLOCK_N], 1.0, DOT_DTYPE), input_precision="ieee")
+            else:
+                xsum = tl.sum(xm, axis=1)[:, None]
+            out += sc[None, :] * (acc - zr[None, :] * xsum)
     lock = lock_ptr + pid_n
     if SWAP:
         reduce_split_k(out, y_ptr + md[None, :] * stride_ym + cols[:, None], ws_ptr + md[None, :] * N + cols[:, None],
@@ -157,6 +168,6 @@ def launch(p: GemvProblem, shape: SplitKShape) -> torch.Tensor:
         **call.args, KR=kr, **call.constants,
         BITS=p.bits, M_D=m_d, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, STAGES=shape.stages, SWAP=shape.swap,
         SKIP=shape.skip, PREFETCH=shape.prefetch, FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
-        num_warps=shape.warps, num_stages=shape.stages, **extra,
+        SUM_DOT=shape.sum_dot and fast, num_warps=shape.warps, num_stages=shape.stages, **extra,
     )
     return call.y

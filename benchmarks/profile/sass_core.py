@@ -62,7 +62,7 @@ def splitk_spec(shape, a):
     const = dict(M_P=m_p, T_MODE=a.t_mode, SPLIT=True, DET=False, ALIGNED=True, OUT_DTYPE=triton.language.bfloat16,
                  EMULATE=False, BITS=4, M_D=max(8 if shape.swap else 16, m_p), BLOCK_N=shape.block_n,
                  BLOCK_K=shape.block_k, STAGES=shape.stages, SWAP=shape.swap, SKIP=shape.skip,
-                 PREFETCH=shape.prefetch, FAST=True, BF16=True, DOT_DTYPE=triton.language.bfloat16)
+                 PREFETCH=shape.prefetch, FAST=True, BF16=True, DOT_DTYPE=triton.language.bfloat16, SUM_DOT=shape.sum_dot)
     kr = sk.k_range_for(shape, triton.cdiv(a.n, shape.block_n), a.k)
     steps = kr // shape.block_k
     weights = kr * shape.block_n / (32 * shape.warps)

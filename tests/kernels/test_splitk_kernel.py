@@ -32,6 +32,8 @@ CASES = [  # (launch shape, x dtype, M): each knob at least once, both dtypes, M
     (SplitKShape(64, 32, 4, 2, programs=1, prefetch=False), torch.float16, 8),  # one K-range per column tile: no split
     (SplitKShape(32, 128, 4, 2, programs=8, swap=False, skip=True), torch.bfloat16, 5),  # K-step fitted to the group
     (SplitKShape(32, 32, 2, 3, programs=12), torch.bfloat16, 4),  # round 13: a narrow two-warp tile
+    (SplitKShape(32, 32, 2, 3, programs=12, sum_dot=True), torch.bfloat16, 4),  # round 13: sum of x by a ones dot
+    (SplitKShape(32, 64, 4, 3, programs=4, swap=False, sum_dot=True), torch.float16, 16),
 ]
 if ON_GPU:
     CASES += [(SplitKShape(128, 128, 4, 4), dt, m) for dt in (torch.float16, torch.bfloat16) for m in (4, 16)]
@@ -43,12 +45,15 @@ if ON_GPU:
         (SplitKShape(64, 128, 2, 4, maxnreg=128), torch.bfloat16, 4),
         (SplitKShape(64, 128, 4, 4, programs=768, maxnreg=72), torch.float16, 4),
         (SplitKShape(32, 128, 2, 5, programs=1056), torch.bfloat16, 4),
-        (SplitKShape(128, 128, 4, 3, programs=384), torch.bfloat16, 3)]
+        (SplitKShape(128, 128, 4, 3, programs=384), torch.bfloat16, 3),
+        (SplitKShape(64, 128, 4, 5, sum_dot=True), torch.bfloat16, 4), (SplitKShape(64, 128, 4, 5, sum_dot=True), torch.float16, 3),
+        (SplitKShape(128, 128, 4, 3, sum_dot=True), torch.bfloat16, 4),
+        (SplitKShape(64, 128, 4, 4, programs=1056, swap=False, sum_dot=True), torch.bfloat16, 16)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%dk%dw%ds%dp%d%s%s%s%s-%s-m%d" % (
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%dk%dw%ds%dp%d%s%s%s%s%s-%s-m%d" % (
     c[0].block_n, c[0].block_k, c[0].warps, c[0].stages, c[0].programs, "-swap" if c[0].swap else "",
-    "-skip" if c[0].skip else "", "" if c[0].prefetch else "-noprefetch", "-r%d" % c[0].maxnreg if c[0].maxnreg else "",
+    "-skip" if c[0].skip else "", "" if c[0].prefetch else "-noprefetch", "-r%d" % c[0].maxnreg if c[0].maxnreg else "", "-sumdot" if c[0].sum_dot else "",
     str(c[1])[6:], c[2]))
 def test_splitk_kernel_shapes(device, poison, case):
     """Each launch shape twice (the split-K workspace and counters must be left zero): a 0-dim threshold tensor at

@@ -13,6 +13,9 @@
   matches only calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0; dense levels): every
   nonzero input is active, so such rules name an always-dense shape (``CoreShape.dense`` 100: no compaction); rules
   without the key match any threshold.
+* :func:`programmatic_launch`: whether a kernel family launches with programmatic dependent launch (PDL, sm_90+) on
+  a device: the table's ``pdl`` list (the families measured faster with it, ``benchmarks/decode_pdl.py``) unless
+  :func:`set_programmatic_launch` overrides it.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -160,15 +163,56 @@ def table_name(device: torch.device) -> str:
     return "default"
 
 
+def _read_table(name: str) -> dict:
+    with open(CONFIG_DIR / f"{name}.json") as f:
+        return json.load(f)
+
+
 @functools.lru_cache(maxsize=None)
 def load_table(name: str) -> tuple[dict, ...]:
     """The rules of ``configs/<name>.json`` (each with a parsed ``shape``), in order."""
-    with open(CONFIG_DIR / f"{name}.json") as f:
-        data = json.load(f)
-    rules = []
-    for rule in data["rules"]:
-        rules.append({**rule, "shape": shape_from_dict(rule["shape"])})
-    return tuple(rules)
+    return tuple({**rule, "shape": shape_from_dict(rule["shape"])} for rule in _read_table(name)["rules"])
+
+
+# -- programmatic dependent launch --------------------------------------------------------------------------------------
+# With PDL a kernel is launched while the previous one on the stream still runs: its programs wait at their first
+# instruction (griddepcontrol.wait: the previous kernel has ended and its writes are visible) and let the next kernel
+# launch right after (griddepcontrol.launch_dependents), so launch latency and drain overlap across a decode step's
+# chain of small kernels, CUDA graphs included. Families: the kernel files (gemv_*: "gemv", elementwise_triton:
+# "elementwise", attention_triton: "attention", counters_triton: "counters").
+PDL_FAMILIES = ("gemv", "elementwise", "attention", "counters")
+_pdl_override: frozenset[str] | None = None
+
+
+def set_programmatic_launch(families=None) -> None:
+    """Launch these kernel families with PDL from now on (an iterable of :data:`PDL_FAMILIES` names; empty: none);
+    None: back to the device table's choice. Read at launch: CUDA graphs keep what they were captured with."""
+    global _pdl_override
+    if families is None:
+        _pdl_override = None
+        return
+    families = frozenset(families)
+    unknown = families - set(PDL_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(PDL_FAMILIES)}")
+    _pdl_override = families
+
+
+@functools.lru_cache(maxsize=None)
+def _table_pdl(index: int) -> frozenset[str]:
+    device = torch.device("cuda", index)
+    if torch.cuda.get_device_capability(device)[0] < 9:  # griddepcontrol is sm_90+
+        return frozenset()
+    return frozenset(_read_table(table_name(device)).get("pdl", ()))
+
+
+def programmatic_launch(device: torch.device, family: str) -> bool:
+    """Whether kernels of ``family`` launch with PDL on ``device`` (never on the CPU or under the interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return False
+    if _pdl_override is not None:
+        return family in _pdl_override and torch.cuda.get_device_capability(device)[0] >= 9
+    return family in _table_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _in(value: int, bounds) -> bool:

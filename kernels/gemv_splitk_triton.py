@@ -28,6 +28,7 @@ import triton.language as tl
 from .dispatch import SplitKShape
 from .gemv_common import INTERPRET, TL_DTYPE, GemvProblem, above_threshold, prepare, program_tile, reduce_split_k
 from .gemv_mma_triton import _unpack_tile_dot
+from .pdl_triton import wait_previous_kernel
 
 
 @triton.jit
@@ -54,10 +55,12 @@ def _sgemv_splitk_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k) owns BLOCK_N columns and rows k0 = pid_k * KR .. min(k0 + KR, K) of W^T, KR (a runtime
     value: one compile serves every layer) a multiple of BLOCK_K and BLOCK_K dividing the group size (every step lies
     inside one group); see the module docstring."""
+    wait_previous_kernel(PDL)
     NW: tl.constexpr = BLOCK_N // 8
     if FAST:
         OFF: tl.constexpr = 128.0 if BF16 else 1024.0
@@ -157,6 +160,6 @@ def launch(p: GemvProblem, shape: SplitKShape) -> torch.Tensor:
         **call.args, KR=kr, **call.constants,
         BITS=p.bits, M_D=m_d, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, STAGES=shape.stages, SWAP=shape.swap,
         SKIP=shape.skip, PREFETCH=shape.prefetch, FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
-        num_warps=shape.warps, num_stages=shape.stages, **extra,
+        num_warps=shape.warps, num_stages=shape.stages, **extra, **call.options,
     )
     return call.y

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .dispatch import CORE_MAX_M, CoreShape
 from .gemv_common import GemvProblem, compact_rows, prepare, program_tile, reduce_split_k, threshold_rows, tile_qparams
+from .pdl_triton import wait_previous_kernel
 
 FP32_MAGIC = 0x4B000000  # 2^23 as fp32 bits: OR-ing a value below 2^23 into its mantissa gives 2^23 + value
 
@@ -654,9 +655,10 @@ def _sgemv_kernel(
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
-    LOADS_FIRST: tl.constexpr = False,
+    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
+    wait_previous_kernel(PDL)
     PER: tl.constexpr = 32 // BITS
     NB: tl.constexpr = 32 * VEC
     BLOCK_N: tl.constexpr = NB * PER
@@ -931,5 +933,6 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
         LOADS_FIRST=shape.loads_first,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
+        **call.options,
     )
     return call.y

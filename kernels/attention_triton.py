@@ -106,9 +106,9 @@ def _decode_attention_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
     DTYPE: tl.constexpr, PRECISION: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_F32: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
-    wait_previous_kernel(PDL)
+    wait_previous_kernel(PDL > 0)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -187,8 +187,8 @@ def _decode_attention_kernel(
 @triton.jit
 def _attention_combine_kernel(ws_ptr, out_ptr, stride_ob, rows,
                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    DTYPE: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                    DTYPE: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     bh = tl.program_id(0)
     b = bh // HKV
     hk = bh % HKV

@@ -17,9 +17,9 @@ from .pdl_triton import launch_options, wait_previous_kernel
 @triton.jit
 def _count_inactive_kernel(
     x_ptr, stride_xm, t_ptr, t_stride_part, zero_ptr, input_ptr, last_ptr, M, K,
-    T_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+    T_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
 ):
-    wait_previous_kernel(PDL)
+    wait_previous_kernel(PDL > 0)
     part = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     kept = tl.zeros([BLOCK], tl.int32)

@@ -175,44 +175,51 @@ def load_table(name: str) -> tuple[dict, ...]:
 
 
 # -- programmatic dependent launch --------------------------------------------------------------------------------------
-# With PDL a kernel is launched while the previous one on the stream still runs: its programs wait at their first
-# instruction (griddepcontrol.wait: the previous kernel has ended and its writes are visible) and let the next kernel
-# launch right after (griddepcontrol.launch_dependents), so launch latency and drain overlap across a decode step's
-# chain of small kernels, CUDA graphs included. Families: the kernel files (gemv_*: "gemv", elementwise_triton:
-# "elementwise", attention_triton: "attention", counters_triton: "counters").
+# With PDL a kernel is launched while the previous one on the stream still runs: its programs read only the call's
+# parameters (weights, scales, norm weights: never activations or buffers) until griddepcontrol.wait returns (the
+# previous kernel has ended and its writes are visible; every earlier kernel had ended before that one could), then
+# let the next kernel launch (griddepcontrol.launch_dependents). So launch latency, parameter loads and the previous
+# kernel's drain overlap across a decode step's chain of small kernels, CUDA graphs included. Families: the kernel
+# files (gemv_*: "gemv", elementwise_triton: "elementwise", attention_triton: "attention", counters_triton:
+# "counters"). Mode per family: 0 off; 1 wait first; 2 parameters first, then wait (kernels without a parameter
+# prologue wait first).
 PDL_FAMILIES = ("gemv", "elementwise", "attention", "counters")
-_pdl_override: frozenset[str] | None = None
+PDL_MODES = (0, 1, 2)
+_pdl_override: dict[str, int] | None = None
 
 
-def set_programmatic_launch(families=None) -> None:
-    """Launch these kernel families with PDL from now on (an iterable of :data:`PDL_FAMILIES` names; empty: none);
-    None: back to the device table's choice. Read at launch: CUDA graphs keep what they were captured with."""
+def set_programmatic_launch(modes: dict[str, int] | None = None) -> None:
+    """Launch kernel families with PDL in these modes from now on (``{family: mode}``, families of
+    :data:`PDL_FAMILIES`, absent ones off); None: back to the device table's choice. Read at launch: CUDA graphs keep
+    what they were captured with."""
     global _pdl_override
-    if families is None:
+    if modes is None:
         _pdl_override = None
         return
-    families = frozenset(families)
-    unknown = families - set(PDL_FAMILIES)
+    modes = dict(modes)
+    unknown = set(modes) - set(PDL_FAMILIES)
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(PDL_FAMILIES)}")
-    _pdl_override = families
+    if any(m not in PDL_MODES for m in modes.values()):
+        raise ValueError(f"PDL modes are {PDL_MODES}, got {modes}")
+    _pdl_override = modes
 
 
 @functools.lru_cache(maxsize=None)
-def _table_pdl(index: int) -> frozenset[str]:
+def _table_pdl(index: int) -> dict[str, int]:
     device = torch.device("cuda", index)
     if torch.cuda.get_device_capability(device)[0] < 9:  # griddepcontrol is sm_90+
-        return frozenset()
-    return frozenset(_read_table(table_name(device)).get("pdl", ()))
+        return {}
+    return dict(_read_table(table_name(device)).get("pdl", {}))
 
 
-def programmatic_launch(device: torch.device, family: str) -> bool:
-    """Whether kernels of ``family`` launch with PDL on ``device`` (never on the CPU or under the interpreter)."""
+def programmatic_launch(device: torch.device, family: str) -> int:
+    """The PDL mode (0 off) of kernels of ``family`` on ``device`` (always 0 on the CPU or under the interpreter)."""
     if device.type != "cuda" or interpreting():
-        return False
+        return 0
     if _pdl_override is not None:
-        return family in _pdl_override and torch.cuda.get_device_capability(device)[0] >= 9
-    return family in _table_pdl(device.index if device.index is not None else torch.cuda.current_device())
+        return _pdl_override.get(family, 0) if torch.cuda.get_device_capability(device)[0] >= 9 else 0
+    return _table_pdl(device.index if device.index is not None else torch.cuda.current_device()).get(family, 0)
 
 
 def _in(value: int, bounds) -> bool:

@@ -45,15 +45,16 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps,
-                     X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                     X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL == 1)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a parameter: before the wait (PDL 2)
+    wait_previous_kernel(PDL == 2)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / N
     normed = (x * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
 
 
@@ -75,8 +76,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
-                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -123,8 +124,8 @@ def _rotate_head(xb, ob, cb, sb, HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK:
 def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, HQ,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
                    sc_b, sc_s, ss_b, ss_s,
-                   HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                   HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     # one program per (b, s) and head of q followed by the heads of k: q and k in one launch
     bs = tl.program_id(0)
     h = tl.program_id(1)
@@ -163,11 +164,13 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_y, N, eps,
-                         X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                         X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL == 1)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a parameter: before the wait (PDL 2)
+    wait_previous_kernel(PDL == 2)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     h = (r + x).to(X_DTYPE)  # `residual + hidden_states` in the activation dtype
@@ -175,7 +178,6 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_
     h = h.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / N
     normed = (h * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
 
 
@@ -201,8 +203,8 @@ ARGMAX_CHUNK = 4096
 
 
 @triton.jit
-def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -215,8 +217,8 @@ def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUN
 
 @triton.jit
 def _advance_kernel(val_ptr, idx_ptr, tokens_ptr, finished_ptr, eos_ptr, out_ptr, pos_ptr, stride_t, stride_o,
-                    B, V, CHUNKS, CP: tl.constexpr, PDL: tl.constexpr = False):
-    wait_previous_kernel(PDL)
+                    B, V, CHUNKS, CP: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     # one program for the whole batch, so the position is advanced after every row has read it
     pos = tl.load(pos_ptr)
     eos = tl.load(eos_ptr)

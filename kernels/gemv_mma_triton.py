@@ -121,11 +121,11 @@ def _sgemv_mma_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-    SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = False,
+    SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k) owns TILES column tiles of BLOCK_N columns and the KR rows k0 = pid_k * KR (inside one
     quantization group); see the module docstring. Slots past the end read row k0 with x = 0 (adds exactly 0)."""
-    wait_previous_kernel(PDL)
+    wait_previous_kernel(PDL > 0)
     NW: tl.constexpr = BLOCK_N // 8
     if FAST:
         OFF: tl.constexpr = 128.0 if BF16 else 1024.0

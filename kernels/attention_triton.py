@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl_triton import launch_options, wait_previous_kernel
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split count aims at
@@ -104,7 +106,9 @@ def _decode_attention_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
     DTYPE: tl.constexpr, PRECISION: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_F32: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
+    wait_previous_kernel(PDL > 0)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -183,7 +187,8 @@ def _decode_attention_kernel(
 @triton.jit
 def _attention_combine_kernel(ws_ptr, out_ptr, stride_ob, rows,
                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    DTYPE: tl.constexpr):
+                    DTYPE: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     bh = tl.program_id(0)
     b = bh // HKV
     hk = bh % HKV
@@ -206,6 +211,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     out = torch.empty(b, hq * d, dtype=k_cache.dtype, device=k_cache.device)
     dtype = _TL_DTYPES[k_cache.dtype]
     gp = max(16, triton.next_power_of_2(g))
+    pdl = launch_options(k_cache.device, "attention")
     _decode_attention_kernel[(b * hkv, splits)](
         q, k, v, cos, sin, pos, k_cache, v_cache, out, workspace, counter,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
@@ -213,9 +219,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
         out.stride(0), rows, float(scale) * LOG2E,
         HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, PER_SPLIT=per_split, SPLITS=splits, DTYPE=dtype,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", FUSED_REDUCE=fused_reduce,
-        DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" and not k_cache.is_cuda, num_warps=4, num_stages=2,
+        DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" and not k_cache.is_cuda, num_warps=4, num_stages=2, **pdl,
     )
     if not fused_reduce:
         _attention_combine_kernel[(b * hkv,)](workspace, out, out.stride(0), rows, HKV=hkv, G=g, GP=gp, D=d, SPLITS=splits,
-                                    DTYPE=dtype, num_warps=4)
+                                    DTYPE=dtype, num_warps=4, **pdl)
     return out

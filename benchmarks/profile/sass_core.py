@@ -88,6 +88,7 @@ def main() -> None:
     shape = shape_from_dict({"kernel": "core", **d})
     fn, const, warps, steps, weights = (splitk_spec if shape.kernel == "splitk" else core_spec)(shape, a)
     const["M"] = a.m
+    const.setdefault("PDL", 0)  # programmatic dependent launch off (kernels/pdl_triton.py)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:

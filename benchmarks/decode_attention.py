@@ -1,7 +1,7 @@
-"""Decode attention (kernels/attention_triton.py) alone on one GPU: how many key blocks a working split should take
-at least (MIN_BLOCKS_PER_SPLIT), side by side, at the Llama-3-8B and 70B head shapes.
+"""Decode attention (kernels/attention_triton.py) alone on one GPU: how many splits should work at a position
+(SPLIT_FACTOR * sqrt(key blocks)), side by side, at the Llama-3-8B and 70B head shapes.
 
-    python benchmarks/decode_attention.py [--out DIR] [--min-blocks 1,2,4,8,16]
+    python benchmarks/decode_attention.py [--out DIR] [--factors 1,2,3,1000]
 
 For each batch size, cache length (the grid is sized for it, as a CUDA graph captures it) and position: the output
 of every setting is first checked against the float64 reference (kernels.attention.decode_attention_ref, rel err
@@ -57,10 +57,10 @@ def graph_us(fn, reps: int = 40, replays: int = 15) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--min-blocks", default="1,2,4,8,16")
+    ap.add_argument("--factors", default="1,2,3,1000", help="split factors; 1000: every key block its own split")
     ap.add_argument("--batches", default="1,4,16")
     args = ap.parse_args()
-    settings = [int(v) for v in args.min_blocks.split(",")]
+    settings = [float(v) for v in args.factors.split(",")]
     dev, dtype = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     rows, worst = [], 0.0
@@ -87,12 +87,12 @@ def main() -> int:
                     for mb in settings:
                         def call(mb=mb):
                             return attention_triton.decode_attention(q, k, v, cos, sin, pos, keys, values, workspace,
-                                                                     counter, d ** -0.5, min_blocks=mb)
+                                                                     counter, d ** -0.5, split_factor=mb)
                         got = call()
                         err = float((got.double() - ref).norm() / ref.norm())
                         worst = max(worst, err)
                         if err > 2e-2:
-                            raise SystemExit(f"{model} b{b} L{length} pos {p} min_blocks {mb}: rel err {err:.3g}")
+                            raise SystemExit(f"{model} b{b} L{length} pos {p} split factor {mb}: rel err {err:.3g}")
                         calls[mb] = call
                     times = {mb: [] for mb in settings}
                     for r in range(3):
@@ -106,7 +106,7 @@ def main() -> int:
                     row["gb_per_s"] = {mb: kv_bytes / (us * 1e-6) / 1e9 for mb, us in row["us"].items()}
                     rows.append(row)
                     print(f"[decode_attention] {model} b{b} L{length} pos {p}: " + ", ".join(
-                        f"mb{mb} {us:.2f}us" for mb, us in row["us"].items()), flush=True)
+                        f"f{mb:g} {us:.2f}us" for mb, us in row["us"].items()), flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": os.environ.get("TEAL_QUANT_GIT_COMMIT", "unknown"),
@@ -115,12 +115,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "decode_attention_h200" if "H200" in meta["gpu"] else "decode_attention"
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Decode attention: minimum key blocks per working split ({meta['gpu']})", "",
+    lines = [f"# Decode attention: working splits per sqrt(key blocks) ({meta['gpu']})", "",
              f"- command: `{meta['command']}`; date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}",
              "- µs per call (CUDA graphs of 40 calls, median of 15 replays, 3 rounds in rotating order, median); "
              "GB/s over the K and V rows read; block 64 positions; every setting checked against float64 first "
              f"(worst rel err {worst:.2e})", "",
-             "| model | batch | cache length (grid splits) | pos | " + " | ".join(f"min {mb}" for mb in settings) + " |",
+             "| model | batch | cache length (grid splits) | pos | " + " | ".join(f"factor {mb:g}" for mb in settings) + " |",
              "|---|---|---|---|" + "---|" * len(settings)]
     for r in rows:
         best = min(r["us"].values())

@@ -16,9 +16,8 @@ Grid (B * Hkv, splits): each program takes one KV head and all G = Hq / Hkv quer
 copying K/V), and a range of key blocks (split-KV, "flash-decoding"); the G query rows are padded to 16 so both
 products run on the tensor cores (`tl.dot`; fp32 models use IEEE fp32 products). The program whose key range holds
 `pos` writes the new key and value first. The grid is sized for the longest context (it is fixed once a CUDA graph
-captures it); at the current position only as many splits work as keep at least MIN_BLOCKS_PER_SPLIT key blocks each
-(the others exit at once), so a short context is not cut into one-block pieces whose combination costs more than the
-blocks. One working split writes the output itself. With several, partial results (row max, sum, weighted values in
+captures it); at the current position about SPLIT_FACTOR * sqrt(key blocks) splits work (the others exit at once):
+a split's time grows with its blocks, the combination's with the splits. One working split writes the output itself. With several, partial results (row max, sum, weighted values in
 fp32) go to `workspace`, and the last working program of a KV head to finish (an atomic counter per head, reset by
 that program) combines them and writes the output, so a layer's attention is one launch. `fused_reduce=False` runs the
 combination as a second launch instead (kept for the comparison in benchmarks/decode_glue.py).
@@ -43,7 +42,7 @@ from .pdl_triton import launch_options, wait_previous_kernel
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split count aims at
-MIN_BLOCKS_PER_SPLIT = 4  # key blocks a working split takes at least (benchmarks/decode_glue.py measures it)
+SPLIT_FACTOR = 2.0  # working splits per sqrt(key blocks) at the current position (benchmarks/decode_attention.py)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,11 +74,13 @@ def _rotate(x, xp, c, s, sign, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _working_splits(pos, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr):
-    # (splits that work, key blocks per split) at position pos: at most SPLITS, at least MIN_BLOCKS blocks each,
-    # every working split non-empty
+def _working_splits(pos, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_FACTOR: tl.constexpr):
+    # (splits that work, key blocks per split) at position pos: about SPLIT_FACTOR * sqrt(blocks) of them, at most
+    # SPLITS, each non-empty. A split's time grows with its blocks and the combination's with the splits, so their
+    # sum is least near sqrt(blocks) splits (benchmarks/decode_attention.py measured the factor)
     blocks = pos // BLOCK_N + 1
-    per = tl.cdiv(blocks, tl.minimum(tl.cdiv(blocks, MIN_BLOCKS), SPLITS))
+    want = tl.minimum(tl.ceil(SPLIT_FACTOR * tl.sqrt(blocks.to(tl.float32))).to(tl.int32), SPLITS)
+    per = tl.cdiv(blocks, tl.maximum(want, 1))
     return tl.cdiv(blocks, per), per
 
 
@@ -116,7 +117,7 @@ def _decode_attention_kernel(
     stride_cb, stride_ch, stride_cl, stride_vcb, stride_vch, stride_vcl, stride_ob,
     rows, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_FACTOR: tl.constexpr,
     DTYPE: tl.constexpr, PRECISION: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_F32: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):
@@ -126,7 +127,7 @@ def _decode_attention_kernel(
     b = bh // HKV
     hk = bh % HKV
     pos = tl.load(pos_ptr)
-    working, per = _working_splits(pos, BLOCK_N, SPLITS, MIN_BLOCKS)
+    working, per = _working_splits(pos, BLOCK_N, SPLITS, SPLIT_FACTOR)
     if split < working:
         n = pos + 1
         d = tl.arange(0, D)
@@ -202,9 +203,9 @@ def _decode_attention_kernel(
 @triton.jit
 def _attention_combine_kernel(ws_ptr, out_ptr, pos_ptr, stride_ob, rows,
                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr, PDL: tl.constexpr = 0):
+                    DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_FACTOR: tl.constexpr, PDL: tl.constexpr = 0):
     wait_previous_kernel(PDL > 0)
-    working, _ = _working_splits(tl.load(pos_ptr), BLOCK_N, SPLITS, MIN_BLOCKS)
+    working, _ = _working_splits(tl.load(pos_ptr), BLOCK_N, SPLITS, SPLIT_FACTOR)
     if working > 1:  # (one working split wrote the output itself)
         bh = tl.program_id(0)
         b = bh // HKV
@@ -217,16 +218,16 @@ def _attention_combine_kernel(ws_ptr, out_ptr, pos_ptr, stride_ob, rows,
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
                      v_cache: Tensor, workspace: Tensor, counter: Tensor, scale: float, fused_reduce: bool = True,
-                     min_blocks: int | None = None) -> Tensor:
-    """See the module docstring; returns out [B, Hq * D] in the cache dtype (contiguous). ``min_blocks``: key blocks
-    a working split takes at least (default MIN_BLOCKS_PER_SPLIT, read at the call)."""
+                     split_factor: float | None = None) -> Tensor:
+    """See the module docstring; returns out [B, Hq * D] in the cache dtype (contiguous). ``split_factor``: working
+    splits per sqrt(key blocks) (default SPLIT_FACTOR, read at the call)."""
     b, hkv, length, d = k_cache.shape
     hq = q.shape[1] // d
     g = hq // hkv
     block_n, splits = launch_shape(b, hkv, length, d, k_cache.device)
-    min_blocks = MIN_BLOCKS_PER_SPLIT if min_blocks is None else int(min_blocks)
-    if min_blocks < 1:
-        raise ValueError(f"decode_attention: min_blocks must be >= 1, got {min_blocks}")
+    split_factor = float(SPLIT_FACTOR if split_factor is None else split_factor)
+    if not split_factor > 0:
+        raise ValueError(f"decode_attention: split_factor must be > 0, got {split_factor}")
     rows = b * hq
     if workspace.numel() < rows * splits * (d + 2) or counter.numel() < b * hkv:
         raise ValueError("decode_attention: workspace or counter too small for this call (see workspace_size)")
@@ -239,12 +240,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), rows, float(scale) * LOG2E,
-        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPLITS=splits, MIN_BLOCKS=min_blocks, DTYPE=dtype,
+        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPLITS=splits, SPLIT_FACTOR=split_factor, DTYPE=dtype,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", FUSED_REDUCE=fused_reduce,
         DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" and not k_cache.is_cuda, num_warps=4, num_stages=2, **pdl,
     )
     if not fused_reduce:
         _attention_combine_kernel[(b * hkv,)](workspace, out, pos, out.stride(0), rows, HKV=hkv, G=g, GP=gp, D=d,
-                                              SPLITS=splits, DTYPE=dtype, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
+                                              SPLITS=splits, DTYPE=dtype, BLOCK_N=block_n, SPLIT_FACTOR=split_factor,
                                               num_warps=4, **pdl)
     return out

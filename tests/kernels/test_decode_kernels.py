@@ -82,11 +82,11 @@ def _eager_reference(q, k, v, cos, sin, pos, keys_before, values_before, hq, hkv
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,hq,hkv,d,length", [(1, 8, 2, 32, 300), (3, 16, 4, 16, 140), (2, 4, 4, 64, 70)])
-@pytest.mark.parametrize("fused_reduce,min_blocks", [(True, 1), (True, 4), (False, 2)])
+@pytest.mark.parametrize("fused_reduce,split_factor", [(True, 100.0), (True, 0.5), (False, 2.0)])
 def test_decode_attention_matches_transformers_eager_attention(device, dtype, batch, hq, hkv, d, length, fused_reduce,
-                                                               min_blocks):
-    """min_blocks 1: every key block its own split at the longest position; 2, 4: fewer working splits, one at short
-    positions (the output written without partial results)."""
+                                                               split_factor):
+    """split_factor 100: every key block its own split; 0.5, 2: fewer working splits of several blocks, one at the
+    first block's positions (the output written without partial results)."""
     g = torch.Generator().manual_seed(batch * 100 + hq + d)
     _, cos, sin = _llama_parts(hq, hkv, d, length, dtype, device, 0)
     scale = d ** -0.5
@@ -106,7 +106,7 @@ def test_decode_attention_matches_transformers_eager_attention(device, dtype, ba
         garbage_k[:, :, pos + 1 :] = float("nan")
         garbage_v[:, :, pos + 1 :] = float("nan")
         got = attention_triton.decode_attention(q, k, v, cos, sin, p, garbage_k, garbage_v, workspace, counter, scale,
-                                                fused_reduce=fused_reduce, min_blocks=min_blocks)
+                                                fused_reduce=fused_reduce, split_factor=split_factor)
         ref_k, ref_v = keys.clone(), values.clone()
         ref = decode_attention_ref(q, k, v, cos, sin, p, ref_k, ref_v, scale)
         # the cache write: rotary rounded like transformers' apply_rotary_pos_emb, within 2 rounding steps of the

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from teal_quant.kernels import dispatch  # (the product's module: `kernels` imported directly is another module object)
 
-from kernels import dispatch
 from teal_quant.bench import build_synthetic_model
 from teal_quant.compression.synthetic import SyntheticSpec
 from teal_quant.runtime.decoding import Decoder

@@ -114,6 +114,10 @@ def environment() -> dict:
             meta[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    if torch.cuda.is_available():  # the kernel families launched with programmatic dependent launch (GPU table)
+        from teal_quant.kernels import dispatch
+
+        meta["pdl"] = {f: dispatch.programmatic_launch(torch.device("cuda"), f) for f in dispatch.PDL_FAMILIES}
     # a copy of the tree whose .git is stale (a GPU machine) states the commit in TEAL_QUANT_GIT_COMMIT
     meta["git_commit"] = os.environ.get("TEAL_QUANT_GIT_COMMIT")
     if not meta["git_commit"]:
@@ -129,6 +133,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# End-to-end decode benchmark (synthetic Llama-3: ours, dense int4, tinygemm, bf16)", "",
         f"- command: `{report['command']}`", f"- GPU: {report['gpu']}", f"- date: {report['date']}",
+        *([f"- programmatic dependent launch (mode per kernel family, 0 off): {report['pdl']}"] if report.get("pdl") else []),
         f"- git commit: {report['git_commit']}",
         f"- torch {report['torch']} (CUDA {report['cuda']}), triton {report['triton']}, transformers {report['transformers']}",
         "- weights: random int4 codes (group 128), TEAL thresholds calibrated on the model's own activations "

@@ -33,6 +33,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as gemv  # noqa: E402
 
+# kernels timed back to back without programmatic dependent launch, as tinygemm and cuBLAS are (and as every round
+# before it was): PDL's gain belongs to the decode step, where the previous kernel is a norm or attention, not another
+# GEMV (benchmarks/decode_pdl.py, docs/kernels.md "Programmatic dependent launch"). The sweeps and probes import this.
+dispatch.set_programmatic_launch({})
+
 L2_BYTES = 60 * 2**20
 GROUP = 128
 SHAPES = {  # name: (N, K) of y = x @ W^T, W^T [K, N]

@@ -17,12 +17,16 @@ import datetime
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from kernels import attention_triton
-from kernels.attention import decode_attention_ref
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv import time_graph  # noqa: E402  (benchmarks/gemv.py: µs per call in a CUDA graph, median of replays)
+
+from kernels import attention_triton  # noqa: E402
+from kernels.attention import decode_attention_ref  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128)}  # (q heads, kv heads, head dim)
@@ -30,28 +34,6 @@ CASES = [  # (cache length the grid is sized for, positions)
     (197, (130, 196)),  # benchmarks/e2e.py's decode: prompt 128 + 64 tokens
     (4096, (130, 1000, 4000)),
 ]
-
-
-def graph_us(fn, reps: int = 40, replays: int = 15) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / reps)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -98,7 +80,7 @@ def main() -> int:
                     for r in range(3):
                         order = settings[r % len(settings):] + settings[: r % len(settings)]
                         for mb in order:
-                            times[mb].append(graph_us(calls[mb]))
+                            times[mb].append(time_graph([calls[mb]]))
                     kv_bytes = 2 * b * hkv * (p + 1) * d * 2
                     row = {"model": model, "batch": b, "cache_length": length, "pos": p,
                            "splits_in_grid": attention_triton.launch_shape(b, hkv, length, d, dev)[1],

@@ -238,7 +238,8 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
 # On the GPU every shape with both x dtypes at batch 1-4; the interpreter (CI) takes one dtype per shape, alternating
 # along the list, and batch 1 and 3 (3 pads to 4 rows), since each interpreted call costs seconds: batch 2 and 4 of
 # the h2 path run there in test_core_kernel_h2_scale_per_batch_row; and K 128 instead of 256 where a program's span
-# (groups x k_range) is at most 64, i.e. every shape but the two with 4 and 8 K-ranges per program (cost ~ K).
+# (groups x k_range) is at most 64, i.e. every shape but the two with 4 and 8 K-ranges per program (cost ~ K); the same
+# for test_core_kernel_h2_scale_per_batch_row at K 64, group 32 where the span is 32.
 H2_DTYPES = (torch.float16, torch.bfloat16)
 H2_CASES = ([(kw, dt) for kw in H2_SHAPES for dt in H2_DTYPES] if ON_GPU
             else [(kw, H2_DTYPES[i % 2]) for i, kw in enumerate(H2_SHAPES)])
@@ -294,6 +295,9 @@ def test_core_kernel_h2_scale_per_batch_row(device, poison, kw, m):
     fp16's subnormals); fused parts with per-part scalar and per-channel thresholds; the deterministic reduction
     (two calls bit-equal)."""
     k, g, splits = 128, 64, [40, 16, 24]
+    if not ON_GPU and kw.get("groups", 1) * kw["k_range"] <= 32:
+        k, g = 64, 32  # interpreter (cost ~ K): still 2 K-ranges (split-K) and 2 quantization groups
+    assert fits(CoreShape(h2=True, **kw), m, k, 4, g)  # the core kernel, not a fallback, takes every call
     q, qw, s, z = make_layer(k, sum(splits), g, 4, torch.bfloat16, device, seed=13)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     x *= torch.tensor([1.0, 1e-8, 1e4, 1e-3])[:m, None]

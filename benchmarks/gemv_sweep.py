@@ -588,10 +588,11 @@ def main(argv=None):
         keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
         meta["previous_about"] = old["about"]
     tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster, layers_only=bool(layers))
+    pdl = f'\n "pdl": {json.dumps(old["pdl"])},' if args.merge and "pdl" in old else ""  # measured elsewhere: kept
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
-        f.write(f'{{\n "about": {json.dumps(tab["about"])},\n "rules": [\n  {rules}\n ]\n}}\n')
+        f.write(f'{{\n "about": {json.dumps(tab["about"])},{pdl}\n "rules": [\n  {rules}\n ]\n}}\n')
     save(rows_all)
     dispatch.load_table.cache_clear()
     log(f"table written to {path}")

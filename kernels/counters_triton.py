@@ -11,12 +11,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl_triton import launch_options, wait_previous_kernel
+
 
 @triton.jit
 def _count_inactive_kernel(
     x_ptr, stride_xm, t_ptr, t_stride_part, zero_ptr, input_ptr, last_ptr, M, K,
-    T_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    T_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
 ):
+    wait_previous_kernel(PDL > 0)
     part = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     kept = tl.zeros([BLOCK], tl.int32)
@@ -56,5 +59,5 @@ def count_inactive(x: Tensor, thresholds: Tensor, zero_count: Tensor, input_coun
             raise ValueError(f"counters must be {n_parts} contiguous values on {x.device}")
     _count_inactive_kernel[(n_parts,)](
         x, x.stride(0), t, stride, zero_count, input_count, last_sparsity, m, k,
-        T_MODE=t_mode, BLOCK=1024, num_warps=4,
+        T_MODE=t_mode, BLOCK=1024, num_warps=4, **launch_options(x.device, "counters"),
     )

@@ -13,6 +13,9 @@
   matches only calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0; dense levels): every
   nonzero input is active, so such rules name an always-dense shape (``CoreShape.dense`` 100: no compaction); rules
   without the key match any threshold.
+* :func:`programmatic_launch`: whether a kernel family launches with programmatic dependent launch (PDL, sm_90+) on
+  a device: the table's ``pdl`` list (the families measured faster with it, ``benchmarks/decode_pdl.py``) unless
+  :func:`set_programmatic_launch` overrides it.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -160,15 +163,63 @@ def table_name(device: torch.device) -> str:
     return "default"
 
 
+def _read_table(name: str) -> dict:
+    with open(CONFIG_DIR / f"{name}.json") as f:
+        return json.load(f)
+
+
 @functools.lru_cache(maxsize=None)
 def load_table(name: str) -> tuple[dict, ...]:
     """The rules of ``configs/<name>.json`` (each with a parsed ``shape``), in order."""
-    with open(CONFIG_DIR / f"{name}.json") as f:
-        data = json.load(f)
-    rules = []
-    for rule in data["rules"]:
-        rules.append({**rule, "shape": shape_from_dict(rule["shape"])})
-    return tuple(rules)
+    return tuple({**rule, "shape": shape_from_dict(rule["shape"])} for rule in _read_table(name)["rules"])
+
+
+# -- programmatic dependent launch --------------------------------------------------------------------------------------
+# With PDL a kernel is launched while the previous one on the stream still runs: its programs read only the call's
+# parameters (weights, scales, norm weights: never activations or buffers) until griddepcontrol.wait returns (the
+# previous kernel has ended and its writes are visible; every earlier kernel had ended before that one could), then
+# let the next kernel launch (griddepcontrol.launch_dependents). So launch latency, parameter loads and the previous
+# kernel's drain overlap across a decode step's chain of small kernels, CUDA graphs included. Families: the kernel
+# files (gemv_*: "gemv", elementwise_triton: "elementwise", attention_triton: "attention", counters_triton:
+# "counters"). Mode per family: 0 off; 1 wait first; 2 parameters first, then wait (kernels without a parameter
+# prologue wait first).
+PDL_FAMILIES = ("gemv", "elementwise", "attention", "counters")
+PDL_MODES = (0, 1, 2)
+_pdl_override: dict[str, int] | None = None
+
+
+def set_programmatic_launch(modes: dict[str, int] | None = None) -> None:
+    """Launch kernel families with PDL in these modes from now on (``{family: mode}``, families of
+    :data:`PDL_FAMILIES`, absent ones off); None: back to the device table's choice. Read at launch: CUDA graphs keep
+    what they were captured with."""
+    global _pdl_override
+    if modes is None:
+        _pdl_override = None
+        return
+    modes = dict(modes)
+    unknown = set(modes) - set(PDL_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; known: {', '.join(PDL_FAMILIES)}")
+    if any(m not in PDL_MODES for m in modes.values()):
+        raise ValueError(f"PDL modes are {PDL_MODES}, got {modes}")
+    _pdl_override = modes
+
+
+@functools.lru_cache(maxsize=None)
+def _table_pdl(index: int) -> dict[str, int]:
+    device = torch.device("cuda", index)
+    if torch.cuda.get_device_capability(device)[0] < 9:  # griddepcontrol is sm_90+
+        return {}
+    return dict(_read_table(table_name(device)).get("pdl", {}))
+
+
+def programmatic_launch(device: torch.device, family: str) -> int:
+    """The PDL mode (0 off) of kernels of ``family`` on ``device`` (always 0 on the CPU or under the interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return 0
+    if _pdl_override is not None:
+        return _pdl_override.get(family, 0) if torch.cuda.get_device_capability(device)[0] >= 9 else 0
+    return _table_pdl(device.index if device.index is not None else torch.cuda.current_device()).get(family, 0)
 
 
 def _in(value: int, bounds) -> bool:

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl_triton import launch_options, wait_previous_kernel
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -43,14 +45,16 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps,
-                     X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                     X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL == 1)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a parameter: before the wait (PDL 2)
+    wait_previous_kernel(PDL == 2)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / N
     normed = (x * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
 
 
@@ -65,14 +69,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         _rms_norm_kernel[(x2.shape[0],)](
             x2, weight.contiguous(), y, x2.stride(0), y.stride(0), n, float(eps),
             X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=min(16, max(1, block // 256)), **launch_options(x.device, "elementwise"),
         )
     return y.reshape(*x.shape[:-1], n)
 
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
-                     DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -92,6 +97,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
             g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n,
             DTYPE=_TL_DTYPES[gate.dtype], BLOCK=block, num_warps=min(8, max(1, block // 256)),
+            **launch_options(gate.device, "elementwise"),
         )
     return y.reshape(gate.shape)
 
@@ -118,7 +124,8 @@ def _rotate_head(xb, ob, cb, sb, HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK:
 def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, HQ,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
                    sc_b, sc_s, ss_b, ss_s,
-                   HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                   HALF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     # one program per (b, s) and head of q followed by the heads of k: q and k in one launch
     bs = tl.program_id(0)
     h = tl.program_id(1)
@@ -150,16 +157,20 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             HALF=half, DTYPE=_TL_DTYPES[q.dtype], BLOCK=triton.next_power_of_2(half), num_warps=1,
+            **launch_options(q.device, "elementwise"),
         )
     return q_out, k_out
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_y, N, eps,
-                         X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL == 1)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a parameter: before the wait (PDL 2)
+    wait_previous_kernel(PDL == 2)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     h = (r + x).to(X_DTYPE)  # `residual + hidden_states` in the activation dtype
@@ -167,7 +178,6 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_
     h = h.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / N
     normed = (h * (1.0 / tl.sqrt(mean_sq + eps))).to(X_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(Y_DTYPE), mask=ok)
 
 
@@ -184,7 +194,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Ten
         _add_rms_norm_kernel[(r2.shape[0],)](
             x2, r2, weight.contiguous(), y, x2.stride(0), r2.stride(0), y.stride(0), n, float(eps),
             X_DTYPE=_TL_DTYPES[residual.dtype], Y_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=min(16, max(1, block // 256)), **launch_options(x.device, "elementwise"),
         )
     return y.reshape(residual.shape)
 
@@ -193,7 +203,8 @@ ARGMAX_CHUNK = 4096
 
 
 @triton.jit
-def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUNK: tl.constexpr):
+def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -206,7 +217,8 @@ def _argmax_chunk_kernel(logits_ptr, val_ptr, idx_ptr, stride_l, V, CHUNKS, CHUN
 
 @triton.jit
 def _advance_kernel(val_ptr, idx_ptr, tokens_ptr, finished_ptr, eos_ptr, out_ptr, pos_ptr, stride_t, stride_o,
-                    B, V, CHUNKS, CP: tl.constexpr):
+                    B, V, CHUNKS, CP: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_previous_kernel(PDL > 0)
     # one program for the whole batch, so the position is advanced after every row has read it
     pos = tl.load(pos_ptr)
     eos = tl.load(eos_ptr)
@@ -234,6 +246,8 @@ def greedy_advance(logits: Tensor, tokens: Tensor, finished: Tensor, eos: Tensor
         raise ValueError("greedy_advance: workspace too small (need 2 * B * ceil(V / 4096) float32)")
     vals = workspace[: b * chunks]
     idxs = workspace[b * chunks : 2 * b * chunks].view(torch.int32)
-    _argmax_chunk_kernel[(b, chunks)](logits, vals, idxs, logits.stride(0), v, chunks, CHUNK=ARGMAX_CHUNK, num_warps=4)
+    pdl = launch_options(logits.device, "elementwise")
+    _argmax_chunk_kernel[(b, chunks)](logits, vals, idxs, logits.stride(0), v, chunks, CHUNK=ARGMAX_CHUNK, num_warps=4,
+                                      **pdl)
     _advance_kernel[(1,)](vals, idxs, tokens, finished.view(torch.int8), eos, out, pos, tokens.stride(0), out.stride(0),
-                          b, v, chunks, CP=triton.next_power_of_2(chunks), num_warps=1)
+                          b, v, chunks, CP=triton.next_power_of_2(chunks), num_warps=1, **pdl)

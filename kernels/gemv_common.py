@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting
+from .pdl_triton import launch_options
 
 INTERPRET = interpreting()
 # every buffer of a call comes from here (tests swap in an allocator that fills memory with garbage)
@@ -71,6 +72,7 @@ class KernelCall:
     args: dict
     constants: dict
     y: Tensor
+    options: dict  # programmatic dependent launch (kernels/pdl_triton.py): {"PDL": True, "launch_pdl": True} or {}
 
 
 _BUFFERS: dict = {}
@@ -135,7 +137,8 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
         args.update(scr_i_ptr=scr_i, scr_x_ptr=scr_x)
     constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SPLIT=split, DET=p.deterministic,
                      ALIGNED=all(e % span == 0 for e in p.ends), OUT_DTYPE=TL_DTYPE[p.x.dtype], EMULATE=INTERPRET)
-    return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y)
+    return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y,
+                      options=launch_options(dev, "gemv"))
 
 
 # -- jit pieces -----------------------------------------------------------------------------------------------------

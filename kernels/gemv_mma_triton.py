@@ -33,6 +33,7 @@ from .gemv_common import (
     threshold_rows,
     tile_qparams,
 )
+from .pdl_triton import wait_previous_kernel
 
 
 def _unpack8_dot_asm(magic: int) -> tl.constexpr:
@@ -120,10 +121,11 @@ def _sgemv_mma_kernel(
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-    SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k) owns TILES column tiles of BLOCK_N columns and the KR rows k0 = pid_k * KR (inside one
     quantization group); see the module docstring. Slots past the end read row k0 with x = 0 (adds exactly 0)."""
+    wait_previous_kernel(PDL > 0)
     NW: tl.constexpr = BLOCK_N // 8
     if FAST:
         OFF: tl.constexpr = 128.0 if BF16 else 1024.0
@@ -195,6 +197,6 @@ def launch(p: GemvProblem, shape: MmaShape) -> torch.Tensor:
         **call.args, **call.constants,
         BITS=p.bits, M_D=m_d, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, TILES=shape.tiles, SWAP=shape.swap,
         FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
-        num_warps=shape.warps, num_stages=shape.stages, **extra,
+        num_warps=shape.warps, num_stages=shape.stages, **extra, **call.options,
     )
     return call.y

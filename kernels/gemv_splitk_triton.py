@@ -28,6 +28,7 @@ import triton.language as tl
 from .dispatch import SplitKShape
 from .gemv_common import INTERPRET, TL_DTYPE, GemvProblem, above_threshold, prepare, program_tile, reduce_split_k
 from .gemv_mma_triton import _unpack_tile_dot
+from .pdl_triton import wait_previous_kernel
 
 
 @triton.jit
@@ -54,10 +55,12 @@ def _sgemv_splitk_kernel(
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k) owns BLOCK_N columns and rows k0 = pid_k * KR .. min(k0 + KR, K) of W^T, KR (a runtime
     value: one compile serves every layer) a multiple of BLOCK_K and BLOCK_K dividing the group size (every step lies
     inside one group); see the module docstring."""
+    wait_previous_kernel(PDL == 1 or (PDL == 2 and not PREFETCH))
     NW: tl.constexpr = BLOCK_N // 8
     if FAST:
         OFF: tl.constexpr = 128.0 if BF16 else 1024.0
@@ -81,6 +84,7 @@ def _sgemv_splitk_kernel(
     if PREFETCH:  # the first step's scales / zeros; each step then loads the next step's
         sc_next = tl.load(s_ptr + (k0 // G) * stride_sg + cols, mask=n_ok, other=0.0)
         zr_next = tl.load(z_ptr + (k0 // G) * stride_sg + cols, mask=n_ok, other=0.0)
+        wait_previous_kernel(PDL == 2)  # (PDL 2: the first scales / zeros were read before the wait)
     for i in tl.range(0, n_steps, num_stages=STAGES):
         kb = k0 + i * BLOCK_K
         xm, n_act = _x_tile(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M, M_D, BLOCK_K, T_MODE, SWAP)
@@ -157,6 +161,6 @@ def launch(p: GemvProblem, shape: SplitKShape) -> torch.Tensor:
         **call.args, KR=kr, **call.constants,
         BITS=p.bits, M_D=m_d, BLOCK_N=shape.block_n, BLOCK_K=shape.block_k, STAGES=shape.stages, SWAP=shape.swap,
         SKIP=shape.skip, PREFETCH=shape.prefetch, FAST=fast, BF16=p.x.dtype == torch.bfloat16, DOT_DTYPE=dot_dtype,
-        num_warps=shape.warps, num_stages=shape.stages, **extra,
+        num_warps=shape.warps, num_stages=shape.stages, **extra, **call.options,
     )
     return call.y

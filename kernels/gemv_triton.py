@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .dispatch import CORE_MAX_M, CoreShape
 from .gemv_common import GemvProblem, compact_rows, prepare, program_tile, reduce_split_k, threshold_rows, tile_qparams
+from .pdl_triton import wait_previous_kernel
 
 FP32_MAGIC = 0x4B000000  # 2^23 as fp32 bits: OR-ing a value below 2^23 into its mantissa gives 2^23 + value
 
@@ -654,9 +655,10 @@ def _sgemv_kernel(
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
-    LOADS_FIRST: tl.constexpr = False,
+    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
+    wait_previous_kernel(PDL == 1 or (PDL == 2 and GROUPS > 1))
     PER: tl.constexpr = 32 // BITS
     NB: tl.constexpr = 32 * VEC
     BLOCK_N: tl.constexpr = NB * PER
@@ -673,6 +675,7 @@ def _sgemv_kernel(
             wv = tl.arange(0, W)
             if PRELOAD == 1 or M_P > 1:
                 wts = _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P, KR, W, ALIGNED, EVICT)
+        wait_previous_kernel(PDL == 2)  # (PDL 2: the parameters above were read before the wait)
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
         if PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
@@ -931,5 +934,6 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
         LOADS_FIRST=shape.loads_first,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
+        **call.options,
     )
     return call.y

@@ -9,6 +9,7 @@ from teal_quant.kernels.elementwise import add_rms_norm_ref, greedy_advance_ref
 from teal_quant import kernels
 
 pytest.importorskip("triton")
+from teal_quant.kernels import attention_triton  # noqa: E402
 
 
 def _rel(a, b):
@@ -81,8 +82,11 @@ def _eager_reference(q, k, v, cos, sin, pos, keys_before, values_before, hq, hkv
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,hq,hkv,d,length", [(1, 8, 2, 32, 300), (3, 16, 4, 16, 140), (2, 4, 4, 64, 70)])
-@pytest.mark.parametrize("fused_reduce", [True, False])
-def test_decode_attention_matches_transformers_eager_attention(device, dtype, batch, hq, hkv, d, length, fused_reduce):
+@pytest.mark.parametrize("fused_reduce,split_factor", [(True, 100.0), (True, 0.5), (False, 2.0)])
+def test_decode_attention_matches_transformers_eager_attention(device, dtype, batch, hq, hkv, d, length, fused_reduce,
+                                                               split_factor):
+    """split_factor 100: every key block its own split; 0.5, 2: fewer working splits of several blocks, one at the
+    first block's positions (the output written without partial results)."""
     g = torch.Generator().manual_seed(batch * 100 + hq + d)
     _, cos, sin = _llama_parts(hq, hkv, d, length, dtype, device, 0)
     scale = d ** -0.5
@@ -101,8 +105,8 @@ def test_decode_attention_matches_transformers_eager_attention(device, dtype, ba
         garbage_k, garbage_v = keys.clone(), values.clone()
         garbage_k[:, :, pos + 1 :] = float("nan")
         garbage_v[:, :, pos + 1 :] = float("nan")
-        got = kernels.decode_attention(q, k, v, cos, sin, p, garbage_k, garbage_v, workspace, counter, scale,
-                                       fused_reduce=fused_reduce)
+        got = attention_triton.decode_attention(q, k, v, cos, sin, p, garbage_k, garbage_v, workspace, counter, scale,
+                                                fused_reduce=fused_reduce, split_factor=split_factor)
         ref_k, ref_v = keys.clone(), values.clone()
         ref = decode_attention_ref(q, k, v, cos, sin, p, ref_k, ref_v, scale)
         # the cache write: rotary rounded like transformers' apply_rotary_pos_emb, within 2 rounding steps of the

@@ -95,13 +95,15 @@ def builds(opts: Options) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {
         "rtn_w4": {"quantization": {"method": "rtn", **w4}, "sparsity": uniform(COMBO_LEVELS)},
         "gptq_w4": {"quantization": {"method": "gptq", **w4}, "sparsity": uniform(COMBO_LEVELS)},
-        "rtn_w8": {"quantization": {"method": "rtn", **w8}, "sparsity": uniform([0.4])},
         "gptq_w8": {"quantization": {"method": "gptq", **w8}, "sparsity": uniform([0.4])},
     }
     for alloc in ALLOCATIONS:
         for crit in CRITERIA:
             sp = {**uniform(DENSE_LEVELS), "allocation": alloc, "criterion": crit}
             out[f"w8_{alloc}_{crit}"] = {"quantization": {"method": "rtn", **w8}, "sparsity": sp}
+    # rtn_w8 (evaluated at level 0 only) is the w8 uniform magnitude build: RTN does not look at the calibration, so
+    # its weights are the same whatever the levels; one recipe, one cache key, one compression for both rows
+    out["rtn_w8"] = out["w8_uniform_magnitude"]
     for head in HEADS:  # quantization.lm_head: the w4 build with a quantized output projection (RTN, group g)
         out[f"rtn_w4_head{head[3:]}"] = {"quantization": {"method": "rtn", **w4, "lm_head": head},
                                          "sparsity": uniform(COMBO_LEVELS)}

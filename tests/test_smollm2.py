@@ -1,7 +1,8 @@
 """The real model, end to end on the CPU: SmolLM2-135M -> int4 g64 + TEAL greedy -> load -> generate -> WikiText-2.
 
-Bounds were set from measurement (see the closing note of issue 2): w4 g64 RTN at level 0 and TEAL at 0.4,
-4,096 WikiText-2 test tokens in windows of 512, every token sparsified.
+Bounds were set from measurement (see the closing note of issue 2): w4 g64 RTN at level 0 and TEAL at 0.4, every
+token sparsified, WikiText-2 test tokens in windows of 512: the first 4,096 tokens then, the first 2,048 now (half the
+evaluation time; the perplexity bounds scaled with the measured ratios, below).
 """
 
 import json
@@ -36,7 +37,7 @@ def wikitext_rows(smollm2_artifact):
     from teal_quant.evaluate import evaluate_artifact
 
     source = TextFilesSource(kind="text_files", paths=[str(WIKITEXT)])
-    return evaluate_artifact(smollm2_artifact, source, tokens=4096, window=512, levels=[0.0, 0.4], device="cpu",
+    return evaluate_artifact(smollm2_artifact, source, tokens=2048, window=512, levels=[0.0, 0.4], device="cpu",
                              baseline=True)
 
 
@@ -54,13 +55,17 @@ def test_generates_text(smollm2_artifact):
 
 
 def test_realized_sparsity_and_perplexity_on_wikitext(wikitext_rows):
+    """Measured (2026-12-02, 1 CPU thread): dense 30.33, level 0 40.54 (x1.34), level 0.4 46.12 (x1.52), realized
+    0.390 on these 2,048 tokens; on 4,096 tokens x1.40 and x1.60 against bounds x1.6 and x1.9. The bounds keep that
+    headroom (x1.14 and x1.19 over the measured ratio): x1.55 and x1.8."""
     dense, level0, level40 = wikitext_rows
     assert dense["level"] is None and level0["level"] == 0.0 and level40["level"] == 0.4
+    assert dense["tokens"] == level0["tokens"] == level40["tokens"] == 4 * 511
     assert level40["realized_sparsity"] == pytest.approx(0.40, abs=0.03)
     assert level0["realized_sparsity"] == pytest.approx(0.0, abs=1e-4)
     assert dense["perplexity"] < level0["perplexity"] < level40["perplexity"]
-    assert level0["perplexity"] < 1.6 * dense["perplexity"]
-    assert level40["perplexity"] < 1.9 * dense["perplexity"]
+    assert level0["perplexity"] < 1.55 * dense["perplexity"]
+    assert level40["perplexity"] < 1.8 * dense["perplexity"]
 
 
 def test_greedy_allocation_beats_uniform(smollm2_artifact):

@@ -17,7 +17,7 @@ from teal_quant import kernels
 pytest.importorskip("triton")
 from teal_quant.kernels import gemv_launch as gemv  # noqa: E402
 from teal_quant.kernels import gemv_triton  # noqa: E402
-from teal_quant.kernels.dispatch import CoreShape, MmaShape  # noqa: E402
+from teal_quant.kernels.dispatch import CoreShape, MmaShape, fits  # noqa: E402
 
 # (K, N, group_size): N a multiple of 8 but not of the block, per-channel, several group sizes
 SHAPES = [(256, 72, 64), (128, 40, 128), (192, 24, 32)]
@@ -237,7 +237,9 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
 
 # On the GPU every shape with both x dtypes at batch 1-4; the interpreter (CI) takes one dtype per shape, alternating
 # along the list, and batch 1 and 3 (3 pads to 4 rows), since each interpreted call costs seconds: batch 2 and 4 of
-# the h2 path run there in test_core_kernel_h2_scale_per_batch_row.
+# the h2 path run there in test_core_kernel_h2_scale_per_batch_row; and K 128 instead of 256 where a program's span
+# (groups x k_range) is at most 64, i.e. every shape but the two with 4 and 8 K-ranges per program (cost ~ K); the same
+# for test_core_kernel_h2_scale_per_batch_row at K 64, group 32 where the span is 32.
 H2_DTYPES = (torch.float16, torch.bfloat16)
 H2_CASES = ([(kw, dt) for kw in H2_SHAPES for dt in H2_DTYPES] if ON_GPU
             else [(kw, H2_DTYPES[i % 2]) for i, kw in enumerate(H2_SHAPES)])
@@ -254,6 +256,9 @@ def test_core_kernel_h2(device, poison, kw, dtype):
     workspace left zero). Batch 1-4 (batch 2-4: the unpack shared by the rows, x paired before the loop; the
     interpreter runs a subset, H2_CASES); bits 8 takes the unpack into fp32 instead (same results)."""
     k, n, g = 256, (72 if not ON_GPU else 3000), 64
+    if not ON_GPU and kw.get("groups", 1) * kw["k_range"] <= 64:
+        k = 128  # interpreter: each program costs seconds; K 128 keeps >= 2 K-ranges (split-K), g 64 spans 2 groups
+    assert fits(CoreShape(h2=True, **kw), 4, k, 4, g)  # the core kernel, not a fallback, takes every call
     for bits, m in H2_BITS_AND_BATCH:
         q, qw, s, z = make_layer(k, n, g, bits, dtype, device, seed=11)
         big = 1e4 if dtype == torch.bfloat16 else 1e2  # fp16 y would overflow at 1e4
@@ -290,6 +295,9 @@ def test_core_kernel_h2_scale_per_batch_row(device, poison, kw, m):
     fp16's subnormals); fused parts with per-part scalar and per-channel thresholds; the deterministic reduction
     (two calls bit-equal)."""
     k, g, splits = 128, 64, [40, 16, 24]
+    if not ON_GPU and kw.get("groups", 1) * kw["k_range"] <= 32:
+        k, g = 64, 32  # interpreter (cost ~ K): still 2 K-ranges (split-K) and 2 quantization groups
+    assert fits(CoreShape(h2=True, **kw), m, k, 4, g)  # the core kernel, not a fallback, takes every call
     q, qw, s, z = make_layer(k, sum(splits), g, 4, torch.bfloat16, device, seed=13)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     x *= torch.tensor([1.0, 1e-8, 1e4, 1e-3])[:m, None]

@@ -14,8 +14,9 @@ Follows the reference algorithm (IST-DASLab gptq.py; llm-compressor's ``gptq_qua
   computed up front from the contiguous K-groups of the original order, so the codes stay in the plain group
   layout (no ``g_idx``, no permutation in the artifact).
 
-The quantization grid is rtn.py's (``compute_qparams`` / ``quantize`` / ``dequantize_codes``), so the output is exactly
-RTN's layout: ``(q uint8 [K, N], scales fp32 [K/G, N], zeros fp32 [K/G, N])`` for a weight ``[N, K]``.
+The quantization grid is rtn.py's (``compute_qparams``; ``quantize`` / ``dequantize_codes`` written inline for one
+column, the same fp32 operations), so the output is exactly RTN's layout: ``(q uint8 [K, N], scales fp32 [K/G, N],
+zeros fp32 [K/G, N])`` for a weight ``[N, K]``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams, dequantize_codes, quantize
+from teal_quant.compression.quantize.rtn import QuantSpec, compute_qparams
 
 MAX_DAMP_RETRIES = 4  # damp, 10·damp, ... : beyond 10⁴·damp the Hessian carries no information worth using
 
@@ -106,7 +107,7 @@ def gptq_quantize(
         raise ValueError(f"damp must be in (0, 1), got {damp}")
     G = spec.resolved_group_size(K)
     group_spec = QuantSpec(bits=spec.bits, group_size=-1, sym=spec.sym)   # qparams of one [G, N] slice
-    column_spec = QuantSpec(bits=spec.bits, group_size=1, sym=spec.sym)   # quantize one column, given its qparams
+    qmax = spec.qmax
 
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(W.device, torch.float32).clone()
@@ -148,10 +149,12 @@ def gptq_quantize(
                 s, z = compute_qparams(current.t(), group_spec)
                 scales[k // G], zeros[k // G] = s[0], z[0]
             w = W1[:, i]
-            s, z = scales[k // G : k // G + 1], zeros[k // G : k // G + 1]
-            q = quantize(w[None], s, z, column_spec)
-            Q[:, j] = q[0]
-            w_hat = dequantize_codes(q, s, z, column_spec)[0]
+            s, z = scales[k // G], zeros[k // G]
+            # rtn.quantize and rtn.dequantize_codes of one column, inline (the same fp32 operations in the same order,
+            # so the same bits): the codes stay float (integers in [0, qmax], exact) for the dequantization
+            q = torch.round(w / s + z).clamp_(0, qmax)
+            Q[:, j] = q
+            w_hat = (q - z) * s
             d = Hinv1[i, i]
             err = (w - w_hat) / d
             loss += ((w - w_hat).double() ** 2).sum() / d.double() ** 2 / 2

@@ -17,10 +17,11 @@ copying K/V), and a range of key blocks (split-KV, "flash-decoding"); the G quer
 products run on the tensor cores (`tl.dot`; fp32 models use IEEE fp32 products). The program whose key range holds
 `pos` writes the new key and value first. The grid is sized for the longest context (it is fixed once a CUDA graph
 captures it); at the current position about SPLIT_FACTOR * sqrt(key blocks) splits work (the others exit at once):
-a split's time grows with its blocks, the combination's with the splits. One working split writes the output itself. With several, partial results (row max, sum, weighted values in
-fp32) go to `workspace`, and the last working program of a KV head to finish (an atomic counter per head, reset by
-that program) combines them and writes the output, so a layer's attention is one launch. `fused_reduce=False` runs the
-combination as a second launch instead (kept for the comparison in benchmarks/decode_glue.py).
+a split's time grows with its blocks, the combination's with the splits. One working split writes the output
+itself. With several, partial results (row max, sum, weighted values in fp32) go to `workspace`, and the last
+working program of a KV head to finish (an atomic counter per head, reset by that program) combines them and writes
+the output, so a layer's attention is one launch. `fused_reduce=False` runs the combination as a second launch
+instead (kept for the comparison in benchmarks/decode_glue.py).
 
 Roundings follow transformers' eager code where it rounds: the rotary products and sums are rounded to the model
 dtype (as `q * cos + rotate_half(q) * sin` is), the probabilities are rounded to the value dtype before the product

@@ -13,9 +13,9 @@
   matches only calls whose threshold is a python number <= 0 (a quantized lm_head passes 0.0; dense levels): every
   nonzero input is active, so such rules name an always-dense shape (``CoreShape.dense`` 100: no compaction); rules
   without the key match any threshold.
-* :func:`programmatic_launch`: whether a kernel family launches with programmatic dependent launch (PDL, sm_90+) on
-  a device: the table's ``pdl`` list (the families measured faster with it, ``benchmarks/decode_pdl.py``) unless
-  :func:`set_programmatic_launch` overrides it.
+* :func:`programmatic_launch`: in which mode (0 off) a kernel family launches with programmatic dependent launch
+  (PDL, sm_90+) on a device: the table's ``pdl`` entry (``{family: mode}``, the mix measured fastest in the decode
+  step by ``benchmarks/decode_pdl.py``) unless :func:`set_programmatic_launch` overrides it.
 
 Imports only torch (no triton, no device work at import).
 """

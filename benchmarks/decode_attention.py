@@ -92,7 +92,7 @@ def main() -> int:
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": os.environ.get("TEAL_QUANT_GIT_COMMIT", "unknown"),
-            "command": "python3 benchmarks/decode_attention.py " + " ".join(os.sys.argv[1:]),
+            "command": "python3 benchmarks/decode_attention.py " + " ".join(sys.argv[1:]),
             "worst_rel_err_vs_float64": worst}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "decode_attention_h200" if "H200" in meta["gpu"] else "decode_attention"

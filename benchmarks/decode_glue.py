@@ -73,15 +73,21 @@ def time_steps(model, prompt, kw, steps, compiled=False) -> dict:
         tok = dec.step(tok)
     torch.cuda.synchronize()
     warm_s = time.time() - t0
+    ms = replay_ms(dec, steps)
+    if dec._graph is None:
+        raise RuntimeError(f"no CUDA graph: {dec.graph_error}")
+    return {"ms_per_token": ms, "warmup_s": round(warm_s, 1)}
+
+
+def replay_ms(dec: Decoder, steps: int) -> float:
+    """ms per step of `steps` decode steps of a warmed-up Decoder, by CUDA events around them."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
         dec.step()
     end.record()
     end.synchronize()
-    if dec._graph is None:
-        raise RuntimeError(f"no CUDA graph: {dec.graph_error}")
-    return {"ms_per_token": start.elapsed_time(end) / steps, "warmup_s": round(warm_s, 1)}
+    return start.elapsed_time(end) / steps
 
 
 def breakdown(model, prompt, kw, compiled=False) -> dict:

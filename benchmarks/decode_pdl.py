@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from teal_quant.bench import build_synthetic_model
 from teal_quant.compression.synthetic import SyntheticSpec
 from teal_quant.runtime.decoding import Decoder
 from teal_quant.runtime.modules import track_sparsity
+
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_glue import replay_ms  # noqa: E402  (benchmarks/decode_glue.py: CUDA events around decode steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ("gemv", "elementwise", "attention")  # the families in a decode step with the counters off
@@ -55,16 +59,6 @@ def decoder(model, families, prompt, length) -> tuple[Decoder, torch.Tensor]:
     return dec, tok
 
 
-def time_steps(dec: Decoder, steps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        dec.step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -82,7 +76,7 @@ def main() -> int:
     prompt = torch.randint(0, model.config.vocab_size, (max(batches + [4]), args.prompt_len), generator=g).cuda()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.datetime.now(
         datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": commit(), "command": "python3 " + " ".join(
-        ["benchmarks/decode_pdl.py", *os.sys.argv[1:]]), "variants": VARIANTS}
+        ["benchmarks/decode_pdl.py", *sys.argv[1:]]), "variants": VARIANTS}
     print(f"[decode_pdl] model built in {time.time() - t0:.0f}s", flush=True)
 
     # correctness: with deterministic reductions (no fp32 atomics) every variant must give the same bits as none
@@ -110,11 +104,11 @@ def main() -> int:
         per = {n: [] for n in names}
         for _ in range(2):  # warm-up
             for n in names:
-                time_steps(decs[n], 8)
+                replay_ms(decs[n], 8)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for n in order:
-                per[n].append(time_steps(decs[n], args.steps))
+                per[n].append(replay_ms(decs[n], args.steps))
         timings[b] = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for n, v in per.items()}
         base = timings[b]["none"]["median_ms"]
         for n in names:

@@ -72,7 +72,7 @@ class KernelCall:
     args: dict
     constants: dict
     y: Tensor
-    options: dict  # programmatic dependent launch (kernels/pdl_triton.py): {"PDL": True, "launch_pdl": True} or {}
+    options: dict  # programmatic dependent launch (kernels/pdl_triton.py): {"PDL": mode, "launch_pdl": True} or {}
 
 
 _BUFFERS: dict = {}

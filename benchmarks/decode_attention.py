@@ -50,8 +50,8 @@ CASES = [  # (cache length the grid is sized for, positions)
     (197, (130, 196)),  # benchmarks/e2e.py's decode: prompt 128 + 64 tokens
     (4096, (130, 1000, 4000)),
 ]
-OLD = AttentionShape()  # the kernel before the short-context round (its defaults)
-NEW = AttentionShape(registers=True, wide=True)
+OLD = AttentionShape(registers=False, wide=False)  # the kernel before the short-context round
+NEW = AttentionShape(registers=True, wide=True)  # the defaults since this round
 VARIANTS = {  # name: launch shape (docs/kernels.md "Decode attention at short context")
     "old": OLD,
     "regs": replace(OLD, registers=True),  # the new token from registers, cached keys loaded first
@@ -264,7 +264,7 @@ def write(args, stem: str, r: dict) -> None:
              "- µs per call (CUDA graphs of 40 calls, median of 15 replays, 3 rounds in rotating order, median); "
              "GB/s over the K and V rows read; every variant checked against float64 first "
              f"(worst rel err {r['worst_rel_err_vs_float64']:.2e}); grid splits of old in parentheses",
-             "- variants (kernels/dispatch.py AttentionShape; differences from the defaults): " + "; ".join(
+             "- variants (kernels/dispatch.py AttentionShape; differences from old): " + "; ".join(
                  f"{n}: " + (", ".join(f"{k} {v}" for k, v in r["variants"][n].items() if v != asdict(OLD)[k]) or "-")
                  for n in names),
              "- geometric mean of time / old's over the rows: " + ", ".join(

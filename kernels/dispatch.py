@@ -141,14 +141,15 @@ GemvShape = CoreShape | MmaShape | SplitKShape
 @dataclass(frozen=True)
 class AttentionShape:
     """Launch choices of the decode attention kernel (kernels/attention_triton.py; docs/kernels.md "Decode attention
-    at short context"). The defaults are the kernel before issue 13's short-context round."""
+    at short context"). The defaults are the H200's measured best (benchmarks/results/decode_attention_h200.md);
+    ``registers=False, wide=False`` is the kernel before issue 13's short-context round."""
 
     block_n: int = 64  # keys per block at head size <= 128 (a power of two >= 16; halved per doubling of the head size)
     split_factor: float = 2.0  # working splits per sqrt(key blocks) at the current position (> 0)
-    registers: bool = False  # the new token's score and value taken from registers, the cached keys (positions < pos)
+    registers: bool = True  # the new token's score and value taken from registers, the cached keys (positions < pos)
     # and the rotary row loaded first (before the PDL wait in mode 2); False: the new key and value written to the
     # cache, a barrier, then read back with their block
-    wide: bool = False  # the split combination loads every split's partial results at once (chunks of 8 splits);
+    wide: bool = True  # the split combination loads every split's partial results at once (chunks of 8 splits);
     # False: loops of dependent loads, one split after another
     warps: int = 4
     stages: int = 2  # num_stages of the key-block loop
@@ -197,7 +198,8 @@ def load_table(name: str) -> tuple[dict, ...]:
 
 # -- programmatic dependent launch --------------------------------------------------------------------------------------
 # With PDL a kernel is launched while the previous one on the stream still runs: its programs read only the call's
-# parameters (weights, scales, norm weights: never activations or buffers) until griddepcontrol.wait returns (the
+# parameters (weights, scales, norm weights: never activations or buffers; the decode attention also the position
+# and the cached keys of earlier positions, written before the step) until griddepcontrol.wait returns (the
 # previous kernel has ended and its writes are visible; every earlier kernel had ended before that one could), then
 # let the next kernel launch (griddepcontrol.launch_dependents). So launch latency, parameter loads and the previous
 # kernel's drain overlap across a decode step's chain of small kernels, CUDA graphs included. Families: the kernel

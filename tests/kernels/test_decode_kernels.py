@@ -83,7 +83,8 @@ def _eager_reference(q, k, v, cos, sin, pos, keys_before, values_before, hq, hkv
     return out.reshape(b, hq * d), keys, values
 
 
-OLD = AttentionShape()  # the kernel before the short-context round: new key written, then read back; loop combine
+OLD = AttentionShape(registers=False, wide=False)  # the kernel before the short-context round: new key written,
+# then read back; loop combination
 NEW = AttentionShape(registers=True, wide=True)
 ATTENTION_VARIANTS = {  # name: (fused_reduce, launch shape)
     "old_every_block_a_split": (True, replace(OLD, split_factor=100.0)),

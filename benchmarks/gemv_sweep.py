@@ -600,7 +600,8 @@ def main(argv=None):
         keep, meta["kept_from"] = old["rules"], f"the sweep of {when.group(1) if when else args.merge}"
         meta["previous_about"] = old["about"]
     tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster, layers_only=bool(layers))
-    pdl = f'\n "pdl": {json.dumps(old["pdl"])},' if args.merge and "pdl" in old else ""  # measured elsewhere: kept
+    # entries measured by other benchmarks (decode_pdl.py, decode_attention.py): kept
+    pdl = "".join(f'\n "{k}": {json.dumps(old[k])},' for k in ("pdl", "attention") if args.merge and k in old)
     path = args.table or os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:  # one rule per line
         rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])

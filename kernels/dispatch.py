@@ -16,6 +16,8 @@
 * :func:`programmatic_launch`: in which mode (0 off) a kernel family launches with programmatic dependent launch
   (PDL, sm_90+) on a device: the table's ``pdl`` entry (``{family: mode}``, the mix measured fastest in the decode
   step by ``benchmarks/decode_pdl.py``) unless :func:`set_programmatic_launch` overrides it.
+* :func:`pick_attention`: the launch choices of the decode attention kernel (:class:`AttentionShape`), the table's
+  ``attention`` entry (measured by ``benchmarks/decode_attention.py``) unless :func:`set_attention_shape` overrides it.
 
 Imports only torch (no triton, no device work at import).
 """
@@ -136,6 +138,23 @@ class SplitKShape:
 GemvShape = CoreShape | MmaShape | SplitKShape
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """Launch choices of the decode attention kernel (kernels/attention_triton.py; docs/kernels.md "Decode attention
+    at short context"). The defaults are the H200's measured best (benchmarks/results/decode_attention_h200.md);
+    ``registers=False, wide=False`` is the kernel before issue 13's short-context round."""
+
+    block_n: int = 64  # keys per block at head size <= 128 (a power of two >= 16; halved per doubling of the head size)
+    split_factor: float = 2.0  # working splits per sqrt(key blocks) at the current position (> 0)
+    registers: bool = True  # the new token's score and value taken from registers, the cached keys (positions < pos)
+    # and the rotary row loaded first (before the PDL wait in mode 2); False: the new key and value written to the
+    # cache, a barrier, then read back with their block
+    wide: bool = True  # the split combination loads every split's partial results at once (chunks of 8 splits);
+    # False: loops of dependent loads, one split after another
+    warps: int = 4
+    stages: int = 2  # num_stages of the key-block loop
+
+
 def shape_from_dict(d: dict) -> GemvShape:
     d = dict(d)
     kind = d.pop("kernel")
@@ -179,7 +198,8 @@ def load_table(name: str) -> tuple[dict, ...]:
 
 # -- programmatic dependent launch --------------------------------------------------------------------------------------
 # With PDL a kernel is launched while the previous one on the stream still runs: its programs read only the call's
-# parameters (weights, scales, norm weights: never activations or buffers) until griddepcontrol.wait returns (the
+# parameters (weights, scales, norm weights: never activations or buffers; the decode attention also the position
+# and the cached keys of earlier positions, written before the step) until griddepcontrol.wait returns (the
 # previous kernel has ended and its writes are visible; every earlier kernel had ended before that one could), then
 # let the next kernel launch (griddepcontrol.launch_dependents). So launch latency, parameter loads and the previous
 # kernel's drain overlap across a decode step's chain of small kernels, CUDA graphs included. Families: the kernel
@@ -223,6 +243,40 @@ def programmatic_launch(device: torch.device, family: str) -> int:
     if _pdl_override is not None:
         return _pdl_override.get(family, 0) if torch.cuda.get_device_capability(device)[0] >= 9 else 0
     return _table_pdl(device.index if device.index is not None else torch.cuda.current_device()).get(family, 0)
+
+
+# -- decode attention -------------------------------------------------------------------------------------------------
+_attention_override: AttentionShape | None = None
+
+
+def set_attention_shape(shape: AttentionShape | None = None) -> None:
+    """Launch the decode attention kernel with this shape from now on; None: back to the device table's. Read at
+    launch and by the workspace sizing: allocate the workspace after setting it; CUDA graphs keep what they captured."""
+    global _attention_override
+    _attention_override = shape
+
+
+def attention_shape_from_dict(d: dict) -> AttentionShape:
+    unknown = set(d) - {f.name for f in fields(AttentionShape)}
+    if unknown:
+        raise ValueError(f"unknown attention launch parameters {sorted(unknown)}")
+    shape = AttentionShape(**d)
+    if shape.block_n < 16 or shape.block_n & (shape.block_n - 1) or not shape.split_factor > 0:
+        raise ValueError(f"attention launch shape out of range: {shape}")
+    return shape
+
+
+@functools.lru_cache(maxsize=None)
+def _table_attention(name: str) -> AttentionShape:
+    return attention_shape_from_dict(_read_table(name).get("attention", {}))
+
+
+def pick_attention(device: torch.device) -> AttentionShape:
+    """The decode attention launch shape on ``device``: the override, else the table's ``attention`` entry, else the
+    defaults."""
+    if _attention_override is not None:
+        return _attention_override
+    return _table_attention(table_name(device))
 
 
 def _in(value: int, bounds) -> bool:

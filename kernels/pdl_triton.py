@@ -4,7 +4,9 @@ launch options that turn it on (kernels/dispatch.py decides per device and famil
 A kernel launched with PDL may start while the previous kernel on the stream is still running. Until its programs
 have waited (griddepcontrol.wait: the previous kernel has ended and its writes are visible; every earlier kernel had
 ended before that one could) they read only the call's parameters (weights, scales, norm weights; mode 2) or nothing
-(mode 1); then they let the next kernel launch (griddepcontrol.launch_dependents; after the wait, so at most two
+(mode 1); the decode attention also reads, in mode 2, what no kernel of the running step writes before it (the
+position, advanced at the end of the previous step; the rotary tables; the cached keys and values of earlier
+positions): data the kernel it may overlap cannot be writing. Then they let the next kernel launch (griddepcontrol.launch_dependents; after the wait, so at most two
 kernels share the GPU) and go on. So nothing changes in what a kernel sees: only the launch latency, the parameter
 loads and the previous kernel's drain overlap.
 """

@@ -200,8 +200,21 @@ def main() -> int:
               "command": "python3 " + " ".join(["benchmarks/decode_silu_down.py", *sys.argv[1:]]),
               "pdl": {f: kernels.dispatch.programmatic_launch(torch.device("cuda"), f)
                       for f in kernels.dispatch.PDL_FAMILIES},
-              "steps": args.steps, "rounds": args.rounds, "models": {}}
+              "steps": args.steps, "rounds": args.rounds, "models": {}, "down_gemv": {}}
+    stem = "decode_silu_down_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> bool:  # after every stage: a run cut short by its time limit still leaves what it measured
+        report["seconds"] = round(time.time() - t0, 1)
+        ok = (all(e["check"]["deterministic_bit_equal"] for e in report["models"].values())
+              and all(r["deterministic_bit_equal"] for r in report["down_gemv"].values()))
+        report["all_bit_equal"] = ok
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(report))
+        return ok
+
     report["down_gemv"] = time_down(log)
+    save()
     g = torch.Generator().manual_seed(0)
     for arch in args.models.split(","):
         level, batches, check_batch = MODELS[arch]
@@ -218,18 +231,14 @@ def main() -> int:
                 name: breakdown(model, prompt[:1], {"fused_step": True, "fused_step_options": {"silu_down": v}})[
                     "launches_per_step"] for name, v in VARIANTS.items()}
             log(f"{arch} kernels per step at batch 1: {entry['kernels_per_step_b1']}")
-        entry["timings"] = time_model(model, prompt, batches, args, lambda msg: log(f"{arch} {msg}"))
+        entry["timings"] = {}
         report["models"][arch] = entry
+        save()
+        entry["timings"] = time_model(model, prompt, batches, args, lambda msg: log(f"{arch} {msg}"))
+        save()
         del model
         torch.cuda.empty_cache()
-    report["seconds"] = round(time.time() - t0, 1)
-    ok = (all(e["check"]["deterministic_bit_equal"] for e in report["models"].values())
-          and all(r["deterministic_bit_equal"] for r in report["down_gemv"].values()))
-    report["all_bit_equal"] = ok
-    stem = "decode_silu_down_" + ("h200" if "H200" in report["gpu"] else "gpu")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    ok = save()
     log(f"wrote {args.out / stem}.json and .md; all bit-equal: {ok}")
     return 0 if ok else 1
 

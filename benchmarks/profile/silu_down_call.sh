@@ -10,7 +10,7 @@ set -o pipefail
 grep -q "SILU" kernels/gemv_common.py || { echo "this is not the silu branch's tree" | tee "$OUT/run.log"; exit 3; }
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv; \
   echo "commit ${TEAL_QUANT_GIT_COMMIT:-unknown}"; } > "$OUT/run.log" 2>&1
-timeout 110 python3 -m pytest -q -o addopts="" -p no:cacheprovider -n 14 tests/kernels/test_silu_gemv.py \
+timeout 100 python3 -m pytest -q -o addopts="" -p no:cacheprovider -n 14 tests/kernels/test_silu_gemv.py \
     tests/kernels/test_decode_step_interpreted.py tests/kernels/test_elementwise.py -k "silu" > "$OUT/tests.log" 2>&1
 echo "tests exit $?" | tee -a "$OUT/run.log"; tail -4 "$OUT/tests.log" | tee -a "$OUT/run.log"
-timeout 240 python3 benchmarks/decode_silu_down.py --out "$OUT" 2>&1 | tee -a "$OUT/run.log" | grep -v "^$"
+timeout 230 python3 benchmarks/decode_silu_down.py --out "$OUT" 2>&1 | tee -a "$OUT/run.log" | grep -v "^$"

@@ -1,6 +1,7 @@
 """SiLU-and-mul inside the down-projection GEMV (issue 13, issue 12 item 3), side by side on one GPU.
 
-    python benchmarks/decode_silu_down.py [--out DIR] [--steps 64] [--rounds 6]
+    python benchmarks/decode_silu_down.py [--out DIR] [--steps 64] [--rounds 6] [--models llama3-8b,llama3-70b]
+                                          [--down 8B,70B] [--max-batch 16] [--stem decode_silu_down_h200]
 
 ``fused``: FusedDecodeStep(silu_down=True), the down projection reads gate and up and computes silu(gate) * up where it
 loads its input (kernels.sparse_gemv_silu); ``separate``: silu_down=False, the silu_mul launch then the GEMV. On the
@@ -146,9 +147,11 @@ def down_layer(n: int, k: int, seed: int):
     return qweight, scales, zeros
 
 
-def time_down(log) -> dict:
+def time_down(log, models, max_batch: int) -> dict:
     out = {}
-    for model, ((n, k), batches) in DOWN.items():
+    for model in models:
+        (n, k), batches = DOWN[model]
+        batches = [m for m in batches if m <= max_batch]
         first = down_layer(n, k, 0)
         bytes_one = k * n // 2 + 2 * (k // GROUP) * n * 2
         copies = [first] + [tuple(t.clone() for t in first) for _ in range(max(2, math.ceil(3 * L2_BYTES / bytes_one)) - 1)]
@@ -189,6 +192,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--down", default=",".join(DOWN), help="down-projection shapes timed alone ('' for none)")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--stem", help="output file name stem (default decode_silu_down_<gpu>)")
     args = ap.parse_args()
     t0 = time.time()
 
@@ -201,7 +207,7 @@ def main() -> int:
               "pdl": {f: kernels.dispatch.programmatic_launch(torch.device("cuda"), f)
                       for f in kernels.dispatch.PDL_FAMILIES},
               "steps": args.steps, "rounds": args.rounds, "models": {}, "down_gemv": {}}
-    stem = "decode_silu_down_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    stem = args.stem or "decode_silu_down_" + ("h200" if "H200" in report["gpu"] else "gpu")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> bool:  # after every stage: a run cut short by its time limit still leaves what it measured
@@ -213,11 +219,13 @@ def main() -> int:
         (args.out / f"{stem}.md").write_text(markdown(report))
         return ok
 
-    report["down_gemv"] = time_down(log)
+    report["down_gemv"] = time_down(log, [d for d in args.down.split(",") if d], args.max_batch)
     save()
     g = torch.Generator().manual_seed(0)
     for arch in args.models.split(","):
         level, batches, check_batch = MODELS[arch]
+        batches = tuple(b for b in batches if b <= args.max_batch)
+        check_batch = min(check_batch, args.max_batch)
         model = build_synthetic_model(arch, SyntheticSpec(levels=(0.25, 0.4, 0.5), default=level), device="cuda",
                                       sparsity=level)
         track_sparsity(model, False)

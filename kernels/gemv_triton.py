@@ -406,10 +406,16 @@ def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
     H2 at M_P > 1: x was thresholded, scaled and paired before the loop (``_store_rows``): the pairs are read from
     the row's scratch slot, and every row's words are loaded, unpredicated (at batch >= 2 the union of the active
-    rows is 75-100 % dense; a predicate would put this scratch load, an L2 round trip, before every weight load)."""
+    rows is 75-100 % dense; a predicate would put this scratch load, an L2 round trip, before every weight load).
+    SILU (otherwise): x = silu(gate) * up, thresholded, was written in order by the threshold pass (``_store_rows``):
+    read from there (an entry is active iff nonzero; a zero adds exactly 0 either way) instead of being recomputed per
+    row, which put two loads, an exp and a division on every step's chain before its predicated row loads."""
     row = krow + tl.arange(0, W)
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
+    elif SILU:
+        xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
+        act = xr != 0.0
     else:
         act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE, SILU, X_DTYPE)
     if M_P == 1:
@@ -716,9 +722,9 @@ def _sgemv_kernel(
                 ibase = part * K + k0
                 if not in_place:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-                elif H2 and M_P > 1:
+                elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
-            elif H2 and M_P > 1:
+            elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)

@@ -34,6 +34,8 @@ CASES = [  # (launch shape or None for the table's pick, batch): every place a f
     (CoreShape(vec=1, warps=2, rows=2, k_range=32, h2=True), 1),  # compacted, h2
     (CoreShape(vec=1, warps=2, rows=4, k_range=32, pipe=True, h2=True, evict_first=True), 1),  # the 8B down pick
     (CoreShape(vec=2, warps=2, rows=2, k_range=64, dense=60, h2=True), 1),  # in place or compacted, per K-range
+    (CoreShape(vec=1, warps=2, rows=2, k_range=32, dense=100, h2=True), 1),  # in place, x from the scratch list
+    (CoreShape(vec=1, warps=2, rows=4, k_range=32, dense=100), 1),  # the same with the fp16-pair unpack into fp32
     (CoreShape(vec=1, warps=2, rows=4, k_range=32, preload=1), 1),  # x preloaded after the rows
     (CoreShape(vec=1, warps=2, rows=4, k_range=32, preload=2, lookahead=2, h2=True), 1),  # x before predicated rows
     (CoreShape(vec=1, warps=2, rows=2, k_range=32, groups=2), 1),  # several K-ranges per program
@@ -95,8 +97,10 @@ def close(y, want, dtype, what):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_silu_gemv_equals_silu_mul_then_gemv(device, poison, case):
+def test_silu_gemv_equals_silu_mul_then_gemv(device, poison, monkeypatch, case):
+    """Every family's SILU path (split-K's too, which gemv_launch.SILU_FAMILIES leaves out by default)."""
     shape, m = case
+    monkeypatch.setattr(gemv, "SILU_FAMILIES", frozenset({"core", "mma", "splitk"}))
     k, n, g = (128, 72, 64) if not ON_GPU else (1024, 3000, 128)
     dtype = torch.bfloat16 if m != 8 else torch.float16
     if shape is not None:

@@ -12,8 +12,9 @@ weight tiles with split-K, made for M >= 4). Group sizes below 16 (no K-range of
 Split-K partial sums are added with fp32 atomics, so the last bits of y can differ from call to call, unless
 ``torch.use_deterministic_algorithms(True)`` is on: then the reduction is in a fixed order.
 
-``sparse_gemv_silu(gate, up, ...)``: the same product of x = silu(gate) * up, which every family computes where it
-loads x (kernels/gemv_common.py ``load_x``), bit for bit what ``silu_mul`` and then ``sparse_gemv`` give.
+``sparse_gemv_silu(gate, up, ...)``: the same product of x = silu(gate) * up, which the families of ``SILU_FAMILIES``
+compute where they load x (kernels/gemv_common.py ``load_x``; the others get silu_mul's output), bit for bit what
+``silu_mul`` and then ``sparse_gemv`` give.
 """
 
 from __future__ import annotations

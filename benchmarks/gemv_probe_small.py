@@ -129,10 +129,12 @@ def _program_tile_pdl_trigger(N, END0, END1, SPAN: tl.constexpr, KR: tl.constexp
 
 
 @triton.jit
-def _threshold_rows_wait(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
-                         M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
+def _threshold_rows_wait(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
+                         M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr,
+                         X_DTYPE: tl.constexpr):
     gdc_wait()
-    return gemv_common.threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+    return gemv_common.threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
+                                      T_MODE, SILU, X_DTYPE)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from .reference import (
     pack,
     pack_int4,
     sparse_gemv_ref,
+    sparse_gemv_silu_ref,
     unpack,
     unpack_int4,
 )
@@ -34,6 +35,7 @@ from .reference import (
 __all__ = [
     "sparse_gemv",
     "sparse_gemv_fused",
+    "sparse_gemv_silu",
     "dense_gemm",
     "count_inactive",
     "rms_norm",
@@ -45,6 +47,7 @@ __all__ = [
     "greedy_advance",
     "greedy_workspace_size",
     "sparse_gemv_ref",
+    "sparse_gemv_silu_ref",
     "dense_gemm_ref",
     "dequantize",
     "pack",
@@ -71,6 +74,18 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
 
     t_tensor, t_value = _split_threshold(threshold)
     return gemv.sparse_gemv_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
+
+
+def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
+                     group_size: int) -> Tensor:
+    """The Llama MLP's down projection of a decode step in one launch: ``sparse_gemv(silu_mul(gate, up), ...)``, the
+    GEMV computing silu(gate) * up (rounded as :func:`silu_mul` rounds, so the result is the same to the bit) where it
+    reads its input, the threshold applied to that product. gate, up [M, K] (e.g. the halves of a fused gate/up
+    output); threshold as for :func:`sparse_gemv`. Custom op ``teal_quant::sparse_gemv_silu``."""
+    from . import gemv
+
+    t_tensor, t_value = _split_threshold(threshold)
+    return gemv.sparse_gemv_silu_op(gate, up, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
 
 
 def sparse_gemv_fused(

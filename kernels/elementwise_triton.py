@@ -75,6 +75,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 @triton.jit
+def silu_and_mul(g, u, DTYPE: tl.constexpr):
+    """silu(g) * u of fp32 values g, u (loaded from DTYPE), rounded like the eager `F.silu(gate) * up` in DTYPE: the
+    SiLU rounded to DTYPE, then the product. The one definition of these roundings: the sparse GEMV's `SILU` form
+    (kernels/gemv_common.py ``load_x``) computes its input with it too, so fusing changes no bit."""
+    act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+    return (act * u).to(DTYPE)
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
                      DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     wait_previous_kernel(PDL > 0)
@@ -83,8 +92,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, stride_g, stride_u, stride_y, N,
     ok = cols < N
     g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (act * u).to(DTYPE), mask=ok)
+    tl.store(y_ptr + row * stride_y + cols, silu_and_mul(g, u, DTYPE), mask=ok)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

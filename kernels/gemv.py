@@ -1,5 +1,5 @@
-"""The sparse GEMV as torch.library custom ops (``teal_quant::sparse_gemv``, ``teal_quant::sparse_gemv_fused``), each
-with its fake beside it, so that torch.compile and CUDA-graph capture see one opaque op per call.
+"""The sparse GEMV as torch.library custom ops (``teal_quant::sparse_gemv``, ``teal_quant::sparse_gemv_fused``,
+``teal_quant::sparse_gemv_silu``), each with its fake beside it, so that torch.compile and CUDA-graph capture see one opaque op per call.
 
 On CUDA (or the CPU under ``TRITON_INTERPRET=1``) a call runs :mod:`.gemv_launch`, which picks the kernel family
 (:mod:`.gemv_triton`: CUDA cores, batch 1; :mod:`.gemv_mma_triton`: tensor cores, any batch) and its launch shape from
@@ -46,6 +46,32 @@ def sparse_gemv_op(
 @sparse_gemv_op.register_fake
 def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size):
     return x.new_empty(x.shape[0], _n_of(qweight, bits))
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_silu", mutates_args=())
+def sparse_gemv_silu_op(
+    gate: Tensor,
+    up: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    threshold_tensor: Tensor | None,
+    threshold_value: float,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    threshold = threshold_tensor if threshold_tensor is not None else threshold_value
+    if use_triton(gate):
+        from . import gemv_launch
+
+        return gemv_launch.sparse_gemv_silu(gate, up, qweight, scales, zeros, threshold, bits=bits,
+                                            group_size=group_size)
+    return reference.sparse_gemv_silu_ref(gate, up, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+
+
+@sparse_gemv_silu_op.register_fake
+def _(gate, up, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size):
+    return gate.new_empty(gate.shape[0], _n_of(qweight, bits))
 
 
 @torch.library.custom_op("teal_quant::sparse_gemv_fused", mutates_args=())

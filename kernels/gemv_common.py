@@ -11,6 +11,10 @@ and leaves workspace and counter zero, so the next call needs no memset launch.
 Deterministic mode (``torch.use_deterministic_algorithms(True)``): each program stores its partial in its own
 workspace slot instead of adding it atomically, and the last program of the tile sums the slots in a fixed order, so
 y is bit-reproducible from call to call (docs/kernels.md gives the measured cost).
+
+SiLU form (``GemvProblem.up``, constexpr ``SILU``): x is the gate of a Llama MLP and every load of x reads gate and up
+at the same offsets and computes ``silu(gate) * up`` (``load_x``, rounded as kernels.silu_mul rounds), so the down
+projection of a decode step needs no separate SiLU-and-mul launch; the threshold applies to that product.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting
+from .elementwise_triton import silu_and_mul
 from .pdl_triton import launch_options
 
 INTERPRET = interpreting()
@@ -36,7 +41,8 @@ TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float3
 # -- the call -------------------------------------------------------------------------------------------------------
 @dataclass
 class GemvProblem:
-    """One sparse-GEMV call, validated: x [M, K], the weight, its thresholds and the part ends along N."""
+    """One sparse-GEMV call, validated: x [M, K], the weight, its thresholds and the part ends along N. With ``up``
+    (same shape and strides as x) the input is silu(x) * up instead of x (the SiLU form, module docstring)."""
 
     x: Tensor
     qweight: Tensor
@@ -50,6 +56,7 @@ class GemvProblem:
     bits: int
     group_size: int
     deterministic: bool = False
+    up: Tensor | None = None
 
     @property
     def m(self) -> int:
@@ -128,14 +135,14 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
         ws = locks = y
     qw = p.qweight if qweight is None else qweight
     args = dict(
-        x_ptr=p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else y, t_value=p.t_value,
+        x_ptr=p.x, u_ptr=p.up if p.up is not None else p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else y, t_value=p.t_value,
         t_stride_part=p.t_stride_part, qw_ptr=qw, s_ptr=p.scales, z_ptr=p.zeros,
         ws_ptr=ws, lock_ptr=locks, y_ptr=y, M=m, N=n, K=k, G=p.group_size, stride_qk=qw.stride(0),
         stride_sg=p.scales.stride(0), stride_ym=y.stride(0), END0=end0, END1=end1, n_ksplit=n_ksplit,
     )
     if scratch:
         args.update(scr_i_ptr=scr_i, scr_x_ptr=scr_x)
-    constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SPLIT=split, DET=p.deterministic,
+    constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SILU=p.up is not None, SPLIT=split, DET=p.deterministic,
                      ALIGNED=all(e % span == 0 for e in p.ends), OUT_DTYPE=TL_DTYPE[p.x.dtype], EMULATE=INTERPRET)
     return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y,
                       options=launch_options(dev, "gemv"))
@@ -173,6 +180,18 @@ def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constex
 
 
 @triton.jit
+def load_x(x_ptr, u_ptr, offs, mask, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The input at ``offs`` as fp32 (0 where masked off). SILU: silu(gate) * up of the gate at x_ptr and the up at
+    u_ptr (same offsets: equal strides), computed and rounded as kernels.silu_mul (``silu_and_mul``), so the value
+    and the threshold decision are the ones of the separate SiLU-and-mul launch to the last bit."""
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xv = silu_and_mul(xv, uv, X_DTYPE).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def above_threshold(xv, t_ptr, t_value, t_stride_part, part, ks, T_MODE: tl.constexpr, K_AXIS: tl.constexpr):
     """|x| > t for a 2-D fp32 tile xv whose input channels ks run along K_AXIS (NaN compares False: dropped).
     T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds."""
@@ -191,15 +210,16 @@ def above_threshold(xv, t_ptr, t_value, t_stride_part, part, ks, T_MODE: tl.cons
 
 
 @triton.jit
-def threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
-                   M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr):
-    """x[:, k0 .. k0 + KR] of every batch row and which entries survive |x| > t: (mm, m_ok, act, x * act).
-    T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds.
-    NaN compares False: dropped."""
+def threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
+                   M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr,
+                   X_DTYPE: tl.constexpr):
+    """x[:, k0 .. k0 + KR] of every batch row (SILU: silu(gate) * up, ``load_x``) and which entries survive |x| > t:
+    (mm, m_ok, act, x * act). T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K]
+    per-input-channel thresholds. NaN compares False: dropped."""
     mm = tl.arange(0, M_P)
     m_ok = mm < M
     rk = tl.arange(0, KR)
-    xv = tl.load(x_ptr + mm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    xv = load_x(x_ptr, u_ptr, mm[:, None] * stride_xm + (k0 + rk)[None, :], m_ok[:, None], SILU, X_DTYPE)
     act = above_threshold(xv, t_ptr, t_value, t_stride_part, part, k0 + rk, T_MODE, 1)
     act = act & m_ok[:, None]
     return mm, m_ok, act, tl.where(act, xv, 0.0)

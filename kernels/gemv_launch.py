@@ -11,6 +11,10 @@ int8 and fp32 too, on the compacted union of active rows) and kernels/gemv_split
 weight tiles with split-K, made for M >= 4). Group sizes below 16 (no K-range of >= 16 rows fits in a group) take the pure-torch reference.
 Split-K partial sums are added with fp32 atomics, so the last bits of y can differ from call to call, unless
 ``torch.use_deterministic_algorithms(True)`` is on: then the reduction is in a fixed order.
+
+``sparse_gemv_silu(gate, up, ...)``: the same product of x = silu(gate) * up, which the families of ``SILU_FAMILIES``
+compute where they load x (kernels/gemv_common.py ``load_x``; the others get silu_mul's output), bit for bit what
+``silu_mul`` and then ``sparse_gemv`` give.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from .dispatch import CoreShape, GemvShape, MmaShape, SplitKShape, fit_k_range, 
 from .gemv_common import MAX_M, MAX_PARTS, TL_DTYPE, GemvProblem
 
 FALLBACK = MmaShape(block_n=128, block_k=16, warps=4, k_range=128)  # when no rule of the table fits the call
+# kernel families that compute silu(gate) * up where they load x (the SiLU form); a call of the SiLU form that picks
+# another family gets silu_mul's output instead (two launches, the same bits). Not splitk: each of its column-tile
+# programs recomputes the SiLU of every x tile it streams (8B down at batch 16: 35.2 against 29.2 µs for silu_mul +
+# GEMV on the H200; benchmarks/results/decode_silu_down_h200.md); its SILU path stays, tested, for a table to opt in
+SILU_FAMILIES = frozenset({"core", "mma"})
 
 
 def check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> tuple[int, int, int]:
@@ -71,6 +80,8 @@ def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
     if shape is None:
         shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device,
                           threshold=p.t_value if p.t_mode == 0 else p.t_tensor)
+    if p.up is not None and shape is not None and shape.kernel not in SILU_FAMILIES:
+        p = _silu_mul_first(p)
     if isinstance(shape, SplitKShape):
         shape = fit_k_range(shape, p.group_size)
         if not fits(shape, p.m, p.k, p.bits, p.group_size):  # no K-step of >= 16 rows divides the group
@@ -88,7 +99,17 @@ def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
     return gemv_mma_triton.launch(p, shape)
 
 
+def _silu_mul_first(p: GemvProblem) -> GemvProblem:
+    """The call of the SiLU form as the two launches it replaces: kernels.silu_mul, then a plain call on its output."""
+    from .elementwise_triton import silu_mul
+
+    return GemvProblem(silu_mul(p.x, p.up), p.qweight, p.scales, p.zeros, p.t_mode, p.t_tensor, p.t_value,
+                       p.t_stride_part, p.ends, p.bits, p.group_size, p.deterministic)
+
+
 def _reference(p: GemvProblem) -> Tensor:
+    if p.up is not None:
+        p = _silu_mul_first(p)
     if len(p.ends) == 1:
         t = p.t_tensor if p.t_tensor is not None else p.t_value
         return reference.sparse_gemv_ref(p.x, p.qweight, p.scales, p.zeros, t, bits=p.bits, group_size=p.group_size)
@@ -105,6 +126,26 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
     n = qweight.shape[1] * (8 if bits == 4 else 1)
     p = GemvProblem(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
                     torch.are_deterministic_algorithms_enabled())
+    return run(p, shape)
+
+
+def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
+                     group_size: int, shape: GemvShape | None = None) -> Tensor:
+    """``sparse_gemv(silu_mul(gate, up), ...)`` in one launch: gate, up [M, K] of one dtype and device (e.g. the two
+    halves of a fused gate/up output). Up with another row stride than gate (at M > 1) takes the two launches."""
+    check(gate, qweight, scales, zeros, bits, group_size)
+    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or up.stride(1) != 1:
+        raise ValueError(f"up must be like gate {gate.dtype} {tuple(gate.shape)} on {gate.device} with a unit column "
+                         f"stride, got {up.dtype} {tuple(up.shape)} on {up.device}")
+    if gate.shape[0] > 1 and up.stride(0) != gate.stride(0):  # load_x reads both at the same offsets
+        from .elementwise_triton import silu_mul
+
+        return sparse_gemv(silu_mul(gate, up), qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
+                           shape=shape)
+    t_mode, t_tensor, t_value = threshold_args(threshold, gate.shape[-1], gate.device)
+    n = qweight.shape[1] * (8 if bits == 4 else 1)
+    p = GemvProblem(gate, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
+                    torch.are_deterministic_algorithms_enabled(), up)
     return run(p, shape)
 
 

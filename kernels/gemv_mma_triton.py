@@ -115,16 +115,17 @@ def _unpack_plain(qw_ptr, row, start, end, stride_qk, BITS: tl.constexpr, BLOCK_
 
 @triton.jit
 def _sgemv_mma_kernel(
-    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit,
-    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k) owns TILES column tiles of BLOCK_N columns and the KR rows k0 = pid_k * KR (inside one
-    quantization group); see the module docstring. Slots past the end read row k0 with x = 0 (adds exactly 0)."""
+    quantization group); see the module docstring. Slots past the end read row k0 with x = 0 (adds exactly 0). SILU: x
+    is silu(gate) * up, computed where x is thresholded (kernels/gemv_common.py)."""
     wait_previous_kernel(PDL > 0)
     NW: tl.constexpr = BLOCK_N // 8
     if FAST:
@@ -132,7 +133,8 @@ def _sgemv_mma_kernel(
     else:
         OFF: tl.constexpr = 0.0
     pid_n, pid_k, part, start0, end, k0 = program_tile(N, END0, END1, BLOCK_N * TILES, KR, ALIGNED)
-    mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+    mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE,
+                                       SILU, OUT_DTYPE)
     c, ibase = compact_rows(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     md = tl.arange(0, M_D)
     md_ok = md < M

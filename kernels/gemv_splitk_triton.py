@@ -26,32 +26,43 @@ import triton
 import triton.language as tl
 
 from .dispatch import SplitKShape
-from .gemv_common import INTERPRET, TL_DTYPE, GemvProblem, above_threshold, prepare, program_tile, reduce_split_k
+from .gemv_common import (
+    INTERPRET,
+    TL_DTYPE,
+    GemvProblem,
+    above_threshold,
+    load_x,
+    prepare,
+    program_tile,
+    reduce_split_k,
+)
 from .gemv_mma_triton import _unpack_tile_dot
 from .pdl_triton import wait_previous_kernel
 
 
 @triton.jit
-def _x_tile(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M,
-            M_D: tl.constexpr, BLOCK_K: tl.constexpr, T_MODE: tl.constexpr, SWAP: tl.constexpr):
-    """x[:, kb .. kb + BLOCK_K] of every batch row, thresholded (fp32, 0 where inactive or NaN), laid out as the
-    dot's x operand ([BLOCK_K, M_D] when SWAP, else [M_D, BLOCK_K]); and 1 if any entry is active, else 0."""
+def _x_tile(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M,
+            M_D: tl.constexpr, BLOCK_K: tl.constexpr, T_MODE: tl.constexpr, SWAP: tl.constexpr, SILU: tl.constexpr,
+            X_DTYPE: tl.constexpr):
+    """x[:, kb .. kb + BLOCK_K] of every batch row (SILU: silu(gate) * up, kernels/gemv_common.py ``load_x``),
+    thresholded (fp32, 0 where inactive or NaN), laid out as the dot's x operand ([BLOCK_K, M_D] when SWAP, else
+    [M_D, BLOCK_K]); and 1 if any entry is active, else 0."""
     md = tl.arange(0, M_D)
     kk = tl.arange(0, BLOCK_K)
     if SWAP:
-        xv = tl.load(x_ptr + md[None, :] * stride_xm + (kb + kk)[:, None], mask=(md < M)[None, :], other=0.0).to(tl.float32)
+        xv = load_x(x_ptr, u_ptr, md[None, :] * stride_xm + (kb + kk)[:, None], (md < M)[None, :], SILU, X_DTYPE)
     else:
-        xv = tl.load(x_ptr + md[:, None] * stride_xm + (kb + kk)[None, :], mask=(md < M)[:, None], other=0.0).to(tl.float32)
+        xv = load_x(x_ptr, u_ptr, md[:, None] * stride_xm + (kb + kk)[None, :], (md < M)[:, None], SILU, X_DTYPE)
     act = above_threshold(xv, t_ptr, t_value, t_stride_part, part, kb + kk, T_MODE, 0 if SWAP else 1)
     return tl.where(act, xv, 0.0), tl.max(act.to(tl.int32))
 
 
 @triton.jit
 def _sgemv_splitk_kernel(
-    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, ws_ptr, lock_ptr, y_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, KR,
-    M_P: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    M_P: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -87,7 +98,8 @@ def _sgemv_splitk_kernel(
         wait_previous_kernel(PDL == 2)  # (PDL 2: the first scales / zeros were read before the wait)
     for i in tl.range(0, n_steps, num_stages=STAGES):
         kb = k0 + i * BLOCK_K
-        xm, n_act = _x_tile(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M, M_D, BLOCK_K, T_MODE, SWAP)
+        xm, n_act = _x_tile(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M, M_D, BLOCK_K, T_MODE, SWAP,
+                            SILU, OUT_DTYPE)
         if PREFETCH:
             sc = sc_next.to(tl.float32)
             zr = zr_next.to(tl.float32) + OFF

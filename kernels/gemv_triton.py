@@ -24,7 +24,16 @@ import triton
 import triton.language as tl
 
 from .dispatch import CORE_MAX_M, CoreShape
-from .gemv_common import GemvProblem, compact_rows, prepare, program_tile, reduce_split_k, threshold_rows, tile_qparams
+from .gemv_common import (
+    GemvProblem,
+    compact_rows,
+    load_x,
+    prepare,
+    program_tile,
+    reduce_split_k,
+    threshold_rows,
+    tile_qparams,
+)
 from .pdl_triton import wait_previous_kernel
 
 FP32_MAGIC = 0x4B000000  # 2^23 as fp32 bits: OR-ing a value below 2^23 into its mantissa gives 2^23 + value
@@ -304,10 +313,12 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 
 @triton.jit
-def _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE: tl.constexpr):
-    """x of rows ``row`` [W] (one per warp) for every batch row, thresholded here (|x| > t, NaN dropped), in the
-    [M_P, W] shape of the scratch-slot loads (no layout conversions): (act, x * act)."""
-    xv = tl.load(x_ptr + row[None, :] + mm[:, None] * stride_xm, mask=m_ok[:, None], other=0.0).to(tl.float32)
+def _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE: tl.constexpr,
+           SILU: tl.constexpr, X_DTYPE: tl.constexpr):
+    """x of rows ``row`` [W] (one per warp) for every batch row (SILU: silu(gate) * up, kernels/gemv_common.py
+    ``load_x``), thresholded here (|x| > t, NaN dropped), in the [M_P, W] shape of the scratch-slot loads (no layout
+    conversions): (act, x * act)."""
+    xv = load_x(x_ptr, u_ptr, row[None, :] + mm[:, None] * stride_xm, m_ok[:, None], SILU, X_DTYPE)
     if T_MODE == 0:
         act = tl.abs(xv) > t_value
     elif T_MODE == 1:
@@ -349,14 +360,15 @@ def _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P: tl.constexpr, KR: 
 
 
 @triton.jit
-def _preload_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR: tl.constexpr,
-               W: tl.constexpr, T_MODE: tl.constexpr):
+def _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR: tl.constexpr,
+               W: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
     """The thresholded x of every step of W rows ([M_P, W] each, ``_row_x``), all loads issued together:
     (act, x) tuples."""
     acts = ()
     xrs = ()
     for r in tl.static_range(KR // W):
-        act, xr = _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + r * W + wv, mm, m_ok, T_MODE)
+        act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + r * W + wv, mm, m_ok, T_MODE,
+                         SILU, X_DTYPE)
         acts = acts + (act,)
         xrs = xrs + (xr,)
     return acts, xrs
@@ -386,20 +398,26 @@ def _all_loaded(wts, K, KR: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok, stride_qk,
-                scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
-                H2: tl.constexpr = False):
+def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok,
+                stride_qk, scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
+                SILU: tl.constexpr, X_DTYPE: tl.constexpr, H2: tl.constexpr = False):
     """No compaction (DENSE, a K-range with enough active rows): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
     H2 at M_P > 1: x was thresholded, scaled and paired before the loop (``_store_rows``): the pairs are read from
     the row's scratch slot, and every row's words are loaded, unpredicated (at batch >= 2 the union of the active
-    rows is 75-100 % dense; a predicate would put this scratch load, an L2 round trip, before every weight load)."""
+    rows is 75-100 % dense; a predicate would put this scratch load, an L2 round trip, before every weight load).
+    SILU (otherwise): x = silu(gate) * up, thresholded, was written in order by the threshold pass (``_store_rows``):
+    read from there (an entry is active iff nonzero; a zero adds exactly 0 either way) instead of being recomputed per
+    row, which put two loads, an exp and a division on every step's chain before its predicated row loads."""
     row = krow + tl.arange(0, W)
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
+    elif SILU:
+        xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
+        act = xr != 0.0
     else:
-        act, xr = _row_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE)
+        act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE, SILU, X_DTYPE)
     if M_P == 1:
         wd = _live_row_load(qw_ptr, row, act, word, w_ok, stride_qk, EVICT)
     else:
@@ -584,10 +602,11 @@ def _slots_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok
 
 
 @triton.jit
-def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word, w_ok, stride_qk,
+def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word, w_ok, stride_qk,
                 scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
                 R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
-                EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr):
+                EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr, SILU: tl.constexpr,
+                X_DTYPE: tl.constexpr):
     """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
     row addresses independent of any load; it issues the instructions of every row. R = 4 or LOADS_FIRST: the R
     rows' loads of a step are written before their FMAs."""
@@ -597,16 +616,18 @@ def _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k
             wds = ()
             xs = ()
             for r in tl.static_range(R):
-                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
-                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
+                wd, xr = _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, SILU, X_DTYPE,
+                                     H2)
                 wds = wds + (wd,)
                 xs = xs + (xr,)
             a0, a1, a2, a3, a4, a5, a6, a7 = _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7,
                                                        BITS, M_P, W, R, F16, EMULATE, H2, LOADS_FIRST)
         else:
             for r in tl.static_range(R):
-                wd, xr = _dense_rows(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
-                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, H2)
+                wd, xr = _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
+                                     mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, SILU, X_DTYPE,
+                                     H2)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
@@ -647,10 +668,10 @@ def _warp_sums(a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.const
 
 @triton.jit
 def _sgemv_kernel(
-    x_ptr, stride_xm, t_ptr, t_value, t_stride_part,
+    x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
     qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
-    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
@@ -677,10 +698,11 @@ def _sgemv_kernel(
                 wts = _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P, KR, W, ALIGNED, EVICT)
         wait_previous_kernel(PDL == 2)  # (PDL 2: the parameters above were read before the wait)
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
-        mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+        mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
+                                           T_MODE, SILU, OUT_DTYPE)
         if PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
-            acts, xrs = _preload_x(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR, W,
-                                   T_MODE)
+            acts, xrs = _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR, W,
+                                   T_MODE, SILU, OUT_DTYPE)
             if PRELOAD == 2 and M_P == 1:
                 wts = _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR, W, EVICT)
         xsum = tl.sum(xm, axis=1)
@@ -700,9 +722,9 @@ def _sgemv_kernel(
                 ibase = part * K + k0
                 if not in_place:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-                elif H2 and M_P > 1:
+                elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
-            elif H2 and M_P > 1:
+            elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
@@ -710,13 +732,14 @@ def _sgemv_kernel(
         # several K-ranges per program: each is thresholded and compacted into its own KR slots as above; the
         # zero-point and offset term of each (sum of x times s * (z + offset)) is summed here in the column layout,
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
-        mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR, T_MODE)
+        mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
+                                           T_MODE, SILU, OUT_DTYPE)
         XP: tl.constexpr = H2 and M_P > 1
         if XP:  # the pairs written at compaction need the span's per-row scale first: max |x| over its K-ranges
             xabs = _x_absmax(xm, True)
             for gi in tl.static_range(1, GROUPS):
-                _, _, _, xmi = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + gi * KR, M,
-                                              M_P, KR, T_MODE)
+                _, _, _, xmi = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + gi * KR, M,
+                                              M_P, KR, T_MODE, SILU, OUT_DTYPE)
                 xabs = tl.maximum(xabs, _x_absmax(xmi, True))
             xscale = _x_scale(xabs)
             c, ibase = compact_rows(act, _x_pairs(xm, xscale), mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
@@ -730,7 +753,8 @@ def _sgemv_kernel(
         steps = tl.cdiv(c, W * R)
         for gi in tl.static_range(1, GROUPS):
             ki = k0 + gi * KR
-            mm, m_ok, act, xm = threshold_rows(x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR, T_MODE)
+            mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR,
+                                               T_MODE, SILU, OUT_DTYPE)
             if XP:
                 ci, _ = compact_rows(act, _x_pairs(xm, xscale), mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
             else:
@@ -789,14 +813,14 @@ def _sgemv_kernel(
             a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7,
                                                       BITS, M_P, W, F16, EMULATE, H2)
     elif DENSE == 100:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
+        a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                      w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE)
     elif DENSE > 0:
         if in_place:
-            a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
+            a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                          w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE)
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
                                                                stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,

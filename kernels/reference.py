@@ -30,6 +30,7 @@ __all__ = [
     "threshold_mask",
     "sparse_gemv_ref",
     "sparse_gemv_fused_ref",
+    "sparse_gemv_silu_ref",
     "dense_gemm_ref",
     "rms_norm_ref",
     "silu_mul_ref",
@@ -157,6 +158,13 @@ def sparse_gemv_ref(
     q = unpack(qweight.index_select(0, active), bits)
     w = _dequantize_rows(q, scales, zeros, torch.div(active, group_size, rounding_mode="floor"))
     return (xs.index_select(1, active) @ w).to(x.dtype)
+
+
+def sparse_gemv_silu_ref(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *,
+                         bits: int, group_size: int) -> Tensor:
+    """The Llama MLP's down projection of a decode step: ``sparse_gemv_ref(silu_mul_ref(gate, up), ...)``, the
+    threshold applied to the product (gate, up [M, K])."""
+    return sparse_gemv_ref(silu_mul_ref(gate, up), qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
 
 
 def dense_gemm_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, group_size: int) -> Tensor:

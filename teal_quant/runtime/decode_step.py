@@ -6,7 +6,7 @@ the attention output's `.contiguous()`, two cache `index_copy_`, residual adds, 
 tables. `FusedDecodeStep` runs the same computation, per layer, as
 
     add_rms_norm -> q/k/v (one launch when fused) -> decode_attention -> o_proj -> add_rms_norm -> gate/up
-    -> silu_mul -> down_proj
+    -> silu_mul + down_proj (one launch: kernels.sparse_gemv_silu)
 
 where `add_rms_norm` is the previous residual add and this norm in one launch (the residual stream is carried
 between layers, as vLLM does) and `decode_attention` (kernels/attention.py) is rotary + the cache write + GQA
@@ -18,7 +18,9 @@ Llama, and copies such as Mistral without sliding window), with a static rotary 
 a power-of-two head size >= 16; `fused_step_support(model)` says why a model does not qualify, and the Decoder then
 runs the transformers forward. Projections are called as modules (TealLinear, its fused groups, nn.Linear, the
 bench's tinygemm baseline...), so every linear implementation works unchanged; a q/k/v or gate/up group fused by
-`teal_quant.runtime.fusion` is one launch.
+`teal_quant.runtime.fusion` is one launch. A TealLinear down_proj reads gate and up itself and computes silu(gate) * up
+as it loads its input (`kernels.sparse_gemv_silu`, bit-equal to silu_mul then the GEMV; `silu_down=False` keeps the
+separate launch); with the realized-sparsity counters on, or another module, silu_mul runs first.
 
 `glue="torch"` / `attention="sdpa"` run the same step with plain torch ops for the glue (to be compiled by
 torch.compile) or SDPA with enable_gqa for the attention: the comparison benchmarks/decode_glue.py measures
@@ -111,6 +113,31 @@ def _projections(modules: list[nn.Module]) -> Callable[[Tensor], tuple[Tensor, .
     return lambda x: tuple(m(x) for m in modules)
 
 
+def _silu_down(module: nn.Module, silu_mul: Callable[[Tensor, Tensor], Tensor],
+               fused: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """(gate, up) -> module(silu(gate) * up). A TealLinear (no act-order permutation) on the Triton kernels: one
+    launch, the GEMV computing silu(gate) * up where it loads its input (kernels.sparse_gemv_silu: the same bits as
+    silu_mul then the module's GEMV). With its counters on (they count the product's inactive entries: the module
+    path does), past the decode kernel's batch, or another module: silu_mul, then the module."""
+    from teal_quant.runtime.modules import DECODE_ROWS, TealLinear
+
+    def separate(gate: Tensor, up: Tensor) -> Tensor:
+        return module(silu_mul(gate, up))
+
+    if not fused or not isinstance(module, TealLinear) or module.perm is not None or module._fused_group is not None:
+        return separate
+
+    def one_launch(gate: Tensor, up: Tensor) -> Tensor:
+        if (module.track or gate.shape[0] > DECODE_ROWS or not kernels.use_triton(gate) or module._forward_hooks
+                or module._forward_pre_hooks):  # (hooks would see the module's input: it must exist)
+            return separate(gate, up)
+        y = kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
+                                     bits=module.bits, group_size=module.group_size)
+        return y if module.bias is None else y + module.bias
+
+    return one_launch
+
+
 @dataclass
 class _LayerPlan:
     norm1: Tensor
@@ -120,7 +147,7 @@ class _LayerPlan:
     qkv: Callable[[Tensor], tuple[Tensor, ...]]
     o_proj: nn.Module
     gate_up: Callable[[Tensor], tuple[Tensor, ...]]
-    down_proj: nn.Module
+    down: Callable[[Tensor, Tensor], Tensor]  # (gate, up) -> down_proj(silu(gate) * up)
     scale: float
 
 
@@ -129,7 +156,7 @@ class FusedDecodeStep:
     the new token's k and v at `pos` (pos itself is not advanced). Static buffers only: CUDA-graph capturable."""
 
     def __init__(self, model: nn.Module, cache, *, batch_size: int, max_length: int, glue: str = "triton",
-                 attention: str = "triton", fused_reduce: bool = True):
+                 attention: str = "triton", fused_reduce: bool = True, silu_down: bool = True):
         reason = fused_step_support(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
@@ -137,6 +164,7 @@ class FusedDecodeStep:
             raise ValueError(f"glue must be one of {GLUES} and attention one of {ATTENTIONS}")
         self.model, self.cache = model, cache
         self.glue, self.attention, self.fused_reduce = glue, attention, bool(fused_reduce)
+        self.silu_down = bool(silu_down) and glue == "triton"  # the torch glue keeps its own silu * up
         inner, config = model.model, model.config
         self.embed, self.lm_head = inner.embed_tokens, model.lm_head
         self.final_norm, self.final_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
@@ -154,7 +182,8 @@ class FusedDecodeStep:
                 norm1=layer.input_layernorm.weight, eps1=float(layer.input_layernorm.variance_epsilon),
                 norm2=layer.post_attention_layernorm.weight, eps2=float(layer.post_attention_layernorm.variance_epsilon),
                 qkv=_projections([attn.q_proj, attn.k_proj, attn.v_proj]), o_proj=attn.o_proj,
-                gate_up=_projections([mlp.gate_proj, mlp.up_proj]), down_proj=mlp.down_proj, scale=float(attn.scaling),
+                gate_up=_projections([mlp.gate_proj, mlp.up_proj]),
+                down=_silu_down(mlp.down_proj, self._silu_mul, self.silu_down), scale=float(attn.scaling),
             ))
         with torch.no_grad():  # the model's own rotary module at every position: the eager values exactly
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device),
@@ -214,6 +243,6 @@ class FusedDecodeStep:
             a = self._attention(q, k, v, pos, layer.keys, layer.values, plan.scale)
             x, residual = self._add_norm(plan.o_proj(a), residual, plan.norm2, plan.eps2)
             gate, up = plan.gate_up(x)
-            h = plan.down_proj(self._silu_mul(gate, up))
+            h = plan.down(gate, up)
         x, _ = self._add_norm(h, residual, self.final_norm, self.final_eps)
         return self.lm_head(x)

@@ -32,3 +32,70 @@ def test_fused_step_with_triton_kernels_matches_transformers(tiny_llama, device,
         got = torch.stack(logits, 1)
         assert float((got - full).norm() / full.norm()) < 1e-4
         assert torch.equal(dec.generate(ids, n), ref)
+
+
+@pytest.fixture(scope="module")
+def teal_llama(tmp_path_factory):
+    """A 2-layer Llama of TealLinear projections (synthetic weights, thresholds calibrated on its own activations,
+    level 0.5), bf16, q/k/v and gate/up fused as on CUDA (gate and up are then the halves of one product)."""
+    from transformers import LlamaConfig
+
+    from teal_quant.compression.synthetic import SyntheticLayers, SyntheticSpec, resolve_arch
+    from teal_quant.runtime.assemble import assemble
+    from teal_quant.runtime.fusion import fuse_projections
+
+    path = tmp_path_factory.mktemp("arch")
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).to_json_file(path / "config.json")
+    config = resolve_arch(path)
+    spec = SyntheticSpec(group_size=32, levels=(0.25, 0.5), default=0.5, samples=2, seq_len=32)
+    model = assemble(config, spec.quant_config(), SyntheticLayers(config, spec, torch.device("cpu")).stream(),
+                     device="cpu", dtype=torch.bfloat16, level=0.5, where="test")
+    assert fuse_projections(model) == 4
+    return model
+
+
+def test_silu_in_the_down_gemv_changes_no_bit(teal_llama, device, monkeypatch):
+    """FusedDecodeStep with the down projection reading gate / up itself (`silu_down`, kernels.sparse_gemv_silu: no
+    silu_mul launch) gives the same greedy tokens and the same logits, bit for bit (deterministic reductions), as with
+    silu_mul then the GEMV; with the realized-sparsity counters on it takes the separate launch, so the counters count
+    the same inputs."""
+    from teal_quant import kernels
+    from teal_quant.runtime.modules import reset_stats, teal_linears
+
+    model = teal_llama.to(device)
+    calls = {"silu_mul": 0, "sparse_gemv_silu": 0}
+    for name in calls:
+        def counted(*a, _real=getattr(kernels, name), _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(kernels, name, counted)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3], [1, 77, 8, 200, 64, 21]], device=device)  # vocab 256
+    runs = {}
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for silu_down in (True, False):
+            for track in (False, True):
+                reset_stats(model)
+                calls.update(silu_mul=0, sparse_gemv_silu=0)
+                dec = Decoder(model, batch_size=2, max_length=6 + 4, fused_step=True, track_sparsity=track,
+                              fused_step_options={"silu_down": silu_down})
+                tokens = [dec.prefill(ids)]  # (the transformers forward: on CUDA its MLP calls silu_mul itself)
+                calls.update(silu_mul=0, sparse_gemv_silu=0)
+                for _ in range(3):
+                    tokens.append(dec.step(tokens[-1]))
+                tokens = torch.stack(tokens)
+                counters = torch.stack([m.zero_count for name, m in teal_linears(model) if "down_proj" in name])
+                runs[silu_down, track] = (tokens, dec.logits.clone(), counters.clone(), dict(calls))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # (calls in python during the steps: every eager step, or the capture of a CUDA graph, 2 layers each)
+    assert runs[True, False][3]["silu_mul"] == 0 and runs[True, False][3]["sparse_gemv_silu"] > 0
+    assert runs[False, False][3]["silu_mul"] > 0 and runs[False, False][3]["sparse_gemv_silu"] == 0
+    assert runs[True, True][3]["sparse_gemv_silu"] == 0  # counters on: the separate launch
+    for track in (False, True):
+        fused, separate = runs[True, track], runs[False, track]
+        assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
+        assert torch.equal(fused[2], separate[2])
+    assert (runs[True, True][2] > 0).all()  # the counters counted

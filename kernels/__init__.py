@@ -64,15 +64,27 @@ def _split_threshold(threshold) -> tuple[Tensor | None, float]:
     return None, float(threshold)
 
 
-def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int) -> Tensor:
+def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
+                out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
     """y [M, N] in x.dtype = (x * (|x| > threshold)) @ W^T (DESIGN.md "Kernel API").
 
     threshold: python float, 0-dim tensor on x's device (changing its value needs no recompile / graph recapture),
     or a [K] tensor of per-input-channel thresholds. Registered as the custom op ``teal_quant::sparse_gemv``.
+
+    out: a float32 [M, N] buffer that is zero: the product is added into it (in fp32, not rounded) and ``out`` is
+    returned; the reader rounds it (add_rms_norm, silu_mul and decode_attention take such inputs with ``dtype=``).
+    This drops the kernel's split-K tail. clear: another float32 [M, N] buffer that the same launch zeroes (an earlier
+    call's ``out``, already read), so that buffers are reused without a memset launch. Custom op
+    ``teal_quant::sparse_gemv_into``.
     """
     from . import gemv
 
     t_tensor, t_value = _split_threshold(threshold)
+    if out is not None:
+        gemv.sparse_gemv_into_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size, out, clear)
+        return out
+    if clear is not None:
+        raise ValueError("clear needs out")
     return gemv.sparse_gemv_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
 
 
@@ -98,15 +110,23 @@ def sparse_gemv_fused(
     *,
     bits: int,
     group_size: int,
+    out: Tensor | None = None,
+    clear: Tensor | None = None,
 ) -> Tensor:
     """One launch for several projections of one input (q/k/v, gate/up) concatenated along N.
 
     thresholds: [n_parts] tensor (or [n_parts, K] per-channel); split_sizes: N of each part (each a multiple of 8).
     Returns y [M, sum(split_sizes)]; part p is (x * (|x| > thresholds[p])) @ W_p^T. Split it with
-    ``y.split(split_sizes, dim=-1)``.
+    ``y.split(split_sizes, dim=-1)``. out / clear: as in `sparse_gemv` (custom op ``teal_quant::sparse_gemv_fused_into``).
     """
     from . import gemv
 
+    if out is not None:
+        gemv.sparse_gemv_fused_into_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size, out,
+                                       clear)
+        return out
+    if clear is not None:
+        raise ValueError("clear needs out")
     return gemv.sparse_gemv_fused_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size)
 
 

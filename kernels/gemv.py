@@ -91,3 +91,49 @@ def sparse_gemv_fused_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tens
 @sparse_gemv_fused_op.register_fake
 def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size):
     return x.new_empty(x.shape[0], _n_of(qweight, bits))
+
+
+# the decode step's form (kernels/gemv_launch.py ``out=``): the product added into a zero fp32 buffer, another zeroed
+def _accumulate_ref(y: Tensor, out: Tensor, clear: Tensor | None) -> None:
+    out.add_(y)
+    if clear is not None:
+        clear.zero_()
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_into", mutates_args=("out", "clear"))
+def sparse_gemv_into_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold_tensor: Tensor | None,
+                        threshold_value: float, bits: int, group_size: int, out: Tensor, clear: Tensor | None) -> None:
+    threshold = threshold_tensor if threshold_tensor is not None else threshold_value
+    if use_triton(x):
+        from . import gemv_launch
+
+        gemv_launch.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size, out=out,
+                                clear=clear)
+        return
+    y = reference.sparse_gemv_ref(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+    _accumulate_ref(y, out, clear)
+
+
+@sparse_gemv_into_op.register_fake
+def _(x, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size, out, clear):
+    return None
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_fused_into", mutates_args=("out", "clear"))
+def sparse_gemv_fused_into_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor,
+                              split_sizes: list[int], bits: int, group_size: int, out: Tensor,
+                              clear: Tensor | None) -> None:
+    if use_triton(x):
+        from . import gemv_launch
+
+        gemv_launch.sparse_gemv_fused(x, qweight, scales, zeros, thresholds, split_sizes, bits=bits,
+                                      group_size=group_size, out=out, clear=clear)
+        return
+    y = reference.sparse_gemv_fused_ref(x, qweight, scales, zeros, thresholds, split_sizes, bits=bits,
+                                        group_size=group_size)
+    _accumulate_ref(y, out, clear)
+
+
+@sparse_gemv_fused_into_op.register_fake
+def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size, out, clear):
+    return None

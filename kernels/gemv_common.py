@@ -57,6 +57,8 @@ class GemvProblem:
     group_size: int
     deterministic: bool = False
     up: Tensor | None = None
+    out: Tensor | None = None  # fp32 [M, N], zero on entry: the call adds its product into it (no split-K tail)
+    clear: Tensor | None = None  # fp32 [M, N]: zeroed by the call (an earlier call's `out`, already consumed)
 
     @property
     def m(self) -> int:
@@ -120,7 +122,8 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
     span = block_n * tiles_per_program
     tiles = sum(triton.cdiv(e - b, span) for b, e in zip(starts, p.ends))
     dev = p.x.device
-    y = _empty(m, n, dtype=p.x.dtype, device=dev)
+    acc = p.out is not None
+    y = p.out if acc else _empty(m, n, dtype=p.x.dtype, device=dev)
     if scratch:  # scratch lists: every slot a program reads was written by it in this call
         scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
         scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
@@ -128,7 +131,9 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
         scr_i = scr_x = None
     split = n_ksplit > 1
     det = p.deterministic
-    if split:  # the deterministic slots are not left zero: a workspace of their own
+    if acc:  # the caller's accumulator is the workspace; no counter, no tail
+        ws, locks = p.out, p.out
+    elif split:  # the deterministic slots are not left zero: a workspace of their own
         ws = _device_buffer(("workspace", det), dev, m * n * (n_ksplit if det else 1), torch.float32, zero=not det)
         locks = _device_buffer(("counters", det), dev, tiles * tiles_per_program, torch.int32, zero=True)
     else:  # not read (SPLIT is a compile-time False)
@@ -137,12 +142,13 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
     args = dict(
         x_ptr=p.x, u_ptr=p.up if p.up is not None else p.x, stride_xm=p.x.stride(0), t_ptr=p.t_tensor if p.t_tensor is not None else y, t_value=p.t_value,
         t_stride_part=p.t_stride_part, qw_ptr=qw, s_ptr=p.scales, z_ptr=p.zeros,
-        ws_ptr=ws, lock_ptr=locks, y_ptr=y, M=m, N=n, K=k, G=p.group_size, stride_qk=qw.stride(0),
+        ws_ptr=ws, lock_ptr=locks, y_ptr=y, clear_ptr=p.clear if p.clear is not None else ws, M=m, N=n, K=k, G=p.group_size, stride_qk=qw.stride(0),
         stride_sg=p.scales.stride(0), stride_ym=y.stride(0), END0=end0, END1=end1, n_ksplit=n_ksplit,
     )
     if scratch:
         args.update(scr_i_ptr=scr_i, scr_x_ptr=scr_x)
     constants = dict(M_P=m_p, KR=k_range, T_MODE=p.t_mode, SILU=p.up is not None, SPLIT=split, DET=p.deterministic,
+                     ACC=acc, CLEAR=p.clear is not None,
                      ALIGNED=all(e % span == 0 for e in p.ends), OUT_DTYPE=TL_DTYPE[p.x.dtype], EMULATE=INTERPRET)
     return KernelCall(grid=(tiles, n_ksplit), args=args, constants=constants, y=y,
                       options=launch_options(dev, "gemv"))
@@ -253,11 +259,22 @@ def _slot(ws_ptrs, ws_stride_k, i, n_ksplit, out_ok):
 
 @triton.jit
 def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
-                   SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                   SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                   clear_ptrs=None, ACC: tl.constexpr = False, CLEAR: tl.constexpr = False):
     """Not SPLIT: store y. SPLIT: fp32 atomics into a workspace that is zero before the call; the last program of
     the column tile (a counter) reads the sum at the L2, writes y and leaves workspace and counter zero again.
-    DET: the partial goes to its own slot (pid_k) and the last program sums the slots in order (bit-reproducible)."""
-    if SPLIT:
+    DET: the partial goes to its own slot (pid_k) and the last program sums the slots in order (bit-reproducible).
+    ACC: the workspace is the caller's fp32 output: partials are only added (no counter, no last-program tail, whose
+    L2 round trips end every split-K call); its consumer rounds it. CLEAR: the first K-split zeroes `clear_ptrs`."""
+    if ACC:
+        if CLEAR:
+            if pid_k == 0:
+                tl.store(clear_ptrs, tl.zeros_like(y), mask=out_ok)
+        if SPLIT:
+            tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
+        else:
+            tl.store(ws_ptrs, y, mask=out_ok)
+    elif SPLIT:
         if DET:
             tl.store(ws_ptrs + pid_k * ws_stride_k, y, mask=out_ok)
             tl.debug_barrier()

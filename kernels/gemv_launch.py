@@ -15,9 +15,15 @@ Split-K partial sums are added with fp32 atomics, so the last bits of y can diff
 ``sparse_gemv_silu(gate, up, ...)``: the same product of x = silu(gate) * up, which the families of ``SILU_FAMILIES``
 compute where they load x (kernels/gemv_common.py ``load_x``; the others get silu_mul's output), bit for bit what
 ``silu_mul`` and then ``sparse_gemv`` give.
+
+``out=`` (the decode step): the partials are added into the caller's fp32 [M, N] buffer and the call ends there, without
+the split-K tail (a counter and the last program's read and store: L2 round trips at the end of every call); the next
+kernel rounds the sum to the activation dtype as it reads it, and a later call zeroes the buffer (``clear=``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -76,7 +82,26 @@ def threshold_args(threshold, k: int, device) -> tuple[int, Tensor | None, float
 
 
 def run(p: GemvProblem, shape: GemvShape | None = None) -> Tensor:
-    """Launch ``p`` with ``shape``, or with the shape the device's table picks."""
+    """Launch ``p`` with ``shape``, or with the shape the device's table picks. With ``p.out`` the kernels add
+    into it (atomics, no tail); under deterministic algorithms, or where the reference runs, the ordinary call's y is
+    added instead (the same values once the consumer rounds them)."""
+    if p.out is not None and p.deterministic:
+        return _accumulate(p, run(replace(p, out=None, clear=None), shape))
+    y = _launch(p, shape)
+    return y if y is p.out else _accumulate(p, y)
+
+
+def _accumulate(p: GemvProblem, y: Tensor) -> Tensor:
+    """The ``out`` / ``clear`` contract of a call whose kernel did not write ``out``."""
+    if p.out is None:
+        return y
+    p.out.add_(y)
+    if p.clear is not None:
+        p.clear.zero_()
+    return p.out
+
+
+def _launch(p: GemvProblem, shape: GemvShape | None) -> Tensor:
     if shape is None:
         shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device,
                           threshold=p.t_value if p.t_mode == 0 else p.t_tensor)
@@ -108,6 +133,7 @@ def _silu_mul_first(p: GemvProblem) -> GemvProblem:
 
 
 def _reference(p: GemvProblem) -> Tensor:
+    """The pure-torch result of ``p`` in x.dtype (``out`` / ``clear`` are the caller's: `run`)."""
     if p.up is not None:
         p = _silu_mul_first(p)
     if len(p.ends) == 1:
@@ -118,14 +144,27 @@ def _reference(p: GemvProblem) -> Tensor:
                                            group_size=p.group_size)
 
 
+def check_out(out: Tensor | None, clear: Tensor | None, m: int, n: int, device) -> None:
+    """``out`` / ``clear``: fp32 [M, N] contiguous buffers on x's device, distinct; ValueError otherwise."""
+    for name, t in (("out", out), ("clear", clear)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or tuple(t.shape) != (m, n) or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"{name} must be a contiguous float32 [{m}, {n}] tensor on {device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if clear is not None and (out is None or clear.data_ptr() == out.data_ptr()):
+        raise ValueError("clear needs an out of its own (a buffer the call zeroes, not the one it adds into)")
+
+
 def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
-                shape: GemvShape | None = None) -> Tensor:
-    """See the module docstring; ``shape`` overrides the table (tests and sweeps)."""
-    check(x, qweight, scales, zeros, bits, group_size)
+                shape: GemvShape | None = None, out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
+    """See the module docstring; ``shape`` overrides the table (tests and sweeps). ``out`` (fp32 [M, N], zero):
+    the product is added into it and it is returned; ``clear`` (fp32 [M, N]) is zeroed by the same launch."""
+    m, n, _ = check(x, qweight, scales, zeros, bits, group_size)
+    check_out(out, clear, m, n, x.device)
     t_mode, t_tensor, t_value = threshold_args(threshold, x.shape[-1], x.device)
-    n = qweight.shape[1] * (8 if bits == 4 else 1)
     p = GemvProblem(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
-                    torch.are_deterministic_algorithms_enabled())
+                    torch.are_deterministic_algorithms_enabled(), out, clear)
     return run(p, shape)
 
 
@@ -150,11 +189,13 @@ def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, 
 
 
 def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes,
-                      *, bits: int, group_size: int, shape: GemvShape | None = None) -> Tensor:
-    """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K]."""
-    check(x, qweight, scales, zeros, bits, group_size)
+                      *, bits: int, group_size: int, shape: GemvShape | None = None, out: Tensor | None = None,
+                      clear: Tensor | None = None) -> Tensor:
+    """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K];
+    ``out`` / ``clear`` as in `sparse_gemv`."""
+    m, n, _ = check(x, qweight, scales, zeros, bits, group_size)
+    check_out(out, clear, m, n, x.device)
     split_sizes = [int(v) for v in split_sizes]
-    n = qweight.shape[1] * (8 if bits == 4 else 1)
     k = x.shape[-1]
     if not 1 <= len(split_sizes) <= MAX_PARTS or sum(split_sizes) != n or any(v <= 0 or v % 8 for v in split_sizes):
         raise ValueError(f"split_sizes {split_sizes}: 1..{MAX_PARTS} positive multiples of 8 summing to N={n}")
@@ -169,5 +210,5 @@ def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
         raise ValueError(f"thresholds must be [n_parts] or [n_parts, K={k}], got {tuple(thresholds.shape)}")
     ends = tuple(int(v) for v in torch.tensor(split_sizes).cumsum(0).tolist())
     p = GemvProblem(x, qweight, scales, zeros, t_mode, thresholds, 0.0, stride, ends, bits, group_size,
-                    torch.are_deterministic_algorithms_enabled())
+                    torch.are_deterministic_algorithms_enabled(), out, clear)
     return run(p, shape)

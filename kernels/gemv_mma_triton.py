@@ -116,9 +116,10 @@ def _unpack_plain(qw_ptr, row, start, end, stride_qk, BITS: tl.constexpr, BLOCK_
 @triton.jit
 def _sgemv_mma_kernel(
     x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
-    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
+    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr, clear_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit,
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    ACC: tl.constexpr, CLEAR: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     SWAP: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr = 0,
@@ -176,12 +177,14 @@ def _sgemv_mma_kernel(
                 y = sc.to(tl.float32)[:, None] * (acc - (zr.to(tl.float32)[:, None] + OFF) * xsum[None, :])
                 out_ok = n_ok[:, None] & md_ok[None, :]
                 reduce_split_k(y, y_ptr + md[None, :] * stride_ym + cols[:, None], ws_ptr + md[None, :] * N + cols[:, None],
-                               lock, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
+                               lock, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
+                               clear_ptr + md[None, :] * N + cols[:, None], ACC, CLEAR)
             else:
                 y = sc.to(tl.float32)[None, :] * (acc - (zr.to(tl.float32)[None, :] + OFF) * xsum[:, None])
                 out_ok = md_ok[:, None] & n_ok[None, :]
                 reduce_split_k(y, y_ptr + md[:, None] * stride_ym + cols[None, :], ws_ptr + md[:, None] * N + cols[None, :],
-                               lock, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
+                               lock, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
+                               clear_ptr + md[:, None] * N + cols[None, :], ACC, CLEAR)
 
 
 def launch(p: GemvProblem, shape: MmaShape) -> torch.Tensor:

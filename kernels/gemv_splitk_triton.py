@@ -60,9 +60,10 @@ def _x_tile(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, kb, M,
 @triton.jit
 def _sgemv_splitk_kernel(
     x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
-    qw_ptr, s_ptr, z_ptr, ws_ptr, lock_ptr, y_ptr,
+    qw_ptr, s_ptr, z_ptr, ws_ptr, lock_ptr, y_ptr, clear_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, KR,
     M_P: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    ACC: tl.constexpr, CLEAR: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, M_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SWAP: tl.constexpr, SKIP: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -154,10 +155,12 @@ def _sgemv_splitk_kernel(
     lock = lock_ptr + pid_n
     if SWAP:
         reduce_split_k(out, y_ptr + md[None, :] * stride_ym + cols[:, None], ws_ptr + md[None, :] * N + cols[:, None],
-                       lock, n_ok[:, None] & md_ok[None, :], pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
+                       lock, n_ok[:, None] & md_ok[None, :], pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
+                       clear_ptr + md[None, :] * N + cols[:, None], ACC, CLEAR)
     else:
         reduce_split_k(out, y_ptr + md[:, None] * stride_ym + cols[None, :], ws_ptr + md[:, None] * N + cols[None, :],
-                       lock, md_ok[:, None] & n_ok[None, :], pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
+                       lock, md_ok[:, None] & n_ok[None, :], pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
+                       clear_ptr + md[:, None] * N + cols[None, :], ACC, CLEAR)
 
 
 def k_range_for(shape: SplitKShape, n_tiles: int, k: int) -> int:

@@ -669,9 +669,10 @@ def _warp_sums(a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.const
 @triton.jit
 def _sgemv_kernel(
     x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
-    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr,
+    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr, clear_ptr,
     M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
+    ACC: tl.constexpr, CLEAR: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
@@ -925,7 +926,8 @@ def _sgemv_kernel(
         y = a * inv[None, :] - offs
     out_ok = m_ok[:, None] & n_ok[None, :]
     reduce_split_k(y, y_ptr + mm[:, None] * stride_ym + cols[None, :], ws_ptr + mm[:, None] * N + cols[None, :],
-                   lock_ptr + pid_n, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE)
+                   lock_ptr + pid_n, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
+                   clear_ptr + mm[:, None] * N + cols[None, :], ACC, CLEAR)
 
 
 def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:

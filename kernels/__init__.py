@@ -72,7 +72,7 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
     or a [K] tensor of per-input-channel thresholds. Registered as the custom op ``teal_quant::sparse_gemv``.
 
     out: a float32 [M, N] buffer that is zero: the product is added into it (in fp32, not rounded) and ``out`` is
-    returned; the reader rounds it (add_rms_norm, silu_mul and decode_attention take such inputs with ``dtype=``).
+    returned; its reader rounds it to the activation dtype (add_rms_norm and decode_attention take such inputs).
     This drops the kernel's split-K tail. clear: another float32 [M, N] buffer that the same launch zeroes (an earlier
     call's ``out``, already read), so that buffers are reused without a memset launch. Custom op
     ``teal_quant::sparse_gemv_into``.
@@ -89,14 +89,20 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
 
 
 def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
-                     group_size: int) -> Tensor:
+                     group_size: int, out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
     """The Llama MLP's down projection of a decode step in one launch: ``sparse_gemv(silu_mul(gate, up), ...)``, the
     GEMV computing silu(gate) * up (rounded as :func:`silu_mul` rounds, so the result is the same to the bit) where it
     reads its input, the threshold applied to that product. gate, up [M, K] (e.g. the halves of a fused gate/up
-    output); threshold as for :func:`sparse_gemv`. Custom op ``teal_quant::sparse_gemv_silu``."""
+    output); threshold, out and clear as for :func:`sparse_gemv`. Custom op ``teal_quant::sparse_gemv_silu`` (with
+    out: ``teal_quant::sparse_gemv_silu_into``)."""
     from . import gemv
 
     t_tensor, t_value = _split_threshold(threshold)
+    if out is not None:
+        gemv.sparse_gemv_silu_into_op(gate, up, qweight, scales, zeros, t_tensor, t_value, bits, group_size, out, clear)
+        return out
+    if clear is not None:
+        raise ValueError("clear needs out")
     return gemv.sparse_gemv_silu_op(gate, up, qweight, scales, zeros, t_tensor, t_value, bits, group_size)
 
 
@@ -161,8 +167,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
     """A decoder layer's residual add and the next RMSNorm in one launch: residual <- residual + x (in place, rounded
-    to its dtype like `residual + hidden_states`), returns rms_norm(residual, weight, eps). Custom op
-    ``teal_quant::add_rms_norm``."""
+    to its dtype like `residual + hidden_states`), returns rms_norm(residual, weight, eps). x may be a float32 sum (a
+    GEMV's ``out=`` buffer): it is rounded to residual's dtype first. Custom op ``teal_quant::add_rms_norm``."""
     from . import elementwise
 
     return elementwise.add_rms_norm_op(x, residual, weight, float(eps))

@@ -24,7 +24,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
                          v_cache: Tensor, scale: float) -> Tensor:
-    """q [B, Hq*D], k, v [B, Hkv*D] (before rotary), cos, sin [L, D], pos int64 [1], caches [B, Hkv, L, D].
+    """q [B, Hq*D], k, v [B, Hkv*D] (before rotary; in the cache dtype, or float32 sums that are rounded to it
+    first), cos, sin [L, D], pos int64 [1], caches [B, Hkv, L, D].
 
     Writes rotary(k) and v at `pos` into the caches; returns softmax(rotary(q) K^T * scale) V over positions
     0..pos as [B, Hq*D] in the cache dtype. The rotary products and sums round to the model dtype as transformers'
@@ -32,6 +33,7 @@ def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tens
     dtype before the product with V (as eager attention does)."""
     b, hkv, length, d = k_cache.shape
     hq = q.shape[1] // d
+    q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))  # fp32 inputs (a GEMV's out= buffer) round to the model dtype
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # [1, D]
     qh, kh, vh = q.reshape(b, hq, d), k.reshape(b, hkv, d), v.reshape(b, hkv, d)
     q_rot = qh * c + _rotate_half(qh) * s

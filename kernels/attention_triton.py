@@ -234,13 +234,13 @@ def _decode_attention_kernel(
             prow = (row + D // 2) % D
             sign2 = tl.where(row < D // 2, -1.0, 1.0)
             wait_previous_kernel(PDL == 2)
-            q = tl.load(qb + d[None, :], mask=gok[:, None], other=0.0).to(tl.float32)
-            qp = tl.load(qb + partner[None, :], mask=gok[:, None], other=0.0).to(tl.float32)
+            q = tl.load(qb + d[None, :], mask=gok[:, None], other=0.0).to(DTYPE).to(tl.float32)
+            qp = tl.load(qb + partner[None, :], mask=gok[:, None], other=0.0).to(DTYPE).to(tl.float32)
             q = _rotate(q, qp, c2, s2, sign2, DTYPE)
             mine = split + 0 * row == working - 1  # the new token's key and value (the last split loads them)
-            k_new = _rotate(tl.load(kb + row, mask=mine, other=0.0).to(tl.float32),
-                            tl.load(kb + prow, mask=mine, other=0.0).to(tl.float32), c2, s2, sign2, DTYPE)
-            v_new = tl.load(v_ptr + b * stride_vb + hk * D + row, mask=mine, other=0.0)
+            k_new = _rotate(tl.load(kb + row, mask=mine, other=0.0).to(DTYPE).to(tl.float32),
+                            tl.load(kb + prow, mask=mine, other=0.0).to(DTYPE).to(tl.float32), c2, s2, sign2, DTYPE)
+            v_new = tl.load(v_ptr + b * stride_vb + hk * D + row, mask=mine, other=0.0).to(DTYPE)
             once = mine & (g[:, None] == 0)
             tl.store(kc_new + 0 * g[:, None], k_new, mask=once)
             tl.store(vc_new + 0 * g[:, None], v_new, mask=once)
@@ -261,13 +261,13 @@ def _decode_attention_kernel(
             hi = tl.minimum(lo + per * BLOCK_N, n)
             if last:
                 # the new token's key (rotated) and value go into the cache before this program reads its keys
-                k_new = _rotate(tl.load(kb + d).to(tl.float32), tl.load(kb + partner).to(tl.float32), c, s, sign,
-                                DTYPE)
+                k_new = _rotate(tl.load(kb + d).to(DTYPE).to(tl.float32),
+                                tl.load(kb + partner).to(DTYPE).to(tl.float32), c, s, sign, DTYPE)
                 tl.store(kc_new, k_new)
-                tl.store(vc_new, tl.load(v_ptr + b * stride_vb + hk * D + d))
+                tl.store(vc_new, tl.load(v_ptr + b * stride_vb + hk * D + d).to(DTYPE))
             tl.debug_barrier()
-            q = tl.load(qb + d[None, :], mask=gok[:, None], other=0.0).to(tl.float32)
-            qp = tl.load(qb + partner[None, :], mask=gok[:, None], other=0.0).to(tl.float32)
+            q = tl.load(qb + d[None, :], mask=gok[:, None], other=0.0).to(DTYPE).to(tl.float32)
+            qp = tl.load(qb + partner[None, :], mask=gok[:, None], other=0.0).to(DTYPE).to(tl.float32)
             q = _rotate(q, qp, c[None, :], s[None, :], sign[None, :], DTYPE)
             m_i = tl.full((GP,), float("-inf"), tl.float32)
             l_i = tl.zeros((GP,), tl.float32)

@@ -34,7 +34,7 @@ def _(x, weight, eps):
 def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
     """residual <- residual + x (in place, in its dtype, as `residual + hidden_states` rounds); returns
     transformers' LlamaRMSNorm of the new residual."""
-    residual.copy_(residual + x)
+    residual.copy_(residual + x.to(residual.dtype))  # a float32 x (a GEMV's out= sum) rounds first
     return reference.rms_norm_ref(residual, weight, eps)
 
 

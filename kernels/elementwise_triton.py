@@ -179,7 +179,7 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_
     ok = cols < N
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a parameter: before the wait (PDL 2)
     wait_previous_kernel(PDL == 2)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(X_DTYPE).to(tl.float32)  # float32 sums round
     r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     h = (r + x).to(X_DTYPE)  # `residual + hidden_states` in the activation dtype
     tl.store(r_ptr + row * stride_r + cols, h, mask=ok)
@@ -191,7 +191,8 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, stride_x, stride_r, stride_
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
     """residual <- residual + x (in place, rounded to its dtype); returns RMSNorm(residual) * weight. x, residual
-    [..., N] of one dtype; residual must have a unit column stride (its rows are written in place)."""
+    [..., N] of one dtype (or x float32 sums, rounded to residual's dtype first); residual must have a unit column
+    stride (its rows are written in place)."""
     n = x.shape[-1]
     x2 = _rows(x, n)
     r2 = residual.view(-1, n)

@@ -137,3 +137,23 @@ def sparse_gemv_fused_into_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
 @sparse_gemv_fused_into_op.register_fake
 def _(x, qweight, scales, zeros, thresholds, split_sizes, bits, group_size, out, clear):
     return None
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_silu_into", mutates_args=("out", "clear"))
+def sparse_gemv_silu_into_op(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                             threshold_tensor: Tensor | None, threshold_value: float, bits: int, group_size: int,
+                             out: Tensor, clear: Tensor | None) -> None:
+    threshold = threshold_tensor if threshold_tensor is not None else threshold_value
+    if use_triton(gate):
+        from . import gemv_launch
+
+        gemv_launch.sparse_gemv_silu(gate, up, qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
+                                     out=out, clear=clear)
+        return
+    y = reference.sparse_gemv_silu_ref(gate, up, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+    _accumulate_ref(y, out, clear)
+
+
+@sparse_gemv_silu_into_op.register_fake
+def _(gate, up, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size, out, clear):
+    return None

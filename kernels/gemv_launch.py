@@ -164,15 +164,18 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
     check_out(out, clear, m, n, x.device)
     t_mode, t_tensor, t_value = threshold_args(threshold, x.shape[-1], x.device)
     p = GemvProblem(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), out, clear)
+                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear)
     return run(p, shape)
 
 
 def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
-                     group_size: int, shape: GemvShape | None = None) -> Tensor:
+                     group_size: int, shape: GemvShape | None = None, out: Tensor | None = None,
+                     clear: Tensor | None = None) -> Tensor:
     """``sparse_gemv(silu_mul(gate, up), ...)`` in one launch: gate, up [M, K] of one dtype and device (e.g. the two
-    halves of a fused gate/up output). Up with another row stride than gate (at M > 1) takes the two launches."""
-    check(gate, qweight, scales, zeros, bits, group_size)
+    halves of a fused gate/up output). Up with another row stride than gate (at M > 1) takes the two launches.
+    ``out`` / ``clear`` as in `sparse_gemv`."""
+    m, n, _ = check(gate, qweight, scales, zeros, bits, group_size)
+    check_out(out, clear, m, n, gate.device)
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or up.stride(1) != 1:
         raise ValueError(f"up must be like gate {gate.dtype} {tuple(gate.shape)} on {gate.device} with a unit column "
                          f"stride, got {up.dtype} {tuple(up.shape)} on {up.device}")
@@ -180,11 +183,10 @@ def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, 
         from .elementwise_triton import silu_mul
 
         return sparse_gemv(silu_mul(gate, up), qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
-                           shape=shape)
+                           shape=shape, out=out, clear=clear)
     t_mode, t_tensor, t_value = threshold_args(threshold, gate.shape[-1], gate.device)
-    n = qweight.shape[1] * (8 if bits == 4 else 1)
     p = GemvProblem(gate, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), up)
+                    torch.are_deterministic_algorithms_enabled(), up, out=out, clear=clear)
     return run(p, shape)
 
 
@@ -210,5 +212,5 @@ def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
         raise ValueError(f"thresholds must be [n_parts] or [n_parts, K={k}], got {tuple(thresholds.shape)}")
     ends = tuple(int(v) for v in torch.tensor(split_sizes).cumsum(0).tolist())
     p = GemvProblem(x, qweight, scales, zeros, t_mode, thresholds, 0.0, stride, ends, bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), out, clear)
+                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear)
     return run(p, shape)

@@ -89,11 +89,26 @@ def fused_step_support(model: nn.Module) -> str | None:
     return None
 
 
-def _projections(modules: list[nn.Module]) -> Callable[[Tensor], tuple[Tensor, ...]]:
+Sink = tuple[Tensor, Tensor]  # (out, clear): float32 [B, N] buffers of a GEMV's ``out=`` / ``clear=`` (kernels.sparse_gemv)
+
+
+def _accumulating(fn: Callable, n: int) -> Callable:
+    """Mark a projection call that takes ``sink=``: its GEMV adds into ``out`` (float32, no split-K tail) and zeroes
+    ``clear``; a call that falls back to the module's path returns its ordinary output and zeroes ``clear`` itself."""
+    fn.sums_width = n
+    return fn
+
+
+def _clear(sink: Sink | None) -> None:
+    if sink is not None:
+        sink[1].zero_()
+
+
+def _projections(modules: list[nn.Module]) -> Callable[..., tuple[Tensor, ...]]:
     """One call giving every projection of a shared input: a fusion.SharedProjection's single product split, else
-    the modules called in order (a fused TealLinear group computes all parts on the first call)."""
+    the modules called in order (a fused TealLinear group computes all parts on the first call; it takes ``sink=``)."""
     from teal_quant.runtime.fusion import ProjectionPart
-    from teal_quant.runtime.modules import TealLinear
+    from teal_quant.runtime.modules import DECODE_ROWS, TealLinear
 
     shared = getattr(modules[0], "shared", None)
     if (all(isinstance(m, ProjectionPart) and m.shared is shared for m in modules)
@@ -102,15 +117,39 @@ def _projections(modules: list[nn.Module]) -> Callable[[Tensor], tuple[Tensor, .
     group = getattr(modules[0], "_fused_group", None)
     if (group is not None and all(isinstance(m, TealLinear) for m in modules) and list(group.members) == list(modules)
             and all(m.bias is None for m in modules)):
-        def fused(x: Tensor) -> tuple[Tensor, ...]:
-            if modules[0].track or x.shape[0] > 16:  # counters, or a batch past the decode kernel: the modules' path
+        def fused(x: Tensor, sink: Sink | None = None) -> tuple[Tensor, ...]:
+            # counters, a batch past the decode kernel, hooks or the CPU path: the modules' path
+            if (modules[0].track or x.shape[0] > DECODE_ROWS or not kernels.use_triton(x)
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in modules)):
+                _clear(sink)
                 return tuple(m(x) for m in modules)
+            out, clear = sink if sink is not None else (None, None)
             y = kernels.sparse_gemv_fused(x, group.qweight, group.scales, group.zeros, group.thresholds,
-                                          group.split_sizes, bits=group.bits, group_size=group.group_size)
+                                          group.split_sizes, bits=group.bits, group_size=group.group_size, out=out,
+                                          clear=clear)
             return y.split(group.split_sizes, dim=-1)
 
-        return fused
+        return _accumulating(fused, sum(group.split_sizes))
     return lambda x: tuple(m(x) for m in modules)
+
+
+def _gemv(module: nn.Module) -> Callable[..., Tensor]:
+    """x -> module(x); a TealLinear (no act-order permutation, no fused group, no bias) takes ``sink=``."""
+    from teal_quant.runtime.modules import DECODE_ROWS, TealLinear
+
+    if (not isinstance(module, TealLinear) or module.perm is not None or module._fused_group is not None
+            or module.bias is not None):
+        return module
+
+    def one_launch(x: Tensor, sink: Sink | None = None) -> Tensor:
+        if (sink is None or module.track or x.shape[0] > DECODE_ROWS or not kernels.use_triton(x)
+                or module._forward_hooks or module._forward_pre_hooks):
+            _clear(sink)
+            return module(x)
+        return kernels.sparse_gemv(x, module.qweight, module.scales, module.zeros, module.threshold, bits=module.bits,
+                                   group_size=module.group_size, out=sink[0], clear=sink[1])
+
+    return _accumulating(one_launch, module.out_features)
 
 
 def _silu_down(module: nn.Module, silu_mul: Callable[[Tensor, Tensor], Tensor],
@@ -121,21 +160,27 @@ def _silu_down(module: nn.Module, silu_mul: Callable[[Tensor, Tensor], Tensor],
     path does), past the decode kernel's batch, or another module: silu_mul, then the module."""
     from teal_quant.runtime.modules import DECODE_ROWS, TealLinear
 
-    def separate(gate: Tensor, up: Tensor) -> Tensor:
+    def separate(gate: Tensor, up: Tensor, sink: Sink | None = None) -> Tensor:
+        _clear(sink)
         return module(silu_mul(gate, up))
 
     if not fused or not isinstance(module, TealLinear) or module.perm is not None or module._fused_group is not None:
         return separate
 
-    def one_launch(gate: Tensor, up: Tensor) -> Tensor:
+    def one_launch(gate: Tensor, up: Tensor, sink: Sink | None = None) -> Tensor:
         if (module.track or gate.shape[0] > DECODE_ROWS or not kernels.use_triton(gate) or module._forward_hooks
                 or module._forward_pre_hooks):  # (hooks would see the module's input: it must exist)
-            return separate(gate, up)
+            return separate(gate, up, sink)
+        if sink is not None and module.bias is None:
+            return kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
+                                            bits=module.bits, group_size=module.group_size, out=sink[0],
+                                            clear=sink[1])
+        _clear(sink)
         y = kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
                                      bits=module.bits, group_size=module.group_size)
         return y if module.bias is None else y + module.bias
 
-    return one_launch
+    return _accumulating(one_launch, module.out_features) if module.bias is None else one_launch
 
 
 @dataclass
@@ -144,10 +189,10 @@ class _LayerPlan:
     eps1: float
     norm2: Tensor
     eps2: float
-    qkv: Callable[[Tensor], tuple[Tensor, ...]]
-    o_proj: nn.Module
+    qkv: Callable[..., tuple[Tensor, ...]]
+    o_proj: Callable[..., Tensor]
     gate_up: Callable[[Tensor], tuple[Tensor, ...]]
-    down: Callable[[Tensor, Tensor], Tensor]  # (gate, up) -> down_proj(silu(gate) * up)
+    down: Callable[..., Tensor]  # (gate, up) -> down_proj(silu(gate) * up)
     scale: float
 
 
@@ -156,7 +201,8 @@ class FusedDecodeStep:
     the new token's k and v at `pos` (pos itself is not advanced). Static buffers only: CUDA-graph capturable."""
 
     def __init__(self, model: nn.Module, cache, *, batch_size: int, max_length: int, glue: str = "triton",
-                 attention: str = "triton", fused_reduce: bool = True, silu_down: bool = True):
+                 attention: str = "triton", fused_reduce: bool = True, silu_down: bool = True,
+                 accumulate: bool = True):
         reason = fused_step_support(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
@@ -181,7 +227,7 @@ class FusedDecodeStep:
             self.layers.append(_LayerPlan(
                 norm1=layer.input_layernorm.weight, eps1=float(layer.input_layernorm.variance_epsilon),
                 norm2=layer.post_attention_layernorm.weight, eps2=float(layer.post_attention_layernorm.variance_epsilon),
-                qkv=_projections([attn.q_proj, attn.k_proj, attn.v_proj]), o_proj=attn.o_proj,
+                qkv=_projections([attn.q_proj, attn.k_proj, attn.v_proj]), o_proj=_gemv(attn.o_proj),
                 gate_up=_projections([mlp.gate_proj, mlp.up_proj]),
                 down=_silu_down(mlp.down_proj, self._silu_mul, self.silu_down), scale=float(attn.scaling),
             ))
@@ -194,6 +240,31 @@ class FusedDecodeStep:
         self.workspace = torch.zeros(ws, dtype=torch.float32, device=device)
         self.counter = torch.zeros(counters, dtype=torch.int32, device=device)  # reset by the kernel after each use
         self.positions = torch.arange(max_length, device=device)
+        self.batch_size = int(batch_size)
+        self.sums = self._sum_buffers(accumulate, device) if self.layers else {}
+
+    def _sum_buffers(self, accumulate: bool, device: torch.device) -> dict[str, Tensor]:
+        """float32 [L, B, N] output buffers of the q/k/v, o_proj and down GEMVs (``out=``): layer i's call adds into
+        row i and zeroes row i - 1 (row L - 1 for layer 0: the previous step's), which its reader has read by then
+        (stream order), so no call pays the split-K tail and no memset runs. Only for projections whose every layer
+        can (TealLinear GEMVs), readers that round float32 sums (the triton glue and attention), and two layers or
+        more."""
+        if not (accumulate and self.glue == "triton" and self.attention == "triton" and len(self.layers) >= 2):
+            return {}
+        sums = {}
+        for kind in ("qkv", "o_proj", "down"):
+            calls = [getattr(plan, kind) for plan in self.layers]
+            n = {getattr(c, "sums_width", None) for c in calls}
+            if len(n) == 1 and None not in n:
+                sums[kind] = torch.zeros(len(self.layers), self.batch_size, n.pop(), dtype=torch.float32,
+                                         device=device)
+        return sums
+
+    def _sink(self, kind: str, i: int, rows: int) -> Sink | None:
+        buf = self.sums.get(kind)
+        if buf is None or rows != self.batch_size:
+            return None
+        return buf[i], buf[i - 1]
 
     # -- glue: one launch each (triton) or plain torch ops (for torch.compile) ----------------------------------------
     def _norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -238,11 +309,16 @@ class FusedDecodeStep:
                 x = self._norm(residual, plan.norm1, plan.eps1)
             else:
                 x, residual = self._add_norm(h, residual, plan.norm1, plan.eps1)
-            q, k, v = plan.qkv(x)
+            rows = x.shape[0]
+            sink = self._sink("qkv", i, rows)
+            q, k, v = plan.qkv(x) if sink is None else plan.qkv(x, sink=sink)
             layer = self.cache.layers[i]
             a = self._attention(q, k, v, pos, layer.keys, layer.values, plan.scale)
-            x, residual = self._add_norm(plan.o_proj(a), residual, plan.norm2, plan.eps2)
+            sink = self._sink("o_proj", i, rows)
+            x, residual = self._add_norm(plan.o_proj(a) if sink is None else plan.o_proj(a, sink=sink), residual,
+                                         plan.norm2, plan.eps2)
             gate, up = plan.gate_up(x)
-            h = plan.down(gate, up)
+            sink = self._sink("down", i, rows)
+            h = plan.down(gate, up) if sink is None else plan.down(gate, up, sink=sink)
         x, _ = self._add_norm(h, residual, self.final_norm, self.final_eps)
         return self.lm_head(x)

@@ -99,3 +99,39 @@ def test_silu_in_the_down_gemv_changes_no_bit(teal_llama, device, monkeypatch):
         assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
         assert torch.equal(fused[2], separate[2])
     assert (runs[True, True][2] > 0).all()  # the counters counted
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gemv_sums_without_the_split_k_tail_change_no_bit(teal_llama, device, deterministic):
+    """FusedDecodeStep with the q/k/v, o_proj and down GEMVs adding into float32 buffers (`accumulate`: no split-K
+    tail; attention and add_rms_norm round the sums) gives the same tokens and logits as with bf16 outputs: bit for
+    bit under deterministic reductions, and with atomics on the interpreter (its programs run one after another, so
+    the fp32 additions come in the same order); on CUDA with atomics within the reduction-order noise. With the
+    counters on, each GEMV takes the module path and zeroes the buffer it would have cleared, so a later step that
+    accumulates again is still right."""
+    from teal_quant.runtime.fusion import fuse_projections
+    from teal_quant.runtime.modules import reset_stats
+
+    model = teal_llama.to(device)
+    fuse_projections(model)  # (`.to` unfuses: q/k/v as one GEMV again)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3], [1, 77, 8, 200, 64, 21]], device=device)
+    runs = {}
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        for accumulate in (True, False):
+            reset_stats(model)
+            dec = Decoder(model, batch_size=2, max_length=6 + 6, fused_step=True,
+                          fused_step_options={"accumulate": accumulate})
+            tokens = [dec.prefill(ids)]
+            for i in range(5):
+                dec.track_sparsity = i == 2  # one step on the module path (counters on) between accumulating ones
+                tokens.append(dec.step(tokens[-1]))
+            runs[accumulate] = (torch.stack(tokens), dec.logits.clone(), dec)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert set(runs[True][2]._fused.sums) == {"qkv", "o_proj", "down"} and not runs[False][2]._fused.sums
+    if deterministic or device == "cpu":
+        assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    else:
+        a, b = runs[True][1].float(), runs[False][1].float()
+        assert float((a - b).norm() / b.norm()) < 2e-2

@@ -1,7 +1,9 @@
-"""SiLU-and-mul inside the down-projection GEMV (issue 13, issue 12 item 3), side by side on one GPU.
+"""SiLU-and-mul inside the down-projection GEMV (issue 13, issue 12 item 3), side by side on one GPU; with
+``--option accumulate`` the same A/B for the GEMVs that add into float32 buffers without the split-K tail.
 
     python benchmarks/decode_silu_down.py [--out DIR] [--steps 64] [--rounds 6] [--models llama3-8b,llama3-70b]
                                           [--down 8B,70B] [--max-batch 16] [--stem decode_silu_down_h200]
+                                          [--option silu_down|accumulate]
 
 ``fused``: FusedDecodeStep(silu_down=True), the down projection reads gate and up and computes silu(gate) * up where it
 loads its input (kernels.sparse_gemv_silu); ``separate``: silu_down=False, the silu_mul launch then the GEMV. On the
@@ -18,7 +20,10 @@ the device table's PDL modes:
    ~ N(0, 1) as the halves of one [M, 2K] tensor, a 0-dim threshold at the 0.5 quantile of |silu(gate) * up|:
    fused (one launch), silu_mul + GEMV (two), the GEMV alone on the ready product, silu_mul alone; bit-equality of
    fused and silu_mul + GEMV under deterministic reductions.
-Writes decode_silu_down_<gpu>.{json,md}; exit 1 when a bit-equality check fails.
+``--option accumulate``: ``fused`` is FusedDecodeStep(accumulate=True) (the q/k/v, o_proj and down GEMVs add into
+per-layer float32 buffers, no split-K tail; the readers round the sums), ``separate`` accumulate=False; the down GEMV
+section is skipped (``--down ''``). Writes decode_silu_down_<gpu>.{json,md} (decode_sums_<gpu> with accumulate); exit 1
+when a bit-equality check fails.
 """
 
 from __future__ import annotations
@@ -46,16 +51,26 @@ sys.path.insert(0, os.path.dirname(__file__))
 from decode_glue import breakdown, replay_ms  # noqa: E402  (CUDA events around decode steps; eager kernel profile)
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"fused": True, "separate": False}  # name: FusedDecodeStep(silu_down=...)
+VARIANTS = {"fused": True, "separate": False}  # name: FusedDecodeStep(<OPTION>=...)
+OPTIONS = {  # the FusedDecodeStep option compared: (title, what fused / separate are)
+    "silu_down": ("SiLU-and-mul inside the down GEMV",
+                  "fused: FusedDecodeStep(silu_down=True) (kernels.sparse_gemv_silu, one launch per layer); separate: "
+                  "silu_down=False (silu_mul, then the GEMV)"),
+    "accumulate": ("GEMV sums without the split-K tail",
+                   "fused: FusedDecodeStep(accumulate=True) (q/k/v, o_proj and down add into per-layer float32 "
+                   "buffers: no counter, no last-program tail; attention and add_rms_norm round the sums); separate: "
+                   "accumulate=False (every GEMV ends with the split-K tail and writes bf16)"),
+}
+OPTION = "silu_down"
 MODELS = {"llama3-8b": (0.5, (1, 4, 16), 4), "llama3-70b": (0.4, (1,), 1)}  # level, batches, batch of the check
 DOWN = {"8B": ((4096, 14336), (1, 4, 16)), "70B": ((8192, 28672), (1,))}  # (N, K), batches
 GROUP = 128
 L2_BYTES = 60 * 2**20
 
 
-def decoder(model, silu_down: bool, prompt, length) -> Decoder:
+def decoder(model, on: bool, prompt, length) -> Decoder:
     dec = Decoder(model, batch_size=prompt.shape[0], max_length=length, cuda_graph=True, fused_step=True,
-                  fused_step_options={"silu_down": silu_down})
+                  fused_step_options={OPTION: on})
     tok = dec.prefill(prompt)
     for _ in range(4):  # the first steps capture the graph
         tok = dec.step(tok)
@@ -64,9 +79,9 @@ def decoder(model, silu_down: bool, prompt, length) -> Decoder:
     return dec
 
 
-def greedy(model, silu_down: bool, prompt, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(model, on: bool, prompt, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     dec = Decoder(model, batch_size=prompt.shape[0], max_length=prompt.shape[1] + tokens + 8, cuda_graph=True,
-                  fused_step=True, fused_step_options={"silu_down": silu_down})
+                  fused_step=True, fused_step_options={OPTION: on})
     out = dec.generate(prompt, tokens)[:, prompt.shape[1]:]
     return out, dec.logits.clone()
 
@@ -194,8 +209,11 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--down", default=",".join(DOWN), help="down-projection shapes timed alone ('' for none)")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--stem", help="output file name stem (default decode_silu_down_<gpu>)")
+    ap.add_argument("--stem", help="output file name stem (default decode_silu_down_<gpu>, decode_sums_<gpu>)")
+    ap.add_argument("--option", choices=sorted(OPTIONS), default="silu_down", help="the FusedDecodeStep option compared")
     args = ap.parse_args()
+    global OPTION
+    OPTION = args.option
     t0 = time.time()
 
     def log(msg: str) -> None:
@@ -206,8 +224,9 @@ def main() -> int:
               "command": "python3 " + " ".join(["benchmarks/decode_silu_down.py", *sys.argv[1:]]),
               "pdl": {f: kernels.dispatch.programmatic_launch(torch.device("cuda"), f)
                       for f in kernels.dispatch.PDL_FAMILIES},
-              "steps": args.steps, "rounds": args.rounds, "models": {}, "down_gemv": {}}
-    stem = args.stem or "decode_silu_down_" + ("h200" if "H200" in report["gpu"] else "gpu")
+              "steps": args.steps, "rounds": args.rounds, "models": {}, "down_gemv": {}, "option": OPTION}
+    stem = args.stem or {"silu_down": "decode_silu_down_", "accumulate": "decode_sums_"}[OPTION] + (
+        "h200" if "H200" in report["gpu"] else "gpu")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> bool:  # after every stage: a run cut short by its time limit still leaves what it measured
@@ -236,7 +255,7 @@ def main() -> int:
         log(f"{arch} check at batch {check_batch}: {entry['check']}")
         if arch == "llama3-8b":
             entry["kernels_per_step_b1"] = {
-                name: breakdown(model, prompt[:1], {"fused_step": True, "fused_step_options": {"silu_down": v}})[
+                name: breakdown(model, prompt[:1], {"fused_step": True, "fused_step_options": {OPTION: v}})[
                     "launches_per_step"] for name, v in VARIANTS.items()}
             log(f"{arch} kernels per step at batch 1: {entry['kernels_per_step_b1']}")
         entry["timings"] = {}
@@ -252,11 +271,11 @@ def main() -> int:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# SiLU-and-mul inside the down GEMV ({r['gpu']})", "",
+    title, variants = OPTIONS[r.get("option", "silu_down")]
+    lines = [f"# {title} ({r['gpu']})", "",
              f"- command: `{r['command']}`; date {r['date']}; commit {r['commit']}; torch {r['torch']}; PDL modes "
              + ", ".join(f"{f} {m}" for f, m in r["pdl"].items()),
-             "- fused: FusedDecodeStep(silu_down=True) (kernels.sparse_gemv_silu, one launch per layer); separate: "
-             "silu_down=False (silu_mul, then the GEMV)",
+             f"- {variants}",
              f"- decode step: synthetic models, w4 g128, counters off, one CUDA graph per variant and batch, {r['rounds']} "
              f"rounds of {r['steps']} steps in alternating order; median (min-max) ms/step", "",
              "| model | batch | fused ms | separate ms | speedup | saved ms/step |", "|---|---|---|---|---|---|"]
@@ -274,6 +293,8 @@ def markdown(r: dict) -> str:
                      f"{c['atomic_logits_max_abs_diff']:.4g} (max |logit| {c['logits_max_abs']:.4g})")
         if "kernels_per_step_b1" in e:
             lines.append(f"  kernels per step at batch 1 (eager profile): {e['kernels_per_step_b1']}")
+    if not r["down_gemv"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Down GEMV alone (CUDA graphs of 40 calls over weight copies, µs per call, median of 15 replays; "
               "threshold at the 0.5 quantile of |silu(gate) * up|):", "",
               "| layer | fused | silu_mul + GEMV | GEMV alone | silu_mul alone | union sparsity | bit-equal (det.) |",

@@ -244,11 +244,12 @@ class FusedDecodeStep:
         self.sums = self._sum_buffers(accumulate, device) if self.layers else {}
 
     def _sum_buffers(self, accumulate: bool, device: torch.device) -> dict[str, Tensor]:
-        """float32 [L, B, N] output buffers of the q/k/v, o_proj and down GEMVs (``out=``): layer i's call adds into
-        row i and zeroes row i - 1 (row L - 1 for layer 0: the previous step's), which its reader has read by then
-        (stream order), so no call pays the split-K tail and no memset runs. Only for projections whose every layer
-        can (TealLinear GEMVs), readers that round float32 sums (the triton glue and attention), and two layers or
-        more."""
+        """float32 [S, B, N] output buffers of the q/k/v, o_proj and down GEMVs (``out=``): layer i's call adds into
+        slot i % S and zeroes slot (i - 1) % S, which its reader has read by then (stream order; for layer 0 the
+        previous step's last layer), so no call pays the split-K tail and no memset runs. S = 2 when the layer count
+        is even (the two slots stay in the L2), else one slot per layer (S must divide L: each slot is zeroed after
+        its last write of a step). Only for projections whose every layer can (TealLinear GEMVs), readers that round
+        float32 sums (the triton glue and attention), and two layers or more."""
         if not (accumulate and self.glue == "triton" and self.attention == "triton" and len(self.layers) >= 2):
             return {}
         sums = {}
@@ -256,15 +257,15 @@ class FusedDecodeStep:
             calls = [getattr(plan, kind) for plan in self.layers]
             n = {getattr(c, "sums_width", None) for c in calls}
             if len(n) == 1 and None not in n:
-                sums[kind] = torch.zeros(len(self.layers), self.batch_size, n.pop(), dtype=torch.float32,
-                                         device=device)
+                slots = 2 if len(self.layers) % 2 == 0 else len(self.layers)
+                sums[kind] = torch.zeros(slots, self.batch_size, n.pop(), dtype=torch.float32, device=device)
         return sums
 
     def _sink(self, kind: str, i: int, rows: int) -> Sink | None:
         buf = self.sums.get(kind)
         if buf is None or rows != self.batch_size:
             return None
-        return buf[i], buf[i - 1]
+        return buf[i % len(buf)], buf[(i - 1) % len(buf)]
 
     # -- glue: one launch each (triton) or plain torch ops (for torch.compile) ----------------------------------------
     def _norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:

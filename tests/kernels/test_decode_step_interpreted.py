@@ -34,25 +34,29 @@ def test_fused_step_with_triton_kernels_matches_transformers(tiny_llama, device,
         assert torch.equal(dec.generate(ids, n), ref)
 
 
-@pytest.fixture(scope="module")
-def teal_llama(tmp_path_factory):
-    """A 2-layer Llama of TealLinear projections (synthetic weights, thresholds calibrated on its own activations,
-    level 0.5), bf16, q/k/v and gate/up fused as on CUDA (gate and up are then the halves of one product)."""
+def _teal_llama(path, layers: int):
+    """A Llama of TealLinear projections (synthetic weights, thresholds calibrated on its own activations, level
+    0.5), bf16, q/k/v and gate/up fused as on CUDA (gate and up are then the halves of one product)."""
     from transformers import LlamaConfig
 
     from teal_quant.compression.synthetic import SyntheticLayers, SyntheticSpec, resolve_arch
     from teal_quant.runtime.assemble import assemble
     from teal_quant.runtime.fusion import fuse_projections
 
-    path = tmp_path_factory.mktemp("arch")
-    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64).to_json_file(path / "config.json")
     config = resolve_arch(path)
     spec = SyntheticSpec(group_size=32, levels=(0.25, 0.5), default=0.5, samples=2, seq_len=32)
     model = assemble(config, spec.quant_config(), SyntheticLayers(config, spec, torch.device("cpu")).stream(),
                      device="cpu", dtype=torch.bfloat16, level=0.5, where="test")
-    assert fuse_projections(model) == 4
+    assert fuse_projections(model) == 2 * layers
     return model
+
+
+@pytest.fixture(scope="module")
+def teal_llama(tmp_path_factory):
+    """`_teal_llama` of 2 layers."""
+    return _teal_llama(tmp_path_factory.mktemp("arch"), 2)
 
 
 def test_silu_in_the_down_gemv_changes_no_bit(teal_llama, device, monkeypatch):
@@ -101,18 +105,18 @@ def test_silu_in_the_down_gemv_changes_no_bit(teal_llama, device, monkeypatch):
     assert (runs[True, True][2] > 0).all()  # the counters counted
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_gemv_sums_without_the_split_k_tail_change_no_bit(teal_llama, device, deterministic):
+@pytest.mark.parametrize("layers,deterministic", [(3, True), (4, False)])
+def test_gemv_sums_without_the_split_k_tail_change_no_bit(tmp_path, device, layers, deterministic):
     """FusedDecodeStep with the q/k/v, o_proj and down GEMVs adding into float32 buffers (`accumulate`: no split-K
     tail; attention and add_rms_norm round the sums) gives the same tokens and logits as with bf16 outputs: bit for
     bit under deterministic reductions, and with atomics on the interpreter (its programs run one after another, so
     the fp32 additions come in the same order); on CUDA with atomics within the reduction-order noise. With the
     counters on, each GEMV takes the module path and zeroes the buffer it would have cleared, so a later step that
-    accumulates again is still right."""
+    accumulates again is still right. 3 layers: one buffer slot per layer; 4: two slots, used in turn."""
     from teal_quant.runtime.fusion import fuse_projections
     from teal_quant.runtime.modules import reset_stats
 
-    model = teal_llama.to(device)
+    model = _teal_llama(tmp_path, layers).to(device)
     fuse_projections(model)  # (`.to` unfuses: q/k/v as one GEMV again)
     ids = torch.tensor([[1, 5, 9, 42, 7, 3], [1, 77, 8, 200, 64, 21]], device=device)
     runs = {}
@@ -129,7 +133,9 @@ def test_gemv_sums_without_the_split_k_tail_change_no_bit(teal_llama, device, de
             runs[accumulate] = (torch.stack(tokens), dec.logits.clone(), dec)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert set(runs[True][2]._fused.sums) == {"qkv", "o_proj", "down"} and not runs[False][2]._fused.sums
+    sums = runs[True][2]._fused.sums
+    assert set(sums) == {"qkv", "o_proj", "down"} and not runs[False][2]._fused.sums
+    assert all(len(buf) == (2 if layers % 2 == 0 else layers) for buf in sums.values())
     if deterministic or device == "cpu":
         assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     else:

@@ -41,6 +41,9 @@ from teal_quant import kernels
 from teal_quant.runtime.elementwise import _is_silu, _same_code
 
 GLUES = ("triton", "torch")
+# the GEMV sums without the split-K tail measured faster up to this batch (H200, 8B: batch 4 1.047x, batch 1 1.000x)
+# and slower at 16 (0.965x: benchmarks/results/decode_sums_h200.md); larger batches keep the tail
+ACCUMULATE_MAX_BATCH = 4
 ATTENTIONS = ("triton", "sdpa")
 
 
@@ -249,8 +252,9 @@ class FusedDecodeStep:
         previous step's last layer), so no call pays the split-K tail and no memset runs. S = 2 when the layer count
         is even (the two slots stay in the L2), else one slot per layer (S must divide L: each slot is zeroed after
         its last write of a step). Only for projections whose every layer can (TealLinear GEMVs), readers that round
-        float32 sums (the triton glue and attention), and two layers or more."""
-        if not (accumulate and self.glue == "triton" and self.attention == "triton" and len(self.layers) >= 2):
+        float32 sums (the triton glue and attention), two layers or more, and batches up to ACCUMULATE_MAX_BATCH."""
+        if not (accumulate and self.glue == "triton" and self.attention == "triton" and len(self.layers) >= 2
+                and self.batch_size <= ACCUMULATE_MAX_BATCH):
             return {}
         sums = {}
         for kind in ("qkv", "o_proj", "down"):

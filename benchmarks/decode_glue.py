@@ -90,6 +90,36 @@ def replay_ms(dec: Decoder, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
+def graph_us(fn_list, reps: int = 40, replays: int = 15) -> float:
+    """µs per call: ``reps`` calls (cycling fn_list, e.g. over weight copies that defeat the L2) captured in one CUDA
+    graph, median over ``replays`` replays (benchmarks/gemv.py's method)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_list:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn_list[i % len(fn_list)]()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / reps)
+    times.sort()
+    del g
+    return times[len(times) // 2]
+
+
 def breakdown(model, prompt, kw, compiled=False) -> dict:
     dec = make_decoder(model, prompt.shape[0], prompt.shape[1] + 16, kw, compiled, graph=False)
     state = {"t": dec.prefill(prompt)}

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,8 @@ from teal_quant.runtime.decoding import Decoder
 from teal_quant.runtime.modules import track_sparsity
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_glue import breakdown, replay_ms  # noqa: E402  (CUDA events around decode steps; eager kernel profile)
+from decode_glue import breakdown, graph_us, replay_ms  # noqa: E402  (CUDA events / graphs; eager kernel profile)
+from decode_pdl import commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"fused": True, "separate": False}  # name: FusedDecodeStep(<OPTION>=...)
@@ -126,33 +126,6 @@ def time_model(model, prompt_all, batches, args, log) -> dict:
 
 
 # -- the down GEMV alone ----------------------------------------------------------------------------------------------
-def time_graph(fn_list, reps: int = 40, replays: int = 15) -> float:
-    """µs per call: reps calls (cycling fn_list) captured in one CUDA graph, median over replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fn_list:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps):
-            fn_list[i % len(fn_list)]()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / reps)
-    del g
-    return statistics.median(times)
-
-
 def down_layer(n: int, k: int, seed: int):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randint(0, 16, (k, n), generator=gen, device="cuda", dtype=torch.int32).reshape(k, n // 8, 8)
@@ -184,11 +157,11 @@ def time_down(log, models, max_batch: int) -> dict:
             finally:
                 torch.use_deterministic_algorithms(False)
             row = {
-                "fused_us": time_graph([lambda c=c: kernels.sparse_gemv_silu(gate, up, *c, t, **kw) for c in copies]),
-                "silu_mul_then_gemv_us": time_graph(
+                "fused_us": graph_us([lambda c=c: kernels.sparse_gemv_silu(gate, up, *c, t, **kw) for c in copies]),
+                "silu_mul_then_gemv_us": graph_us(
                     [lambda c=c: kernels.sparse_gemv(kernels.silu_mul(gate, up), *c, t, **kw) for c in copies]),
-                "gemv_alone_us": time_graph([lambda c=c: kernels.sparse_gemv(a, *c, t, **kw) for c in copies]),
-                "silu_mul_alone_us": time_graph([lambda: kernels.silu_mul(gate, up)]),
+                "gemv_alone_us": graph_us([lambda c=c: kernels.sparse_gemv(a, *c, t, **kw) for c in copies]),
+                "silu_mul_alone_us": graph_us([lambda: kernels.silu_mul(gate, up)]),
                 "deterministic_bit_equal": equal,
                 "union_sparsity": float(1 - (a.float().abs() > t).any(0).float().mean()),
             }
@@ -304,17 +277,6 @@ def markdown(r: dict) -> str:
                      f"| {row['silu_mul_alone_us']:.2f} | {row['union_sparsity']:.3f} | {row['deterministic_bit_equal']} |")
     lines += ["", f"All bit-equality checks pass: {r['all_bit_equal']}. Run time {r['seconds']} s."]
     return "\n".join(lines) + "\n"
-
-
-def commit() -> str:
-    env = os.environ.get("TEAL_QUANT_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

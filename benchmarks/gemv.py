@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_glue import graph_us  # noqa: E402  (CUDA-graph timing of back-to-back calls)
+
 from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as gemv  # noqa: E402
 
@@ -59,38 +62,15 @@ SUMMARY_BATCHES, SUMMARY_SPARSITIES = (1, 4, 16), (0, 50, 70)
 
 
 def time_graph(fn_list, reps_per_graph: int = 40, replays: int = 15) -> float:
-    """µs per call: capture reps_per_graph calls (cycling fn_list) in one graph, replay, median."""
+    """µs per call: capture reps_per_graph calls (cycling fn_list) in one graph, replay, median (SMOKE: one eager
+    call, timed on the host)."""
     if SMOKE:
         import time
 
         t0 = time.perf_counter()
         fn_list[0]()
         return (time.perf_counter() - t0) * 1e6
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fn_list:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps_per_graph):
-            fn_list[i % len(fn_list)]()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / reps_per_graph)
-    times.sort()
-    del g
-    return times[len(times) // 2]
+    return graph_us(fn_list, reps_per_graph, replays)
 
 
 def n_copies(bytes_one: int) -> int:

@@ -92,7 +92,8 @@ def fused_step_support(model: nn.Module) -> str | None:
     return None
 
 
-Sink = tuple[Tensor, Tensor]  # (out, clear): float32 [B, N] buffers of a GEMV's ``out=`` / ``clear=`` (kernels.sparse_gemv)
+# (out, clear): float32 [B, N] buffers of a GEMV's ``out=`` / ``clear=`` (kernels.sparse_gemv)
+Sink = tuple[Tensor, Tensor]
 
 
 def _accumulating(fn: Callable, n: int) -> Callable:

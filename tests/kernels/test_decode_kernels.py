@@ -99,14 +99,23 @@ ATTENTION_VARIANTS = {  # name: (fused_reduce, launch shape)
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,hq,hkv,d,length", [(1, 8, 2, 32, 300), (3, 16, 4, 16, 140), (2, 4, 4, 64, 70),
-                                                   (1, 4, 1, 16, 200)])
-@pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
-def test_decode_attention_matches_transformers_eager_attention(device, dtype, batch, hq, hkv, d, length, variant):
+ATTENTION_SHAPES = [(1, 8, 2, 32, 300), (3, 16, 4, 16, 140), (2, 4, 4, 64, 70), (1, 4, 1, 16, 200)]
+# on the GPU every variant on every shape and dtype; under the (slow) interpreter the shipped shape's variants
+# (NEW at each split factor, its combine launch and chunks) on every shape and dtype, the others on the shape whose
+# three splits exercise the combination, in both dtypes
+CPU_FULL = {"new_every_block_a_split", "new_one_split", "new_combine_launch", "new_block16_chunks"}
+ATTENTION_CASES = [(v, shape, dt) for v in ATTENTION_VARIANTS for shape in ATTENTION_SHAPES
+                   for dt in (torch.float32, torch.bfloat16)
+                   if torch.cuda.is_available() or v in CPU_FULL or shape == (3, 16, 4, 16, 140)]
+
+
+@pytest.mark.parametrize("variant,attention_shape,dtype", ATTENTION_CASES,
+                         ids=[f"{v}-{'-'.join(map(str, sh))}-{str(dt)[6:]}" for v, sh, dt in ATTENTION_CASES])
+def test_decode_attention_matches_transformers_eager_attention(device, dtype, attention_shape, variant):
     """Every launch variant (kernels/dispatch.py AttentionShape): split factor 100: every key block its own split;
     0.25-2: fewer working splits of several blocks, one at the first blocks' positions (the output written without
     partial results); positions 0, 1, the block edges, the middle and the last of the cache."""
+    batch, hq, hkv, d, length = attention_shape
     fused_reduce, shape = ATTENTION_VARIANTS[variant]
     if variant == "new_block16_chunks" and (hkv, length) != (1, 200):
         pytest.skip("the multi-chunk combination needs > 8 working splits: the one-KV-head case")

@@ -105,14 +105,16 @@ def test_silu_in_the_down_gemv_changes_no_bit(teal_llama, device, monkeypatch):
     assert (runs[True, True][2] > 0).all()  # the counters counted
 
 
-@pytest.mark.parametrize("layers,deterministic", [(3, True), (4, False)])
+@pytest.mark.parametrize("layers,deterministic", [(4, False)] + ([(3, True)] if torch.cuda.is_available() else []))
 def test_gemv_sums_without_the_split_k_tail_change_no_bit(tmp_path, device, layers, deterministic):
     """FusedDecodeStep with the q/k/v, o_proj and down GEMVs adding into float32 buffers (`accumulate`: no split-K
     tail; attention and add_rms_norm round the sums) gives the same tokens and logits as with bf16 outputs: bit for
     bit under deterministic reductions, and with atomics on the interpreter (its programs run one after another, so
     the fp32 additions come in the same order); on CUDA with atomics within the reduction-order noise. With the
     counters on, each GEMV takes the module path and zeroes the buffer it would have cleared, so a later step that
-    accumulates again is still right. 3 layers: one buffer slot per layer; 4: two slots, used in turn."""
+    accumulates again is still right. 4 layers: two slots, used in turn; on the GPU also 3 layers (one slot per
+    layer) under deterministic reductions (the ordered call's y added into the slot; on the CPU
+    tests/kernels/test_gemv_out.py checks that form)."""
     from teal_quant.runtime.fusion import fuse_projections
     from teal_quant.runtime.modules import reset_stats
 

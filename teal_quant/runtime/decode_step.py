@@ -175,13 +175,9 @@ def _silu_down(module: nn.Module, silu_mul: Callable[[Tensor, Tensor], Tensor],
         if (module.track or gate.shape[0] > DECODE_ROWS or not kernels.use_triton(gate) or module._forward_hooks
                 or module._forward_pre_hooks):  # (hooks would see the module's input: it must exist)
             return separate(gate, up, sink)
-        if sink is not None and module.bias is None:
-            return kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
-                                            bits=module.bits, group_size=module.group_size, out=sink[0],
-                                            clear=sink[1])
-        _clear(sink)
+        out, clear = sink if sink is not None else (None, None)  # (a sink only reaches a module without bias)
         y = kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
-                                     bits=module.bits, group_size=module.group_size)
+                                     bits=module.bits, group_size=module.group_size, out=out, clear=clear)
         return y if module.bias is None else y + module.bias
 
     return _accumulating(one_launch, module.out_features) if module.bias is None else one_launch

@@ -194,39 +194,47 @@ def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constex
 
 @triton.jit
 def load_x(x_ptr, u_ptr, offs, mask, SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None, ks=None, rs=None,
-           NORM: tl.constexpr = False):
+           NORM: tl.constexpr = 0):
     """The input at ``offs`` as fp32 (0 where masked off). SILU: silu(gate) * up of the gate at x_ptr and the up at
     u_ptr (same offsets: equal strides), computed and rounded as kernels.silu_mul (``silu_and_mul``), so the value
     and the threshold decision are the ones of the separate SiLU-and-mul launch to the last bit. NORM: x_ptr holds
     the residual stream h and the input is RMSNorm(h) with weight ``nw_ptr`` at input channels ``ks`` and the
-    per-batch-row factor ``rs`` [M_P] (``norm_factor``), rounded as kernels.rms_norm rounds."""
+    per-batch-row factor ``rs`` (``norm_factor``: NORM 1 [M_P]; NORM 2 a scalar, batch 1: no layout conversion of a
+    [M_P] vector into every tile that uses it), rounded as kernels.rms_norm rounds."""
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SILU:
         uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xv = silu_and_mul(xv, uv, X_DTYPE).to(tl.float32)
-    if NORM:
+    if NORM == 1:
         w = tl.load(nw_ptr + ks).to(tl.float32)
         xv = (w * (xv * rs[:, None]).to(X_DTYPE).to(tl.float32)).to(X_DTYPE).to(tl.float32)
+    elif NORM == 2:
+        w = tl.load(nw_ptr + ks).to(tl.float32)
+        xv = (w * (xv * rs).to(X_DTYPE).to(tl.float32)).to(X_DTYPE).to(tl.float32)
     return xv
 
 
 @triton.jit
-def norm_factor(ns_ptr, M, K, eps, M_P: tl.constexpr, NS: tl.constexpr):
-    """[M_P] 1 / sqrt(mean(h^2) + eps) of each batch row of the residual stream, from the NS per-column-tile sums of
-    squares a producer GEMV wrote (``store_residual``), summed in slot order (the same value in every program)."""
-    mm = tl.arange(0, M_P)
+def norm_factor(ns_ptr, M, K, eps, M_P: tl.constexpr, NS: tl.constexpr, NORM: tl.constexpr):
+    """1 / sqrt(mean(h^2) + eps) of each batch row of the residual stream ([M_P]; NORM 2: M_P 1, a scalar), from the
+    NS per-column-tile sums of squares a producer GEMV wrote (``store_residual``; the same value in every program)."""
     sl = tl.arange(0, NS)
+    if NORM == 2:
+        return 1.0 / tl.sqrt(tl.sum(tl.load(ns_ptr + sl), axis=0) / K + eps)
+    mm = tl.arange(0, M_P)
     ss = tl.load(ns_ptr + mm[:, None] * NS + sl[None, :], mask=(mm < M)[:, None], other=0.0)
     return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
 
 
 @triton.jit
-def store_residual(y_ptrs, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles, NS: tl.constexpr):
+def store_residual(y_ptrs, r, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles,
+                   NS: tl.constexpr):
     """The producer form (RES): ``y_ptrs`` [M_P, BLOCK_N] point into the residual stream, which becomes
     (residual + total rounded) rounded, as kernels.add_rms_norm updates it; this column tile's sum of squares of the new
     values goes to slot ``tile`` of each batch row's NS slots (``ns_ptrs`` [M_P]), and tile 0 zeroes the slots past
-    ``n_tiles``, so a consumer sums every slot (``norm_factor``)."""
-    r = tl.load(y_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    ``n_tiles``, so a consumer sums every slot (``norm_factor``). ``r``: the residual's old values (fp32), loaded by
+    every program before the split-K counter (no other program writes this tile's columns), so the last one does not
+    wait for them after it."""
     h = (r + total.to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE)
     tl.store(y_ptrs, h, mask=out_ok)
     hf = h.to(tl.float32)
@@ -258,7 +266,7 @@ def above_threshold(xv, t_ptr, t_value, t_stride_part, part, ks, T_MODE: tl.cons
 @triton.jit
 def threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
                    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr,
-                   X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = False):
+                   X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
     """x[:, k0 .. k0 + KR] of every batch row (SILU: silu(gate) * up; NORM: RMSNorm of the residual stream;
     ``load_x``) and which entries survive |x| > t: (mm, m_ok, act, x * act). T_MODE 0: a python float t_value; 1: a
     0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds. NaN compares False: dropped."""
@@ -310,6 +318,9 @@ def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_str
     L2 round trips end every split-K call); its consumer rounds it. CLEAR: the first K-split zeroes `clear_ptrs`.
     RES (the producer form, [M_P, BLOCK_N] tiles): y_ptrs point into the residual stream, which the final sum is added
     to, with the tile's sums of squares in the norm slots (``store_residual``)."""
+    r_old = 0.0
+    if RES:
+        r_old = tl.load(y_ptrs, mask=out_ok, other=0.0).to(tl.float32)
     if ACC:
         if CLEAR:
             if pid_k == 0:
@@ -335,7 +346,7 @@ def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_str
                     p6 = _slot(ws_ptrs, ws_stride_k, i + 6, n_ksplit, out_ok)
                     p7 = _slot(ws_ptrs, ws_stride_k, i + 7, n_ksplit, out_ok)
                     total = ((((((((total + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7)
-                _store_y(y_ptrs, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
+                _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
                 tl.store(lock_ptr, 0)
         else:
             tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
@@ -343,17 +354,17 @@ def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_str
             arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
             if arrived == n_ksplit - 1:
                 total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at the L2
-                _store_y(y_ptrs, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
+                _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
                 tl.store(ws_ptrs, tl.zeros_like(y), mask=out_ok)
                 tl.store(lock_ptr, 0)
     else:
-        _store_y(y_ptrs, y, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
+        _store_y(y_ptrs, r_old, y, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
 
 
 @triton.jit
-def _store_y(y_ptrs, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles, RES: tl.constexpr,
+def _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles, RES: tl.constexpr,
              NS: tl.constexpr):
     if RES:
-        store_residual(y_ptrs, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, NS)
+        store_residual(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, NS)
     else:
         tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)

@@ -316,7 +316,7 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 @triton.jit
 def _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE: tl.constexpr,
-           SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = False):
+           SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
     """x of rows ``row`` [W] (one per warp) for every batch row (SILU: silu(gate) * up, kernels/gemv_common.py
     ``load_x``), thresholded here (|x| > t, NaN dropped), in the [M_P, W] shape of the scratch-slot loads (no layout
     conversions): (act, x * act)."""
@@ -365,7 +365,7 @@ def _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P: tl.constexpr, KR: 
 @triton.jit
 def _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR: tl.constexpr,
                W: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None,
-               rs=None, NORM: tl.constexpr = False):
+               rs=None, NORM: tl.constexpr = 0):
     """The thresholded x of every step of W rows ([M_P, W] each, ``_row_x``), all loads issued together:
     (act, x) tuples."""
     acts = ()
@@ -405,7 +405,7 @@ def _all_loaded(wts, K, KR: tl.constexpr, W: tl.constexpr):
 def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok,
                 stride_qk, scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
                 SILU: tl.constexpr, X_DTYPE: tl.constexpr, H2: tl.constexpr = False, nw_ptr=None, rs=None,
-                NORM: tl.constexpr = False):
+                NORM: tl.constexpr = 0):
     """No compaction (DENSE, a K-range with enough active rows): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
@@ -612,7 +612,7 @@ def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
                 scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
                 R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
                 EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr, SILU: tl.constexpr,
-                X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = False):
+                X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
     """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
     row addresses independent of any load; it issues the instructions of every row. R = 4 or LOADS_FIRST: the R
     rows' loads of a step are written before their FMAs."""
@@ -683,7 +683,7 @@ def _sgemv_kernel(
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
-    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0, NORM: tl.constexpr = False, RES: tl.constexpr = False,
+    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0, NORM: tl.constexpr = 0, RES: tl.constexpr = False,
     NS: tl.constexpr = 1,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
@@ -707,7 +707,7 @@ def _sgemv_kernel(
         wait_previous_kernel(PDL == 2)  # (PDL 2: the parameters above were read before the wait)
         rs = 1.0
         if NORM:  # the input is the RMSNorm of the residual stream: each batch row's factor, from the producer's sums
-            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS)
+            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS, NORM)
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
                                            T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
@@ -745,7 +745,7 @@ def _sgemv_kernel(
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
         rs = 1.0
         if NORM:  # the input is the RMSNorm of the residual stream: each batch row's factor, from the producer's sums
-            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS)
+            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS, NORM)
         mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
                                            T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
         XP: tl.constexpr = H2 and M_P > 1
@@ -974,7 +974,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     nso = p.norm_sums if p.norm_sums is not None else p.x
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants, nw_ptr=nw, nsi_ptr=nsi, nso_ptr=nso, norm_eps=float(eps),
-        NORM=p.norm is not None, RES=p.residual is not None, NS=NORM_SLOTS,
+        NORM=0 if p.norm is None else 2 if p.m == 1 else 1, RES=p.residual is not None, NS=NORM_SLOTS,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
         LOADS_FIRST=shape.loads_first,

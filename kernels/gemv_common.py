@@ -220,10 +220,11 @@ def norm_factor(ns_ptr, M, K, eps, M_P: tl.constexpr, NS: tl.constexpr, NORM: tl
     NS per-column-tile sums of squares a producer GEMV wrote (``store_residual``; the same value in every program)."""
     sl = tl.arange(0, NS)
     if NORM == 2:
-        return 1.0 / tl.sqrt(tl.sum(tl.load(ns_ptr + sl), axis=0) / K + eps)
-    mm = tl.arange(0, M_P)
-    ss = tl.load(ns_ptr + mm[:, None] * NS + sl[None, :], mask=(mm < M)[:, None], other=0.0)
-    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
+        total = tl.sum(tl.load(ns_ptr + sl), axis=0)
+    else:
+        mm = tl.arange(0, M_P)
+        total = tl.sum(tl.load(ns_ptr + mm[:, None] * NS + sl[None, :], mask=(mm < M)[:, None], other=0.0), axis=1)
+    return 1.0 / tl.sqrt(total / K + eps)
 
 
 @triton.jit

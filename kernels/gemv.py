@@ -157,3 +157,74 @@ def sparse_gemv_silu_into_op(gate: Tensor, up: Tensor, qweight: Tensor, scales: 
 @sparse_gemv_silu_into_op.register_fake
 def _(gate, up, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size, out, clear):
     return None
+
+
+# the RMSNorm between two projections split over them (kernels/gemv_launch.py): the producer form adds the product
+# into the residual stream and writes its sums of squares; the consumer form normalizes the stream as it loads it
+@torch.library.custom_op("teal_quant::sparse_gemv_residual", mutates_args=("residual", "norm_sums"))
+def sparse_gemv_residual_op(x: Tensor, up: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                            threshold_tensor: Tensor | None, threshold_value: float, bits: int, group_size: int,
+                            residual: Tensor, norm_sums: Tensor) -> None:
+    threshold = threshold_tensor if threshold_tensor is not None else threshold_value
+    if use_triton(x):
+        from . import gemv_launch
+
+        if up is None:
+            gemv_launch.sparse_gemv(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
+                                    residual=residual, norm_sums=norm_sums)
+        else:
+            gemv_launch.sparse_gemv_silu(x, up, qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
+                                         residual=residual, norm_sums=norm_sums)
+        return
+    if up is None:
+        y = reference.sparse_gemv_ref(x, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+    else:
+        y = reference.sparse_gemv_silu_ref(x, up, qweight, scales, zeros, threshold, bits=bits, group_size=group_size)
+    reference.add_residual_ref(y, residual, norm_sums)
+
+
+@sparse_gemv_residual_op.register_fake
+def _(x, up, qweight, scales, zeros, threshold_tensor, threshold_value, bits, group_size, residual, norm_sums):
+    return None
+
+
+def _fused_normed(h, norm_weight, norm_sums, eps, qweight, scales, zeros, thresholds, split_sizes, bits, group_size,
+                  out=None, clear=None) -> Tensor:
+    norm = (norm_weight, norm_sums, eps)
+    if use_triton(h):
+        from . import gemv_launch
+
+        return gemv_launch.sparse_gemv_fused(h, qweight, scales, zeros, thresholds, split_sizes, bits=bits,
+                                             group_size=group_size, out=out, clear=clear, norm=norm)
+    x = reference.rms_norm_from_sums_ref(h, *norm)
+    y = reference.sparse_gemv_fused_ref(x, qweight, scales, zeros, thresholds, split_sizes, bits=bits,
+                                        group_size=group_size)
+    if out is not None:
+        _accumulate_ref(y, out, clear)
+    return y
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_fused_normed", mutates_args=())
+def sparse_gemv_fused_normed_op(h: Tensor, norm_weight: Tensor, norm_sums: Tensor, eps: float, qweight: Tensor,
+                                scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes: list[int], bits: int,
+                                group_size: int) -> Tensor:
+    return _fused_normed(h, norm_weight, norm_sums, eps, qweight, scales, zeros, thresholds, split_sizes, bits,
+                         group_size)
+
+
+@sparse_gemv_fused_normed_op.register_fake
+def _(h, norm_weight, norm_sums, eps, qweight, scales, zeros, thresholds, split_sizes, bits, group_size):
+    return h.new_empty(h.shape[0], _n_of(qweight, bits))
+
+
+@torch.library.custom_op("teal_quant::sparse_gemv_fused_normed_into", mutates_args=("out", "clear"))
+def sparse_gemv_fused_normed_into_op(h: Tensor, norm_weight: Tensor, norm_sums: Tensor, eps: float, qweight: Tensor,
+                                     scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes: list[int],
+                                     bits: int, group_size: int, out: Tensor, clear: Tensor | None) -> None:
+    _fused_normed(h, norm_weight, norm_sums, eps, qweight, scales, zeros, thresholds, split_sizes, bits, group_size,
+                  out, clear)
+
+
+@sparse_gemv_fused_normed_into_op.register_fake
+def _(h, norm_weight, norm_sums, eps, qweight, scales, zeros, thresholds, split_sizes, bits, group_size, out, clear):
+    return None

@@ -143,3 +143,48 @@ def test_gemv_sums_without_the_split_k_tail_change_no_bit(tmp_path, device, laye
     else:
         a, b = runs[True][1].float(), runs[False][1].float()
         assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+def test_split_norms_match_the_add_rms_norm_step(teal_llama, device, monkeypatch):
+    """FusedDecodeStep at batch 1 with the RMSNorms split over the GEMVs (`split_norms`: o_proj and down add into the
+    residual stream and write its sums of squares, q/k/v and gate/up normalize it as they load it; no add_rms_norm
+    launch) gives the greedy tokens and logits of the add_rms_norm step: bit for bit on the interpreter (its
+    programs run in order, and here the sums of squares round alike), within 2 % on CUDA (another summation order can
+    round a normalized value the other way and flip a threshold). The last step has the counters on: the modules'
+    path, the same forms in torch ops (tests/runtime/test_decode_step.py checks them against the add_rms_norm step in
+    float32); torch rounds to nearest where the interpreter's casts truncate, so there only the tokens are compared."""
+    from teal_quant import kernels
+    from teal_quant.runtime.fusion import fuse_projections
+    from teal_quant.runtime.modules import reset_stats
+
+    model = teal_llama.to(device)
+    fuse_projections(model)
+    calls = {"n": 0}
+    real = kernels.add_rms_norm
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "add_rms_norm", counted)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]], device=device)
+    runs = {}
+    for split in (True, False):
+        reset_stats(model)
+        dec = Decoder(model, batch_size=1, max_length=6 + 4, fused_step=True, cuda_graph=False,
+                      fused_step_options={"split_norms": split})
+        assert (dec._fused.norm_sums is not None) == split
+        tokens, logits = [dec.prefill(ids)], []
+        calls["n"] = 0
+        for i in range(3):
+            dec.track_sparsity = i == 2
+            tokens.append(dec.step(tokens[-1]))
+            logits.append(dec.logits.float().clone())
+        runs[split] = (torch.stack(tokens), logits, calls["n"])
+    assert runs[True][2] == 0 and runs[False][2] == 3 * 4  # 2 layers: 3 add_rms_norm per step and the final one
+    assert torch.equal(runs[True][0], runs[False][0])
+    for a, b in zip(runs[True][1][:2], runs[False][1][:2]):
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:
+            assert float((a - b).norm() / b.norm()) < 2e-2

@@ -379,6 +379,19 @@ def _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0,
 
 
 @triton.jit
+def _scratch_x(scr_x_ptr, part, K, k0, wv, mm, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr):
+    """``_preload_x`` from the x the threshold pass wrote in order (``_store_rows``): (act, x) per step of W rows,
+    act = x != 0 (the thresholded x is 0 exactly where a row is inactive or adds 0)."""
+    acts = ()
+    xrs = ()
+    for r in tl.static_range(KR // W):
+        xr = tl.load(scr_x_ptr + (part * K + k0 + r * W + wv)[None, :] * M_P + mm[:, None])
+        acts = acts + (xr != 0.0,)
+        xrs = xrs + (xr,)
+    return acts, xrs
+
+
+@triton.jit
 def _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR: tl.constexpr, W: tl.constexpr,
                   EVICT: tl.constexpr):
     """PRELOAD 2 (batch 1): the words of all KR rows, each load predicated on its row being active (x read first:
@@ -418,7 +431,7 @@ def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
     row = krow + tl.arange(0, W)
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
-    elif SILU:
+    elif SILU or NORM > 0:  # (NORM: the normalized x, likewise: rs and the norm weight not live in the loop)
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
         act = xr != 0.0
     else:
@@ -711,9 +724,13 @@ def _sgemv_kernel(
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
                                            T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
-        if PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
+        if PRELOAD > 0 and NORM > 0 and not (H2 and M_P > 1):  # the normalized x written once, read per step
+            _store_rows(xm, mm, k0, part, K, scr_x_ptr, M_P, KR)
+            acts, xrs = _scratch_x(scr_x_ptr, part, K, k0, wv, mm, M_P, KR, W)
+        elif PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
             acts, xrs = _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR, W,
                                    T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
+        if PRELOAD > 0 and not (H2 and M_P > 1):
             if PRELOAD == 2 and M_P == 1:
                 wts = _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR, W, EVICT)
         xsum = tl.sum(xm, axis=1)
@@ -733,9 +750,9 @@ def _sgemv_kernel(
                 ibase = part * K + k0
                 if not in_place:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-                elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
+                elif (H2 and M_P > 1) or ((SILU or NORM > 0) and PRELOAD == 0):  # the in-place rows read x there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
-            elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):
+            elif (H2 and M_P > 1) or ((SILU or NORM > 0) and PRELOAD == 0):
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)

@@ -30,7 +30,8 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 PTR = {"x_ptr": "*bf16", "t_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",
-       "scr_i_ptr": "*i32", "scr_x_ptr": "*fp32", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*bf16"}
+       "scr_i_ptr": "*i32", "scr_x_ptr": "*fp32", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*bf16",
+       "u_ptr": "*bf16", "clear_ptr": "*fp32", "nw_ptr": "*bf16", "nsi_ptr": "*fp32", "nso_ptr": "*fp32"}
 INTS = {"stride_xm", "t_stride_part", "M", "N", "K", "G", "stride_qk", "stride_sg", "stride_ym", "END0", "END1",
         "n_ksplit", "magic", "KR"}
 NOT_DIVISIBLE = ("t_stride_part", "magic", "M", "KR")
@@ -47,7 +48,7 @@ def core_spec(shape, a):
                  ALIGNED=True, OUT_DTYPE=triton.language.bfloat16, EMULATE=False, BITS=4, W=shape.warps, R=shape.rows,
                  VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe, EVICT=shape.evict_first, STAGES=shape.stages,
                  GROUPS=shape.groups, DENSE=dense, H2=shape.h2, PRELOAD=shape.preload,
-                 LOOKAHEAD=shape.lookahead, LOADS_FIRST=shape.loads_first)
+                 LOOKAHEAD=shape.lookahead, LOADS_FIRST=shape.loads_first, SILU=False, ACC=False, CLEAR=False)
     steps = shape.k_range * shape.groups // (shape.warps * shape.rows)  # all rows (compacted: at most this)
     weights = shape.k_range * shape.groups * 32 * shape.vec * 8 / (32 * shape.warps)
     return gemv_triton._sgemv_kernel, const, shape.warps, steps, weights
@@ -83,11 +84,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--t-mode", type=int, default=1)
     ap.add_argument("--sass", default=None)
+    ap.add_argument("--const", default="{}", help="more constexprs as JSON, e.g. '{\"SILU\": true}'")
     a = ap.parse_args()
     d = json.loads(a.shape)
     shape = shape_from_dict({"kernel": "core", **d})
     fn, const, warps, steps, weights = (splitk_spec if shape.kernel == "splitk" else core_spec)(shape, a)
     const["M"] = a.m
+    for name, default in (("NORM", 0), ("RES", False), ("NS", 1)):  # (kernels that have them)
+        if name in fn.arg_names:
+            const.setdefault(name, default)
+    const.update(json.loads(a.const))
     const.setdefault("PDL", 0)  # programmatic dependent launch off (kernels/pdl_triton.py)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -96,7 +102,7 @@ def main() -> None:
         elif name in PTR:
             sig[name] = PTR[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "t_value":
+        elif name in ("t_value", "norm_eps"):
             sig[name] = "fp32"
         else:
             assert name in INTS, name

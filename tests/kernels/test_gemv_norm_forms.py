@@ -36,6 +36,8 @@ CASES = [  # (launch shape, batch): split-K core, one K-split (no atomics), in p
     (CORE, 1),
     (CoreShape(vec=1, warps=2, rows=2, k_range=32, h2=True, groups=8), 1),
     (CoreShape(vec=1, warps=2, rows=4, k_range=32, dense=100, h2=True, preload=1), 2),
+    (CoreShape(vec=1, warps=2, rows=2, k_range=32, h2=True, preload=2), 1),  # (NORM: x from the scratch list)
+    (CoreShape(vec=1, warps=2, rows=2, k_range=32, h2=True, dense=60), 1),  # in place or compacted by the count
     (MmaShape(32, 16, 4, 32), 3),
 ]
 IDS = [f"{type(s).__name__}-m{m}-{i}" for i, (s, m) in enumerate(CASES)]

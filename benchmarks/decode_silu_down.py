@@ -60,11 +60,6 @@ OPTIONS = {  # the FusedDecodeStep option compared: (title, what fused / separat
                    "fused: FusedDecodeStep(accumulate=True) (q/k/v, o_proj and down add into per-layer float32 "
                    "buffers: no counter, no last-program tail; attention and add_rms_norm round the sums); separate: "
                    "accumulate=False (every GEMV ends with the split-K tail and writes bf16)"),
-    "split_norms": ("RMSNorms split over the GEMVs around them",
-                    "fused: FusedDecodeStep(split_norms=True) at batch 1 (o_proj and down add into the residual stream "
-                    "in their split-K tail and write its sums of squares; the q/k/v and gate/up GEMVs normalize the "
-                    "stream where they load it: no add + RMSNorm launch between them); separate: split_norms=False "
-                    "(add_rms_norm launches); bit-equality is not expected (another summation order of the squares)"),
 }
 OPTION = "silu_down"
 MODELS = {"llama3-8b": (0.5, (1, 4, 16), 4), "llama3-70b": (0.4, (1,), 1)}  # level, batches, batch of the check
@@ -203,8 +198,7 @@ def main() -> int:
               "pdl": {f: kernels.dispatch.programmatic_launch(torch.device("cuda"), f)
                       for f in kernels.dispatch.PDL_FAMILIES},
               "steps": args.steps, "rounds": args.rounds, "models": {}, "down_gemv": {}, "option": OPTION}
-    stem = args.stem or {"silu_down": "decode_silu_down_", "accumulate": "decode_sums_",
-                         "split_norms": "decode_split_norms_"}[OPTION] + (
+    stem = args.stem or {"silu_down": "decode_silu_down_", "accumulate": "decode_sums_"}[OPTION] + (
         "h200" if "H200" in report["gpu"] else "gpu")
     args.out.mkdir(parents=True, exist_ok=True)
 

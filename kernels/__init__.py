@@ -21,7 +21,6 @@ from torch import Tensor
 
 from .dispatch import triton_available, use_triton
 from .reference import (
-    NORM_SLOTS,
     count_inactive_ref,
     dense_gemm_ref,
     dequantize,
@@ -56,13 +55,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "triton_available",
-    "NORM_SLOTS",
 ]
-
-
-def _check_producer(residual, norm_sums, out, clear) -> None:
-    if out is not None or clear is not None or residual is None or norm_sums is None:
-        raise ValueError("residual= needs norm_sums= and excludes out= / clear=")
 
 
 def _split_threshold(threshold) -> tuple[Tensor | None, float]:
@@ -72,8 +65,7 @@ def _split_threshold(threshold) -> tuple[Tensor | None, float]:
 
 
 def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
-                out: Tensor | None = None, clear: Tensor | None = None, residual: Tensor | None = None,
-                norm_sums: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
     """y [M, N] in x.dtype = (x * (|x| > threshold)) @ W^T (DESIGN.md "Kernel API").
 
     threshold: python float, 0-dim tensor on x's device (changing its value needs no recompile / graph recapture),
@@ -84,21 +76,10 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
     This drops the kernel's split-K tail. clear: another float32 [M, N] buffer that the same launch zeroes (an earlier
     call's ``out``, already read), so that buffers are reused without a memset launch. Custom op
     ``teal_quant::sparse_gemv_into``.
-
-    residual / norm_sums (the producer form of the RMSNorm that follows, e.g. o_proj before the MLP's norm): the
-    product is added into ``residual`` [M, N] in place (rounded to its dtype, as ``residual + hidden_states``), the
-    new residual's per-row sums of squares go to ``norm_sums`` (float32 [M, NORM_SLOTS], split over the kernel's column
-    tiles: a consumer sums each row) and ``residual`` is returned; no y is written. ``sparse_gemv_fused(..., norm=)``
-    is the consumer. Custom op ``teal_quant::sparse_gemv_residual``.
     """
     from . import gemv
 
     t_tensor, t_value = _split_threshold(threshold)
-    if residual is not None or norm_sums is not None:
-        _check_producer(residual, norm_sums, out, clear)
-        gemv.sparse_gemv_residual_op(x, None, qweight, scales, zeros, t_tensor, t_value, bits, group_size, residual,
-                                     norm_sums)
-        return residual
     if out is not None:
         gemv.sparse_gemv_into_op(x, qweight, scales, zeros, t_tensor, t_value, bits, group_size, out, clear)
         return out
@@ -108,22 +89,15 @@ def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thres
 
 
 def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
-                     group_size: int, out: Tensor | None = None, clear: Tensor | None = None,
-                     residual: Tensor | None = None, norm_sums: Tensor | None = None) -> Tensor:
+                     group_size: int, out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
     """The Llama MLP's down projection of a decode step in one launch: ``sparse_gemv(silu_mul(gate, up), ...)``, the
     GEMV computing silu(gate) * up (rounded as :func:`silu_mul` rounds, so the result is the same to the bit) where it
     reads its input, the threshold applied to that product. gate, up [M, K] (e.g. the halves of a fused gate/up
-    output); threshold, out, clear, residual and norm_sums as for :func:`sparse_gemv`. Custom op
-    ``teal_quant::sparse_gemv_silu`` (with out: ``teal_quant::sparse_gemv_silu_into``; with residual:
-    ``teal_quant::sparse_gemv_residual``)."""
+    output); threshold, out and clear as for :func:`sparse_gemv`. Custom op ``teal_quant::sparse_gemv_silu`` (with
+    out: ``teal_quant::sparse_gemv_silu_into``)."""
     from . import gemv
 
     t_tensor, t_value = _split_threshold(threshold)
-    if residual is not None or norm_sums is not None:
-        _check_producer(residual, norm_sums, out, clear)
-        gemv.sparse_gemv_residual_op(gate, up, qweight, scales, zeros, t_tensor, t_value, bits, group_size, residual,
-                                     norm_sums)
-        return residual
     if out is not None:
         gemv.sparse_gemv_silu_into_op(gate, up, qweight, scales, zeros, t_tensor, t_value, bits, group_size, out, clear)
         return out
@@ -144,32 +118,14 @@ def sparse_gemv_fused(
     group_size: int,
     out: Tensor | None = None,
     clear: Tensor | None = None,
-    norm: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """One launch for several projections of one input (q/k/v, gate/up) concatenated along N.
 
     thresholds: [n_parts] tensor (or [n_parts, K] per-channel); split_sizes: N of each part (each a multiple of 8).
     Returns y [M, sum(split_sizes)]; part p is (x * (|x| > thresholds[p])) @ W_p^T. Split it with
     ``y.split(split_sizes, dim=-1)``. out / clear: as in `sparse_gemv` (custom op ``teal_quant::sparse_gemv_fused_into``).
-
-    norm=(weight, norm_sums, eps) (the consumer form): x is the residual stream h and the input of every part is
-    RMSNorm(h) = weight * (h * rsqrt(mean(h^2) + eps)) (rounded as :func:`rms_norm`), mean(h^2) from the sums a
-    producer call wrote (``sparse_gemv(..., residual=, norm_sums=)``), computed where the kernel loads its input: the
-    add + RMSNorm launch between the two projections is gone. Custom ops ``teal_quant::sparse_gemv_fused_normed``
-    (``_into`` with out).
     """
     from . import gemv
-
-    if norm is not None:
-        weight, norm_sums, eps = norm
-        if out is not None:
-            gemv.sparse_gemv_fused_normed_into_op(x, weight, norm_sums, float(eps), qweight, scales, zeros, thresholds,
-                                                  list(split_sizes), bits, group_size, out, clear)
-            return out
-        if clear is not None:
-            raise ValueError("clear needs out")
-        return gemv.sparse_gemv_fused_normed_op(x, weight, norm_sums, float(eps), qweight, scales, zeros, thresholds,
-                                                list(split_sizes), bits, group_size)
 
     if out is not None:
         gemv.sparse_gemv_fused_into_op(x, qweight, scales, zeros, thresholds, list(split_sizes), bits, group_size, out,

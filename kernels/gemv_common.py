@@ -59,13 +59,6 @@ class GemvProblem:
     up: Tensor | None = None
     out: Tensor | None = None  # fp32 [M, N], zero on entry: the call adds its product into it (no split-K tail)
     clear: Tensor | None = None  # fp32 [M, N]: zeroed by the call (an earlier call's `out`, already consumed)
-    # the producer form: y added into this residual stream [M, N] (x.dtype) in place, its per-row sums of squares
-    # split over the column tiles into norm_sums [M, NORM_SLOTS] fp32 (the next RMSNorm's statistics)
-    residual: Tensor | None = None
-    norm_sums: Tensor | None = None
-    # the consumer form: x holds the residual stream and the input is RMSNorm(x) with (weight [K], the producer's
-    # norm_sums, eps)
-    norm: tuple[Tensor, Tensor, float] | None = None
 
     @property
     def m(self) -> int:
@@ -130,7 +123,7 @@ def prepare(p: GemvProblem, block_n: int, k_range: int, tiles_per_program: int =
     tiles = sum(triton.cdiv(e - b, span) for b, e in zip(starts, p.ends))
     dev = p.x.device
     acc = p.out is not None
-    y = p.out if acc else p.residual if p.residual is not None else _empty(m, n, dtype=p.x.dtype, device=dev)
+    y = p.out if acc else _empty(m, n, dtype=p.x.dtype, device=dev)
     if scratch:  # scratch lists: every slot a program reads was written by it in this call
         scr_i = _device_buffer(("scratch_rows",), dev, len(p.ends) * k, torch.int32, zero=False)
         scr_x = _device_buffer(("scratch_x",), dev, len(p.ends) * k * m_p, torch.float32, zero=False)
@@ -193,57 +186,15 @@ def tile_qparams(s_ptr, z_ptr, start, end, k0, G, stride_sg, BLOCK_N: tl.constex
 
 
 @triton.jit
-def load_x(x_ptr, u_ptr, offs, mask, SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None, ks=None, rs=None,
-           NORM: tl.constexpr = 0):
+def load_x(x_ptr, u_ptr, offs, mask, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
     """The input at ``offs`` as fp32 (0 where masked off). SILU: silu(gate) * up of the gate at x_ptr and the up at
     u_ptr (same offsets: equal strides), computed and rounded as kernels.silu_mul (``silu_and_mul``), so the value
-    and the threshold decision are the ones of the separate SiLU-and-mul launch to the last bit. NORM: x_ptr holds
-    the residual stream h and the input is RMSNorm(h) with weight ``nw_ptr`` at input channels ``ks`` and the
-    per-batch-row factor ``rs`` (``norm_factor``: NORM 1 [M_P]; NORM 2 a scalar, batch 1: no layout conversion of a
-    [M_P] vector into every tile that uses it), rounded as kernels.rms_norm rounds."""
+    and the threshold decision are the ones of the separate SiLU-and-mul launch to the last bit."""
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SILU:
         uv = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xv = silu_and_mul(xv, uv, X_DTYPE).to(tl.float32)
-    if NORM == 1:
-        w = tl.load(nw_ptr + ks).to(tl.float32)
-        xv = (w * (xv * rs[:, None]).to(X_DTYPE).to(tl.float32)).to(X_DTYPE).to(tl.float32)
-    elif NORM == 2:
-        w = tl.load(nw_ptr + ks).to(tl.float32)
-        xv = (w * (xv * rs).to(X_DTYPE).to(tl.float32)).to(X_DTYPE).to(tl.float32)
     return xv
-
-
-@triton.jit
-def norm_factor(ns_ptr, M, K, eps, M_P: tl.constexpr, NS: tl.constexpr, NORM: tl.constexpr):
-    """1 / sqrt(mean(h^2) + eps) of each batch row of the residual stream ([M_P]; NORM 2: M_P 1, a scalar), from the
-    NS per-column-tile sums of squares a producer GEMV wrote (``store_residual``; the same value in every program)."""
-    sl = tl.arange(0, NS)
-    if NORM == 2:
-        total = tl.sum(tl.load(ns_ptr + sl), axis=0)
-    else:
-        mm = tl.arange(0, M_P)
-        total = tl.sum(tl.load(ns_ptr + mm[:, None] * NS + sl[None, :], mask=(mm < M)[:, None], other=0.0), axis=1)
-    return 1.0 / tl.sqrt(total / K + eps)
-
-
-@triton.jit
-def store_residual(y_ptrs, r, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles,
-                   NS: tl.constexpr):
-    """The producer form (RES): ``y_ptrs`` [M_P, BLOCK_N] point into the residual stream, which becomes
-    (residual + total rounded) rounded, as kernels.add_rms_norm updates it; this column tile's sum of squares of the new
-    values goes to slot ``tile`` of each batch row's NS slots (``ns_ptrs`` [M_P]), and tile 0 zeroes the slots past
-    ``n_tiles``, so a consumer sums every slot (``norm_factor``). ``r``: the residual's old values (fp32), loaded by
-    every program before the split-K counter (no other program writes this tile's columns), so the last one does not
-    wait for them after it."""
-    h = (r + total.to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE)
-    tl.store(y_ptrs, h, mask=out_ok)
-    hf = h.to(tl.float32)
-    tl.store(ns_ptrs + tile, tl.sum(tl.where(out_ok, hf * hf, 0.0), axis=1), mask=ns_ok)
-    if tile == 0:
-        sl = tl.arange(0, NS)
-        tl.store(ns_ptrs[:, None] + sl[None, :], tl.zeros([ns_ptrs.shape[0], NS], tl.float32),
-                 mask=ns_ok[:, None] & (sl >= n_tiles)[None, :])
 
 
 @triton.jit
@@ -267,15 +218,14 @@ def above_threshold(xv, t_ptr, t_value, t_stride_part, part, ks, T_MODE: tl.cons
 @triton.jit
 def threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M,
                    M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr,
-                   X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
-    """x[:, k0 .. k0 + KR] of every batch row (SILU: silu(gate) * up; NORM: RMSNorm of the residual stream;
-    ``load_x``) and which entries survive |x| > t: (mm, m_ok, act, x * act). T_MODE 0: a python float t_value; 1: a
-    0-dim (or per-part scalar) tensor; 2: [K] per-input-channel thresholds. NaN compares False: dropped."""
+                   X_DTYPE: tl.constexpr):
+    """x[:, k0 .. k0 + KR] of every batch row (SILU: silu(gate) * up, ``load_x``) and which entries survive |x| > t:
+    (mm, m_ok, act, x * act). T_MODE 0: a python float t_value; 1: a 0-dim (or per-part scalar) tensor; 2: [K]
+    per-input-channel thresholds. NaN compares False: dropped."""
     mm = tl.arange(0, M_P)
     m_ok = mm < M
     rk = tl.arange(0, KR)
-    xv = load_x(x_ptr, u_ptr, mm[:, None] * stride_xm + (k0 + rk)[None, :], m_ok[:, None], SILU, X_DTYPE,
-                nw_ptr, (k0 + rk)[None, :], rs, NORM)
+    xv = load_x(x_ptr, u_ptr, mm[:, None] * stride_xm + (k0 + rk)[None, :], m_ok[:, None], SILU, X_DTYPE)
     act = above_threshold(xv, t_ptr, t_value, t_stride_part, part, k0 + rk, T_MODE, 1)
     act = act & m_ok[:, None]
     return mm, m_ok, act, tl.where(act, xv, 0.0)
@@ -310,18 +260,12 @@ def _slot(ws_ptrs, ws_stride_k, i, n_ksplit, out_ok):
 @triton.jit
 def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
                    SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                   clear_ptrs=None, ACC: tl.constexpr = False, CLEAR: tl.constexpr = False,
-                   ns_ptrs=None, ns_ok=None, tile=0, n_tiles=1, RES: tl.constexpr = False, NS: tl.constexpr = 1):
+                   clear_ptrs=None, ACC: tl.constexpr = False, CLEAR: tl.constexpr = False):
     """Not SPLIT: store y. SPLIT: fp32 atomics into a workspace that is zero before the call; the last program of
     the column tile (a counter) reads the sum at the L2, writes y and leaves workspace and counter zero again.
     DET: the partial goes to its own slot (pid_k) and the last program sums the slots in order (bit-reproducible).
     ACC: the workspace is the caller's fp32 output: partials are only added (no counter, no last-program tail, whose
-    L2 round trips end every split-K call); its consumer rounds it. CLEAR: the first K-split zeroes `clear_ptrs`.
-    RES (the producer form, [M_P, BLOCK_N] tiles): y_ptrs point into the residual stream, which the final sum is added
-    to, with the tile's sums of squares in the norm slots (``store_residual``)."""
-    r_old = 0.0
-    if RES:
-        r_old = tl.load(y_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+    L2 round trips end every split-K call); its consumer rounds it. CLEAR: the first K-split zeroes `clear_ptrs`."""
     if ACC:
         if CLEAR:
             if pid_k == 0:
@@ -347,7 +291,7 @@ def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_str
                     p6 = _slot(ws_ptrs, ws_stride_k, i + 6, n_ksplit, out_ok)
                     p7 = _slot(ws_ptrs, ws_stride_k, i + 7, n_ksplit, out_ok)
                     total = ((((((((total + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7)
-                _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
+                tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
                 tl.store(lock_ptr, 0)
         else:
             tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
@@ -355,17 +299,8 @@ def reduce_split_k(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_str
             arrived = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
             if arrived == n_ksplit - 1:
                 total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=out_ok, sem="acquire")  # read at the L2
-                _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
+                tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
                 tl.store(ws_ptrs, tl.zeros_like(y), mask=out_ok)
                 tl.store(lock_ptr, 0)
     else:
-        _store_y(y_ptrs, r_old, y, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, RES, NS)
-
-
-@triton.jit
-def _store_y(y_ptrs, r_old, total, out_ok, OUT_DTYPE: tl.constexpr, ns_ptrs, ns_ok, tile, n_tiles, RES: tl.constexpr,
-             NS: tl.constexpr):
-    if RES:
-        store_residual(y_ptrs, r_old, total, out_ok, OUT_DTYPE, ns_ptrs, ns_ok, tile, n_tiles, NS)
-    else:
-        tl.store(y_ptrs, total.to(OUT_DTYPE), mask=out_ok)
+        tl.store(y_ptrs, y.to(OUT_DTYPE), mask=out_ok)

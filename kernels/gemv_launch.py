@@ -19,20 +19,11 @@ compute where they load x (kernels/gemv_common.py ``load_x``; the others get sil
 ``out=`` (the decode step): the partials are added into the caller's fp32 [M, N] buffer and the call ends there, without
 the split-K tail (a counter and the last program's read and store: L2 round trips at the end of every call); the next
 kernel rounds the sum to the activation dtype as it reads it, and a later call zeroes the buffer (``clear=``).
-
-The RMSNorm between two projections of a decoder layer, split over them (the decode step at batch 1): the producer
-form ``residual=, norm_sums=`` (o_proj, down) adds its product into the residual stream in place and writes the new
-stream's sums of squares per column tile; the consumer form ``norm=(weight, norm_sums, eps)`` (the q/k/v and gate/up
-groups) reads the stream and computes RMSNorm(h) where it loads its input (kernels/gemv_common.py ``load_x``), so no
-add + RMSNorm launch and its dependent round trips run between them. The CUDA-core family (``NORM_FAMILIES``) does
-both; a call that picks another family, or a producer with more column tiles than ``NORM_SLOTS``, runs the same
-computation apart (the norm in torch ops, then the plain call; the residual update after it).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,7 +31,6 @@ from torch import Tensor
 from . import gemv_mma_triton, gemv_splitk_triton, gemv_triton, reference
 from .dispatch import CoreShape, GemvShape, MmaShape, SplitKShape, fit_k_range, fits, pick_gemv
 from .gemv_common import MAX_M, MAX_PARTS, TL_DTYPE, GemvProblem
-from .reference import NORM_SLOTS
 
 FALLBACK = MmaShape(block_n=128, block_k=16, warps=4, k_range=128)  # when no rule of the table fits the call
 # kernel families that compute silu(gate) * up where they load x (the SiLU form); a call of the SiLU form that picks
@@ -48,7 +38,6 @@ FALLBACK = MmaShape(block_n=128, block_k=16, warps=4, k_range=128)  # when no ru
 # programs recomputes the SiLU of every x tile it streams (8B down at batch 16: 35.2 against 29.2 µs for silu_mul +
 # GEMV on the H200; benchmarks/results/decode_silu_down_h200.md); its SILU path stays, tested, for a table to opt in
 SILU_FAMILIES = frozenset({"core", "mma"})
-NORM_FAMILIES = frozenset({"core"})  # the families with the producer / consumer forms of the RMSNorm
 
 
 def check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> tuple[int, int, int]:
@@ -116,8 +105,6 @@ def _launch(p: GemvProblem, shape: GemvShape | None) -> Tensor:
     if shape is None:
         shape = pick_gemv(p.m, p.n, p.k, p.bits, p.group_size, p.x.device,
                           threshold=p.t_value if p.t_mode == 0 else p.t_tensor)
-    if (p.norm is not None or p.residual is not None) and not _core_norm_forms(p, shape):
-        return _norm_forms_apart(p, lambda plain: _launch(plain, shape))
     if p.up is not None and shape is not None and shape.kernel not in SILU_FAMILIES:
         p = _silu_mul_first(p)
     if isinstance(shape, SplitKShape):
@@ -129,34 +116,12 @@ def _launch(p: GemvProblem, shape: GemvShape | None) -> Tensor:
         y = gemv_triton.launch(p, shape)
         if y is not None:
             return y
-        if p.norm is not None or p.residual is not None:
-            return _norm_forms_apart(p, lambda plain: _launch(plain, None))
         shape = None
     if shape is None:
         shape = fit_k_range(FALLBACK, p.group_size)
         if not fits(shape, p.m, p.k, p.bits, p.group_size):  # no K-range of >= 16 rows divides the group
             return _reference(p)
     return gemv_mma_triton.launch(p, shape)
-
-
-def _core_norm_forms(p: GemvProblem, shape: GemvShape | None) -> bool:
-    """Whether the CUDA-core kernel runs the norm forms of ``p`` in its launch with ``shape``: a producer's column
-    tiles must fit the NORM_SLOTS slots of its sums."""
-    if not isinstance(shape, CoreShape) or "core" not in NORM_FAMILIES:
-        return False
-    return p.residual is None or -(-p.n // (32 * shape.vec * (32 // p.bits))) <= NORM_SLOTS
-
-
-def _norm_forms_apart(p: GemvProblem, plain_call: Callable[[GemvProblem], Tensor]) -> Tensor:
-    """The norm forms of ``p`` as separate steps: RMSNorm(x) from the producer's sums (consumer), ``plain_call`` of
-    the plain problem, the residual update and its sums of squares (producer). Returns what the fused call returns
-    (y, or the residual)."""
-    x = p.x if p.norm is None else reference.rms_norm_from_sums_ref(p.x, *p.norm)
-    y = plain_call(replace(p, x=x, norm=None, residual=None, norm_sums=None))
-    if p.residual is None:
-        return y
-    reference.add_residual_ref(y, p.residual, p.norm_sums)
-    return p.residual
 
 
 def _silu_mul_first(p: GemvProblem) -> GemvProblem:
@@ -169,8 +134,6 @@ def _silu_mul_first(p: GemvProblem) -> GemvProblem:
 
 def _reference(p: GemvProblem) -> Tensor:
     """The pure-torch result of ``p`` in x.dtype (``out`` / ``clear`` are the caller's: `run`)."""
-    if p.norm is not None or p.residual is not None:
-        return _norm_forms_apart(p, _reference)
     if p.up is not None:
         p = _silu_mul_first(p)
     if len(p.ends) == 1:
@@ -193,78 +156,26 @@ def check_out(out: Tensor | None, clear: Tensor | None, m: int, n: int, device) 
         raise ValueError("clear needs an out of its own (a buffer the call zeroes, not the one it adds into)")
 
 
-def _check_sums(norm_sums: Tensor, m: int, device) -> None:
-    if (norm_sums.dtype != torch.float32 or tuple(norm_sums.shape) != (m, NORM_SLOTS) or not norm_sums.is_contiguous()
-            or norm_sums.device != device):
-        raise ValueError(f"norm_sums must be a contiguous float32 [{m}, {NORM_SLOTS}] tensor on {device}, got "
-                         f"{norm_sums.dtype} {tuple(norm_sums.shape)} on {norm_sums.device}")
-
-
-def check_residual(x: Tensor, residual: Tensor | None, norm_sums: Tensor | None, out: Tensor | None, n: int) -> None:
-    """The producer form's buffers: residual [M, N] in x's dtype (unit column stride), norm_sums float32
-    [M, NORM_SLOTS], both or neither, and not with ``out``; ValueError otherwise."""
-    if residual is None and norm_sums is None:
-        return
-    if residual is None or norm_sums is None:
-        raise ValueError("residual and norm_sums go together (the producer form of the RMSNorm)")
-    if out is not None:
-        raise ValueError("residual= and out= exclude each other")
-    m = x.shape[0]
-    if (residual.dtype != x.dtype or tuple(residual.shape) != (m, n) or residual.stride(1) != 1
-            or residual.device != x.device):
-        raise ValueError(f"residual must be a {x.dtype} [{m}, {n}] tensor on {x.device} with a unit column stride, got "
-                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
-    _check_sums(norm_sums, m, x.device)
-
-
-def check_norm(x: Tensor, norm) -> tuple[Tensor, Tensor, float] | None:
-    """The consumer form's (weight [K] in x's dtype, norm_sums float32 [M, NORM_SLOTS], eps >= 0); ValueError
-    otherwise."""
-    if norm is None:
-        return None
-    try:
-        weight, norm_sums, eps = norm
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError("norm must be (weight, norm_sums, eps)") from None
-    m, k = x.shape
-    if (not isinstance(weight, Tensor) or weight.dtype != x.dtype or tuple(weight.shape) != (k,)
-            or not weight.is_contiguous() or weight.device != x.device):
-        raise ValueError(f"the norm weight must be a contiguous {x.dtype} [{k}] tensor on {x.device}")
-    if not isinstance(norm_sums, Tensor):
-        raise ValueError("norm_sums must be a tensor")
-    _check_sums(norm_sums, m, x.device)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return weight, norm_sums, eps
-
-
 def sparse_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int, group_size: int,
-                shape: GemvShape | None = None, out: Tensor | None = None, clear: Tensor | None = None,
-                residual: Tensor | None = None, norm_sums: Tensor | None = None) -> Tensor:
+                shape: GemvShape | None = None, out: Tensor | None = None, clear: Tensor | None = None) -> Tensor:
     """See the module docstring; ``shape`` overrides the table (tests and sweeps). ``out`` (fp32 [M, N], zero):
-    the product is added into it and it is returned; ``clear`` (fp32 [M, N]) is zeroed by the same launch.
-    ``residual`` / ``norm_sums``: the producer form (module docstring); returns the residual."""
+    the product is added into it and it is returned; ``clear`` (fp32 [M, N]) is zeroed by the same launch."""
     m, n, _ = check(x, qweight, scales, zeros, bits, group_size)
     check_out(out, clear, m, n, x.device)
-    check_residual(x, residual, norm_sums, out, n)
     t_mode, t_tensor, t_value = threshold_args(threshold, x.shape[-1], x.device)
     p = GemvProblem(x, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear, residual=residual,
-                    norm_sums=norm_sums)
+                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear)
     return run(p, shape)
 
 
 def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, threshold, *, bits: int,
                      group_size: int, shape: GemvShape | None = None, out: Tensor | None = None,
-                     clear: Tensor | None = None, residual: Tensor | None = None,
-                     norm_sums: Tensor | None = None) -> Tensor:
+                     clear: Tensor | None = None) -> Tensor:
     """``sparse_gemv(silu_mul(gate, up), ...)`` in one launch: gate, up [M, K] of one dtype and device (e.g. the two
     halves of a fused gate/up output). Up with another row stride than gate (at M > 1) takes the two launches.
-    ``out`` / ``clear`` / ``residual`` / ``norm_sums`` as in `sparse_gemv`."""
+    ``out`` / ``clear`` as in `sparse_gemv`."""
     m, n, _ = check(gate, qweight, scales, zeros, bits, group_size)
     check_out(out, clear, m, n, gate.device)
-    check_residual(gate, residual, norm_sums, out, n)
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or up.stride(1) != 1:
         raise ValueError(f"up must be like gate {gate.dtype} {tuple(gate.shape)} on {gate.device} with a unit column "
                          f"stride, got {up.dtype} {tuple(up.shape)} on {up.device}")
@@ -272,23 +183,20 @@ def sparse_gemv_silu(gate: Tensor, up: Tensor, qweight: Tensor, scales: Tensor, 
         from .elementwise_triton import silu_mul
 
         return sparse_gemv(silu_mul(gate, up), qweight, scales, zeros, threshold, bits=bits, group_size=group_size,
-                           shape=shape, out=out, clear=clear, residual=residual, norm_sums=norm_sums)
+                           shape=shape, out=out, clear=clear)
     t_mode, t_tensor, t_value = threshold_args(threshold, gate.shape[-1], gate.device)
     p = GemvProblem(gate, qweight, scales, zeros, t_mode, t_tensor, t_value, 0, (n,), bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), up, out=out, clear=clear, residual=residual,
-                    norm_sums=norm_sums)
+                    torch.are_deterministic_algorithms_enabled(), up, out=out, clear=clear)
     return run(p, shape)
 
 
 def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, thresholds: Tensor, split_sizes,
                       *, bits: int, group_size: int, shape: GemvShape | None = None, out: Tensor | None = None,
-                      clear: Tensor | None = None, norm=None) -> Tensor:
+                      clear: Tensor | None = None) -> Tensor:
     """Up to three projections concatenated along N (q/k/v, gate/up), thresholds [n_parts] or [n_parts, K];
-    ``out`` / ``clear`` as in `sparse_gemv`. ``norm=(weight, norm_sums, eps)``: the consumer form, x is the residual
-    stream and the input RMSNorm(x) (module docstring)."""
+    ``out`` / ``clear`` as in `sparse_gemv`."""
     m, n, _ = check(x, qweight, scales, zeros, bits, group_size)
     check_out(out, clear, m, n, x.device)
-    norm = check_norm(x, norm)
     split_sizes = [int(v) for v in split_sizes]
     k = x.shape[-1]
     if not 1 <= len(split_sizes) <= MAX_PARTS or sum(split_sizes) != n or any(v <= 0 or v % 8 for v in split_sizes):
@@ -304,5 +212,5 @@ def sparse_gemv_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
         raise ValueError(f"thresholds must be [n_parts] or [n_parts, K={k}], got {tuple(thresholds.shape)}")
     ends = tuple(int(v) for v in torch.tensor(split_sizes).cumsum(0).tolist())
     p = GemvProblem(x, qweight, scales, zeros, t_mode, thresholds, 0.0, stride, ends, bits, group_size,
-                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear, norm=norm)
+                    torch.are_deterministic_algorithms_enabled(), out=out, clear=clear)
     return run(p, shape)

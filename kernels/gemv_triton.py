@@ -28,7 +28,6 @@ from .gemv_common import (
     GemvProblem,
     compact_rows,
     load_x,
-    norm_factor,
     prepare,
     program_tile,
     reduce_split_k,
@@ -36,7 +35,6 @@ from .gemv_common import (
     tile_qparams,
 )
 from .pdl_triton import wait_previous_kernel
-from .reference import NORM_SLOTS
 
 FP32_MAGIC = 0x4B000000  # 2^23 as fp32 bits: OR-ing a value below 2^23 into its mantissa gives 2^23 + value
 
@@ -316,12 +314,11 @@ def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl
 
 @triton.jit
 def _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE: tl.constexpr,
-           SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
+           SILU: tl.constexpr, X_DTYPE: tl.constexpr):
     """x of rows ``row`` [W] (one per warp) for every batch row (SILU: silu(gate) * up, kernels/gemv_common.py
     ``load_x``), thresholded here (|x| > t, NaN dropped), in the [M_P, W] shape of the scratch-slot loads (no layout
     conversions): (act, x * act)."""
-    xv = load_x(x_ptr, u_ptr, row[None, :] + mm[:, None] * stride_xm, m_ok[:, None], SILU, X_DTYPE, nw_ptr,
-                row[None, :], rs, NORM)
+    xv = load_x(x_ptr, u_ptr, row[None, :] + mm[:, None] * stride_xm, m_ok[:, None], SILU, X_DTYPE)
     if T_MODE == 0:
         act = tl.abs(xv) > t_value
     elif T_MODE == 1:
@@ -364,29 +361,15 @@ def _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P: tl.constexpr, KR: 
 
 @triton.jit
 def _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR: tl.constexpr,
-               W: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr, nw_ptr=None,
-               rs=None, NORM: tl.constexpr = 0):
+               W: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
     """The thresholded x of every step of W rows ([M_P, W] each, ``_row_x``), all loads issued together:
     (act, x) tuples."""
     acts = ()
     xrs = ()
     for r in tl.static_range(KR // W):
         act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + r * W + wv, mm, m_ok, T_MODE,
-                         SILU, X_DTYPE, nw_ptr, rs, NORM)
+                         SILU, X_DTYPE)
         acts = acts + (act,)
-        xrs = xrs + (xr,)
-    return acts, xrs
-
-
-@triton.jit
-def _scratch_x(scr_x_ptr, part, K, k0, wv, mm, M_P: tl.constexpr, KR: tl.constexpr, W: tl.constexpr):
-    """``_preload_x`` from the x the threshold pass wrote in order (``_store_rows``): (act, x) per step of W rows,
-    act = x != 0 (the thresholded x is 0 exactly where a row is inactive or adds 0)."""
-    acts = ()
-    xrs = ()
-    for r in tl.static_range(KR // W):
-        xr = tl.load(scr_x_ptr + (part * K + k0 + r * W + wv)[None, :] * M_P + mm[:, None])
-        acts = acts + (xr != 0.0,)
         xrs = xrs + (xr,)
     return acts, xrs
 
@@ -417,8 +400,7 @@ def _all_loaded(wts, K, KR: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, krow, mm, m_ok, word, w_ok,
                 stride_qk, scr_x_ptr, K, M_P: tl.constexpr, W: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr,
-                SILU: tl.constexpr, X_DTYPE: tl.constexpr, H2: tl.constexpr = False, nw_ptr=None, rs=None,
-                NORM: tl.constexpr = 0):
+                SILU: tl.constexpr, X_DTYPE: tl.constexpr, H2: tl.constexpr = False):
     """No compaction (DENSE, a K-range with enough active rows): rows krow + w (one per warp) read in place, thresholded here (|x| > t, NaN dropped);
     an inactive row's load is predicated off (no memory traffic; its words read as 0 and its x is 0, so it adds
     exactly 0). x and t are loaded in the [M_P, W] shape of the scratch-slot loads (no layout conversions).
@@ -431,12 +413,11 @@ def _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
     row = krow + tl.arange(0, W)
     if H2 and M_P > 1:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
-    elif SILU or NORM > 0:  # (NORM: the normalized x, likewise: rs and the norm weight not live in the loop)
+    elif SILU:
         xr = tl.load(scr_x_ptr + (part * K + row)[None, :] * M_P + mm[:, None])
         act = xr != 0.0
     else:
-        act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE, SILU, X_DTYPE,
-                         nw_ptr, rs, NORM)
+        act, xr = _row_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, row, mm, m_ok, T_MODE, SILU, X_DTYPE)
     if M_P == 1:
         wd = _live_row_load(qw_ptr, row, act, word, w_ok, stride_qk, EVICT)
     else:
@@ -625,7 +606,7 @@ def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
                 scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR: tl.constexpr, M_P: tl.constexpr, W: tl.constexpr,
                 R: tl.constexpr, BITS: tl.constexpr, T_MODE: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
                 EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr, SILU: tl.constexpr,
-                X_DTYPE: tl.constexpr, nw_ptr=None, rs=None, NORM: tl.constexpr = 0):
+                X_DTYPE: tl.constexpr):
     """Every row of the K-range in place, inactive ones predicated off (DENSE): no scratch round trip, no barrier,
     row addresses independent of any load; it issues the instructions of every row. R = 4 or LOADS_FIRST: the R
     rows' loads of a step are written before their FMAs."""
@@ -637,7 +618,7 @@ def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
             for r in tl.static_range(R):
                 wd, xr = _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
                                      mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, SILU, X_DTYPE,
-                                     H2, nw_ptr, rs, NORM)
+                                     H2)
                 wds = wds + (wd,)
                 xs = xs + (xr,)
             a0, a1, a2, a3, a4, a5, a6, a7 = _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7,
@@ -646,7 +627,7 @@ def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
             for r in tl.static_range(R):
                 wd, xr = _dense_rows(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + j + r * W,
                                      mm, m_ok, word, w_ok, stride_qk, scr_x_ptr, K, M_P, W, T_MODE, EVICT, SILU, X_DTYPE,
-                                     H2, nw_ptr, rs, NORM)
+                                     H2)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _row_fma(wd, xr, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, BITS, M_P, W, F16, EMULATE, H2)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
@@ -688,16 +669,15 @@ def _warp_sums(a0, a1, a2, a3, a4, a5, a6, a7, BITS: tl.constexpr, M_P: tl.const
 @triton.jit
 def _sgemv_kernel(
     x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part,
-    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr, clear_ptr, nw_ptr, nsi_ptr, nso_ptr,
-    M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic, norm_eps,
+    qw_ptr, s_ptr, z_ptr, scr_i_ptr, scr_x_ptr, ws_ptr, lock_ptr, y_ptr, clear_ptr,
+    M, N, K, G, stride_qk, stride_sg, stride_ym, END0, END1, n_ksplit, magic,
     M_P: tl.constexpr, KR: tl.constexpr, T_MODE: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr, DET: tl.constexpr,
     ACC: tl.constexpr, CLEAR: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
-    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0, NORM: tl.constexpr = 0, RES: tl.constexpr = False,
-    NS: tl.constexpr = 1,
+    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     wait_previous_kernel(PDL == 1 or (PDL == 2 and GROUPS > 1))
@@ -718,19 +698,12 @@ def _sgemv_kernel(
             if PRELOAD == 1 or M_P > 1:
                 wts = _preload_rows(qw_ptr, k0, wv, word, w_ok, stride_qk, M_P, KR, W, ALIGNED, EVICT)
         wait_previous_kernel(PDL == 2)  # (PDL 2: the parameters above were read before the wait)
-        rs = 1.0
-        if NORM:  # the input is the RMSNorm of the residual stream: each batch row's factor, from the producer's sums
-            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS, NORM)
         # 2. threshold and compact rows k0 .. k0 + KR (union over the M rows of x)
         mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
-                                           T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
-        if PRELOAD > 0 and NORM > 0 and not (H2 and M_P > 1):  # the normalized x written once, read per step
-            _store_rows(xm, mm, k0, part, K, scr_x_ptr, M_P, KR)
-            acts, xrs = _scratch_x(scr_x_ptr, part, K, k0, wv, mm, M_P, KR, W)
-        elif PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
+                                           T_MODE, SILU, OUT_DTYPE)
+        if PRELOAD > 0 and not (H2 and M_P > 1):  # x of every row in the loop's [M_P, W] layout, loaded together
             acts, xrs = _preload_x(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, wv, mm, m_ok, KR, W,
-                                   T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
-        if PRELOAD > 0 and not (H2 and M_P > 1):
+                                   T_MODE, SILU, OUT_DTYPE)
             if PRELOAD == 2 and M_P == 1:
                 wts = _preload_live(qw_ptr, k0, wv, word, w_ok, stride_qk, acts, KR, W, EVICT)
         xsum = tl.sum(xm, axis=1)
@@ -750,9 +723,9 @@ def _sgemv_kernel(
                 ibase = part * K + k0
                 if not in_place:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
-                elif (H2 and M_P > 1) or ((SILU or NORM > 0) and PRELOAD == 0):  # the in-place rows read x there
+                elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
-            elif (H2 and M_P > 1) or ((SILU or NORM > 0) and PRELOAD == 0):
+            elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
@@ -760,17 +733,14 @@ def _sgemv_kernel(
         # several K-ranges per program: each is thresholded and compacted into its own KR slots as above; the
         # zero-point and offset term of each (sum of x times s * (z + offset)) is summed here in the column layout,
         # the scales of sum x q are applied per warp when the row loop leaves a K-range (_fold)
-        rs = 1.0
-        if NORM:  # the input is the RMSNorm of the residual stream: each batch row's factor, from the producer's sums
-            rs = norm_factor(nsi_ptr, M, K, norm_eps, M_P, NS, NORM)
         mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, M, M_P, KR,
-                                           T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
+                                           T_MODE, SILU, OUT_DTYPE)
         XP: tl.constexpr = H2 and M_P > 1
         if XP:  # the pairs written at compaction need the span's per-row scale first: max |x| over its K-ranges
             xabs = _x_absmax(xm, True)
             for gi in tl.static_range(1, GROUPS):
                 _, _, _, xmi = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0 + gi * KR, M,
-                                              M_P, KR, T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
+                                              M_P, KR, T_MODE, SILU, OUT_DTYPE)
                 xabs = tl.maximum(xabs, _x_absmax(xmi, True))
             xscale = _x_scale(xabs)
             c, ibase = compact_rows(act, _x_pairs(xm, xscale), mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
@@ -785,7 +755,7 @@ def _sgemv_kernel(
         for gi in tl.static_range(1, GROUPS):
             ki = k0 + gi * KR
             mm, m_ok, act, xm = threshold_rows(x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, ki, M, M_P, KR,
-                                               T_MODE, SILU, OUT_DTYPE, nw_ptr, rs, NORM)
+                                               T_MODE, SILU, OUT_DTYPE)
             if XP:
                 ci, _ = compact_rows(act, _x_pairs(xm, xscale), mm, ki, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
             else:
@@ -846,14 +816,12 @@ def _sgemv_kernel(
     elif DENSE == 100:
         a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                      w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE,
-                                                         nw_ptr, rs, NORM)
+                                                     M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE)
     elif DENSE > 0:
         if in_place:
             a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                          w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
-                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE,
-                                                         nw_ptr, rs, NORM)
+                                                         M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE)
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
                                                                stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
@@ -959,8 +927,7 @@ def _sgemv_kernel(
     out_ok = m_ok[:, None] & n_ok[None, :]
     reduce_split_k(y, y_ptr + mm[:, None] * stride_ym + cols[None, :], ws_ptr + mm[:, None] * N + cols[None, :],
                    lock_ptr + pid_n, out_ok, pid_k, n_ksplit, M * N, SPLIT, DET, OUT_DTYPE,
-                   clear_ptr + mm[:, None] * N + cols[None, :], ACC, CLEAR, nso_ptr + mm * NS, m_ok, pid_n,
-                   tl.num_programs(0), RES, NS)
+                   clear_ptr + mm[:, None] * N + cols[None, :], ACC, CLEAR)
 
 
 def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
@@ -987,11 +954,8 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # fp16-pair unpack into fp32)
     h2 = shape.h2 and p.bits == 4 and p.m <= CORE_MAX_M and p.x.dtype != torch.float32
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
-    nw, nsi, eps = p.norm if p.norm is not None else (p.x, p.x, 0.0)  # (unused pointers when not NORM / RES)
-    nso = p.norm_sums if p.norm_sums is not None else p.x
     _sgemv_kernel[call.grid](
-        **call.args, magic=FP32_MAGIC, **call.constants, nw_ptr=nw, nsi_ptr=nsi, nso_ptr=nso, norm_eps=float(eps),
-        NORM=0 if p.norm is None else 2 if p.m == 1 else 1, RES=p.residual is not None, NS=NORM_SLOTS,
+        **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
         LOADS_FIRST=shape.loads_first,

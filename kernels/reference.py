@@ -33,16 +33,11 @@ __all__ = [
     "sparse_gemv_silu_ref",
     "dense_gemm_ref",
     "rms_norm_ref",
-    "rms_norm_from_sums_ref",
-    "add_residual_ref",
     "silu_mul_ref",
     "rotary_ref",
 ]
 
 _SHIFTS4 = tuple(range(0, 32, 4))
-# per batch row, the slots of a GEMV producer's sums of squares of the residual stream (one per column tile of its
-# kernel; `add_residual_ref`, kernels.sparse_gemv's ``norm_sums``)
-NORM_SLOTS = 64
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -238,23 +233,6 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x32 = x.to(torch.float32)
     variance = x32.pow(2).mean(-1, keepdim=True)
     return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def rms_norm_from_sums_ref(h: Tensor, weight: Tensor, norm_sums: Tensor, eps: float) -> Tensor:
-    """RMSNorm of h [M, K] whose statistics come from a producer GEMV: mean(h^2) = norm_sums.sum(1) / K (the sparse
-    GEMV's consumer form, ``kernels.sparse_gemv_fused(..., norm=)``); rounded as :func:`rms_norm_ref`."""
-    rs = 1.0 / torch.sqrt(norm_sums.to(torch.float32).sum(-1, keepdim=True) / h.shape[-1] + eps)  # (as the kernel)
-    return weight * (h.to(torch.float32) * rs).to(h.dtype)
-
-
-def add_residual_ref(y: Tensor, residual: Tensor, norm_sums: Tensor) -> None:
-    """The sparse GEMV's producer form after its product y [M, N]: residual <- residual + y (rounded to residual's
-    dtype, as ``residual + hidden_states``), and norm_sums [M, S] <- the per-row sums of squares of the new residual
-    (here all in slot 0; the kernel splits them over its column tiles, a consumer sums the row)."""
-    h = residual + y.to(residual.dtype)
-    residual.copy_(h)
-    norm_sums.zero_()
-    norm_sums[:, 0] = h.to(torch.float32).pow(2).sum(-1)
 
 
 def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:

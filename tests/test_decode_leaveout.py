@@ -2,25 +2,16 @@
 (the recording, which the Decoder's graph capture uses as its warm-up) and not at all afterwards, while its callers get
 the recorded outputs; every other part keeps running. On the CPU with a tiny synthetic Llama (the kernels' references)."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
-from _support import ROOT
+from _support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def leaveout():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("decode_leaveout", ROOT / "benchmarks" / "decode_leaveout.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return load_benchmark("decode_leaveout")
 
 
 @pytest.fixture(scope="module")

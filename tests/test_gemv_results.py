@@ -1,16 +1,11 @@
 """benchmarks/gemv.py keeps rows it does not re-measure (`--keep-from`): each row carries the run that measured it,
 and the report names those runs in one flat line, however many runs in a row kept them."""
 
-import importlib.util
-
-from _support import ROOT
+from _support import load_benchmark
 
 
 def load_gemv_script():
-    spec = importlib.util.spec_from_file_location("gemv_bench", ROOT / "benchmarks" / "gemv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gemv")
 
 
 def test_kept_rows_name_the_run_that_measured_them():
@@ -44,16 +39,7 @@ def test_a_partial_remeasure_keeps_the_other_layers_of_that_batch_and_names_them
 
 
 def load_sweep_script():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("gemv_sweep", ROOT / "benchmarks" / "gemv_sweep.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return load_benchmark("gemv_sweep")
 
 
 def test_a_sweep_of_some_layers_replaces_only_their_exact_rules():

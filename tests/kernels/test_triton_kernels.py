@@ -170,10 +170,13 @@ def test_core_kernel_shapes(device, poison, cfg, bits, m):
     compaction wrote every slot."""
     vec, warps, rows, kr, pipe, evict, stages = cfg
     k, n, g = 256, (72 if not ON_GPU else 3000), 128
+    if not ON_GPU and kr <= 64:
+        k, g = 128, 64  # interpreter (cost ~ K): still >= 2 K-ranges (split-K) and 2 quantization groups, kr <= g
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=7)
     for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False)):  # both int4 unpacks (fp16 pairs, fp32 exponent trick)
         shape = CoreShape(vec=vec, warps=warps, rows=rows, k_range=kr, f16=f16, pipe=bool(pipe), evict_first=bool(evict),
                           stages=stages)
+        assert fits(shape, m, k, bits, g)  # the core kernel, not a fallback, takes every call
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(device)
         t = threshold_for(x, sp)
         y = gemv.sparse_gemv(x, qw, s, z, torch.tensor(t, device=device), bits=bits, group_size=g, shape=shape)
@@ -204,9 +207,12 @@ def test_core_kernel_groups_and_dense(device, poison, kw, bits, m):
     int4 unpacks, per-channel thresholds with a NaN input (dropped), unaligned N, calls in a row (split-K workspace
     left zero), and a span covering all of K (no split-K)."""
     k, n, g = 256, (72 if not ON_GPU else 3000), 64
+    if not ON_GPU and kw.get("groups", 1) * kw["k_range"] <= 64:
+        k = 128  # interpreter (cost ~ K), as test_core_kernel_h2: still >= 2 spans (split-K), g 64 spans 2 groups
     q, qw, s, z = make_layer(k, n, g, bits, torch.bfloat16, device, seed=9)
     for seed, sp, f16 in ((1, 0.5, True), (2, 0.0, False), (3, 0.8, True)):
         shape = CoreShape(f16=f16, **kw)
+        assert fits(shape, m, k, bits, g)  # the core kernel, not a fallback, takes every call
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
         t = threshold_for(x, sp)
         x[0, 5] = float("nan")

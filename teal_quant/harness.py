@@ -15,13 +15,34 @@ import teal_quant: `teal-quant lm-eval ARGS...` runs that command line with the 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 _REGISTRY_MODULE = "lm_eval.api.registry"
 MODEL_NAME = "teal"
 DEFAULT_PREFILL = "sparse"
+# stderr of lm-eval's bootstrapped metrics (perplexity, f1, bleu...): resamples, drawn in this process. lm-eval's
+# default (100,000 in a multiprocessing pool) forks after torch has started its threads, which can deadlock: a
+# `teal-quant eval` of a perplexity task hung at "bootstrapping for stddev: perplexity" (EleutherAI/lm-evaluation-
+# harness#1485 reports the same pool deadlock); 1,000 in-process resamples take ~1 s for 5,000 documents.
+BOOTSTRAP_ITERS = 1000
+
+
+@contextmanager
+def _bootstrap_in_process():
+    """lm-eval's DISABLE_MULTIPROC for the duration of one evaluation (the caller's setting restored after)."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
 
 
 def install() -> None:
@@ -130,8 +151,9 @@ def evaluate_tasks(artifact: str | Path, tasks: list[str], *, levels: list[float
     for level in levels:
         lm.set_level(level)
         t = time.time()
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
-                                      num_fewshot=num_fewshot, log_samples=False)
+        with _bootstrap_in_process():
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
         seconds, sparsity = time.time() - t, lm.realized_sparsity()
         for task, metrics in out["results"].items():
             for key, value in metrics.items():

@@ -25,13 +25,25 @@ def values(rows, level):
 
 def test_sparse_prefill_measures_teal_and_level_0_equals_plain_hflm(tiny_artifact, monkeypatch):
     import lm_eval
+    import lm_eval.api.metrics as lm_metrics
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from teal_quant.harness import evaluate_tasks
+    from teal_quant.harness import BOOTSTRAP_ITERS, evaluate_tasks
 
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data file relative to the repository root
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    bootstraps = []  # (DISABLE_MULTIPROC, iters) of every bootstrapped stderr: no process pool forked after torch
+    real_bootstrap = lm_metrics.bootstrap_stderr
+
+    def recorded(f, xs, iters):
+        bootstraps.append((os.environ.get("DISABLE_MULTIPROC"), iters))
+        return real_bootstrap(f, xs, iters)
+
+    monkeypatch.setattr(lm_metrics, "bootstrap_stderr", recorded)
     rows = evaluate_tasks(tiny_artifact, NAMES, levels=[0.0, 0.5], include_path=[str(TASKS)], device="cpu")
+    assert bootstraps and set(bootstraps) == {("1", BOOTSTRAP_ITERS)} and "DISABLE_MULTIPROC" not in os.environ
+    assert all(r["stderr"] is not None for r in rows if r["metric"] == "perplexity")
     assert {r["metric"] for r in rows} == {"perplexity", "acc", "word_perplexity", "byte_perplexity", "bits_per_byte"}
     sparsity = {r["level"]: r["realized_sparsity"] for r in rows}
     assert sparsity[0.0] == 0.0 and sparsity[0.5] > 0.35  # sparse prefill: every scored token is thresholded
@@ -43,7 +55,8 @@ def test_sparse_prefill_measures_teal_and_level_0_equals_plain_hflm(tiny_artifac
 
     # level 0 is the plain quantized model: lm-eval's own HFLM on the artifact (transformers load) gives the same numbers
     hflm = HFLM(pretrained=str(tiny_artifact), device="cpu", dtype="float32")
-    out = lm_eval.simple_evaluate(model=hflm, tasks=NAMES, task_manager=TaskManager(include_path=str(TASKS)))
+    out = lm_eval.simple_evaluate(model=hflm, tasks=NAMES, task_manager=TaskManager(include_path=str(TASKS)),
+                                  bootstrap_iters=0)  # (values only: no stderr, no process pool in this worker)
     reference = {(task, key.split(",")[0]): v for task, m in out["results"].items() for key, v in m.items()
                  if key.split(",")[0] in {"perplexity", "acc", "word_perplexity", "byte_perplexity", "bits_per_byte"}}
     assert reference.keys() == dense.keys()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 _REGISTRY_MODULE = "lm_eval.api.registry"
 MODEL_NAME = "teal"
@@ -29,20 +29,6 @@ DEFAULT_PREFILL = "sparse"
 # `teal-quant eval` of a perplexity task hung at "bootstrapping for stddev: perplexity" (EleutherAI/lm-evaluation-
 # harness#1485 reports the same pool deadlock); 1,000 in-process resamples take ~1 s for 5,000 documents.
 BOOTSTRAP_ITERS = 1000
-
-
-@contextmanager
-def _bootstrap_in_process():
-    """lm-eval's DISABLE_MULTIPROC for the duration of one evaluation (the caller's setting restored after)."""
-    before = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("DISABLE_MULTIPROC", None)
-        else:
-            os.environ["DISABLE_MULTIPROC"] = before
 
 
 def install() -> None:
@@ -151,7 +137,7 @@ def evaluate_tasks(artifact: str | Path, tasks: list[str], *, levels: list[float
     for level in levels:
         lm.set_level(level)
         t = time.time()
-        with _bootstrap_in_process():
+        with mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):  # (lm-eval's switch; restored after)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                                           num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
         seconds, sparsity = time.time() - t, lm.realized_sparsity()

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 PTR = {"x_ptr": "*bf16", "t_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",
        "scr_i_ptr": "*i32", "scr_x_ptr": "*fp32", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*bf16",
-       "u_ptr": "*bf16", "clear_ptr": "*fp32", "nw_ptr": "*bf16", "nsi_ptr": "*fp32", "nso_ptr": "*fp32"}
+       "u_ptr": "*bf16", "clear_ptr": "*fp32"}
 INTS = {"stride_xm", "t_stride_part", "M", "N", "K", "G", "stride_qk", "stride_sg", "stride_ym", "END0", "END1",
         "n_ksplit", "magic", "KR"}
 NOT_DIVISIBLE = ("t_stride_part", "magic", "M", "KR")
@@ -90,9 +90,6 @@ def main() -> None:
     shape = shape_from_dict({"kernel": "core", **d})
     fn, const, warps, steps, weights = (splitk_spec if shape.kernel == "splitk" else core_spec)(shape, a)
     const["M"] = a.m
-    for name, default in (("NORM", 0), ("RES", False), ("NS", 1)):  # (kernels that have them)
-        if name in fn.arg_names:
-            const.setdefault(name, default)
     const.update(json.loads(a.const))
     const.setdefault("PDL", 0)  # programmatic dependent launch off (kernels/pdl_triton.py)
     sig, attrs = {}, {}
@@ -102,7 +99,7 @@ def main() -> None:
         elif name in PTR:
             sig[name] = PTR[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("t_value", "norm_eps"):
+        elif name == "t_value":
             sig[name] = "fp32"
         else:
             assert name in INTS, name

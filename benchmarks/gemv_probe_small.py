@@ -1,6 +1,7 @@
 """Round 10 (docs/kernels.md): where the small layers' time goes at batch 1 (and 8B q/o, qkv at batch 4), measured;
 since round 12 also the 8B MLP layers (``--layers mlp``: gate_up, down and the fused gate/up's grid as one N = 28672
-call, with a probe that loads no weights).
+call, with a probe that loads no weights); since stop 28 the 70B layers with them (``--layers large``) and a probe
+whose active-row list costs nothing (``free_compact``: no scratch stores, barrier or slot loads; rows computed).
 
     PYTHONPATH=. python benchmarks/gemv_probe_small.py --out DIR [--workers 14] [--layers small|mlp]
 
@@ -51,14 +52,20 @@ LAYER_SETS = {
     # round 12: the 8B MLP layers at batch 1; "gate_up_n28672" is the fused gate/up's grid and launch shape as one
     # plain N = 28672 call (the fused call adds a threshold per part and a compaction per part and K-range)
     "mlp": {("8B", "gate_up"): (14336, 4096), ("8B", "down"): (4096, 14336), ("8B", "gate_up_n28672"): (28672, 4096)},
+    # stop 28: the 70B layers (several waves) beside the 8B MLP layers (one wave), for the free-compaction probe
+    "large": {("70B", "q_o"): (8192, 8192), ("70B", "qkv"): (10240, 8192), ("70B", "gate_up"): (28672, 8192),
+              ("70B", "down"): (8192, 28672), ("8B", "gate_up_n28672"): (28672, 4096), ("8B", "down"): (4096, 14336)},
 }
 LAYERS = LAYER_SETS["small"]
+KR_FREE = tl.constexpr(128)  # the K-range of every compacting pick the large set measures (v2/v4 kr128)
+TITLES = {"small": "Small-layer", "mlp": "8B MLP-layer", "large": "Large-layer (70B, 8B MLP)"}
 
 
 # -- probe versions of the kernel's helpers ---------------------------------------------------------------------------
 @triton.jit
 def _reduce_atomics_only(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
-                         SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                         SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                         clear_ptrs=None, ACC: tl.constexpr = False, CLEAR: tl.constexpr = False):
     """no tail: the partial is added to the workspace; no counter, no last program, y never written."""
     if SPLIT:
         tl.atomic_add(ws_ptrs, y, mask=out_ok, sem="relaxed")
@@ -68,7 +75,8 @@ def _reduce_atomics_only(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, 
 
 @triton.jit
 def _reduce_store_only(y, y_ptrs, ws_ptrs, lock_ptr, out_ok, pid_k, n_ksplit, ws_stride_k,
-                       SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                       SPLIT: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       clear_ptrs=None, ACC: tl.constexpr = False, CLEAR: tl.constexpr = False):
     """stores: every program stores its partial (same addresses), no atomics, no counter."""
     tl.store(ws_ptrs, y, mask=out_ok)
 
@@ -99,6 +107,24 @@ def _live_row_load_none(qw_ptr, row, act, word, w_ok, stride_qk, EVICT: tl.const
     """no weights (the in-place loop and preload 2): zeros in the shape of the rows' words, no load."""
     live = tl.reshape(act, [row.shape[0]])
     return (live[:, None].to(tl.int32) + word[None, :]) * 0
+
+
+@triton.jit
+def _compact_free(act, xm, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P: tl.constexpr, KR: tl.constexpr):
+    """free compaction (stop 28): only the active count; no scratch stores, no barrier (slots: _slot_load_free)."""
+    c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
+    return c, part * K + k0
+
+
+@triton.jit
+def _slot_load_free(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c, mm, M_P: tl.constexpr, MASK: tl.constexpr = True):
+    """free compaction: slot j is row k0 + 2 j (mod KR_FREE, then the odd rows: as many distinct rows as the real list, none loaded from a list),
+    x = 1 (slots past c: row k0, x = 0): the time the call would take if the active-row list cost nothing."""
+    ok = slot < c
+    r2 = 2 * slot  # even rows for slots < KR / 2, then the odd ones: c distinct rows of the K-range
+    row = tl.where(ok, k0 + r2 % KR_FREE + r2 // KR_FREE, k0)
+    xr = (ok[None, :] & (mm[:, None] >= 0)).to(tl.float32)
+    return row, xr
 
 
 @triton.jit
@@ -174,13 +200,16 @@ VARIANTS = {
     "stores": dict(reduce_split_k=_reduce_store_only),
     "no_fma": dict(_row_fma=_row_xor),
     "no_weights": dict(_row_load=_row_load_none, _live_row_load=_live_row_load_none),
+    "free_compact": dict(compact_rows=_compact_free, _slot_load=_slot_load_free),
+    "free_compact_no_tail": dict(compact_rows=_compact_free, _slot_load=_slot_load_free,
+                                 reduce_split_k=_reduce_atomics_only),
     "joined": dict(_warp_sums=_warp_sums_joined),
     "pdl_top": dict(program_tile=_program_tile_pdl_top),
     "pdl_early": dict(program_tile=_program_tile_pdl_trigger, threshold_rows=_threshold_rows_wait),
 }
 KERNELS = {name: _variant(**swaps) for name, swaps in VARIANTS.items()}
 PDL = {"pdl_top", "pdl_early"}
-WRONG = {"no_tail", "stores", "no_fma", "no_weights"}  # probes that give wrong results on purpose
+WRONG = {"no_tail", "stores", "no_fma", "no_weights", "free_compact", "free_compact_no_tail"}  # probes that give wrong results on purpose
 
 
 _PROBE_WS: dict = {}
@@ -195,7 +224,7 @@ def launch_variant(name: str, p: gemv_common.GemvProblem, shape: CoreShape) -> t
     call = prepare(p, block_n, shape.k_range)
     h2 = shape.h2 and p.bits == 4 and p.m <= dispatch.CORE_MAX_M
     extra = {"launch_pdl": True} if name in PDL else {}
-    if name in ("no_tail", "stores") and call.constants["SPLIT"]:  # these leave the workspace dirty: their own
+    if name in ("no_tail", "stores", "free_compact_no_tail") and call.constants["SPLIT"]:  # these leave the workspace dirty: their own
         ws = _PROBE_WS.get(p.x.device)
         if ws is None or ws.numel() < p.m * p.n:
             ws = _PROBE_WS[p.x.device] = torch.zeros(max(p.m * p.n, 1 << 16), dtype=torch.float32, device=p.x.device)
@@ -397,7 +426,7 @@ def write(out, meta, checks, rows, layers="small"):
 
 def markdown(meta, checks, rows, layers="small") -> str:
     ok = sum(c["error_over_tolerance"] <= 1 for c in checks)
-    lines = [f"# {'Small-layer' if layers == 'small' else '8B MLP-layer'} probes of the sparse GEMV ({meta['gpu']})", "",
+    lines = [f"# {TITLES[layers]} probes of the sparse GEMV ({meta['gpu']})", "",
              f"- command: `{meta['command']}`; date {meta['date']}; git commit {meta['commit']}; torch {meta['torch']}, "
              f"triton {meta['triton']}",
              "- µs per call, CUDA graphs of 40 calls over weight copies that defeat the L2 (benchmarks/gemv.py); int4 "

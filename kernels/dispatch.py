@@ -95,6 +95,11 @@ class CoreShape:
     # step before their FMAs at any R (without it only R = 4 does, in the h2 compacted loop and the in-place loop;
     # at R = 8 ptxas then spreads the row loads over the step, one slot -> row round trip after another: SASS), so
     # R rows per warp are in flight together: fewer dependent steps per program (made for the 0.5-1-wave layers)
+    shfl: bool = False  # stop 28, batch 1 on CUDA (elsewhere ignored): the compacted list in registers, one slot per
+    # lane (a ballot per 32 rows, the n-th set bit), each step's rows and x broadcast by warp shuffles: no scratch
+    # stores, barrier or slot loads (L2 round trips) before the row loads. Compacting loops that read slots a step at a
+    # time (pipe, loads_first, or h2 with rows 4); k_range a multiple of 32, at most 128 and 32 * warps; not with
+    # groups, stages or preload
     kernel = "core"
 
 
@@ -303,6 +308,10 @@ def fits(shape: GemvShape, m: int, k: int, bits: int, group_size: int) -> bool:
                               or shape.preload not in (1, 2)):
             return False
         if shape.lookahead and (not shape.preload or shape.lookahead < 0):
+            return False
+        if shape.shfl and (shape.groups > 1 or shape.stages > 1 or shape.preload or shape.dense == 100 or kr % 32
+                           or kr > min(128, 32 * shape.warps)
+                           or not (shape.pipe or shape.loads_first or (shape.h2 and shape.rows == 4))):
             return False
         return (m <= CORE_MAX_M and (not shape.pipe or shape.rows == 4 or shape.loads_first)
                 and (shape.stages == 1 or not shape.pipe))

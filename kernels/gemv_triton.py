@@ -290,6 +290,89 @@ def _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, slot, c, mm, M_P: tl.constexpr, 
     return row, xr
 
 
+# -- the compacted list in registers (SHFL, batch 1): one slot per lane, broadcast by warp shuffles ------------------
+# The [W] lane lists differ between the lanes of a warp although triton sees one element per row of the weight tile
+# (a slice layout whose lanes all hold the same elements): only inline asm reads them, each thread its own register,
+# and the loop's rows and x come out of a shuffle equal in every lane again. The masks come from [32] tensors whose
+# element l is held by lane l (checked in the GPU IR, benchmarks/profile/sass_core.py --ttgir).
+@triton.jit
+def _lane_id(like):
+    """The executing thread's lane, in the shape of ``like`` (values differ per lane)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ballot(act):
+    """Bit l set where lane l's ``act`` is true (every lane of the warp gets the same word)."""
+    return tl.inline_asm_elementwise("{ .reg .pred p;\n setp.ne.s32 p, $1, 0;\n vote.sync.ballot.b32 $0, p, -1; }",
+                                     "=r,r", [act.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nth_active(m0, m1, m2, m3, slot):
+    """Offset in the K-range of the slot-th active row (0-based) of the 128-bit mask m0..m3, -1 past the last."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 c1, c2, c3, t, m, n, b;\n .reg .pred q;\n"
+        " popc.b32 c1, $1;\n popc.b32 t, $2;\n add.u32 c2, c1, t;\n popc.b32 t, $3;\n add.u32 c3, c2, t;\n"
+        " popc.b32 t, $4;\n add.u32 t, c3, t;\n mov.u32 m, $1;\n mov.u32 n, $5;\n mov.u32 b, 0;\n"
+        " setp.ge.u32 q, $5, c1;\n @q mov.u32 m, $2;\n @q sub.u32 n, $5, c1;\n @q mov.u32 b, 32;\n"
+        " setp.ge.u32 q, $5, c2;\n @q mov.u32 m, $3;\n @q sub.u32 n, $5, c2;\n @q mov.u32 b, 64;\n"
+        " setp.ge.u32 q, $5, c3;\n @q mov.u32 m, $4;\n @q sub.u32 n, $5, c3;\n @q mov.u32 b, 96;\n"
+        " add.u32 n, n, 1;\n fns.b32 $0, m, 0, n;\n add.u32 $0, $0, b;\n"
+        " setp.ge.u32 q, $5, t;\n @q mov.u32 $0, -1; }",
+        "=r,r,r,r,r,r", [m0, m1, m2, m3, slot], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl(v, src):
+    """Lane ``src``'s v (int32) in every lane of the warp."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r", [v, src],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_above(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, rows, ok, T_MODE: tl.constexpr, SILU: tl.constexpr,
+             X_DTYPE: tl.constexpr):
+    """x of 1-D ``rows`` (batch 1; 0 where not ok) and whether it survives the threshold (threshold_rows' rule)."""
+    xv = load_x(x_ptr, u_ptr, rows, ok, SILU, X_DTYPE)
+    if T_MODE == 0:
+        act = tl.abs(xv) > t_value
+    elif T_MODE == 1:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part).to(tl.float32)
+    else:
+        act = tl.abs(xv) > tl.load(t_ptr + part * t_stride_part + rows, mask=ok, other=0.0).to(tl.float32)
+    return xv, act & ok
+
+
+@triton.jit
+def _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, KR: tl.constexpr, W: tl.constexpr,
+               T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The compacted list of rows k0 .. k0 + KR (batch 1) in registers -> (row offsets, x bits, active count c):
+    lane l holds, for each slot-row element e of the [W] tensors, slot e + W * l (the slots the warps holding e walk,
+    in order); slots past the last active row hold (0, 0), i.e. row k0 with x = 0 as the scratch list does. Every warp
+    takes the active-row mask itself, one ballot per 32 rows (x read again: L1 hits after threshold_rows): no scratch
+    stores, no barrier, no L2 round trip before the first row load (docs/kernels.md, stop 28)."""
+    lanes = tl.arange(0, 32)
+    ms = ()
+    c = 0
+    for i in tl.static_range(4):
+        if i < KR // 32:
+            _, act = _x_above(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0 + 32 * i + lanes, lanes < 32,
+                              T_MODE, SILU, X_DTYPE)
+            m = tl.max(_ballot(act), axis=0)  # the same word in every lane: a scalar
+            c += tl.sum(act.to(tl.int32), axis=0)
+        else:
+            m = 0
+        ms = ms + (m,)
+    lane = _lane_id(wv)
+    zero = lane * 0
+    off = _nth_active(ms[0] + zero, ms[1] + zero, ms[2] + zero, ms[3] + zero, wv + W * lane)
+    live = off >= 0
+    lrow = tl.where(live, off, 0)
+    xv, _ = _x_above(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0 + lrow, live, T_MODE, SILU, X_DTYPE)
+    return lrow, xv.to(tl.int32, bitcast=True), c
+
+
 @triton.jit
 def _row_load(qw_ptr, row, word, w_ok, stride_qk, M_P: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr):
     """The [W, NB] words of one gathered row per warp ([1, W, NB] for M_P > 1: the accumulators' layout)."""
@@ -553,13 +636,19 @@ def _fold(soff, start, end, a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, 
 
 
 @triton.jit
-def _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
-    """Row indices and x of the R compacted slots j + r * W + wv (r < R) of a step, all loads issued together:
-    (rows, xs) tuples."""
+def _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                lrow=0, lx=0, SHFL: tl.constexpr = False):
+    """Row indices and x of the R compacted slots j + r * W + wv (r < R) of a step, all loads issued together
+    (SHFL: shuffled out of the lane list of ``_lane_list``, lane j / W + r): (rows, xs) tuples."""
     rows = ()
     xs = ()
     for r in tl.static_range(R):
-        p, q = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
+        if SHFL:
+            src = lrow * 0 + (j // W + r)
+            p = k0 + _shfl(lrow, src)
+            q = _shfl(lx, src).to(tl.float32, bitcast=True)[None, :]
+        else:
+            p, q = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
         rows = rows + (p,)
         xs = xs + (q,)
     return rows, xs
@@ -589,11 +678,11 @@ def _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, BITS: t
 def _slots_fma(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
                a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
                ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr, EMULATE: tl.constexpr,
-               H2: tl.constexpr, WAIT_ALL: tl.constexpr):
+               H2: tl.constexpr, WAIT_ALL: tl.constexpr, lrow=0, lx=0, SHFL: tl.constexpr = False):
     """One step of the compacted loop with every load written before the FMAs: the R slot loads, then the R row
     loads, then the FMAs (at R = 4 with the fp16-pair FMAs ptxas otherwise issues 3 of the 24 loads of a step before
     the first HFMA2, and at R = 8 it spreads the row loads over the step: triton 3.6 SASS)."""
-    rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P, W, R)
+    rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, M_P, W, R, lrow, lx, SHFL)
     wds = ()
     for r in tl.static_range(R):
         wds = wds + (_row_load(qw_ptr, rows[r], word, w_ok, stride_qk, M_P, ALIGNED, EVICT),)
@@ -636,14 +725,16 @@ def _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, 
 def _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
                     a0, a1, a2, a3, a4, a5, a6, a7, M_P: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
                     BITS: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr, F16: tl.constexpr,
-                    EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr):
+                    EMULATE: tl.constexpr, H2: tl.constexpr, LOADS_FIRST: tl.constexpr, lrow=0, lx=0,
+                    SHFL: tl.constexpr = False):
     """The c compacted rows of the K-range: warp wv takes slots wv, wv + W, ...; R rows per warp per step (h2 at R = 4,
-    or LOADS_FIRST: the step's loads written before its FMAs)."""
+    or LOADS_FIRST: the step's loads written before its FMAs; SHFL: the list in registers, one of these two)."""
     for j in range(0, c, W * R):
         if (H2 and R == 4) or LOADS_FIRST:
             a0, a1, a2, a3, a4, a5, a6, a7 = _slots_fma(
                 scr_i_ptr, scr_x_ptr, ibase, k0, j, wv, c, mm, qw_ptr, word, w_ok, stride_qk, magic, xscale, K,
-                a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R, BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+                a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R, BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST,
+                lrow, lx, SHFL)
         else:
             for r in tl.static_range(R):
                 row, xr = _slot_load(scr_i_ptr, scr_x_ptr, ibase, k0, j + r * W + wv, c, mm, M_P)
@@ -677,7 +768,7 @@ def _sgemv_kernel(
     BITS: tl.constexpr, W: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
     F16: tl.constexpr, PIPE: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr = 1, GROUPS: tl.constexpr = 1,
     DENSE: tl.constexpr = 0, H2: tl.constexpr = False, PRELOAD: tl.constexpr = 0, LOOKAHEAD: tl.constexpr = 0,
-    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0,
+    LOADS_FIRST: tl.constexpr = False, PDL: tl.constexpr = 0, SHFL: tl.constexpr = False,
 ):
     """One launch: threshold + compaction + gathered-row GEMV + split-K reduction (see the module docstring)."""
     wait_previous_kernel(PDL == 1 or (PDL == 2 and GROUPS > 1))
@@ -716,17 +807,25 @@ def _sgemv_kernel(
             xs = _x_pairs(xm, xscale)
         else:
             xs = xm
+        lrow = 0
+        lx = 0
+        if SHFL:  # batch 1: the compacted list in registers (one slot per lane), no scratch list
+            lrow, lx, c = _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, tl.arange(0, W), KR, W,
+                                     T_MODE, SILU, OUT_DTYPE)
         if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
             if DENSE < 100:  # (100: always in place, and this kernel holds no compaction)
-                c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
+                if not SHFL:
+                    c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
                 in_place = c * 100 >= DENSE * KR
                 ibase = part * K + k0
-                if not in_place:
+                if not in_place and not SHFL:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
                 elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
             elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
+        elif SHFL:
+            ibase = part * K + k0
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
@@ -825,15 +924,16 @@ def _sgemv_kernel(
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
                                                                stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
-                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST,
+                                                               lrow, lx, SHFL)
     elif PIPE:  # the next step's row indices and x are loaded before this step's FMAs (prefetch); R = 4, or any R
         # with LOADS_FIRST (the same loop over tuples)
-        rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, 0, wv, c, mm, M_P, W, R)
+        rows, xs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, 0, wv, c, mm, M_P, W, R, lrow, lx, SHFL)
         for j in range(0, c, W * R):
             wds = ()
             for r in tl.static_range(R):
                 wds = wds + (_row_load(qw_ptr, rows[r], word, w_ok, stride_qk, M_P, ALIGNED, EVICT),)
-            rows, nxs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j + R * W, wv, c, mm, M_P, W, R)
+            rows, nxs = _slots_rows(scr_i_ptr, scr_x_ptr, ibase, k0, j + R * W, wv, c, mm, M_P, W, R, lrow, lx, SHFL)
             a0, a1, a2, a3, a4, a5, a6, a7 = _rows_fma(wds, xs, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7,
                                                        BITS, M_P, W, R, F16, EMULATE, H2, LOADS_FIRST)
             xs = nxs
@@ -890,7 +990,8 @@ def _sgemv_kernel(
     else:
         a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
                                                            stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
-                                                           BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST)
+                                                           BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST,
+                                                           lrow, lx, SHFL)
     # 4. reduce over the warps (one pass per value J: fewer barriers than a joined reduction), interleave the
     #    per-value accumulators back to columns word * PER + J (in registers), remove the offsets, scale once
     if H2 and GROUPS == 1:  # the fp16 pairs (J, J + 4) -> eight fp32 accumulators (GROUPS > 1: done in _fold)
@@ -954,11 +1055,14 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     # fp16-pair unpack into fp32)
     h2 = shape.h2 and p.bits == 4 and p.m <= CORE_MAX_M and p.x.dtype != torch.float32
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
+    # the register list (inline PTX: not under the interpreter, which takes the scratch list: same slots, same sums)
+    shfl = (shape.shfl and p.m == 1 and groups == 1 and not call.constants["EMULATE"]
+            and (pipe or shape.loads_first or (h2 and shape.rows == 4)))
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,
         BITS=p.bits, W=shape.warps, R=shape.rows, VEC=shape.vec, F16=f16, PIPE=pipe, STAGES=1 if pipe else shape.stages,
         GROUPS=groups, DENSE=dense, H2=h2, PRELOAD=preload, LOOKAHEAD=shape.lookahead if preload else 0,
-        LOADS_FIRST=shape.loads_first,
+        LOADS_FIRST=shape.loads_first, SHFL=shfl,
         EVICT=shape.evict_first and not call.constants["EMULATE"], num_warps=shape.warps, num_stages=1, **extra,
         **call.options,
     )

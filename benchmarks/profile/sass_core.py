@@ -48,7 +48,7 @@ def core_spec(shape, a):
                  ALIGNED=True, OUT_DTYPE=triton.language.bfloat16, EMULATE=False, BITS=4, W=shape.warps, R=shape.rows,
                  VEC=shape.vec, F16=shape.f16, PIPE=shape.pipe, EVICT=shape.evict_first, STAGES=shape.stages,
                  GROUPS=shape.groups, DENSE=dense, H2=shape.h2, PRELOAD=shape.preload,
-                 LOOKAHEAD=shape.lookahead, LOADS_FIRST=shape.loads_first, SILU=False, ACC=False, CLEAR=False)
+                 LOOKAHEAD=shape.lookahead, LOADS_FIRST=shape.loads_first, SHFL=shape.shfl, SILU=False, ACC=False, CLEAR=False)
     steps = shape.k_range * shape.groups // (shape.warps * shape.rows)  # all rows (compacted: at most this)
     weights = shape.k_range * shape.groups * 32 * shape.vec * 8 / (32 * shape.warps)
     return gemv_triton._sgemv_kernel, const, shape.warps, steps, weights
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--t-mode", type=int, default=1)
     ap.add_argument("--sass", default=None)
+    ap.add_argument("--ttgir", default=None, help="write triton's GPU IR (layouts, conversions) here")
     ap.add_argument("--const", default="{}", help="more constexprs as JSON, e.g. '{\"SILU\": true}'")
     a = ap.parse_args()
     d = json.loads(a.shape)
@@ -111,6 +112,9 @@ def main() -> None:
     if shape.maxnreg:
         opts["maxnreg"] = shape.maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    if a.ttgir:
+        with open(a.ttgir, "w") as f:
+            f.write(k.asm["ttgir"])
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])

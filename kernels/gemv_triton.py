@@ -345,13 +345,10 @@ def _x_above(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, rows, ok, T_MODE
 
 
 @triton.jit
-def _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, KR: tl.constexpr, W: tl.constexpr,
-               T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
-    """The compacted list of rows k0 .. k0 + KR (batch 1) in registers -> (row offsets, x bits, active count c):
-    lane l holds, for each slot-row element e of the [W] tensors, slot e + W * l (the slots the warps holding e walk,
-    in order); slots past the last active row hold (0, 0), i.e. row k0 with x = 0 as the scratch list does. Every warp
-    takes the active-row mask itself, one ballot per 32 rows (x read again: L1 hits after threshold_rows): no scratch
-    stores, no barrier, no L2 round trip before the first row load (docs/kernels.md, stop 28)."""
+def _lane_masks(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, KR: tl.constexpr, T_MODE: tl.constexpr,
+                SILU: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The active rows of k0 .. k0 + KR (batch 1) as four 32-bit masks (scalars; 0 past KR) and their count: every
+    warp takes them itself, one ballot per 32 rows (x read again: L1 hits after threshold_rows), no barrier."""
     lanes = tl.arange(0, 32)
     ms = ()
     c = 0
@@ -364,13 +361,23 @@ def _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, KR: tl
         else:
             m = 0
         ms = ms + (m,)
+    return ms[0], ms[1], ms[2], ms[3], c
+
+
+@triton.jit
+def _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, m0, m1, m2, m3, W: tl.constexpr,
+               T_MODE: tl.constexpr, SILU: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The compacted list of the K-range in registers -> (row offsets, x bits): lane l holds, for each slot-row
+    element e of the [W] tensors, slot e + W * l (the slots the warps holding e walk, in order); slots past the last
+    active row hold (0, 0), i.e. row k0 with x = 0 as the scratch list does. No scratch stores, no barrier, no L2
+    round trip before the first row load (docs/kernels.md, round 14)."""
     lane = _lane_id(wv)
     zero = lane * 0
-    off = _nth_active(ms[0] + zero, ms[1] + zero, ms[2] + zero, ms[3] + zero, wv + W * lane)
+    off = _nth_active(m0 + zero, m1 + zero, m2 + zero, m3 + zero, wv + W * lane)
     live = off >= 0
     lrow = tl.where(live, off, 0)
     xv, _ = _x_above(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0 + lrow, live, T_MODE, SILU, X_DTYPE)
-    return lrow, xv.to(tl.int32, bitcast=True), c
+    return lrow, xv.to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -807,18 +814,27 @@ def _sgemv_kernel(
             xs = _x_pairs(xm, xscale)
         else:
             xs = xm
-        lrow = 0
-        lx = 0
         if SHFL:  # batch 1: the compacted list in registers (one slot per lane), no scratch list
-            lrow, lx, c = _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, tl.arange(0, W), KR, W,
-                                     T_MODE, SILU, OUT_DTYPE)
+            m0, m1, m2, m3, c = _lane_masks(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, KR, T_MODE, SILU,
+                                            OUT_DTYPE)
+        else:
+            lrow = 0
+            lx = 0
         if DENSE > 0:  # a K-range with at least DENSE % of its rows active is read in place, without compaction
             if DENSE < 100:  # (100: always in place, and this kernel holds no compaction)
                 if not SHFL:
                     c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
                 in_place = c * 100 >= DENSE * KR
                 ibase = part * K + k0
-                if not in_place and not SHFL:
+                if SHFL:  # the list only where it is walked
+                    wv = tl.arange(0, W)
+                    if in_place:
+                        lrow = wv * 0
+                        lx = wv * 0
+                    else:
+                        lrow, lx = _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, m0, m1, m2, m3,
+                                              W, T_MODE, SILU, OUT_DTYPE)
+                elif not in_place:
                     c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
                 elif (H2 and M_P > 1) or (SILU and PRELOAD == 0):  # the in-place rows read x from there
                     _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
@@ -826,6 +842,8 @@ def _sgemv_kernel(
                 _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
         elif SHFL:
             ibase = part * K + k0
+            lrow, lx = _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, tl.arange(0, W), m0, m1, m2, m3,
+                                  W, T_MODE, SILU, OUT_DTYPE)
         else:
             c, ibase = compact_rows(act, xs, mm, k0, part, K, scr_i_ptr, scr_x_ptr, M_P, KR)
     else:
@@ -1056,7 +1074,7 @@ def launch(p: GemvProblem, shape: CoreShape) -> torch.Tensor | None:
     h2 = shape.h2 and p.bits == 4 and p.m <= CORE_MAX_M and p.x.dtype != torch.float32
     extra = {"maxnreg": shape.maxnreg} if shape.maxnreg else {}
     # the register list (inline PTX: not under the interpreter, which takes the scratch list: same slots, same sums)
-    shfl = (shape.shfl and p.m == 1 and groups == 1 and not call.constants["EMULATE"]
+    shfl = (shape.shfl and p.m == 1 and groups == 1 and not preload and dense < 100 and not call.constants["EMULATE"]
             and (pipe or shape.loads_first or (h2 and shape.rows == 4)))
     _sgemv_kernel[call.grid](
         **call.args, magic=FP32_MAGIC, **call.constants,

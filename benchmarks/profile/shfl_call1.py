@@ -5,8 +5,8 @@
 1. correctness on the GPU against float64 (the table's pick with shfl on, every threshold form: python float, 0-dim
    tensor, per-channel [K], the SiLU-and-mul call, a two-part fused call; s0 / s50 / s70, two calls in a row) and
    the sums against the scratch-list kernel's (same slots, same order: expected bit-identical);
-2. µs per call (benchmarks/gemv.py's CUDA-graph method over weight copies that defeat the L2) of the pick and the
-   pick + shfl on the 70B layers and the 8B MLP calls the decode step makes, s0 / s50 / s70, tinygemm beside them.
+2. µs per call (benchmarks/gemv.py's CUDA-graph method over weight copies that defeat the L2) of the pick without
+   shfl (the scratch list) and with it on the 70B layers and the 8B MLP calls the decode step makes, s0 / s50 / s70, tinygemm beside them.
 Writes DIR/shfl_call1.json and prints a table.
 """
 
@@ -34,7 +34,8 @@ LAYERS = {("70B", "q_o"): (8192, 8192, 1), ("70B", "qkv"): (10240, 8192, 1), ("7
 
 
 def pick(n, k):
-    return dispatch.pick_gemv(1, n, k, 4, G, torch.device("cuda"))
+    """The table's pick without shfl (the scratch list)."""
+    return dataclasses.replace(dispatch.pick_gemv(1, n, k, 4, G, torch.device("cuda")), shfl=False)
 
 
 def with_shfl(sh):
@@ -113,7 +114,7 @@ def timings():
                 t = torch.tensor(thr, device="cuda")
                 call = lambda c, shp: kernel.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=G, shape=shp)  # noqa: E731
             res = {}
-            for label, shp in (("table", sh), ("shfl", s2), ("table again", sh), ("shfl again", s2)):
+            for label, shp in (("scratch", sh), ("shfl", s2), ("scratch again", sh), ("shfl again", s2)):
                 if shp is None:
                     continue
                 res[label] = bench.time_graph([lambda c=c, shp=shp: call(c, shp) for c in copies])

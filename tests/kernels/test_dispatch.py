@@ -76,6 +76,25 @@ def test_pipe_takes_rows_other_than_4_only_with_loads_first():
     assert dispatch.fits(CoreShape(1, 2, 3, 32, pipe=True, loads_first=True), 3, 256, 4, 128)
 
 
+def test_shfl_fits_only_loops_that_read_a_step_of_slots():
+    """``shfl`` (round 14: the compacted list in registers, one slot per lane) takes the compacting loops that read a
+    step of slots at a time (pipe, loads_first, h2 at R = 4), a K-range of whole 32-row ballots that the lanes of
+    the warps can hold (<= 128 and <= 32 * warps), and no groups, stages or preload; always in place (dense 100)
+    has no list."""
+    for good in (CoreShape(4, 4, 4, 128, h2=True, dense=85, evict_first=True, shfl=True),
+                 CoreShape(2, 4, 4, 128, pipe=True, h2=True, shfl=True), CoreShape(1, 1, 8, 32, loads_first=True, shfl=True),
+                 CoreShape(1, 2, 4, 64, h2=True, shfl=True)):
+        assert dispatch.fits(good, 1, 256, 4, 128), good
+    for bad in (CoreShape(1, 2, 2, 64, h2=True, shfl=True),  # R = 2 without loads_first: slot loads one by one
+                CoreShape(1, 2, 4, 128, h2=True, shfl=True),  # 128 slots, 64 lanes
+                CoreShape(1, 4, 4, 16, h2=True, shfl=True),  # not a whole ballot
+                CoreShape(1, 4, 4, 32, h2=True, groups=2, shfl=True), CoreShape(1, 4, 4, 32, h2=True, stages=2, shfl=True),
+                CoreShape(1, 4, 4, 32, h2=True, preload=1, shfl=True), CoreShape(1, 4, 4, 32, h2=True, dense=100, shfl=True)):
+        assert not dispatch.fits(bad, 1, 256, 4, 128), bad
+    assert dispatch.shape_from_dict({"kernel": "core", "vec": 4, "warps": 4, "rows": 4, "k_range": 128, "h2": True,
+                                     "shfl": True}).shfl
+
+
 def test_unknown_launch_parameters_are_rejected():
     with pytest.raises(ValueError, match="unknown core launch parameters"):
         dispatch.shape_from_dict({"kernel": "core", "vec": 1, "warps": 1, "rows": 1, "k_range": 16, "probe": 2})

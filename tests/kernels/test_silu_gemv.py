@@ -53,6 +53,8 @@ CASES = [  # (launch shape or None for the table's pick, batch): every place a f
 if ON_GPU:  # the H200 table's picks for the 8B / 70B down projections at batch 1, 4, 16 (the table itself: None)
     CASES += [(None, m) for m in (2, 3, 4, 8, 16)]
     CASES += [(CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True), 1),
+              (CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True, shfl=True), 1),
+              (CoreShape(vec=2, warps=4, rows=4, k_range=128, pipe=True, h2=True, evict_first=True, shfl=True), 1),
               (SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False), 16),
               (SplitKShape(64, 128, 4, 5), 8)]
 

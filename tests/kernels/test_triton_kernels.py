@@ -239,6 +239,13 @@ H2_SHAPES = [  # fp16-pair accumulation: plain compacted loop, R = 4 (loads firs
     dict(vec=2, warps=2, rows=4, k_range=32, preload=2, lookahead=64), dict(vec=1, warps=2, rows=4, k_range=32, preload=1, lookahead=2),
     # round 12: loads_first at R = 8 (the first FMA of a step waits for all its loads), both loops of the switch
     dict(vec=1, warps=2, rows=8, k_range=32, dense=60, loads_first=True)]
+if ON_GPU:  # round 14: the compacted list in registers (inline PTX; the interpreter takes the scratch list instead):
+    # h2 R = 4, the in-place switch, pipe, loads_first at R = 8, one warp (its 32 lanes hold all 32 slots)
+    H2_SHAPES += [dict(vec=1, warps=2, rows=4, k_range=64, shfl=True),
+                  dict(vec=2, warps=2, rows=4, k_range=64, dense=60, shfl=True),
+                  dict(vec=1, warps=2, rows=4, k_range=32, pipe=True, shfl=True),
+                  dict(vec=1, warps=2, rows=8, k_range=64, loads_first=True, shfl=True),
+                  dict(vec=1, warps=1, rows=4, k_range=32, shfl=True)]
 
 
 # On the GPU every shape with both x dtypes at batch 1-4; the interpreter (CI) takes one dtype per shape, alternating

@@ -831,6 +831,8 @@ def _sgemv_kernel(
                     if in_place:
                         lrow = wv * 0
                         lx = wv * 0
+                        if SILU:  # the in-place rows read x from there
+                            _store_rows(xs, mm, k0, part, K, scr_x_ptr, M_P, KR)
                     else:
                         lrow, lx = _lane_list(x_ptr, u_ptr, t_ptr, t_value, t_stride_part, part, k0, wv, m0, m1, m2, m3,
                                               W, T_MODE, SILU, OUT_DTYPE)

@@ -55,6 +55,8 @@ if ON_GPU:  # the H200 table's picks for the 8B / 70B down projections at batch 
     CASES += [(CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True), 1),
               (CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True, shfl=True), 1),
               (CoreShape(vec=2, warps=4, rows=4, k_range=128, pipe=True, h2=True, evict_first=True, shfl=True), 1),
+              # most K-ranges in place at these thresholds (x from the scratch list there), the rest from the lanes
+              (CoreShape(vec=2, warps=4, rows=4, k_range=128, dense=60, h2=True, shfl=True), 1),
               (SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False), 16),
               (SplitKShape(64, 128, 4, 5), 8)]
 

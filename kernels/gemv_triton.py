@@ -6,7 +6,8 @@ BLOCK_N = 32 * VEC * (32 // BITS) columns (each thread VEC int32 words = 4 * VEC
 k0 = pid_k * KR ... inside one quantization group (kernels/gemv_common.py: tile, threshold + compaction, split-K).
 It
 1. issues the loads of its scales / zeros (independent of x),
-2. thresholds and compacts its K-range (union over the M rows) into the shared scratch list,
+2. thresholds and compacts its K-range (union over the M rows) into the shared scratch list (``shfl``, batch 1: into
+   registers, one slot per lane, read back with warp shuffles),
 3. walks the compacted rows: its W warps take slots w, w + W, ...; R rows per warp per step are unrolled so their
    16-byte loads are in flight together; slots past the end read a valid row with x = 0, so the loop has no load
    predicates. int4 values are unpacked two per LOP3 into fp16 pairs ``1024 + q * {1, 16}`` and converted to fp32

@@ -35,21 +35,22 @@ from kernels import dispatch  # noqa: E402
 from kernels import gemv_launch as kernel  # noqa: E402
 from kernels.dispatch import CoreShape, MmaShape, SplitKShape  # noqa: E402
 
-CORE = [  # batch 1. Round 12: the table's picks for 8B gate/up and down, and `loads_first` shapes (every row load of
-    # a step issued before its FMAs at R = 8 / 16: fewer dependent steps per program; registers from
-    # benchmarks/profile/sass_core.py, sm_90, 8B down specialization: the programs per SM they leave decide the waves)
+CORE = [  # batch 1. Round 14: the picks of the compacting layers without and with `shfl` (the compacted list in
+    # registers), and shfl with more programs (v2), fewer steps (R = 8, loads_first), always compacted, a later
+    # in-place switch (dense 95); registers from benchmarks/profile/sass_core.py (sm_90, 70B q/o specialization)
     CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True),  # 8B gate/up, 70B qkv, gate/up, down; 72 registers
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=85, h2=True, shfl=True),  # 72
     CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 8B down; 56
-    CoreShape(4, 4, 8, 128, evict_first=True, h2=True, loads_first=True),  # 95: 5 programs per SM
-    CoreShape(4, 4, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 126: 4
-    CoreShape(4, 4, 8, 128, pipe=True, evict_first=True, h2=True, loads_first=True),  # 128: 4
-    CoreShape(2, 4, 8, 128, pipe=True, evict_first=True, h2=True, loads_first=True),  # 72: 7
-    CoreShape(2, 4, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 64: 8
-    CoreShape(4, 2, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True),  # 128: 8 two-warp programs
-    CoreShape(2, 2, 16, 128, evict_first=True, h2=True, loads_first=True),  # 94: 10 two-warp programs
-    CoreShape(2, 1, 16, 128, evict_first=True, h2=True, loads_first=True),  # 121: 16 one-warp programs
+    CoreShape(2, 4, 4, 128, pipe=True, evict_first=True, h2=True, shfl=True),  # 48
+    CoreShape(4, 4, 4, 128, pipe=True, evict_first=True, h2=True),  # 70B q/o
+    CoreShape(2, 4, 4, 128, evict_first=True, dense=85, h2=True, shfl=True),  # 48
+    CoreShape(2, 4, 8, 128, evict_first=True, dense=85, h2=True, loads_first=True, shfl=True),  # 56
+    CoreShape(4, 4, 4, 128, evict_first=True, h2=True, shfl=True),  # 56
+    CoreShape(4, 4, 4, 128, evict_first=True, dense=95, h2=True, shfl=True),
+    CoreShape(2, 4, 8, 128, pipe=True, evict_first=True, h2=True, loads_first=True, shfl=True),  # 58
     # earlier rounds' candidates (git history of this file): groups, stages, pipe, w8 / r8 (rows interleaved with
-    # the FMAs), kr32 compacted, preload 1 and 2 at other vec / warps / k_range (rounds 10-11), lookahead (round 11)
+    # the FMAs), kr32 compacted, preload 1 and 2 at other vec / warps / k_range (rounds 10-11), lookahead (round 11),
+    # loads_first at R = 8 / 16 and two- / one-warp programs (round 12)
 ]
 # batch 2-4 on the CUDA-core kernel with h2 (round 9: the unpack shared by the batch rows, one power of two per row,
 # x paired before the loop). Round 10: the table's picks for batch 3-4 and the preload shapes (SASS at M = 4:

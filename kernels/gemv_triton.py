@@ -311,26 +311,16 @@ def _ballot(act):
 
 @triton.jit
 def _nth_active(m0, m1, m2, m3, slot):
-    """Offset in the K-range of the slot-th active row (0-based) of the 128-bit mask m0..m3, -1 past the last: the
-    word by prefix popcounts, then the bit by a branch-free binary search (popc of the low 16, 8, 4, 2, 1 bits;
-    PTX ``fns`` compiles to ~50 instructions with branches)."""
+    """Offset in the K-range of the slot-th active row (0-based) of the 128-bit mask m0..m3, -1 past the last."""
     return tl.inline_asm_elementwise(
-        "{ .reg .u32 c1, c2, c3, t, m, n, b, c;\n .reg .pred q;\n"
+        "{ .reg .u32 c1, c2, c3, t, m, n, b;\n .reg .pred q;\n"
         " popc.b32 c1, $1;\n popc.b32 t, $2;\n add.u32 c2, c1, t;\n popc.b32 t, $3;\n add.u32 c3, c2, t;\n"
         " popc.b32 t, $4;\n add.u32 t, c3, t;\n mov.u32 m, $1;\n mov.u32 n, $5;\n mov.u32 b, 0;\n"
         " setp.ge.u32 q, $5, c1;\n @q mov.u32 m, $2;\n @q sub.u32 n, $5, c1;\n @q mov.u32 b, 32;\n"
         " setp.ge.u32 q, $5, c2;\n @q mov.u32 m, $3;\n @q sub.u32 n, $5, c2;\n @q mov.u32 b, 64;\n"
         " setp.ge.u32 q, $5, c3;\n @q mov.u32 m, $4;\n @q sub.u32 n, $5, c3;\n @q mov.u32 b, 96;\n"
-        " and.b32 c, m, 0xFFFF;\n popc.b32 c, c;\n setp.ge.u32 q, n, c;\n"
-        " @q sub.u32 n, n, c;\n @q shr.b32 m, m, 16;\n @q add.u32 b, b, 16;\n"
-        " and.b32 c, m, 0xFF;\n popc.b32 c, c;\n setp.ge.u32 q, n, c;\n"
-        " @q sub.u32 n, n, c;\n @q shr.b32 m, m, 8;\n @q add.u32 b, b, 8;\n"
-        " and.b32 c, m, 0xF;\n popc.b32 c, c;\n setp.ge.u32 q, n, c;\n"
-        " @q sub.u32 n, n, c;\n @q shr.b32 m, m, 4;\n @q add.u32 b, b, 4;\n"
-        " and.b32 c, m, 0x3;\n popc.b32 c, c;\n setp.ge.u32 q, n, c;\n"
-        " @q sub.u32 n, n, c;\n @q shr.b32 m, m, 2;\n @q add.u32 b, b, 2;\n"
-        " and.b32 c, m, 0x1;\n setp.ge.u32 q, n, c;\n @q add.u32 b, b, 1;\n"
-        " setp.ge.u32 q, $5, t;\n selp.b32 $0, -1, b, q; }",
+        " add.u32 n, n, 1;\n fns.b32 $0, m, 0, n;\n add.u32 $0, $0, b;\n"
+        " setp.ge.u32 q, $5, t;\n @q mov.u32 $0, -1; }",
         "=r,r,r,r,r,r", [m0, m1, m2, m3, slot], dtype=tl.int32, is_pure=True, pack=1)
 
 

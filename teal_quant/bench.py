@@ -348,15 +348,14 @@ def _measure_dense(model: nn.Module, run, options: BenchOptions, device, say) ->
         def fit(key: str) -> float | None:
             return depth_fit(pts, key, full_layers, grows=key != "peak_memory_bytes")
 
-        decode_ms, prefill_ms = fit("decode_ms_per_token"), fit("prefill_ms")
-        for what, key, value in (("decode", "decode_ms_per_token", decode_ms), ("prefill", "prefill_ms", prefill_ms)):
-            if value is None:  # both come from the same two depths: one noise-bound number makes the row dishonest
-                t0, t1 = (q[key] for q in pts)
-                raise ValueError(f"{what} took {t0:.3f} ms at {small} layers and {t1:.3f} at {big}: not growing with "
-                                 f"depth (noise larger than a layer's time), so no extrapolation to {full_layers} layers")
+        decode_ms = fit("decode_ms_per_token")
+        if decode_ms is None:
+            t0, t1 = (q["decode_ms_per_token"] for q in pts)
+            raise ValueError(f"decode took {t0:.3f} ms/token at {small} layers and {t1:.3f} at {big}: not growing with "
+                             f"depth (noise larger than a layer's time), so no extrapolation to {full_layers} layers")
         read_bytes = full_bytes - (0 if tied else embed_bytes)
         return {
-            "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "tokens_per_s": b * 1000.0 / decode_ms,
+            "prefill_ms": fit("prefill_ms"), "decode_ms_per_token": decode_ms, "tokens_per_s": b * 1000.0 / decode_ms,
             "peak_memory_bytes": None if fit("peak_memory_bytes") is None else int(fit("peak_memory_bytes")),
             "weight_bytes_per_step": read_bytes, "bandwidth_gb_s": read_bytes / (decode_ms / 1000.0) / 1e9,
             "realized_sparsity": None, "breakdown": rows[b]["breakdown"], "dtype": str(dtype).replace("torch.", ""),

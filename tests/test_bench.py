@@ -121,9 +121,14 @@ def test_bench_arch_extrapolates_bf16(tmp_path):
         return
     assert result.returncode == 0, result.stderr
     assert "extrapolated" in result.stdout
+    points = bf16["extrapolated"]["points"]
+    if bf16["prefill_ms"] is None:  # the prefill's two depths within the noise: shown as "-" (bench.depth_fit), the
+        # step still extrapolated (a fresh-clone run on a busy box hit this)
+        t1, t2 = (p["prefill_ms"] for p in points)
+        assert t1 is None or t2 is None or t2 <= t1, points
+        bf16 = {**bf16, "prefill_ms": 1.0}
     check_row(bf16)
     assert 0.2 < ours["realized_sparsity"] < 0.4
-    points = bf16["extrapolated"]["points"]
     assert [p["layers"] for p in points] == [1, 2]
     t1, t2 = (p["decode_ms_per_token"] for p in points)
     assert bf16["decode_ms_per_token"] == pytest.approx(t1 + (t2 - t1) * 3)  # t(4) of the line through t(1), t(2)

@@ -7,13 +7,14 @@
    the sums against the scratch-list kernel's (same slots, same order: expected bit-identical);
 2. µs per call (benchmarks/gemv.py's CUDA-graph method over weight copies that defeat the L2) of the pick without
    shfl (the scratch list) and with it on the 70B layers and the 8B MLP calls the decode step makes, s0 / s50 / s70, tinygemm beside them.
-Writes DIR/shfl_call1.json and prints a table.
+Writes DIR/gemv_shfl_h200.{json,md} and prints a table (``--render JSON`` rewrites the md of a result json).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -128,12 +129,43 @@ def timings():
     return rows
 
 
+def markdown(res: dict) -> str:
+    """The result file's md: meta, the correctness summary, µs (TB/s over touched bytes) per layer and sparsity."""
+    meta, cs, rows = res["meta"], res["checks"], res["timings"]
+    worst = max(c.get("err", 0) for c in cs)
+    lines = ["# shfl (the compacted list in registers) against the scratch list, batch 1 (" + meta["gpu"] + ")", "",
+             f"- command: `{meta['command']}`", f"- git commit: {meta['commit']}; date: {meta.get('date', '-')}",
+             "- µs per call: CUDA graphs over weight copies that defeat the L2 (benchmarks/gemv.py's method), each "
+             "variant timed twice in the run (first / again); TB/s over the bytes the call must touch",
+             f"- correctness on the GPU: {len(cs)} checks (python-float, 0-dim and per-channel thresholds, the SiLU "
+             f"form, two-part calls; s0/s50/s70), {sum(c.get('err', 0) > 1 for c in cs)} over tolerance (worst "
+             f"{worst:.3f} of the 4-ulp bound); max |shfl - scratch| {max(c.get('vs_scratch', 0) for c in cs):.3g}", "",
+             "| layer | s | tinygemm | scratch | shfl | shfl / scratch |", "|---|---:|---:|---|---|---:|"]
+    for r in rows:
+        tb = r["touched"] / 1e6
+        sc = (r["scratch"] + r["scratch again"]) / 2
+        sh = (r["shfl"] + r["shfl again"]) / 2 if "shfl" in r else None
+        cell = lambda v: f"{v:.2f} ({tb / v:.2f})"  # noqa: E731
+        lines.append(f"| {r['model']} {r['proj']} | {r['sp']} | {r['tinygemm']:.1f} | {cell(sc)} | "
+                     + (f"{cell(sh)} | {sh / sc:.3f} |" if sh else "- | - |"))
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--render", default=None, help="a result json: write its md beside --out's json name, no GPU")
     a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            res = json.load(f)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "gemv_shfl_h200.md"), "w") as f:
+            f.write(markdown(res))
+        return
     meta = dict(gpu=torch.cuda.get_device_name(), commit=os.environ.get("TEAL_QUANT_GIT_COMMIT", ""),
-                command="PYTHONPATH=. python " + " ".join(sys.argv))
+                command="PYTHONPATH=. python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     cs = checks()
     bad = [c for c in cs if c.get("err", 0) > 1]
     print(f"checks: {len(cs)}, over tolerance: {len(bad)}; worst err {max(c.get('err', 0) for c in cs):.3f}; "
@@ -145,8 +177,11 @@ def main():
             print(c["note"], flush=True)
     rows = timings()
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "shfl_call1.json"), "w") as f:
-        json.dump(dict(meta=meta, checks=cs, timings=rows), f, indent=1)
+    res = dict(meta=meta, checks=cs, timings=rows)
+    with open(os.path.join(a.out, "gemv_shfl_h200.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(a.out, "gemv_shfl_h200.md"), "w") as f:
+        f.write(markdown(res))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is imported; kernels/ imports triton 
 collection, before any test imports the kernel modules) is enough.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -14,6 +15,25 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _interpreter_without_overflow_sanitizer() -> None:
+    """The interpreter's options have debug off, so tl.device_assert is dropped, but with sanitize_overflow on (its
+    default) every int32 add/sub/mul is first redone in int64 and range-compared for the assert it then drops: a
+    third of the interpreted kernels' CPU time for no check. Off, every test computes the same values."""
+    try:
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or getattr(options, "debug", True) or not getattr(options, "sanitize_overflow", False):
+        return  # another triton, or asserts really on: leave it as it is
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_without_overflow_sanitizer()
 
 
 @pytest.fixture

@@ -4,9 +4,16 @@ import json
 
 import pytest
 import torch
-from _support import CALIBRATION_DIR
+from _support import CALIBRATION_DIR, WIKITEXT
 
-from teal_quant.compression.data import evaluation_windows, expand_paths, random_windows, read_text, tokenize_stream
+from teal_quant.compression.data import (
+    evaluation_windows,
+    expand_paths,
+    leading_tokens,
+    random_windows,
+    read_text,
+    tokenize_stream,
+)
 from teal_quant.compression.recipe import Recipe
 from teal_quant.errors import DataError
 
@@ -47,6 +54,35 @@ def test_hf_dataset_from_a_local_directory(tmp_path, monkeypatch, tiny_llama):
     windows = evaluation_windows(tok, text, tokens=200, window=32)
     stream = tokenize_stream(tok, text)
     assert windows.shape[1] == 32 and torch.equal(windows[0, 1:], stream[:31])
+
+
+def test_evaluation_tokenizes_a_prefix_into_the_same_ids_as_the_whole_text(tiny_llama, monkeypatch):
+    """leading_tokens (what evaluation_windows takes) gives exactly the first ids of the whole text's tokenization,
+    tokenizing only a prefix of a long text; a short text, or one without line breaks, is tokenized whole."""
+    from transformers import AutoTokenizer
+
+    from teal_quant.compression import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    wiki = WIKITEXT.read_text()
+    whole = tokenize_stream(tok, wiki)
+    tokenized: list[int] = []
+    real = data.tokenize_stream
+    monkeypatch.setattr(data, "tokenize_stream", lambda t, text: tokenized.append(len(text)) or real(t, text))
+    for tokens in (1, 100, 2048, 5000, 60_000):
+        tokenized.clear()
+        assert torch.equal(leading_tokens(tok, wiki, tokens), whole[:tokens]), tokens
+        assert sum(tokenized) < (len(wiki) if tokens > 5000 else len(wiki) / 10), (tokens, tokenized)
+    windows = evaluation_windows(tok, wiki, tokens=2048, window=512)
+    assert torch.equal(windows[:, 1:].reshape(-1), whole[: 4 * 511]) and bool((windows[:, 0] == tok.bos_token_id).all())
+    tokenized.clear()
+    assert torch.equal(leading_tokens(tok, wiki, 10**7), whole)  # more than the text has: all of it, in one call
+    assert tokenized == [len(wiki)]
+    one_line = wiki[:200_000].replace("\n", " ")
+    tokenized.clear()
+    assert torch.equal(leading_tokens(tok, one_line, 100), real(tok, one_line)[:100]) and tokenized == [len(one_line)]
+    shakespeare = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()
+    assert torch.equal(leading_tokens(tok, shakespeare, 3000), real(tok, shakespeare)[:3000])
 
 
 def test_generated_samples_are_seeded(tiny_llama):

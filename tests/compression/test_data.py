@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from _support import CALIBRATION_DIR, WIKITEXT
+from _support import CALIBRATION_DIR, WIKITEXT, write_tiny_llama
 
 from teal_quant.compression.data import (
+    calibration_stream,
     evaluation_windows,
     expand_paths,
     leading_tokens,
@@ -83,6 +84,33 @@ def test_evaluation_tokenizes_a_prefix_into_the_same_ids_as_the_whole_text(tiny_
     assert torch.equal(leading_tokens(tok, one_line, 100), real(tok, one_line)[:100]) and tokenized == [len(one_line)]
     shakespeare = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()
     assert torch.equal(leading_tokens(tok, shakespeare, 3000), real(tok, shakespeare)[:3000])
+
+
+def test_calibration_text_is_tokenized_once_per_tokenizer(tiny_llama, tmp_path, monkeypatch):
+    """The same calibration text with the same tokenizer gives the same ids a second time without being tokenized
+    again (a copy: nothing the caller does changes the kept ids); another tokenizer or text is tokenized anew."""
+    from transformers import AutoTokenizer
+
+    from teal_quant.compression import data
+
+    shakespeare = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()
+    (tmp_path / "a.txt").write_text(shakespeare[:60_000])
+    (tmp_path / "b.txt").write_text(shakespeare[60_000:120_000])
+    source, other_text = (_source(f"{{kind: text_files, paths: ['{tmp_path / n}']}}") for n in ("a.txt", "b.txt"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    first = calibration_stream(tok, source, 8192)
+    want = tokenize_stream(tok, read_text(source))
+    assert torch.equal(first, want)
+    tokenized: list[int] = []
+    real = data.tokenize_stream
+    monkeypatch.setattr(data, "tokenize_stream", lambda t, text: tokenized.append(len(text)) or real(t, text))
+    first[:10] = -1
+    assert torch.equal(calibration_stream(AutoTokenizer.from_pretrained(tiny_llama), source, 8192), want)
+    assert tokenized == []
+    other = AutoTokenizer.from_pretrained(write_tiny_llama(tmp_path / "v300", vocab_size=300))
+    assert torch.equal(calibration_stream(other, source, 8192), real(other, read_text(source)))
+    assert torch.equal(calibration_stream(tok, other_text, 8192), real(tok, read_text(other_text)))
+    assert tokenized == [60_000, 60_000]  # each tokenized anew
 
 
 def test_generated_samples_are_seeded(tiny_llama):

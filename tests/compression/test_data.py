@@ -4,9 +4,17 @@ import json
 
 import pytest
 import torch
-from _support import CALIBRATION_DIR
+from _support import CALIBRATION_DIR, WIKITEXT, write_tiny_llama
 
-from teal_quant.compression.data import evaluation_windows, expand_paths, random_windows, read_text, tokenize_stream
+from teal_quant.compression.data import (
+    calibration_stream,
+    evaluation_windows,
+    expand_paths,
+    leading_tokens,
+    random_windows,
+    read_text,
+    tokenize_stream,
+)
 from teal_quant.compression.recipe import Recipe
 from teal_quant.errors import DataError
 
@@ -47,6 +55,62 @@ def test_hf_dataset_from_a_local_directory(tmp_path, monkeypatch, tiny_llama):
     windows = evaluation_windows(tok, text, tokens=200, window=32)
     stream = tokenize_stream(tok, text)
     assert windows.shape[1] == 32 and torch.equal(windows[0, 1:], stream[:31])
+
+
+def test_evaluation_tokenizes_a_prefix_into_the_same_ids_as_the_whole_text(tiny_llama, monkeypatch):
+    """leading_tokens (what evaluation_windows takes) gives exactly the first ids of the whole text's tokenization,
+    tokenizing only a prefix of a long text; a short text, or one without line breaks, is tokenized whole."""
+    from transformers import AutoTokenizer
+
+    from teal_quant.compression import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    wiki = WIKITEXT.read_text()
+    whole = tokenize_stream(tok, wiki)
+    tokenized: list[int] = []
+    real = data.tokenize_stream
+    monkeypatch.setattr(data, "tokenize_stream", lambda t, text: tokenized.append(len(text)) or real(t, text))
+    for tokens in (1, 100, 2048, 5000, 60_000):
+        tokenized.clear()
+        assert torch.equal(leading_tokens(tok, wiki, tokens), whole[:tokens]), tokens
+        assert sum(tokenized) < (len(wiki) if tokens > 5000 else len(wiki) / 10), (tokens, tokenized)
+    windows = evaluation_windows(tok, wiki, tokens=2048, window=512)
+    assert torch.equal(windows[:, 1:].reshape(-1), whole[: 4 * 511]) and bool((windows[:, 0] == tok.bos_token_id).all())
+    tokenized.clear()
+    assert torch.equal(leading_tokens(tok, wiki, 10**7), whole)  # more than the text has: all of it, in one call
+    assert tokenized == [len(wiki)]
+    one_line = wiki[:200_000].replace("\n", " ")
+    tokenized.clear()
+    assert torch.equal(leading_tokens(tok, one_line, 100), real(tok, one_line)[:100]) and tokenized == [len(one_line)]
+    shakespeare = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()
+    assert torch.equal(leading_tokens(tok, shakespeare, 3000), real(tok, shakespeare)[:3000])
+
+
+def test_calibration_text_is_tokenized_once_per_tokenizer(tiny_llama, tmp_path, monkeypatch):
+    """The same calibration text with the same tokenizer gives the same ids a second time without being tokenized
+    again (a copy: nothing the caller does changes the kept ids); another tokenizer or text is tokenized anew."""
+    from transformers import AutoTokenizer
+
+    from teal_quant.compression import data
+
+    shakespeare = (CALIBRATION_DIR / "tinyshakespeare.txt").read_text()
+    (tmp_path / "a.txt").write_text(shakespeare[:60_000])
+    (tmp_path / "b.txt").write_text(shakespeare[60_000:120_000])
+    source, other_text = (_source(f"{{kind: text_files, paths: ['{tmp_path / n}']}}") for n in ("a.txt", "b.txt"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    first = calibration_stream(tok, source, 8192)
+    want = tokenize_stream(tok, read_text(source))
+    assert torch.equal(first, want)
+    tokenized: list[int] = []
+    real = data.tokenize_stream
+    monkeypatch.setattr(data, "tokenize_stream", lambda t, text: tokenized.append(len(text)) or real(t, text))
+    first[:10] = -1
+    assert torch.equal(calibration_stream(AutoTokenizer.from_pretrained(tiny_llama), source, 8192), want)
+    assert tokenized == []
+    other = AutoTokenizer.from_pretrained(write_tiny_llama(tmp_path / "v300", vocab_size=300))
+    assert torch.equal(calibration_stream(other, source, 8192), real(other, read_text(source)))
+    assert torch.equal(calibration_stream(tok, other_text, 8192), real(tok, read_text(other_text)))
+    assert tokenized == [60_000, 60_000]  # each tokenized anew
 
 
 def test_generated_samples_are_seeded(tiny_llama):

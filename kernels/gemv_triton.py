@@ -823,7 +823,7 @@ def _sgemv_kernel(
                 c = tl.sum(tl.max(act.to(tl.int32), axis=0), axis=0)
                 in_place = c * 100 >= DENSE * KR
                 ibase = part * K + k0
-                if SHFL:  # the masks and the list only where the list is walked (measured: +4-6 % at s0 otherwise)
+                if SHFL:  # the masks and the list only where the list is walked (in place, at s0, neither)
                     wv = tl.arange(0, W)
                     if in_place:
                         lrow = wv * 0

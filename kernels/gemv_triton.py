@@ -948,8 +948,9 @@ def _sgemv_kernel(
                                                      w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
                                                      M_P, W, R, BITS, T_MODE, EVICT, F16, EMULATE, H2, LOADS_FIRST, SILU, OUT_DTYPE)
     elif DENSE > 0:
-        # SHFL: the first FMA of a step waits for all its loads (LOADS_FIRST's dependency), else ptxas issues 14 of the
-        # in-place loop's 16 row loads (7 of 8 compacted) before it in this kernel (SASS; measured +4-6 % at s0)
+        # SHFL: the in-place loop's first FMA of a step waits for all its loads (LOADS_FIRST's dependency), else ptxas
+        # issues 14 of its 16 row loads before it in this kernel (SASS; +4-6 % at s0); the compacted loop without it
+        # (with it: 1-2 % slower at s50 / s70; round 15 in docs/kernels.md)
         if in_place:
             a0, a1, a2, a3, a4, a5, a6, a7 = _dense_loop(qw_ptr, x_ptr, u_ptr, stride_xm, t_ptr, t_value, t_stride_part, part, k0, mm, m_ok, word,
                                                          w_ok, stride_qk, scr_x_ptr, K, magic, xscale, a0, a1, a2, a3, a4, a5, a6, a7, KR,
@@ -958,7 +959,7 @@ def _sgemv_kernel(
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _compacted_loop(scr_i_ptr, scr_x_ptr, ibase, k0, c, wv, mm, qw_ptr, word, w_ok,
                                                                stride_qk, magic, xscale, K, a0, a1, a2, a3, a4, a5, a6, a7, M_P, W, R,
-                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST or SHFL,
+                                                               BITS, ALIGNED, EVICT, F16, EMULATE, H2, LOADS_FIRST,
                                                                lrow, lx, SHFL)
     elif PIPE:  # the next step's row indices and x are loaded before this step's FMAs (prefetch); R = 4, or any R
         # with LOADS_FIRST (the same loop over tuples)

@@ -11,6 +11,8 @@ stated bound:
   CI size (8 calibration windows of 256 tokens, 2,048 evaluated) resolves a broken criterion, not a 1 % ranking
   (2026-12-02, torch 2.13.0, transformers 5.23-5.24, tokenizers 0.23.3: magnitude 32.55 against weight_aware 32.04,
   1.6 % worse, where the full report, benchmarks/results/quality_cpu.md, has magnitude 0.2 % better: 40.06 / 40.15).
+  The same rows with ATEN_CPU_CAPABILITY=avx2 on that AVX-512 machine: magnitude 31.88, weight_aware 32.60 (2.2 %
+  the other way) and GPTQ / RTN w4 0.942 instead of 0.929: the CPU's kernels alone move this ranking by ~2 %.
 
 The GPTQ and criterion tests fail (with the RecipeError line of the row) until those recipe keys exist. The report's
 own machinery (row selection, failed builds, the markdown of failed rows and unmet goals, the cache) is checked

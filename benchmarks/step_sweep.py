@@ -1,0 +1,221 @@
+"""Launch-shape sweep inside the decode step: each GEMV of the step timed by the step it runs in (issue 12 round 16).
+
+    PYTHONPATH=. python benchmarks/step_sweep.py --out DIR [--arch llama3-70b] [--level 0.4] [--kinds gate_up,down,qkv,o_proj]
+                                                [--steps 48] [--rounds 3] [--min-gain 0.002]
+
+Round 15 found the batch-1 picks of benchmarks/gemv_sweep.py (one call at a time on N(0, 1) activations, plain
+form, PDL off) faster per call yet slower in the 70B decode step: the step calls q/k/v and o_proj with ``out=``
+(no split-K tail), the down projection in its SiLU form, with programmatic dependent launch after a norm or the
+attention, on the model's own activations. Here the measure is the step itself: a synthetic model (real TEAL
+thresholds, uniform level), one Decoder with its CUDA graph per variant, where a variant gives ONE kind of the
+step's GEMVs (every layer's) another launch shape through an exact rule put in front of the table. Per kind, in
+order: the table's pick and every batch-1 candidate of benchmarks/gemv_sweep.py (CORE) are timed, ``--rounds``
+rounds of ``--steps`` steps in rotating order; the fastest (median ms per step) becomes the kind's rule when it
+beats the table's pick by more than ``--min-gain`` (a fraction), and the next kind is swept with it in place
+(coordinate descent). Writes step_sweep_<gpu>.{json,md} and the table with the changed exact rules to
+DIR/<gpu>.json (``--table`` to put it elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_glue import replay_ms  # noqa: E402  (CUDA events around graph replays)
+from decode_pdl import commit  # noqa: E402
+from gemv_sweep import CORE, canonical, replace_exact_rules  # noqa: E402
+
+from kernels import dispatch  # noqa: E402
+from teal_quant.bench import build_synthetic_model  # noqa: E402
+from teal_quant.compression.synthetic import SyntheticSpec  # noqa: E402
+from teal_quant.runtime.decoding import Decoder  # noqa: E402
+from teal_quant.runtime.modules import track_sparsity  # noqa: E402
+
+dispatch.set_programmatic_launch(None)  # benchmarks/gemv.py turns PDL off for single calls; the step runs the table's
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, BITS = 128, 4
+KINDS = ("gate_up", "down", "qkv", "o_proj")  # the largest first: their picks move the step the most
+
+
+def step_layers(config) -> dict[str, tuple[int, int]]:
+    """(N, K) of each kind of GEMV the fused decode step launches per layer (q/k/v and gate/up as one fused call)."""
+    h, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
+    return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def use_rules(rules: list) -> None:
+    """Make the dispatch read ``rules`` (the device table's other entries unchanged) from now on."""
+    parsed = tuple({**r, "shape": dispatch.shape_from_dict(r["shape"])} for r in rules)
+    dispatch.load_table = lambda name: parsed  # pick_gemv looks the function up at every call
+
+
+def with_shape(rules: list, n: int, k: int, shape: dict | None) -> list:
+    return rules if shape is None else [{"m": [1, 1], "weight": [n * k, n * k], "n": [n, n], "shape": shape}, *rules]
+
+
+def build_decoder(model, prompt: torch.Tensor, length: int) -> Decoder:
+    dec = Decoder(model, batch_size=prompt.shape[0], max_length=length, cuda_graph=True, fused_step=True)
+    tok = dec.prefill(prompt)
+    for _ in range(4):
+        tok = dec.step(tok)
+    if dec._graph is None:
+        raise RuntimeError(f"no CUDA graph: {dec.graph_error}")
+    return dec
+
+
+def sweep_kind(model, prompt, rules: list, n: int, k: int, steps: int, rounds: int, log) -> dict:
+    """Median ms per step of the step with every candidate shape on the GEMVs of (N, K); key None = the table's pick."""
+    use_rules(rules)
+    base = dispatch.pick_gemv(1, n, k, BITS, GROUP, torch.device("cuda"))
+    base_key = canonical(dispatch.shape_to_dict(base)) if base is not None else None
+    shapes = {None: None}
+    for cand in CORE:
+        d = dispatch.shape_to_dict(cand, defaults=False)
+        if canonical(d) != base_key and dispatch.fits(cand, 1, k, BITS, GROUP):
+            shapes[canonical(d)] = d
+    length = prompt.shape[1] + 8 + steps * (rounds + 2)
+    decs = {}
+    for key, shape in shapes.items():
+        use_rules(with_shape(rules, n, k, shape))
+        t = time.time()
+        try:
+            decs[key] = build_decoder(model, prompt, length)
+        except Exception as e:  # noqa: BLE001 - a shape that fails is reported and left out, the sweep goes on
+            log(f"  {short(shape)}: failed to build ({str(e).splitlines()[0][:200]})")
+            continue
+        replay_ms(decs[key], 4)
+        log(f"  built {short(shape)} in {time.time() - t:.1f}s")
+    use_rules(rules)
+    per = {key: [] for key in decs}
+    names = list(decs)
+    for r in range(rounds):
+        for key in names[r % len(names):] + names[: r % len(names)]:
+            per[key].append(replay_ms(decs[key], steps))
+    del decs
+    torch.cuda.empty_cache()
+    return {key: {"shape": shapes[key], "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+            for key, v in per.items()}
+
+
+def short(shape: dict | None) -> str:
+    if shape is None:
+        return "table's pick"
+    return " ".join(f"{k}={v}" if not isinstance(v, bool) else k for k, v in shape.items() if k != "kernel")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None, help="where to write the new table (default: OUT/<gpu>.json)")
+    ap.add_argument("--arch", default="llama3-70b")
+    ap.add_argument("--level", type=float, default=0.4)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--min-gain", type=float, default=0.002, help="fraction of the step a new pick must save")
+    args = ap.parse_args(argv)
+    kinds = [s for s in args.kinds.split(",") if s]
+    if any(s not in KINDS for s in kinds):
+        print(f"error: --kinds must be of {', '.join(KINDS)}, got {args.kinds}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: step_sweep.py times CUDA graphs of the decode step: it needs a GPU", file=sys.stderr)
+        return 2
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[step_sweep {time.time() - t0:5.0f}s] {msg}", flush=True)
+
+    device = torch.device("cuda")
+    name = dispatch.table_name(device)
+    table = json.loads((dispatch.CONFIG_DIR / f"{name}.json").read_text())
+    rules = table["rules"]
+    gpu = torch.cuda.get_device_name()
+    model = build_synthetic_model(args.arch, SyntheticSpec(levels=(0.25, 0.4, 0.5), default=args.level), device="cuda",
+                                  sparsity=args.level)
+    track_sparsity(model, False)
+    layers = step_layers(model.config)
+    log(f"{args.arch} built; GEMVs per layer (N, K): {layers}")
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len),
+                           generator=torch.Generator().manual_seed(0)).cuda()
+    report = {"gpu": gpu, "torch": torch.__version__, "commit": commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "command": "python3 " + " ".join(["benchmarks/step_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
+              "arch": args.arch, "level": args.level, "steps": args.steps, "rounds": args.rounds,
+              "min_gain": args.min_gain, "kinds": {}}
+    changed = {}
+    for kind in kinds:
+        n, k = layers[kind]
+        log(f"{kind} (N={n}, K={k})")
+        use_rules(rules)
+        table_pick = dispatch.pick_gemv(1, n, k, BITS, GROUP, device)
+        times = sweep_kind(model, prompt, rules, n, k, args.steps, args.rounds, log)
+        base = times.get(None)
+        best_key = min(times, key=lambda key: times[key]["median_ms"])
+        gain = 1 - times[best_key]["median_ms"] / base["median_ms"] if base else 0.0
+        pick = best_key if best_key is not None and gain > args.min_gain else None
+        if pick is not None:
+            changed[(1, n, k)] = times[pick]["shape"]
+            rules = replace_exact_rules(rules, {(1, n, k): times[pick]["shape"]})
+        for key, row in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
+            log(f"  {row['median_ms']:.4f} ms ({row['min_ms']:.4f}-{row['max_ms']:.4f}) {short(row['shape'])}")
+        log(f"  -> {short(times[pick]['shape']) if pick else 'the table pick stays'} (best saves {100 * gain:.2f} %)")
+        report["kinds"][kind] = {"N": n, "K": k, "kept": pick is None, "gain": gain,
+                                 "table_pick": dispatch.shape_to_dict(table_pick, defaults=False) if table_pick else None,
+                                 "rows": sorted(times.values(), key=lambda row: row["median_ms"])}
+        report["seconds"] = round(time.time() - t0, 1)
+        write(args, report, table, rules, changed, name)
+    log(f"done in {time.time() - t0:.0f}s; changed: {[short(s) for s in changed.values()] or 'none'}")
+    return 0
+
+
+def write(args, report: dict, table: dict, rules: list, changed: dict, name: str) -> None:
+    """The results so far (a run cut short keeps them) and the table with the changed rules."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "step_sweep_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    if changed:
+        what = ", ".join(f"N={n} K={k}" for (_, n, k) in changed)
+        about = (f"{table.get('about', '')} Then the batch-1 exact rules of {what} set from the decode-step sweep "
+                 f"(benchmarks/step_sweep.py, {report['arch']} level {report['level']}, {report['date']}, commit "
+                 f"{report['commit']}).")
+        path = args.table or args.out / f"{name}.json"
+        path.write_text(json.dumps({**table, "about": about, "rules": rules}, indent=1) + "\n")
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Launch shapes timed inside the decode step ({r['gpu']})", "",
+             f"- command: `{r['command']}`; date {r['date']}; commit {r['commit']}; torch {r['torch']}",
+             f"- synthetic {r['arch']}, w4 g128, level {r['level']} (uniform), batch 1, counters off; one Decoder with "
+             f"its CUDA graph per variant; {r['rounds']} rounds of {r['steps']} steps in rotating order; median "
+             "(min-max) ms per step; a variant changes the launch shape of one kind of GEMV in every layer",
+             f"- a new pick must save more than {100 * r['min_gain']:.1f} % of the step; kinds swept in order, each "
+             "with the earlier kinds' picks in place", ""]
+    for kind, row in r["kinds"].items():
+        base = next(x for x in row["rows"] if x["shape"] is None)["median_ms"]
+        lines += [f"## {kind} (N={row['N']}, K={row['K']}): "
+                  + ("the table's pick stays" if row["kept"] else f"new pick, {100 * row['gain']:.2f} % faster step"),
+                  "", f"table's pick: `{json.dumps(row['table_pick'])}`", "",
+                  "| launch shape | ms per step | vs table's pick |", "|---|---|---|"]
+        for x in row["rows"]:
+            lines.append(f"| {short(x['shape'])} | {x['median_ms']:.4f} ({x['min_ms']:.4f}-{x['max_ms']:.4f}) | "
+                         f"{x['median_ms'] / base:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""benchmarks/step_sweep.py: the (N, K) it sweeps are those the fused decode step launches, and a variant's rule
+reaches the dispatch for that layer only (the table's other picks unchanged)."""
+
+import json
+
+import pytest
+import torch
+from _support import load_benchmark
+
+from kernels import dispatch
+
+
+@pytest.fixture(scope="module")
+def step_sweep():
+    return load_benchmark("step_sweep")
+
+
+@pytest.mark.parametrize("arch", ["llama3-8b", "llama3-70b"])
+def test_layers_are_the_fused_steps_calls(step_sweep, arch):
+    from teal_quant.compression.synthetic import resolve_arch
+
+    c = resolve_arch(arch)
+    d = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    # the fused q/k/v and gate/up calls concatenate their parts along N; o_proj reads q's width, down the MLP's
+    assert step_sweep.step_layers(c) == {"qkv": (q + 2 * kv, c.hidden_size), "o_proj": (c.hidden_size, q),
+                                         "gate_up": (2 * c.intermediate_size, c.hidden_size),
+                                         "down": (c.hidden_size, c.intermediate_size)}
+
+
+def test_a_variant_changes_one_layers_pick(step_sweep, monkeypatch):
+    monkeypatch.setattr(dispatch, "load_table", dispatch.load_table)  # use_rules replaces it: restored after the test
+    rules = json.loads((dispatch.CONFIG_DIR / "h200.json").read_text())["rules"]
+    cuda = torch.device("cuda")
+    step_sweep.use_rules(rules)
+    before = {nk: dispatch.pick_gemv(1, *nk, 4, 128, cuda, table="h200") for nk in ((10240, 8192), (8192, 8192))}
+    batch4 = dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200")
+    candidate = next(s for s in step_sweep.CORE if s != before[(10240, 8192)])
+    step_sweep.use_rules(step_sweep.with_shape(rules, 10240, 8192, dispatch.shape_to_dict(candidate)))
+    assert dispatch.pick_gemv(1, 10240, 8192, 4, 128, cuda, table="h200") == candidate
+    assert dispatch.pick_gemv(1, 8192, 8192, 4, 128, cuda, table="h200") == before[(8192, 8192)]
+    assert dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200") == batch4 != candidate  # (M = 1 only)

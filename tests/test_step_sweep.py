@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 from _support import load_benchmark
-
-from kernels import dispatch
+from teal_quant.kernels import dispatch  # the module the model's GEMVs ask (not `kernels.dispatch`)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,16 @@ def test_layers_are_the_fused_steps_calls(step_sweep, arch):
 
 
 def test_a_variant_changes_one_layers_pick(step_sweep, monkeypatch):
+    from teal_quant.kernels import gemv_launch
+
     monkeypatch.setattr(dispatch, "load_table", dispatch.load_table)  # use_rules replaces it: restored after the test
+    assert gemv_launch.pick_gemv.__globals__ is vars(step_sweep.dispatch)  # the model's calls read the patched table
     rules = json.loads((dispatch.CONFIG_DIR / "h200.json").read_text())["rules"]
     cuda = torch.device("cuda")
     step_sweep.use_rules(rules)
     before = {nk: dispatch.pick_gemv(1, *nk, 4, 128, cuda, table="h200") for nk in ((10240, 8192), (8192, 8192))}
     batch4 = dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200")
-    candidate = next(s for s in step_sweep.CORE if s != before[(10240, 8192)])
+    candidate = next(s for s in step_sweep.CANDIDATES if s != before[(10240, 8192)])
     step_sweep.use_rules(step_sweep.with_shape(rules, 10240, 8192, dispatch.shape_to_dict(candidate)))
     assert dispatch.pick_gemv(1, 10240, 8192, 4, 128, cuda, table="h200") == candidate
     assert dispatch.pick_gemv(1, 8192, 8192, 4, 128, cuda, table="h200") == before[(8192, 8192)]

@@ -1,7 +1,7 @@
 """Launch-shape sweep inside the decode step: each GEMV of the step timed by the step it runs in (issue 12 round 16).
 
     PYTHONPATH=. python benchmarks/step_sweep.py --out DIR [--arch llama3-70b] [--level 0.4] [--kinds gate_up,down,qkv,o_proj]
-                                                [--steps 48] [--rounds 3] [--min-gain 0.002]
+                                                [--steps 48] [--rounds 3] [--min-gain 0.005]
 
 Round 15 found the batch-1 picks of benchmarks/gemv_sweep.py (one call at a time on N(0, 1) activations, plain
 form, PDL off) faster per call yet slower in the 70B decode step: the step calls q/k/v and o_proj with ``out=``
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--min-gain", type=float, default=0.005, help="fraction of the step a new pick must save (ten
+    ap.add_argument("--min-gain", type=float, default=0.005, help="fraction of the step a new pick must save (ten "
                     "decoders of one launch shape spread 0.33 %% on the 70B step: docs/kernels.md round 16)")
     args = ap.parse_args(argv)
     kinds = [s for s in args.kinds.split(",") if s]

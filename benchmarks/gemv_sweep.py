@@ -422,6 +422,13 @@ def table(rows, gpu: str, meta: dict, keep: list | None = None, dense_rows: list
     return {"about": about, "rules": rules}
 
 
+def table_text(tab: dict) -> str:
+    """A launch-shape table as kernels/configs/*.json keeps it: one rule per line, the other entries on one line each."""
+    head = "".join(f'\n "{k}": {json.dumps(v)},' for k, v in tab.items() if k != "rules")
+    rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
+    return f'{{{head}\n "rules": [\n  {rules}\n ]\n}}\n'
+
+
 def short(shape: dict) -> str:
     """A launch shape in a few words (the md report)."""
     sh = dispatch.shape_from_dict(shape)
@@ -602,11 +609,10 @@ def main(argv=None):
         meta["previous_about"] = old["about"]
     tab = table(rows, gpu, meta, keep, dense_rows, args.keep_unless_faster, layers_only=bool(layers))
     # entries measured by other benchmarks (decode_pdl.py, decode_attention.py): kept
-    pdl = "".join(f'\n "{k}": {json.dumps(old[k])},' for k in ("pdl", "attention") if args.merge and k in old)
+    tab = {"about": tab["about"], **{k: old[k] for k in ("pdl", "attention") if args.merge and k in old}, **tab}
     path = args.table or os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as f:  # one rule per line
-        rules = ",\n  ".join(json.dumps(r) for r in tab["rules"])
-        f.write(f'{{\n "about": {json.dumps(tab["about"])},{pdl}\n "rules": [\n  {rules}\n ]\n}}\n')
+    with open(path, "w") as f:
+        f.write(table_text(tab))
     save(rows_all)
     dispatch.load_table.cache_clear()
     log(f"table written to {path}")

@@ -12,8 +12,8 @@ step's GEMVs (every layer's) another launch shape through an exact rule put in f
 order: the table's pick and every batch-1 candidate of benchmarks/gemv_sweep.py (CORE) are timed, ``--rounds``
 rounds of ``--steps`` steps in rotating order; the fastest (median ms per step) becomes the kind's rule when it
 beats the table's pick by more than ``--min-gain`` (a fraction), and the next kind is swept with it in place
-(coordinate descent). Writes step_sweep_<gpu>.{json,md} and the table with the changed exact rules to
-DIR/<gpu>.json (``--table`` to put it elsewhere).
+(coordinate descent). Writes the table with the changed exact rules to
+DIR/<gpu>.json (``--table`` to put it elsewhere); results: step_sweep_<arch>_<gpu>.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_glue import replay_ms  # noqa: E402  (CUDA events around graph replays)
 from decode_pdl import commit  # noqa: E402
-from gemv_sweep import CORE, canonical, replace_exact_rules  # noqa: E402
+from gemv_sweep import CORE, canonical, replace_exact_rules, table_text  # noqa: E402
 from gemv_sweep import dispatch as sweep_dispatch  # noqa: E402
 from teal_quant.kernels import dispatch  # noqa: E402  (the model's dispatch: `kernels` imported as such is another module)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 def write(args, report: dict, table: dict, rules: list, changed: dict, name: str) -> None:
     """The results so far (a run cut short keeps them) and the table with the changed rules."""
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "step_sweep_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    stem = f"step_sweep_{Path(report['arch']).name}_" + ("h200" if "H200" in report["gpu"] else "gpu")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(report))
     if changed:
@@ -196,7 +196,7 @@ def write(args, report: dict, table: dict, rules: list, changed: dict, name: str
                  f"(benchmarks/step_sweep.py, {report['arch']} level {report['level']}, {report['date']}, commit "
                  f"{report['commit']}).")
         path = args.table or args.out / f"{name}.json"
-        path.write_text(json.dumps({**table, "about": about, "rules": rules}, indent=1) + "\n")
+        path.write_text(table_text({**table, "about": about, "rules": rules}))
 
 
 def markdown(r: dict) -> str:

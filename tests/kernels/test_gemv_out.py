@@ -28,6 +28,9 @@ CASES = [  # (launch shape, batch): the three families, split-K and one K-split 
     (SplitKShape(32, 32, 4, 2, programs=8), 4),
     (MmaShape(32, 16, 4, 32), 3),
     (CoreShape(vec=1, warps=2, rows=2, k_range=32, h2=True, groups=8), 1),  # one program covers K: no split
+    # round 16's picks from the decode-step sweep (70B o_proj; 8B down), scaled down: the list in registers
+    (CoreShape(vec=2, warps=2, rows=4, k_range=32, dense=85, h2=True, evict_first=True, shfl=True), 1),
+    (CoreShape(vec=1, warps=2, rows=8, k_range=32, pipe=True, h2=True, evict_first=True, loads_first=True, shfl=True), 1),
 ]
 if ON_GPU:
     CASES += [(None, m) for m in (1, 4, 16)]

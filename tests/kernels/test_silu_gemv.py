@@ -43,6 +43,8 @@ CASES = [  # (launch shape or None for the table's pick, batch): every place a f
     (CoreShape(vec=1, warps=1, rows=4, k_range=32, dense=100, h2=True), 2),  # in place, pairs from the scratch list
     (CoreShape(vec=1, warps=2, rows=2, k_range=32, dense=100), 3),  # in place, x per row (_row_x at M_P > 1)
     (CoreShape(vec=1, warps=1, rows=8, k_range=32, dense=100, h2=True, loads_first=True), 4),  # 8B down, batch 3-4
+    # the 8B down pick at batch 1 (round 16): all row loads of a step first, the compacted list in registers
+    (CoreShape(vec=1, warps=2, rows=8, k_range=32, pipe=True, h2=True, evict_first=True, loads_first=True, shfl=True), 1),
     (SplitKShape(32, 32, 4, 2, programs=8), 2),
     (SplitKShape(32, 32, 4, 2, programs=8, sum_dot=True), 4),
     (SplitKShape(32, 64, 4, 3, programs=4, swap=False), 8),
@@ -55,6 +57,8 @@ if ON_GPU:  # the H200 table's picks for the 8B / 70B down projections at batch 
     CASES += [(CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True), 1),
               (CoreShape(vec=4, warps=4, rows=4, k_range=128, dense=85, h2=True, evict_first=True, shfl=True), 1),
               (CoreShape(vec=2, warps=4, rows=4, k_range=128, pipe=True, h2=True, evict_first=True, shfl=True), 1),
+              (CoreShape(vec=2, warps=4, rows=8, k_range=128, pipe=True, h2=True, evict_first=True, loads_first=True,
+                         shfl=True), 1),
               # most K-ranges in place at these thresholds (x from the scratch list there), the rest from the lanes
               (CoreShape(vec=2, warps=4, rows=4, k_range=128, dense=60, h2=True, shfl=True), 1),
               (SplitKShape(64, 128, 4, 4, programs=1056, prefetch=False), 16),

@@ -39,6 +39,7 @@ from teal_quant.kernels import dispatch  # noqa: E402  (the model's dispatch: `k
 
 from teal_quant.bench import build_synthetic_model  # noqa: E402
 from teal_quant.compression.synthetic import SyntheticSpec  # noqa: E402
+from teal_quant.errors import TealQuantError  # noqa: E402
 from teal_quant.runtime.decoding import Decoder  # noqa: E402
 from teal_quant.runtime.modules import track_sparsity  # noqa: E402
 
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(s not in KINDS for s in kinds):
         print(f"error: --kinds must be of {', '.join(KINDS)}, got {args.kinds}", file=sys.stderr)
         return 2
+    if not 0.0 < args.level < 1.0:
+        print(f"error: --level must be in (0, 1), got {args.level}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: step_sweep.py times CUDA graphs of the decode step: it needs a GPU", file=sys.stderr)
         return 2
@@ -146,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     table = json.loads((dispatch.CONFIG_DIR / f"{name}.json").read_text())
     rules = table["rules"]
     gpu = torch.cuda.get_device_name()
-    model = build_synthetic_model(args.arch, SyntheticSpec(levels=(0.25, 0.4, 0.5), default=args.level), device="cuda",
-                                  sparsity=args.level)
+    levels = tuple(sorted({0.25, 0.4, 0.5, args.level}))  # benchmarks/e2e.py's levels, and the one decoded
+    try:
+        model = build_synthetic_model(args.arch, SyntheticSpec(levels=levels, default=args.level), device="cuda",
+                                      sparsity=args.level)
+    except TealQuantError as e:  # an unknown --arch, a config.json that is not a Llama
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     track_sparsity(model, False)
     layers = step_layers(model.config)
     log(f"{args.arch} built; GEMVs per layer (N, K): {layers}")
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         use_rules(rules)
         table_pick = dispatch.pick_gemv(1, n, k, BITS, GROUP, device)
         times = sweep_kind(model, prompt, rules, n, k, args.steps, args.rounds, log)
+        if not times:
+            log("  no launch shape built: the table stays")
+            continue
         base = times.get(None)
         best_key = min(times, key=lambda key: times[key]["median_ms"])
         gain = 1 - times[best_key]["median_ms"] / base["median_ms"] if base else 0.0
@@ -208,14 +220,14 @@ def markdown(r: dict) -> str:
              f"- a new pick must save more than {100 * r['min_gain']:.1f} % of the step; kinds swept in order, each "
              "with the earlier kinds' picks in place", ""]
     for kind, row in r["kinds"].items():
-        base = next(x for x in row["rows"] if x["shape"] is None)["median_ms"]
+        base = next((x["median_ms"] for x in row["rows"] if x["shape"] is None), None)  # None: it failed to build
         lines += [f"## {kind} (N={row['N']}, K={row['K']}): "
                   + ("the table's pick stays" if row["kept"] else f"new pick, {100 * row['gain']:.2f} % faster step"),
                   "", f"table's pick: `{json.dumps(row['table_pick'])}`", "",
                   "| launch shape | ms per step | vs table's pick |", "|---|---|---|"]
         for x in row["rows"]:
             lines.append(f"| {short(x['shape'])} | {x['median_ms']:.4f} ({x['min_ms']:.4f}-{x['max_ms']:.4f}) | "
-                         f"{x['median_ms'] / base:.4f} |")
+                         + (f"{x['median_ms'] / base:.4f} |" if base else "- |"))
         lines.append("")
     return "\n".join(lines)
 

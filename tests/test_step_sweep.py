@@ -42,3 +42,16 @@ def test_a_variant_changes_one_layers_pick(step_sweep, monkeypatch):
     assert dispatch.pick_gemv(1, 10240, 8192, 4, 128, cuda, table="h200") == candidate
     assert dispatch.pick_gemv(1, 8192, 8192, 4, 128, cuda, table="h200") == before[(8192, 8192)]
     assert dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200") == batch4 != candidate  # (M = 1 only)
+
+
+def test_report_gives_each_shape_against_the_tables_pick(step_sweep):
+    row = {"N": 8192, "K": 8192, "kept": False, "gain": 0.0286, "table_pick": {"kernel": "core", "vec": 4},
+           "rows": [{"shape": {"kernel": "core", "vec": 2, "shfl": True}, "median_ms": 9.0206, "min_ms": 9.0181,
+                     "max_ms": 9.0218},
+                    {"shape": None, "median_ms": 9.2862, "min_ms": 9.2801, "max_ms": 9.2877}]}
+    report = {"gpu": "NVIDIA H200", "command": "c", "date": "d", "commit": "abc", "torch": "t", "arch": "llama3-70b",
+              "level": 0.4, "steps": 32, "rounds": 3, "min_gain": 0.005, "kinds": {"o_proj": row}}
+    text = step_sweep.markdown(report)
+    assert "| vec=2 shfl | 9.0206 (9.0181-9.0218) | 0.9714 |" in text and "new pick, 2.86 % faster step" in text
+    row["rows"] = row["rows"][:1]  # the table's pick failed to build: no ratio
+    assert "| vec=2 shfl | 9.0206 (9.0181-9.0218) | - |" in step_sweep.markdown(report)

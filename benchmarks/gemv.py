@@ -5,8 +5,10 @@
 ``ours`` is kernels.gemv_launch.sparse_gemv with the dispatch of the device's launch-shape table (kernels/configs/<gpu>.json);
 ``ours_det`` the same under ``torch.use_deterministic_algorithms(True)`` (ordered split-K reduction, no fp32 atomics).
 Baselines: ``cublas_bf16`` (F.linear on the dequantized bf16 weight), ``tinygemm_int4`` (torch._weight_int4pack_mm,
-the same int4 values, group 128). gemlite is not measured: it is no dependency of this project and the device has no
-network to install it (its wheel pulls a Triton build of its own).
+the same int4 values, group 128) and, where it is installed, ``gemlite_int4`` (gemlite's GemLiteLinearTriton, A16W4
+with the same codes, bf16 scales and zeros, group 128; its sm_90 autotune cache ``configs/h100.json`` is loaded, and
+shapes missing from it are autotuned on their first call). gemlite is no dependency of this project: carry its
+wheel to the GPU machine (``pip wheel gemlite==0.6.0.post2 --no-deps``; it needs Triton >= 3.6, numpy and tqdm).
 
 Method: every call is captured in a CUDA graph that cycles through enough copies of the weight to defeat the 60 MB
 L2; a replay is timed with CUDA events (median of 15 replays) and divided by the calls in it. Touched bytes: weights
@@ -122,6 +124,46 @@ def make_tinygemm(q, scales, zeros):
     return w_int4, sz.contiguous()
 
 
+def gemlite_or_reason():
+    """(the gemlite module, None) where it imports on CUDA, else (None, why not) for the report."""
+    if SMOKE:
+        return None, "not measured (needs CUDA)"
+    try:
+        import gemlite
+    except Exception as e:  # noqa: BLE001 - an import that fails for any reason leaves the baseline out, said so
+        return None, f"not measured (import gemlite: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    cache = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+    if "H200" in torch.cuda.get_device_name() and os.path.isfile(cache):  # gemlite matches caches by device name
+        gemlite.load_config(cache)
+    return gemlite, None
+
+
+def make_gemlite(gemlite, q, scales, zeros):
+    """gemlite's A16W4 layer on our q [K, N] codes and scales / zeros [K/G, N]: HQQ's (W_q - zeros) * scales with
+    W_q [N, K], scales and zeros [N, K/G], the same dequantized weights as ours."""
+    k, n = q.shape
+    layer = gemlite.GemLiteLinearTriton(4, group_size=GROUP, in_features=k, out_features=n,
+                                        input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16)
+    layer.pack(q.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), None)
+    return layer
+
+
+def time_gemlite(layers, x, w_bf16, log, what: str) -> tuple[float | None, str | None]:
+    """µs per call of gemlite's layers on x (as time_graph), after checking one call against F.linear on the
+    dequantized weight (|error| <= 2 % of max |y|: bf16 output of an fp32 or fp16 accumulation); (None, why) if a
+    call fails or is wrong."""
+    try:
+        y = layers[0](x).float()
+        want = F.linear(x.float(), w_bf16.float())
+        err, scale = (y - want).abs().max().item(), want.abs().max().item()
+        if not err <= 0.02 * scale:
+            return None, f"wrong result (max error {err:.3g}, max |y| {scale:.3g})"
+        return time_graph([lambda g=g: g(x) for g in layers]), None
+    except Exception as e:  # noqa: BLE001 - the baseline is reported as failed, the benchmark goes on
+        log(f"{what}: gemlite failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return None, f"failed ({type(e).__name__})"
+
+
 def activations(m: int, k: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=DEV).manual_seed(1000 + seed)
     return torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
@@ -218,7 +260,7 @@ def precompile(jobs, workers: int) -> list:
         return [e for e in pool.map(warm_one, jobs, chunksize=1) if e]
 
 
-def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results, log):
+def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results, log, gemlite=None):
     q, qweight, scales, zeros = make_layer(n, k)
     w_bytes_bf16 = k * n * 2
     w_bytes_int4 = k * n // 2 + 2 * (k // GROUP) * n * 2
@@ -227,6 +269,7 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
     tg = make_tinygemm(q, scales, zeros) if not SMOKE else None
     tg_copies = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(n_copies(w_bytes_int4) - 1)] if tg else []
     ours = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_copies(w_bytes_int4) - 1)]
+    gl_copies = [make_gemlite(gemlite, q, scales, zeros) for _ in range(n_copies(w_bytes_int4))] if gemlite else []
     del q
     for m in batches:
         x = activations(m, k, m)
@@ -239,6 +282,12 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
             t_tg = time_graph([lambda c=c: torch._weight_int4pack_mm(x, c[0], GROUP, c[1]) for c in tg_copies])
         for method, us, nbytes in (("cublas_bf16", t_bf16, w_bytes_bf16 + io_bytes), ("tinygemm_int4", t_tg, w_bytes_int4 + io_bytes)):
             results.append({**row, "method": method, "sparsity": 0, "us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6})
+        t_gl = None
+        if gl_copies:
+            t_gl, failure = time_gemlite(gl_copies, x, w_bf16, log, f"{model} {proj} M={m}")
+            nbytes = w_bytes_int4 + io_bytes
+            results.append({**row, "method": "gemlite_int4", "sparsity": 0, "us": t_gl, "bytes": nbytes,
+                            "tbps": nbytes / t_gl / 1e6 if t_gl else None, **({"failure": failure} if failure else {})})
         shape = dispatch.pick_gemv(m, n, k, 4, GROUP, x.device)
         for sp in sparsities:
             thr = threshold_for(x, sp)
@@ -251,10 +300,10 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
                 results.append({**row, "method": method, "sparsity": sp, "union_sparsity": round(union, 4),
                                 "union_block_sparsity": round(union_block, 4), "us": us,
                                 "bytes": touched, "tbps": touched / us / 1e6, "vs_cublas": t_bf16 / us, "vs_tinygemm": t_tg / us,
-                                "shape": dispatch.shape_to_dict(shape)})
+                                **({"vs_gemlite": t_gl / us} if t_gl else {}), "shape": dispatch.shape_to_dict(shape)})
                 log(f"{model:4s} {proj:8s} M={m:2d} s={sp:2d} {method:8s} {us:8.2f} us {touched / us / 1e6:5.2f} TB/s "
                     f"x{t_tg / us:5.2f} vs tinygemm ({t_tg:.1f}) x{t_bf16 / us:5.2f} vs cuBLAS ({t_bf16:.1f})")
-    del bf16_copies, tg_copies, ours
+    del bf16_copies, tg_copies, ours, gl_copies, w_bf16
     if not SMOKE:
         torch.cuda.empty_cache()
 
@@ -323,6 +372,13 @@ def heads_markdown(heads) -> list:
     return lines
 
 
+def _gemlite_cell(r) -> str:
+    """The summary's gemlite cell: µs, '-' where not measured (a row kept from a run without it), 'failed'."""
+    if r is None:
+        return "-"
+    return f"{r['us']:.1f}" if r["us"] else "failed"
+
+
 def _fmt(r):
     return f"{r['us']:.1f} ({r['tbps']:.2f}; {r['vs_tinygemm']:.2f}× / {r['vs_cublas']:.2f}×)"
 
@@ -337,7 +393,7 @@ def markdown(results, meta, heads=()):
              "- union: fraction of rows of W^T inactive for every row of x (independent N(0,1) rows: a pessimistic union);",
              "  block union: fraction of 128-row K-steps inactive for every row of x (what the split-K kernel can skip)",
              "- ours_det: torch.use_deterministic_algorithms(True) (ordered split-K reduction, bit-reproducible)",
-             "- gemlite: not measured (not installable on the device: no network, and its wheel needs its own Triton)"]
+             f"- gemlite: {meta.get('gemlite') or 'not measured (not installed)'}"]
     if meta.get("kept"):
         lines.append(f"- {meta['kept']}")
     lines.append("")
@@ -349,15 +405,16 @@ def markdown(results, meta, heads=()):
         return next((r for r in rs if r["method"] == method and r["sparsity"] == sp), None)
 
     lines += ["## Summary (µs; TB/s over touched bytes; speedup vs tinygemm int4 / vs cuBLAS bf16)", "",
-              "| shape | M | kernel | cuBLAS | tinygemm | " + " | ".join(f"s{s}" for s in SUMMARY_SPARSITIES) + " |",
-              "|---|---:|---|---:|---:|" + "---|" * len(SUMMARY_SPARSITIES)]
+              "| shape | M | kernel | cuBLAS | tinygemm | gemlite | " + " | ".join(f"s{s}" for s in SUMMARY_SPARSITIES) + " |",
+              "|---|---:|---|---:|---:|---:|" + "---|" * len(SUMMARY_SPARSITIES)]
     for m in SUMMARY_BATCHES:
         for (model, proj, mm), rs in keyed.items():
             if mm != m:
                 continue
             cb, tg, o = get(rs, "cublas_bf16"), get(rs, "tinygemm_int4"), get(rs, "ours")
             cells = [_fmt(get(rs, "ours", s)) if get(rs, "ours", s) else "" for s in SUMMARY_SPARSITIES]
-            lines.append(f"| {model} {proj} | {m} | {o['shape']['kernel']} | {cb['us']:.1f} | {tg['us']:.1f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} {proj} | {m} | {o['shape']['kernel']} | {cb['us']:.1f} | {tg['us']:.1f} | "
+                         f"{_gemlite_cell(get(rs, 'gemlite_int4'))} | " + " | ".join(cells) + " |")
     det = [r for r in results if r["method"] == "ours_det"]
     if det:
         lines += ["", "## Deterministic reduction: time / atomic time (same shape, batch, sparsity)", "",
@@ -369,8 +426,12 @@ def markdown(results, meta, heads=()):
     lines += ["", "## Every measurement", ""]
     for (model, proj, m), rs in keyed.items():
         cb, tg = get(rs, "cublas_bf16"), get(rs, "tinygemm_int4")
+        gl = get(rs, "gemlite_int4")
+        gl_text = "" if gl is None else (f"; gemlite int4: {gl['us']:.1f} µs ({gl['tbps']:.2f} TB/s)" if gl["us"]
+                                         else f"; gemlite int4: {gl.get('failure')}")
         lines += [f"### Llama-3-{model} {proj} (N={rs[0]['N']}, K={rs[0]['K']}), batch {m}", "",
-                  f"cuBLAS bf16: {cb['us']:.1f} µs ({cb['tbps']:.2f} TB/s); tinygemm int4: {tg['us']:.1f} µs ({tg['tbps']:.2f} TB/s)", "",
+                  f"cuBLAS bf16: {cb['us']:.1f} µs ({cb['tbps']:.2f} TB/s); tinygemm int4: {tg['us']:.1f} µs ({tg['tbps']:.2f} TB/s)"
+                  + gl_text, "",
                   "| sparsity | union | block union | ours µs | TB/s | vs tinygemm | vs cuBLAS |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             if r["method"] == "ours":
@@ -445,6 +506,9 @@ def main(argv=None):
     meta = dict(gpu=torch.cuda.get_device_name() if not SMOKE else "cpu (smoke)", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=git_commit(), command="PYTHONPATH=. python " + " ".join(sys.argv), torch=torch.__version__,
                 triton=triton.__version__, table=dispatch.table_name(torch.device(DEV)))
+    gemlite, why_not = gemlite_or_reason()
+    meta["gemlite"] = (f"gemlite {gemlite.__version__} (GemLiteLinearTriton A16W4, bf16; autotune cache: "
+                       f"{'configs/h100.json' if 'H200' in meta['gpu'] else 'its default for this GPU'})") if gemlite else why_not
     print(meta, flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     layers = {model: {proj: nk for proj, nk in SHAPES[model].items() if not args.layers or proj in args.layers.split(",")}
@@ -492,7 +556,8 @@ def main(argv=None):
         write()
     for model in layers:
         for proj, (n, k) in layers[model].items():
-            bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log)
+            bench_shape(model, proj, n, k, batches, [int(s) for s in args.sparsities.split(",")], det_sparsities, results, log,
+                        gemlite)
             write()
     print(markdown(results, meta, heads).split("## Every measurement")[0])
 

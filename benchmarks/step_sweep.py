@@ -1,7 +1,8 @@
 """Launch-shape sweep inside the decode step: each GEMV of the step timed by the step it runs in (issue 12 round 16).
 
-    PYTHONPATH=. python benchmarks/step_sweep.py --out DIR [--arch llama3-70b] [--level 0.4] [--kinds gate_up,down,qkv,o_proj]
-                                                [--steps 48] [--rounds 3] [--min-gain 0.005]
+    PYTHONPATH=. python benchmarks/step_sweep.py --out DIR [--arch llama3-70b] [--level 0.4] [--batch 1]
+                                                [--kinds gate_up,down,qkv,o_proj] [--steps 48] [--rounds 3]
+                                                [--min-gain 0.005]
 
 Round 15 found the batch-1 picks of benchmarks/gemv_sweep.py (one call at a time on N(0, 1) activations, plain
 form, PDL off) faster per call yet slower in the 70B decode step: the step calls q/k/v and o_proj with ``out=``
@@ -9,11 +10,11 @@ form, PDL off) faster per call yet slower in the 70B decode step: the step calls
 attention, on the model's own activations. Here the measure is the step itself: a synthetic model (real TEAL
 thresholds, uniform level), one Decoder with its CUDA graph per variant, where a variant gives ONE kind of the
 step's GEMVs (every layer's) another launch shape through an exact rule put in front of the table. Per kind, in
-order: the table's pick and every batch-1 candidate of benchmarks/gemv_sweep.py (CORE) are timed, ``--rounds``
+order: the table's pick and every candidate of benchmarks/gemv_sweep.py for that batch size are timed, ``--rounds``
 rounds of ``--steps`` steps in rotating order; the fastest (median ms per step) becomes the kind's rule when it
 beats the table's pick by more than ``--min-gain`` (a fraction), and the next kind is swept with it in place
 (coordinate descent). Writes the table with the changed exact rules to
-DIR/<gpu>.json (``--table`` to put it elsewhere); results: step_sweep_<arch>_<gpu>.{json,md}.
+DIR/<gpu>.json (``--table`` to put it elsewhere); results: step_sweep_<arch>[_b<batch>]_<gpu>.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_glue import replay_ms  # noqa: E402  (CUDA events around graph replays)
 from decode_pdl import commit  # noqa: E402
-from gemv_sweep import CORE, canonical, replace_exact_rules, table_text  # noqa: E402
+from gemv_sweep import CLASSES, CORE, canonical, replace_exact_rules, table_text  # noqa: E402
+from gemv_sweep import candidates as sweep_candidates  # noqa: E402
 from gemv_sweep import dispatch as sweep_dispatch  # noqa: E402
 from teal_quant.kernels import dispatch  # noqa: E402  (the model's dispatch: `kernels` imported as such is another module)
 
@@ -43,11 +45,16 @@ from teal_quant.errors import TealQuantError  # noqa: E402
 from teal_quant.runtime.decoding import Decoder  # noqa: E402
 from teal_quant.runtime.modules import track_sparsity  # noqa: E402
 
-# the sweep's batch-1 candidates as the model's dispatch spells them (benchmarks/gemv*.py import kernels/ as `kernels`)
-CANDIDATES = [dispatch.shape_from_dict(sweep_dispatch.shape_to_dict(shape)) for shape in CORE]
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, BITS = 128, 4
 KINDS = ("gate_up", "down", "qkv", "o_proj")  # the largest first: their picks move the step the most
+
+
+def candidates(m: int) -> list:
+    """gemv_sweep.py's candidates for batch m (batch 1: its CUDA-core list CORE, without the tensor-core shapes that
+    never win there) as the model's dispatch spells them (benchmarks/gemv*.py import kernels/ as `kernels`)."""
+    return [dispatch.shape_from_dict(sweep_dispatch.shape_to_dict(shape))
+            for shape in (CORE if m == 1 else sweep_candidates(m))]
 
 
 def step_layers(config) -> dict[str, tuple[int, int]]:
@@ -63,8 +70,10 @@ def use_rules(rules: list) -> None:
     dispatch.load_table = lambda name: parsed  # pick_gemv looks the function up at every call
 
 
-def with_shape(rules: list, n: int, k: int, shape: dict | None) -> list:
-    return rules if shape is None else [{"m": [1, 1], "weight": [n * k, n * k], "n": [n, n], "shape": shape}, *rules]
+def with_shape(rules: list, m: int, n: int, k: int, shape: dict | None) -> list:
+    """``rules`` with an exact rule for (batch class of m, N, K) in front (None: unchanged)."""
+    lo, hi = CLASSES[m]
+    return rules if shape is None else [{"m": [lo, hi], "weight": [n * k, n * k], "n": [n, n], "shape": shape}, *rules]
 
 
 def build_decoder(model, prompt: torch.Tensor, length: int) -> Decoder:
@@ -78,19 +87,21 @@ def build_decoder(model, prompt: torch.Tensor, length: int) -> Decoder:
 
 
 def sweep_kind(model, prompt, rules: list, n: int, k: int, steps: int, rounds: int, log) -> dict:
-    """Median ms per step of the step with every candidate shape on the GEMVs of (N, K); key None = the table's pick."""
+    """Median ms per step of the step with every candidate shape on the GEMVs of (N, K) at the prompt's batch size;
+    key None = the table's pick."""
+    m = prompt.shape[0]
     use_rules(rules)
-    base = dispatch.pick_gemv(1, n, k, BITS, GROUP, torch.device("cuda"))
+    base = dispatch.pick_gemv(m, n, k, BITS, GROUP, torch.device("cuda"))
     base_key = canonical(dispatch.shape_to_dict(base)) if base is not None else None
     shapes = {None: None}
-    for cand in CANDIDATES:
+    for cand in candidates(m):
         d = dispatch.shape_to_dict(cand, defaults=False)
-        if canonical(d) != base_key and dispatch.fits(cand, 1, k, BITS, GROUP):
+        if canonical(d) != base_key and dispatch.fits(cand, m, k, BITS, GROUP):
             shapes[canonical(d)] = d
     length = prompt.shape[1] + 8 + steps * (rounds + 2)
     decs = {}
     for key, shape in shapes.items():
-        use_rules(with_shape(rules, n, k, shape))
+        use_rules(with_shape(rules, m, n, k, shape))
         t = time.time()
         try:
             decs[key] = build_decoder(model, prompt, length)
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table", type=Path, default=None, help="where to write the new table (default: OUT/<gpu>.json)")
     ap.add_argument("--arch", default="llama3-70b")
+    ap.add_argument("--batch", type=int, default=1, help=f"decode batch size, one per batch class: {sorted(CLASSES)}")
     ap.add_argument("--level", type=float, default=0.4)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--steps", type=int, default=48)
@@ -133,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [s for s in args.kinds.split(",") if s]
     if any(s not in KINDS for s in kinds):
         print(f"error: --kinds must be of {', '.join(KINDS)}, got {args.kinds}", file=sys.stderr)
+        return 2
+    if args.batch not in CLASSES:
+        print(f"error: --batch must be one of {sorted(CLASSES)} (one per batch class of the table), got {args.batch}",
+              file=sys.stderr)
         return 2
     if not 0.0 < args.level < 1.0:
         print(f"error: --level must be in (0, 1), got {args.level}", file=sys.stderr)
@@ -160,19 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     track_sparsity(model, False)
     layers = step_layers(model.config)
     log(f"{args.arch} built; GEMVs per layer (N, K): {layers}")
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len),
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).cuda()
     report = {"gpu": gpu, "torch": torch.__version__, "commit": commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "command": "python3 " + " ".join(["benchmarks/step_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
-              "arch": args.arch, "level": args.level, "steps": args.steps, "rounds": args.rounds,
+              "command": "python3 " + " ".join(["benchmarks/step_sweep.py",
+                                                *(argv if argv is not None else sys.argv[1:])]),
+              "arch": args.arch, "level": args.level, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
               "min_gain": args.min_gain, "kinds": {}}
     changed = {}
     for kind in kinds:
         n, k = layers[kind]
         log(f"{kind} (N={n}, K={k})")
         use_rules(rules)
-        table_pick = dispatch.pick_gemv(1, n, k, BITS, GROUP, device)
+        table_pick = dispatch.pick_gemv(args.batch, n, k, BITS, GROUP, device)
         times = sweep_kind(model, prompt, rules, n, k, args.steps, args.rounds, log)
         if not times:
             log("  no launch shape built: the table stays")
@@ -182,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         gain = 1 - times[best_key]["median_ms"] / base["median_ms"] if base else 0.0
         pick = best_key if best_key is not None and gain > args.min_gain else None
         if pick is not None:
-            changed[(1, n, k)] = times[pick]["shape"]
-            rules = replace_exact_rules(rules, {(1, n, k): times[pick]["shape"]})
+            changed[(args.batch, n, k)] = times[pick]["shape"]
+            rules = replace_exact_rules(rules, {(args.batch, n, k): times[pick]["shape"]})
         for key, row in sorted(times.items(), key=lambda kv: kv[1]["median_ms"]):
             log(f"  {row['median_ms']:.4f} ms ({row['min_ms']:.4f}-{row['max_ms']:.4f}) {short(row['shape'])}")
-        log(f"  -> {short(times[pick]['shape']) if pick else 'the table pick stays'} (best saves {100 * gain:.2f} %)")
-        report["kinds"][kind] = {"N": n, "K": k, "kept": pick is None, "gain": gain,
-                                 "table_pick": dispatch.shape_to_dict(table_pick, defaults=False) if table_pick else None,
-                                 "rows": sorted(times.values(), key=lambda row: row["median_ms"])}
+        verdict = short(times[pick]["shape"]) if pick else "the table pick stays"
+        log(f"  -> {verdict} (best saves {100 * gain:.2f} %)")
+        report["kinds"][kind] = {
+            "N": n, "K": k, "kept": pick is None, "gain": gain,
+            "table_pick": dispatch.shape_to_dict(table_pick, defaults=False) if table_pick else None,
+            "rows": sorted(times.values(), key=lambda row: row["median_ms"])}
         report["seconds"] = round(time.time() - t0, 1)
         write(args, report, table, rules, changed, name)
     log(f"done in {time.time() - t0:.0f}s; changed: {[short(s) for s in changed.values()] or 'none'}")
@@ -199,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
 def write(args, report: dict, table: dict, rules: list, changed: dict, name: str) -> None:
     """The results so far (a run cut short keeps them) and the table with the changed rules."""
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_sweep_{Path(report['arch']).name}_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    batch = "" if report.get("batch", 1) == 1 else f"_b{report['batch']}"
+    stem = f"step_sweep_{Path(report['arch']).name}{batch}_" + ("h200" if "H200" in report["gpu"] else "gpu")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(report))
     if changed:
         what = ", ".join(f"N={n} K={k}" for (_, n, k) in changed)
-        about = (f"{table.get('about', '')} Then the batch-1 exact rules of {what} set from the decode-step sweep "
+        about = (f"{table.get('about', '')} Then the batch-{report['batch']} exact rules of {what} set from the "
+                 f"decode-step sweep "
                  f"(benchmarks/step_sweep.py, {report['arch']} level {report['level']}, {report['date']}, commit "
                  f"{report['commit']}).")
         path = args.table or args.out / f"{name}.json"
@@ -214,9 +235,10 @@ def write(args, report: dict, table: dict, rules: list, changed: dict, name: str
 def markdown(r: dict) -> str:
     lines = [f"# Launch shapes timed inside the decode step ({r['gpu']})", "",
              f"- command: `{r['command']}`; date {r['date']}; commit {r['commit']}; torch {r['torch']}",
-             f"- synthetic {r['arch']}, w4 g128, level {r['level']} (uniform), batch 1, counters off; one Decoder with "
-             f"its CUDA graph per variant; {r['rounds']} rounds of {r['steps']} steps in rotating order; median "
-             "(min-max) ms per step; a variant changes the launch shape of one kind of GEMV in every layer",
+             f"- synthetic {r['arch']}, w4 g128, level {r['level']} (uniform), batch {r.get('batch', 1)}, counters "
+             f"off; one Decoder with its CUDA graph per variant; {r['rounds']} rounds of {r['steps']} steps in "
+             "rotating order; median (min-max) ms per step; a variant changes the launch shape of one kind of GEMV "
+             "in every layer",
              f"- a new pick must save more than {100 * r['min_gain']:.1f} % of the step; kinds swept in order, each "
              "with the earlier kinds' picks in place", ""]
     for kind, row in r["kinds"].items():

@@ -37,8 +37,8 @@ def test_a_variant_changes_one_layers_pick(step_sweep, monkeypatch):
     step_sweep.use_rules(rules)
     before = {nk: dispatch.pick_gemv(1, *nk, 4, 128, cuda, table="h200") for nk in ((10240, 8192), (8192, 8192))}
     batch4 = dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200")
-    candidate = next(s for s in step_sweep.CANDIDATES if s != before[(10240, 8192)])
-    step_sweep.use_rules(step_sweep.with_shape(rules, 10240, 8192, dispatch.shape_to_dict(candidate)))
+    candidate = next(s for s in step_sweep.candidates(1) if s != before[(10240, 8192)])
+    step_sweep.use_rules(step_sweep.with_shape(rules, 1, 10240, 8192, dispatch.shape_to_dict(candidate)))
     assert dispatch.pick_gemv(1, 10240, 8192, 4, 128, cuda, table="h200") == candidate
     assert dispatch.pick_gemv(1, 8192, 8192, 4, 128, cuda, table="h200") == before[(8192, 8192)]
     assert dispatch.pick_gemv(4, 10240, 8192, 4, 128, cuda, table="h200") == batch4 != candidate  # (M = 1 only)
@@ -55,3 +55,17 @@ def test_report_gives_each_shape_against_the_tables_pick(step_sweep):
     assert "| vec=2 shfl | 9.0206 (9.0181-9.0218) | 0.9714 |" in text and "new pick, 2.86 % faster step" in text
     row["rows"] = row["rows"][:1]  # the table's pick failed to build: no ratio
     assert "| vec=2 shfl | 9.0206 (9.0181-9.0218) | - |" in step_sweep.markdown(report)
+
+
+def test_a_batch_4_variant_takes_the_batch_class_rule(step_sweep, monkeypatch):
+    """--batch 4: the exact rule covers the table's batch class 3-4 and leaves batch 1 and 5-8 to their rules."""
+    monkeypatch.setattr(dispatch, "load_table", dispatch.load_table)
+    rules = json.loads((dispatch.CONFIG_DIR / "h200.json").read_text())["rules"]
+    cuda = torch.device("cuda")
+    step_sweep.use_rules(rules)
+    before = {m: dispatch.pick_gemv(m, 8192, 8192, 4, 128, cuda, table="h200") for m in (1, 3, 4, 8)}
+    candidate = next(s for s in step_sweep.candidates(4) if s not in before.values()
+                     and dispatch.fits(s, 4, 8192, 4, 128))
+    step_sweep.use_rules(step_sweep.with_shape(rules, 4, 8192, 8192, dispatch.shape_to_dict(candidate)))
+    after = {m: dispatch.pick_gemv(m, 8192, 8192, 4, 128, cuda, table="h200") for m in (1, 3, 4, 8)}
+    assert after == {**before, 3: candidate, 4: candidate}

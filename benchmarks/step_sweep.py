@@ -39,6 +39,7 @@ from gemv_sweep import candidates as sweep_candidates  # noqa: E402
 from gemv_sweep import dispatch as sweep_dispatch  # noqa: E402
 from teal_quant.kernels import dispatch  # noqa: E402  (the model's dispatch: `kernels` imported as such is another module)
 
+from teal_quant.architecture import ACTIVATION_POINTS, projection_shapes  # noqa: E402
 from teal_quant.bench import build_synthetic_model  # noqa: E402
 from teal_quant.compression.synthetic import SyntheticSpec  # noqa: E402
 from teal_quant.errors import TealQuantError  # noqa: E402
@@ -48,6 +49,7 @@ from teal_quant.runtime.modules import track_sparsity  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, BITS = 128, 4
 KINDS = ("gate_up", "down", "qkv", "o_proj")  # the largest first: their picks move the step the most
+POINT_OF_KIND = {"qkv": "qkv", "o_proj": "o", "gate_up": "gateup", "down": "down"}  # teal_quant.architecture's names
 
 
 def candidates(m: int) -> list:
@@ -58,10 +60,11 @@ def candidates(m: int) -> list:
 
 
 def step_layers(config) -> dict[str, tuple[int, int]]:
-    """(N, K) of each kind of GEMV the fused decode step launches per layer (q/k/v and gate/up as one fused call)."""
-    h, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
-    return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+    """(N, K) of each kind of GEMV the fused decode step launches per layer: one call per activation point, the
+    projections reading it concatenated along N (q/k/v, gate/up)."""
+    shapes = projection_shapes(config)
+    return {kind: (sum(shapes[p][1] for p in ACTIVATION_POINTS[point]), shapes[ACTIVATION_POINTS[point][0]][0])
+            for kind, point in POINT_OF_KIND.items()}
 
 
 def use_rules(rules: list) -> None:
@@ -71,9 +74,9 @@ def use_rules(rules: list) -> None:
 
 
 def with_shape(rules: list, m: int, n: int, k: int, shape: dict | None) -> list:
-    """``rules`` with an exact rule for (batch class of m, N, K) in front (None: unchanged)."""
-    lo, hi = CLASSES[m]
-    return rules if shape is None else [{"m": [lo, hi], "weight": [n * k, n * k], "n": [n, n], "shape": shape}, *rules]
+    """``rules`` with (batch class of m, N, K)'s exact rule set to ``shape`` as the written table would have it
+    (None: unchanged)."""
+    return rules if shape is None else replace_exact_rules(rules, {(m, n, k): shape})
 
 
 def build_decoder(model, prompt: torch.Tensor, length: int) -> Decoder:
@@ -86,9 +89,9 @@ def build_decoder(model, prompt: torch.Tensor, length: int) -> Decoder:
     return dec
 
 
-def sweep_kind(model, prompt, rules: list, n: int, k: int, steps: int, rounds: int, log) -> dict:
-    """Median ms per step of the step with every candidate shape on the GEMVs of (N, K) at the prompt's batch size;
-    key None = the table's pick."""
+def sweep_kind(model, prompt, rules: list, n: int, k: int, steps: int, rounds: int, log) -> tuple:
+    """(the table's pick, median ms per step of the step with every candidate shape on the GEMVs of (N, K) at the
+    prompt's batch size, key None = the table's pick)."""
     m = prompt.shape[0]
     use_rules(rules)
     base = dispatch.pick_gemv(m, n, k, BITS, GROUP, torch.device("cuda"))
@@ -118,8 +121,8 @@ def sweep_kind(model, prompt, rules: list, n: int, k: int, steps: int, rounds: i
             per[key].append(replay_ms(decs[key], steps))
     del decs
     torch.cuda.empty_cache()
-    return {key: {"shape": shapes[key], "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
-            for key, v in per.items()}
+    return base, {key: {"shape": shapes[key], "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+                  for key, v in per.items()}
 
 
 def short(shape: dict | None) -> str:
@@ -188,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         n, k = layers[kind]
         log(f"{kind} (N={n}, K={k})")
-        use_rules(rules)
-        table_pick = dispatch.pick_gemv(args.batch, n, k, BITS, GROUP, device)
-        times = sweep_kind(model, prompt, rules, n, k, args.steps, args.rounds, log)
+        table_pick, times = sweep_kind(model, prompt, rules, n, k, args.steps, args.rounds, log)
         if not times:
             log("  no launch shape built: the table stays")
             continue

@@ -7,6 +7,9 @@ B round 15 kernel + round 14 table (round15_t14.json: ec152d7's), C round 14 ker
 + round 14 table, D round 15 kernel + round 14 table with round 15's 70B q/o and qkv rules (v2 pipe shfl). The
 fastest (ours tok/s) is left in the tree; then benchmarks/e2e.py (every model) and benchmarks/gemv.py at
 batch 1 write OUT's result files.
+
+Run once (stop 30, docs/kernels.md round 15 item 5); its inputs round15_t14.json and round15_kernel.patch were removed
+after it: `git show ff6530b:benchmarks/profile/round15_t14.json` (and the patch) bring them back.
 """
 
 import json

@@ -14,7 +14,8 @@ order: the table's pick and every candidate of benchmarks/gemv_sweep.py for that
 rounds of ``--steps`` steps in rotating order; the fastest (median ms per step) becomes the kind's rule when it
 beats the table's pick by more than ``--min-gain`` (a fraction), and the next kind is swept with it in place
 (coordinate descent). Writes the table with the changed exact rules to
-DIR/<gpu>.json (``--table`` to put it elsewhere); results: step_sweep_<arch>[_b<batch>]_<gpu>.{json,md}.
+DIR/<gpu>.json (``--table`` to put it elsewhere); results: DIR/step_sweep_<gpu>.{json,md}, one entry per
+(arch, batch), earlier entries kept.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--min-gain", type=float, default=0.005, help="fraction of the step a new pick must save (ten "
-                    "decoders of one launch shape spread 0.33 %% on the 70B step: docs/kernels.md round 16)")
+                    "decoders of one launch shape spread 0.35 %% on the 70B step: results/step_sweep_h200.md)")
     args = ap.parse_args(argv)
     kinds = [s for s in args.kinds.split(",") if s]
     if any(s not in KINDS for s in kinds):
@@ -217,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args, report: dict, table: dict, rules: list, changed: dict, name: str) -> None:
-    """The results so far (a run cut short keeps them) and the table with the changed rules."""
+    """The results so far (a run cut short keeps them) and the table with the changed rules. One results file per
+    GPU, step_sweep_<gpu>.{json,md}: this run replaces its (arch, batch) entry, the other entries are kept."""
     args.out.mkdir(parents=True, exist_ok=True)
-    batch = "" if report.get("batch", 1) == 1 else f"_b{report['batch']}"
-    stem = f"step_sweep_{Path(report['arch']).name}{batch}_" + ("h200" if "H200" in report["gpu"] else "gpu")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    stem = "step_sweep_" + ("h200" if "H200" in report["gpu"] else "gpu")
+    path = args.out / f"{stem}.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    runs[run_key(report)] = report
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(results_text(runs))
     if changed:
         what = ", ".join(f"N={n} K={k}" for (_, n, k) in changed)
         about = (f"{table.get('about', '')} Then the batch-{report['batch']} exact rules of {what} set from the "
@@ -233,8 +237,18 @@ def write(args, report: dict, table: dict, rules: list, changed: dict, name: str
         path.write_text(table_text({**table, "about": about, "rules": rules}))
 
 
+def run_key(r: dict) -> str:
+    return f"{Path(r['arch']).name} batch {r.get('batch', 1)}" + (f" ({r['label']})" if r.get("label") else "")
+
+
+def results_text(runs: dict) -> str:
+    gpu = next(iter(runs.values()))["gpu"]
+    return "\n".join([f"# Launch shapes timed inside the decode step ({gpu})", "", *map(markdown, runs.values())])
+
+
 def markdown(r: dict) -> str:
-    lines = [f"# Launch shapes timed inside the decode step ({r['gpu']})", "",
+    """One run's section of the results file."""
+    lines = [f"## {run_key(r)}", "", *([f"- {r['note']}"] if r.get("note") else []),
              f"- command: `{r['command']}`; date {r['date']}; commit {r['commit']}; torch {r['torch']}",
              f"- synthetic {r['arch']}, w4 g128, level {r['level']} (uniform), batch {r.get('batch', 1)}, counters "
              f"off; one Decoder with its CUDA graph per variant; {r['rounds']} rounds of {r['steps']} steps in "
@@ -244,7 +258,7 @@ def markdown(r: dict) -> str:
              "with the earlier kinds' picks in place", ""]
     for kind, row in r["kinds"].items():
         base = next((x["median_ms"] for x in row["rows"] if x["shape"] is None), None)  # None: it failed to build
-        lines += [f"## {kind} (N={row['N']}, K={row['K']}): "
+        lines += [f"### {kind} (N={row['N']}, K={row['K']}): "
                   + ("the table's pick stays" if row["kept"] else f"new pick, {100 * row['gain']:.2f} % faster step"),
                   "", f"table's pick: `{json.dumps(row['table_pick'])}`", "",
                   "| launch shape | ms per step | vs table's pick |", "|---|---|---|"]

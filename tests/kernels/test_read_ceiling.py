@@ -23,8 +23,8 @@ def test_read_kernels_sum_the_active_rows_and_touched_groups(rc, kind, sparsity)
     active[:128] = False  # one K-range with no active row at every sparsity
     w, sz = rc.read_words(k, n)
     want = rc.read_reference(w, sz, active)
-    for config in [(64, 8, 4), (32, 16, 4)]:
-        got = rc.read_fns(kind, config, [(w, sz)], rc.row_lists(active), n, k)[0]()
+    for config in [(64, 8, 4, 1), (32, 16, 4, 2), (32, 32, 4, 4)]:
+        got = rc.folded(rc.read_fns(kind, config, [(w, sz)], rc.row_lists(active), n, k)[0](), config[3])
         assert torch.equal(got, want), (kind, config)
     assert torch.equal(want[0], torch.zeros_like(want[0]))
 

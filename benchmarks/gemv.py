@@ -216,6 +216,44 @@ def ours_call(x, t, c, proj: str, shape=None):
                                   group_size=GROUP, shape=shape)
 
 
+# The decode step's form of a call (teal_quant/runtime/decode_step.py): at batch 1-4 the fused q/k/v (three parts, one
+# threshold each), o_proj (the q_o shape) and down (its SiLU form: silu(gate) * up made as it loads x) add their sums
+# into float32 buffers (``out=``, no split-K tail). Round 17 (docs/kernels.md) found that form reorders launch shapes
+# against the plain call, so gemv_sweep.py times it (``--form step``).
+STEP_FORM = {"qkv": "parts", "q_o": "out", "down": "silu"}
+STEP_FORM_MAX_BATCH = 4
+SILU_GATE = 2.0  # the gate of the SiLU form: up = x / silu(2.0), so silu(gate) * up is x (the threshold's input)
+
+
+def step_form_fns(model: str, proj: str, x, t, copies, shape=None) -> list | None:
+    """Calls in the decode step's form where the step has one (STEP_FORM at batch <= STEP_FORM_MAX_BATCH), else
+    None: each call adds into one of two float32 buffers and clears the other (the step's ``out=`` / ``clear=``),
+    cycling the weight copies."""
+    m, k = x.shape
+    form = STEP_FORM.get(proj)
+    if form is None or m > STEP_FORM_MAX_BATCH:
+        return None
+    n = copies[0][2].shape[1]
+    bufs = [torch.zeros(m, n, device=x.device, dtype=torch.float32) for _ in range(2)]
+    if form == "silu":
+        gate = torch.full_like(x, SILU_GATE)
+        up = (x.float() / F.silu(gate.float())).to(x.dtype)
+    kv = SHAPES[model]["k_v"][0] if model in SHAPES and "k_v" in SHAPES[model] else n // 4
+    parts = [n - 2 * kv, kv, kv]
+
+    def call(c, out, clear):
+        if form == "parts":
+            return gemv.sparse_gemv_fused(x, c[0], c[1], c[2], t.reshape(1).repeat(3), parts, bits=4, group_size=GROUP,
+                                          shape=shape, out=out, clear=clear)
+        if form == "silu":
+            return gemv.sparse_gemv_silu(gate, up, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=shape, out=out,
+                                         clear=clear)
+        return gemv.sparse_gemv(x, c[0], c[1], c[2], t, bits=4, group_size=GROUP, shape=shape, out=out, clear=clear)
+
+    return [lambda c=copies[j % len(copies)], j=j: call(c, bufs[j % 2], bufs[(j + 1) % 2])
+            for j in range(2 * len(copies))]
+
+
 def ours_fns(x, t, copies, proj: str, deterministic=False):
     def call(c):
         if deterministic:

@@ -120,6 +120,7 @@ BATCHES = (1, 2, 4, 8, 16)
 SPARSITIES = (0, 50)
 FAMILIES = ("core", "mma", "splitk")
 CHECK_FUSED = False  # the correctness check also runs a fused two-part call (set when fused layers are swept)
+FORM = "step"  # time the calls the decode step makes in another form in that form (main: --form)
 CLASSES = {1: (1, 1), 2: (2, 2), 4: (3, 4), 8: (5, 8), 16: (9, 16)}
 
 
@@ -261,7 +262,9 @@ def dense_rules(rows) -> list:
 
 def sweep(models, log, bad, save=None, layers=None) -> list:
     """Time every candidate on every layer (``layers``: only these projections); ``save(rows)`` after each layer (a
-    run cut short keeps its timings). Fused projections (benchmarks/gemv.py PARTS) are timed as one fused call."""
+    run cut short keeps its timings). Fused projections (benchmarks/gemv.py PARTS) are timed as one fused call; with
+    FORM "step" the calls the decode step makes in another form (benchmarks/gemv.py STEP_FORM: q/k/v in three parts,
+    o_proj and down adding into float32 buffers, down in its SiLU form; batch <= 4) are timed in that form."""
     rows = []
     for model in models:
         for proj, (n, k) in SHAPES[model].items():
@@ -282,8 +285,11 @@ def sweep(models, log, bad, save=None, layers=None) -> list:
                         key = (repr(dispatch.shape_to_dict(shape)), m)
                         if key in bad or not dispatch.fits(shape, m, k, 4, GROUP):
                             continue
-                        us = time_graph([lambda c=c, s=shape: bench.ours_call(x, t, c, proj, shape=s) for c in copies])
-                        rows.append(dict(model=model, proj=proj, N=n, K=k, batch=m, sparsity=sp, union_sparsity=round(union, 4),
+                        fns = bench.step_form_fns(model, proj, x, t, copies, shape) if FORM == "step" else None
+                        us = time_graph(fns or [lambda c=c, s=shape: bench.ours_call(x, t, c, proj, shape=s)
+                                                for c in copies])
+                        rows.append(dict(model=model, proj=proj, N=n, K=k, batch=m, sparsity=sp, form="step" if fns else "plain",
+                                         union_sparsity=round(union, 4),
                                          union_block_sparsity=round(union_block, 4),
                                          shape=dispatch.shape_to_dict(shape), us=us, tbps=touched / us / 1e6))
                     best = min((r for r in rows if r["model"] == model and r["proj"] == proj and r["batch"] == m and r["sparsity"] == sp),
@@ -521,7 +527,7 @@ def report(result: dict, old_rules: list | None, new_rules: list | None, note: s
 
 
 def main(argv=None):
-    global BATCHES, SPARSITIES, FAMILIES, SPLITK, CHECK_FUSED
+    global BATCHES, SPARSITIES, FAMILIES, SPLITK, CHECK_FUSED, FORM
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=None, help="write the launch-shape table here (default: DIR/<gpu>.json)")
@@ -536,12 +542,16 @@ def main(argv=None):
     ap.add_argument("--no-dense", action="store_true", help="skip the dense-threshold (python float 0.0) sweep")
     ap.add_argument("--layers", default=None, help="with --merge: sweep only these projections (e.g. gate_up,down,"
                     "gate_up_fused) and replace only their exact rules in the merged table (no dense-threshold phase)")
+    ap.add_argument("--form", choices=("step", "plain"), default="step", help="step (default): time q/k/v, o_proj and "
+                    "down at batch <= 4 in the form the decode step calls them (docs/kernels.md round 17); plain: "
+                    "every call as benchmarks/gemv.py times it")
     ap.add_argument("--splitk-in-table", action="store_true", help="split-K candidates: only the shapes the current "
                     "table (kernels/configs/<gpu>.json) names for the swept batch classes (a focused re-sweep)")
     args = ap.parse_args(argv)
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(v) for v in args.sparsities.split(","))
     FAMILIES = tuple(args.families.split(","))
+    FORM = args.form
     if args.keep_unless_faster and not args.merge:
         ap.error("--keep-unless-faster needs --merge (the previous table)")
     if args.layers and not args.merge:
@@ -558,7 +568,7 @@ def main(argv=None):
                  and any(r.get("m", [1, 16])[0] <= hi and lo <= r.get("m", [1, 16])[1] for lo, hi in swept)]
         SPLITK = list(dict.fromkeys(named))
     meta = dict(gpu=gpu, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), commit=git_commit(),
-                command="PYTHONPATH=. python " + " ".join(sys.argv))
+                command="PYTHONPATH=. python " + " ".join(sys.argv), form=FORM)
     log_file = open(os.path.join(args.out, f"gemv_sweep_{name}.log"), "w")
 
     def log(line):

@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/gemv.py [--out benchmarks/results --tag gemv_h200 --models 8B,70B --batches 1,2,4,8,16]
 
 ``ours`` is kernels.gemv_launch.sparse_gemv with the dispatch of the device's launch-shape table (kernels/configs/<gpu>.json);
-``ours_det`` the same under ``torch.use_deterministic_algorithms(True)`` (ordered split-K reduction, no fp32 atomics).
+``ours_det`` the same under ``torch.use_deterministic_algorithms(True)`` (ordered split-K reduction, no fp32 atomics);
+``ours_step`` the call in the form the decode step makes it (STEP_FORM: q/k/v, o_proj, down at batch 1-4).
 Baselines: ``cublas_bf16`` (F.linear on the dequantized bf16 weight), ``tinygemm_int4`` (torch._weight_int4pack_mm,
 the same int4 values, group 128) and, where it is installed, ``gemlite_int4`` (gemlite's GemLiteLinearTriton, A16W4
 with the same codes, bf16 scales and zeros, group 128; its sm_90 autotune cache ``configs/h100.json`` is loaded, and
@@ -59,7 +60,7 @@ DEV = "cuda"
 SMOKE = os.environ.get("GEMV_BENCH_SMOKE") == "1"  # a logic check on the CPU under TRITON_INTERPRET=1: tiny shapes, no graphs
 if SMOKE:
     DEV = "cpu"
-    SHAPES = {"tiny": {"a": (512, 256), "b": (256, 512), "gate_up_fused": (1024, 256)}}
+    SHAPES = {"tiny": {"q_o": (512, 256), "down": (256, 512), "gate_up_fused": (1024, 256)}}
 SUMMARY_BATCHES, SUMMARY_SPARSITIES = (1, 4, 16), (0, 50, 70)
 
 
@@ -348,9 +349,11 @@ def bench_shape(model, proj, n, k, batches, sparsities, det_sparsities, results,
             t = torch.tensor(thr, device=DEV)
             touched, union = touched_bytes(x, thr, n)
             union_block = union_block_sparsity(x, thr)
-            methods = [("ours", False)] + ([("ours_det", True)] if sp in det_sparsities else [])
+            step_fns = step_form_fns(model, proj, x, t, ours)
+            methods = ([("ours", False)] + ([("ours_det", True)] if sp in det_sparsities else [])
+                       + ([("ours_step", False)] if step_fns else []))
             for method, det in methods:
-                us = time_graph(ours_fns(x, t, ours, proj, det))
+                us = time_graph(step_fns if method == "ours_step" else ours_fns(x, t, ours, proj, det))
                 results.append({**row, "method": method, "sparsity": sp, "union_sparsity": round(union, 4),
                                 "union_block_sparsity": round(union_block, 4), "us": us,
                                 "bytes": touched, "tbps": touched / us / 1e6, "vs_cublas": t_bf16 / us, "vs_tinygemm": t_tg / us,
@@ -481,6 +484,17 @@ def markdown(results, meta, heads=()):
         for r in det:
             base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
             lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | {r['us'] / base['us']:.2f} |")
+    step = [r for r in results if r["method"] == "ours_step" and r["sparsity"] in SUMMARY_SPARSITIES]
+    if step:
+        lines += ["", "## The decode step's form (batch 1-4): ours called as the decode step calls it", "",
+                  "q/k/v in three parts, o_proj (q_o) and down in its SiLU form, each adding into a float32 buffer "
+                  "without the split-K tail (STEP_FORM; docs/kernels.md round 17); µs (× vs tinygemm), against the "
+                  "plain call above", "",
+                  "| shape | M | s | plain µs | step-form µs | step-form × vs tinygemm |", "|---|---:|---:|---:|---:|---:|"]
+        for r in step:
+            base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
+            lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | "
+                         f"{r['vs_tinygemm']:.2f}× |")
     lines += heads_markdown(list(heads))
     lines += ["", "## Every measurement", ""]
     for (model, proj, m), rs in keyed.items():

@@ -46,6 +46,16 @@ CONFIGS = [(c, r, 4, ks) for c, r, ks in itertools.product((32, 64, 128, 256), (
 
 
 @triton.jit
+def _group_words(sz_ptr, cnt_ptr, pid_k, pid_c, part, n_out, BLOCK_C: tl.constexpr):
+    """(the sum over each int32 column's 8 scale/zero words of the K-range's group, read by part 0 only and only when
+    the K-range has an active row, else 0; the K-range's active-row count)."""
+    cnt = tl.load(cnt_ptr + pid_k)
+    ocols = pid_c * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+    sz = tl.load(sz_ptr + pid_k * n_out + ocols, mask=ocols < tl.where((cnt > 0) & (part == 0), n_out, 0), other=0)
+    return tl.sum(tl.reshape(sz, [BLOCK_C, 8]), axis=1), cnt
+
+
+@triton.jit
 def _read_list_kernel(w_ptr, sz_ptr, idx_ptr, cnt_ptr, out_ptr, n8, n_out,
                       BLOCK_C: tl.constexpr, ROWS: tl.constexpr, GROUP_K: tl.constexpr, SPLIT: tl.constexpr):
     """Sum of the listed rows of W^T [K, n8] (int32) in this program's column tile and its part (1 / SPLIT of the
@@ -57,10 +67,7 @@ def _read_list_kernel(w_ptr, sz_ptr, idx_ptr, cnt_ptr, out_ptr, n8, n_out,
     part = pid % SPLIT
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < n8
-    cnt = tl.load(cnt_ptr + pid_k)
-    ocols = pid_c * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
-    sz = tl.load(sz_ptr + pid_k * n_out + ocols, mask=ocols < tl.where((cnt > 0) & (part == 0), n_out, 0), other=0)
-    acc = tl.sum(tl.reshape(sz, [BLOCK_C, 8]), axis=1)
+    acc, cnt = _group_words(sz_ptr, cnt_ptr, pid_k, pid_c, part, n_out, BLOCK_C)
     lo = part * (GROUP_K // SPLIT)
     hi = tl.minimum(cnt, lo + GROUP_K // SPLIT)
     for r in range(lo, hi, ROWS):
@@ -91,10 +98,7 @@ def _read_mask_kernel(w_ptr, sz_ptr, act_ptr, cnt_ptr, out_ptr, n8, n_out,
         tile = tl.load(w_ptr + ri[:, None].to(tl.int64) * n8 + cols[None, :], mask=active[:, None] & cmask[None, :],
                        other=0)
         acc += tl.sum(tile, axis=0)
-    cnt = tl.load(cnt_ptr + pid_k)
-    ocols = pid_c * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
-    sz = tl.load(sz_ptr + pid_k * n_out + ocols, mask=ocols < tl.where((cnt > 0) & (part == 0), n_out, 0), other=0)
-    acc += tl.sum(tl.reshape(sz, [BLOCK_C, 8]), axis=1)
+    acc += _group_words(sz_ptr, cnt_ptr, pid_k, pid_c, part, n_out, BLOCK_C)[0]
     tl.store(out_ptr + pid * n8 + cols, acc, mask=cmask)
 
 

@@ -1,14 +1,18 @@
-"""benchmarks/read_ceiling.py's read kernels read exactly the bytes a batch-1 sparse GEMV touches (interpreter)."""
+"""benchmarks/read_ceiling.py's read kernels read exactly the bytes a batch-1 sparse GEMV touches (on the GPU when
+there is one, else the interpreter)."""
 
 import pytest
 import torch
+from _kernel_helpers import ON_GPU
 from _support import load_benchmark
+
+DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.fixture(scope="module")
 def rc():
     module = load_benchmark("read_ceiling")
-    module.bench.DEV = "cpu"  # the CPU under TRITON_INTERPRET=1 (tests/kernels/conftest.py)
+    module.bench.DEV = DEVICE  # on a CPU-only machine: TRITON_INTERPRET=1 (tests/kernels/conftest.py)
     return module
 
 
@@ -21,6 +25,7 @@ def test_read_kernels_sum_the_active_rows_and_touched_groups(rc, kind, sparsity)
     gen = torch.Generator().manual_seed(3)
     active = torch.rand(k, generator=gen) >= sparsity
     active[:128] = False  # one K-range with no active row at every sparsity
+    active = active.to(DEVICE)
     w, sz = rc.read_words(k, n)
     want = rc.read_reference(w, sz, active)
     for config in [(64, 8, 4, 1), (32, 16, 4, 2), (32, 32, 4, 4)]:

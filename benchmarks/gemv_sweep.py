@@ -449,7 +449,7 @@ def short(shape: dict) -> str:
     words += [f"maxnreg{sh.maxnreg}"] * bool(sh.maxnreg) + [f"stages{sh.stages}"] * (sh.stages > 1)
     words += [f"groups{sh.groups}"] * (sh.groups > 1) + [f"dense{sh.dense}"] * bool(sh.dense) + ["h2"] * sh.h2
     words += [f"preload{sh.preload}"] * bool(sh.preload) + [f"lookahead{sh.lookahead}"] * bool(sh.lookahead)
-    words += ["loads-first"] * sh.loads_first
+    words += ["loads-first"] * sh.loads_first + ["shfl"] * sh.shfl
     return " ".join(words)
 
 

@@ -75,6 +75,20 @@ def test_the_previous_pick_of_a_layer_without_an_exact_rule_is_what_the_dispatch
     assert sweep.previous_pick(rules, 4, 40, 100) is None
 
 
+def test_the_sweep_report_names_every_option_that_tells_two_shapes_apart():
+    """The md labels each candidate in a few words: two candidates that differ in one option (here ``shfl``, which
+    the report once left out, so c0 and c1 of a sweep read the same) get different labels."""
+    sweep = load_sweep_script()
+    base = {"kernel": "core", "vec": 4, "warps": 4, "rows": 8, "k_range": 128, "evict_first": True, "dense": 85,
+            "h2": True, "loads_first": True}
+    variants = [base] + [{**base, key: value} for key, value in
+                         (("shfl", True), ("pipe", True), ("f16", False), ("maxnreg", 96), ("dense", 95))]
+    variants.append({k: v for k, v in base.items() if k not in ("dense", "loads_first")} | {"preload": 2, "lookahead": 64})
+    labels = [sweep.short(v) for v in variants]
+    assert len(set(labels)) == len(labels), labels
+    assert sweep.short({**base, "shfl": True}).endswith("shfl")
+
+
 def test_gemlite_is_timed_in_its_accurate_mode_when_its_default_misses_the_check(monkeypatch):
     """gemlite's default batch-1 GEMV (native bf16 atomics) can miss the 2 % check; the benchmark then times its
     fp32-atomic mode and keeps the default mode's time and error beside it, and restores the default after."""

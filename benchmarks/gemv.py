@@ -445,6 +445,11 @@ def _fmt(r):
     return f"{r['us']:.1f} ({r['tbps']:.2f}; {r['vs_tinygemm']:.2f}× / {r['vs_cublas']:.2f}×)"
 
 
+def _plain_row(results, r):
+    """The plain call's (``ours``) row of the same layer, batch and sparsity as ``r``."""
+    return next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
+
+
 def markdown(results, meta, heads=()):
     lines = [f"# Sparse GEMV benchmark ({meta['gpu']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- git commit: {meta['commit']}",
@@ -482,7 +487,7 @@ def markdown(results, meta, heads=()):
         lines += ["", "## Deterministic reduction: time / atomic time (same shape, batch, sparsity)", "",
                   "| shape | M | s | atomic µs | deterministic µs | ratio |", "|---|---:|---:|---:|---:|---:|"]
         for r in det:
-            base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
+            base = _plain_row(results, r)
             lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | {r['us'] / base['us']:.2f} |")
     step = [r for r in results if r["method"] == "ours_step" and r["sparsity"] in SUMMARY_SPARSITIES]
     if step:
@@ -492,7 +497,7 @@ def markdown(results, meta, heads=()):
                   "plain call above", "",
                   "| shape | M | s | plain µs | step-form µs | step-form × vs tinygemm |", "|---|---:|---:|---:|---:|---:|"]
         for r in step:
-            base = next(b for b in results if b["method"] == "ours" and all(b[f] == r[f] for f in ("model", "proj", "batch", "sparsity")))
+            base = _plain_row(results, r)
             lines.append(f"| {r['model']} {r['proj']} | {r['batch']} | {r['sparsity']} | {base['us']:.1f} | {r['us']:.1f} | "
                          f"{r['vs_tinygemm']:.2f}× |")
     lines += heads_markdown(list(heads))

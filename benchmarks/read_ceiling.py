@@ -56,17 +56,21 @@ def _group_words(sz_ptr, cnt_ptr, pid_k, pid_c, part, n_out, BLOCK_C: tl.constex
 
 
 @triton.jit
+def _program_tile(n8, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's column tile (int32 columns and their mask) and its K-range and part of it (both read kernels)."""
+    pid_c = tl.program_id(0)
+    pid = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_c, pid, pid // SPLIT, pid % SPLIT, cols, cols < n8
+
+
+@triton.jit
 def _read_list_kernel(w_ptr, sz_ptr, idx_ptr, cnt_ptr, out_ptr, n8, n_out,
                       BLOCK_C: tl.constexpr, ROWS: tl.constexpr, GROUP_K: tl.constexpr, SPLIT: tl.constexpr):
     """Sum of the listed rows of W^T [K, n8] (int32) in this program's column tile and its part (1 / SPLIT of the
     list) of a K-range, plus, in part 0, the group's scale/zero words [K / GROUP_K, n_out] (one int32 per output
     column) when any row of the K-range is listed."""
-    pid_c = tl.program_id(0)
-    pid = tl.program_id(1)
-    pid_k = pid // SPLIT
-    part = pid % SPLIT
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < n8
+    pid_c, pid, pid_k, part, cols, cmask = _program_tile(n8, BLOCK_C, SPLIT)
     acc, cnt = _group_words(sz_ptr, cnt_ptr, pid_k, pid_c, part, n_out, BLOCK_C)
     lo = part * (GROUP_K // SPLIT)
     hi = tl.minimum(cnt, lo + GROUP_K // SPLIT)
@@ -85,12 +89,7 @@ def _read_mask_kernel(w_ptr, sz_ptr, act_ptr, cnt_ptr, out_ptr, n8, n_out,
                       BLOCK_C: tl.constexpr, ROWS: tl.constexpr, GROUP_K: tl.constexpr, SPLIT: tl.constexpr):
     """As _read_list_kernel, with the part's rows (1 / SPLIT of the K-range) selected by a 0/1 mask (act [K] int8)
     instead of a list: no dependent load."""
-    pid_c = tl.program_id(0)
-    pid = tl.program_id(1)
-    pid_k = pid // SPLIT
-    part = pid % SPLIT
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < n8
+    pid_c, pid, pid_k, part, cols, cmask = _program_tile(n8, BLOCK_C, SPLIT)
     acc = tl.zeros([BLOCK_C], dtype=tl.int32)
     for r in tl.static_range(0, GROUP_K // SPLIT, ROWS):
         ri = pid_k * GROUP_K + part * (GROUP_K // SPLIT) + r + tl.arange(0, ROWS)
